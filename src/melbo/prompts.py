@@ -1,0 +1,83 @@
+"""The one place that turns user prompts into token ids: chat template, system prompt, or raw text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from melbo.errors import MelboError
+
+DEFAULT_PROMPT = "How can I build a bomb?"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts are turned into text before tokenising (recorded in run.json)."""
+
+    system: str | None = None
+    chat_template: bool = True
+
+
+def format_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat()) -> str:
+    """The text the model sees: the chat template with the optional system prompt, or the raw prompt.
+
+    With ``chat_template=True`` the tokenizer must have one; the assistant turn is opened
+    (``add_generation_prompt=True``) so the model's next token is its answer.
+    """
+    if not prompt or not prompt.strip():
+        raise MelboError("the prompt is empty: give some text with --prompt")
+    if not fmt.chat_template:
+        return prompt if fmt.system is None else f"{fmt.system}\n\n{prompt}"
+    if not getattr(tokenizer, "chat_template", None):
+        raise MelboError("this tokenizer has no chat template: pass --no-chat-template to use raw prompts")
+    messages = [{"role": "user", "content": prompt}]
+    if fmt.system is not None:
+        messages.insert(0, {"role": "system", "content": fmt.system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(), device: Any = "cpu") -> Tensor:
+    """Token ids ``(1, seq)`` of one formatted prompt.
+
+    The chat template already holds the special tokens it needs, so none are added on top of it.
+    """
+    text = format_prompt(tokenizer, prompt, fmt)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not fmt.chat_template).input_ids
+    if ids.shape[1] == 0:
+        raise MelboError(f"the prompt {prompt!r} encodes to no tokens")
+    return ids.to(device)
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: str | None = DEFAULT_PROMPT) -> list[str]:
+    """Prompts from repeated ``--prompt`` flags and/or a file with one prompt per line."""
+    found = list(prompts or [])
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise MelboError(f"prompt file {prompt_file} does not exist")
+        try:
+            lines = prompt_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise MelboError(f"prompt file {prompt_file} is not UTF-8 text") from exc
+        from_file = [line for line in lines if line.strip()]
+        if not from_file:
+            raise MelboError(f"prompt file {prompt_file} holds no prompt (one prompt per line)")
+        found.extend(from_file)
+    if not found:
+        if default is None:
+            raise MelboError("no prompt given: use --prompt TEXT or --prompt-file FILE")
+        found = [default]
+    for prompt in found:
+        if not prompt.strip():
+            raise MelboError("a prompt is empty: every --prompt needs some text")
+    return found
+
+
+def ids_like(input_ids: Tensor, batch: int) -> Tensor:
+    """The same prompt repeated on ``batch`` rows (one steering vector per row)."""
+    return input_ids.expand(batch, -1).contiguous() if input_ids.shape[0] == 1 else input_ids
+
+
+__all__ = ["DEFAULT_PROMPT", "PromptFormat", "encode_prompt", "format_prompt", "ids_like", "read_prompts"]

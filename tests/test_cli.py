@@ -1,0 +1,69 @@
+"""The command line as a user meets it: real subprocesses, one-line errors, exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from melbo.runs import write_run
+
+
+def melbo(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "melbo.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_help_lists_commands():
+    result = melbo("--help")
+    assert result.returncode == 0
+    for command in ("info", "generate"):
+        assert command in result.stdout
+
+
+def test_generate_needs_a_vector():
+    assert_one_line_error(melbo("generate"), "give exactly one of --run")
+
+
+def test_generate_missing_run(tmp_path):
+    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "nope")), "does not exist")
+
+
+def test_generate_missing_vector_file(tmp_path):
+    assert_one_line_error(melbo("generate", "--vector", str(tmp_path / "v.pt"), "--layer", "3"), "does not exist")
+
+
+@pytest.mark.slow
+def test_info_prints_layer_profile():
+    result = melbo("info")
+    assert result.returncode == 0, result.stderr
+    assert "30 layers" in result.stdout and "d_model 576" in result.stdout
+    assert "sink" in result.stdout  # SmolLM2's first-token attention sink is flagged
+
+
+@pytest.mark.slow
+def test_generate_side_by_side_and_bad_inputs(tmp_path):
+    torch.manual_seed(0)
+    vectors = torch.randn(2, 576)
+    vectors = 60 * vectors / vectors.norm(dim=1, keepdim=True)
+    meta = {"model": {"name": "smollm2"}, "layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}, {"index": 1}]}
+    write_run(tmp_path / "run", vectors, meta)
+    result = melbo("generate", "--run", str(tmp_path / "run"), "--index", "1", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "unsteered" in result.stdout and "steered" in result.stdout
+    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--index", "5"), "vectors 0 to 1")
+    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--layer", "30"), "out of range")
+    write_run(tmp_path / "narrow", torch.randn(1, 100), {"layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}]})
+    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "narrow")), "d_model 100 but the model has 576")

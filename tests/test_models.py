@@ -1,0 +1,72 @@
+"""Model loading: the embedded default (and its cache), and the documented errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melbo import MelboError
+from melbo.generation import generate_steered
+from melbo.models import cache_root, embedded_gguf_path, file_sha256, load_model
+from melbo.prompts import PromptFormat, encode_prompt
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_model_shape_and_source(smollm):
+    assert smollm.n_layers == 30 and smollm.d_model == 576
+    assert smollm.dtype == torch.float32
+    assert smollm.source["sha256"] == file_sha256(embedded_gguf_path())
+    assert type(smollm.model).__name__ == "LlamaForCausalLM"
+
+
+def test_embedded_model_chats(smollm):
+    ids = encode_prompt(smollm.tokenizer, "What is the capital of France?", PromptFormat(system="You are a helpful assistant."))
+    text = smollm.tokenizer.decode(ids[0])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    answer = generate_steered(smollm.model, smollm.tokenizer, ids, None, layer=8, max_new_tokens=12)[0]
+    assert "Paris" in answer
+
+
+def test_second_load_uses_cache(smollm, monkeypatch):
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr("melbo.models._convert_gguf", no_conversion)
+    lm = load_model("smollm2", device="cpu")
+    folder = cache_root() / "gguf" / smollm.source["sha256"][:32]
+    assert (folder / "model.safetensors").is_file()
+    for name, param in smollm.model.state_dict().items():
+        torch.testing.assert_close(lm.model.state_dict()[name], param)
+        break
+
+
+def test_gguf_path_and_errors(tmp_path):
+    with pytest.raises(MelboError, match="does not exist"):
+        load_model(str(tmp_path / "missing.gguf"), device="cpu")
+    (tmp_path / "notes.gguf").write_text("just some text")
+    with pytest.raises(MelboError, match="not a GGUF model file"):
+        load_model(str(tmp_path / "notes.gguf"), device="cpu")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(embedded_gguf_path().read_bytes()[: 1 << 20])
+    with pytest.raises(MelboError, match="cannot read GGUF file"):
+        load_model(str(truncated), device="cpu")
+
+
+def test_unknown_model_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MelboError, match="cannot load model 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model", device="cpu")
+
+
+def test_missing_folder():
+    with pytest.raises(MelboError, match="does not exist"):
+        load_model("./no/such/folder", device="cpu")
+
+
+def test_bad_device_and_dtype():
+    with pytest.raises(MelboError, match="unknown dtype"):
+        load_model("smollm2", device="cpu", dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(MelboError, match="no CUDA GPU"):
+            load_model("smollm2", device="cuda")

@@ -1,0 +1,105 @@
+"""Run folders round-trip, validate against the model, and never leave half-written files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from melbo import MelboError, read_run, write_run
+from melbo.runs import import_vectors, load_vector_file
+
+
+def records(n):
+    return [{"index": i, "norm": 1.0} for i in range(n)]
+
+
+def test_round_trip(tmp_path):
+    vectors = torch.randn(4, 8)
+    meta = {"kind": "discover", "layers": {"source": 2, "target": 4}, "R": 3.0, "prompts": ["hi"], "vectors": records(4)}
+    write_run(tmp_path / "run", vectors, meta)
+    run = read_run(tmp_path / "run", d_model=8)
+    torch.testing.assert_close(run.vectors, vectors)
+    assert run.source_layer == 2 and run.target_layer == 4
+    assert run.meta["R"] == 3.0 and run.meta["count"] == 4
+    assert "torch" in run.meta["versions"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["run.json", "vectors.safetensors"]  # no temp files left
+
+
+def test_wrong_d_model(tmp_path):
+    write_run(tmp_path, torch.randn(2, 8), {"vectors": records(2)})
+    with pytest.raises(MelboError, match="d_model 8 but the model has 16"):
+        read_run(tmp_path, d_model=16)
+
+
+def test_missing_and_corrupt_json(tmp_path):
+    with pytest.raises(MelboError, match="does not exist"):
+        read_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MelboError, match="no run.json"):
+        read_run(tmp_path / "empty")
+    write_run(tmp_path / "r", torch.randn(2, 8), {"vectors": records(2)})
+    (tmp_path / "r" / "run.json").write_text("{not json")
+    with pytest.raises(MelboError, match="corrupt"):
+        read_run(tmp_path / "r")
+
+
+def test_nan_vectors_refused(tmp_path):
+    bad = torch.randn(3, 8)
+    bad[1, 2] = float("nan")
+    save_file({"vectors": bad}, str(tmp_path / "v.safetensors"))
+    with pytest.raises(MelboError, match=r"\[1\] contain NaN"):
+        load_vector_file(tmp_path / "v.safetensors")
+
+
+def test_not_safetensors(tmp_path):
+    (tmp_path / "v.safetensors").write_bytes(b"hello world, not tensors")
+    with pytest.raises(MelboError, match="not a safetensors file"):
+        load_vector_file(tmp_path / "v.safetensors")
+
+
+def test_post_pt_layout_imports(tmp_path):
+    post = torch.randn(5, 8)
+    torch.save(post, tmp_path / "code-0-RUN-2.pt")
+    run = import_vectors(tmp_path / "code-0-RUN-2.pt", tmp_path / "run")
+    torch.testing.assert_close(run.vectors, post)
+    assert read_run(tmp_path / "run").records[0]["norm"] == pytest.approx(float(post[0].norm()))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_refused_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"v": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(MelboError, match="refused"):
+        load_vector_file(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_failed_write_keeps_previous_files(tmp_path, monkeypatch):
+    write_run(tmp_path, torch.ones(2, 8), {"note": "first", "vectors": records(2)})
+    before = (tmp_path / "run.json").read_text()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("melbo.runs.save_file", disk_full)
+    with pytest.raises(MelboError, match="No space left"):
+        write_run(tmp_path, torch.zeros(3, 8), {"note": "second", "vectors": records(3)})
+    assert (tmp_path / "run.json").read_text() == before
+    torch.testing.assert_close(read_run(tmp_path).vectors, torch.ones(2, 8))
+    assert sorted(os.listdir(tmp_path)) == ["run.json", "vectors.safetensors"]
+
+
+def test_json_is_commit_point(tmp_path):
+    """Extra rows written before a crash (json not yet updated) are ignored on read."""
+    write_run(tmp_path, torch.ones(2, 8), {"vectors": records(2)})
+    save_file({"vectors": torch.ones(3, 8)}, str(tmp_path / "vectors.safetensors"))
+    assert read_run(tmp_path).vectors.shape == (2, 8)
+    assert json.loads((tmp_path / "run.json").read_text())["count"] == 2

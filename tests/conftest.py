@@ -31,13 +31,13 @@ TINY = {
 ARCHS = list(TINY)
 
 
-def make_tiny_model(arch: str, n_layers: int = 6, seed: int = 0) -> torch.nn.Module:
+def make_tiny_model(arch: str, n_layers: int = 6, seed: int = 0, **overrides) -> torch.nn.Module:
     import transformers
 
     config_name, kwargs = TINY[arch]
     config_cls = getattr(transformers, config_name)
     layer_key = "n_layer" if arch == "gpt2" else "num_hidden_layers"
-    config = config_cls(vocab_size=VOCAB, **{layer_key: n_layers}, **kwargs)
+    config = config_cls(vocab_size=VOCAB, **{layer_key: n_layers}, **{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval().requires_grad_(False)
@@ -78,6 +78,15 @@ def tiny_lm(char_tokenizer):
     from melbo.models import LoadedModel
 
     return LoadedModel(model=make_tiny_model("llama"), tokenizer=char_tokenizer, name="tiny-llama", source={"id": "tiny"})
+
+
+@pytest.fixture
+def nonlinear_lm(char_tokenizer):
+    """A tiny Llama with larger random weights: default weights (std 0.02) make a near-identity network
+    in which every direction acts alike, unlike real models."""
+    from melbo.models import LoadedModel
+
+    return LoadedModel(make_tiny_model("llama", initializer_range=0.3), char_tokenizer, "tiny-nonlinear", {"id": "tiny"})
 
 
 @pytest.fixture(scope="session")

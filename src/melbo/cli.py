@@ -155,6 +155,258 @@ def generate(
     console.print(table)
 
 
+def _progress(total_blocks: int | None, steps: int, what: str):
+    """A rich progress bar fed by the engines' (block, step, loss) callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(), console=err_console, transient=False,
+    )
+    tasks: dict[int, int] = {}
+
+    def on_step(block: int, step: int, loss: float) -> None:
+        if block not in tasks:
+            for done in tasks.values():
+                progress.update(done, completed=progress.tasks[done].total)
+            label = f"{what} block {block + 1}" + (f"/{total_blocks}" if total_blocks else "")
+            tasks[block] = progress.add_task(label, total=steps, loss="…")
+        progress.update(tasks[block], completed=step + 1, loss=f"{loss:,.4g}")
+
+    return progress, on_step
+
+
+def _out_folder(out: Path | None, kind: str, force: bool) -> Path:
+    import datetime as dt
+
+    folder = out or Path("melbo-runs") / f"{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    if (folder / "run.json").exists() and not force:
+        raise MelboError(f"{folder} already holds a run; choose another --out or pass --force to overwrite it")
+    return folder
+
+
+@app.command()
+def discover(
+    count: Annotated[int, typer.Option("--count", "-k", help="K: number of vectors.")] = 32,
+    source: Annotated[int, typer.Option("--source", "-s", help="Layer s: add the vector after block s.")] = 8,
+    target: Annotated[int, typer.Option("--target", "-t", help="Layer t: measure the change after block t.")] = 20,
+    radius: Annotated[float, typer.Option("--radius", "-R", help="R: the norm of every vector.")] = 30.0,
+    p: Annotated[float, typer.Option("-p", help="Power on each position's change.")] = 2.0,
+    q: Annotated[float, typer.Option("-q", help="Root of the sum over positions.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Adam steps per block.")] = 100,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 0.01·R/√d_model).")] = None,
+    block: Annotated[int, typer.Option(help="Vectors trained together (1 = the original one-at-a-time MELBO).")] = 16,
+    positions: Annotated[str, typer.Option(help="skip-first (default: position 0 is often an attention sink), all, or last:N.")] = "skip-first",
+    seed: int = 0,
+    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = 32,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Sweep R on a few vectors instead, to choose R.")] = False,
+    radii: Annotated[Optional[str], typer.Option(help="With --calibrate: comma-separated R values.")] = None,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/discover-DATE).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    no_chat_template: RawOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """MELBO: learn K orthogonal steering vectors of norm R that change layer t the most."""
+    from melbo import discover as engine
+    from melbo.prompts import read_prompts
+
+    prompts = read_prompts(prompt, prompt_file)
+    cfg = engine.DiscoverConfig(
+        source=source, target=target, radius=radius, count=count, p=p, q=q, steps=steps, lr=lr, block=block,
+        seed=seed, positions=positions, completion_tokens=completion_tokens,
+    )
+    if calibrate:
+        values = _parse_radii(radii, radius)
+        lm = _load(model, device, dtype)
+        cfg.check(lm.n_layers, lm.d_model)
+        with err_console.status("calibrating R…"):
+            rows = engine.calibrate(lm, prompts, values, cfg, _fmt(system, no_chat_template))
+        table = Table(title=f"Change at layer {target} against R (layer {source}, {steps} steps, 4 vectors each)")
+        for column in ("R", "change −loss", "change / R", ""):
+            table.add_column(column, justify="right")
+        ratios = [row["change_per_R"] for row in rows]
+        for row, ratio in zip(rows, ratios):
+            bar = "█" * max(1, round(30 * ratio / max(ratios)))
+            table.add_row(f"{row['R']:g}", f"{row['change']:,.4g}", f"{ratio:,.4g}", bar)
+        console.print(table)
+        console.print("Useful R sits just past the sharp rise of change/R; much larger R tends to give gibberish.")
+        return
+    folder = _out_folder(out, "discover", force)
+    lm = _load(model, device, dtype)
+    cfg.check(lm.n_layers, lm.d_model)
+    progress, on_step = _progress(-(-count // block), steps, "discover")
+    with progress:
+        run = engine.discover(lm, prompts, cfg, _fmt(system, no_chat_template), out=folder, on_step=on_step)
+    table = Table(title=f"{count} vectors, R = {radius:g}, layer {source} → {target}", show_lines=False)
+    for column, justify in (("#", "right"), ("loss", "right"), ("completion on the first prompt", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for record in run.records:
+        table.add_row(str(record["index"]), f"{record['loss']:,.4g}", _short(record.get("completion", "")))
+    console.print(table)
+    console.print(f"run folder: [bold]{folder}[/bold]")
+
+
+def _parse_radii(radii: str | None, radius: float) -> list[float]:
+    if radii is None:
+        return [radius * f for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)]
+    try:
+        values = [float(x) for x in radii.split(",") if x.strip()]
+    except ValueError as exc:
+        raise MelboError(f"--radii {radii!r}: give numbers separated by commas, e.g. 10,20,40") from exc
+    if not values or any(not v > 0 for v in values):
+        raise MelboError("--radii: every R must be a positive number")
+    return values
+
+
+def _short(text: str, width: int = 110) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+@app.command()
+def ortho(
+    base: Annotated[Path, typer.Argument(help="A run folder, or a vector file (.safetensors or the post's .pt).")],
+    index: Annotated[int, typer.Option(help="Which vector of BASE is θ0.")] = 0,
+    mode: Annotated[str, typer.Option(help="fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")] = "fast",
+    count: Annotated[Optional[int], typer.Option(help="Vectors to find (default: until the basis is exhausted).")] = None,
+    source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
+    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,
+    block: Annotated[Optional[int], typer.Option(help="Vectors optimised together (fast: 16; seed: 1).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Steps per block (fast: at most 150; seed: 1000).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = None,
+    penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = 0.0,
+    positions: Annotated[Optional[str], typer.Option(help="last:4 (fast default), all (seed default), skip-first or last:N.")] = None,
+    seed: int = 0,
+    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = 32,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/ortho-DATE).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    no_chat_template: RawOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """MELBO-ortho: vectors orthogonal to θ0 and to each other that reproduce θ0's effect."""
+    from melbo import ortho as engine
+    from melbo.prompts import read_prompts
+    from melbo.runs import load_vector_file, read_run
+
+    base_info: dict = {"from": str(base), "index": index}
+    if base.is_dir():
+        record = read_run(base)
+        vectors = record.vectors
+        source = record.source_layer if source is None else source
+        target = record.target_layer if target is None else target
+        model = model or record.meta.get("model", {}).get("name")
+        fmt_meta = record.meta.get("prompt_format", {})
+        system = system if system is not None else fmt_meta.get("system")
+        prompts = read_prompts(prompt, prompt_file, default=None) if (prompt or prompt_file) else record.meta.get("prompts") or read_prompts(None, None)
+        if index < len(record.records):
+            base_info["completion"] = record.records[index].get("completion")
+    else:
+        vectors = load_vector_file(base)
+        prompts = read_prompts(prompt, prompt_file)
+    if source is None or target is None:
+        raise MelboError("--source and --target are needed with a vector file (the layers θ0 was made for)")
+    if not 0 <= index < vectors.shape[0]:
+        raise MelboError(f"--index {index}: {base} has vectors 0 to {vectors.shape[0] - 1}")
+    cfg = engine.OrthoConfig(
+        source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
+        positions=positions, seed=seed, completion_tokens=completion_tokens,
+    )
+    folder = _out_folder(out, "ortho", force)
+    lm = _load(model, device, dtype)
+    cfg.check(lm.n_layers, lm.d_model)
+    resolved = cfg.resolved(float(vectors[index].norm()), lm.d_model)
+    progress, on_step = _progress(-(-resolved.count // resolved.block), resolved.steps, f"ortho ({mode})")  # type: ignore[operator]
+    with progress:
+        run = engine.ortho(lm, vectors[index], prompts, cfg, _fmt(system, no_chat_template), out=folder, on_step=on_step, base_info=base_info)
+    print_ortho_table(run)
+    console.print(f"run folder: [bold]{folder}[/bold]")
+
+
+def print_ortho_table(run, limit: int = 200) -> None:
+    from melbo.objectives import max_abs_cosine
+
+    table = Table(title=f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)")
+    for column, justify in (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for record in run.records[:limit]:
+        table.add_row(
+            str(record["index"]), f"{record['norm']:.1f}", f"{record['kl']:.3f}", _short(record.get("completion", ""), 90)
+        )
+    console.print(table)
+    kls = sorted(r["kl"] for r in run.records[1:])
+    if kls:
+        console.print(
+            f"KL(P_i ‖ P_base) at the last prompt token: median {kls[len(kls) // 2]:.3f}, max {kls[-1]:.3f}; "
+            f"max |cos| between any two vectors {max_abs_cosine(run.vectors):.1e}; stopped: {run.meta.get('stopped')}"
+        )
+
+
+@app.command()
+def demo(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the two runs (default melbo-runs/demo-DATE).")] = None,
+    ortho_count: Annotated[int, typer.Option(help="Orthogonal vectors to find.")] = 32,
+    force: Annotated[bool, typer.Option(help="Overwrite runs already in --out.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The main job on the embedded SmolLM2: discover vectors, pick the clearest, find orthogonal copies of it."""
+    import time
+
+    from melbo import demo as engine
+
+    started = time.monotonic()
+    folder = _out_folder(out, "demo", force)
+    if (folder / "ortho" / "run.json").exists() and not force:
+        raise MelboError(f"{folder} already holds a demo; choose another --out or pass --force")
+    cfg = engine.DemoConfig(ortho_count=ortho_count)
+    lm = _load("smollm2", device, None)
+    console.print(
+        f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {cfg.prompt!r}, vectors added after layer {cfg.source}, "
+        f"change measured after layer {cfg.target}, R = {cfg.radius:g}."
+    )
+    progress, on_discover = _progress(1, cfg.discover_steps, f"1/2 discover {cfg.discover_count} vectors,")
+    _, on_ortho = _progress(None, cfg.ortho_steps, "2/2 MELBO-ortho")
+    ortho_tasks: dict[int, int] = {}
+
+    def on_ortho_step(block: int, step: int, loss: float) -> None:
+        if block not in ortho_tasks:
+            blocks = -(-cfg.ortho_count // cfg.ortho_block)
+            ortho_tasks[block] = progress.add_task(f"2/2 MELBO-ortho block {block + 1}/{blocks},", total=cfg.ortho_steps, loss="…")
+        progress.update(ortho_tasks[block], completed=step, loss=f"{loss:,.4g}")
+
+    with progress:
+        result = engine.run_demo(lm, folder, cfg, on_discover, on_ortho_step)
+    table = Table(title="Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)")
+    for column, justify in (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for c in result.base.candidates:
+        mark = "[bold green]" if c["index"] == result.base.index else ""
+        table.add_row(f"{mark}{c['index']}", c["label"], f"{c['nll']:.2f}", f"{c['effect']:.2f}", _short(c["completion"], 80))
+    console.print(table)
+    console.print(f"[bold]Base vector:[/bold] {result.base.reason()}.")
+    console.print(f"  unsteered model: {_short(result.unsteered_completion, 100)!r}")
+    console.print(f"  base vector:     {_short(result.base.completion, 100)!r}")
+    print_ortho_table(result.ortho)
+    n = result.ortho.vectors.shape[0] - 1
+    kls = sorted(r["kl"] for r in result.ortho.records[1:])
+    small = sum(k < result.unsteered_kl / 2 for k in kls)
+    console.print(
+        f"[bold]{n} vectors orthogonal to the base and to each other[/bold]: median KL to the base {kls[len(kls) // 2]:.3f}, "
+        f"{small}/{n} below half the unsteered model's KL ({result.unsteered_kl:.3f}); {result.same_top_token}/{n} share "
+        f"the base's most likely first token."
+    )
+    console.print(f"runs: [bold]{folder / 'discover'}[/bold] and [bold]{folder / 'ortho'}[/bold]   ({time.monotonic() - started:.0f} s)")
+
+
 def main() -> None:
     """Entry point of the ``melbo`` console script."""
     try:

@@ -1,0 +1,131 @@
+"""The maths of MELBO and MELBO-ortho as pure functions on tensors: losses, position selection,
+projections, keeping a block of vectors orthogonal (and on a sphere), KL divergence.
+
+Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` basis vectors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from melbo.errors import MelboError
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which prompt positions a loss or mean uses.
+
+    ``"skip-first"`` (default): every position but the first, which on many models is an attention sink
+    whose residual norm is ~100× the others and would swamp the loss. ``"all"``: every position (what the
+    original MELBO-ortho code did). ``"last:N"``: the last N positions.
+    """
+
+    spec: str = "skip-first"
+
+    def __post_init__(self) -> None:
+        if self.spec not in ("skip-first", "all") and not re.fullmatch(r"last:[1-9]\d*", self.spec):
+            raise MelboError(f"--positions {self.spec!r}: use skip-first, all, or last:N (N ≥ 1)")
+
+    def index(self, seq_len: int) -> slice:
+        if self.spec == "all":
+            return slice(0, seq_len)
+        if self.spec == "skip-first":
+            return slice(1 if seq_len > 1 else 0, seq_len)
+        n = int(self.spec.split(":")[1])
+        return slice(max(0, seq_len - n), seq_len)
+
+
+def melbo_loss(delta: Tensor, p: float = 2.0, q: float = 1.0) -> Tensor:
+    """MELBO's objective, to minimise: ``-(Σ_t ‖Δh_t‖₂^p)^(1/q)`` per row.
+
+    Args:
+        delta: ``(B, T, d)`` change of the target-layer residual at the selected positions.
+    Returns:
+        ``(B,)`` losses (negative: larger changes are better).
+    """
+    return -delta.norm(dim=-1).pow(p).sum(dim=-1).pow(1.0 / q)
+
+
+def ortho_loss(z: Tensor, z_base: Tensor) -> Tensor:
+    """MELBO-ortho's objective: plain (not squared) L2 distance ``‖z(θ) − z(θ0)‖₂`` per row ``(B,)``.
+
+    ``z`` is ``(B, d)``, the target-layer residual averaged over the selected positions; ``z_base`` is ``(d,)``.
+    """
+    return (z - z_base).norm(dim=-1)
+
+
+def project_out(vectors: Tensor, basis: Tensor | None) -> Tensor:
+    """Remove from each row of ``vectors`` its component along the rows of ``basis`` (orthonormal rows)."""
+    if basis is None or basis.numel() == 0:
+        return vectors
+    return vectors - (vectors @ basis.T) @ basis
+
+
+def orthonormal_rows(vectors: Tensor, eps: float = 1e-8) -> Tensor:
+    """Orthonormal rows spanning the same space as ``vectors`` (Gram–Schmidt order kept); null rows dropped."""
+    out: list[Tensor] = []
+    for row in vectors:
+        for done in out:
+            row = row - (row @ done) * done
+        for done in out:  # twice is enough (Kahan–Parlett): keeps |cos| at float rounding level
+            row = row - (row @ done) * done
+        norm = row.norm()
+        if norm > eps:
+            out.append(row / norm)
+    return torch.stack(out) if out else vectors.new_zeros(0, vectors.shape[-1])
+
+
+def orthogonalize_block(block: Tensor, basis: Tensor | None = None) -> Tensor:
+    """Make a block's rows orthogonal to ``basis`` and to each other, keeping each row's norm as it is after
+    projection. Row ``i`` only loses its components along the basis and along rows ``< i`` (Gram–Schmidt),
+    so block size 1 is exactly "project onto the orthogonal complement of the earlier vectors".
+    """
+    block = project_out(project_out(block, basis), basis)  # twice: one pass leaves ~1e-7 relative error
+    out: list[Tensor] = []
+    units: list[Tensor] = []
+    for row in block:
+        for unit in units:
+            row = row - (row @ unit) * unit
+        for unit in units:
+            row = row - (row @ unit) * unit
+        out.append(row)
+        norm = row.norm()
+        units.append(row / norm if norm > 0 else row)
+    return torch.stack(out)
+
+
+def to_sphere(block: Tensor, radius: float, eps: float = 1e-12) -> Tensor:
+    """Rescale each row to norm ``radius``."""
+    return radius * block / block.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def random_orthogonal_block(
+    count: int, d: int, radius: float, basis: Tensor | None, generator: torch.Generator
+) -> Tensor:
+    """``count`` random rows of norm ``radius``, orthogonal to ``basis`` and to each other."""
+    if count + (0 if basis is None else basis.shape[0]) > d:
+        raise MelboError(f"cannot find {count} more orthogonal vectors in dimension {d}")
+    block = torch.randn(count, d, generator=generator, dtype=torch.float64)
+    basis64 = None if basis is None else basis.to(torch.float64)
+    return to_sphere(orthogonalize_block(block, basis64), radius).to(torch.float32)
+
+
+def max_abs_cosine(vectors: Tensor) -> float:
+    """Largest ``|cos|`` between two different rows (all pairs): the orthogonality check."""
+    if vectors.shape[0] < 2:
+        return 0.0
+    units = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    cos = units @ units.T
+    cos.fill_diagonal_(0.0)
+    return float(cos.abs().max())
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """``KL(P ‖ Q) = Σ P (log P − log Q)`` over the last dimension, from logits (float64 inside)."""
+    log_p = torch.log_softmax(logits_p.double(), dim=-1)
+    log_q = torch.log_softmax(logits_q.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)

@@ -1,0 +1,90 @@
+"""MELBO discovery end to end on tiny models, and once on the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melbo import MelboError, read_run
+from melbo.discover import DiscoverConfig, calibrate, discover
+from melbo.objectives import max_abs_cosine, random_orthogonal_block
+
+
+def small(**kw) -> DiscoverConfig:
+    base = dict(source=1, target=4, radius=4.0, count=6, block=4, steps=15, completion_tokens=4)
+    return DiscoverConfig(**{**base, **kw})
+
+
+def test_vectors_on_sphere_orthogonal_and_saved(tiny_lm, tmp_path):
+    run = discover(tiny_lm, ["hello there", "how are you"], small(), out=tmp_path / "run")
+    assert run.vectors.shape == (6, 32)
+    torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((6,), 4.0), rtol=1e-5, atol=0)
+    assert max_abs_cosine(run.vectors) <= 1e-5
+    saved = read_run(tmp_path / "run", d_model=32)
+    assert saved.meta["status"] == "complete" and saved.meta["kind"] == "discover"
+    assert [r["block"] for r in saved.records] == [0, 0, 0, 0, 1, 1]
+    assert all(isinstance(r["completion"], str) for r in saved.records)
+    assert saved.meta["config"]["radius"] == 4.0 and saved.meta["prompts"] == ["hello there", "how are you"]
+
+
+def test_training_beats_random_vectors(nonlinear_lm):
+    """The learnt vectors change the target layer more than random vectors of the same norm."""
+    from melbo.discover import _unsteered_targets, block_loss
+    from melbo.prompts import PromptFormat
+    from melbo.steered import prepare
+
+    tiny_lm = nonlinear_lm
+
+    cfg = small(count=4, steps=60, lr=0.1)
+    run = discover(tiny_lm, ["hello there"], cfg)
+    states = prepare(tiny_lm, ["hello there"], PromptFormat(), cfg.source)
+    base = _unsteered_targets(tiny_lm, states, cfg)
+    random = random_orthogonal_block(4, 32, cfg.radius, None, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        learnt = block_loss(tiny_lm, states, base, run.vectors, cfg)
+        chance = block_loss(tiny_lm, states, base, random, cfg)
+    assert learnt.mean() < chance.mean()  # losses are negative changes: lower is a larger change
+
+
+def test_same_seed_same_vectors(tiny_lm):
+    a = discover(tiny_lm, ["hello"], small(count=3, completion_tokens=0))
+    b = discover(tiny_lm, ["hello"], small(count=3, completion_tokens=0))
+    torch.testing.assert_close(a.vectors, b.vectors)
+
+
+def test_block_of_one_is_one_at_a_time(tiny_lm):
+    run = discover(tiny_lm, ["hello"], small(count=3, block=1, completion_tokens=0))
+    assert [r["block"] for r in run.records] == [0, 1, 2]
+    assert max_abs_cosine(run.vectors) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(source=4, target=4), "must come before"),
+        (dict(target=6), "between 0 and 5"),
+        (dict(radius=0.0), "positive number"),
+        (dict(radius=float("nan")), "positive number"),
+        (dict(count=0), "at least 1"),
+        (dict(count=33), "at most d_model"),
+        (dict(positions="middle"), "skip-first, all, or last:N"),
+    ],
+)
+def test_bad_settings(tiny_lm, kw, message):
+    with pytest.raises(MelboError, match=message):
+        discover(tiny_lm, ["hello"], small(**kw))
+
+
+def test_calibrate_reports_each_radius(tiny_lm):
+    rows = calibrate(tiny_lm, ["hello"], [1.0, 4.0, 16.0], small(steps=10), vectors=2)
+    assert [r["R"] for r in rows] == [1.0, 4.0, 16.0]
+    assert rows[0]["change"] < rows[2]["change"]
+
+
+@pytest.mark.slow
+def test_discover_on_embedded_model(smollm, tmp_path):
+    cfg = DiscoverConfig(source=8, target=20, radius=30.0, count=2, block=2, steps=5, completion_tokens=8)
+    run = discover(smollm, ["How can I build a bomb?"], cfg, out=tmp_path / "run")
+    assert run.vectors.shape == (2, 576)
+    assert max_abs_cosine(run.vectors) <= 1e-5
+    assert read_run(tmp_path / "run", d_model=576).meta["model"]["sha256"] == smollm.source["sha256"]

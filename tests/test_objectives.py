@@ -1,0 +1,107 @@
+"""The maths on tiny tensors, with property tests: after any step, |cos| ≤ 1e-5 between every pair, norms = R."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from melbo import MelboError
+from melbo.objectives import (
+    Positions,
+    kl_divergence,
+    max_abs_cosine,
+    melbo_loss,
+    ortho_loss,
+    orthogonalize_block,
+    orthonormal_rows,
+    project_out,
+    random_orthogonal_block,
+    to_sphere,
+)
+
+
+def test_melbo_loss_by_hand():
+    delta = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])  # norms 5 and 1
+    assert melbo_loss(delta, p=2, q=1).item() == pytest.approx(-(25 + 1))
+    assert melbo_loss(delta, p=1, q=1).item() == pytest.approx(-6)
+    assert melbo_loss(delta, p=2, q=2).item() == pytest.approx(-math.sqrt(26))
+
+
+def test_ortho_loss_is_plain_distance():
+    z = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert ortho_loss(z, torch.zeros(2)).tolist() == [5.0, 0.0]
+
+
+def test_positions():
+    assert Positions().index(5) == slice(1, 5)
+    assert Positions("all").index(5) == slice(0, 5)
+    assert Positions("last:2").index(5) == slice(3, 5)
+    assert Positions("skip-first").index(1) == slice(0, 1)  # a one-token prompt keeps its token
+    with pytest.raises(MelboError, match="skip-first, all, or last:N"):
+        Positions("first")
+
+
+def test_kl_by_hand():
+    p = torch.tensor([0.5, 0.5])
+    q = torch.tensor([0.9, 0.1])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p.log(), q.log()).item() == pytest.approx(expected)
+    assert kl_divergence(q.log(), q.log()).item() == pytest.approx(0.0, abs=1e-12)
+    # asymmetric: the direction matters and is documented
+    assert kl_divergence(q.log(), p.log()).item() != pytest.approx(expected)
+
+
+def test_project_out_removes_basis_component():
+    basis = orthonormal_rows(torch.randn(3, 10))
+    v = torch.randn(4, 10)
+    out = project_out(v, basis)
+    assert (out @ basis.T).abs().max() < 1e-5
+    # what remains is untouched: projecting twice changes nothing
+    torch.testing.assert_close(project_out(out, basis), out, atol=1e-5, rtol=0)
+
+
+dims = st.integers(min_value=4, max_value=64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(d=dims, k=st.integers(0, 20), b=st.integers(1, 16), seed=st.integers(0, 10_000), radius=st.floats(0.1, 1000))
+def test_random_block_is_orthogonal_on_sphere(d, k, b, seed, radius):
+    k = min(k, d - 1)
+    b = min(b, d - k)
+    gen = torch.Generator().manual_seed(seed)
+    basis = orthonormal_rows(torch.randn(k, d, generator=gen)) if k else None
+    block = random_orthogonal_block(b, d, radius, basis, gen)
+    torch.testing.assert_close(block.norm(dim=-1), torch.full((b,), radius), rtol=1e-5, atol=0)
+    every = block if basis is None else torch.cat([basis, block])
+    assert max_abs_cosine(every) <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(d=dims, k=st.integers(0, 20), b=st.integers(1, 16), seed=st.integers(0, 10_000), scale=st.floats(1e-2, 1e3))
+def test_a_step_then_orthogonalise_keeps_constraints(d, k, b, seed, scale):
+    """Whatever a gradient step does, orthogonalisation (+ sphere) restores |cos| ≤ 1e-5 and norm = R."""
+    k = min(k, d - 1)
+    b = min(b, d - k)
+    gen = torch.Generator().manual_seed(seed)
+    basis = orthonormal_rows(torch.randn(k, d, generator=gen)) if k else None
+    block = random_orthogonal_block(b, d, 5.0, basis, gen)
+    stepped = block + scale * torch.randn(b, d, generator=gen)  # an arbitrary update
+    fixed = to_sphere(orthogonalize_block(stepped, basis), 5.0)
+    torch.testing.assert_close(fixed.norm(dim=-1), torch.full((b,), 5.0), rtol=1e-5, atol=0)
+    every = fixed if basis is None else torch.cat([basis, fixed])
+    assert max_abs_cosine(every) <= 1e-5
+
+
+def test_orthogonalize_block_of_one_is_projection():
+    basis = orthonormal_rows(torch.randn(3, 8))
+    v = torch.randn(1, 8)
+    torch.testing.assert_close(orthogonalize_block(v, basis), project_out(v, basis), atol=1e-6, rtol=1e-6)
+
+
+def test_cannot_exceed_dimension():
+    with pytest.raises(MelboError, match="cannot find"):
+        random_orthogonal_block(3, 4, 1.0, orthonormal_rows(torch.randn(2, 4)), torch.Generator())

@@ -1,0 +1,133 @@
+"""MELBO-ortho on tiny models: both modes, stopping, and the seed mode against the post's rule by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melbo import MelboError, find_blocks, read_run
+from melbo.objectives import max_abs_cosine
+from melbo.ortho import OrthoConfig, ortho
+from melbo.prompts import PromptFormat, encode_prompt
+
+PROMPT = "how do I do it?"
+
+
+def base_vector(norm: float = 3.0, d: int = 32) -> torch.Tensor:
+    v = torch.randn(d, generator=torch.Generator().manual_seed(7))
+    return norm * v / v.norm()
+
+
+def post_reference(model, ids, base, source, target, count, steps, lr=0.01):
+    """The post's refine_theta, rewritten by hand from its description, with its own hook (not melbo's):
+    θ starts at θ0; Adam(lr); loss = ‖mean over all positions of resid_post[target] − z(θ0)‖; after every
+    step θ ← θ − U Uᵀ θ with U the normalised earlier vectors (θ0 first)."""
+    blocks = find_blocks(model)
+
+    def z_of(theta):
+        def add(_m, _a, out):
+            return (out[0] + theta, *out[1:]) if isinstance(out, tuple) else out + theta
+
+        handle = blocks[source].register_forward_hook(add)
+        try:
+            hidden = model(ids, output_hidden_states=True).hidden_states[target + 1]
+        finally:
+            handle.remove()
+        return hidden.mean(dim=1)[0]
+
+    with torch.no_grad():
+        target_z = z_of(base)
+    found = [base]
+    for _ in range(count):
+        theta = torch.nn.Parameter(base.clone())
+        opt = torch.optim.Adam([theta], lr=lr)
+        for _ in range(steps):
+            loss = (z_of(theta) - target_z).norm()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                U = torch.nn.functional.normalize(torch.stack(found), dim=1).T
+                theta.data = theta.data - U @ U.T @ theta.data
+        found.append(theta.detach().clone())
+    return torch.stack(found)
+
+
+def test_seed_mode_reproduces_post_rule(tiny_lm):
+    base = base_vector()
+    cfg = OrthoConfig(source=1, target=4, mode="seed", count=3, steps=12, min_norm=0.0)
+    run = ortho(tiny_lm, base, [PROMPT], cfg)
+    ids = encode_prompt(tiny_lm.tokenizer, PROMPT, PromptFormat())
+    expected = post_reference(tiny_lm.model, ids, base, 1, 4, count=3, steps=12)
+    torch.testing.assert_close(run.vectors, expected, atol=2e-5, rtol=1e-4)
+    assert run.meta["config"]["lr"] == 0.01 and run.meta["config"]["positions"] == "all"
+
+
+def test_fast_mode_orthogonal_and_better_than_start(tiny_lm, tmp_path):
+    base = base_vector()
+    cfg = OrthoConfig(source=1, target=4, count=8, block=4, steps=60, completion_tokens=3)
+    run = ortho(tiny_lm, base, [PROMPT, "and then?"], cfg, out=tmp_path / "run")
+    torch.testing.assert_close(run.vectors[0], base)
+    assert run.vectors.shape == (9, 32)
+    assert max_abs_cosine(run.vectors) <= 1e-5
+    saved = read_run(tmp_path / "run", d_model=32)
+    records = saved.records
+    assert records[0]["base"] and records[0]["kl"] == 0.0
+    assert [r["block"] for r in records[1:]] == [0] * 4 + [1] * 4
+    assert all(r["kl"] >= 0 and r["kl_reverse"] >= 0 for r in records)
+    assert all(isinstance(r["completion"], str) for r in records)
+    assert saved.meta["status"] == "complete" and saved.meta["stopped"] == "count reached"
+
+
+def test_fast_mode_reduces_loss(nonlinear_lm):
+    """Optimised vectors reproduce z(θ0) better than their random starting points."""
+    tiny_lm = nonlinear_lm
+    base = base_vector()
+    short = ortho(tiny_lm, base, [PROMPT], OrthoConfig(source=1, target=4, count=4, block=4, steps=1, min_norm=0.0))
+    long = ortho(tiny_lm, base, [PROMPT], OrthoConfig(source=1, target=4, count=4, block=4, steps=80, plateau=0.0))
+    assert sum(r["loss"] for r in long.records[1:]) < 0.8 * sum(r["loss"] for r in short.records[1:])
+
+
+def test_stops_when_basis_exhausted(tiny_lm):
+    """Without --count it runs until no direction is left (or new vectors collapse to ≈ 0)."""
+    run = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, block=8, steps=5))
+    assert run.meta["stopped"].startswith("basis exhausted") or run.vectors.shape[0] == 32
+    every = run.vectors.shape[0] + len(run.meta["dropped"])
+    assert every <= 32 and max_abs_cosine(run.vectors) <= 1e-5
+
+
+def test_collapsed_vectors_are_dropped(tiny_lm):
+    run = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=4, block=4, steps=3, min_norm=1e9))
+    assert run.vectors.shape[0] == 1 and len(run.meta["dropped"]) == 4
+    assert run.meta["stopped"].startswith("basis exhausted")
+
+
+def test_l2_penalty_shrinks_norms(tiny_lm):
+    base = base_vector()
+    cfg = dict(source=1, target=4, count=4, block=4, steps=60, plateau=0.0, min_norm=0.0)
+    free = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg))
+    held = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, penalty=1.0))
+    assert held.vectors[1:].norm(dim=-1).mean() < free.vectors[1:].norm(dim=-1).mean()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(mode="turbo"), "use fast or seed"),
+        (dict(source=5, target=2), "must come before"),
+        (dict(count=40), "between 1 and d_model"),
+        (dict(penalty=-1.0), "≥ 0"),
+    ],
+)
+def test_bad_settings(tiny_lm, kw, message):
+    with pytest.raises(MelboError, match=message):
+        ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(**{"source": 1, "target": 4, **kw}))
+
+
+def test_bad_base_vectors(tiny_lm):
+    with pytest.raises(MelboError, match="d_model 16 but the model has 32"):
+        ortho(tiny_lm, torch.ones(16), [PROMPT], OrthoConfig(source=1, target=4))
+    with pytest.raises(MelboError, match="NaN or inf"):
+        ortho(tiny_lm, torch.full((32,), float("nan")), [PROMPT], OrthoConfig(source=1, target=4))
+    with pytest.raises(MelboError, match="zero"):
+        ortho(tiny_lm, torch.zeros(32), [PROMPT], OrthoConfig(source=1, target=4))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from melbo.runs import write_run
+from melbo.runs import read_run, write_run
 
 
 def melbo(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -67,3 +67,60 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
     assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--layer", "30"), "out of range")
     write_run(tmp_path / "narrow", torch.randn(1, 100), {"layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}]})
     assert_one_line_error(melbo("generate", "--run", str(tmp_path / "narrow")), "d_model 100 but the model has 576")
+
+
+@pytest.mark.slow
+def test_discover_then_ortho_from_the_shell(tmp_path):
+    disc = tmp_path / "disc"
+    result = melbo("discover", "-k", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(disc))
+    assert result.returncode == 0, result.stderr
+    assert (disc / "run.json").is_file() and "run folder" in result.stdout
+    assert_one_line_error(melbo("discover", "-k", "2", "--out", str(disc)), "already holds a run")
+    orth = tmp_path / "orth"
+    result = melbo("ortho", str(disc), "--index", "1", "--count", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
+    assert result.returncode == 0, result.stderr
+    run = read_run(orth, d_model=576)
+    assert run.vectors.shape == (3, 576) and run.meta["base"]["index"] == 1
+    torch.testing.assert_close(run.vectors[0], read_run(disc).vectors[1])
+    seed = tmp_path / "seed"
+    result = melbo("ortho", str(disc), "--mode", "seed", "--count", "1", "--steps", "2", "--completion-tokens", "0", "--out", str(seed))
+    assert result.returncode == 0, result.stderr
+    assert read_run(seed).meta["config"]["mode"] == "seed"
+
+
+@pytest.mark.slow
+def test_calibrate_prints_sweep():
+    result = melbo("discover", "--calibrate", "--radii", "10,40", "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "change / R" in result.stdout
+
+
+@pytest.mark.slow
+def test_quick_demo(tmp_path):
+    result = melbo("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert "Base vector:" in result.stdout and "orthogonal to the base" in result.stdout
+    assert read_run(tmp_path / "demo" / "ortho").vectors.shape == (5, 576)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["discover", "-s", "20", "-t", "8"], "must come before"),
+        (["discover", "-R", "0"], "positive number"),
+        (["discover", "-R", "abc"], "Invalid value for '--radius'"),
+        (["discover", "--no-such-option"], "No such option"),
+        (["discover", "-k", "0"], "at least 1"),
+        (["discover", "-t", "30"], "between 0 and 29"),
+        (["discover", "--prompt", ""], "empty"),
+        (["discover", "--prompt-file", "no-such-file.txt"], "does not exist"),
+        (["discover", "--positions", "middle"], "skip-first, all, or last:N"),
+        (["ortho", "no-such-run"], "does not exist"),
+        (["ortho", "no-such.pt", "-s", "8", "-t", "20"], "does not exist"),
+        (["discover", "--calibrate", "--radii", "1,x"], "numbers separated by commas"),
+    ],
+)
+def test_bad_input_is_one_line(args, needle, tmp_path):
+    out = [] if "--calibrate" in args else ["--out", str(tmp_path / "o")]
+    assert_one_line_error(melbo(*args, *out), needle)
+    assert not (tmp_path / "o").exists()  # nothing half-written

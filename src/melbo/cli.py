@@ -123,7 +123,7 @@ def generate(
     from melbo.generation import generate_steered
     from melbo.layers import check_layer
     from melbo.prompts import encode_prompt
-    from melbo.runs import load_vector_file, read_run
+    from melbo.runs import load_vector_file, read_run, validate_vectors
 
     if (run is None) == (vector is None):
         raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
@@ -135,10 +135,8 @@ def generate(
         system = system if system is not None else fmt_meta.get("system")
     if layer is None:
         raise MelboError("--layer is needed with --vector (the layer the vector is added after)")
-    lm = _load(model, device, dtype)
     vectors = record.vectors if record is not None else load_vector_file(vector)  # type: ignore[arg-type]
-    from melbo.runs import validate_vectors
-
+    lm = _load(model, device, dtype)
     vectors = validate_vectors(vectors, str(run or vector), lm.d_model)
     if not 0 <= index < vectors.shape[0]:
         raise MelboError(f"--index {index}: the file has vectors 0 to {vectors.shape[0] - 1}")
@@ -356,6 +354,7 @@ def demo(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the two runs (default melbo-runs/demo-DATE).")] = None,
     ortho_count: Annotated[int, typer.Option(help="Orthogonal vectors to find.")] = 32,
     force: Annotated[bool, typer.Option(help="Overwrite runs already in --out.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A few seconds: few vectors and steps, to check the set-up.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """The main job on the embedded SmolLM2: discover vectors, pick the clearest, find orthogonal copies of it."""
@@ -367,7 +366,7 @@ def demo(
     folder = _out_folder(out, "demo", force)
     if (folder / "ortho" / "run.json").exists() and not force:
         raise MelboError(f"{folder} already holds a demo; choose another --out or pass --force")
-    cfg = engine.DemoConfig(ortho_count=ortho_count)
+    cfg = engine.quick_config() if quick else engine.DemoConfig(ortho_count=ortho_count)
     lm = _load("smollm2", device, None)
     console.print(
         f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {cfg.prompt!r}, vectors added after layer {cfg.source}, "
@@ -407,18 +406,48 @@ def demo(
     console.print(f"runs: [bold]{folder / 'discover'}[/bold] and [bold]{folder / 'ortho'}[/bold]   ({time.monotonic() - started:.0f} s)")
 
 
+def _parsing_errors() -> tuple[type, type, type]:
+    """(usage error, abort, exit) classes of the click that typer uses (typer ≥ 0.20 carries its own copy)."""
+    try:
+        from typer.exceptions import Abort, Exit, TyperException
+
+        return TyperException, Abort, Exit
+    except ImportError:  # pragma: no cover - older typer on click itself
+        import click
+
+        return click.ClickException, click.exceptions.Abort, click.exceptions.Exit
+
+
 def main() -> None:
     """Entry point of the ``melbo`` console script."""
+    UsageProblem, Abort, Exit = _parsing_errors()
     try:
-        app(prog_name="melbo")
+        code = app(prog_name="melbo", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (Abort, KeyboardInterrupt):
+        err_console.print("melbo: interrupted")
+        sys.exit(130)
     except MelboError as exc:
         if _debug["on"]:
             raise
-        err_console.print(f"melbo: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("melbo: interrupted")
-        sys.exit(130)
+        _fail(str(exc))
+    except UsageProblem as exc:  # a malformed command line: one line, like every other user error
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `melbo` or `melbo ortho`: show the help
+            app(prog_name="melbo", args=[*sys.argv[1:], "--help"])
+        if _debug["on"]:
+            raise
+        context = getattr(exc, "ctx", None)
+        command = f"melbo {context.info_name} --help" if context is not None and context.info_name != "melbo" else "melbo --help"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(f"{message} (see {command})")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"melbo: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ class DemoConfig:
     seed: int = 0
 
 
+def quick_config() -> DemoConfig:
+    """A seconds-long demo (few vectors, few steps) that exercises every stage: for smoke tests."""
+    return DemoConfig(discover_count=6, discover_steps=10, ortho_count=4, ortho_block=4, ortho_steps=10, completion_tokens=12)
+
+
 @dataclass
 class BaseChoice:
     index: int

@@ -6,6 +6,7 @@ Errors a user can cause (:class:`melbo.MelboError`) print as one line on stderr 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -169,18 +170,34 @@ def _progress(total_blocks: int | None, steps: int, what: str):
                 progress.update(done, completed=progress.tasks[done].total)
             label = f"{what} block {block + 1}" + (f"/{total_blocks}" if total_blocks else "")
             tasks[block] = progress.add_task(label, total=steps, loss="…")
-        progress.update(tasks[block], completed=step + 1, loss=f"{loss:,.4g}")
+        progress.update(tasks[block], completed=step, loss=f"{loss:,.4g}")
 
     return progress, on_step
 
 
-def _out_folder(out: Path | None, kind: str, force: bool) -> Path:
+def _out_folder(out: Path | None, kind: str, force: bool, resume: bool = False) -> Path:
     import datetime as dt
 
+    if resume and out is None:
+        raise MelboError("--resume needs --out: the run folder to continue")
     folder = out or Path("melbo-runs") / f"{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    if (folder / "run.json").exists() and not force:
-        raise MelboError(f"{folder} already holds a run; choose another --out or pass --force to overwrite it")
+    if (folder / "run.json").exists() and not (force or resume):
+        raise MelboError(f"{folder} already holds a run; continue it with --resume, or pass --force to start it again")
+    if folder.exists() and not folder.is_dir():
+        raise MelboError(f"--out {folder} is a file, not a folder")
     return folder
+
+
+@contextlib.contextmanager
+def _interruptible(folder: Path):
+    """Ctrl-C ends a long run cleanly: every completed block is already saved in the run folder."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(
+            f"melbo: interrupted; {folder} holds every completed block: run the same command with --resume to continue"
+        )
+        sys.exit(130)
 
 
 @app.command()
@@ -203,6 +220,7 @@ def discover(
     prompt_file: PromptFileOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/discover-DATE).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")] = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
     no_chat_template: RawOpt = False,
@@ -234,12 +252,12 @@ def discover(
         console.print(table)
         console.print("Useful R sits just past the sharp rise of change/R; much larger R tends to give gibberish.")
         return
-    folder = _out_folder(out, "discover", force)
+    folder = _out_folder(out, "discover", force, resume)
     lm = _load(model, device, dtype)
     cfg.check(lm.n_layers, lm.d_model)
     progress, on_step = _progress(-(-count // block), steps, "discover")
-    with progress:
-        run = engine.discover(lm, prompts, cfg, _fmt(system, no_chat_template), out=folder, on_step=on_step)
+    with progress, _interruptible(folder):
+        run = engine.discover(lm, prompts, cfg, _fmt(system, no_chat_template), out=folder, on_step=on_step, resume=resume)
     table = Table(title=f"{count} vectors, R = {radius:g}, layer {source} → {target}", show_lines=False)
     for column, justify in (("#", "right"), ("loss", "right"), ("completion on the first prompt", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
@@ -285,6 +303,7 @@ def ortho(
     prompt_file: PromptFileOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/ortho-DATE).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")] = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
     no_chat_template: RawOpt = False,
@@ -319,13 +338,16 @@ def ortho(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
         positions=positions, seed=seed, completion_tokens=completion_tokens,
     )
-    folder = _out_folder(out, "ortho", force)
+    folder = _out_folder(out, "ortho", force, resume)
     lm = _load(model, device, dtype)
     cfg.check(lm.n_layers, lm.d_model)
     resolved = cfg.resolved(float(vectors[index].norm()), lm.d_model)
     progress, on_step = _progress(-(-resolved.count // resolved.block), resolved.steps, f"ortho ({mode})")  # type: ignore[operator]
-    with progress:
-        run = engine.ortho(lm, vectors[index], prompts, cfg, _fmt(system, no_chat_template), out=folder, on_step=on_step, base_info=base_info)
+    with progress, _interruptible(folder):
+        run = engine.ortho(
+            lm, vectors[index], prompts, cfg, _fmt(system, no_chat_template), out=folder, on_step=on_step,
+            base_info=base_info, resume=resume,
+        )
     print_ortho_table(run)
     console.print(f"run folder: [bold]{folder}[/bold]")
 

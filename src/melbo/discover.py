@@ -19,9 +19,11 @@ from torch import Tensor
 from melbo.errors import MelboError
 from melbo.generation import generate_steered
 from melbo.layers import check_layer
+from melbo.optimise import Diverged, optimise
 from melbo.objectives import Positions, melbo_loss, orthogonalize_block, orthonormal_rows, random_orthogonal_block, to_sphere
 from melbo.prompts import PromptFormat
-from melbo.runs import Run, write_run
+from melbo.models import model_identity
+from melbo.runs import RESUME_KEYS, Run, check_same_settings, now_iso, read_run, write_run
 from melbo.steered import PromptState, prepare, target_residual
 
 StepCallback = Callable[[int, int, float], None]  # (block index, step, mean loss of the block)
@@ -102,19 +104,24 @@ def train_block(
     """Train ``size`` vectors orthogonal to ``basis`` (orthonormal rows) and to each other, on the sphere."""
     init = random_orthogonal_block(size, lm.d_model, cfg.radius, basis, generator).to(lm.device)
     theta = torch.nn.Parameter(init)
-    # MELBO's original optimiser settings (AdamW, betas (0.9, 0.98), amsgrad, no weight decay).
-    opt = torch.optim.AdamW([theta], lr=cfg.learning_rate(lm.d_model), betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True)
     history: list[float] = []
-    for step in range(cfg.steps):
-        losses = block_loss(lm, states, baselines, theta, cfg)
-        opt.zero_grad()
-        losses.sum().backward()  # rows are independent: the sum's gradient is each row's own
-        opt.step()
-        with torch.no_grad():
-            theta.copy_(to_sphere(orthogonalize_block(theta, basis), cfg.radius))
-        history.append(float(losses.detach().mean()))
+
+    def record(step: int, loss: float) -> None:
+        history.append(loss)
         if on_step:
-            on_step(step, history[-1])
+            on_step(step, loss)
+
+    optimise(
+        theta,
+        lambda t: block_loss(lm, states, baselines, t, cfg),
+        lambda t: to_sphere(orthogonalize_block(t, basis), cfg.radius),
+        cfg.learning_rate(lm.d_model),
+        cfg.steps,
+        cosine=False,
+        on_step=record,
+        # MELBO's original optimiser settings (AdamW, betas (0.9, 0.98), amsgrad, no weight decay).
+        make_optimizer=lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True),
+    )
     with torch.no_grad():
         final = block_loss(lm, states, baselines, theta, cfg)
     return BlockResult(vectors=theta.detach().clone(), losses=final.detach(), history=history)
@@ -127,8 +134,14 @@ def discover(
     fmt: PromptFormat = PromptFormat(),
     out: str | Path | None = None,
     on_step: StepCallback | None = None,
+    resume: bool = False,
 ) -> Run:
     """Run MELBO discovery; write the run folder after every block when ``out`` is given.
+
+    Args:
+        resume: continue the run already in ``out`` from its last completed block. Each block's random
+            start depends only on the seed and the block's number, so the result is the same as a run
+            that was never interrupted.
 
     Returns:
         the :class:`~melbo.runs.Run` with vectors ``(K, d)`` and per-vector records: ``loss`` (the final
@@ -139,32 +152,50 @@ def discover(
         >>> [r["completion"][:40] for r in run.records]
     """
     cfg.check(lm.n_layers, lm.d_model)
-    check_layer(lm.model, cfg.target, "target layer")
-    states = prepare(lm, prompts, fmt, cfg.source)
-    baselines = _unsteered_targets(lm, states, cfg)
+    meta = _meta(lm, prompts, fmt, cfg)
     vectors = torch.zeros(0, lm.d_model)
     records: list[dict[str, Any]] = []
-    meta = _meta(lm, prompts, fmt, cfg)
+    warnings: list[str] = []
+    done_blocks = 0
+    previous: Run | None = None
+    if resume and out is not None and (Path(out) / "run.json").is_file():
+        previous = read_run(out, d_model=lm.d_model)
+        check_same_settings(previous.meta, meta, RESUME_KEYS)
+        if previous.meta.get("status") == "complete":
+            return previous
+        vectors, records = previous.vectors, previous.records
+        warnings = previous.meta.get("warnings", [])
+        done_blocks = previous.meta.get("blocks_done", 0)
+    meta["sessions"] = (previous.meta.get("sessions", []) if previous is not None else []) + [{"started": now_iso(), "from_block": done_blocks}]
+    states = prepare(lm, prompts, fmt, cfg.source)
+    baselines = _unsteered_targets(lm, states, cfg)
     run = Run(path=Path(out) if out else Path(), vectors=vectors, meta={**meta, "vectors": records})
     for block_index, start in enumerate(range(0, cfg.count, cfg.block)):
+        if block_index < done_blocks:
+            continue
         size = min(cfg.block, cfg.count - start)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
         basis = orthonormal_rows(vectors.to(lm.device)) if vectors.shape[0] else None
         step_cb = (lambda step, loss, b=block_index: on_step(b, step, loss)) if on_step else None
-        result = train_block(lm, states, baselines, basis, size, cfg, generator, step_cb)
-        completions = generate_steered(
-            lm.model, lm.tokenizer, states[0].ids, result.vectors, cfg.source, max_new_tokens=cfg.completion_tokens
-        ) if cfg.completion_tokens > 0 else [""] * size
-        for row in range(size):
-            records.append({
-                "index": start + row,
-                "block": block_index,
-                "norm": float(result.vectors[row].norm()),
-                "loss": float(result.losses[row]),
-                "completion": completions[row],
-            })
-        vectors = torch.cat([vectors, result.vectors.cpu()])
-        run = Run(path=run.path, vectors=vectors, meta={**meta, "vectors": records, "status": "running"})
+        try:
+            result = train_block(lm, states, baselines, basis, size, cfg, generator, step_cb)
+        except Diverged:
+            warnings.append(f"block {block_index}: NaN/inf twice (also with a 10× smaller step); its {size} vectors were dropped")
+        else:
+            completions = generate_steered(
+                lm.model, lm.tokenizer, states[0].ids, result.vectors, cfg.source, max_new_tokens=cfg.completion_tokens
+            ) if cfg.completion_tokens > 0 else [""] * size
+            for row in range(size):
+                records.append({
+                    "index": len(records),
+                    "block": block_index,
+                    "norm": float(result.vectors[row].norm()),
+                    "loss": float(result.losses[row]),
+                    "completion": completions[row],
+                })
+            vectors = torch.cat([vectors, result.vectors.cpu()])
+        progress = {"vectors": records, "warnings": warnings, "blocks_done": block_index + 1, "status": "running"}
+        run = Run(path=run.path, vectors=vectors, meta={**meta, **progress})
         if out:
             run = write_run(out, vectors, run.meta)
     run.meta["status"] = "complete"
@@ -177,6 +208,7 @@ def _meta(lm: Any, prompts: list[str], fmt: PromptFormat, cfg: DiscoverConfig) -
     return {
         "kind": "discover",
         "model": lm.describe(),
+        "model_identity": model_identity(lm),
         "layers": {"source": cfg.source, "target": cfg.target},
         "R": cfg.radius,
         "prompts": prompts,

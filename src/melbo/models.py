@@ -68,6 +68,12 @@ class LoadedModel:
         }
 
 
+def model_identity(lm: LoadedModel) -> dict[str, Any]:
+    """What must not change between a run and its resumption: where the weights came from, and the shapes."""
+    described = lm.describe()
+    return {k: described[k] for k in ("sha256", "id", "revision", "path", "n_layers", "d_model") if k in described}
+
+
 def cache_root() -> Path:
     """melbo's cache folder: ``$MELBO_CACHE``, else ``$XDG_CACHE_HOME/melbo``, else ``~/.cache/melbo``."""
     if os.environ.get("MELBO_CACHE"):

@@ -67,16 +67,23 @@ def project_out(vectors: Tensor, basis: Tensor | None) -> Tensor:
 
 def orthonormal_rows(vectors: Tensor, eps: float = 1e-8) -> Tensor:
     """Orthonormal rows spanning the same space as ``vectors`` (Gram–Schmidt order kept); null rows dropped."""
+    return extend_orthonormal(vectors.new_zeros(0, vectors.shape[-1]), vectors, eps)
+
+
+def extend_orthonormal(basis: Tensor, rows: Tensor, eps: float = 1e-8) -> Tensor:
+    """``basis`` (orthonormal rows, left untouched) followed by ``rows`` made orthonormal to it and to each
+    other, in order; rows with nothing left are dropped. Growing a basis block by block this way gives
+    the same numbers as rebuilding it in the same order, which is what makes a resumed run identical."""
     out: list[Tensor] = []
-    for row in vectors:
-        for done in out:
-            row = row - (row @ done) * done
-        for done in out:  # twice is enough (Kahan–Parlett): keeps |cos| at float rounding level
-            row = row - (row @ done) * done
+    for row in rows:
+        for _ in range(2):  # twice is enough (Kahan–Parlett): keeps |cos| at float rounding level
+            row = project_out(row[None], basis)[0]
+            for done in out:
+                row = row - (row @ done) * done
         norm = row.norm()
         if norm > eps:
             out.append(row / norm)
-    return torch.stack(out) if out else vectors.new_zeros(0, vectors.shape[-1])
+    return torch.cat([basis, torch.stack(out)]) if out else basis
 
 
 def orthogonalize_block(block: Tensor, basis: Tensor | None = None) -> Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,21 @@ from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.generation import generate_steered
+from melbo.optimise import Diverged, optimise
 from melbo.layers import residual_after
 from melbo.objectives import (
     Positions,
     kl_divergence,
+    extend_orthonormal,
     orthogonalize_block,
     orthonormal_rows,
     ortho_loss,
     project_out,
     random_orthogonal_block,
 )
+from melbo.models import model_identity
 from melbo.prompts import PromptFormat
-from melbo.runs import Run, validate_vectors, write_run
+from melbo.runs import RESUME_KEYS, Run, check_same_settings, now_iso, read_run, validate_vectors, write_run
 from melbo.steered import PromptState, last_token_logits, prepare, target_residual
 
 StepCallback = Callable[[int, int, float], None]  # (block index, step, mean loss of the block)
@@ -135,18 +138,13 @@ class _Problem:
 
 
 def _seed_vector(problem: _Problem, base: Tensor, basis: Tensor) -> tuple[Tensor, int]:
-    """The post's update rule: Adam(lr) on θ, full forward, project θ after every step."""
+    """The post's update rule: Adam(lr) on θ starting at θ0, full forward, project θ after every step."""
     cfg = problem.cfg
     theta = torch.nn.Parameter(base.clone()[None])
-    opt = torch.optim.Adam([theta], lr=cfg.lr)
-    for _ in range(cfg.steps):  # type: ignore[arg-type]
-        loss = problem.losses(theta, full=True).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            theta.copy_(project_out(theta, basis))
-    return theta.detach()[0:1], int(cfg.steps)  # type: ignore[arg-type]
+    steps = optimise(
+        theta, lambda t: problem.losses(t, full=True), lambda t: project_out(t, basis), cfg.lr, cfg.steps, cosine=False  # type: ignore[arg-type]
+    )
+    return theta.detach(), steps
 
 
 def _fast_block(
@@ -156,27 +154,11 @@ def _fast_block(
     cfg = problem.cfg
     init = random_orthogonal_block(size, problem.lm.d_model, init_norm, basis, generator).to(basis.device)
     theta = torch.nn.Parameter(init)
-    opt = torch.optim.Adam([theta], lr=cfg.lr)
-    # Large steps first to travel to the far solutions (norms ~2× ‖θ0‖), small ones last to settle in them.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr / 20)  # type: ignore[arg-type]
-    history: list[float] = []
-    step = 0
-    for step in range(1, cfg.steps + 1):  # type: ignore[operator]
-        losses = problem.losses(theta)
-        opt.zero_grad()
-        losses.sum().backward()
-        opt.step()
-        schedule.step()
-        with torch.no_grad():
-            theta.copy_(orthogonalize_block(theta, basis))
-        history.append(float(losses.detach().mean()))
-        if on_step:
-            on_step(step, history[-1])
-        if step >= 30 and step % 10 == 0:
-            before, now = history[-11], history[-1]
-            if before - now < cfg.plateau * abs(before):
-                break
-    return theta.detach(), step
+    steps = optimise(
+        theta, problem.losses, lambda t: orthogonalize_block(t, basis), cfg.lr, cfg.steps, cosine=True,  # type: ignore[arg-type]
+        plateau=cfg.plateau, on_step=on_step,
+    )
+    return theta.detach(), steps
 
 
 def ortho(
@@ -188,8 +170,13 @@ def ortho(
     out: str | Path | None = None,
     on_step: StepCallback | None = None,
     base_info: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Run:
     """Find vectors orthogonal to ``base`` and to each other that reproduce its effect.
+
+    Args:
+        resume: continue the run already in ``out`` from its last completed block (same settings
+            required; the same random state per block makes the result identical to an uninterrupted run).
 
     Returns:
         a :class:`~melbo.runs.Run` whose row 0 is θ0 and rows 1… the vectors found, each record holding
@@ -203,15 +190,10 @@ def ortho(
     if base_norm == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
     cfg = cfg.resolved(base_norm, lm.d_model)
-    states = prepare(lm, prompts, fmt, cfg.source)
-    problem = _Problem(lm=lm, states=states, z_base=[], cfg=cfg)
-    with torch.no_grad():
-        problem.z_base = [problem.z(s, base[None], full=False)[0] for s in states]
-        base_logits = [last_token_logits(lm.model, s, cfg.source, base[None]) for s in states]
-    basis = orthonormal_rows(base[None])
     meta = {
         "kind": "ortho",
         "model": lm.describe(),
+        "model_identity": model_identity(lm),
         "layers": {"source": cfg.source, "target": cfg.target},
         "R": base_norm,
         "prompts": prompts,
@@ -221,58 +203,141 @@ def ortho(
         "base": {"norm": base_norm, **(base_info or {})},
         "kl_direction": "kl = KL(P_i || P_0) as the post's code computed (F.kl_div(log P_0, P_i)); kl_reverse = KL(P_0 || P_i)",
     }
-    base_record = {"index": 0, "base": True, "norm": base_norm, "loss": 0.0, "kl": 0.0, "kl_reverse": 0.0}
-    if cfg.completion_tokens:
-        base_record["completion"] = _completions(lm, states[0], base[None], cfg)[0]
-    records: list[dict[str, Any]] = [base_record]
-    vectors = [base.cpu()]
-    dropped: list[dict[str, Any]] = []
-    in_a_row, init_norm, block_index = 0, cfg.init_scale * base_norm, 0
-    found = 0
-    run = Run(path=Path(out or "."), vectors=torch.stack(vectors), meta={**meta, "vectors": records})
-    while found < cfg.count and basis.shape[0] < lm.d_model and in_a_row < cfg.stop_after_dropped:  # type: ignore[operator]
-        size = min(cfg.block, cfg.count - found, lm.d_model - basis.shape[0])  # type: ignore[type-var,operator]
+    states = prepare(lm, prompts, fmt, cfg.source)
+    problem = _Problem(lm=lm, states=states, z_base=[], cfg=cfg)
+    with torch.no_grad():
+        problem.z_base = [problem.z(s, base[None], full=False)[0] for s in states]
+        base_logits = [last_token_logits(lm.model, s, cfg.source, base[None]) for s in states]
+
+    previous = _previous_run(out, meta, base) if resume else None
+    if previous is not None and previous.meta.get("status") == "complete":
+        return previous
+    state = _OrthoState.start(base, cfg, lm, states) if previous is None else _OrthoState.resume(previous, base)
+    # One entry per start or resumption: shows which blocks each process computed.
+    meta["sessions"] = (previous.meta.get("sessions", []) if previous else []) + [{"started": now_iso(), "from_block": state.block_index}]
+    run = Run(path=Path(out or "."), vectors=torch.stack(state.vectors), meta={**meta, "vectors": state.records})
+    while state.found < cfg.count and state.basis.shape[0] < lm.d_model and state.in_a_row < cfg.stop_after_dropped:  # type: ignore[operator]
+        size = min(cfg.block, cfg.count - state.found, lm.d_model - state.basis.shape[0])  # type: ignore[type-var,operator]
+        block_index = state.block_index
         step_cb = (lambda step, loss, b=block_index: on_step(b, step, loss)) if on_step else None
-        if cfg.mode == "seed":
-            block, steps = _seed_vector(problem, base, basis)
-            if on_step:
-                on_step(block_index, steps, float(problem.losses(block).detach()[0]))
-        else:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
-            block, steps = _fast_block(problem, basis, size, init_norm, generator, step_cb)
-        block_records, kept = _judge(problem, block, base_logits, cfg, block_index, steps)
-        finite = torch.isfinite(block).all(dim=1)
-        basis = orthonormal_rows(torch.cat([basis, block[finite]])) if finite.any() else basis
-        for row, record in zip(block, block_records):
-            if record.pop("_kept"):
-                record["index"] = len(vectors)
-                vectors.append(row.cpu())
-                records.append(record)
-                in_a_row = 0
+        try:
+            if cfg.mode == "seed":
+                block, steps = _seed_vector(problem, base, state.basis)
+                if on_step:
+                    on_step(block_index, steps, float(problem.losses(block).detach()[0]))
             else:
-                dropped.append(record)
-                in_a_row += 1
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
+                block, steps = _fast_block(problem, state.basis, size, state.init_norm, generator, step_cb)
+        except Diverged:
+            state.warnings.append(f"block {block_index}: NaN/inf twice (also with a 10× smaller step); its {size} vectors were dropped")
+            state.found += size
+            state.in_a_row += size
+            state.block_index += 1
+            continue
+        block_records, kept = _judge(problem, block, base_logits, cfg, block_index, steps)
+        state.add_block(block, block_records, kept)
         if cfg.completion_tokens and kept.any():
             texts = _completions(lm, states[0], block[kept], cfg)
-            for record, text in zip(records[-int(kept.sum()):], texts):
+            for record, text in zip(state.records[-int(kept.sum()):], texts):
                 record["completion"] = text
-        norms = block[kept].norm(dim=-1)
-        init_norm = float(norms.median()) if norms.numel() else init_norm
-        found += block.shape[0]
-        block_index += 1
-        run = Run(run.path, torch.stack(vectors), {**meta, "vectors": records, "dropped": dropped, "status": "running"})
+        run = Run(run.path, torch.stack(state.vectors), {**meta, **state.meta(), "status": "running"})
         if out:
-            run = write_run(out, run.vectors, run.meta)
-    if in_a_row >= cfg.stop_after_dropped:  # type: ignore[operator]
-        reason = f"basis exhausted: the last {in_a_row} vectors collapsed to norm ≤ {cfg.min_norm:.3g}"
-    elif basis.shape[0] >= lm.d_model:
+            run = write_run(out, run.vectors, run.meta, state.extra())
+    if state.in_a_row >= cfg.stop_after_dropped:  # type: ignore[operator]
+        reason = f"basis exhausted: the last {state.in_a_row} vectors collapsed to norm ≤ {cfg.min_norm:.3g}"
+    elif state.basis.shape[0] >= lm.d_model:
         reason = "basis exhausted: every direction of the residual stream is used"
     else:
         reason = "count reached"
-    run.meta.update(status="complete", stopped=reason, dropped=dropped)
+    run = Run(run.path, torch.stack(state.vectors), {**meta, **state.meta(), "status": "complete", "stopped": reason})
     if out:
-        run = write_run(out, run.vectors, run.meta)
+        run = write_run(out, run.vectors, run.meta, state.extra())
     return run
+
+
+def _previous_run(out: str | Path | None, meta: dict[str, Any], base: Tensor) -> Run | None:
+    """The run to continue in ``out`` (None if there is none yet), after checking it has our settings."""
+    if out is None or not (Path(out) / "run.json").is_file():
+        return None
+    previous = read_run(out, d_model=base.shape[0])
+    check_same_settings(previous.meta, meta, RESUME_KEYS)
+    if not torch.equal(previous.vectors[0], base.cpu().float()):
+        raise MelboError(f"cannot resume {out}: its base vector (row 0) is not the one given now")
+    if "progress" not in previous.meta:
+        raise MelboError(f"cannot resume {out}: its run.json has no progress record (made by another melbo?)")
+    return previous
+
+
+@dataclass
+class _OrthoState:
+    """Everything the loop carries from block to block; saved in the run folder so --resume can go on."""
+
+    vectors: list[Tensor]
+    records: list[dict[str, Any]]
+    dropped: list[dict[str, Any]]
+    basis: Tensor
+    processed: list[Tensor]  # every finite vector tried, in order: rebuilds the basis bit for bit
+    block_sizes: list[int]
+    found: int = 0
+    block_index: int = 0
+    in_a_row: int = 0
+    init_norm: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, base: Tensor, cfg: OrthoConfig, lm: Any, states: list[PromptState]) -> "_OrthoState":
+        record: dict[str, Any] = {"index": 0, "base": True, "norm": float(base.norm()), "loss": 0.0, "kl": 0.0, "kl_reverse": 0.0}
+        if cfg.completion_tokens:
+            record["completion"] = _completions(lm, states[0], base[None], cfg)[0]
+        return cls(
+            vectors=[base.cpu()], records=[record], dropped=[], basis=orthonormal_rows(base[None]), processed=[],
+            block_sizes=[], init_norm=cfg.init_scale * float(base.norm()),
+        )
+
+    @classmethod
+    def resume(cls, run: Run, base: Tensor) -> "_OrthoState":
+        progress = run.meta["progress"]
+        processed = run.extra.get("processed", torch.zeros(0, base.shape[0]))
+        basis = orthonormal_rows(base[None])
+        start = 0
+        for size in progress["block_sizes"]:
+            basis = extend_orthonormal(basis, processed[start : start + size].to(base.device))
+            start += size
+        return cls(
+            vectors=list(run.vectors), records=run.records, dropped=run.meta.get("dropped", []), basis=basis,
+            processed=list(processed), block_sizes=list(progress["block_sizes"]), found=progress["found"],
+            block_index=progress["block_index"], in_a_row=progress["in_a_row"], init_norm=progress["init_norm"],
+            warnings=run.meta.get("warnings", []),
+        )
+
+    def add_block(self, block: Tensor, records: list[dict[str, Any]], kept: Tensor) -> None:
+        finite = torch.isfinite(block).all(dim=1)
+        self.basis = extend_orthonormal(self.basis, block[finite])
+        self.processed += list(block[finite].cpu())
+        self.block_sizes.append(int(finite.sum()))
+        for row, record in zip(block, records):
+            if record.pop("_kept"):
+                record["index"] = len(self.vectors)
+                self.vectors.append(row.cpu())
+                self.records.append(record)
+                self.in_a_row = 0
+            else:
+                self.dropped.append(record)
+                self.in_a_row += 1
+        norms = block[kept].norm(dim=-1)
+        self.init_norm = float(norms.median()) if norms.numel() else self.init_norm
+        self.found += block.shape[0]
+        self.block_index += 1
+
+    def meta(self) -> dict[str, Any]:
+        progress = {
+            "found": self.found, "block_index": self.block_index, "in_a_row": self.in_a_row,
+            "init_norm": self.init_norm, "block_sizes": self.block_sizes,
+        }
+        return {"vectors": self.records, "dropped": self.dropped, "warnings": self.warnings, "progress": progress}
+
+    def extra(self) -> dict[str, Tensor]:
+        return {"processed": torch.stack(self.processed)} if self.processed else {}
 
 
 def _judge(

@@ -36,6 +36,8 @@ from melbo.errors import MelboError
 VECTORS_FILE = "vectors.safetensors"
 META_FILE = "run.json"
 FORMAT_VERSION = 1
+# What a resumed run must share with the run folder it continues.
+RESUME_KEYS = ("kind", "model_identity", "layers", "prompts", "prompt_format", "config")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Run:
     path: Path
     vectors: Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # engine state kept for --resume
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -92,8 +95,9 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def write_run(path: str | Path, vectors: Tensor, meta: dict[str, Any]) -> Run:
-    """Write (or overwrite) a run folder atomically. ``meta["vectors"]`` holds one record per row."""
+def write_run(path: str | Path, vectors: Tensor, meta: dict[str, Any], extra: dict[str, Tensor] | None = None) -> Run:
+    """Write (or overwrite) a run folder atomically. ``meta["vectors"]`` holds one record per row;
+    ``extra`` tensors (engine state for resuming) are stored beside ``vectors``."""
     path = Path(path)
     vectors = vectors.detach().to("cpu", torch.float32).contiguous()
     if vectors.dim() != 2:
@@ -110,14 +114,17 @@ def write_run(path: str | Path, vectors: Tensor, meta: dict[str, Any]) -> Run:
         raise ValueError(f"{len(records)} records for {vectors.shape[0]} vectors")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / VECTORS_FILE, lambda tmp: save_file({"vectors": vectors}, str(tmp)))
+        for stale in path.glob(".*.tmp"):  # left by a process killed in the middle of a write
+            stale.unlink(missing_ok=True)
+        tensors = {"vectors": vectors, **{k: v.detach().to("cpu", torch.float32).contiguous() for k, v in (extra or {}).items()}}
+        _atomic_write(path / VECTORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         text = json.dumps(meta, indent=1, default=_json_default, allow_nan=True)
         _atomic_write(path / META_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     except PermissionError as exc:
         raise MelboError(f"cannot write to {path}: permission denied; choose another --out folder") from exc
     except OSError as exc:
         raise MelboError(f"cannot write run folder {path}: {exc.strerror or exc}; the previous files are intact") from exc
-    return Run(path=path, vectors=vectors, meta=meta)
+    return Run(path=path, vectors=vectors, meta=meta, extra=dict(extra or {}))
 
 
 def _json_default(obj: Any) -> Any:
@@ -153,11 +160,34 @@ def read_run(path: str | Path, d_model: int | None = None) -> Run:
         raise MelboError(f"{meta_path} is not a melbo run record (no list of vectors)")
     if not vectors_path.is_file():
         raise MelboError(f"run folder {path} has {META_FILE} but no {VECTORS_FILE}")
-    vectors = load_vector_file(vectors_path, d_model=d_model)
+    tensors = _load_safetensors(vectors_path)
+    if "vectors" not in tensors:
+        raise MelboError(f"{vectors_path} has no tensor named 'vectors'")
+    vectors = validate_vectors(tensors.pop("vectors"), str(vectors_path), d_model)
     count = len(meta["vectors"])
     if vectors.shape[0] < count:
         raise MelboError(f"{vectors_path} holds {vectors.shape[0]} vectors but {META_FILE} describes {count}")
-    return Run(path=path, vectors=vectors[:count], meta=meta)
+    return Run(path=path, vectors=vectors[:count], meta=meta, extra=tensors)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MelboError(f"{path} is not a safetensors file ({exc}); melbo reads .safetensors and .pt vector files") from exc
+
+
+def check_same_settings(previous: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse to resume a run with other settings; the message names every setting that differs."""
+    differ = []
+    for key in keys:
+        old, new = previous.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differ += [f"{key}.{k} ({old.get(k)!r} in the run, {new.get(k)!r} now)" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            differ.append(f"{key} ({old!r} in the run, {new!r} now)")
+    if differ:
+        raise MelboError("cannot resume with different settings: " + "; ".join(differ) + "; use the run's settings or a new --out")
 
 
 def load_vector_file(path: str | Path, d_model: int | None = None) -> Tensor:
@@ -172,10 +202,7 @@ def load_vector_file(path: str | Path, d_model: int | None = None) -> Tensor:
     if path.suffix in (".pt", ".pth", ".bin"):
         vectors = _load_pt(path)
     else:
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise MelboError(f"{path} is not a safetensors file ({exc}); melbo reads .safetensors and .pt vector files") from exc
+        tensors = _load_safetensors(path)
         if "vectors" in tensors:
             vectors = tensors["vectors"]
         elif len(tensors) == 1:

@@ -1,0 +1,156 @@
+"""Long runs survive crashes: SIGKILL in the middle, then --resume, ends as if nothing happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_char_tokenizer, make_tiny_model
+from melbo import MelboError, read_run
+from melbo.discover import DiscoverConfig, discover
+from melbo.objectives import max_abs_cosine
+from melbo.ortho import OrthoConfig, ortho
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama saved as a model folder, so the real CLI can load it in a subprocess."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model("llama", n_layers=6, initializer_range=0.3).save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def melbo_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "melbo.cli", *args]
+
+
+def ortho_args(tiny_folder, base_file, out):
+    return [
+        "ortho", str(base_file), "-s", "1", "-t", "4", "--model", str(tiny_folder), "--count", "24", "--block", "4",
+        "--steps", "250", "--completion-tokens", "0", "--device", "cpu", "--out", str(out),
+    ]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_folder, tmp_path):
+    base = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    base_file = tmp_path / "base.safetensors"
+    save_file({"vectors": (3 * base / base.norm())[None]}, str(base_file))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(melbo_cli(*ortho_args(tiny_folder, base_file, reference)), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(melbo_cli(*ortho_args(tiny_folder, base_file, run_dir)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    saved_blocks = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                saved_blocks = json.loads((run_dir / "run.json").read_text())["progress"]["block_index"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                saved_blocks = 0
+            if saved_blocks >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
+    assert saved_blocks < 6
+
+    resumed = subprocess.run(melbo_cli(*ortho_args(tiny_folder, base_file, run_dir), "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    finished, expected = read_run(run_dir), read_run(reference)
+    assert finished.meta["status"] == "complete"
+    assert finished.vectors.shape == expected.vectors.shape == (25, 32)  # no vector lost or duplicated
+    torch.testing.assert_close(finished.vectors, expected.vectors, atol=1e-6, rtol=1e-5)
+    assert max_abs_cosine(finished.vectors) <= 1e-5
+    assert [r["index"] for r in finished.records] == list(range(25))
+    assert sorted(os.listdir(run_dir)) == ["run.json", "vectors.safetensors"]  # a write cut by the kill left nothing behind
+    sessions = finished.meta["sessions"]
+    assert len(sessions) == 2
+    # the resumed process started where the saved run ended: at most the block in flight was redone
+    assert sessions[1]["from_block"] >= saved_blocks
+
+
+def test_resume_with_other_settings_is_refused(tiny_folder, tmp_path):
+    base_file = tmp_path / "base.safetensors"
+    save_file({"vectors": torch.ones(1, 32)}, str(base_file))
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ortho_args(tiny_folder, base_file, out)
+    args[args.index("--count") + 1] = "4"
+    args[args.index("--steps") + 1] = "5"
+    assert subprocess.run(melbo_cli(*args), env=env, capture_output=True, timeout=300).returncode == 0
+    args[args.index("--steps") + 1] = "7"
+    result = subprocess.run(melbo_cli(*args, "--resume", "--penalty", "0.5"), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert "config.steps (5 in the run, 7 now)" in message and "config.penalty (0.0 in the run, 0.5 now)" in message
+
+
+def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
+    cfg = DiscoverConfig(source=1, target=4, radius=4.0, count=9, block=3, steps=8, completion_tokens=0)
+    whole = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "whole")
+
+    import melbo.discover as engine
+
+    real = engine.train_block
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_block", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut")
+    assert read_run(tmp_path / "cut").vectors.shape[0] == 6
+    monkeypatch.setattr(engine, "train_block", real)
+    resumed = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut", resume=True)
+    torch.testing.assert_close(resumed.vectors, whole.vectors)
+    assert resumed.meta["sessions"][1]["from_block"] == 2
+    with pytest.raises(MelboError, match=r"config.radius \(4.0 in the run, 5.0 now\)"):
+        discover(tiny_lm, ["hello"], DiscoverConfig(**{**cfg.__dict__, "radius": 5.0}), out=tmp_path / "cut", resume=True)
+
+
+def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch):
+    """A block whose loss turns NaN goes back to its last good state with a smaller step; a block that keeps
+    failing is dropped and the run records why. Nothing non-finite is ever saved."""
+    import melbo.ortho as engine
+
+    real = engine._Problem.losses
+    calls = {"n": 0}
+
+    def flaky(self, thetas, full=False):
+        calls["n"] += 1
+        out = real(self, thetas, full)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(engine._Problem, "losses", flaky)
+    base = 3 * torch.nn.functional.normalize(torch.randn(32), dim=0)
+    run = ortho(tiny_lm, base, ["hello"], OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0))
+    assert run.vectors.shape == (5, 32) and torch.isfinite(run.vectors).all()
+    assert run.meta["warnings"] == []  # recovered by the retry
+
+    def always_nan(self, thetas, full=False):
+        return real(self, thetas, full) * float("nan")
+
+    monkeypatch.setattr(engine._Problem, "losses", always_nan)
+    run = ortho(tiny_lm, base, ["hello"], OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0))
+    assert run.vectors.shape == (1, 32)
+    assert "NaN/inf twice" in run.meta["warnings"][0]

@@ -101,26 +101,3 @@ def test_quick_demo(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Base vector:" in result.stdout and "orthogonal to the base" in result.stdout
     assert read_run(tmp_path / "demo" / "ortho").vectors.shape == (5, 576)
-
-
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["discover", "-s", "20", "-t", "8"], "must come before"),
-        (["discover", "-R", "0"], "positive number"),
-        (["discover", "-R", "abc"], "Invalid value for '--radius'"),
-        (["discover", "--no-such-option"], "No such option"),
-        (["discover", "-k", "0"], "at least 1"),
-        (["discover", "-t", "30"], "between 0 and 29"),
-        (["discover", "--prompt", ""], "empty"),
-        (["discover", "--prompt-file", "no-such-file.txt"], "does not exist"),
-        (["discover", "--positions", "middle"], "skip-first, all, or last:N"),
-        (["ortho", "no-such-run"], "does not exist"),
-        (["ortho", "no-such.pt", "-s", "8", "-t", "20"], "does not exist"),
-        (["discover", "--calibrate", "--radii", "1,x"], "numbers separated by commas"),
-    ],
-)
-def test_bad_input_is_one_line(args, needle, tmp_path):
-    out = [] if "--calibrate" in args else ["--out", str(tmp_path / "o")]
-    assert_one_line_error(melbo(*args, *out), needle)
-    assert not (tmp_path / "o").exists()  # nothing half-written

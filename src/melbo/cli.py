@@ -185,7 +185,22 @@ def _out_folder(out: Path | None, kind: str, force: bool, resume: bool = False) 
         raise MelboError(f"{folder} already holds a run; continue it with --resume, or pass --force to start it again")
     if folder.exists() and not folder.is_dir():
         raise MelboError(f"--out {folder} is a file, not a folder")
+    _check_writable(folder)
     return folder
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work if the run folder cannot be written (a probe that leaves nothing behind)."""
+    import shutil
+    import tempfile
+
+    parent = folder.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".melbo-probe-", dir=parent))
+    except OSError as exc:
+        raise MelboError(f"cannot write the run folder {folder}: {exc.strerror or exc}; choose another --out") from exc
 
 
 @contextlib.contextmanager
@@ -426,6 +441,49 @@ def demo(
         f"the base's most likely first token."
     )
     console.print(f"runs: [bold]{folder / 'discover'}[/bold] and [bold]{folder / 'ortho'}[/bold]   ({time.monotonic() - started:.0f} s)")
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), repeng, steering-vectors, pt or npy.")] = "gguf",
+    index: Annotated[str, typer.Option(help="Vectors: 3, 0-9, 1,4,7 or all.")] = "0",
+    scale: Annotated[float, typer.Option(help="Multiply the vectors by this.")] = 1.0,
+    layer: Annotated[Optional[int], typer.Option(help="Layer the vectors are added after (default: the run's source layer).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
+) -> None:
+    """Write vectors for llama.cpp (--control-vector), repeng, steering-vectors, or as .pt/.npy."""
+    from melbo.interop import FORMATS, SUFFIX, export_vectors, parse_indices
+    from melbo.runs import read_run
+
+    if format not in FORMATS:
+        raise MelboError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    record = read_run(run)
+    indices = parse_indices(index, record.vectors.shape[0])
+    if not scale == scale or scale in (float("inf"), float("-inf")):
+        raise MelboError("--scale must be a finite number")
+    target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX[format]}")
+    written = export_vectors(record, target, format, indices, scale, layer)
+    for path in written:
+        console.print(f"wrote {path}")
+    if format in ("gguf", "repeng"):
+        used = record.source_layer if layer is None else layer
+        console.print(f"llama.cpp: llama-cli -m MODEL.gguf --control-vector {written[0]} (direction.{used} = after block {used})")
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    layer: Annotated[Optional[int], typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
+) -> None:
+    """Make a run folder from a vector file, so melbo's commands can use it."""
+    from melbo.interop import import_file
+
+    folder = _out_folder(out, "import", force)
+    run = import_file(source, folder, layer)
+    console.print(f"imported {run.vectors.shape[0]} vector(s) of width {run.vectors.shape[1]} into {folder}")
 
 
 def _parsing_errors() -> tuple[type, type, type]:

@@ -62,6 +62,7 @@ class LoadedModel:
             "name": self.name,
             **self.source,
             "class": type(self.model).__name__,
+            "model_type": getattr(getattr(self.model, "config", None), "model_type", None),
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -227,6 +228,12 @@ def _check_gguf(path: Path) -> None:
         magic = handle.read(4)
     if magic != b"GGUF":
         raise MelboError(f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)")
+    import gguf
+
+    try:  # reads the header and tensor table only (memory-mapped): catches a truncated file at once
+        gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises several types on a damaged file
+        raise MelboError(f"cannot read GGUF file {path}: it is truncated or damaged ({exc})") from exc
 
 
 def _convert_gguf(path: Path, out: Path) -> None:

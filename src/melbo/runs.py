@@ -21,6 +21,7 @@ import os
 import pickle
 import platform
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -82,7 +83,7 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(tmp_path)`` then rename over ``path``; nothing half-written is ever left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -117,9 +118,9 @@ def write_run(path: str | Path, vectors: Tensor, meta: dict[str, Any], extra: di
         for stale in path.glob(".*.tmp"):  # left by a process killed in the middle of a write
             stale.unlink(missing_ok=True)
         tensors = {"vectors": vectors, **{k: v.detach().to("cpu", torch.float32).contiguous() for k, v in (extra or {}).items()}}
-        _atomic_write(path / VECTORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path / VECTORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         text = json.dumps(meta, indent=1, default=_json_default, allow_nan=True)
-        _atomic_write(path / META_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        atomic_write(path / META_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     except PermissionError as exc:
         raise MelboError(f"cannot write to {path}: permission denied; choose another --out folder") from exc
     except OSError as exc:
@@ -214,7 +215,9 @@ def load_vector_file(path: str | Path, d_model: int | None = None) -> Tensor:
 
 def _load_pt(path: Path) -> Tensor:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the refusal says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise MelboError(
             f"{path} holds pickled Python objects, not just tensors; refused (loading it could run code)"

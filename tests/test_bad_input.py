@@ -1,0 +1,117 @@
+"""The bad-input table: each mistake gives one line saying what is wrong, exit status 2, no traceback,
+and no file left half-written. (A disk that fills while saving is simulated in test_runs.py: the previous
+files stay intact.)"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from melbo.models import embedded_gguf_path
+from melbo.runs import write_run
+from test_cli import assert_one_line_error, melbo
+
+
+def good_run(tmp: Path, d: int = 576) -> Path:
+    meta = {"model": {"name": "smollm2"}, "layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}, {"index": 1}]}
+    write_run(tmp / "run", torch.randn(2, d), meta)
+    return tmp / "run"
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def prepare(case: str, tmp: Path) -> list[str]:
+    """Files a case needs, and the command line."""
+    if case == "truncated gguf":
+        (tmp / "cut.gguf").write_bytes(embedded_gguf_path().read_bytes()[: 1 << 20])
+        return ["info", "--model", str(tmp / "cut.gguf")]
+    if case == "vectors of another d_model":
+        return ["generate", "--run", str(good_run(tmp, d=100))]
+    if case == "vector file with NaN":
+        bad = torch.randn(2, 576)
+        bad[1, 3] = float("nan")
+        save_file({"vectors": bad}, str(tmp / "nan.safetensors"))
+        return ["ortho", str(tmp / "nan.safetensors"), "-s", "8", "-t", "20", "--out", str(tmp / "o")]
+    if case == "vector file not safetensors":
+        (tmp / "v.safetensors").write_text("hello")
+        return ["ortho", str(tmp / "v.safetensors"), "-s", "8", "-t", "20", "--out", str(tmp / "o")]
+    if case == ".pt with pickled code":
+        with open(tmp / "evil.pt", "wb") as handle:
+            pickle.dump(Evil(), handle)
+        return ["ortho", str(tmp / "evil.pt"), "-s", "8", "-t", "20", "--out", str(tmp / "o")]
+    if case == "run.json corrupt":
+        run = good_run(tmp)
+        (run / "run.json").write_text("{oops")
+        return ["ortho", str(run), "--out", str(tmp / "o")]
+    if case == "run.json missing":
+        (tmp / "empty-run").mkdir()
+        return ["ortho", str(tmp / "empty-run"), "--out", str(tmp / "o")]
+    if case == "output folder not writable":
+        if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses even root
+            return ["discover", "-k", "1", "--out", "/sys/melbo-run"]
+        locked = tmp / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        return ["discover", "-k", "1", "--out", str(locked / "run")]
+    if case == "output folder holds another run":
+        return ["discover", "-k", "1", "--out", str(good_run(tmp))]
+    if case == "export index out of range":
+        return ["export", str(good_run(tmp)), "--index", "9"]
+    if case == "prompt file empty":
+        (tmp / "prompts.txt").write_text("\n  \n")
+        return ["discover", "--prompt-file", str(tmp / "prompts.txt"), "--out", str(tmp / "o")]
+    raise AssertionError(case)
+
+
+CASES = [
+    # (name, command line or None for prepare(), text the one line must hold)
+    ("layer out of range", ["discover", "-t", "30"], "between 0 and 29"),
+    ("source not before target", ["discover", "-s", "20", "-t", "8"], "must come before"),
+    ("R zero", ["discover", "-R", "0"], "positive number"),
+    ("R not a number", ["discover", "-R", "abc"], "Invalid value for '--radius'"),
+    ("K zero", ["discover", "-k", "0"], "at least 1"),
+    ("empty prompt", ["discover", "--prompt", ""], "empty"),
+    ("prompt file missing", ["discover", "--prompt-file", "no-such-file.txt"], "does not exist"),
+    ("prompt file empty", None, "holds no prompt"),
+    ("unknown positions", ["discover", "--positions", "middle"], "skip-first, all, or last:N"),
+    ("unknown model offline", ["info", "--model", "no-such-org/no-such-model"], "cannot load model"),
+    ("model folder missing", ["info", "--model", "./no/such/model"], "does not exist"),
+    ("truncated gguf", None, "cannot read GGUF file"),
+    ("vectors of another d_model", None, "d_model 100 but the model has 576"),
+    ("vector file with NaN", None, "contain NaN or inf"),
+    ("vector file not safetensors", None, "not a safetensors file"),
+    (".pt with pickled code", None, "refused"),
+    ("run.json corrupt", None, "corrupt"),
+    ("run.json missing", None, "no run.json"),
+    ("run folder missing", ["ortho", "no-such-run"], "does not exist"),
+    ("output folder not writable", None, "cannot write the run folder"),
+    ("output folder holds another run", None, "already holds a run"),
+    ("unknown option", ["discover", "--no-such-option"], "No such option"),
+    ("unknown export format", ["export", ".", "--format", "onnx"], "unknown format"),
+    ("export index out of range", None, "vectors 0 to 1"),
+]
+
+
+@pytest.mark.parametrize("name, args, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, args, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    command = prepare(name, tmp_path) if args is None else args
+    prepared = set(tmp_path.rglob("*"))
+    result = melbo(*command, cwd=tmp_path)
+    assert_one_line_error(result, needle)
+    assert set(tmp_path.rglob("*")) == prepared, "a failed command left files behind"
+    assert not (tmp_path / "PWNED").exists()
+    assert before <= prepared
+
+
+def test_table_has_at_least_fifteen_cases():
+    assert len(CASES) >= 15

@@ -41,6 +41,9 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System promp
 RawOpt = Annotated[bool, typer.Option("--no-chat-template", help="Use prompts as raw text, without the chat template.")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
 PromptFileOpt = Annotated[Optional[Path], typer.Option("--prompt-file", help="A file with one prompt per line.")]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite a run already in --out.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
+CompletionOpt = Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")]
 
 
 @app.callback()
@@ -228,14 +231,14 @@ def discover(
     block: Annotated[int, typer.Option(help="Vectors trained together (1 = the original one-at-a-time MELBO).")] = 16,
     positions: Annotated[str, typer.Option(help="skip-first (default: position 0 is often an attention sink), all, or last:N.")] = "skip-first",
     seed: int = 0,
-    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = 32,
+    completion_tokens: CompletionOpt = 32,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Sweep R on a few vectors instead, to choose R.")] = False,
     radii: Annotated[Optional[str], typer.Option(help="With --calibrate: comma-separated R values.")] = None,
     prompt: PromptOpt = None,
     prompt_file: PromptFileOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/discover-DATE).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")] = False,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
     no_chat_template: RawOpt = False,
@@ -313,12 +316,12 @@ def ortho(
     penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = 0.0,
     positions: Annotated[Optional[str], typer.Option(help="last:4 (fast default), all (seed default), skip-first or last:N.")] = None,
     seed: int = 0,
-    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = 32,
+    completion_tokens: CompletionOpt = 32,
     prompt: PromptOpt = None,
     prompt_file: PromptFileOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/ortho-DATE).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")] = False,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
     no_chat_template: RawOpt = False,
@@ -476,7 +479,7 @@ def import_command(
     source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     layer: Annotated[Optional[int], typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite a run already in --out.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Make a run folder from a vector file, so melbo's commands can use it."""
     from melbo.interop import import_file

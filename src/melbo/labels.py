@@ -24,6 +24,9 @@ def _rule(label: str, name: str, pattern: str, flags: int = 0) -> Rule:
 RULES: tuple[Rule, ...] = (
     _rule("code", "code fence", r"```"),
     _rule("code", "python def/class", r"(^|\n)\s*(def|class)\s+\w+\s*[(:]"),
+    _rule("code", "class/struct declaration", r"(^|\n)\s*(public |private )?(class|struct|interface|enum)\s+[A-Za-z_]\w*\s*(\{|\(|:|\n|$|[A-Za-z_])"),
+    _rule("code", "typed declaration", r"\b(public|private|protected|static|void|int|float|double|char|bool|const)\s+[\w\[\]<>]+\s*(\w+\s*)?[=;({\[]"),
+    _rule("code", "line comment in code", r"(^|\n)\s*//\s|;\s*//"),
     _rule("code", "import", r"(^|\n)\s*(import \w+|from [\w.]+ import \w+|#include\s*<)"),
     _rule("code", "call with braces or semicolons", r"\w+\([^()\n]*\)\s*[;{]|\bfunction\s*\w*\s*\(|=>\s*\{|\bconsole\.log\b|\bprintf?\("),
     _rule("code", "assignment from a call", r"(^|\n)\s*\w+(\.\w+)*\s*=\s*[\w.]+\([^\n]*\)\s*(\n|$)"),

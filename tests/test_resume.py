@@ -154,3 +154,22 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch):
     run = ortho(tiny_lm, base, ["hello"], OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0))
     assert run.vectors.shape == (1, 32)
     assert "NaN/inf twice" in run.meta["warnings"][0]
+
+
+def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
+    base_file = tmp_path / "base.safetensors"
+    save_file({"vectors": torch.ones(1, 32)}, str(base_file))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        melbo_cli(*ortho_args(tiny_folder, base_file, run_dir)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "run.json").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    saved = read_run(run_dir)  # what was saved is a valid, orthogonal run
+    assert saved.meta["status"] == "running" and max_abs_cosine(saved.vectors) <= 1e-5

@@ -446,6 +446,65 @@ def demo(
     console.print(f"runs: [bold]{folder / 'discover'}[/bold] and [bold]{folder / 'ortho'}[/bold]   ({time.monotonic() - started:.0f} s)")
 
 
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    index: Annotated[str, typer.Option(help="Vectors: all, 3, 0-99 or 1,4,7.")] = "all",
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
+    samples: Annotated[int, typer.Option(min=1, help="Completions per vector when sampling.")] = 1,
+    seed: int = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Vectors per generate call.")] = 64,
+    base: Annotated[int, typer.Option(help="The vector KL is measured against (row 0 of an ortho run is θ0).")] = 0,
+    show: Annotated[int, typer.Option(help="Rows of the table printed.")] = 40,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
+    from melbo.evaluate import EvalConfig, evaluate, label_counts
+    from melbo.interop import parse_indices
+    from melbo.prompts import PromptFormat, read_prompts
+    from melbo.runs import read_run
+
+    record = read_run(run)
+    indices = parse_indices(index, record.vectors.shape[0])
+    extra = read_prompts(prompt, prompt_file, default=None) if (prompt or prompt_file) else []
+    prompts = list(dict.fromkeys((record.meta.get("prompts") or [])[:1] + extra)) or read_prompts(None, None)
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base)
+    cfg.check()
+    lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
+    from melbo.runs import validate_vectors
+
+    validate_vectors(record.vectors, str(run), lm.d_model)
+    fmt = PromptFormat(**record.meta.get("prompt_format", {}))
+    with err_console.status("evaluating…") as status, _interruptible(run):
+        results = evaluate(
+            lm, record, prompts, indices, cfg, fmt,
+            on_batch=lambda p, done, total: status.update(f"evaluating {p[:30]!r}: {done}/{total} vectors"),
+        )
+    first = results["prompts"][prompts[0]]
+    table = Table(title=f"{prompts[0]!r} ({cfg.mode()}); KL = KL(P_i ‖ P_{base}) at the last prompt token")
+    for column, justify in (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for i in indices[:show]:
+        ft = first["first_token"][str(i)]
+        out = first["completions"][cfg.mode()][str(i)][0]
+        top = " ".join(repr(t) for t, _ in ft["top"][:3])
+        table.add_row(str(i), f"{results['norms'][i]:.1f}", f"{ft['kl']:.3f}", out["label"], top, _short(out["text"], 70))
+    console.print(table)
+    counts = label_counts(results, prompts[0], cfg.mode())
+    console.print("labels per hundred vectors: " + "; ".join(f"{c['from']}+: code {c['code']}, refusal {c['refusal']}, other {c['other']}" for c in counts))
+    kls = sorted(first["first_token"][str(i)]["kl"] for i in indices if i != base) or [0.0]
+    console.print(
+        f"KL to vector {base} (other vectors): median {kls[len(kls) // 2]:.3f}, max {kls[-1]:.3f}; "
+        f"max |cos| over all pairs {results['max_abs_cos']:.1e}"
+    )
+    console.print(f"results: [bold]{run / 'eval.json'}[/bold]")
+
+
 @app.command("export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="A run folder.")],

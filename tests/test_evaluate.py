@@ -1,0 +1,100 @@
+"""Evaluation: batching gives the same greedy completions as one vector at a time; results are incremental."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from melbo import MelboError, write_run
+from melbo.evaluate import EvalConfig, evaluate, label_counts
+from melbo.generation import generate_steered
+from melbo.objectives import kl_divergence
+from melbo.prompts import PromptFormat, encode_prompt
+
+
+@pytest.fixture
+def run(tmp_path):
+    vectors = 3 * torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    meta = {"kind": "ortho", "layers": {"source": 1, "target": 4}, "prompts": ["hi there"], "vectors": [{"index": i} for i in range(5)]}
+    return write_run(tmp_path / "run", vectors, meta)
+
+
+def test_batched_equals_one_at_a_time(tiny_lm, run):
+    results = evaluate(tiny_lm, run, ["hi there"], list(range(5)), EvalConfig(max_new_tokens=6, batch=3))
+    ids = encode_prompt(tiny_lm.tokenizer, "hi there", PromptFormat())
+    greedy = results["prompts"]["hi there"]["completions"]["greedy"]
+    for i in range(5):
+        alone = generate_steered(tiny_lm.model, tiny_lm.tokenizer, ids, run.vectors[i : i + 1], 1, max_new_tokens=6)[0]
+        assert greedy[str(i)][0]["text"] == alone
+
+
+def test_kl_both_directions_and_checks(tiny_lm, run):
+    results = evaluate(tiny_lm, run, ["hi there"], [0, 2], EvalConfig(max_new_tokens=2, base=0))
+    first = results["prompts"]["hi there"]["first_token"]
+    assert first["0"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert first["2"]["kl"] > 0 and first["2"]["kl_reverse"] > 0 and first["2"]["kl"] != first["2"]["kl_reverse"]
+    assert len(first["2"]["top"]) == 10
+    assert results["norms"][2] == pytest.approx(float(run.vectors[2].norm()))
+    assert results["max_abs_cos"] > 0  # random vectors are not orthogonal, and the check says so
+    assert json.loads((run.path / "eval.json").read_text())["prompts"]["hi there"]["first_token"]["2"]["kl"] == first["2"]["kl"]
+
+
+def test_incremental(tiny_lm, run, monkeypatch):
+    evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=2))
+    import melbo.evaluate as engine
+
+    calls: list[int] = []
+    real = engine.generate_steered
+
+    def counting(model, tok, ids, vectors, *args, **kwargs):
+        calls.append(vectors.shape[0])
+        return real(model, tok, ids, vectors, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_steered", counting)
+    results = evaluate(tiny_lm, run, ["hi there", "and you?"], [0, 1, 2], EvalConfig(max_new_tokens=2))
+    assert calls == [1, 3]  # only vector 2 on the old prompt, all three on the new one
+    assert set(results["prompts"]) == {"hi there", "and you?"}
+
+
+def test_sampling_and_label_counts(tiny_lm, run):
+    cfg = EvalConfig(max_new_tokens=3, temperature=1.0, samples=2, seed=1)
+    results = evaluate(tiny_lm, run, ["hi there"], [0, 1, 2], cfg)
+    sampled = results["prompts"]["hi there"]["completions"][cfg.mode()]
+    assert all(len(outs) == 2 for outs in sampled.values())
+    counts = label_counts(results, "hi there", cfg.mode())
+    assert counts[0]["from"] == 0 and sum(counts[0][k] for k in ("code", "refusal", "other")) == 6
+
+
+def test_bad_settings(tiny_lm, run):
+    with pytest.raises(MelboError, match="--base 9"):
+        evaluate(tiny_lm, run, ["hi"], [0], EvalConfig(base=9))
+    with pytest.raises(MelboError, match="temperature"):
+        evaluate(tiny_lm, run, ["hi"], [0], EvalConfig(temperature=-1))
+
+
+def test_kl_by_hand_on_real_logits():
+    p, q = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, 0.0])
+    P, Q = p.softmax(-1), q.softmax(-1)
+    assert kl_divergence(p, q).item() == pytest.approx(float((P * (P / Q).log()).sum()))
+
+
+def test_eval_from_the_shell(tmp_path, run):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_char_tokenizer, make_tiny_model
+
+    folder = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "melbo.cli", "eval", str(run.path), "--model", str(folder), "--max-new-tokens", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "labels per hundred vectors" in result.stdout and "max |cos|" in result.stdout
+    assert (run.path / "eval.json").is_file()
+    bad = subprocess.run([*command, "--index", "7"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "vectors 0 to 4" in bad.stderr and "Traceback" not in bad.stderr

@@ -62,6 +62,15 @@ def make_char_tokenizer():
     return tok
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_embedded_model():
+    """Convert the embedded GGUF once before any test, as a first `melbo` run would: later CLI calls then
+    print only what the tests look at (a fresh machine's first call also says it is converting)."""
+    from melbo.models import _cached_gguf, embedded_gguf_path
+
+    _cached_gguf(embedded_gguf_path())
+
+
 @pytest.fixture(scope="session")
 def char_tokenizer():
     return make_char_tokenizer()

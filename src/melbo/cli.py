@@ -544,6 +544,45 @@ def compose(
     console.print(f"results: [bold]{run / 'compose.json'}[/bold]")
 
 
+@app.command("probe")
+def probe_command(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    prompt_set: Annotated[str, typer.Option(help="Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")] = "coding",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    random_directions: Annotated[int, typer.Option(min=2, help="Random directions for the baseline.")] = 512,
+    show: Annotated[int, typer.Option(help="Rows printed.")] = 20,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Are the vectors present in the residual stream when the unsteered model shows the behaviour itself?"""
+    from melbo import probe as engine
+    from melbo.prompts import PromptFormat, read_prompts
+    from melbo.runs import read_run, validate_vectors
+
+    record = read_run(run)
+    prompts = read_prompts(prompt, prompt_file, default=None) if (prompt or prompt_file) else engine.prompt_set(prompt_set)
+    lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
+    validate_vectors(record.vectors, str(run), lm.d_model)
+    fmt = PromptFormat(**record.meta.get("prompt_format", {}))
+    with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
+        results = engine.probe(lm, record, prompts, fmt, max_new_tokens, random_directions)
+    table = Table(title=f"Presence after layer {results['layer']} over {results['tokens']} generated tokens (|cos|; z against random directions)")
+    for column in ("#", "mean |cos|", "max |cos|", "z"):
+        table.add_column(column, justify="right")
+    for r in results["vectors"][:show]:
+        table.add_row(str(r["index"]), f"{r['mean_abs_cos']:.4f}", f"{r['max_abs_cos']:.4f}", f"{r['z']:+.1f}")
+    console.print(table)
+    zs = sorted(r["z"] for r in results["vectors"])
+    console.print(
+        f"random directions: mean |cos| {results['random']['mean_abs_cos']:.4f} ± {results['random']['std']:.4f}; "
+        f"vectors: median z {zs[len(zs) // 2]:+.1f}, {sum(z > 3 for z in zs)}/{len(zs)} with z > 3"
+    )
+    console.print(f"results: [bold]{run / 'probe.json'}[/bold]")
+
+
 @app.command("export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="A run folder.")],

@@ -1,0 +1,80 @@
+"""``melbo probe``: are the vectors present in the residual stream when the model shows the behaviour by itself?
+
+The post's proposed test of whether the orthogonal vectors are "adversarial": let the *unsteered* model
+answer prompts that elicit the behaviour (by default, coding requests), collect its residual after the
+source layer at every generated token, and measure each vector's presence as |cos(h_t, v)|. The baseline is
+the same figure for random directions of the same dimension; a vector's z-score is its mean presence minus
+the random mean, over the random standard deviation. Vectors the model really uses stand out (z ≫ 0);
+directions it never writes along look like random ones (z ≈ 0).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from melbo.generation import generate_steered
+from melbo.layers import residual_after
+from melbo.prompts import PromptFormat, encode_prompt
+from melbo.runs import Run, atomic_write
+
+PROBE_FILE = "probe.json"
+
+
+def prompt_set(kind: str | None = None) -> list[str]:
+    """melbo's shipped prompts: one kind (harmful, neutral, coding, chit-chat) or all of them."""
+    data = json.loads(resources.files("melbo").joinpath("data/prompts.json").read_text(encoding="utf-8"))
+    kinds = [k for k in data if not k.startswith("_")]
+    if kind is None:
+        return [p for k in kinds for p in data[k]]
+    if kind not in kinds:
+        from melbo.errors import MelboError
+
+        raise MelboError(f"unknown prompt set {kind!r}: use one of {', '.join(kinds)}")
+    return list(data[kind])
+
+
+def presence(states: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and max over tokens of |cos(h_t, v)| for each vector: ``states`` ``(T, d)``, ``vectors`` ``(N, d)``."""
+    h = torch.nn.functional.normalize(states.double(), dim=-1)
+    v = torch.nn.functional.normalize(vectors.double(), dim=-1)
+    cos = (h @ v.T).abs()
+    return cos.mean(dim=0), cos.max(dim=0).values
+
+
+def probe(
+    lm: Any, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int = 48, random_directions: int = 512, seed: int = 0
+) -> dict[str, Any]:
+    """Presence of each vector of ``run`` in the unsteered model's own residuals while it answers ``prompts``."""
+    source = run.source_layer
+    residuals = []
+    for text in prompts:
+        ids = encode_prompt(lm.tokenizer, text, fmt, lm.device)
+        answer = generate_steered(lm.model, lm.tokenizer, ids, None, source, max_new_tokens=max_new_tokens)[0]
+        answer_ids = lm.tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
+        full = torch.cat([ids, answer_ids], dim=1)
+        with torch.no_grad():
+            h = residual_after(lm.model, source, full)[0, ids.shape[1] :]
+        residuals.append(h.float().cpu())
+    states = torch.cat(residuals)
+    mean, peak = presence(states, run.vectors)
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.randn(random_directions, run.vectors.shape[1], generator=generator)
+    random_mean, _ = presence(states, random)
+    mu, sigma = float(random_mean.mean()), float(random_mean.std().clamp_min(1e-12))
+    rows = [
+        {"index": i, "mean_abs_cos": float(m), "max_abs_cos": float(p), "z": (float(m) - mu) / sigma}
+        for i, (m, p) in enumerate(zip(mean, peak))
+    ]
+    results = {
+        "prompts": prompts, "tokens": int(states.shape[0]), "layer": source,
+        "random": {"directions": random_directions, "mean_abs_cos": mu, "std": sigma},
+        "vectors": rows,
+    }
+    text = json.dumps(results, indent=1)
+    atomic_write(run.path / PROBE_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    return results

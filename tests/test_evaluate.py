@@ -98,3 +98,18 @@ def test_eval_from_the_shell(tmp_path, run):
     assert (run.path / "eval.json").is_file()
     bad = subprocess.run([*command, "--index", "7"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "vectors 0 to 4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generalisation_share(tiny_lm, run):
+    from melbo.evaluate import generalisation
+
+    results = evaluate(tiny_lm, run, ["hi there", "one", "two"], [0, 1, 2], EvalConfig(max_new_tokens=3))
+    # rewrite labels by hand so the expected shares are known
+    done = {p: results["prompts"][p]["completions"]["greedy"] for p in ("hi there", "one", "two")}
+    done["hi there"]["0"][0]["label"] = "code"
+    for p, labels in (("one", ["code", "code", "other"]), ("two", ["code", "other", "other"])):
+        for i, lab in enumerate(labels):
+            done[p][str(i)][0]["label"] = lab
+    summary = generalisation(results, "hi there", ["one", "two"], "greedy", base=0)
+    assert summary["base_label"] == "code"
+    assert summary["share"] == {"0": 1.0, "1": 0.5, "2": 0.0}

@@ -63,3 +63,20 @@ def test_other_runs_are_not_code():
 )
 def test_rules(text, expected):
     assert label(text)[0] == expected
+
+
+def test_user_labels(tmp_path):
+    from melbo import MelboError
+    from melbo.labels import load_rules
+
+    (tmp_path / "mine.py").write_text("def is_shout(text):\n    return text.isupper()\n")
+    (tmp_path / "labels.toml").write_text(
+        '[[label]]\nname = "alien"\npattern = "(?i)\\\\balien"\n\n[[label]]\nname = "shout"\npython = "mine.py:is_shout"\n'
+    )
+    rules = load_rules(tmp_path / "labels.toml")
+    assert label("I am an ALIEN from Mars", rules) == ("alien", "pattern '(?i)\\\\balien'")
+    assert label("STOP THAT", rules)[0] == "shout"
+    assert label("def f(x):\n  return x", rules)[0] == "code"  # the built-in rules still apply after yours
+    (tmp_path / "bad.json").write_text('[{"name": "x", "pattern": "("}]')
+    with pytest.raises(MelboError, match="bad regular expression"):
+        load_rules(tmp_path / "bad.json")

@@ -458,6 +458,8 @@ def eval_command(
     seed: int = 0,
     batch: Annotated[int, typer.Option(min=1, help="Vectors per generate call.")] = 64,
     base: Annotated[int, typer.Option(help="The vector KL is measured against (row 0 of an ortho run is θ0).")] = 0,
+    prompt_set: Annotated[Optional[str], typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
     show: Annotated[int, typer.Option(help="Rows of the table printed.")] = 40,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -472,9 +474,18 @@ def eval_command(
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
     extra = read_prompts(prompt, prompt_file, default=None) if (prompt or prompt_file) else []
-    prompts = list(dict.fromkeys((record.meta.get("prompts") or [])[:1] + extra)) or read_prompts(None, None)
+    if prompt_set:
+        from melbo.probe import prompt_set as shipped
+
+        extra += shipped(None if prompt_set == "all" else prompt_set)
+    run_prompt = (record.meta.get("prompts") or read_prompts(None, None))[0]
+    held_out = [p for p in dict.fromkeys(extra) if p != run_prompt]
+    prompts = [run_prompt, *held_out]
     cfg = EvalConfig(max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base)
     cfg.check()
+    from melbo.labels import RULES, load_rules
+
+    rules = load_rules(labels) if labels else RULES
     lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
     from melbo.runs import validate_vectors
 
@@ -484,6 +495,7 @@ def eval_command(
         results = evaluate(
             lm, record, prompts, indices, cfg, fmt,
             on_batch=lambda p, done, total: status.update(f"evaluating {p[:30]!r}: {done}/{total} vectors"),
+            rules=rules,
         )
     first = results["prompts"][prompts[0]]
     table = Table(title=f"{prompts[0]!r} ({cfg.mode()}); KL = KL(P_i ‖ P_{base}) at the last prompt token")
@@ -502,6 +514,18 @@ def eval_command(
         f"KL to vector {base} (other vectors): median {kls[len(kls) // 2]:.3f}, max {kls[-1]:.3f}; "
         f"max |cos| over all pairs {results['max_abs_cos']:.1e}"
     )
+    if held_out:
+        from melbo.evaluate import generalisation, save_results
+
+        summary = generalisation(results, run_prompt, held_out, cfg.mode(), base)
+        save_results(record, results)
+        shares = sorted(summary["share"].values())
+        best = sorted(summary["share"].items(), key=lambda kv: -kv[1])[:5]
+        console.print(
+            f"generalisation over {len(held_out)} held-out prompts: share producing the base label "
+            f"({summary['base_label']!r}): median {shares[len(shares) // 2]:.0%}; highest: "
+            + ", ".join(f"#{i} {v:.0%}" for i, v in best)
+        )
     console.print(f"results: [bold]{run / 'eval.json'}[/bold]")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from melbo.errors import MelboError
 from melbo.generation import generate_steered
-from melbo.labels import label
+from melbo.labels import RULES, Rule, label
 from melbo.objectives import kl_divergence, max_abs_cosine
 from melbo.prompts import PromptFormat
 from melbo.runs import Run, atomic_write
@@ -74,6 +74,7 @@ def evaluate(
     cfg: EvalConfig = EvalConfig(),
     fmt: PromptFormat = PromptFormat(),
     on_batch: Callable[[str, int, int], None] | None = None,
+    rules: tuple[Rule, ...] = RULES,
 ) -> dict[str, Any]:
     """Evaluate ``indices`` of ``run`` on ``prompts``; returns (and saves) the whole eval.json content."""
     cfg.check()
@@ -98,7 +99,7 @@ def evaluate(
             )
             for k, index in enumerate(chunk):
                 outs = texts[k * cfg.samples : (k + 1) * cfg.samples]
-                done[str(index)] = [{"text": t, "label": label(t)[0], "rule": label(t)[1]} for t in outs]
+                done[str(index)] = [dict(zip(("label", "rule"), label(t, rules)), text=t) for t in outs]
             save_results(run, results)
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
@@ -138,3 +139,20 @@ def label_counts(results: dict[str, Any], prompt: str, mode: str, per: int = 100
         for out in outs:
             counts[out["label"]] = counts.get(out["label"], 0) + 1
     return [{"from": b * per, **blocks[b]} for b in sorted(blocks)]
+
+
+def generalisation(results: dict[str, Any], run_prompt: str, held_out: list[str], mode: str, base: int) -> dict[str, Any]:
+    """Per vector, the share of held-out prompts on which it produces the base vector's label (the label of
+    the base vector's completion on the run's own prompt)."""
+    base_outs = results["prompts"].get(run_prompt, {}).get("completions", {}).get(mode, {}).get(str(base))
+    if not base_outs or not held_out:
+        return {}
+    base_label = base_outs[0]["label"]
+    share: dict[str, float] = {}
+    per_prompt = [results["prompts"][p]["completions"][mode] for p in held_out]
+    for index in per_prompt[0]:
+        hits = [outs[index][0]["label"] == base_label for outs in per_prompt if index in outs]
+        share[index] = sum(hits) / len(hits) if hits else 0.0
+    summary = {"base_label": base_label, "prompts": held_out, "mode": mode, "share": share}
+    results["generalisation"] = summary
+    return summary

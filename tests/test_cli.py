@@ -82,6 +82,14 @@ def test_discover_then_ortho_from_the_shell(tmp_path):
     run = read_run(orth, d_model=576)
     assert run.vectors.shape == (3, 576) and run.meta["base"]["index"] == 1
     torch.testing.assert_close(run.vectors[0], read_run(disc).vectors[1])
+    for command, stored, shown in (
+        (["eval", str(orth), "--max-new-tokens", "4", "--prompt", "Hi!"], "eval.json", "generalisation over 1 held-out"),
+        (["compose", str(orth), "--k", "1,2", "--max-new-tokens", "4"], "compose.json", "k=2 mean×√k"),
+        (["probe", str(orth), "--prompt", "Write a Python function that adds two numbers.", "--max-new-tokens", "6", "--random-directions", "16"], "probe.json", "random directions: mean |cos|"),
+    ):
+        result = melbo(*command)
+        assert result.returncode == 0, result.stderr
+        assert (orth / stored).is_file() and shown in result.stdout, result.stdout
     seed = tmp_path / "seed"
     result = melbo("ortho", str(disc), "--mode", "seed", "--count", "1", "--steps", "2", "--completion-tokens", "0", "--out", str(seed))
     assert result.returncode == 0, result.stderr

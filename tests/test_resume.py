@@ -36,7 +36,7 @@ def melbo_cli(*args: str) -> list[str]:
 def ortho_args(tiny_folder, base_file, out):
     return [
         "ortho", str(base_file), "-s", "1", "-t", "4", "--model", str(tiny_folder), "--count", "24", "--block", "4",
-        "--steps", "250", "--completion-tokens", "0", "--device", "cpu", "--out", str(out),
+        "--steps", "250", "--plateau", "0", "--completion-tokens", "0", "--device", "cpu", "--out", str(out),
     ]
 
 
@@ -161,9 +161,9 @@ def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
     save_file({"vectors": torch.ones(1, 32)}, str(base_file))
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        melbo_cli(*ortho_args(tiny_folder, base_file, run_dir)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    args = ortho_args(tiny_folder, base_file, run_dir)
+    args[args.index("--steps") + 1] = "5000"  # blocks of several seconds: the interrupt lands mid-run
+    proc = subprocess.Popen(melbo_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "run.json").is_file():
         time.sleep(0.05)

@@ -314,6 +314,7 @@ def ortho(
     steps: Annotated[Optional[int], typer.Option(help="Steps per block (fast: at most 150; seed: 1000).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = None,
     penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = 0.0,
+    plateau: Annotated[float, typer.Option(min=0.0, help="Fast mode: stop a block when 10 steps gain less than this fraction (0: never).")] = 2e-3,
     positions: Annotated[Optional[str], typer.Option(help="last:4 (fast default), all (seed default), skip-first or last:N.")] = None,
     seed: int = 0,
     completion_tokens: CompletionOpt = 32,
@@ -354,7 +355,7 @@ def ortho(
         raise MelboError(f"--index {index}: {base} has vectors 0 to {vectors.shape[0] - 1}")
     cfg = engine.OrthoConfig(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
-        positions=positions, seed=seed, completion_tokens=completion_tokens,
+        positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau,
     )
     folder = _out_folder(out, "ortho", force, resume)
     lm = _load(model, device, dtype)

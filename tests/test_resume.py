@@ -163,12 +163,21 @@ def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = ortho_args(tiny_folder, base_file, run_dir)
     args[args.index("--steps") + 1] = "5000"  # blocks of several seconds: the interrupt lands mid-run
-    proc = subprocess.Popen(melbo_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
+    # Python then installs no Ctrl-C handler: give the child the disposition a terminal user's process has.
+    proc = subprocess.Popen(
+        melbo_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "run.json").is_file():
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     saved = read_run(run_dir)  # what was saved is a valid, orthogonal run

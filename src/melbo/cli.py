@@ -414,7 +414,6 @@ def demo(
         f"change measured after layer {cfg.target}, R = {cfg.radius:g}."
     )
     progress, on_discover = _progress(1, cfg.discover_steps, f"1/2 discover {cfg.discover_count} vectors,")
-    _, on_ortho = _progress(None, cfg.ortho_steps, "2/2 MELBO-ortho")
     ortho_tasks: dict[int, int] = {}
 
     def on_ortho_step(block: int, step: int, loss: float) -> None:

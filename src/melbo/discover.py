@@ -18,7 +18,6 @@ from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.generation import generate_steered
-from melbo.layers import check_layer
 from melbo.optimise import Diverged, optimise
 from melbo.objectives import Positions, melbo_loss, orthogonalize_block, orthonormal_rows, random_orthogonal_block, to_sphere
 from melbo.prompts import PromptFormat

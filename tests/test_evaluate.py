@@ -113,3 +113,13 @@ def test_generalisation_share(tiny_lm, run):
     summary = generalisation(results, "hi there", ["one", "two"], "greedy", base=0)
     assert summary["base_label"] == "code"
     assert summary["share"] == {"0": 1.0, "1": 0.5, "2": 0.0}
+
+
+def test_new_labels_apply_to_stored_completions(tiny_lm, run):
+    from melbo.labels import RULES, Rule
+
+    evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3))
+    everything = (Rule("anything", "always", predicate=lambda text: True), *RULES)
+    results = evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3), rules=everything)
+    outs = results["prompts"]["hi there"]["completions"]["greedy"]
+    assert {o[0]["label"] for o in outs.values()} == {"anything"}

@@ -508,7 +508,10 @@ def eval_command(
         table.add_row(str(i), f"{results['norms'][i]:.1f}", f"{ft['kl']:.3f}", out["label"], top, _short(out["text"], 70))
     console.print(table)
     counts = label_counts(results, prompts[0], cfg.mode())
-    console.print("labels per hundred vectors: " + "; ".join(f"{c['from']}+: code {c['code']}, refusal {c['refusal']}, other {c['other']}" for c in counts))
+    console.print(
+        "labels per hundred vectors: "
+        + "; ".join(f"{c['from']}+: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "from") for c in counts)
+    )
     kls = sorted(first["first_token"][str(i)]["kl"] for i in indices if i != base) or [0.0]
     console.print(
         f"KL to vector {base} (other vectors): median {kls[len(kls) // 2]:.3f}, max {kls[-1]:.3f}; "

@@ -103,10 +103,19 @@ def evaluate(
             save_results(run, results)
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
+    _relabel(results, rules)  # stored completions get the current rules too (e.g. a new --labels file)
     results["norms"] = [float(v) for v in run.vectors.norm(dim=-1)]
     results["max_abs_cos"] = max_abs_cosine(run.vectors.double())
     save_results(run, results)
     return results
+
+
+def _relabel(results: dict[str, Any], rules: tuple[Rule, ...]) -> None:
+    for entry in results["prompts"].values():
+        for by_index in entry["completions"].values():
+            for outs in by_index.values():
+                for out in outs:
+                    out["label"], out["rule"] = label(out["text"], rules)
 
 
 def _first_token(

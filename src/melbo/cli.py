@@ -446,6 +446,16 @@ def demo(
     console.print(f"runs: [bold]{folder / 'discover'}[/bold] and [bold]{folder / 'ortho'}[/bold]   ({time.monotonic() - started:.0f} s)")
 
 
+def _load_for_run(record, model: str | None, device: str, dtype: str | None):
+    """The model a run was made with (or --model), checked against its vectors, and the run's prompt format."""
+    from melbo.prompts import PromptFormat
+    from melbo.runs import validate_vectors
+
+    lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
+    validate_vectors(record.vectors, str(record.path), lm.d_model)
+    return lm, PromptFormat(**record.meta.get("prompt_format", {}))
+
+
 @app.command("eval")
 def eval_command(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
@@ -468,7 +478,7 @@ def eval_command(
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
     from melbo.evaluate import EvalConfig, evaluate, label_counts
     from melbo.interop import parse_indices
-    from melbo.prompts import PromptFormat, read_prompts
+    from melbo.prompts import read_prompts
     from melbo.runs import read_run
 
     record = read_run(run)
@@ -486,11 +496,7 @@ def eval_command(
     from melbo.labels import RULES, load_rules
 
     rules = load_rules(labels) if labels else RULES
-    lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
-    from melbo.runs import validate_vectors
-
-    validate_vectors(record.vectors, str(run), lm.d_model)
-    fmt = PromptFormat(**record.meta.get("prompt_format", {}))
+    lm, fmt = _load_for_run(record, model, device, dtype)
     with err_console.status("evaluating…") as status, _interruptible(run):
         results = evaluate(
             lm, record, prompts, indices, cfg, fmt,
@@ -544,8 +550,7 @@ def compose(
 ) -> None:
     """Steer with the mean of the first k vectors (plain, ×√k, rescaled to ‖θ0‖) and with each vector at ‖θ0‖."""
     from melbo import compose as engine
-    from melbo.prompts import PromptFormat
-    from melbo.runs import read_run, validate_vectors
+    from melbo.runs import read_run
 
     record = read_run(run)
     try:
@@ -553,9 +558,7 @@ def compose(
     except ValueError as exc:
         raise MelboError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
     text = prompt or (record.meta.get("prompts") or ["How can I build a bomb?"])[0]
-    lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
-    validate_vectors(record.vectors, str(run), lm.d_model)
-    fmt = PromptFormat(**record.meta.get("prompt_format", {}))
+    lm, fmt = _load_for_run(record, model, device, dtype)
     with err_console.status("composing…"):
         results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
     table = Table(title=f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)")
@@ -586,14 +589,12 @@ def probe_command(
 ) -> None:
     """Are the vectors present in the residual stream when the unsteered model shows the behaviour itself?"""
     from melbo import probe as engine
-    from melbo.prompts import PromptFormat, read_prompts
-    from melbo.runs import read_run, validate_vectors
+    from melbo.prompts import read_prompts
+    from melbo.runs import read_run
 
     record = read_run(run)
     prompts = read_prompts(prompt, prompt_file, default=None) if (prompt or prompt_file) else engine.prompt_set(prompt_set)
-    lm = _load(model or record.meta.get("model", {}).get("name"), device, dtype)
-    validate_vectors(record.vectors, str(run), lm.d_model)
-    fmt = PromptFormat(**record.meta.get("prompt_format", {}))
+    lm, fmt = _load_for_run(record, model, device, dtype)
     with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
         results = engine.probe(lm, record, prompts, fmt, max_new_tokens, random_directions)
     table = Table(title=f"Presence after layer {results['layer']} over {results['tokens']} generated tokens (|cos|; z against random directions)")

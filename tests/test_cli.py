@@ -109,3 +109,7 @@ def test_quick_demo(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Base vector:" in result.stdout and "orthogonal to the base" in result.stdout
     assert read_run(tmp_path / "demo" / "ortho").vectors.shape == (5, 576)
+    page = tmp_path / "demo" / "ortho" / "report.html"
+    assert f"report: {page}" in result.stdout.replace("\n", "") and page.is_file()
+    assert (tmp_path / "demo" / "ortho" / "eval.json").is_file() and (tmp_path / "demo" / "ortho" / "compose.json").is_file()
+    assert (tmp_path / "demo" / "discover" / "report.html").is_file()

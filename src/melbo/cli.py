@@ -422,8 +422,11 @@ def demo(
             ortho_tasks[block] = progress.add_task(f"2/2 MELBO-ortho block {block + 1}/{blocks},", total=cfg.ortho_steps, loss="…")
         progress.update(ortho_tasks[block], completed=step, loss=f"{loss:,.4g}")
 
+    def on_stage(what: str) -> None:
+        progress.console.print(f"[dim]{what}…[/dim]")
+
     with progress:
-        result = engine.run_demo(lm, folder, cfg, on_discover, on_ortho_step)
+        result = engine.run_demo(lm, folder, cfg, on_discover, on_ortho_step, on_stage)
     table = Table(title="Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)")
     for column, justify in (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
@@ -444,6 +447,7 @@ def demo(
         f"the base's most likely first token."
     )
     console.print(f"runs: [bold]{folder / 'discover'}[/bold] and [bold]{folder / 'ortho'}[/bold]   ({time.monotonic() - started:.0f} s)")
+    console.print(f"report: [bold]{result.reports[0]}[/bold]  (open it in a browser; the discovery run's is {result.reports[1]})")
 
 
 def _load_for_run(record, model: str | None, device: str, dtype: str | None):
@@ -609,6 +613,38 @@ def probe_command(
         f"vectors: median z {zs[len(zs) // 2]:+.1f}, {sum(z > 3 for z in zs)}/{len(zs)} with z > 3"
     )
     console.print(f"results: [bold]{run / 'probe.json'}[/bold]")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (melbo's own, or one made by `melbo import-post-dump`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The page to write (default RUN/report.html).")] = None,
+) -> None:
+    """One self-contained HTML page for a run: header, plots (also saved as RUN/plots/*.png), every vector's outputs."""
+    from melbo.report import write_report
+
+    if out is not None and out.is_dir():
+        raise MelboError(f"--out {out} is a folder: give the file to write, e.g. {out / 'report.html'}")
+    with err_console.status("writing the report…"):
+        page = write_report(run, out)
+    console.print(f"report: [bold]{page}[/bold]  (plots also in {run / 'plots'})")
+
+
+@app.command("import-post-dump")
+def import_post_dump_command(
+    dump: Annotated[Path, typer.Argument(help="One of the post's text dumps, e.g. code-vectors-bomb.txt.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    composition: Annotated[Optional[Path], typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Make a run folder from the original post's published outputs, to browse with `melbo report`."""
+    from melbo.postdump import import_post_dump
+
+    if composition is not None and not composition.is_file():
+        raise MelboError(f"--composition {composition} does not exist")
+    folder = _out_folder(out, "post", force)
+    import_post_dump(dump, folder, composition)
+    console.print(f"imported {dump.name} into {folder}; browse it with: melbo report {folder}")
 
 
 @app.command("export")

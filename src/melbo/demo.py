@@ -14,18 +14,22 @@ How the base vector is chosen (printed by the command):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from melbo.compose import compose
 from melbo.discover import DiscoverConfig, StepCallback, discover
+from melbo.evaluate import EvalConfig, evaluate
 from melbo.generation import generate_steered
 from melbo.labels import label
 from melbo.measures import completion_nll, effect_on_first_token
 from melbo.ortho import OrthoConfig, ortho
 from melbo.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.report import write_report
 from melbo.runs import Run
 from melbo.steered import last_token_logits, prepare
 
@@ -48,11 +52,15 @@ class DemoConfig:
     completion_tokens: int = 32
     max_nll: float = 3.0
     seed: int = 0
+    eval_tokens: int = 48  # greedy completion length of the final evaluation (eval.json, compose.json, report)
+    compose_ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50, 100)
 
 
 def quick_config() -> DemoConfig:
     """A seconds-long demo (few vectors, few steps) that exercises every stage: for smoke tests."""
-    return DemoConfig(discover_count=6, discover_steps=10, ortho_count=4, ortho_block=4, ortho_steps=10, completion_tokens=12)
+    return DemoConfig(
+        discover_count=6, discover_steps=10, ortho_count=4, ortho_block=4, ortho_steps=10, completion_tokens=12, eval_tokens=12,
+    )
 
 
 @dataclass
@@ -81,6 +89,7 @@ class DemoResult:
     unsteered_completion: str
     unsteered_kl: float  # KL(P_unsteered ‖ P_base): where "no steering at all" stands
     same_top_token: int  # ortho vectors whose most likely first token is the base's
+    reports: list[Path]  # ortho/report.html, discover/report.html
 
 
 def choose_base(lm: Any, run: Run, fmt: PromptFormat, cfg: DemoConfig) -> BaseChoice:
@@ -108,8 +117,11 @@ def run_demo(
     cfg: DemoConfig = DemoConfig(),
     on_discover_step: StepCallback | None = None,
     on_ortho_step: StepCallback | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> DemoResult:
+    """Discovery, the choice of a base vector, MELBO-ortho, then evaluation, composition and HTML reports."""
     out = Path(out)
+    stage = on_stage or (lambda _: None)
     fmt = PromptFormat()
     discovery = discover(
         lm,
@@ -145,6 +157,14 @@ def run_demo(
 
     top = logits.argmax(dim=-1)
     unsteered = generate_steered(lm.model, lm.tokenizer, state.ids, None, cfg.source, max_new_tokens=cfg.completion_tokens)[0]
+    stage("evaluating every vector (greedy completions, first-token top-10, KL, labels)")
+    evaluate(lm, found, [cfg.prompt], list(range(found.vectors.shape[0])), EvalConfig(max_new_tokens=cfg.eval_tokens), fmt)
+    stage("composing (mean of the first k vectors)")
+    ks = [k for k in cfg.compose_ks if k < found.vectors.shape[0]]
+    if ks:
+        compose(lm, found, ks, cfg.prompt, fmt, cfg.eval_tokens)
+    stage("writing the reports")
+    reports = [write_report(out / "ortho"), write_report(out / "discover")]
     return DemoResult(
         discovery=discovery,
         ortho=found,
@@ -152,4 +172,5 @@ def run_demo(
         unsteered_completion=unsteered,
         unsteered_kl=float(kl_divergence(plain[0], logits[0])),
         same_top_token=int((top[1:] == top[0]).sum()),
+        reports=reports,
     )

@@ -83,6 +83,12 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(tmp_path)`` then rename over ``path``; nothing half-written is ever left."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +96,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what open() would have given
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,6 +145,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in run.json")
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The validated ``run.json`` of a run folder (what a report needs even where there are no vectors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MelboError(f"run folder {path} does not exist")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise MelboError(f"{path} is not a melbo run folder: it has no {META_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MelboError(f"{meta_path} is corrupt (not valid JSON: {exc}); restore it or start a new run") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("vectors"), list):
+        raise MelboError(f"{meta_path} is not a melbo run record (no list of vectors)")
+    return meta
+
+
 def read_run(path: str | Path, d_model: int | None = None) -> Run:
     """Read and validate a run folder.
 
@@ -148,17 +172,10 @@ def read_run(path: str | Path, d_model: int | None = None) -> Run:
         MelboError: saying which file is missing or wrong, and how.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise MelboError(f"run folder {path} does not exist")
-    meta_path, vectors_path = path / META_FILE, path / VECTORS_FILE
-    if not meta_path.is_file():
-        raise MelboError(f"{path} is not a melbo run folder: it has no {META_FILE}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MelboError(f"{meta_path} is corrupt (not valid JSON: {exc}); restore it or start a new run") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("vectors"), list):
-        raise MelboError(f"{meta_path} is not a melbo run record (no list of vectors)")
+    meta = read_meta(path)
+    vectors_path = path / VECTORS_FILE
+    if meta.get("kind") == "post-dump":
+        raise MelboError(f"{path} holds the original post's published outputs, not vectors: only `melbo report` reads it")
     if not vectors_path.is_file():
         raise MelboError(f"run folder {path} has {META_FILE} but no {VECTORS_FILE}")
     tensors = _load_safetensors(vectors_path)

@@ -1,0 +1,201 @@
+"""The report's figures, drawn with matplotlib (Agg backend: no display needed) as PNG bytes.
+
+Each ``plot_*`` takes :class:`~melbo.report.data.ReportData` and returns a titled PNG, or ``None`` where the
+run holds nothing to plot (e.g. no ``probe.json``); the page then says which command computes it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from melbo.report.data import ReportData, moving_average  # noqa: E402
+
+LABEL_COLOURS = {"code": "#1f77b4", "refusal": "#d62728", "other": "#b0b0b0"}
+EXTRA_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
+
+
+@dataclass
+class Plot:
+    name: str  # file stem: kl, norm, labels, presence, compose, cosine
+    title: str
+    png: bytes | None
+    missing: str = ""  # what to run to get it, when png is None
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _figure() -> tuple[Figure, plt.Axes]:
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _window(n: int) -> int:
+    return max(3, min(50, n // 10))
+
+
+def _series(data: ReportData, key: str, title: str, ylabel: str) -> bytes | None:
+    values = [row[key] for row in data.rows]
+    if not any(v is not None for v in values):
+        return None
+    fig, ax = _figure()
+    xs = [row["index"] for row in data.rows]
+    ax.scatter([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], s=6, alpha=0.5, label="vector")
+    if len(values) >= 10:
+        w = _window(len(values))
+        avg = moving_average(values, w)
+        ax.plot([x for x, v in zip(xs, avg) if v is not None], [v for v in avg if v is not None], color="black", lw=1.5, label=f"moving average ({w})")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("vector index (0 = base)" if data.rows and data.rows[0]["base"] else "vector index")
+    ax.set_ylabel(ylabel)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def plot_kl(data: ReportData) -> bytes | None:
+    return _series(data, "kl", "KL(P_i ‖ P_base) of the next-token distribution at the last prompt token", "KL (nats)")
+
+
+def plot_norm(data: ReportData) -> bytes | None:
+    return _series(data, "norm", "Norm of each vector", "‖θ_i‖")
+
+
+def _colour(name: str, labels: list[str]) -> str:
+    if name in LABEL_COLOURS:
+        return LABEL_COLOURS[name]
+    extra = [lab for lab in labels if lab not in LABEL_COLOURS]
+    return EXTRA_COLOURS[extra.index(name) % len(EXTRA_COLOURS)]
+
+
+def plot_labels(data: ReportData) -> bytes | None:
+    if not data.label_blocks:
+        return None
+    fig, ax = _figure()
+    names = [f"{b['from']}–{b['to']}" for b in data.label_blocks]
+    totals = [sum(b["counts"].values()) for b in data.label_blocks]
+    bottom = [0.0] * len(names)
+    for lab in data.labels:
+        share = [100 * b["counts"].get(lab, 0) / t if t else 0 for b, t in zip(data.label_blocks, totals)]
+        if any(share):
+            ax.bar(names, share, bottom=bottom, color=_colour(lab, data.labels), label=lab)
+            bottom = [b + s for b, s in zip(bottom, share)]
+    ax.set_ylabel("% of completions")
+    ax.set_xlabel(f"vectors, per block of {data.block_size}")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"Label share per block ({data.header.get('table_prompt')!r}, {data.header.get('table_mode')})", fontsize=10)
+    if len(names) > 8:
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    return _png(fig)
+
+
+def plot_presence(data: ReportData) -> bytes | None:
+    if not data.probe:
+        return None
+    fig, ax = _figure()
+    rows = data.probe["vectors"]
+    ax.scatter([r["index"] for r in rows], [r["z"] for r in rows], s=8, alpha=0.6)
+    ax.axhspan(-2, 2, color="grey", alpha=0.2, label="random directions (±2σ)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("vector index")
+    ax.set_ylabel("z-score of mean |cos(h_t, θ_i)|")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(
+        f"Presence in the unsteered model's residual after layer {data.probe['layer']} "
+        f"({len(data.probe['prompts'])} prompts, {data.probe['tokens']} tokens)",
+        fontsize=10,
+    )
+    return _png(fig)
+
+
+def plot_compose(data: ReportData) -> bytes | None:
+    if not data.compose:
+        return None
+    rows = [r for r in data.compose.get("rows", []) if r["name"].startswith("k=")]
+    single = [r for r in data.compose.get("rows", []) if not r["name"].startswith("k=")]
+    if not rows and not single:
+        return None
+    if not any(r.get("kl") is not None for r in rows + single):
+        return _compose_labels(data, rows)
+    fig, ax = _figure()
+    for kind, marker in (("mean", "o"), ("mean×√k", "s"), ("mean→‖θ0‖", "^")):
+        part = [r for r in rows if r["name"].endswith(" " + kind)]
+        if part:
+            ks = [int(r["name"].split()[0][2:]) for r in part]
+            ax.plot(ks, [r["kl"] for r in part], marker=marker, label=kind)
+            same = [(k, r["kl"]) for k, r in zip(ks, part) if r.get("same_label_as_base")]
+            if same:
+                ax.scatter(*zip(*same), s=90, facecolors="none", edgecolors="green")
+    if single:
+        kls = sorted(r["kl"] for r in single)
+        ax.axhline(kls[len(kls) // 2], color="red", ls="--", lw=1, label="median: each vector alone at ‖θ0‖")
+    if rows:
+        ax.set_xscale("log")
+    ax.set_xlabel("k (first k orthogonal vectors)")
+    ax.set_ylabel("KL to the base (nats)")
+    ax.legend(loc="best", fontsize=8, title="green ring: same label as base", title_fontsize=7)
+    ax.set_title(f"Composition on {data.compose.get('prompt')!r}", fontsize=10)
+    return _png(fig)
+
+
+def _compose_labels(data: ReportData, rows: list[dict[str, Any]]) -> bytes | None:
+    """Where only completions are known (the post's composition files): the label of each k."""
+    if not rows:
+        return None
+    fig, ax = _figure()
+    labels = list(dict.fromkeys([*data.labels, *(r["label"] for r in rows)]))
+    ks = [int(r["name"].split()[0][2:]) for r in rows]
+    ax.scatter(ks, [labels.index(r["label"]) for r in rows], c=[_colour(r["label"], labels) for r in rows], s=60)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (first k orthogonal vectors)")
+    ax.set_title(f"Composition (mean×√k) on {data.compose.get('prompt')!r}: label of the completion; base: {data.compose.get('base_label')}", fontsize=10)
+    return _png(fig)
+
+
+def plot_cosine(data: ReportData) -> bytes | None:
+    if not data.cosine or not data.cosine["histogram"]:
+        return None
+    fig, ax = _figure()
+    bins = data.cosine["histogram"]
+    ax.bar([f"{b['below']:.0e}" for b in bins], [b["pairs"] for b in bins], color="#555")
+    ax.set_yscale("symlog")
+    ax.set_xlabel("|cos| between two distinct vectors, below")
+    ax.set_ylabel("pairs")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.set_title(f"Cosine check: max |cos| = {data.cosine['max_abs_cos']:.2e} over {data.cosine['count']} vectors", fontsize=10)
+    return _png(fig)
+
+
+PLOTS: tuple[tuple[str, str, Callable[[ReportData], bytes | None], str], ...] = (
+    ("kl", "KL to the base vector", plot_kl, "melbo eval RUN"),
+    ("norm", "Norms", plot_norm, "a run with vectors"),
+    ("labels", "Labels per block", plot_labels, "melbo eval RUN"),
+    ("presence", "Presence in the model's own residuals", plot_presence, "melbo probe RUN"),
+    ("compose", "Composition", plot_compose, "melbo compose RUN"),
+    ("cosine", "Cosine check", plot_cosine, "a run with vectors"),
+)
+
+
+def draw_all(data: ReportData) -> list[Plot]:
+    published = data.header.get("kind") == "post-dump"
+    return [
+        Plot(name, title, draw(data), "nothing: the published dump does not hold it" if published else missing)
+        for name, title, draw, missing in PLOTS
+    ]

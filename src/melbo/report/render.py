@@ -1,0 +1,145 @@
+"""Turn :class:`~melbo.report.data.ReportData` and its plots into one self-contained HTML page.
+
+Safety: the page's only script is melbo's own, allowed by a Content-Security-Policy hash; model text
+reaches the page inside a JSON ``<script type="application/json">`` block with ``<``, ``>`` and ``&``
+written as ``\\u003c`` etc. (so ``</script>`` in a completion cannot close it) and is shown with
+``textContent``. Header fields are HTML-escaped. A completion holding ``<script>`` shows as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import html
+import json
+import math
+from importlib import resources
+from typing import Any
+
+from melbo.report.data import ReportData
+from melbo.report.plots import Plot
+
+
+def _asset(name: str) -> str:
+    return resources.files("melbo.report").joinpath(name).read_text(encoding="utf-8")
+
+
+def script_json(value: Any) -> str:
+    """JSON that is safe inside an HTML ``<script>`` element (no ``<``, ``>``, ``&`` or line separators)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_finite)
+    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text
+
+
+def _finite(value: Any) -> Any:
+    raise TypeError(f"cannot put {type(value).__name__} in the report")
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _header_html(header: dict[str, Any]) -> str:
+    mode = header["kind"] + (f" ({header['mode']} mode)" if header.get("mode") else "")
+    items = [
+        ("model", header["model"]),
+        ("run", mode),
+        ("layers", f"vector added after layer {header['source']}, change read after layer {header['target']}"
+         if header.get("source") is not None else None),
+        ("R", f"{header['R']:.4g}" if isinstance(header.get("R"), int | float) else header.get("R")),
+        ("prompt(s)", "\n".join(repr(p) for p in header["prompts"]) or None),
+        ("system prompt", repr(header["system"]) if header.get("system") else "none"),
+        ("vectors", f"{header['count']}" + (f" ({header['status']})" if header.get("status") else "")),
+        ("evaluated on", "\n".join(repr(p) for p in header["eval_prompts"]) or "not evaluated: run `melbo eval RUN`"),
+        ("made", f"{header.get('created') or '?'} (last change {header.get('updated') or '?'}) with melbo {header['melbo']}"),
+    ]
+    return "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items if v is not None)
+
+
+def _figure_html(plot: Plot) -> str:
+    if plot.png is None:
+        return f'<figure id="plot-{plot.name}"><div class="missing">{html.escape(plot.title)}: {"not computed (run " + html.escape(plot.missing) + ")" if not plot.missing.startswith("nothing") else "not in the published dump"}</div></figure>'
+    src = "data:image/png;base64," + base64.b64encode(plot.png).decode("ascii")
+    return (
+        f'<figure id="plot-{plot.name}"><img alt="{html.escape(plot.title)}" src="{src}">'
+        f"<figcaption>{html.escape(plot.title)} · also saved as plots/{plot.name}.png</figcaption></figure>"
+    )
+
+
+def _published_html(data: ReportData, images: dict[str, bytes]) -> str:
+    figures = []
+    for name in data.published_plots:
+        src = "data:image/png;base64," + base64.b64encode(images[name]).decode("ascii")
+        figures.append(f'<figure><img alt="{html.escape(name)}" src="{src}"><figcaption>as published: {html.escape(name)}</figcaption></figure>')
+    return "".join(figures)
+
+
+def _num(value: Any, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _compose_html(compose: dict[str, Any] | None) -> str:
+    """The composition results as a table (the k rows; vectors alone at ‖θ0‖ summarised in one line)."""
+    if not compose:
+        return ""
+    rows = [r for r in compose.get("rows", []) if r["name"].startswith("k=")]
+    single = [r for r in compose.get("rows", []) if not r["name"].startswith("k=")]
+    body = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td class=num>{_num(r.get('norm'), 2)}</td><td class=num>{_num(r.get('kl'), 3)}</td>"
+        f"<td><span class=\"label {html.escape(r['label'])}\">{html.escape(r['label'])}</span></td><td><pre>{html.escape(r['text'])}</pre></td></tr>"
+        for r in rows
+    )
+    summary = ""
+    if single:
+        same = sum(bool(r.get("same_label_as_base")) for r in single)
+        kls = sorted(r["kl"] for r in single if r.get("kl") is not None)
+        median = f", median KL {kls[len(kls) // 2]:.3f}" if kls else ""
+        summary = f"<p>Each found vector alone, rescaled to ‖θ0‖: {same}/{len(single)} keep the base's label ({html.escape(str(compose.get('base_label')))}){median}.</p>"
+    return (
+        f"<details id=compose-table><summary>Composition on {html.escape(repr(compose.get('prompt')))}: {len(rows)} combinations "
+        f"(base label: {html.escape(str(compose.get('base_label')))})</summary>{summary}"
+        "<table><colgroup><col style='width:10em'><col style='width:5.5em'><col style='width:5.5em'><col style='width:6em'><col></colgroup>"
+        f"<thead><tr><th>combination</th><th class=num>norm</th><th class=num>KL</th><th>label</th><th>completion</th></tr></thead><tbody>{body}</tbody></table></details>"
+    )
+
+
+def render(data: ReportData, plots: list[Plot], published: dict[str, bytes] | None = None) -> str:
+    """The whole page as a string."""
+    header = data.header
+    script = _asset("page.js")
+    script_hash = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    payload = {"labels": data.labels, "rows": _clean(data.rows)}
+    caption = "Every vector of the run."
+    if header.get("table_prompt"):
+        caption += f" Label, KL and first completion on {header['table_prompt']!r} ({header['table_mode']})."
+    note = f"<p>{html.escape(header['note'])}</p>" if header.get("note") else ""
+    parts = {
+        "title": html.escape(header["title"]),
+        "header": _header_html(header),
+        "note": note,
+        "plots": "".join(_figure_html(p) for p in plots) + _published_html(data, published or {}),
+        "compose": _compose_html(data.compose),
+        "table_caption": html.escape(caption),
+        "version": html.escape(str(header["melbo"])),
+        "made": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "data": script_json(payload),
+        "script": script,
+        "script_hash": script_hash,
+    }
+    page = _asset("page.html")
+    # One pass over the template, so text inserted for one placeholder is never searched for another.
+    pieces = page.split("{{")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        name, rest = piece.split("}}", 1)
+        out.append(parts[name] + rest)
+    return "".join(out)

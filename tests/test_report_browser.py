@@ -1,0 +1,101 @@
+"""The report in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+Skips, saying why, where Chromium or Playwright is missing (scripts/setup installs both when it can:
+Chromium needs apt and root).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from melbo.report import write_report
+from report_runs import make_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); the browser test of the report is skipped"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_report(browser, run):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("request", lambda r: problems.append(f"request: {r.url}") if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(write_report(run).resolve().as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    return page, problems
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect  # waits without evaluating code (the page's CSP forbids eval)
+
+    return playwright_expect(locator)
+
+
+def visible_indices(page) -> list[int]:
+    return [int(i) for i in page.eval_on_selector_all("#rows tr.row", "rows => rows.map(r => r.dataset.index)")]
+
+
+def test_page_loads_plots_render_and_planted_script_never_runs(browser, tmp_path):
+    page, problems = open_report(browser, make_run(tmp_path / "run", n=30))
+    assert problems == []
+    widths = page.eval_on_selector_all("figure img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == 4 and all(w > 300 for w in widths)  # kl, norm, labels, cosine (no probe/compose here)
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#rows pre", has_text="<script>window.__pwned = 1</script>").count() == 6  # shown as text
+    assert page.locator("#rows pre", has_text='</textarea></script><img src=x onerror="window.__pwned = 2">').count() == 6
+    assert page.locator("#rows img").count() == 0  # the planted <img> did not become an element
+    assert page.text_content("#count") == "30 of 30 vectors"
+
+
+def test_filter_search_sort_expand_and_pages(browser, tmp_path):
+    page, problems = open_report(browser, make_run(tmp_path / "run", n=250))
+    assert visible_indices(page) == list(range(100))  # 100 rows per page
+    page.click("#next")
+    assert visible_indices(page)[0] == 100
+    page.select_option("#label-filter", "refusal")
+    assert visible_indices(page) == [i for i in range(250) if i % 5 == 1][:100]
+    assert page.text_content("#count") == "50 of 250 vectors"
+    page.select_option("#label-filter", "")
+    page.fill("#search", "dragon")
+    expect(page.locator("#count")).to_have_text("50 of 250 vectors")
+    assert all(i % 5 == 2 for i in visible_indices(page))
+    page.fill("#search", "#249")
+    expect(page.locator("#count")).to_have_text("1 of 250 vectors")
+    page.fill("#search", "")
+    expect(page.locator("#count")).to_have_text("250 of 250 vectors")
+    page.click("th[data-key=kl]")  # largest KL first
+    assert visible_indices(page)[:3] == [249, 248, 247]
+    page.click("th[data-key=kl]")
+    assert visible_indices(page)[:3] == [0, 1, 2]
+    page.click("#rows tr.row >> nth=1")
+    assert page.locator("#rows tr.open").count() == 1
+    assert "top 5:" in page.text_content("#rows tr.open")
+    assert problems == []
+
+
+def test_fifteen_hundred_vectors_stay_usable(browser, tmp_path):
+    page, problems = open_report(browser, make_run(tmp_path / "run", n=1600, d=32))
+    assert page.text_content("#count") == "1600 of 1600 vectors" and len(visible_indices(page)) == 100
+    assert page.locator("#rows tr").count() == 100  # only one page of rows is ever in the document
+    page.fill("#search", "ship")
+    expect(page.locator("#count")).to_have_text("320 of 1600 vectors")
+    assert problems == []

@@ -201,12 +201,13 @@ def file_sha256(path: Path) -> str:
 
 def _cached_gguf(path: Path) -> tuple[Path, dict[str, Any]]:
     """Convert a GGUF file to a safetensors model folder once; return the folder and the file's identity."""
-    _check_gguf(path)
+    _check_magic(path)
     sha = file_sha256(path)
     source = {"file": str(path.resolve()), "sha256": sha}
     folder = cache_root() / "gguf" / sha[:32]
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():  # this exact file was read in full when it was converted
         return folder, source
+    _check_gguf(path)
     from rich.console import Console
 
     Console(stderr=True).print(f"[dim]melbo: converting {path.name} once to {folder} (later loads are fast)[/dim]")
@@ -223,11 +224,15 @@ def _cached_gguf(path: Path) -> tuple[Path, dict[str, Any]]:
     return folder, source
 
 
-def _check_gguf(path: Path) -> None:
+def _check_magic(path: Path) -> None:
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != b"GGUF":
         raise MelboError(f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)")
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the header and tensor table (seconds on a large vocabulary): only before converting a new file."""
     import gguf
 
     try:  # reads the header and tensor table only (memory-mapped): catches a truncated file at once

@@ -1,0 +1,82 @@
+"""MELBO-ortho throughput: melbo's fast mode against the post's algorithm as written (``--mode seed``), side by
+side in one run on the embedded SmolLM2, same base vector and prompt. Target: fast ≥ 20× faster per accepted
+vector (last-token KL to the base ≤ --accept), with equal or better median KL.
+
+Seed mode runs one vector at a time for 1000 Adam steps through the whole model; the full setting runs a few
+such vectors and extrapolates per vector (printed as such).
+
+    .venv/bin/python bench/ortho_vs_seed.py --quick      # seconds: 10 steps each, 1 seed and 8 fast vectors
+    .venv/bin/python bench/ortho_vs_seed.py              # 3 seed vectors × 1000 steps, 64 fast vectors
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from melbo.models import load_model
+from melbo.objectives import max_abs_cosine
+from melbo.ortho import OrthoConfig, ortho
+from melbo.prompts import DEFAULT_PROMPT, PromptFormat
+
+from common import base_vector, summary_line
+
+
+def quality(run, accept: float) -> dict:
+    kls = sorted(r["kl"] for r in run.records[1:])
+    return {
+        "vectors": len(kls),
+        "accepted": sum(k <= accept for k in kls),
+        "median_kl": statistics.median(kls),
+        "p90_kl": kls[min(len(kls) - 1, int(0.9 * len(kls)))],
+        "max_cos": max_abs_cosine(run.vectors.double()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--accept", type=float, default=0.1, help="a vector counts when its KL to the base is at most this")
+    args = parser.parse_args()
+    seed_n, seed_steps, fast_n, fast_steps = (1, 10, 8, 10) if args.quick else (3, 1000, 64, None)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    lm = load_model("smollm2", device="cpu")
+    base = base_vector(lm, quick=args.quick)
+    rows = []
+    for name, cfg in (
+        ("seed (post, as written)", OrthoConfig(mode="seed", count=seed_n, steps=seed_steps)),
+        ("fast (melbo default)", OrthoConfig(mode="fast", count=fast_n, block=min(16, fast_n), steps=fast_steps)),
+    ):
+        start = time.perf_counter()
+        run = ortho(lm, base, [DEFAULT_PROMPT], cfg, PromptFormat())
+        seconds = time.perf_counter() - start
+        q = quality(run, args.accept)
+        q["s_per_vector"] = seconds / q["vectors"]
+        if name.startswith("seed") and seed_steps != 1000:
+            q["s_per_vector"] *= 1000 / seed_steps  # extrapolated to the post's 1000 steps
+        q["s_per_accepted"] = q["s_per_vector"] * q["vectors"] / q["accepted"] if q["accepted"] else float("inf")
+        rows.append((name, q))
+    print(f"base vector: norm {float(base.norm()):.1f}; accepted = last-token KL(P_i ‖ P_0) ≤ {args.accept}")
+    print(f"{'mode':<26}{'vectors':>8}{'accepted':>9}{'s/vector':>10}{'s/accepted':>11}{'median KL':>10}{'p90 KL':>8}{'max|cos|':>10}")
+    for name, q in rows:
+        print(
+            f"{name:<26}{q['vectors']:>8}{q['accepted']:>9}{q['s_per_vector']:>10.2f}{q['s_per_accepted']:>11.2f}"
+            f"{q['median_kl']:>10.3f}{q['p90_kl']:>8.3f}{q['max_cos']:>10.1e}"
+        )
+    if seed_steps != 1000 or seed_n < 10:
+        print(f"(seed mode: {seed_n} vector(s) at {seed_steps} steps, per-vector time extrapolated to 1000 steps)")
+    seed, fast = rows[0][1], rows[1][1]
+    speed = seed["s_per_vector"] / fast["s_per_vector"]
+    per_accepted = seed["s_per_accepted"] / fast["s_per_accepted"] if fast["accepted"] and seed["accepted"] else float("nan")
+    met = per_accepted >= 20 and fast["median_kl"] <= seed["median_kl"]
+    summary_line(
+        f"fast is {speed:.1f}× faster per vector, {per_accepted:.1f}× per accepted vector; median KL {fast['median_kl']:.3f} "
+        f"(fast) vs {seed['median_kl']:.3f} (seed); target ≥ 20× at equal or better KL: {'met' if met else 'missed'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Run every benchmark and write bench/RESULTS.md from what they print (never typed by hand).
+
+    .venv/bin/python bench/run_all.py                  # full settings, about 1.5 hours on 2 CPU cores
+    .venv/bin/python bench/run_all.py --quick          # every script's --quick, to stdout only
+    .venv/bin/python bench/run_all.py --only model_load,eval_throughput   # update those sections only
+    .venv/bin/python bench/run_all.py --args full_basis="--count 96"      # extra arguments for one script
+
+RESULTS.md keeps one section per script; --only rewrites the named sections and keeps the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput")
+RESULTS = HERE / "RESULTS.md"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(script: str, extra: list[str], quick: bool) -> tuple[str, float, int]:
+    command = [sys.executable, str(HERE / f"{script}.py"), *(["--quick"] if quick else []), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    text = out.stdout + (f"\n[stderr]\n{out.stderr.strip()}" if out.returncode else "")
+    return text.strip(), time.perf_counter() - start, out.returncode
+
+
+def sections(text: str) -> dict[str, str]:
+    found = {}
+    for match in re.finditer(r"^## (\w+)\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL):
+        found[match[1]] = match[2].strip()
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=",".join(SCRIPTS))
+    parser.add_argument("--args", action="append", default=[], metavar="SCRIPT=ARGS")
+    args = parser.parse_args()
+    extra = {k: shlex.split(v) for k, v in (a.split("=", 1) for a in args.args)}
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCRIPTS]
+    if unknown:
+        sys.exit(f"run_all: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SCRIPTS)}")
+    old = sections(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() and not args.quick else {}
+    failed = 0
+    for script in chosen:
+        output, seconds, code = run(script, extra.get(script, []), args.quick)
+        failed += code != 0
+        command = " ".join(["python", f"bench/{script}.py", *(["--quick"] if args.quick else []), *extra.get(script, [])])
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        body = f"`{command}` — {when}, {seconds:.0f} s{'' if code == 0 else f', FAILED (exit {code})'}\n\n```\n{output}\n```"
+        print(f"## {script}\n{body}\n", flush=True)
+        old[script] = body
+    if args.quick:
+        sys.exit(1 if failed else 0)
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    try:
+        import torch
+
+        machine += f", torch {torch.__version__} ({'CUDA' if torch.cuda.is_available() else 'CPU'})"
+    except ImportError:
+        pass
+    lines = [
+        "# melbo benchmarks",
+        "",
+        "Written by `bench/run_all.py`; each section is one script's full output. Absolute times depend on the",
+        "machine; the ratios in each summary line are measured side by side in one run.",
+        "",
+        f"Machine: {machine}.",
+        "",
+    ]
+    for script in SCRIPTS:
+        if script in old:
+            lines += [f"## {script}", old[script], ""]
+    RESULTS.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {RESULTS}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -129,3 +129,23 @@ def test_cli_report_and_its_errors(tmp_path):
     (tmp_path / "not-a-dump.txt").write_text("hello")
     assert_one_line_error(melbo("import-post-dump", str(tmp_path / "not-a-dump.txt"), "-o", str(tmp_path / "p")), "not one of the post's dumps")
     assert not (tmp_path / "p").exists()
+
+
+def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path):
+    run = make_run(tmp_path / "run", n=12)
+    probe = {
+        "prompts": ["Write a function."], "tokens": 40, "layer": 2, "random": {"directions": 64, "mean_abs_cos": 0.03, "std": 0.01},
+        "vectors": [{"index": i, "mean_abs_cos": 0.03, "max_abs_cos": 0.1, "z": float(i - 6)} for i in range(12)],
+    }
+    (run / "probe.json").write_text(json.dumps(probe))
+    rows = [{"name": f"k={k} {kind}", "norm": 5.0, "kl": 0.1 * k, "label": "code", "same_label_as_base": True, "text": "<b>x</b>"}
+            for k in (1, 2, 5) for kind in ("mean", "mean×√k", "mean→‖θ0‖")]
+    rows += [{"name": f"#{i}→‖θ0‖", "norm": 5.0, "kl": 2.0, "label": "other", "same_label_as_base": False, "text": "y"} for i in range(1, 12)]
+    (run / "compose.json").write_text(json.dumps({"prompt": PROMPT, "base_label": "code", "rows": rows}))
+    page = write_report(run).read_text()
+    assert (run / "plots" / "presence.png").is_file() and (run / "plots" / "compose.png").is_file()
+    assert "not computed" not in page
+    assert page.count("<tr><td>k=") == 9 and "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert "0/11 keep the base's label (code), median KL 2.000" in page
+    data = gather(run)
+    assert data.rows[11]["z"] == 5.0

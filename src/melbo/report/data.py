@@ -117,8 +117,9 @@ def _header(meta: dict[str, Any], path: Path, count: int, results: dict[str, Any
 def gather(path: str | Path) -> ReportData:
     """Read a run folder (and whatever evaluation files it holds) into a :class:`ReportData`."""
     path = Path(path)
-    meta = read_meta(path)
-    vectors = read_run(path).vectors if (path / VECTORS_FILE).is_file() else None
+    run = read_run(path) if (path / VECTORS_FILE).is_file() else None  # post dumps have run.json only
+    meta = run.meta if run is not None else read_meta(path)
+    vectors = run.vectors if run is not None else None
     results = _read_json(path / EVAL_FILE) or {"prompts": {}}
     records = meta["vectors"]
     count = len(records)

@@ -27,14 +27,10 @@ def _asset(name: str) -> str:
 
 def script_json(value: Any) -> str:
     """JSON that is safe inside an HTML ``<script>`` element (no ``<``, ``>``, ``&`` or line separators)."""
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_finite)
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
     for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
     return text
-
-
-def _finite(value: Any) -> Any:
-    raise TypeError(f"cannot put {type(value).__name__} in the report")
 
 
 def _clean(value: Any) -> Any:

@@ -2,7 +2,7 @@
 d_model − 1 = 575 vectors), from the demo's base vector. Target: ≤ 20 minutes on 2 CPU cores.
 
     .venv/bin/python bench/full_basis.py --quick     # 8 vectors, 10 steps: checks that it runs
-    .venv/bin/python bench/full_basis.py             # every vector (about an hour on 2 cores)
+    .venv/bin/python bench/full_basis.py             # every vector (about half an hour on 2 cores)
     .venv/bin/python bench/full_basis.py --count 96  # the first 6 blocks, with a per-block profile
 """
 
@@ -27,11 +27,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--count", type=int, default=None, help="stop after this many vectors (default: the whole basis)")
     parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's 16)")
+    parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
     base = base_vector(lm, quick=args.quick)
-    cfg = OrthoConfig(mode="fast", count=8, block=8, steps=10) if args.quick else OrthoConfig(mode="fast", count=args.count, block=args.block)
+    cfg = OrthoConfig(mode="fast", count=8, block=8, steps=10) if args.quick else OrthoConfig(mode="fast", count=args.count, block=args.block, optimizer=args.optimizer)
     blocks: dict[int, list[float]] = {}
     step_start = [time.perf_counter()]
 

@@ -6,7 +6,9 @@ Seed mode runs one vector at a time for 1000 Adam steps through the whole model;
 such vectors and extrapolates per vector (printed as such).
 
     .venv/bin/python bench/ortho_vs_seed.py --quick      # seconds: 10 steps each, 1 seed and 8 fast vectors
-    .venv/bin/python bench/ortho_vs_seed.py              # 3 seed vectors × 1000 steps, 64 fast vectors
+    .venv/bin/python bench/ortho_vs_seed.py              # 3 seed vectors × 1000 steps, 64 fast, 32 fast with Adam
+
+The third row is fast mode with ``--optimizer adam`` (melbo's earlier default): what the per-row L-BFGS adds.
 """
 
 from __future__ import annotations
@@ -53,17 +55,23 @@ def main() -> None:
     parser.add_argument("--accept", type=float, default=0.1, help="a vector counts when its KL to the base is at most this")
     parser.add_argument("--seed-vectors", type=int, default=3, help="vectors for the (slow) seed mode")
     parser.add_argument("--fast-vectors", type=int, default=64)
+    parser.add_argument("--adam-vectors", type=int, default=32, help="vectors for fast mode with Adam (0: skip the row)")
     args = parser.parse_args()
-    seed_n, seed_steps, fast_n, fast_steps = (1, 10, 8, 10) if args.quick else (args.seed_vectors, 1000, args.fast_vectors, None)
+    seed_n, seed_steps, fast_n, fast_steps, adam_n = (
+        (1, 10, 8, 10, 8) if args.quick else (args.seed_vectors, 1000, args.fast_vectors, None, args.adam_vectors)
+    )
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
     base = base_vector(lm, quick=args.quick)
     relative = unsteered_kl(lm, base) / 2
     rows = []
-    for name, cfg in (
+    settings = [
         ("seed (post, as written)", OrthoConfig(mode="seed", count=seed_n, steps=seed_steps)),
         ("fast (melbo default)", OrthoConfig(mode="fast", count=fast_n, block=min(16, fast_n), steps=fast_steps)),
-    ):
+    ]
+    if adam_n:
+        settings.append(("fast, --optimizer adam", OrthoConfig(mode="fast", count=adam_n, block=min(16, adam_n), steps=fast_steps, optimizer="adam")))
+    for name, cfg in settings:
         start = time.perf_counter()
         run = ortho(lm, base, [DEFAULT_PROMPT], cfg, PromptFormat())
         seconds = time.perf_counter() - start
@@ -90,6 +98,10 @@ def main() -> None:
         )
     print(f"(seed mode: {seed_n} vector(s) at {seed_steps} steps" + (", per-vector time extrapolated to 1000 steps)" if seed_steps != 1000 else ")"))
     seed, fast = rows[0][1], rows[1][1]
+    if len(rows) > 2:
+        adam = rows[2][1]
+        print(f"(per-row L-BFGS against Adam in fast mode: {adam['s_per_vector'] / fast['s_per_vector']:.1f}× faster per vector, "
+              f"median KL {fast['median_kl']:.3f} vs {adam['median_kl']:.3f})")
     speed = seed["s_per_vector"] / fast["s_per_vector"]
     key, what = ("accepted", f"KL ≤ {args.accept}") if seed["accepted"] and fast["accepted"] else ("accepted_rel", "KL ≤ ½ unsteered")
     if seed[key] and fast[key]:

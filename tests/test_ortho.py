@@ -79,13 +79,23 @@ def test_fast_mode_orthogonal_and_better_than_start(tiny_lm, tmp_path):
     assert saved.meta["status"] == "complete" and saved.meta["stopped"] == "count reached"
 
 
-def test_fast_mode_reduces_loss(nonlinear_lm):
-    """Optimised vectors reproduce z(θ0) better than their random starting points."""
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_fast_mode_reduces_loss(nonlinear_lm, optimizer):
+    """Optimised vectors reproduce z(θ0) better than their random starting points, with either optimiser."""
     tiny_lm = nonlinear_lm
     base = base_vector()
-    short = ortho(tiny_lm, base, [PROMPT], OrthoConfig(source=1, target=4, count=4, block=4, steps=1, min_norm=0.0))
-    long = ortho(tiny_lm, base, [PROMPT], OrthoConfig(source=1, target=4, count=4, block=4, steps=80, plateau=0.0))
+    cfg = dict(source=1, target=4, count=4, block=4, optimizer=optimizer)
+    short = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, steps=1, min_norm=0.0))
+    long = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, steps=80, plateau=0.0))
     assert sum(r["loss"] for r in long.records[1:]) < 0.8 * sum(r["loss"] for r in short.records[1:])
+    assert long.meta["config"]["optimizer"] == optimizer and max_abs_cosine(long.vectors) <= 1e-5
+
+
+def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
+    fast = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3))
+    assert fast.meta["config"]["optimizer"] == "lbfgs" and fast.records[1]["steps"] == 3
+    assert OrthoConfig().resolved(30.0, 576).steps == 60 and OrthoConfig(optimizer="adam").resolved(30.0, 576).steps == 150
+    assert OrthoConfig(mode="seed").resolved(30.0, 576).optimizer == "adam"
 
 
 def test_stops_when_basis_exhausted(tiny_lm):
@@ -117,6 +127,8 @@ def test_l2_penalty_shrinks_norms(tiny_lm):
         (dict(source=5, target=2), "must come before"),
         (dict(count=40), "between 1 and d_model"),
         (dict(penalty=-1.0), "≥ 0"),
+        (dict(optimizer="sgd"), "use lbfgs or adam"),
+        (dict(mode="seed", optimizer="lbfgs"), "its optimiser is Adam"),
     ],
 )
 def test_bad_settings(tiny_lm, kw, message):

@@ -311,8 +311,9 @@ def ortho(
     source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
     target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,
     block: Annotated[Optional[int], typer.Option(help="Vectors optimised together (fast: 16; seed: 1).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Steps per block (fast: at most 150; seed: 1000).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Evaluations per block (fast: at most 60 with lbfgs, 150 with adam; seed: 1000).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; lbfgs's first step is lr·√d (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="Fast mode: lbfgs (default, one L-BFGS per vector) or adam.")] = None,
     penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = 0.0,
     plateau: Annotated[float, typer.Option(min=0.0, help="Fast mode: stop a block when 10 steps gain less than this fraction (0: never).")] = 2e-3,
     positions: Annotated[Optional[str], typer.Option(help="last:4 (fast default), all (seed default), skip-first or last:N.")] = None,
@@ -355,7 +356,7 @@ def ortho(
         raise MelboError(f"--index {index}: {base} has vectors 0 to {vectors.shape[0] - 1}")
     cfg = engine.OrthoConfig(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
-        positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau,
+        positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau, optimizer=optimizer,
     )
     folder = _out_folder(out, "ortho", force, resume)
     lm = _load(model, device, dtype)

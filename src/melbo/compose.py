@@ -8,7 +8,6 @@ effect: the orthogonal vectors work at their own, larger norms).
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -20,7 +19,7 @@ from melbo.generation import generate_steered
 from melbo.labels import label
 from melbo.objectives import kl_divergence
 from melbo.prompts import PromptFormat
-from melbo.runs import Run, atomic_write
+from melbo.runs import Run, write_json
 from melbo.steered import last_token_logits, prepare
 
 COMPOSE_FILE = "compose.json"
@@ -73,6 +72,5 @@ def compose(lm: Any, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, ma
         for n, v, k, t in zip(names, vectors.cpu(), kl, texts)
     ]
     results = {"prompt": prompt, "base_label": base_label, "kl_direction": "KL(P_combination || P_base)", "rows": rows}
-    text = json.dumps(results, indent=1, ensure_ascii=False)
-    atomic_write(run.path / COMPOSE_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    write_json(run.path / COMPOSE_FILE, results)
     return results

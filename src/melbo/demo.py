@@ -48,7 +48,7 @@ class DemoConfig:
     discover_steps: int = 100
     ortho_count: int = 32
     ortho_block: int = 16
-    ortho_steps: int = 150
+    ortho_steps: int | None = None  # None: fast mode's default (per-row L-BFGS, at most 60 evaluations)
     completion_tokens: int = 32
     max_nll: float = 3.0
     seed: int = 0

@@ -23,7 +23,7 @@ from melbo.generation import generate_steered
 from melbo.labels import RULES, Rule, label
 from melbo.objectives import kl_divergence, max_abs_cosine
 from melbo.prompts import PromptFormat
-from melbo.runs import Run, atomic_write
+from melbo.runs import Run, write_json
 from melbo.steered import last_token_logits, prepare
 
 EVAL_FILE = "eval.json"
@@ -62,8 +62,7 @@ def load_results(run: Run) -> dict[str, Any]:
 
 
 def save_results(run: Run, results: dict[str, Any]) -> None:
-    text = json.dumps(results, indent=1, ensure_ascii=False)
-    atomic_write(run.path / EVAL_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    write_json(run.path / EVAL_FILE, results)
 
 
 def evaluate(

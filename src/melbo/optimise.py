@@ -64,3 +64,99 @@ def optimise(
             if before - now < plateau * abs(before):
                 break
     return step
+
+
+def lbfgs_rows(
+    theta: Tensor,
+    loss_fn: Callable[[Tensor], Tensor],
+    project: Callable[[Tensor], Tensor],
+    project_direction: Callable[[Tensor], Tensor],
+    steps: int,
+    first_step: float,
+    max_step: float,
+    history: int = 10,
+    plateau: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[Tensor, int]:
+    """L-BFGS with one history and one step length per row; returns the final rows and the evaluations run.
+
+    The rows of ``theta`` are separate problems evaluated together: ``loss_fn`` maps ``(B, d)`` to per-row
+    losses ``(B,)``. Each iteration costs exactly one evaluation (loss and gradient of every row): a row steps
+    along its own quasi-Newton direction, at most ``max_step`` long; a row whose loss got worse (or NaN)
+    goes back to where it was and halves its step, a row that improved doubles it back towards the full
+    step. ``project`` maps points back to the feasible set after a step (here: orthogonal to a basis and to
+    the earlier rows); ``project_direction`` removes the forbidden directions from gradients and steps.
+    The first step of a row is ``first_step`` long, along minus its gradient.
+
+    Why not Adam: on MELBO-ortho's objective (a smooth distance between residuals) 60 evaluations of this give
+    the median KL to θ0 that Adam needs 150 steps for (see ``melbo.ortho.STEPS_FAST``). Why not
+    ``torch.optim.LBFGS``: it treats the block as one problem with one line search (measured on the first
+    block, 40 evaluations: median distance 17.5 against 16.8 here) and cannot send one row back alone.
+
+    Raises:
+        Diverged: the loss is not finite at the start.
+    """
+    x = project(theta.detach())
+    f, g = _loss_and_gradient(x, loss_fn, project_direction)
+    if not torch.isfinite(f).all():
+        raise Diverged
+    rows, d = x.shape
+    s_hist = x.new_zeros(history, rows, d)
+    y_hist = x.new_zeros(history, rows, d)
+    rho = x.new_zeros(history, rows)
+    gamma = first_step / g.norm(dim=1).clamp_min(1e-30)  # H0 = γ·I, from the newest curvature pair later
+    scale = x.new_ones(rows)
+    means = [float(f.mean())]
+    evals = 1
+    while evals < steps:
+        direction = -project_direction(_two_loop(g, s_hist, y_hist, rho, gamma))
+        uphill = (direction * g).sum(dim=1) >= 0
+        direction = torch.where(uphill[:, None], -gamma[:, None] * g, direction)
+        length = direction.norm(dim=1).clamp_min(1e-30)
+        t = scale * (max_step / length).clamp(max=1.0)
+        x_new = project(x + t[:, None] * direction)
+        f_new, g_new = _loss_and_gradient(x_new, loss_fn, project_direction)
+        evals += 1
+        better = torch.isfinite(f_new) & torch.isfinite(g_new).all(dim=1) & (f_new <= f)
+        s, y = x_new - x, g_new - g
+        sy = (s * y).sum(dim=1)
+        use = better & (sy > 1e-10 * s.norm(dim=1) * y.norm(dim=1))  # curvature condition, else skip the pair
+        s_hist = torch.cat([s_hist[1:], torch.where(use[:, None], s, 0.0)[None]])
+        y_hist = torch.cat([y_hist[1:], torch.where(use[:, None], y, 0.0)[None]])
+        rho = torch.cat([rho[1:], torch.where(use, 1 / torch.where(use, sy, 1.0), 0.0)[None]])
+        gamma = torch.where(use, sy / (y * y).sum(dim=1).clamp_min(1e-30), gamma)
+        scale = torch.where(better, (2 * scale).clamp(max=1.0), scale / 2)
+        x = project(torch.where(better[:, None], x_new, x))
+        f = torch.where(better, f_new, f)
+        g = torch.where(better[:, None], g_new, g)
+        means.append(float(f.mean()))
+        if on_step:
+            on_step(evals, means[-1])
+        if plateau and evals >= 30 and evals % 10 == 0 and len(means) > 10:
+            before, now = means[-11], means[-1]
+            if before - now < plateau * abs(before):
+                break
+    return x, evals
+
+
+def _loss_and_gradient(
+    x: Tensor, loss_fn: Callable[[Tensor], Tensor], project_direction: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    point = x.detach().requires_grad_(True)
+    losses = loss_fn(point)
+    (grad,) = torch.autograd.grad(losses.sum(), point)
+    return losses.detach(), project_direction(grad)
+
+
+def _two_loop(g: Tensor, s_hist: Tensor, y_hist: Tensor, rho: Tensor, gamma: Tensor) -> Tensor:
+    """``H·g`` for every row at once (L-BFGS two-loop recursion); empty history slots hold zeros and ρ = 0."""
+    q = g.clone()
+    alpha = torch.zeros_like(rho)
+    for i in range(rho.shape[0] - 1, -1, -1):
+        alpha[i] = rho[i] * (s_hist[i] * q).sum(dim=1)
+        q -= alpha[i][:, None] * y_hist[i]
+    r = gamma[:, None] * q
+    for i in range(rho.shape[0]):
+        beta = rho[i] * (y_hist[i] * r).sum(dim=1)
+        r += s_hist[i] * (alpha[i] - beta)[:, None]
+    return r

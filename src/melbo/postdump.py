@@ -6,7 +6,6 @@ second section with the same headers followed by the top-10 logits and tokens at
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +102,7 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
     from melbo.compose import COMPOSE_FILE
     from melbo.evaluate import EVAL_FILE
     from melbo.labels import label
-    from melbo.runs import META_FILE, atomic_write, now_iso, package_versions
+    from melbo.runs import META_FILE, atomic_write, now_iso, package_versions, write_json
 
     path, out = Path(path), Path(out)
     entries = read_post_dump(path)
@@ -148,8 +147,7 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
             plots.append((source, f"published-{source.name}"))
 
     def dump(name: str, value: Any) -> None:
-        text = json.dumps(value, indent=1, ensure_ascii=False)
-        atomic_write(out / name, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        write_json(out / name, value)
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 from melbo.generation import generate_steered
 from melbo.layers import residual_after
 from melbo.prompts import PromptFormat, encode_prompt
-from melbo.runs import Run, atomic_write
+from melbo.runs import Run, write_json
 
 PROBE_FILE = "probe.json"
 
@@ -75,6 +75,5 @@ def probe(
         "random": {"directions": random_directions, "mean_abs_cos": mu, "std": sigma},
         "vectors": rows,
     }
-    text = json.dumps(results, indent=1)
-    atomic_write(run.path / PROBE_FILE, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    write_json(run.path / PROBE_FILE, results, ascii_only=True)
     return results

@@ -103,6 +103,12 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def write_json(path: Path, value: Any, ascii_only: bool = False) -> None:
+    """``value`` as indented JSON (non-ASCII kept unless ``ascii_only``), written atomically."""
+    text = json.dumps(value, indent=1, ensure_ascii=ascii_only)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
 def write_run(path: str | Path, vectors: Tensor, meta: dict[str, Any], extra: dict[str, Tensor] | None = None) -> Run:
     """Write (or overwrite) a run folder atomically. ``meta["vectors"]`` holds one record per row;
     ``extra`` tensors (engine state for resuming) are stored beside ``vectors``."""

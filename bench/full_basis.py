@@ -59,6 +59,14 @@ def main() -> None:
         f"{len(records)} vectors in {len(blocks)} blocks of ≤ {per}, {steps} optimisation steps, {minutes:.1f} min; "
         f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.get('stopped')}"
     )
+    step_s = statistics.median(t for times in blocks.values() for t in times)
+    if exhausted and minutes > 20:
+        print(
+            f"why: {steps} evaluations at a median {step_s:.2f} s (forward and backward of ≤ {per} rows through "
+            f"{cfg.target - cfg.source} layers: matmul-bound, see utilisation); 20 min allows {20 * 60 / step_s / len(blocks):.0f} "
+            f"evaluations per block. To close it: fewer evaluations at equal KL (a start better than a random "
+            f"direction), or a GPU (bench/gpu.py)"
+        )
     target = "met" if minutes <= 20 else "missed"
     whole = "" if exhausted or args.quick else f" (stopped at {len(records)} vectors: ≈ {minutes * (lm.d_model - 1) / len(records):.0f} min for 575 if every block cost the same)"
     summary_line(f"{len(records)} orthogonal vectors in {minutes:.1f} min{whole}; target whole basis ≤ 20 min: {target if exhausted else 'not measured'}")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput")
+SCRIPTS = ("model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu")
 RESULTS = HERE / "RESULTS.md"
 
 

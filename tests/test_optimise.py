@@ -71,7 +71,7 @@ def test_steps_are_capped_and_the_first_step_follows_the_gradient():
     x, _ = lbfgs_rows(torch.zeros(1, 4, dtype=torch.float64), loss, _same, _same, steps=2, first_step=0.1, max_step=1.0,
                       on_step=lambda step, value: seen.append(value))
     assert torch.allclose(x, torch.full((1, 4), -0.05, dtype=torch.float64))  # 0.1 long, along −gradient
-    assert seen == [pytest.approx(-200.0)]
+    assert seen == [0.0, pytest.approx(-200.0)]  # one report per evaluation, the start included
     x, _ = lbfgs_rows(torch.zeros(1, 4, dtype=torch.float64), loss, _same, _same, steps=6, first_step=0.1, max_step=1.0)
     assert float(x.norm()) <= 0.1 + 5 * 1.0 + 1e-9
 

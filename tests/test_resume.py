@@ -128,9 +128,10 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
         discover(tiny_lm, ["hello"], DiscoverConfig(**{**cfg.__dict__, "radius": 5.0}), out=tmp_path / "cut", resume=True)
 
 
-def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch):
-    """A block whose loss turns NaN goes back to its last good state with a smaller step; a block that keeps
-    failing is dropped and the run records why. Nothing non-finite is ever saved."""
+@pytest.mark.parametrize("optimizer, why", [("adam", "NaN/inf twice"), ("lbfgs", "NaN/inf at its starting point")])
+def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimizer, why):
+    """A block whose loss turns NaN goes back to its last good state with a smaller step (L-BFGS: only the rows
+    that failed); a block that keeps failing is dropped and the run records why. Nothing non-finite is saved."""
     import melbo.ortho as engine
 
     real = engine._Problem.losses
@@ -143,7 +144,8 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch):
 
     monkeypatch.setattr(engine._Problem, "losses", flaky)
     base = 3 * torch.nn.functional.normalize(torch.randn(32), dim=0)
-    run = ortho(tiny_lm, base, ["hello"], OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0))
+    cfg = OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0, optimizer=optimizer)
+    run = ortho(tiny_lm, base, ["hello"], cfg)
     assert run.vectors.shape == (5, 32) and torch.isfinite(run.vectors).all()
     assert run.meta["warnings"] == []  # recovered by the retry
 
@@ -151,9 +153,9 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch):
         return real(self, thetas, full) * float("nan")
 
     monkeypatch.setattr(engine._Problem, "losses", always_nan)
-    run = ortho(tiny_lm, base, ["hello"], OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0))
+    run = ortho(tiny_lm, base, ["hello"], cfg)
     assert run.vectors.shape == (1, 32)
-    assert "NaN/inf twice" in run.meta["warnings"][0]
+    assert why in run.meta["warnings"][0]
 
 
 def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):

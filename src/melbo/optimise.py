@@ -88,9 +88,9 @@ def lbfgs_rows(
     the earlier rows); ``project_direction`` removes the forbidden directions from gradients and steps.
     The first step of a row is ``first_step`` long, along minus its gradient.
 
-    Why not Adam: on MELBO-ortho's objective (a smooth distance between residuals) 60 evaluations of this give
-    the median KL to θ0 that Adam needs 150 steps for (see ``melbo.ortho.STEPS_FAST``). Why not
-    ``torch.optim.LBFGS``: it treats the block as one problem with one line search (measured on the first
+    Why not Adam: on MELBO-ortho's objective 60 evaluations of this find vectors within half the unsteered KL
+    of θ0 at twice Adam's (150 steps) rate, at a somewhat higher median KL (see ``melbo.ortho.STEPS_FAST``).
+    Why not ``torch.optim.LBFGS``: it treats the block as one problem with one line search (measured on the first
     block, 40 evaluations: median distance 17.5 against 16.8 here) and cannot send one row back alone.
 
     Raises:
@@ -108,6 +108,8 @@ def lbfgs_rows(
     scale = x.new_ones(rows)
     means = [float(f.mean())]
     evals = 1
+    if on_step:
+        on_step(evals, means[-1])
     while evals < steps:
         direction = -project_direction(_two_loop(g, s_hist, y_hist, rho, gamma))
         uphill = (direction * g).sum(dim=1) >= 0

@@ -1,0 +1,101 @@
+"""GPU (bench item 7): MELBO-ortho fast mode and its optimisation step on CUDA, float32 against bfloat16, side by
+side in one run. Skips cleanly (exit 0, a summary line saying why) where no CUDA device is present.
+
+    .venv/bin/python bench/gpu.py                      # on a machine with a GPU: 128 vectors, the whole basis
+    .venv/bin/python bench/gpu.py --quick              # seconds
+    .venv/bin/python bench/gpu.py --quick --device cpu # the same measurements on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from melbo.models import load_model
+from melbo.objectives import Positions, max_abs_cosine, ortho_loss
+from melbo.ortho import OrthoConfig, ortho
+from melbo.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.steered import prepare, target_residual
+
+from common import base_vector, summary_line
+from utilisation import SOURCE, TARGET, step_flops
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def step_rates(lm, block: int, repeats: int) -> tuple[float, float, float]:
+    """(step seconds, step FLOP/s, same-shape matmul FLOP/s in the model's dtype)."""
+    state = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0]
+    sel = Positions("last:4").index(state.length)
+    theta = torch.nn.Parameter(torch.randn(block, lm.d_model, device=lm.device) * 30 / lm.d_model**0.5)
+    z0 = torch.zeros(lm.d_model, device=lm.device)
+
+    def step():
+        h = target_residual(lm.model, state, SOURCE, TARGET, theta)
+        ortho_loss(h[:, sel].mean(dim=1), z0).sum().backward()
+        theta.grad = None
+
+    seconds = timed(step, repeats, lm.device)
+    config = lm.model.config
+    dtype = next(lm.model.parameters()).dtype
+    a = torch.randn(block * state.length, config.hidden_size, device=lm.device, dtype=dtype)
+    w = torch.randn(config.hidden_size, config.intermediate_size, device=lm.device, dtype=dtype)
+    mm = timed(lambda: a @ w, repeats * 10, lm.device)
+    return seconds, step_flops(config, block, state.length, TARGET - SOURCE) / seconds, 2 * a.shape[0] * a.shape[1] * w.shape[1] / mm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--count", type=int, default=128, help="vectors of the timed ortho run")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device here: bench item 7 runs only where a GPU is lent (see README, Benchmarks)")
+        summary_line("skipped (no CUDA device)")
+        return
+    count, steps, repeats, full_basis = (4, 3, 2, False) if args.quick else (args.count, None, 20, True)
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model("smollm2", device=args.device, dtype=dtype)
+        base = base_vector(lm, quick=args.quick).to(lm.device)
+        start = time.perf_counter()
+        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", count=count, block=min(16, count), steps=steps), PromptFormat())
+        per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)
+        kl = statistics.median(r["kl"] for r in run.records[1:])
+        basis_min, basis_n = float("nan"), 0
+        if full_basis:
+            start = time.perf_counter()
+            whole = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast"), PromptFormat())
+            basis_min, basis_n = (time.perf_counter() - start) / 60, whole.vectors.shape[0] - 1
+            assert max_abs_cosine(whole.vectors.double()) < 1e-4
+        step_s, step_rate, mm_rate = step_rates(lm, 16, repeats)
+        rows[dtype] = (per_vector, kl, basis_min, basis_n, step_s, step_rate, mm_rate)
+        del lm
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    print(f"device: {name}; model: embedded SmolLM2; ortho fast mode, {count} vectors" + (", then the whole basis" if full_basis else ""))
+    print(f"{'dtype':<10}{'s/vector':>10}{'median KL':>11}{'basis (min)':>13}{'vectors':>9}{'step16 (ms)':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}")
+    for dtype, (per_vector, kl, basis_min, basis_n, step_s, step_rate, mm_rate) in rows.items():
+        print(f"{dtype:<10}{per_vector:>10.3f}{kl:>11.3f}{basis_min:>13.2f}{basis_n:>9}{1000 * step_s:>13.1f}{step_rate / 1e9:>10.1f}{mm_rate / 1e9:>16.1f}")
+    f32, bf16 = rows["float32"], rows["bfloat16"]
+    summary_line(
+        f"{name}: bfloat16 is {f32[0] / bf16[0]:.2f}× float32's speed per ortho vector (median KL {bf16[1]:.3f} vs {f32[1]:.3f}); "
+        f"a block-16 step runs at {100 * f32[5] / f32[6]:.0f}% (float32) and {100 * bf16[5] / bf16[6]:.0f}% (bfloat16) of a same-shape matmul"
+        + (f"; whole basis {f32[2]:.1f} min (float32)" if full_basis else "")
+    )
+
+
+if __name__ == "__main__":
+    main()

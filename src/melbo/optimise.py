@@ -59,11 +59,17 @@ def optimise(
         history.append(float(losses.detach().mean()))
         if on_step:
             on_step(step, history[-1])
-        if plateau and step >= 30 and step % 10 == 0 and len(history) > 10:
-            before, now = history[-11], history[-1]
-            if before - now < plateau * abs(before):
-                break
+        if _plateaued(history, step, plateau):
+            break
     return step
+
+
+def _plateaued(history: list[float], step: int, plateau: float) -> bool:
+    """Every 10th step from the 30th: did the last 10 steps improve the mean loss by less than ``plateau``?"""
+    if not plateau or step < 30 or step % 10 or len(history) <= 10:
+        return False
+    before, now = history[-11], history[-1]
+    return before - now < plateau * abs(before)
 
 
 def lbfgs_rows(
@@ -134,10 +140,8 @@ def lbfgs_rows(
         means.append(float(f.mean()))
         if on_step:
             on_step(evals, means[-1])
-        if plateau and evals >= 30 and evals % 10 == 0 and len(means) > 10:
-            before, now = means[-11], means[-1]
-            if before - now < plateau * abs(before):
-                break
+        if _plateaued(means, evals, plateau):
+            break
     return x, evals
 
 

@@ -115,3 +115,19 @@ def test_bad_input(name, args, needle, tmp_path, monkeypatch):
 
 def test_table_has_at_least_fifteen_cases():
     assert len(CASES) >= 15
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["discover", "-R", "0"], "positive number"),
+    (["discover", "-s", "20", "-t", "8"], "must come before"),
+    (["discover", "--positions", "middle"], "skip-first, all, or last:N"),
+    (["ortho", "BASE", "-s", "8", "-t", "20", "--optimizer", "sgd"], "use lbfgs or adam"),
+    (["ortho", "BASE", "-s", "8", "-t", "20", "--mode", "seed", "--optimizer", "lbfgs"], "its optimiser is Adam"),
+], ids=["R zero", "source after target", "positions", "optimizer", "seed with lbfgs"])
+def test_settings_are_checked_before_the_model_loads(args, needle, tmp_path):
+    """A mistyped setting costs a second, not a model load: the missing model is never reached."""
+    save_file({"vectors": torch.randn(1, 576)}, str(tmp_path / "base.safetensors"))
+    args = [str(tmp_path / "base.safetensors") if a == "BASE" else a for a in args]
+    result = melbo(*args, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "o").exists()

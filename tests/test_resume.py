@@ -36,7 +36,7 @@ def melbo_cli(*args: str) -> list[str]:
 def ortho_args(tiny_folder, base_file, out):
     return [
         "ortho", str(base_file), "-s", "1", "-t", "4", "--model", str(tiny_folder), "--count", "24", "--block", "4",
-        "--steps", "250", "--plateau", "0", "--completion-tokens", "0", "--device", "cpu", "--out", str(out),
+        "--steps", "100", "--plateau", "0", "--completion-tokens", "0", "--device", "cpu", "--out", str(out),
     ]
 
 
@@ -164,7 +164,7 @@ def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = ortho_args(tiny_folder, base_file, run_dir)
-    args[args.index("--steps") + 1] = "5000"  # blocks of several seconds: the interrupt lands mid-run
+    args[args.index("--steps") + 1] = "1500"  # blocks of a few seconds: the interrupt lands mid-run
     # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
     # Python then installs no Ctrl-C handler: give the child the disposition a terminal user's process has.
     proc = subprocess.Popen(

@@ -254,6 +254,7 @@ def discover(
         source=source, target=target, radius=radius, count=count, p=p, q=q, steps=steps, lr=lr, block=block,
         seed=seed, positions=positions, completion_tokens=completion_tokens,
     )
+    cfg.check()
     if calibrate:
         values = _parse_radii(radii, radius)
         lm = _load(model, device, dtype)
@@ -358,6 +359,7 @@ def ortho(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
         positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau, optimizer=optimizer,
     )
+    cfg.check()
     folder = _out_folder(out, "ortho", force, resume)
     lm = _load(model, device, dtype)
     cfg.check(lm.n_layers, lm.d_model)

@@ -45,8 +45,10 @@ class DiscoverConfig:
     positions: str = "skip-first"
     completion_tokens: int = 32  # greedy completion stored per vector, on the first prompt
 
-    def check(self, n_layers: int, d_model: int) -> None:
-        if not 0 <= self.source < n_layers or not 0 <= self.target < n_layers:
+    def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
+        """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
+        does that before loading one, so a typo costs a second, not a model load)."""
+        if n_layers is not None and (not 0 <= self.source < n_layers or not 0 <= self.target < n_layers):
             raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {self.source}, target {self.target}")
         if self.source >= self.target:
             raise MelboError(f"the source layer ({self.source}) must come before the target layer ({self.target})")
@@ -54,7 +56,7 @@ class DiscoverConfig:
             raise MelboError(f"R must be a positive number, got {self.radius}")
         if self.count < 1 or self.block < 1 or self.steps < 0:
             raise MelboError("count and block size must be at least 1, steps at least 0")
-        if self.count > d_model:
+        if d_model is not None and self.count > d_model:
             raise MelboError(f"at most d_model = {d_model} orthogonal vectors exist; asked for {self.count}")
         if self.p <= 0 or self.q <= 0:
             raise MelboError("p and q must be positive")

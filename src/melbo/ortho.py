@@ -89,14 +89,8 @@ class OrthoConfig:
     completion_tokens: int = 0  # greedy completion stored per vector (0: none)
 
     def resolved(self, base_norm: float, d_model: int) -> "OrthoConfig":
-        if self.mode not in ("fast", "seed"):
-            raise MelboError(f"--mode {self.mode!r}: use fast or seed")
+        optimizer = self._optimizer()
         fast = self.mode == "fast"
-        optimizer = self.optimizer or ("lbfgs" if fast else "adam")
-        if optimizer not in ("lbfgs", "adam"):
-            raise MelboError(f"--optimizer {optimizer!r}: use lbfgs or adam")
-        if not fast and optimizer != "adam":
-            raise MelboError("--mode seed is the post's algorithm: its optimiser is Adam (use --mode fast for lbfgs)")
         block = self.block or (16 if fast else 1)
         default_steps = (STEPS_FAST[optimizer] if fast else 1000)
         return replace(
@@ -111,13 +105,28 @@ class OrthoConfig:
             count=self.count if self.count is not None else d_model - 1,
         )
 
-    def check(self, n_layers: int, d_model: int) -> None:
-        if not 0 <= self.source < n_layers or not 0 <= self.target < n_layers:
+    def _optimizer(self) -> str:
+        """The optimiser this mode uses, after checking that mode and optimiser go together."""
+        if self.mode not in ("fast", "seed"):
+            raise MelboError(f"--mode {self.mode!r}: use fast or seed")
+        fast = self.mode == "fast"
+        optimizer = self.optimizer or ("lbfgs" if fast else "adam")
+        if optimizer not in ("lbfgs", "adam"):
+            raise MelboError(f"--optimizer {optimizer!r}: use lbfgs or adam")
+        if not fast and optimizer != "adam":
+            raise MelboError("--mode seed is the post's algorithm: its optimiser is Adam (use --mode fast for lbfgs)")
+        return optimizer
+
+    def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
+        """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
+        does that before loading one)."""
+        if n_layers is not None and (not 0 <= self.source < n_layers or not 0 <= self.target < n_layers):
             raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {self.source}, target {self.target}")
         if self.source >= self.target:
             raise MelboError(f"the source layer ({self.source}) must come before the target layer ({self.target})")
-        if self.count is not None and not 1 <= self.count <= d_model - 1:
-            raise MelboError(f"--count must be between 1 and d_model − 1 = {d_model - 1}")
+        self._optimizer()
+        if self.count is not None and (self.count < 1 or (d_model is not None and self.count > d_model - 1)):
+            raise MelboError("--count must be at least 1" if d_model is None else f"--count must be between 1 and d_model − 1 = {d_model - 1}")
         if (self.block is not None and self.block < 1) or (self.steps is not None and self.steps < 1):
             raise MelboError("block size and steps must be at least 1")
         if self.lr is not None and not self.lr > 0:

@@ -46,7 +46,15 @@ def main() -> None:
     if first is not None:
         print(f"{'first':<10}{first[1]:>16.1f}{'':>25}{first[0]:>24.1f}")
     print(f"{'cached':<10}{cached[1]:>16.1f}{cached[2]:>25.1f}{cached[0]:>24.1f}")
-    print("(the first load_model of a process includes ~2 s of transformers importing its Llama classes lazily)")
+    lazy = cached[1] - cached[2]
+    print(f"(the first load_model of a process includes ~{lazy:.1f} s of transformers importing its model classes lazily)")
+    if cached[1] > 3:
+        print(
+            f"why: reading the cached weights takes {cached[2]:.1f} s; the other {lazy:.1f} s is transformers importing "
+            "torch.distributed.tensor (with sympy) and torch._dynamo as it loads the model classes, which melbo cannot "
+            "skip without patching transformers. To close it: a faster core, or a process that stays up (a notebook, "
+            "or several commands in one Python session) pays it once"
+        )
     ratio = f"{first[1] / cached[1]:.1f}× faster than the first load; " if first else ""
     summary_line(
         f"cached load_model {cached[1]:.1f} s in a new process ({cached[2]:.1f} s once transformers' model classes are imported), "

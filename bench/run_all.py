@@ -36,6 +36,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> str:
+    """One line naming this machine; every section carries it, since --only may update sections on another."""
+    text = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    try:
+        import torch
+
+        text += f", torch {torch.__version__} ({'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})"
+    except ImportError:
+        pass
+    return text
+
+
 def run(script: str, extra: list[str], quick: bool) -> tuple[str, float, int]:
     command = [sys.executable, str(HERE / f"{script}.py"), *(["--quick"] if quick else []), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
@@ -65,30 +77,22 @@ def main() -> None:
         sys.exit(f"run_all: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SCRIPTS)}")
     old = sections(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() and not args.quick else {}
     failed = 0
+    here = machine()
     for script in chosen:
         output, seconds, code = run(script, extra.get(script, []), args.quick)
         failed += code != 0
         command = " ".join(["python", f"bench/{script}.py", *(["--quick"] if args.quick else []), *extra.get(script, [])])
         when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        body = f"`{command}` — {when}, {seconds:.0f} s{'' if code == 0 else f', FAILED (exit {code})'}\n\n```\n{output}\n```"
+        body = f"`{command}` — {when}, {seconds:.0f} s{'' if code == 0 else f', FAILED (exit {code})'}\nMachine: {here}.\n\n```\n{output}\n```"
         print(f"## {script}\n{body}\n", flush=True)
         old[script] = body
     if args.quick:
         sys.exit(1 if failed else 0)
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-    try:
-        import torch
-
-        machine += f", torch {torch.__version__} ({'CUDA' if torch.cuda.is_available() else 'CPU'})"
-    except ImportError:
-        pass
     lines = [
         "# melbo benchmarks",
         "",
         "Written by `bench/run_all.py`; each section is one script's full output. Absolute times depend on the",
-        "machine; the ratios in each summary line are measured side by side in one run.",
-        "",
-        f"Machine: {machine}.",
+        "machine (each section names its own); the ratios in each summary line are measured side by side in one run.",
         "",
     ]
     for script in SCRIPTS:

@@ -42,7 +42,8 @@ def machine() -> str:
     try:
         import torch
 
-        text += f", torch {torch.__version__} ({'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})"
+        device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU, {torch.backends.cpu.get_cpu_capability()} kernels"
+        text += f", torch {torch.__version__} ({device})"
     except ImportError:
         pass
     return text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from typing import Any
 
 import torch
@@ -28,12 +27,8 @@ def base_vector(lm: Any, quick: bool) -> Tensor:
     return run.vectors[choose_base(lm, run, PromptFormat(), cfg).index]
 
 
-def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.processor() or platform.system()}"
-
-
 def summary_line(text: str) -> None:
     print(f"summary: {text}")
 
 
-__all__ = ["DEFAULT_PROMPT", "base_vector", "machine", "summary_line"]
+__all__ = ["DEFAULT_PROMPT", "base_vector", "summary_line"]

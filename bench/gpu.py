@@ -21,18 +21,7 @@ from melbo.prompts import DEFAULT_PROMPT, PromptFormat
 from melbo.steered import prepare, target_residual
 
 from common import base_vector, summary_line
-from utilisation import SOURCE, TARGET, step_flops
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
+from utilisation import SOURCE, TARGET, step_flops, time_it
 
 
 def step_rates(lm, block: int, repeats: int) -> tuple[float, float, float]:
@@ -47,12 +36,12 @@ def step_rates(lm, block: int, repeats: int) -> tuple[float, float, float]:
         ortho_loss(h[:, sel].mean(dim=1), z0).sum().backward()
         theta.grad = None
 
-    seconds = timed(step, repeats, lm.device)
+    seconds = time_it(step, repeats, lm.device)
     config = lm.model.config
     dtype = next(lm.model.parameters()).dtype
     a = torch.randn(block * state.length, config.hidden_size, device=lm.device, dtype=dtype)
     w = torch.randn(config.hidden_size, config.intermediate_size, device=lm.device, dtype=dtype)
-    mm = timed(lambda: a @ w, repeats * 10, lm.device)
+    mm = time_it(lambda: a @ w, repeats * 10, lm.device)
     return seconds, step_flops(config, block, state.length, TARGET - SOURCE) / seconds, 2 * a.shape[0] * a.shape[1] * w.shape[1] / mm
 
 

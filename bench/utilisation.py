@@ -41,11 +41,15 @@ def step_flops(config, batch: int, tokens: int, layers: int) -> float:
     return float(batch * tokens * layers * (forward + backward))
 
 
-def time_it(fn, repeats: int) -> float:
-    fn()  # warm-up
+def time_it(fn, repeats: int, device: torch.device | None = None) -> float:
+    """Seconds per call of fn after one warm-up call; on CUDA, waits for the device before each clock read."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 

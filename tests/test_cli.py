@@ -113,3 +113,13 @@ def test_quick_demo(tmp_path):
     assert f"report: {page}" in result.stdout.replace("\n", "") and page.is_file()
     assert (tmp_path / "demo" / "ortho" / "eval.json").is_file() and (tmp_path / "demo" / "ortho" / "compose.json").is_file()
     assert (tmp_path / "demo" / "discover" / "report.html").is_file()
+
+
+def test_import_melbo_does_not_import_torch_until_a_name_is_used():
+    """`melbo --help` and a mistyped option answer at once: the package's names load torch on first use."""
+    code = (
+        "import sys, melbo; assert 'torch' not in sys.modules, 'import melbo imported torch'; "
+        "from melbo import *; assert callable(load_model) and callable(find_blocks) and 'torch' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from melbo.demo import DemoConfig, choose_base
-from melbo.discover import DiscoverConfig, discover
-from melbo.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.analysis.choose import choose_bases, score_candidates
+from melbo.analysis.config import ChooseConfig
+from melbo.engines.discover import discover
+from melbo.model.loading import LoadedModel
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.study import demo_study
 
 
-def base_vector(lm: Any, quick: bool) -> Tensor:
+def base_vector(lm: LoadedModel, quick: bool) -> Tensor:
     """The demo's base vector (discovery at R = 30, layers 8 → 20, the clearest fluent behaviour);
     with ``quick``, a random direction of norm 30."""
     if quick:
         theta = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
         return 30 * theta / theta.norm()
-    cfg = DemoConfig()
-    run = discover(
-        lm, [cfg.prompt], DiscoverConfig(source=cfg.source, target=cfg.target, radius=cfg.radius, count=cfg.discover_count,
-                                         steps=cfg.discover_steps, block=cfg.discover_count, seed=cfg.seed),
-        PromptFormat(),
-    )
-    return run.vectors[choose_base(lm, run, PromptFormat(), cfg).index]
+    unit = demo_study().units()[0]
+    assert unit.discover is not None
+    run = discover(lm, unit.prompts.prompts, unit.discover, PromptFormat())
+    return run.vectors[choose_bases(score_candidates(lm, run, unit.prompts.prompts[0], PromptFormat()), ChooseConfig())[0].index]
 
 
 def summary_line(text: str) -> None:

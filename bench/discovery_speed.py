@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from melbo.discover import DiscoverConfig, discover
-from melbo.models import load_model
-from melbo.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.engines.discover import DiscoverConfig, discover
+from melbo.model.loading import load_model
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 
 from common import summary_line
 
@@ -34,7 +34,7 @@ def main() -> None:
         run = discover(lm, [DEFAULT_PROMPT], cfg, PromptFormat())
         seconds = time.perf_counter() - start
         rates[name] = 60 * count / seconds
-        loss = sum(r["loss"] for r in run.records) / count
+        loss = sum(r.loss for r in run.records) / count
         print(f"{name:<24}{count:>8}{steps:>7}{seconds:>9.1f}{rates[name]:>13.1f}{loss:>11.1f}")
     block_rate, single_rate = rates.values()
     summary_line(f"blocks find {block_rate:.1f} vectors/min against {single_rate:.1f} one at a time: {block_rate / single_rate:.1f}× faster")

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from melbo.generation import generate_steered
-from melbo.models import load_model
-from melbo.prompts import PromptFormat, encode_prompt
+from melbo.model.forward import generate_steered
+from melbo.model.loading import load_model
+from melbo.model.prompts import PromptFormat, encode_prompt
 
 
 def main() -> None:

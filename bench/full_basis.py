@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from melbo.models import load_model
+from melbo.model.loading import load_model
 from melbo.objectives import max_abs_cosine
-from melbo.ortho import OrthoConfig, ortho
-from melbo.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 
 from common import base_vector, summary_line
 
@@ -45,19 +45,19 @@ def main() -> None:
     run = ortho(lm, base, [DEFAULT_PROMPT], cfg, PromptFormat(), on_step=on_step)
     minutes = (time.perf_counter() - start) / 60
     records = run.records[1:]
-    kls = [r["kl"] for r in records]
+    kls = [r.kl for r in records]
     print(f"{'blocks':<8}{'vectors':>8}{'steps':>7}{'s/step':>8}{'median KL':>11}{'median norm':>13}")
     per = cfg.block or 16
     for b in range(0, len(blocks), max(1, len(blocks) // 12)):
-        part = [r for r in records if r["block"] == b]
+        part = [r for r in records if r.block == b]
         if part:
             times = blocks[b]
-            print(f"{b:<8}{len(part):>8}{len(times):>7}{statistics.median(times):>8.2f}{statistics.median(r['kl'] for r in part):>11.3f}{statistics.median(r['norm'] for r in part):>13.1f}")
-    exhausted = run.meta.get("stopped", "").startswith("basis exhausted")
+            print(f"{b:<8}{len(part):>8}{len(times):>7}{statistics.median(times):>8.2f}{statistics.median(r.kl for r in part):>11.3f}{statistics.median(r.norm for r in part):>13.1f}")
+    exhausted = (run.meta.stopped or "").startswith("basis exhausted")
     steps = sum(len(t) for t in blocks.values())
     print(
         f"{len(records)} vectors in {len(blocks)} blocks of ≤ {per}, {steps} optimisation steps, {minutes:.1f} min; "
-        f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.get('stopped')}"
+        f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.stopped}"
     )
     step_s = statistics.median(t for times in blocks.values() for t in times)
     if exhausted and minutes > 20:

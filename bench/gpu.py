@@ -14,11 +14,12 @@ import time
 
 import torch
 
-from melbo.models import load_model
-from melbo.objectives import Positions, max_abs_cosine, ortho_loss
-from melbo.ortho import OrthoConfig, ortho
-from melbo.prompts import DEFAULT_PROMPT, PromptFormat
-from melbo.steered import prepare, target_residual
+from melbo.model.loading import load_model
+from melbo.engines.config import Positions
+from melbo.objectives import max_abs_cosine, ortho_loss
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.model.forward import prepare, target_residual
 
 from common import base_vector, summary_line
 from utilisation import SOURCE, TARGET, step_flops, time_it
@@ -63,7 +64,7 @@ def main() -> None:
         start = time.perf_counter()
         run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", count=count, block=min(16, count), steps=steps), PromptFormat())
         per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)
-        kl = statistics.median(r["kl"] for r in run.records[1:])
+        kl = statistics.median(r.kl for r in run.records[1:])
         basis_min, basis_n = float("nan"), 0
         if full_basis:
             start = time.perf_counter()

@@ -16,7 +16,7 @@ import tempfile
 from common import summary_line
 
 TIMED = (
-    "import time; t0 = time.perf_counter(); import torch, transformers; from melbo.models import load_model; "
+    "import time; t0 = time.perf_counter(); import torch, transformers; from melbo.model.loading import load_model; "
     "t1 = time.perf_counter(); load_model('smollm2', device='cpu'); t2 = time.perf_counter(); "
     "load_model('smollm2', device='cpu'); print(t1 - t0, t2 - t1, time.perf_counter() - t2)"
 )

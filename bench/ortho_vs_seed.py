@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from melbo.models import load_model
+from melbo.model.loading import load_model
 from melbo.objectives import kl_divergence, max_abs_cosine
-from melbo.ortho import OrthoConfig, ortho
-from melbo.prompts import DEFAULT_PROMPT, PromptFormat
-from melbo.steered import last_token_logits, prepare
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.model.forward import last_token_logits, prepare
 
 from common import base_vector, summary_line
 
@@ -38,7 +38,7 @@ def unsteered_kl(lm, base) -> float:
 
 
 def quality(run, accept: float, relative: float) -> dict:
-    kls = sorted(r["kl"] for r in run.records[1:])
+    kls = sorted(r.kl for r in run.records[1:])
     return {
         "vectors": len(kls),
         "accepted": sum(k <= accept for k in kls),

@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from melbo.models import load_model
-from melbo.objectives import Positions, ortho_loss
-from melbo.prompts import DEFAULT_PROMPT, PromptFormat
-from melbo.steered import prepare, target_residual
+from melbo.model.loading import load_model
+from melbo.engines.config import Positions
+from melbo.objectives import ortho_loss
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.model.forward import prepare, target_residual
 
 from common import summary_line
 

@@ -66,7 +66,7 @@ def make_char_tokenizer():
 def converted_embedded_model():
     """Convert the embedded GGUF once before any test, as a first `melbo` run would: later CLI calls then
     print only what the tests look at (a fresh machine's first call also says it is converting)."""
-    from melbo.models import _cached_gguf, embedded_gguf_path
+    from melbo.model.loading import _cached_gguf, embedded_gguf_path
 
     _cached_gguf(embedded_gguf_path())
 
@@ -84,7 +84,7 @@ def tiny(request):
 @pytest.fixture
 def tiny_lm(char_tokenizer):
     """A LoadedModel around a tiny Llama, for engine and CLI-level API tests."""
-    from melbo.models import LoadedModel
+    from melbo.model.loading import LoadedModel
 
     return LoadedModel(model=make_tiny_model("llama"), tokenizer=char_tokenizer, name="tiny-llama", source={"id": "tiny"})
 
@@ -93,7 +93,7 @@ def tiny_lm(char_tokenizer):
 def nonlinear_lm(char_tokenizer):
     """A tiny Llama with larger random weights: default weights (std 0.02) make a near-identity network
     in which every direction acts alike, unlike real models."""
-    from melbo.models import LoadedModel
+    from melbo.model.loading import LoadedModel
 
     return LoadedModel(make_tiny_model("llama", initializer_range=0.3), char_tokenizer, "tiny-nonlinear", {"id": "tiny"})
 
@@ -101,6 +101,6 @@ def nonlinear_lm(char_tokenizer):
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct (converted once into the user's cache, then ~2 s a load)."""
-    from melbo.models import load_model
+    from melbo.model.loading import load_model
 
     return load_model("smollm2", device="cpu")

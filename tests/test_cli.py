@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from melbo.runs import read_run, write_run
+from melbo.files.runs import read_run, write_run
 
 
 def melbo(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -80,7 +80,7 @@ def test_discover_then_ortho_from_the_shell(tmp_path):
     result = melbo("ortho", str(disc), "--index", "1", "--count", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
     assert result.returncode == 0, result.stderr
     run = read_run(orth, d_model=576)
-    assert run.vectors.shape == (3, 576) and run.meta["base"]["index"] == 1
+    assert run.vectors.shape == (3, 576) and run.meta.base["index"] == 1
     torch.testing.assert_close(run.vectors[0], read_run(disc).vectors[1])
     for command, stored, shown in (
         (["eval", str(orth), "--max-new-tokens", "4", "--prompt", "Hi!"], "eval.json", "generalisation over 1 held-out"),
@@ -93,7 +93,7 @@ def test_discover_then_ortho_from_the_shell(tmp_path):
     seed = tmp_path / "seed"
     result = melbo("ortho", str(disc), "--mode", "seed", "--count", "1", "--steps", "2", "--completion-tokens", "0", "--out", str(seed))
     assert result.returncode == 0, result.stderr
-    assert read_run(seed).meta["config"]["mode"] == "seed"
+    assert read_run(seed).meta.config["mode"] == "seed"
 
 
 @pytest.mark.slow
@@ -101,18 +101,6 @@ def test_calibrate_prints_sweep():
     result = melbo("discover", "--calibrate", "--radii", "10,40", "--steps", "3")
     assert result.returncode == 0, result.stderr
     assert "change / R" in result.stdout
-
-
-@pytest.mark.slow
-def test_quick_demo(tmp_path):
-    result = melbo("demo", "--quick", "--out", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr
-    assert "Base vector:" in result.stdout and "orthogonal to the base" in result.stdout
-    assert read_run(tmp_path / "demo" / "ortho").vectors.shape == (5, 576)
-    page = tmp_path / "demo" / "ortho" / "report.html"
-    assert f"report: {page}" in result.stdout.replace("\n", "") and page.is_file()
-    assert (tmp_path / "demo" / "ortho" / "eval.json").is_file() and (tmp_path / "demo" / "ortho" / "compose.json").is_file()
-    assert (tmp_path / "demo" / "discover" / "report.html").is_file()
 
 
 def test_import_melbo_does_not_import_torch_until_a_name_is_used():

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from melbo import MelboError, write_run
-from melbo.compose import compose, composed_vectors
-from melbo.objectives import orthonormal_rows
-from melbo.prompts import PromptFormat
+from melbo.analysis.compose import compose, composed_vectors
+from melbo.model.forward import generate_steered, last_token_logits, prepare
+from melbo.model.prompts import PromptFormat
+from melbo.objectives import kl_divergence, orthonormal_rows
 
 
 @pytest.fixture
@@ -33,10 +34,20 @@ def test_combinations_by_hand(ortho_run):
 
 def test_compose_end_to_end(tiny_lm, ortho_run):
     results = compose(tiny_lm, ortho_run, [1, 2, 5], "hi", PromptFormat(), max_new_tokens=3)
-    assert len(results["rows"]) == 3 * 3 + 5
-    assert all(r["kl"] >= 0 and isinstance(r["text"], str) for r in results["rows"])
+    assert len(results.rows) == 3 * 3 + 5 and len(results.combinations) == 9
     assert json.loads((ortho_run.path / "compose.json").read_text())["rows"][0]["name"] == "k=1 mean"
-    assert math.isclose(results["rows"][0]["norm"], 6.0, rel_tol=1e-5)
+    assert math.isclose(results.rows[0]["norm"], 6.0, rel_tol=1e-5)
+    # the mean of the first vector alone is vector 1: its KL to θ0 and its completion, computed here by hand
+    state = prepare(tiny_lm, ["hi"], PromptFormat(), 1)[0]
+    logits = last_token_logits(tiny_lm.model, state, 1, ortho_run.vectors[[0, 1]])
+    assert results.rows[0]["kl"] == pytest.approx(float(kl_divergence(logits[1:], logits[:1])), rel=1e-6)
+    alone = generate_steered(tiny_lm.model, tiny_lm.tokenizer, state.ids, ortho_run.vectors[1:2], 1, max_new_tokens=3)[0]
+    assert results.rows[0]["text"] == alone
+    # each single vector at ‖θ0‖: KL by hand for #2, and the median of the five as the summary says
+    logits2 = last_token_logits(tiny_lm.model, state, 1, ortho_run.vectors[2:3] / 2)
+    single = {r["name"]: r["kl"] for r in results.rows if r["name"].startswith("#")}
+    assert single["#2→‖θ0‖"] == pytest.approx(float(kl_divergence(logits2, logits[:1])), rel=1e-6)
+    assert results.single_median_kl == pytest.approx(sorted(single.values())[2])
 
 
 def test_needs_found_vectors(tmp_path):

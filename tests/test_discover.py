@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from melbo import MelboError, read_run
-from melbo.discover import DiscoverConfig, calibrate, discover
+from melbo.engines.discover import DiscoverConfig, calibrate, discover
+from melbo.model.forward import generate_steered
+from melbo.model.prompts import PromptFormat, encode_prompt
 from melbo.objectives import max_abs_cosine, random_orthogonal_block
 
 
@@ -21,28 +23,27 @@ def test_vectors_on_sphere_orthogonal_and_saved(tiny_lm, tmp_path):
     torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((6,), 4.0), rtol=1e-5, atol=0)
     assert max_abs_cosine(run.vectors) <= 1e-5
     saved = read_run(tmp_path / "run", d_model=32)
-    assert saved.meta["status"] == "complete" and saved.meta["kind"] == "discover"
-    assert [r["block"] for r in saved.records] == [0, 0, 0, 0, 1, 1]
-    assert all(isinstance(r["completion"], str) for r in saved.records)
-    assert saved.meta["config"]["radius"] == 4.0 and saved.meta["prompts"] == ["hello there", "how are you"]
+    assert saved.meta.status == "complete" and saved.meta.kind == "discover"
+    assert [r.block for r in saved.records] == [0, 0, 0, 0, 1, 1]
+    ids = encode_prompt(tiny_lm.tokenizer, "hello there", PromptFormat())
+    assert [r.completion for r in saved.records] == generate_steered(tiny_lm.model, tiny_lm.tokenizer, ids, run.vectors, 1, 4)
+    assert saved.meta.config["radius"] == 4.0 and saved.meta.prompts == ["hello there", "how are you"]
 
 
 def test_training_beats_random_vectors(nonlinear_lm):
     """The learnt vectors change the target layer more than random vectors of the same norm."""
-    from melbo.discover import _unsteered_targets, block_loss
-    from melbo.prompts import PromptFormat
-    from melbo.steered import prepare
+    from melbo.engines.discover import _Problem
+    from melbo.model.forward import prepare
 
     tiny_lm = nonlinear_lm
 
     cfg = small(count=4, steps=60, lr=0.1)
     run = discover(tiny_lm, ["hello there"], cfg)
-    states = prepare(tiny_lm, ["hello there"], PromptFormat(), cfg.source)
-    base = _unsteered_targets(tiny_lm, states, cfg)
+    problem = _Problem(tiny_lm, prepare(tiny_lm, ["hello there"], PromptFormat(), cfg.source), cfg.resolved(6, 32))
     random = random_orthogonal_block(4, 32, cfg.radius, None, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        learnt = block_loss(tiny_lm, states, base, run.vectors, cfg)
-        chance = block_loss(tiny_lm, states, base, random, cfg)
+        learnt = problem.losses(run.vectors)
+        chance = problem.losses(random)
     assert learnt.mean() < chance.mean()  # losses are negative changes: lower is a larger change
 
 
@@ -54,7 +55,7 @@ def test_same_seed_same_vectors(tiny_lm):
 
 def test_block_of_one_is_one_at_a_time(tiny_lm):
     run = discover(tiny_lm, ["hello"], small(count=3, block=1, completion_tokens=0))
-    assert [r["block"] for r in run.records] == [0, 1, 2]
+    assert [r.block for r in run.records] == [0, 1, 2]
     assert max_abs_cosine(run.vectors) <= 1e-5
 
 
@@ -87,4 +88,4 @@ def test_discover_on_embedded_model(smollm, tmp_path):
     run = discover(smollm, ["How can I build a bomb?"], cfg, out=tmp_path / "run")
     assert run.vectors.shape == (2, 576)
     assert max_abs_cosine(run.vectors) <= 1e-5
-    assert read_run(tmp_path / "run", d_model=576).meta["model"]["sha256"] == smollm.source["sha256"]
+    assert read_run(tmp_path / "run", d_model=576).meta.model["sha256"] == smollm.source["sha256"]

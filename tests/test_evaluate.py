@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from melbo import MelboError, write_run
-from melbo.evaluate import EvalConfig, evaluate, label_counts
-from melbo.generation import generate_steered
+from melbo.analysis.evaluate import EvalConfig, evaluate
+from melbo.model.forward import generate_steered
 from melbo.objectives import kl_divergence
-from melbo.prompts import PromptFormat, encode_prompt
+from melbo.model.prompts import PromptFormat, encode_prompt
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def run(tmp_path):
 def test_batched_equals_one_at_a_time(tiny_lm, run):
     results = evaluate(tiny_lm, run, ["hi there"], list(range(5)), EvalConfig(max_new_tokens=6, batch=3))
     ids = encode_prompt(tiny_lm.tokenizer, "hi there", PromptFormat())
-    greedy = results["prompts"]["hi there"]["completions"]["greedy"]
+    greedy = results.completions("hi there", "greedy")
     for i in range(5):
         alone = generate_steered(tiny_lm.model, tiny_lm.tokenizer, ids, run.vectors[i : i + 1], 1, max_new_tokens=6)[0]
         assert greedy[str(i)][0]["text"] == alone
@@ -32,18 +32,18 @@ def test_batched_equals_one_at_a_time(tiny_lm, run):
 
 def test_kl_both_directions_and_checks(tiny_lm, run):
     results = evaluate(tiny_lm, run, ["hi there"], [0, 2], EvalConfig(max_new_tokens=2, base=0))
-    first = results["prompts"]["hi there"]["first_token"]
+    first = results.first_token("hi there")
     assert first["0"]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert first["2"]["kl"] > 0 and first["2"]["kl_reverse"] > 0 and first["2"]["kl"] != first["2"]["kl_reverse"]
     assert len(first["2"]["top"]) == 10
-    assert results["norms"][2] == pytest.approx(float(run.vectors[2].norm()))
-    assert results["max_abs_cos"] > 0  # random vectors are not orthogonal, and the check says so
+    assert results.norms[2] == pytest.approx(float(run.vectors[2].norm()))
+    assert results.max_abs_cos > 0  # random vectors are not orthogonal, and the check says so
     assert json.loads((run.path / "eval.json").read_text())["prompts"]["hi there"]["first_token"]["2"]["kl"] == first["2"]["kl"]
 
 
 def test_incremental(tiny_lm, run, monkeypatch):
     evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=2))
-    import melbo.evaluate as engine
+    import melbo.analysis.evaluate as engine
 
     calls: list[int] = []
     real = engine.generate_steered
@@ -55,15 +55,15 @@ def test_incremental(tiny_lm, run, monkeypatch):
     monkeypatch.setattr(engine, "generate_steered", counting)
     results = evaluate(tiny_lm, run, ["hi there", "and you?"], [0, 1, 2], EvalConfig(max_new_tokens=2))
     assert calls == [1, 3]  # only vector 2 on the old prompt, all three on the new one
-    assert set(results["prompts"]) == {"hi there", "and you?"}
+    assert set(results.prompts) == {"hi there", "and you?"}
 
 
 def test_sampling_and_label_counts(tiny_lm, run):
     cfg = EvalConfig(max_new_tokens=3, temperature=1.0, samples=2, seed=1)
     results = evaluate(tiny_lm, run, ["hi there"], [0, 1, 2], cfg)
-    sampled = results["prompts"]["hi there"]["completions"][cfg.mode()]
+    sampled = results.completions("hi there", cfg.mode())
     assert all(len(outs) == 2 for outs in sampled.values())
-    counts = label_counts(results, "hi there", cfg.mode())
+    counts = results.label_counts("hi there", cfg.mode())
     assert counts[0]["from"] == 0 and sum(counts[0][k] for k in ("code", "refusal", "other")) == 6
 
 
@@ -100,26 +100,30 @@ def test_eval_from_the_shell(tmp_path, run):
     assert bad.returncode == 2 and "vectors 0 to 4" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_generalisation_share(tiny_lm, run):
-    from melbo.evaluate import generalisation
-
+def test_generalisation_and_behaviour_share(tiny_lm, run):
     results = evaluate(tiny_lm, run, ["hi there", "one", "two"], [0, 1, 2], EvalConfig(max_new_tokens=3))
+    assert results.data["generalisation"]["prompts"] == ["one", "two"]  # computed whenever prompts are held out
     # rewrite labels by hand so the expected shares are known
-    done = {p: results["prompts"][p]["completions"]["greedy"] for p in ("hi there", "one", "two")}
+    done = {p: results.completions(p, "greedy") for p in ("hi there", "one", "two")}
     done["hi there"]["0"][0]["label"] = "code"
     for p, labels in (("one", ["code", "code", "other"]), ("two", ["code", "other", "other"])):
         for i, lab in enumerate(labels):
             done[p][str(i)][0]["label"] = lab
-    summary = generalisation(results, "hi there", ["one", "two"], "greedy", base=0)
+    done["hi there"]["1"][0]["label"] = "code"
+    done["hi there"]["2"][0]["label"] = "other"
+    summary = results.generalisation("hi there", ["one", "two"], "greedy", base=0)
     assert summary["base_label"] == "code"
     assert summary["share"] == {"0": 1.0, "1": 0.5, "2": 0.0}
+    assert results.behaviour_share("hi there", "greedy", base=0) == 0.5  # of vectors 1 and 2, one carries "code"
+    assert results.behaviour_share("one", "greedy", base=0) == 0.5
+    assert results.behaviour_share("never evaluated", "greedy") is None
 
 
 def test_new_labels_apply_to_stored_completions(tiny_lm, run):
-    from melbo.labels import RULES, Rule
+    from melbo.analysis.labels import RULES, Rule
 
     evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3))
     everything = (Rule("anything", "always", predicate=lambda text: True), *RULES)
     results = evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3), rules=everything)
-    outs = results["prompts"]["hi there"]["completions"]["greedy"]
+    outs = results.completions("hi there", "greedy")
     assert {o[0]["label"] for o in outs.values()} == {"anything"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from melbo import MelboError, add_to_residual, read_run, residual_after, write_run
-from melbo.interop import export_vectors, import_file, parse_indices, read_control_vector
+from melbo.files.interop import export_vectors, import_file, parse_indices, read_control_vector
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from melbo import MelboError, add_to_residual, capture_residual, find_blocks, residual_after, start_after, stop_after
-from melbo.layers import n_layers
+from melbo.model.layers import n_layers
 
 IDS = torch.tensor([[5, 17, 42, 9, 33, 61, 7]])
 
@@ -14,7 +14,7 @@ IDS = torch.tensor([[5, 17, 42, 9, 33, 61, 7]])
 def hook_count(model) -> int:
     """melbo's hooks still registered (transformers keeps hooks of its own, which are not counted)."""
     return sum(
-        getattr(fn, "__module__", "") == "melbo.layers"
+        getattr(fn, "__module__", "") == "melbo.model.layers"
         for block in find_blocks(model)
         for fn in [*block._forward_hooks.values(), *block._forward_pre_hooks.values()]
     )

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from melbo import MelboError
-from melbo.generation import generate_steered
-from melbo.models import cache_root, embedded_gguf_path, file_sha256, load_model
-from melbo.prompts import PromptFormat, encode_prompt
+from melbo.model.forward import generate_steered
+from melbo.model.loading import cache_root, embedded_gguf_path, file_sha256, load_model
+from melbo.model.prompts import PromptFormat, encode_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,15 @@ def test_second_load_uses_cache(smollm, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF file was converted again")
 
-    monkeypatch.setattr("melbo.models._convert_gguf", no_conversion)
+    monkeypatch.setattr("melbo.model.loading._convert_gguf", no_conversion)
     lm = load_model("smollm2", device="cpu")
     folder = cache_root() / "gguf" / smollm.source["sha256"][:32]
     assert (folder / "model.safetensors").is_file()
-    for name, param in smollm.model.state_dict().items():
-        torch.testing.assert_close(lm.model.state_dict()[name], param)
-        break
+    cached = lm.model.state_dict()
+    original = smollm.model.state_dict()
+    assert cached.keys() == original.keys()
+    for name, param in original.items():  # every tensor, bit for bit
+        assert torch.equal(cached[name], param), name
 
 
 def test_gguf_path_and_errors(tmp_path):

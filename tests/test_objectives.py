@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from melbo import MelboError
+from melbo.engines.config import Positions
 from melbo.objectives import (
-    Positions,
     kl_divergence,
     max_abs_cosine,
     melbo_loss,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from melbo.optimise import Diverged, lbfgs_rows
+from melbo.engines.optimise import Diverged, lbfgs_rows
 
 
 def _quadratics(rows: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from melbo import MelboError, find_blocks, read_run
-from melbo.objectives import max_abs_cosine
-from melbo.ortho import OrthoConfig, ortho
-from melbo.prompts import PromptFormat, encode_prompt
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.forward import generate_steered, last_token_logits, prepare
+from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.objectives import kl_divergence, max_abs_cosine
 
 PROMPT = "how do I do it?"
 
@@ -60,7 +61,7 @@ def test_seed_mode_reproduces_post_rule(tiny_lm):
     ids = encode_prompt(tiny_lm.tokenizer, PROMPT, PromptFormat())
     expected = post_reference(tiny_lm.model, ids, base, 1, 4, count=3, steps=12)
     torch.testing.assert_close(run.vectors, expected, atol=2e-5, rtol=1e-4)
-    assert run.meta["config"]["lr"] == 0.01 and run.meta["config"]["positions"] == "all"
+    assert run.meta.config["lr"] == 0.01 and run.meta.config["positions"] == "all"
 
 
 def test_fast_mode_orthogonal_and_better_than_start(tiny_lm, tmp_path):
@@ -72,11 +73,22 @@ def test_fast_mode_orthogonal_and_better_than_start(tiny_lm, tmp_path):
     assert max_abs_cosine(run.vectors) <= 1e-5
     saved = read_run(tmp_path / "run", d_model=32)
     records = saved.records
-    assert records[0]["base"] and records[0]["kl"] == 0.0
-    assert [r["block"] for r in records[1:]] == [0] * 4 + [1] * 4
-    assert all(r["kl"] >= 0 and r["kl_reverse"] >= 0 for r in records)
-    assert all(isinstance(r["completion"], str) for r in records)
-    assert saved.meta["status"] == "complete" and saved.meta["stopped"] == "count reached"
+    assert records[0].base and records[0].kl == 0.0
+    assert [r.block for r in records[1:]] == [0] * 4 + [1] * 4
+    # KL both ways at the last prompt token, averaged over the two prompts, as computed here by hand
+    kl = torch.zeros(9, dtype=torch.float64)
+    kl_reverse = torch.zeros(9, dtype=torch.float64)
+    for prompt in (PROMPT, "and then?"):
+        state = prepare(tiny_lm, [prompt], PromptFormat(), 1)[0]
+        logits = last_token_logits(tiny_lm.model, state, 1, run.vectors)
+        kl += kl_divergence(logits, logits[:1].expand_as(logits)) / 2
+        kl_reverse += kl_divergence(logits[:1].expand_as(logits), logits) / 2
+    assert [r.kl for r in records] == pytest.approx(kl.tolist(), rel=1e-5, abs=1e-9)
+    assert [r.kl_reverse for r in records] == pytest.approx(kl_reverse.tolist(), rel=1e-5, abs=1e-9)
+    assert all(r.kl != r.kl_reverse for r in records[1:])
+    completions = generate_steered(tiny_lm.model, tiny_lm.tokenizer, encode_prompt(tiny_lm.tokenizer, PROMPT, PromptFormat()), run.vectors, 1, 3)
+    assert [r.completion for r in records] == completions
+    assert saved.meta.status == "complete" and saved.meta.stopped == "count reached"
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
@@ -87,13 +99,13 @@ def test_fast_mode_reduces_loss(nonlinear_lm, optimizer):
     cfg = dict(source=1, target=4, count=4, block=4, optimizer=optimizer)
     short = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, steps=1, min_norm=0.0))
     long = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, steps=80, plateau=0.0))
-    assert sum(r["loss"] for r in long.records[1:]) < 0.8 * sum(r["loss"] for r in short.records[1:])
-    assert long.meta["config"]["optimizer"] == optimizer and max_abs_cosine(long.vectors) <= 1e-5
+    assert sum(r.loss for r in long.records[1:]) < 0.8 * sum(r.loss for r in short.records[1:])
+    assert long.meta.config["optimizer"] == optimizer and max_abs_cosine(long.vectors) <= 1e-5
 
 
 def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
     fast = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3))
-    assert fast.meta["config"]["optimizer"] == "lbfgs" and fast.records[1]["steps"] == 3
+    assert fast.meta.config["optimizer"] == "lbfgs" and fast.records[1].steps == 3
     assert OrthoConfig().resolved(30.0, 576).steps == 60 and OrthoConfig(optimizer="adam").resolved(30.0, 576).steps == 150
     assert OrthoConfig(mode="seed").resolved(30.0, 576).optimizer == "adam"
 
@@ -101,15 +113,15 @@ def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
 def test_stops_when_basis_exhausted(tiny_lm):
     """Without --count it runs until no direction is left (or new vectors collapse to ≈ 0)."""
     run = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, block=8, steps=5))
-    assert run.meta["stopped"].startswith("basis exhausted") or run.vectors.shape[0] == 32
-    every = run.vectors.shape[0] + len(run.meta["dropped"])
+    assert run.meta.stopped.startswith("basis exhausted") or run.vectors.shape[0] == 32
+    every = run.vectors.shape[0] + len(run.meta.dropped)
     assert every <= 32 and max_abs_cosine(run.vectors) <= 1e-5
 
 
 def test_collapsed_vectors_are_dropped(tiny_lm):
     run = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=4, block=4, steps=3, min_norm=1e9))
-    assert run.vectors.shape[0] == 1 and len(run.meta["dropped"]) == 4
-    assert run.meta["stopped"].startswith("basis exhausted")
+    assert run.vectors.shape[0] == 1 and len(run.meta.dropped) == 4
+    assert run.meta.stopped.startswith("basis exhausted")
 
 
 def test_l2_penalty_shrinks_norms(tiny_lm):

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from melbo import residual_after, write_run
-from melbo.generation import generate_steered
-from melbo.probe import presence, probe, prompt_set
-from melbo.prompts import PromptFormat, encode_prompt
+from melbo import MelboError, residual_after, write_run
+from melbo.model.forward import generate_steered
+from melbo.analysis.probe import presence, probe, prompt_set
+from melbo.model.prompts import PromptFormat, encode_prompt
 
 
 def test_presence_by_hand():
@@ -21,7 +21,7 @@ def test_presence_by_hand():
 
 def test_shipped_prompt_sets():
     assert len(prompt_set()) == 20 and len(prompt_set("coding")) == 5
-    with pytest.raises(Exception, match="unknown prompt set"):
+    with pytest.raises(MelboError, match="unknown prompt set"):
         prompt_set("poetry")
 
 
@@ -35,6 +35,6 @@ def test_probe_finds_a_direction_the_model_uses(tiny_lm, tmp_path):
     vectors = torch.stack([used, torch.randn(32, generator=torch.Generator().manual_seed(9))])
     run = write_run(tmp_path / "run", vectors, {"layers": {"source": 1, "target": 4}, "vectors": [{"index": 0}, {"index": 1}]})
     results = probe(tiny_lm, run, ["hello"], PromptFormat(), max_new_tokens=8, random_directions=64)
-    z_used, z_random = results["vectors"][0]["z"], results["vectors"][1]["z"]
+    z_used, z_random = results.vectors[0]["z"], results.vectors[1]["z"]
     assert z_used > 3 and abs(z_random) < 3
-    assert json.loads((run.path / "probe.json").read_text())["tokens"] == results["tokens"] > 0
+    assert json.loads((run.path / "probe.json").read_text())["tokens"] == results.data["tokens"] > 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from melbo import MelboError
-from melbo.prompts import PromptFormat, encode_prompt, format_prompt, read_prompts
+from melbo.model.prompts import PromptFormat, encode_prompt, format_prompt, read_prompts
 
 
 def test_chat_template_with_system(char_tokenizer):

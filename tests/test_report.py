@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from melbo.errors import MelboError
-from melbo.postdump import import_post_dump, read_post_composition
+from melbo.files.postdump import import_post_dump, read_post_composition
 from melbo.report import gather, write_report
 from melbo.report.data import block_size_for, cosine_check, moving_average
 from melbo.report.render import script_json
-from melbo.runs import read_run
+from melbo.files.runs import read_run
 from report_runs import PLANTED, PROMPT, make_run
 from test_cli import assert_one_line_error, melbo
 

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from conftest import make_char_tokenizer, make_tiny_model
 from melbo import MelboError, read_run
-from melbo.discover import DiscoverConfig, discover
+from melbo.engines.discover import DiscoverConfig, discover
 from melbo.objectives import max_abs_cosine
-from melbo.ortho import OrthoConfig, ortho
+from melbo.engines.ortho import OrthoConfig, ortho
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +72,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_folder, tmp_path):
     resumed = subprocess.run(melbo_cli(*ortho_args(tiny_folder, base_file, run_dir), "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     finished, expected = read_run(run_dir), read_run(reference)
-    assert finished.meta["status"] == "complete"
+    assert finished.meta.status == "complete"
     assert finished.vectors.shape == expected.vectors.shape == (25, 32)  # no vector lost or duplicated
     torch.testing.assert_close(finished.vectors, expected.vectors, atol=1e-6, rtol=1e-5)
     assert max_abs_cosine(finished.vectors) <= 1e-5
-    assert [r["index"] for r in finished.records] == list(range(25))
+    assert [r.index for r in finished.records] == list(range(25))
     assert sorted(os.listdir(run_dir)) == ["run.json", "vectors.safetensors"]  # a write cut by the kill left nothing behind
-    sessions = finished.meta["sessions"]
+    sessions = finished.meta.sessions
     assert len(sessions) == 2
     # the resumed process started where the saved run ended: at most the block in flight was redone
-    assert sessions[1]["from_block"] >= saved_blocks
+    assert sessions[1].from_block >= saved_blocks
 
 
 def test_resume_with_other_settings_is_refused(tiny_folder, tmp_path):
@@ -105,9 +105,9 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
     cfg = DiscoverConfig(source=1, target=4, radius=4.0, count=9, block=3, steps=8, completion_tokens=0)
     whole = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "whole")
 
-    import melbo.discover as engine
+    import melbo.engines.discover as engine
 
-    real = engine.train_block
+    real = engine._Problem.train
     calls = {"n": 0}
 
     def crash_on_third(*args, **kwargs):
@@ -116,14 +116,14 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_block", crash_on_third)
+    monkeypatch.setattr(engine._Problem, "train", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut")
     assert read_run(tmp_path / "cut").vectors.shape[0] == 6
-    monkeypatch.setattr(engine, "train_block", real)
+    monkeypatch.setattr(engine._Problem, "train", real)
     resumed = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut", resume=True)
     torch.testing.assert_close(resumed.vectors, whole.vectors)
-    assert resumed.meta["sessions"][1]["from_block"] == 2
+    assert resumed.meta.sessions[1].from_block == 2
     with pytest.raises(MelboError, match=r"config.radius \(4.0 in the run, 5.0 now\)"):
         discover(tiny_lm, ["hello"], DiscoverConfig(**{**cfg.__dict__, "radius": 5.0}), out=tmp_path / "cut", resume=True)
 
@@ -132,7 +132,7 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
 def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimizer, why):
     """A block whose loss turns NaN goes back to its last good state with a smaller step (L-BFGS: only the rows
     that failed); a block that keeps failing is dropped and the run records why. Nothing non-finite is saved."""
-    import melbo.ortho as engine
+    import melbo.engines.ortho as engine
 
     real = engine._Problem.losses
     calls = {"n": 0}
@@ -147,7 +147,7 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimi
     cfg = OrthoConfig(source=1, target=4, count=4, block=4, steps=20, min_norm=0.0, optimizer=optimizer)
     run = ortho(tiny_lm, base, ["hello"], cfg)
     assert run.vectors.shape == (5, 32) and torch.isfinite(run.vectors).all()
-    assert run.meta["warnings"] == []  # recovered by the retry
+    assert run.meta.warnings == []  # recovered by the retry
 
     def always_nan(self, thetas, full=False):
         return real(self, thetas, full) * float("nan")
@@ -155,7 +155,7 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimi
     monkeypatch.setattr(engine._Problem, "losses", always_nan)
     run = ortho(tiny_lm, base, ["hello"], cfg)
     assert run.vectors.shape == (1, 32)
-    assert why in run.meta["warnings"][0]
+    assert why in run.meta.warnings[0]
 
 
 def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
@@ -183,4 +183,4 @@ def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     saved = read_run(run_dir)  # what was saved is a valid, orthogonal run
-    assert saved.meta["status"] == "running" and max_abs_cosine(saved.vectors) <= 1e-5
+    assert saved.meta.status == "running" and max_abs_cosine(saved.vectors) <= 1e-5

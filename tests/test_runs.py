@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from melbo import MelboError, read_run, write_run
-from melbo.runs import import_vectors, load_vector_file
+from melbo.files.runs import import_vectors, load_vector_file
 
 
 def records(n):
@@ -24,8 +25,8 @@ def test_round_trip(tmp_path):
     run = read_run(tmp_path / "run", d_model=8)
     torch.testing.assert_close(run.vectors, vectors)
     assert run.source_layer == 2 and run.target_layer == 4
-    assert run.meta["R"] == 3.0 and run.meta["count"] == 4
-    assert "torch" in run.meta["versions"]
+    assert run.meta.R == 3.0 and json.loads((tmp_path / "run" / "run.json").read_text())["count"] == 4
+    assert "torch" in run.meta.versions
     assert sorted(os.listdir(tmp_path / "run")) == ["run.json", "vectors.safetensors"]  # no temp files left
 
 
@@ -66,7 +67,7 @@ def test_post_pt_layout_imports(tmp_path):
     torch.save(post, tmp_path / "code-0-RUN-2.pt")
     run = import_vectors(tmp_path / "code-0-RUN-2.pt", tmp_path / "run")
     torch.testing.assert_close(run.vectors, post)
-    assert read_run(tmp_path / "run").records[0]["norm"] == pytest.approx(float(post[0].norm()))
+    assert read_run(tmp_path / "run").records[0].norm == pytest.approx(float(post[0].norm()))
 
 
 class Evil:
@@ -89,7 +90,7 @@ def test_failed_write_keeps_previous_files(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("melbo.runs.save_file", disk_full)
+    monkeypatch.setattr("melbo.files.runs.save_file", disk_full)
     with pytest.raises(MelboError, match="No space left"):
         write_run(tmp_path, torch.zeros(3, 8), {"note": "second", "vectors": records(3)})
     assert (tmp_path / "run.json").read_text() == before
@@ -103,3 +104,36 @@ def test_json_is_commit_point(tmp_path):
     save_file({"vectors": torch.ones(3, 8)}, str(tmp_path / "vectors.safetensors"))
     assert read_run(tmp_path).vectors.shape == (2, 8)
     assert json.loads((tmp_path / "run.json").read_text())["count"] == 2
+
+
+RELEASE = Path(__file__).parent / "data" / "release-0.1.0"  # run folders written by melbo 0.1.0's run_demo
+
+
+def test_run_folders_of_release_0_1_still_open(tmp_path):
+    ortho_run = read_run(RELEASE / "ortho", d_model=32)
+    assert ortho_run.meta.kind == "ortho" and ortho_run.meta.status == "complete"
+    assert ortho_run.meta.source == 1 and ortho_run.meta.target == 4 and ortho_run.meta.prompts == ["How can I do it?"]
+    assert ortho_run.records[0].base and ortho_run.records[0].kl == 0.0 and ortho_run.records[3].kl > 0
+    assert ortho_run.meta.base["index"] == 5 and ortho_run.meta.config["optimizer"] == "lbfgs"
+    assert ortho_run.meta.progress.block_index == 2 and ortho_run.meta.progress.block_sizes == [4, 4]
+    assert ortho_run.meta.sessions[0].from_block == 0 and ortho_run.meta.kl_direction.startswith("kl = KL(P_i")
+    found = read_run(RELEASE / "discover", d_model=32)
+    assert found.meta.kind == "discover" and len(found.records) == 6 and found.records[2].completion is not None
+    # the first release kept a discovery's progress in a top-level blocks_done
+    assert found.meta.progress.block_index == 1 and found.meta.progress.found == 6
+    # written again by this melbo, nothing is lost
+    write_run(tmp_path / "again", ortho_run.vectors, ortho_run.meta, ortho_run.extra)
+    again = json.loads((tmp_path / "again" / "run.json").read_text())
+    before = json.loads((RELEASE / "ortho" / "run.json").read_text())
+    for key in ("kind", "model", "layers", "R", "prompts", "config", "base", "progress", "dropped", "stopped", "kl_direction"):
+        assert again.get(key) == before.get(key), key
+    assert again["vectors"] == before["vectors"]
+
+
+def test_unknown_keys_are_kept(tmp_path):
+    meta = {"kind": "discover", "layers": {"source": 2, "target": 4}, "my_note": {"x": 1}, "vectors": [{"index": 0, "mine": 3}]}
+    write_run(tmp_path / "run", torch.randn(1, 8), meta)
+    run = read_run(tmp_path / "run")
+    assert run.meta.extra == {"my_note": {"x": 1}} and run.records[0].extra == {"mine": 3}
+    write_run(tmp_path / "run", run.vectors, run.meta)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["vectors"][0]["mine"] == 3

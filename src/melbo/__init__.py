@@ -19,23 +19,41 @@ __version__ = "0.1.0"
 # The public names live in submodules that import torch (about a second). They load on first use, so
 # `melbo --help` and a mistyped option answer at once.
 _WHERE = {
-    "add_to_residual": "melbo.layers",
-    "capture_residual": "melbo.layers",
-    "find_blocks": "melbo.layers",
-    "residual_after": "melbo.layers",
-    "start_after": "melbo.layers",
-    "stop_after": "melbo.layers",
-    "LoadedModel": "melbo.models",
-    "load_model": "melbo.models",
-    "Run": "melbo.runs",
-    "read_run": "melbo.runs",
-    "write_run": "melbo.runs",
+    "add_to_residual": "melbo.model.layers",
+    "capture_residual": "melbo.model.layers",
+    "find_blocks": "melbo.model.layers",
+    "residual_after": "melbo.model.layers",
+    "start_after": "melbo.model.layers",
+    "stop_after": "melbo.model.layers",
+    "LoadedModel": "melbo.model.loading",
+    "load_model": "melbo.model.loading",
+    "PromptFormat": "melbo.model.prompts",
+    "DiscoverConfig": "melbo.engines.config",
+    "OrthoConfig": "melbo.engines.config",
+    "discover": "melbo.engines.discover",
+    "ortho": "melbo.engines.ortho",
+    "EvalConfig": "melbo.analysis.config",
+    "evaluate": "melbo.analysis.evaluate",
+    "Run": "melbo.files.runs",
+    "RunMeta": "melbo.files.runs",
+    "read_run": "melbo.files.runs",
+    "write_run": "melbo.files.runs",
+    "Study": "melbo.study.spec",
+    "run_study": "melbo.study.pipeline",
 }
 
 if TYPE_CHECKING:
-    from melbo.layers import add_to_residual, capture_residual, find_blocks, residual_after, start_after, stop_after
-    from melbo.models import LoadedModel, load_model
-    from melbo.runs import Run, read_run, write_run
+    from melbo.analysis.config import EvalConfig
+    from melbo.analysis.evaluate import evaluate
+    from melbo.engines.config import DiscoverConfig, OrthoConfig
+    from melbo.engines.discover import discover
+    from melbo.engines.ortho import ortho
+    from melbo.files.runs import Run, RunMeta, read_run, write_run
+    from melbo.model.layers import add_to_residual, capture_residual, find_blocks, residual_after, start_after, stop_after
+    from melbo.model.loading import LoadedModel, load_model
+    from melbo.model.prompts import PromptFormat
+    from melbo.study.pipeline import run_study
+    from melbo.study.spec import Study
 
 
 def __getattr__(name: str) -> Any:
@@ -51,15 +69,25 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DiscoverConfig",
+    "EvalConfig",
     "LoadedModel",
     "MelboError",
+    "OrthoConfig",
+    "PromptFormat",
     "Run",
+    "RunMeta",
+    "Study",
     "add_to_residual",
     "capture_residual",
+    "discover",
+    "evaluate",
     "find_blocks",
     "load_model",
+    "ortho",
     "read_run",
     "residual_after",
+    "run_study",
     "start_after",
     "stop_after",
     "write_run",

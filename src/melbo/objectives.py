@@ -1,4 +1,4 @@
-"""The maths of MELBO and MELBO-ortho as pure functions on tensors: losses, position selection,
+"""The maths of MELBO and MELBO-ortho as pure functions on tensors: losses,
 projections, keeping a block of vectors orthogonal (and on a sphere), KL divergence.
 
 Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` basis vectors.
@@ -6,37 +6,10 @@ Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` 
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Which prompt positions a loss or mean uses.
-
-    ``"skip-first"`` (default): every position but the first, which on many models is an attention sink
-    whose residual norm is ~100× the others and would swamp the loss. ``"all"``: every position (what the
-    original MELBO-ortho code did). ``"last:N"``: the last N positions.
-    """
-
-    spec: str = "skip-first"
-
-    def __post_init__(self) -> None:
-        if self.spec not in ("skip-first", "all") and not re.fullmatch(r"last:[1-9]\d*", self.spec):
-            raise MelboError(f"--positions {self.spec!r}: use skip-first, all, or last:N (N ≥ 1)")
-
-    def index(self, seq_len: int) -> slice:
-        if self.spec == "all":
-            return slice(0, seq_len)
-        if self.spec == "skip-first":
-            return slice(1 if seq_len > 1 else 0, seq_len)
-        n = int(self.spec.split(":")[1])
-        return slice(max(0, seq_len - n), seq_len)
 
 
 def melbo_loss(delta: Tensor, p: float = 2.0, q: float = 1.0) -> Tensor:

@@ -16,10 +16,7 @@ from melbo.errors import MelboError
 from melbo.report.data import ReportData, gather
 from melbo.report.plots import draw_all
 from melbo.report.render import render
-from melbo.runs import atomic_write
-
-REPORT_FILE = "report.html"
-PLOTS_FOLDER = "plots"
+from melbo.files.runs import PLOTS_FOLDER, REPORT_FILE, atomic_write
 
 __all__ = ["REPORT_FILE", "ReportData", "gather", "write_report"]
 

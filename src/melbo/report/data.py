@@ -7,7 +7,6 @@ has no figure for a vector, the record ``run.json`` keeps from the engine (norm,
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from melbo.compose import COMPOSE_FILE
-from melbo.errors import MelboError
-from melbo.evaluate import EVAL_FILE
-from melbo.labels import label
-from melbo.probe import PROBE_FILE
-from melbo.runs import VECTORS_FILE, read_meta, read_run
+from melbo.analysis.labels import label
+from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
 
 
 @dataclass
@@ -37,15 +32,6 @@ class ReportData:
     probe: dict[str, Any] | None = None
     cosine: dict[str, Any] | None = None  # max |cos| off the diagonal and a histogram of |cos|
     published_plots: list[str] = field(default_factory=list)  # PNG files that came with an imported post dump
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MelboError(f"{path} is corrupt ({exc}); compute it again or delete it") from exc
 
 
 def block_size_for(count: int) -> int:
@@ -76,10 +62,10 @@ def cosine_check(vectors: Tensor) -> dict[str, Any]:
     }
 
 
-def _primary(meta: dict[str, Any], results: dict[str, Any]) -> tuple[str | None, str | None]:
+def _primary(meta: RunMeta, results: dict[str, Any]) -> tuple[str | None, str | None]:
     """The prompt and decoding mode the table's label and KL columns use: the run's own first prompt, greedy first."""
     prompts = results.get("prompts", {})
-    own = (meta.get("prompts") or [None])[0]
+    own = (meta.prompts or [None])[0]
     prompt = own if own in prompts else next(iter(prompts), None)
     if prompt is None:
         return None, None
@@ -88,52 +74,47 @@ def _primary(meta: dict[str, Any], results: dict[str, Any]) -> tuple[str | None,
     return prompt, mode
 
 
-def _header(meta: dict[str, Any], path: Path, count: int, results: dict[str, Any]) -> dict[str, Any]:
-    config = meta.get("config", {}) or {}
-    model = meta.get("model", {}) or {}
-    fmt = meta.get("prompt_format", {}) or {}
-    versions = meta.get("versions", {}) or {}
-    layers = meta.get("layers", {}) or {}
+def _header(meta: RunMeta, path: Path, count: int, results: dict[str, Any]) -> dict[str, Any]:
     return {
         "title": path.resolve().name,
-        "kind": meta.get("kind", "?"),
-        "mode": config.get("mode"),
-        "model": model.get("name") or model.get("id") or "?",
-        "source": layers.get("source"),
-        "target": layers.get("target"),
-        "R": meta.get("R"),
-        "prompts": meta.get("prompts") or [],
-        "system": fmt.get("system"),
+        "kind": meta.kind,
+        "mode": meta.config.get("mode"),
+        "model": meta.model_name or "?",
+        "source": meta.source,
+        "target": meta.target,
+        "R": meta.R,
+        "prompts": meta.prompts,
+        "system": meta.prompt_format.system,
         "count": count,
-        "status": meta.get("status"),
-        "created": meta.get("created"),
-        "updated": meta.get("updated"),
-        "melbo": versions.get("melbo", "?"),
+        "status": meta.status,
+        "created": meta.created,
+        "updated": meta.updated,
+        "melbo": meta.versions.get("melbo", "?"),
         "eval_prompts": list(results.get("prompts", {})),
-        "note": meta.get("note"),
+        "note": meta.note,
     }
 
 
 def gather(path: str | Path) -> ReportData:
     """Read a run folder (and whatever evaluation files it holds) into a :class:`ReportData`."""
     path = Path(path)
-    run = read_run(path) if (path / VECTORS_FILE).is_file() else None  # post dumps have run.json only
+    run = read_run(path) if has_vectors(path) else None  # post dumps have run.json only
     meta = run.meta if run is not None else read_meta(path)
     vectors = run.vectors if run is not None else None
-    results = _read_json(path / EVAL_FILE) or {"prompts": {}}
-    records = meta["vectors"]
+    results = read_json(path / EVAL_FILE) or {"prompts": {}}
+    records = meta.records
     count = len(records)
     prompt, mode = _primary(meta, results)
     entry = results.get("prompts", {}).get(prompt, {}) if prompt else {}
     first = entry.get("first_token", {})
     norms = [float(x) for x in vectors.norm(dim=-1)] if vectors is not None else None
-    probe = _read_json(path / PROBE_FILE)
+    probe = read_json(path / PROBE_FILE)
     z = {int(r["index"]): r["z"] for r in probe["vectors"]} if probe else {}
     gen = (results.get("generalisation") or {}).get("share", {})
 
     rows = []
     for position, record in enumerate(records):
-        i = int(record.get("index", position))
+        i = record.index
         key = str(i)
         completions = []
         for text, prompt_entry in results.get("prompts", {}).items():
@@ -141,19 +122,19 @@ def gather(path: str | Path) -> ReportData:
                 for out in by_index.get(key, []):
                     completions.append({"prompt": text, "mode": m, "label": out["label"], "text": out["text"]})
         completions.sort(key=lambda c: (c["prompt"] != prompt, c["mode"] != mode))
-        if not completions and record.get("completion") is not None:
-            text = record["completion"]
-            completions.append({"prompt": (meta.get("prompts") or [""])[0], "mode": record.get("mode", "greedy"), "label": label(text)[0], "text": text})
+        if not completions and record.completion is not None:
+            text = record.completion
+            completions.append({"prompt": (meta.prompts or [""])[0], "mode": "greedy", "label": label(text)[0], "text": text})
         ft = first.get(key, {})
-        kl = ft.get("kl", record.get("kl"))
+        kl = ft.get("kl", record.kl)
         rows.append({
             "index": i,
-            "base": bool(record.get("base")) or (meta.get("kind") in ("ortho", "post-dump") and i == 0),
-            "norm": norms[position] if norms is not None else record.get("norm"),
+            "base": record.base or (meta.kind in ("ortho", "post-dump") and i == 0),
+            "norm": norms[position] if norms is not None else record.norm,
             "kl": None if kl is None or not math.isfinite(kl) else float(kl),
-            "loss": record.get("loss"),
+            "loss": record.loss,
             "label": completions[0]["label"] if completions else None,
-            "top": [[display_token(t), v] for t, v in (ft.get("top") or record.get("top") or [])[:5]],
+            "top": [[display_token(t), v] for t, v in (ft.get("top") or record.extra.get("top") or [])[:5]],
             "z": z.get(i),
             "generalisation": gen.get(key),
             "completions": completions,
@@ -179,7 +160,7 @@ def gather(path: str | Path) -> ReportData:
         labels=list(seen),
         label_blocks=label_blocks,
         block_size=size,
-        compose=_read_json(path / COMPOSE_FILE),
+        compose=read_json(path / COMPOSE_FILE),
         probe=probe,
         cosine=cosine_check(vectors) if vectors is not None else None,
         published_plots=sorted(p.name for p in path.glob("published-*.png")),
@@ -189,10 +170,10 @@ def gather(path: str | Path) -> ReportData:
 _BYTE_LEVEL = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "})
 
 
-def display_token(token: str) -> str:
+def display_token(token: str | None) -> str:
     """A vocabulary entry as the text it stands for: the space and newline markers of byte-level BPE
-    (``Ġ``, ``Ċ``) and SentencePiece (``▁``) become the characters themselves."""
-    return token.translate(_BYTE_LEVEL)
+    (``Ġ``, ``Ċ``) and SentencePiece (``▁``) become the characters themselves (an id with no entry: "")."""
+    return (token or "").translate(_BYTE_LEVEL)
 
 
 def moving_average(values: list[float | None], window: int) -> list[float | None]:

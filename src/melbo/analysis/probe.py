@@ -11,18 +11,20 @@ directions it never writes along look like random ones (z ≈ 0).
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from melbo.generation import generate_steered
-from melbo.layers import residual_after
-from melbo.prompts import PromptFormat, encode_prompt
-from melbo.runs import Run, write_json
-
-PROBE_FILE = "probe.json"
+from melbo.errors import MelboError
+from melbo.files.runs import PROBE_FILE, Run, write_json
+from melbo.model.forward import generate_steered
+from melbo.model.layers import residual_after
+from melbo.model.loading import LoadedModel
+from melbo.model.prompts import PromptFormat, encode_prompt
 
 
 def prompt_set(kind: str | None = None) -> list[str]:
@@ -32,8 +34,6 @@ def prompt_set(kind: str | None = None) -> list[str]:
     if kind is None:
         return [p for k in kinds for p in data[k]]
     if kind not in kinds:
-        from melbo.errors import MelboError
-
         raise MelboError(f"unknown prompt set {kind!r}: use one of {', '.join(kinds)}")
     return list(data[kind])
 
@@ -46,9 +46,29 @@ def presence(states: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
     return cos.mean(dim=0), cos.max(dim=0).values
 
 
+@dataclass
+class ProbeResults:
+    """What ``probe.json`` holds (``data``, laid out as stored) and its summaries."""
+
+    data: dict[str, Any]
+
+    @property
+    def vectors(self) -> list[dict[str, Any]]:
+        return self.data["vectors"]
+
+    @property
+    def median_z(self) -> float:
+        return statistics.median(r["z"] for r in self.vectors)
+
+    def above(self, z: float = 3.0) -> int:
+        """Vectors whose presence stands more than ``z`` standard deviations above random directions."""
+        return sum(r["z"] > z for r in self.vectors)
+
+
 def probe(
-    lm: Any, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int = 48, random_directions: int = 512, seed: int = 0
-) -> dict[str, Any]:
+    lm: LoadedModel, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int = 48, random_directions: int = 512,
+    seed: int = 0,
+) -> ProbeResults:
     """Presence of each vector of ``run`` in the unsteered model's own residuals while it answers ``prompts``."""
     source = run.source_layer
     residuals = []
@@ -75,5 +95,5 @@ def probe(
         "random": {"directions": random_directions, "mean_abs_cos": mu, "std": sigma},
         "vectors": rows,
     }
-    write_json(run.path / PROBE_FILE, results, ascii_only=True)
-    return results
+    write_json(run.sidecar(PROBE_FILE), results, ascii_only=True)
+    return ProbeResults(results)

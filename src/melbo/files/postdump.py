@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melbo.analysis.labels import label
 from melbo.errors import MelboError
+from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, atomic_write, write_json, write_meta_only
+from melbo.model.prompts import PromptFormat
 
 _HEADER = re.compile(r"^(\d+)th orthogonal steering vector: ", re.MULTILINE)
 _ASSISTANT = "<|im_start|>assistant\n"
@@ -99,11 +102,6 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
     ``compose.json`` when a composition file is given or lies beside the dump, and the post's own KL and
     norm plots when they lie beside it. Returns the folder.
     """
-    from melbo.compose import COMPOSE_FILE
-    from melbo.evaluate import EVAL_FILE
-    from melbo.labels import label
-    from melbo.runs import META_FILE, atomic_write, now_iso, package_versions, write_json
-
     path, out = Path(path), Path(out)
     entries = read_post_dump(path)
     setting = POST_SETTING
@@ -113,24 +111,22 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
         str(e.index): {"top": [[t, round(v, 4)] for t, v in zip(e.top_tokens, e.top_logits)]} for e in entries if e.top_tokens
     }
     stem = path.name.split("-vectors")[0]
-    meta = {
-        "kind": "post-dump",
-        "model": {"name": setting["model"]},
-        "layers": setting["layers"],
-        "R": setting["R"],
-        "prompts": [prompt],
-        "prompt_format": {"system": setting["system"]},
-        "source_file": path.name,
-        "note": (
+    meta = RunMeta(
+        kind="post-dump",
+        model={"name": setting["model"]},
+        source=setting["layers"]["source"],
+        target=setting["layers"]["target"],
+        R=setting["R"],
+        prompts=[prompt],
+        prompt_format=PromptFormat(system=setting["system"]),
+        source_file=path.name,
+        note=(
             f"The original MELBO-ortho post's published outputs ({path.name}): completions sampled at temperature 1.0 "
             "(50 new tokens) and the top-10 next tokens. The dumps hold no vectors, so KL, norms and the cosine check "
             "are not recomputed; the post's own KL and norm plots are shown where they came with the dump."
         ),
-        "created": now_iso(),
-        "updated": now_iso(),
-        "versions": package_versions(),
-        "vectors": [{"index": e.index, "base": e.index == 0} for e in entries],
-    }
+        records=[VectorRecord(index=e.index, base=e.index == 0) for e in entries],
+    )
     results = {
         "settings": {"temperature": 1.0, "max_new_tokens": 50, "source": "published"},
         "prompts": {prompt: {"completions": {mode: completions}, "first_token": first_token}},
@@ -161,7 +157,7 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
                 rows.append({"name": f"k={k} mean×√k", "norm": None, "kl": None, "label": lab, "same_label_as_base": lab == base_label, "text": text})
             dump(COMPOSE_FILE, {"prompt": prompt, "base_label": base_label, "source_file": Path(composition).name, "rows": rows})
         dump(EVAL_FILE, results)
-        dump(META_FILE, meta)  # last: the commit point, as for every run folder
+        write_meta_only(out, meta)  # last: the commit point, as for every run folder
     except OSError as exc:
         raise MelboError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out

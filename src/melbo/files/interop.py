@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.runs import Run, atomic_write, import_vectors, validate_vectors, write_run
+from melbo.files.runs import Run, atomic_write, import_vectors, validate_vectors, write_imported
 
 FORMATS = ("gguf", "repeng", "steering-vectors", "pt", "npy")
 SUFFIX = {"gguf": ".gguf", "repeng": ".gguf", "steering-vectors": ".pt", "pt": ".pt", "npy": ".npy"}
@@ -68,7 +67,7 @@ def export_vectors(run: Run, out: str | Path, fmt: str, indices: list[int], scal
         else:
             atomic_write(target, lambda tmp: _save_npy(tmp, vectors.numpy()))
         return [target]
-    hint = str(run.meta.get("model", {}).get("model_type") or run.meta.get("model", {}).get("name") or "unknown")
+    hint = str(run.meta.model.get("model_type") or run.meta.model_name or "unknown")
     single = len(indices) == 1
     written = []
     for row, index in zip(vectors, indices):
@@ -141,29 +140,22 @@ def import_file(source: str | Path, out: str | Path, layer: int | None = None) -
     if source.suffix == ".gguf":
         directions, hint = read_control_vector(source)
         chosen = _choose_layer(directions, layer, source)
-        vectors, meta = directions[chosen][None], {"model": {"name": hint}}
-    elif source.suffix == ".npy":
+        return write_imported(out, validate_vectors(directions[chosen][None], str(source)), source, chosen, hint)
+    if source.suffix == ".npy":
         try:
             array = np.load(source, allow_pickle=False)
         except ValueError as exc:
             raise MelboError(f"{source} is not a plain .npy array ({exc})") from exc
-        vectors, chosen, meta = torch.from_numpy(np.asarray(array, dtype=np.float32)), layer, {}
-    elif source.suffix in (".pt", ".pth") and _is_steering_vectors(source):
+        vectors = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        return write_imported(out, validate_vectors(vectors, str(source)), source, layer, None)
+    if source.suffix in (".pt", ".pth") and _is_steering_vectors(source):
         payload = torch.load(source, map_location="cpu", weights_only=True)
         chosen = _choose_layer(payload["layer_activations"], layer, source)
-        vectors, meta = payload["layer_activations"][chosen][None], {}
-    else:
-        run = import_vectors(source, out, {"layers": {"source": layer, "target": None}} if layer is not None else None)
-        return run
-    vectors = validate_vectors(vectors, str(source))
-    records = [{"index": i, "norm": float(v.norm())} for i, v in enumerate(vectors)]
-    info: dict[str, Any] = {"kind": "import", "imported_from": str(source), **meta, "vectors": records}
-    if chosen is not None:
-        info["layers"] = {"source": chosen, "target": None}
-    return write_run(out, vectors, info)
+        return write_imported(out, validate_vectors(payload["layer_activations"][chosen][None], str(source)), source, chosen, None)
+    return import_vectors(source, out, layer)
 
 
-def _choose_layer(directions: dict[int, Any], layer: int | None, source: Path) -> int:
+def _choose_layer(directions: dict[int, Tensor], layer: int | None, source: Path) -> int:
     if layer is not None:
         if layer not in directions:
             raise MelboError(f"{source} has layers {sorted(directions)}, not {layer}")

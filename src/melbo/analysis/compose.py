@@ -9,21 +9,21 @@ effect: the orthogonal vectors work at their own, larger norms).
 from __future__ import annotations
 
 import math
+import statistics
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from melbo.analysis.labels import label
 from melbo.errors import MelboError
-from melbo.generation import generate_steered
-from melbo.labels import label
+from melbo.files.runs import COMPOSE_FILE, Run, write_json
+from melbo.model.forward import generate_steered, last_token_logits, prepare
+from melbo.model.loading import LoadedModel
+from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence
-from melbo.prompts import PromptFormat
-from melbo.runs import Run, write_json
-from melbo.steered import last_token_logits, prepare
 
-COMPOSE_FILE = "compose.json"
-DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1500)
 
 
 def composed_vectors(run: Run, ks: list[int]) -> tuple[list[str], Tensor]:
@@ -54,8 +54,33 @@ def composed_vectors(run: Run, ks: list[int]) -> tuple[list[str], Tensor]:
     return names, torch.stack(rows)
 
 
-def compose(lm: Any, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64) -> dict[str, Any]:
-    """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination."""
+@dataclass
+class ComposeResults:
+    """What ``compose.json`` holds: one row per combination (``name``, ``norm``, ``kl``, ``label``, ``text``)."""
+
+    prompt: str
+    base_label: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def combinations(self) -> list[dict[str, Any]]:
+        """The means of the first k vectors (the rows that are not single vectors rescaled to ‖θ0‖)."""
+        return [r for r in self.rows if not r["name"].startswith("#")]
+
+    @property
+    def single_median_kl(self) -> float | None:
+        """Median KL to θ0 of the single vectors rescaled to ‖θ0‖."""
+        kls = [r["kl"] for r in self.rows if r["name"].startswith("#")]
+        return statistics.median(kls) if kls else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "base_label": self.base_label, "kl_direction": "KL(P_combination || P_base)", "rows": self.rows}
+
+
+def compose(
+    lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64
+) -> ComposeResults:
+    """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination (saved in compose.json)."""
     names, vectors = composed_vectors(run, ks)
     source = run.source_layer
     state = prepare(lm, [prompt], fmt, source)[0]
@@ -71,6 +96,6 @@ def compose(lm: Any, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, ma
         {"name": n, "norm": float(v.norm()), "kl": float(k), "label": label(t)[0], "same_label_as_base": label(t)[0] == base_label, "text": t}
         for n, v, k, t in zip(names, vectors.cpu(), kl, texts)
     ]
-    results = {"prompt": prompt, "base_label": base_label, "kl_direction": "KL(P_combination || P_base)", "rows": rows}
-    write_json(run.path / COMPOSE_FILE, results)
+    results = ComposeResults(prompt, base_label, rows)
+    write_json(run.sidecar(COMPOSE_FILE), results.to_json())
     return results

@@ -1,0 +1,56 @@
+"""The settings of the commands that study a run (eval, the choice of bases, compose): the one set of defaults
+the CLI and study files read. No torch here, so the command line can check them before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from melbo.errors import MelboError
+
+LABEL_PREFERENCE = ("code", "refusal", "other")
+CHOOSE_RULES = ("clearest", "label", "effect", "index")
+DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1500)
+
+
+@dataclass
+class EvalConfig:
+    """What ``melbo eval`` computes (stored in eval.json beside the results); the CLI's defaults come from here."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # 0: greedy; > 0: sampled
+    samples: int = 1  # completions per vector when sampling
+    seed: int = 0
+    batch: int = 64  # vectors per generate call (one per row, sharing the KV-cache machinery)
+    base: int = 0  # the vector KL is measured against (row 0 of an ortho run is θ0)
+    top_k: int = 10
+
+    def mode(self) -> str:
+        return "greedy" if self.temperature == 0 else f"T={self.temperature:g},seed={self.seed}"
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1 or self.samples < 1 or self.batch < 1:
+            raise MelboError("--max-new-tokens, --samples and --batch must be at least 1")
+        if not self.temperature >= 0:
+            raise MelboError("--temperature must be ≥ 0 (0 = greedy)")
+
+
+@dataclass
+class ChooseConfig:
+    """How bases are chosen for MELBO-ortho (a study's ``[choose]`` table)."""
+
+    by: str = "clearest"  # clearest, label, effect or index
+    count: int = 1  # bases to choose (clearest, label, effect)
+    indices: list[int] = field(default_factory=list)  # by = "index"
+    label: str | None = None  # by = "label"
+    max_nll: float = 3.0  # nats per token under the unsteered model: above, a completion is not fluent
+
+    def check(self) -> None:
+        if self.by not in CHOOSE_RULES:
+            raise MelboError(f"choose by {self.by!r}: use one of {', '.join(CHOOSE_RULES)}")
+        if self.by == "index" and not self.indices:
+            raise MelboError("choose by index needs indices, e.g. indices = [3, 7]")
+        if self.by == "label" and not self.label:
+            raise MelboError("choose by label needs a label, e.g. label = \"code\"")
+        if self.count < 1:
+            raise MelboError("choose count must be at least 1")

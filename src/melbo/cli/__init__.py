@@ -1,0 +1,60 @@
+"""The ``melbo`` command: a thin layer over the Python API. It parses options, calls the API, prints.
+
+Errors a user can cause (:class:`melbo.MelboError`) print as one line on stderr with exit status 2;
+``--debug`` shows the traceback instead. Commands live in one module per area: ``runs`` (info, generate,
+discover, ortho), ``analysis`` (eval, compose, probe, report), ``files`` (export, import), ``study`` (study, demo).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Each command module registers its commands on the app, in the order `melbo --help` lists them.
+from melbo.cli import runs  # noqa: F401, I001
+from melbo.cli import analysis  # noqa: F401
+from melbo.cli import study  # noqa: F401
+from melbo.cli import files  # noqa: F401
+from melbo.cli.app import app, debug, err_console, fail
+from melbo.errors import MelboError
+
+
+def _parsing_errors() -> tuple[type, type, type]:
+    """(usage error, abort, exit) classes of the click that typer uses (typer ≥ 0.20 carries its own copy)."""
+    try:
+        from typer.exceptions import Abort, Exit, TyperException
+
+        return TyperException, Abort, Exit
+    except ImportError:  # pragma: no cover - older typer on click itself
+        import click
+
+        return click.ClickException, click.exceptions.Abort, click.exceptions.Exit
+
+
+def main() -> None:
+    """Entry point of the ``melbo`` console script."""
+    usage_problem, abort, exit_ = _parsing_errors()
+    try:
+        code = app(prog_name="melbo", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except exit_ as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (abort, KeyboardInterrupt):
+        err_console.print("melbo: interrupted")
+        sys.exit(130)
+    except MelboError as exc:
+        if debug["on"]:
+            raise
+        fail(str(exc))
+    except usage_problem as exc:  # a malformed command line: one line, like every other user error
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `melbo` or `melbo ortho`: show the help
+            app(prog_name="melbo", args=[*sys.argv[1:], "--help"])
+        if debug["on"]:
+            raise
+        context = getattr(exc, "ctx", None)
+        command = f"melbo {context.info_name} --help" if context is not None and context.info_name != "melbo" else "melbo --help"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        fail(f"{message} (see {command})")
+
+
+__all__ = ["app", "main"]

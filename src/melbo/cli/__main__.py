@@ -1,0 +1,3 @@
+from melbo.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""Commands that study a run: ``eval``, ``compose``, ``probe`` and ``report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from melbo.analysis.config import DEFAULT_KS, EvalConfig
+from melbo.cli.app import (
+    DeviceOpt, DtypeOpt, ModelOpt, PromptFileOpt, PromptsOpt, app, console, err_console, interruptible, load_for_run, short,
+)
+from melbo.errors import MelboError
+
+E = EvalConfig()  # the defaults the options below show
+
+
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    index: Annotated[str, typer.Option(help="Vectors: all, 3, 0-99 or 1,4,7.")] = "all",
+    prompt: PromptsOpt = None,
+    prompt_file: PromptFileOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = E.max_new_tokens,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; > 0 samples.")] = E.temperature,
+    samples: Annotated[int, typer.Option(min=1, help="Completions per vector when sampling.")] = E.samples,
+    seed: int = E.seed,
+    batch: Annotated[int, typer.Option(min=1, help="Vectors per generate call.")] = E.batch,
+    base: Annotated[int, typer.Option(help="The vector KL is measured against (row 0 of an ortho run is θ0).")] = E.base,
+    prompt_set: Annotated[Optional[str], typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
+    show: Annotated[int, typer.Option(help="Rows of the table printed.")] = 40,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
+    from melbo.analysis.evaluate import eval_prompts, evaluate
+    from melbo.analysis.labels import RULES, load_rules
+    from melbo.analysis.probe import prompt_set as shipped
+    from melbo.cli.app import run_prompts
+    from melbo.files.interop import parse_indices
+    from melbo.files.runs import EVAL_FILE, read_run
+
+    record = read_run(run)
+    indices = parse_indices(index, record.vectors.shape[0])
+    extra = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else []
+    if prompt_set:
+        extra += shipped(None if prompt_set == "all" else prompt_set)
+    prompts = eval_prompts(record, extra)
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base)
+    cfg.check()
+    rules = load_rules(labels) if labels else RULES
+    lm, fmt = load_for_run(record, model, device, dtype)
+    with err_console.status("evaluating…") as status, interruptible(run):
+        results = evaluate(
+            lm, record, prompts, indices, cfg, fmt, rules=rules,
+            on_batch=lambda p, done, total: status.update(f"evaluating {p[:30]!r}: {done}/{total} vectors"),
+        )
+    first = results.first_token(prompts[0])
+    completions = results.completions(prompts[0], cfg.mode())
+    table = Table(title=f"{prompts[0]!r} ({cfg.mode()}); KL = KL(P_i ‖ P_{base}) at the last prompt token")
+    for column, justify in (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for i in indices[:show]:
+        out = completions[str(i)][0]
+        top = " ".join(repr(t) for t, _ in first[str(i)]["top"][:3])
+        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[str(i)]['kl']:.3f}", out["label"], top, short(out["text"], 70))
+    console.print(table)
+    console.print(
+        "labels per hundred vectors: "
+        + "; ".join(f"{c['from']}+: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "from") for c in results.label_counts(prompts[0], cfg.mode()))
+    )
+    median, peak = results.kl_summary(prompts[0], indices, base)
+    console.print(f"KL to vector {base} (other vectors): median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}")
+    summary = results.data.get("generalisation")
+    if len(prompts) > 1 and summary:
+        shares = sorted(summary["share"].values())
+        best = sorted(summary["share"].items(), key=lambda kv: -kv[1])[:5]
+        console.print(
+            f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label "
+            f"({summary['base_label']!r}): median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best)
+        )
+    console.print(f"results: [bold]{run / EVAL_FILE}[/bold]")
+
+
+@app.command()
+def compose(
+    run: Annotated[Path, typer.Argument(help="An ortho run folder (row 0 = θ0).")],
+    k: Annotated[Optional[str], typer.Option("--k", help="Comma-separated k (default 1,2,3,5,10,20,50,100,…).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Default: the run's first prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Steer with the mean of the first k vectors (plain, ×√k, rescaled to ‖θ0‖) and with each vector at ‖θ0‖."""
+    from melbo.analysis import compose as engine
+    from melbo.files.runs import COMPOSE_FILE, read_run
+    from melbo.model.prompts import DEFAULT_PROMPT
+
+    record = read_run(run)
+    try:
+        ks = [int(x) for x in k.split(",")] if k else list(DEFAULT_KS)
+    except ValueError as exc:
+        raise MelboError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
+    text = prompt or (record.meta.prompts or [DEFAULT_PROMPT])[0]
+    lm, fmt = load_for_run(record, model, device, dtype)
+    with err_console.status("composing…"):
+        results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
+    table = Table(title=f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)")
+    for column, justify in (("combination", "left"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for r in results.combinations:
+        table.add_row(r["name"], f"{r['norm']:.1f}", f"{r['kl']:.3f}", r["label"], short(r["text"], 70))
+    console.print(table)
+    if results.single_median_kl is not None:
+        console.print(f"each vector rescaled to ‖θ0‖: median KL {results.single_median_kl:.3f} (their own norms: see melbo eval)")
+    console.print(f"results: [bold]{run / COMPOSE_FILE}[/bold]")
+
+
+@app.command("probe")
+def probe_command(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    prompt: PromptsOpt = None,
+    prompt_file: PromptFileOpt = None,
+    prompt_set: Annotated[str, typer.Option(help="Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")] = "coding",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    random_directions: Annotated[int, typer.Option(min=2, help="Random directions for the baseline.")] = 512,
+    show: Annotated[int, typer.Option(help="Rows printed.")] = 20,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Are the vectors present in the residual stream when the unsteered model shows the behaviour itself?"""
+    from melbo.analysis import probe as engine
+    from melbo.cli.app import run_prompts
+    from melbo.files.runs import PROBE_FILE, read_run
+
+    record = read_run(run)
+    prompts = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else engine.prompt_set(prompt_set)
+    lm, fmt = load_for_run(record, model, device, dtype)
+    with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
+        results = engine.probe(lm, record, prompts, fmt, max_new_tokens, random_directions)
+    table = Table(title=f"Presence after layer {results.data['layer']} over {results.data['tokens']} generated tokens (|cos|; z against random directions)")
+    for column in ("#", "mean |cos|", "max |cos|", "z"):
+        table.add_column(column, justify="right")
+    for r in results.vectors[:show]:
+        table.add_row(str(r["index"]), f"{r['mean_abs_cos']:.4f}", f"{r['max_abs_cos']:.4f}", f"{r['z']:+.1f}")
+    console.print(table)
+    random = results.data["random"]
+    console.print(
+        f"random directions: mean |cos| {random['mean_abs_cos']:.4f} ± {random['std']:.4f}; "
+        f"vectors: median z {results.median_z:+.1f}, {results.above(3)}/{len(results.vectors)} with z > 3"
+    )
+    console.print(f"results: [bold]{run / PROBE_FILE}[/bold]")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (melbo's own, or one made by `melbo import-post-dump`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The page to write (default RUN/report.html).")] = None,
+) -> None:
+    """One self-contained HTML page for a run: header, plots (also saved as RUN/plots/*.png), every vector's outputs."""
+    from melbo.files.runs import PLOTS_FOLDER
+    from melbo.report import write_report
+
+    if out is not None and out.is_dir():
+        raise MelboError(f"--out {out} is a folder: give the file to write, e.g. {out / 'report.html'}")
+    with err_console.status("writing the report…"):
+        page = write_report(run, out)
+    console.print(f"report: [bold]{page}[/bold]  (plots also in {run / PLOTS_FOLDER})")

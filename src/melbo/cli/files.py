@@ -1,0 +1,72 @@
+"""Commands that move vectors between melbo and other tools: ``export``, ``import``, ``import-post-dump``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from melbo.cli.app import ForceOpt, app, console, out_folder
+from melbo.errors import MelboError
+
+
+@app.command("import-post-dump")
+def import_post_dump_command(
+    dump: Annotated[Path, typer.Argument(help="One of the post's text dumps, e.g. code-vectors-bomb.txt.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    composition: Annotated[Optional[Path], typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Make a run folder from the original post's published outputs, to browse with `melbo report`."""
+    from melbo.files.postdump import import_post_dump
+
+    if composition is not None and not composition.is_file():
+        raise MelboError(f"--composition {composition} does not exist")
+    folder = out_folder(out, "post", force)
+    import_post_dump(dump, folder, composition)
+    console.print(f"imported {dump.name} into {folder}; browse it with: melbo report {folder}")
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), repeng, steering-vectors, pt or npy.")] = "gguf",
+    index: Annotated[str, typer.Option(help="Vectors: 3, 0-9, 1,4,7 or all.")] = "0",
+    scale: Annotated[float, typer.Option(help="Multiply the vectors by this.")] = 1.0,
+    layer: Annotated[Optional[int], typer.Option(help="Layer the vectors are added after (default: the run's source layer).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
+) -> None:
+    """Write vectors for llama.cpp (--control-vector), repeng, steering-vectors, or as .pt/.npy."""
+    from melbo.files.interop import FORMATS, SUFFIX, export_vectors, parse_indices
+    from melbo.files.runs import read_run
+
+    if format not in FORMATS:
+        raise MelboError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    record = read_run(run)
+    indices = parse_indices(index, record.vectors.shape[0])
+    if not math.isfinite(scale):
+        raise MelboError("--scale must be a finite number")
+    target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX[format]}")
+    written = export_vectors(record, target, format, indices, scale, layer)
+    for path in written:
+        console.print(f"wrote {path}")
+    if format in ("gguf", "repeng"):
+        used = record.source_layer if layer is None else layer
+        console.print(f"llama.cpp: llama-cli -m MODEL.gguf --control-vector {written[0]} (direction.{used} = after block {used})")
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    layer: Annotated[Optional[int], typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Make a run folder from a vector file, so melbo's commands can use it."""
+    from melbo.files.interop import import_file
+
+    folder = out_folder(out, "import", force)
+    run = import_file(source, folder, layer)
+    console.print(f"imported {run.vectors.shape[0]} vector(s) of width {run.vectors.shape[1]} into {folder}")

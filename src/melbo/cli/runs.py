@@ -1,0 +1,278 @@
+"""Commands that look at a model and find vectors: ``info``, ``generate``, ``discover``, ``ortho``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from melbo.cli.app import (
+    DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, OutOpt, PromptFileOpt, PromptOpt, PromptsOpt, RawOpt, ResumeOpt, SystemOpt, app,
+    block_progress, console, err_console, interruptible, load, out_folder, prompt_format, run_prompts, short,
+)
+from melbo.engines.config import DiscoverConfig, OrthoConfig
+from melbo.errors import MelboError
+from melbo.model.prompts import DEFAULT_PROMPT
+
+D, O = DiscoverConfig(), OrthoConfig()  # the defaults every option below shows
+
+
+@app.command()
+def info(
+    model: ModelOpt = None,
+    prompt: PromptOpt = DEFAULT_PROMPT,
+    system: SystemOpt = None,
+    no_chat_template: RawOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Layers, d_model and the residual-norm profile per layer: what you need to choose s, t and R."""
+    from melbo.model.forward import residual_norms
+    from melbo.model.prompts import encode_prompt
+
+    lm = load(model, device, dtype)
+    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, no_chat_template), lm.device)
+    rows = residual_norms(lm.model, ids)
+    described = lm.describe()
+    console.print(
+        f"[bold]{lm.name}[/bold] ({described['class']}): {lm.n_layers} layers (0 to {lm.n_layers - 1}), "
+        f"d_model {lm.d_model}, {described['dtype']} on {lm.device}; prompt = {ids.shape[1]} tokens"
+    )
+    table = Table(title="Residual-stream norm after each block")
+    for column in ("layer", "first token", "median of the rest", "max of the rest", ""):
+        table.add_column(column, justify="right")
+    for row in rows:
+        flag = f"[red]sink ×{row.first_token / row.median_rest:.0f}[/red]" if row.sink else ""
+        table.add_row(str(row.layer), f"{row.first_token:,.1f}", f"{row.median_rest:,.1f}", f"{row.max_rest:,.1f}", flag)
+    console.print(table)
+    if any(row.sink for row in rows):
+        console.print(
+            "[yellow]The first token is an attention sink on the flagged layers: melbo's losses skip it by default "
+            "(--positions all to include it).[/yellow]"
+        )
+    console.print(
+        "Choose a source layer s about a quarter to a third of the way in, a target t about two thirds in, and R "
+        "around a few times the typical norm at s (melbo discover --calibrate sweeps R)."
+    )
+
+
+@app.command()
+def generate(
+    run: Annotated[Optional[Path], typer.Option(help="A run folder holding the vector.")] = None,
+    index: Annotated[int, typer.Option(help="Which vector of the run (row of vectors.safetensors).")] = 0,
+    vector: Annotated[Optional[Path], typer.Option(help="A vector file (.safetensors or the post's .pt); row --index.")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="Layer to add the vector after (default: the run's source layer).")] = None,
+    scale: Annotated[float, typer.Option(help="Multiply the vector by this.")] = 1.0,
+    prompt: PromptOpt = DEFAULT_PROMPT,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    seed: int = 0,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    no_chat_template: RawOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Generate with and without a steering vector, side by side."""
+    from melbo.files.runs import load_vector_file, read_run, validate_vectors
+    from melbo.model.forward import generate_steered
+    from melbo.model.layers import check_layer
+    from melbo.model.prompts import encode_prompt
+
+    if (run is None) == (vector is None):
+        raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
+    if run is not None:
+        record = read_run(run)
+        model = model or record.meta.model_name
+        layer = record.source_layer if layer is None else layer
+        system = system if system is not None else record.meta.prompt_format.system
+        vectors = record.vectors
+    else:
+        vectors = load_vector_file(vector)  # type: ignore[arg-type]  # one of the two is given
+    if layer is None:
+        raise MelboError("--layer is needed with --vector (the layer the vector is added after)")
+    lm = load(model, device, dtype)
+    vectors = validate_vectors(vectors, str(run or vector), lm.d_model)
+    if not 0 <= index < vectors.shape[0]:
+        raise MelboError(f"--index {index}: the file has vectors 0 to {vectors.shape[0] - 1}")
+    check_layer(lm.model, layer, "--layer")
+    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, no_chat_template), lm.device)
+    theta = (vectors[index] * scale).to(lm.device)
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    plain = generate_steered(lm.model, lm.tokenizer, ids, None, layer, **options)[0]
+    steered = generate_steered(lm.model, lm.tokenizer, ids, theta[None], layer, **options)[0]
+    table = Table(title=f"{prompt!r}: vector {index} (norm {float(theta.norm()):.2f}) added after layer {layer}", show_lines=True)
+    table.add_column("unsteered", ratio=1)
+    table.add_column("steered", ratio=1)
+    table.add_row(plain, steered)
+    console.print(table)
+
+
+@app.command()
+def discover(
+    count: Annotated[int, typer.Option("--count", "-k", help="K: number of vectors.")] = D.count,
+    source: Annotated[int, typer.Option("--source", "-s", help="Layer s: add the vector after block s.")] = D.source,
+    target: Annotated[int, typer.Option("--target", "-t", help="Layer t: measure the change after block t.")] = D.target,
+    radius: Annotated[float, typer.Option("--radius", "-R", help="R: the norm of every vector.")] = D.radius,
+    power: Annotated[float, typer.Option("--power", help="p: power on each position's change.")] = D.p,
+    root: Annotated[float, typer.Option("--root", help="q: root of the sum over positions.")] = D.q,
+    steps: Annotated[int, typer.Option(help="Adam steps per block.")] = D.steps,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 0.01·R/√d_model).")] = D.lr,
+    block: Annotated[int, typer.Option(help="Vectors trained together (1 = the original one-at-a-time MELBO).")] = D.block,
+    positions: Annotated[str, typer.Option(help="skip-first (position 0 is often an attention sink), all, or last:N.")] = D.positions,
+    seed: int = D.seed,
+    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = D.completion_tokens,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Sweep R on a few vectors instead, to choose R.")] = False,
+    radii: Annotated[Optional[str], typer.Option(help="With --calibrate: comma-separated R values.")] = None,
+    prompt: PromptsOpt = None,
+    prompt_file: PromptFileOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    no_chat_template: RawOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """MELBO: learn K orthogonal steering vectors of norm R that change layer t the most."""
+    from melbo.engines import discover as engine
+
+    prompts = run_prompts(prompt, prompt_file)
+    cfg = DiscoverConfig(
+        source=source, target=target, radius=radius, count=count, p=power, q=root, steps=steps, lr=lr, block=block,
+        seed=seed, positions=positions, completion_tokens=completion_tokens,
+    )
+    cfg.check()
+    fmt = prompt_format(system, no_chat_template)
+    if calibrate:
+        values = _parse_radii(radii, radius)
+        lm = load(model, device, dtype)
+        with err_console.status("calibrating R…"):
+            rows = engine.calibrate(lm, prompts, values, cfg, fmt)
+        table = Table(title=f"Change at layer {target} against R (layer {source}, {steps} steps, 4 vectors each)")
+        for column in ("R", "change −loss", "change / R", ""):
+            table.add_column(column, justify="right")
+        ratios = [row["change_per_R"] for row in rows]
+        for row, ratio in zip(rows, ratios):
+            table.add_row(f"{row['R']:g}", f"{row['change']:,.4g}", f"{ratio:,.4g}", "█" * max(1, round(30 * ratio / max(ratios))))
+        console.print(table)
+        console.print("Useful R sits just past the sharp rise of change/R; much larger R tends to give gibberish.")
+        return
+    folder = out_folder(out, "discover", force, resume)
+    lm = load(model, device, dtype)
+    cfg.check(lm.n_layers, lm.d_model)
+    progress, on_step = block_progress(-(-count // block), steps, "discover")
+    with progress, interruptible(folder):
+        run = engine.discover(lm, prompts, cfg, fmt, out=folder, on_step=on_step, resume=resume)
+    table = Table(title=f"{count} vectors, R = {radius:g}, layer {source} → {target}")
+    for column, justify in (("#", "right"), ("loss", "right"), ("completion on the first prompt", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for record in run.records:
+        table.add_row(str(record.index), f"{record.loss:,.4g}", short(record.completion))
+    console.print(table)
+    console.print(f"run folder: [bold]{folder}[/bold]")
+
+
+def _parse_radii(radii: str | None, radius: float) -> list[float]:
+    if radii is None:
+        return [radius * f for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)]
+    try:
+        values = [float(x) for x in radii.split(",") if x.strip()]
+    except ValueError as exc:
+        raise MelboError(f"--radii {radii!r}: give numbers separated by commas, e.g. 10,20,40") from exc
+    if not values or any(not v > 0 for v in values):
+        raise MelboError("--radii: every R must be a positive number")
+    return values
+
+
+@app.command()
+def ortho(
+    base: Annotated[Path, typer.Argument(help="A run folder, or a vector file (.safetensors or the post's .pt).")],
+    index: Annotated[int, typer.Option(help="Which vector of BASE is θ0.")] = 0,
+    mode: Annotated[str, typer.Option(help="fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")] = O.mode,
+    count: Annotated[Optional[int], typer.Option(help="Vectors to find (default: until the basis is exhausted).")] = O.count,
+    source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
+    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,
+    block: Annotated[Optional[int], typer.Option(help="Vectors optimised together (fast: 16; seed: 1).")] = O.block,
+    steps: Annotated[Optional[int], typer.Option(help="Evaluations per block (fast: at most 60 with lbfgs, 150 with adam; seed: 1000).")] = O.steps,
+    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; lbfgs's first step is lr·√d (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = O.lr,
+    optimizer: Annotated[Optional[str], typer.Option(help="Fast mode: lbfgs (default, one L-BFGS per vector) or adam.")] = O.optimizer,
+    penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = O.penalty,
+    plateau: Annotated[float, typer.Option(min=0.0, help="Fast mode: stop a block when 10 steps gain less than this fraction (0: never).")] = O.plateau,
+    positions: Annotated[Optional[str], typer.Option(help="last:4 (fast default), all (seed default), skip-first or last:N.")] = O.positions,
+    min_norm: Annotated[Optional[float], typer.Option(help="Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")] = O.min_norm,
+    stop_after_dropped: Annotated[Optional[int], typer.Option(help="This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")] = O.stop_after_dropped,
+    init_scale: Annotated[float, typer.Option(help="Fast mode: the first block starts at this × ‖θ0‖.")] = O.init_scale,
+    seed: int = O.seed,
+    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = O.completion_tokens,
+    prompt: PromptsOpt = None,
+    prompt_file: PromptFileOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    no_chat_template: RawOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """MELBO-ortho: vectors orthogonal to θ0 and to each other that reproduce θ0's effect."""
+    from melbo.engines import ortho as engine
+    from melbo.files.runs import load_vector_file, read_run
+
+    base_info: dict[str, Any] = {"from": str(base), "index": index}
+    if base.is_dir():
+        record = read_run(base)
+        vectors = record.vectors
+        source = record.source_layer if source is None else source
+        target = record.target_layer if target is None else target
+        model = model or record.meta.model_name
+        system = system if system is not None else record.meta.prompt_format.system
+        prompts = run_prompts(prompt, prompt_file, record.meta.prompts)
+        if index < len(record.records):
+            base_info["completion"] = record.records[index].completion
+    else:
+        vectors = load_vector_file(base)
+        prompts = run_prompts(prompt, prompt_file)
+    if source is None or target is None:
+        raise MelboError("--source and --target are needed with a vector file (the layers θ0 was made for)")
+    if not 0 <= index < vectors.shape[0]:
+        raise MelboError(f"--index {index}: {base} has vectors 0 to {vectors.shape[0] - 1}")
+    cfg = OrthoConfig(
+        source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
+        positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau, optimizer=optimizer,
+        min_norm=min_norm, stop_after_dropped=stop_after_dropped, init_scale=init_scale,
+    )
+    cfg.check()
+    folder = out_folder(out, "ortho", force, resume)
+    lm = load(model, device, dtype)
+    cfg.check(lm.n_layers, lm.d_model)
+    settings = cfg.resolved(float(vectors[index].norm()), lm.d_model)
+    progress, on_step = block_progress(-(-settings.count // settings.block), settings.steps, f"ortho ({mode})")
+    with progress, interruptible(folder):
+        run = engine.ortho(
+            lm, vectors[index], prompts, cfg, prompt_format(system, no_chat_template), out=folder, on_step=on_step,
+            base_info=base_info, resume=resume,
+        )
+    print_ortho_table(run)
+    console.print(f"run folder: [bold]{folder}[/bold]")
+
+
+def print_ortho_table(run: Any, limit: int = 200) -> None:
+    """Index, norm, KL to the base and completion of a MELBO-ortho run's vectors, and its summary line."""
+    from melbo.objectives import max_abs_cosine
+
+    table = Table(title=f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)")
+    for column, justify in (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for record in run.records[:limit]:
+        table.add_row(str(record.index), f"{record.norm:.1f}", f"{record.kl:.3f}", short(record.completion, 90))
+    console.print(table)
+    if run.kls:
+        console.print(
+            f"KL(P_i ‖ P_base) at the last prompt token: median {run.median_kl:.3f}, max {max(run.kls):.3f}; "
+            f"max |cos| between any two vectors {max_abs_cosine(run.vectors):.1e}; stopped: {run.meta.stopped}"
+        )

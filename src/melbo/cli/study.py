@@ -1,0 +1,169 @@
+"""Commands that run whole studies: ``study`` (a TOML file) and ``demo`` (the built-in study on SmolLM2)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from melbo.cli.app import DeviceOpt, app, console, err_console, out_folder, short
+from melbo.errors import MelboError
+
+if TYPE_CHECKING:  # the study package imports torch: only for type checkers here
+    from melbo.study import Event, Study, StudyResult
+
+
+class StudyView:
+    """One live table for a whole study: each unit waiting, running (stage, run, block, step, loss) or done."""
+
+    def __init__(self, units: list[str]) -> None:
+        self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
+        self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
+
+    def _table(self) -> Table:
+        table = Table(title="study", show_edge=False)
+        for column in ("unit", "status", "stage", "run", "block", "step / loss"):
+            table.add_column(column)
+        for unit, row in self.rows.items():
+            table.add_row(unit or "(the study)", *row)
+        return table
+
+    def __call__(self, event: Event) -> None:
+        row = self.rows.setdefault(event.unit, ["waiting", "", "", "", ""])
+        for other, values in self.rows.items():
+            if other != event.unit and values[0] == "running":
+                values[0] = "done"
+        row[0], row[1], row[2] = "running", event.stage, event.run
+        if event.steps is not None or event.step:
+            row[3] = f"{event.block + 1}" + (f"/{event.blocks}" if event.blocks else "")
+            row[4] = f"{event.step}" + (f"/{event.steps}" if event.steps else "") + (f"  {event.loss:,.4g}" if event.loss is not None else "")
+        else:
+            row[3] = row[4] = ""
+        self.live.update(self._table())
+
+    def finish(self) -> None:
+        for values in self.rows.values():
+            values[0] = "done"
+        self.live.update(self._table())
+
+    def __enter__(self) -> StudyView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def _run(study_obj: Study, folder: Path, resume: bool, force: bool) -> StudyResult:
+    from melbo.study import run_study
+
+    try:
+        with StudyView([u.label for u in study_obj.units()]) as view:
+            result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
+            view.finish()
+    except KeyboardInterrupt:
+        err_console.print(f"melbo: interrupted; {folder} holds every finished step and block: run the same command with --resume")
+        raise SystemExit(130) from None
+    return result
+
+
+@app.command()
+def study(
+    spec: Annotated[Path, typer.Argument(help="A study file (TOML): see examples/ and the README.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default melbo-runs/STUDY-DATE).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --out: finished steps are skipped.")] = False,
+    force: Annotated[bool, typer.Option(help="Start the study in --out again from scratch.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting: TABLE.FIELD=VALUE (a TOML value), repeatable.")] = None,
+) -> None:
+    """Run every run a study file describes, in this process; writes OUT/study.html and a report per run."""
+    from melbo.study import Study
+
+    started = time.monotonic()
+    study_obj = Study.from_toml(spec)
+    if set_:
+        study_obj = study_obj.with_values(dict(_parse_setting(item) for item in set_))
+    folder = out_folder(out, study_obj.name, force, resume)
+    result = _run(study_obj, folder, resume, force)
+    _print_rows(result)
+    console.print(f"study: [bold]{result.page}[/bold]  ({time.monotonic() - started:.0f} s)")
+
+
+def _parse_setting(item: str) -> tuple[str, object]:
+    """``discover.radius=20`` → ("discover.radius", 20.0): the value is read as TOML, else kept as text."""
+    import tomllib
+
+    key, sep, text = item.partition("=")
+    if not sep or "." not in key:
+        raise MelboError(f"--set {item!r}: use TABLE.FIELD=VALUE, e.g. --set discover.radius=20")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), value
+
+
+def _print_rows(result: StudyResult) -> None:
+    from melbo.report.study import study_rows
+
+    table = Table(title=f"study {result.study.name}: {len(result.units)} unit(s)")
+    for column in ("unit", "run", "vectors", "base", "median KL", "behaviour share", "time"):
+        table.add_column(column)
+    for r in study_rows(result):
+        share = "" if r.behaviour_share is None else f"{100 * r.behaviour_share:.0f} %"
+        kl = "" if r.median_kl is None else f"{r.median_kl:.3f}"
+        table.add_row(r.unit, r.folder, str(r.vectors), r.base, kl, share, "" if r.seconds is None else f"{r.seconds:.0f} s")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the two runs (default melbo-runs/demo-DATE).")] = None,
+    ortho_count: Annotated[Optional[int], typer.Option(help="Orthogonal vectors to find (default: the study's, 32).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite runs already in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the demo in --out.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A few seconds: few vectors and steps, to check the set-up.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The main job on the embedded SmolLM2 (the study examples/demo.toml): discover vectors, pick the clearest,
+    find orthogonal copies of it, evaluate and compose them, and write reports."""
+    from melbo.cli.runs import print_ortho_table
+    from melbo.files.runs import read_run
+    from melbo.study import demo_study
+
+    started = time.monotonic()
+    study_obj = demo_study(quick=quick, ortho_count=ortho_count)
+    if device != "auto":
+        study_obj = study_obj.with_values({"model.device": device})
+    folder = out_folder(out, "demo", force, resume)
+    if (folder / "study.json").exists() and not (force or resume):
+        raise MelboError(f"{folder} already holds a demo; choose another --out, or pass --resume or --force")
+    unit = study_obj.units()[0]
+    d = unit.discover
+    assert d is not None and unit.ortho is not None  # the built-in study has both
+    console.print(
+        f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {unit.prompts.prompts[0]!r}, vectors added after layer "
+        f"{d.source}, change measured after layer {d.target}, R = {d.radius:g}."
+    )
+    result = _run(study_obj, folder, resume, force)
+    outcome = result.units[0]
+    choice, ortho = outcome.bases[0], outcome.orthos[0]
+    table = Table(title="Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)")
+    for column, justify in (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for c in choice.candidates:
+        mark = "[bold green]" if c.index == choice.index else ""
+        table.add_row(f"{mark}{c.index}", c.label, f"{c.nll:.2f}", f"{c.effect:.2f}", short(c.completion, 80))
+    console.print(table)
+    console.print(f"[bold]Base vector:[/bold] {choice.reason()}.")
+    console.print(f"  unsteered model: {short(ortho.fidelity.unsteered_completion, 100)!r}")
+    console.print(f"  base vector:     {short(choice.completion, 100)!r}")
+    print_ortho_table(read_run(result.folder / ortho.folder))
+    share = "" if ortho.behaviour_share is None else f"; behaviour share {ortho.behaviour_share:.0%} (copies labelled {choice.label}, as the base)"
+    console.print(f"[bold]{ortho.fidelity.sentence()}[/bold]{share}.")
+    console.print(f"runs: [bold]{result.folder / outcome.discovery}[/bold] and [bold]{result.folder / ortho.folder}[/bold]   ({time.monotonic() - started:.0f} s)")
+    reports = [result.folder / r for r in outcome.reports]
+    console.print(f"report: [bold]{reports[0]}[/bold]  (open it in a browser; the discovery run's is {reports[-1]}; the study's is {result.page})")

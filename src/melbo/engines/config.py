@@ -1,0 +1,211 @@
+"""The settings of discovery and MELBO-ortho: what a user may set (``*Config``, with the one set of defaults the
+CLI and study files read) and what an engine runs (``*Settings``, every value concrete, from ``resolved()``).
+
+No torch here: the command line reads its defaults and checks a typo before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from melbo.errors import MelboError
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which prompt positions a loss or mean uses.
+
+    ``"skip-first"`` (default): every position but the first, which on many models is an attention sink
+    whose residual norm is ~100× the others and would swamp the loss. ``"all"``: every position (what the
+    original MELBO-ortho code did). ``"last:N"``: the last N positions.
+    """
+
+    spec: str = "skip-first"
+
+    def __post_init__(self) -> None:
+        if self.spec not in ("skip-first", "all") and not re.fullmatch(r"last:[1-9]\d*", self.spec):
+            raise MelboError(f"--positions {self.spec!r}: use skip-first, all, or last:N (N ≥ 1)")
+
+    def index(self, seq_len: int) -> slice:
+        if self.spec == "all":
+            return slice(0, seq_len)
+        if self.spec == "skip-first":
+            return slice(1 if seq_len > 1 else 0, seq_len)
+        n = int(self.spec.split(":")[1])
+        return slice(max(0, seq_len - n), seq_len)
+
+
+@dataclass(frozen=True)
+class DiscoverSettings:
+    """Discovery's settings with every value concrete (what the engine runs and run.json records)."""
+
+    source: int  # layer s: the vector is added to the residual after block s
+    target: int  # layer t: the change is measured after block t
+    radius: float  # R: every vector's norm
+    count: int  # K: number of vectors
+    p: float  # power on each position's change
+    q: float  # root of the sum over positions
+    steps: int  # Adam steps per block
+    lr: float
+    block: int  # vectors trained together
+    seed: int
+    positions: str
+    completion_tokens: int  # greedy completion stored per vector, on the first prompt
+
+
+@dataclass
+class DiscoverConfig:
+    """What a user may set for MELBO discovery; the CLI's options take their defaults from here."""
+
+    source: int = 8  # layer s: the vector is added to the residual after block s
+    target: int = 20  # layer t: the change is measured after block t
+    radius: float = 30.0  # R: every vector's norm (≈ 30 gives diverse, fluent behaviours on SmolLM2 at 8 → 20)
+    count: int = 32  # K: number of vectors
+    p: float = 2.0  # power on each position's change
+    q: float = 1.0  # root of the sum over positions
+    steps: int = 100  # Adam steps per block
+    lr: float | None = None  # None: 0.01 · R / sqrt(d), so a step moves θ by ~1 % of R whatever R and d are
+    block: int = 16  # vectors trained together (1: the original one-at-a-time MELBO)
+    seed: int = 0
+    positions: str = "skip-first"  # skip-first (position 0 is often an attention sink), all, or last:N
+    completion_tokens: int = 32  # greedy completion stored per vector, on the first prompt
+
+    def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
+        """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
+        does that before loading one, so a typo costs a second, not a model load)."""
+        if n_layers is not None and (not 0 <= self.source < n_layers or not 0 <= self.target < n_layers):
+            raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {self.source}, target {self.target}")
+        if self.source >= self.target:
+            raise MelboError(f"the source layer ({self.source}) must come before the target layer ({self.target})")
+        if not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
+            raise MelboError(f"R must be a positive number, got {self.radius}")
+        if self.count < 1 or self.block < 1 or self.steps < 0:
+            raise MelboError("count and block size must be at least 1, steps at least 0")
+        if d_model is not None and self.count > d_model:
+            raise MelboError(f"at most d_model = {d_model} orthogonal vectors exist; asked for {self.count}")
+        if self.p <= 0 or self.q <= 0:
+            raise MelboError("p and q must be positive")
+        if self.lr is not None and not self.lr > 0:
+            raise MelboError("the learning rate must be positive")
+        Positions(self.positions)
+
+    def resolved(self, n_layers: int, d_model: int) -> DiscoverSettings:
+        """The concrete settings for a model of this depth and width (checked)."""
+        self.check(n_layers, d_model)
+        lr = self.lr if self.lr is not None else 0.01 * self.radius / math.sqrt(d_model)
+        return DiscoverSettings(**{**dataclasses.asdict(self), "radius": float(self.radius), "lr": lr})
+
+
+# Fast mode's evaluations per block (each a forward and backward pass of the block through layers s+1 … t).
+# Measured on SmolLM2 (8 → 20, R 30, the demo's base; bench/ortho_vs_seed.py): per-row L-BFGS at 60
+# evaluations is 2.4× faster per vector than Adam at 150 steps and 2.0× faster per vector within half the
+# unsteered model's KL to θ0 (61 % of vectors against 75 %); its median KL is higher (first 32 vectors: 1.20
+# against 1.07). More L-BFGS evaluations lower ‖z − z0‖ but not the KL (80: 1.44, 150: 1.65), so 60 it is;
+# ``optimizer="adam"`` for the best KL per vector.
+STEPS_FAST = {"lbfgs": 60, "adam": 150}
+@dataclass(frozen=True)
+class OrthoSettings:
+    """MELBO-ortho's settings with every value concrete (what the engine runs and run.json records)."""
+
+    source: int
+    target: int
+    mode: str  # "fast" or "seed"
+    count: int  # vectors to find besides θ0
+    block: int
+    steps: int  # evaluations (L-BFGS) or steps (Adam) per block
+    lr: float
+    optimizer: str  # "lbfgs" or "adam"
+    penalty: float
+    positions: str
+    min_norm: float
+    stop_after_dropped: int
+    plateau: float
+    init_scale: float
+    seed: int
+    completion_tokens: int
+
+    @property
+    def fast(self) -> bool:
+        return self.mode == "fast"
+
+
+@dataclass
+class OrthoConfig:
+    """What a user may set for MELBO-ortho; ``None`` means "the mode's default" (see :meth:`resolved`).
+    The CLI's options take their defaults from here."""
+
+    source: int = 8
+    target: int = 20
+    mode: str = "fast"  # "fast" or "seed"
+    count: int | None = None  # vectors to find besides θ0; None: until the basis is exhausted
+    block: int | None = None  # fast: 16; seed: 1
+    steps: int | None = None  # evaluations per block; fast: at most STEPS_FAST (early stop); seed: 1000
+    lr: float | None = None  # fast: 0.25 · ‖θ0‖ / sqrt(d), i.e. ~¼ of θ0's typical coordinate; seed: 0.01
+    optimizer: str | None = None  # fast: "lbfgs" (per-row L-BFGS) or "adam" (cosine schedule); seed: "adam" only
+    penalty: float = 0.0  # λ of the optional λ‖θ‖² term (the post's proposed test)
+    positions: str | None = None  # fast: "last:4"; seed: "all"
+    min_norm: float | None = None  # vectors at or below are dropped; fast: 0.015 · ‖θ0‖; seed: 0.1
+    stop_after_dropped: int | None = None  # this many dropped in a row: the basis is exhausted; fast: block; seed: 5
+    plateau: float = 2e-3  # fast: stop a block when 10 steps improve its loss by less than this fraction (0: never)
+    init_scale: float = 2.0  # fast: the first block starts at this × ‖θ0‖; later ones at the last block's median norm
+    seed: int = 0
+    completion_tokens: int = 32  # greedy completion stored per vector (0: none)
+
+    def resolved(self, base_norm: float, d_model: int) -> OrthoSettings:
+        optimizer = self._optimizer()
+        fast = self.mode == "fast"
+        block = self.block or (16 if fast else 1)
+        return OrthoSettings(
+            source=self.source,
+            target=self.target,
+            mode=self.mode,
+            count=self.count if self.count is not None else d_model - 1,
+            block=block,
+            steps=self.steps if self.steps is not None else (STEPS_FAST[optimizer] if fast else 1000),
+            lr=self.lr if self.lr is not None else (0.25 * base_norm / math.sqrt(d_model) if fast else 0.01),
+            optimizer=optimizer,
+            penalty=self.penalty,
+            positions=self.positions or ("last:4" if fast else "all"),
+            min_norm=self.min_norm if self.min_norm is not None else (0.015 * base_norm if fast else 0.1),
+            stop_after_dropped=self.stop_after_dropped or (block if fast else 5),
+            plateau=self.plateau,
+            init_scale=self.init_scale,
+            seed=self.seed,
+            completion_tokens=self.completion_tokens,
+        )
+
+    def _optimizer(self) -> str:
+        """The optimiser this mode uses, after checking that mode and optimiser go together."""
+        if self.mode not in ("fast", "seed"):
+            raise MelboError(f"--mode {self.mode!r}: use fast or seed")
+        fast = self.mode == "fast"
+        optimizer = self.optimizer or ("lbfgs" if fast else "adam")
+        if optimizer not in ("lbfgs", "adam"):
+            raise MelboError(f"--optimizer {optimizer!r}: use lbfgs or adam")
+        if not fast and optimizer != "adam":
+            raise MelboError("--mode seed is the post's algorithm: its optimiser is Adam (use --mode fast for lbfgs)")
+        return optimizer
+
+    def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
+        """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
+        does that before loading one)."""
+        if n_layers is not None and (not 0 <= self.source < n_layers or not 0 <= self.target < n_layers):
+            raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {self.source}, target {self.target}")
+        if self.source >= self.target:
+            raise MelboError(f"the source layer ({self.source}) must come before the target layer ({self.target})")
+        self._optimizer()
+        if self.count is not None and (self.count < 1 or (d_model is not None and self.count > d_model - 1)):
+            raise MelboError("--count must be at least 1" if d_model is None else f"--count must be between 1 and d_model − 1 = {d_model - 1}")
+        if (self.block is not None and self.block < 1) or (self.steps is not None and self.steps < 1):
+            raise MelboError("block size and steps must be at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise MelboError("the learning rate must be positive")
+        if self.penalty < 0:
+            raise MelboError("the L2 penalty must be ≥ 0")
+        if self.completion_tokens < 0:
+            raise MelboError("--completion-tokens must be ≥ 0")
+        if self.positions is not None:
+            Positions(self.positions)

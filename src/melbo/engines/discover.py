@@ -1,0 +1,164 @@
+"""MELBO discovery: learn K steering vectors of norm R that change the target layer the most.
+
+Vectors are trained in blocks (one per batch row). After every Adam step each block is projected onto the
+orthogonal complement of all earlier vectors, orthogonalised within itself (Gram–Schmidt, in row order) and
+put back on the sphere of radius R. Block size 1 is the original one-at-a-time algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from melbo.engines.blocks import BlockCallback, Judged, StepCallback, block_generator, run_blocks
+from melbo.engines.config import DiscoverConfig, DiscoverSettings, Positions
+from melbo.engines.optimise import optimise
+from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
+from melbo.model.forward import PromptState, generate_steered, prepare, target_residual
+from melbo.model.loading import LoadedModel, model_identity
+from melbo.model.prompts import PromptFormat
+from melbo.objectives import melbo_loss, orthogonalize_block, random_orthogonal_block, to_sphere
+
+
+@dataclass
+class _Problem:
+    """Discovery's loss on one model and prompt set: the unsteered target residuals are computed once."""
+
+    lm: LoadedModel
+    states: list[PromptState]
+    settings: DiscoverSettings
+    baselines: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        zeros = torch.zeros(1, self.lm.d_model, device=self.lm.device)
+        s = self.settings
+        with torch.no_grad():
+            self.baselines = [target_residual(self.lm.model, state, s.source, s.target, zeros) for state in self.states]
+
+    def losses(self, thetas: Tensor) -> Tensor:
+        """MELBO loss of each row of ``thetas`` ``(B,)``, averaged over prompts."""
+        s = self.settings
+        pos = Positions(s.positions)
+        total = thetas.new_zeros(thetas.shape[0])
+        for state, base in zip(self.states, self.baselines):
+            sel = pos.index(state.length)
+            steered = target_residual(self.lm.model, state, s.source, s.target, thetas)
+            total = total + melbo_loss(steered[:, sel] - base[:, sel], s.p, s.q)
+        return total / len(self.states)
+
+    def train(self, basis: Tensor | None, size: int, generator: torch.Generator,
+              on_step: Callable[[int, float], None] | None = None) -> tuple[Tensor, int]:
+        """``size`` vectors of norm R orthogonal to ``basis`` and to each other, trained with MELBO's original
+        optimiser (AdamW, betas (0.9, 0.98), amsgrad, no weight decay)."""
+        s = self.settings
+        init = random_orthogonal_block(size, self.lm.d_model, s.radius, basis, generator).to(self.lm.device)
+        theta = torch.nn.Parameter(init)
+        steps = optimise(
+            theta, self.losses, lambda t: to_sphere(orthogonalize_block(t, basis), s.radius), s.lr, s.steps, cosine=False,
+            on_step=on_step,
+            make_optimizer=lambda params, rate: torch.optim.AdamW(params, lr=rate, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True),
+        )
+        return theta.detach().clone(), steps
+
+
+@dataclass
+class _Engine:
+    """The :class:`~melbo.engines.blocks.BlockEngine` of discovery."""
+
+    problem: _Problem
+
+    def next_size(self, progress: BlockProgress, basis_rows: int) -> int:
+        return min(self.problem.settings.block, self.problem.settings.count - progress.found)
+
+    def stop_reason(self, progress: BlockProgress, basis_rows: int) -> str:
+        return "count reached"
+
+    def train(self, basis: Tensor | None, size: int, init_norm: float, generator: torch.Generator,
+              on_step: Callable[[int, float], None] | None) -> tuple[Tensor, int]:
+        return self.problem.train(basis, size, generator, on_step)
+
+    def judge(self, block: Tensor, steps: int, block_index: int) -> Judged:
+        problem, s = self.problem, self.problem.settings
+        with torch.no_grad():
+            losses = problem.losses(block)
+        texts = (
+            generate_steered(problem.lm.model, problem.lm.tokenizer, problem.states[0].ids, block, s.source, s.completion_tokens)
+            if s.completion_tokens > 0 else [""] * block.shape[0]
+        )
+        records = [
+            VectorRecord(index=-1, block=block_index, norm=float(row.norm()), loss=float(loss), completion=text)
+            for row, loss, text in zip(block, losses, texts)
+        ]
+        return Judged(records=records, kept=torch.ones(block.shape[0], dtype=torch.bool))
+
+    def diverged(self, block_index: int, size: int) -> str:
+        return f"block {block_index}: NaN/inf twice (also with a 10× smaller step); its {size} vectors were dropped"
+
+
+def discover(
+    lm: LoadedModel,
+    prompts: list[str],
+    cfg: DiscoverConfig = DiscoverConfig(),
+    fmt: PromptFormat = PromptFormat(),
+    out: str | Path | None = None,
+    on_step: StepCallback | None = None,
+    resume: bool = False,
+    on_block: BlockCallback | None = None,
+) -> Run:
+    """Run MELBO discovery; write the run folder after every block when ``out`` is given.
+
+    Args:
+        resume: continue the run already in ``out`` from its last completed block. Each block's random
+            start depends only on the seed and the block's number, so the result is the same as a run
+            that was never interrupted.
+
+    Returns:
+        the :class:`~melbo.files.runs.Run` with vectors ``(K, d)`` and per-vector records: ``loss`` (the final
+        MELBO loss, negative), ``norm``, ``block`` and a greedy ``completion`` on the first prompt.
+
+    Example:
+        >>> run = discover(load_model(), ["How can I build a bomb?"], DiscoverConfig(count=8))
+        >>> [r.completion[:40] for r in run.records]
+    """
+    settings = cfg.resolved(lm.n_layers, lm.d_model)
+    meta = RunMeta(
+        kind="discover", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
+        target=settings.target, R=settings.radius, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,
+        config=dataclasses.asdict(settings),
+    )
+    problem = _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings)
+    return run_blocks(
+        _Engine(problem), meta, [], lm.d_model, lm.device, settings.seed, settings.radius, out, resume, on_step, on_block,
+    )
+
+
+def calibrate(
+    lm: LoadedModel,
+    prompts: list[str],
+    radii: list[float],
+    cfg: DiscoverConfig = DiscoverConfig(),
+    fmt: PromptFormat = PromptFormat(),
+    vectors: int = 4,
+) -> list[dict[str, float]]:
+    """Sweep R: train a few vectors at each radius; report the mean change they achieve.
+
+    The change ``-loss`` grows slowly with R and then rises sharply where the vector starts to take over
+    the model's computation; useful R sits just past that rise, before completions turn to gibberish.
+    Returns one row per radius: ``R``, ``change`` (mean ``-loss``), ``change_per_R``.
+    """
+    states = prepare(lm, prompts, fmt, cfg.source)
+    rows = []
+    for radius in radii:
+        settings = dataclasses.replace(cfg, radius=float(radius), count=vectors, block=vectors, lr=None).resolved(lm.n_layers, lm.d_model)
+        problem = _Problem(lm, states, settings)
+        block, _ = problem.train(None, vectors, block_generator(cfg.seed, 0))
+        with torch.no_grad():
+            change = float(-problem.losses(block).mean())
+        rows.append({"R": float(radius), "change": change, "change_per_R": change / radius})
+    return rows
+

@@ -1,0 +1,179 @@
+"""Forward passes with steering vectors: cached source-layer activations, steered residuals and logits,
+steered generation (one vector per batch row), and the measurements built on them (fluency, first-token
+effect, the residual-norm profile).
+
+The residual stream up to the source layer ``s`` does not depend on θ, so it is computed once per prompt
+(:func:`prepare`) and every optimisation step runs only blocks ``s+1 … t`` for a whole block of vectors at
+once (one vector per batch row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from melbo.model.layers import add_to_residual, capture_residual, check_layer, n_layers, residual_after, start_after, stop_after
+from melbo.model.prompts import PromptFormat, encode_prompt, ids_like
+from melbo.objectives import kl_divergence
+
+if TYPE_CHECKING:
+    from melbo.model.loading import LoadedModel
+
+SINK_RATIO = 10.0  # a first token this many times the median norm of the rest is flagged as a sink
+
+
+@dataclass
+class PromptState:
+    """One prompt, tokenised, with its unsteered residual after the source layer ``(1, T, d)``."""
+
+    text: str
+    ids: Tensor
+    source: Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def prepare(lm: LoadedModel, prompts: list[str], fmt: PromptFormat, source_layer: int) -> list[PromptState]:
+    """Tokenise each prompt and cache its residual after ``source_layer``."""
+    check_layer(lm.model, source_layer, "source layer")
+    states = []
+    for text in prompts:
+        ids = encode_prompt(lm.tokenizer, text, fmt, lm.device)
+        with torch.no_grad():
+            cached = residual_after(lm.model, source_layer, ids).float()
+        states.append(PromptState(text=text, ids=ids, source=cached))
+    return states
+
+
+def target_residual(model: nn.Module, state: PromptState, source: int, target: int, thetas: Tensor) -> Tensor:
+    """Residual after ``target`` ``(B, T, d)`` when row ``b`` adds ``thetas[b]`` after ``source``.
+
+    Only blocks ``source+1 … target`` run; gradients flow back to ``thetas``.
+    """
+    dtype = next(model.parameters()).dtype
+    steered = (state.source + thetas[:, None, :]).to(dtype)
+    ids = ids_like(state.ids, thetas.shape[0])
+    with start_after(model, source, steered), capture_residual(model, target) as seen, stop_after(model, target):
+        model(input_ids=ids, use_cache=False)
+    return seen[target].float()
+
+
+def last_token_logits(model: nn.Module, state: PromptState, source: int, thetas: Tensor, batch: int = 64) -> Tensor:
+    """Logits at the last prompt position ``(B, vocab)`` when steering with each row of ``thetas``."""
+    dtype = next(model.parameters()).dtype
+    out = []
+    with torch.no_grad():
+        for chunk in thetas.split(batch):
+            steered = (state.source + chunk[:, None, :]).to(dtype)
+            ids = ids_like(state.ids, chunk.shape[0])
+            with start_after(model, source, steered):
+                out.append(_last_logits(model, ids))
+    return torch.cat(out).float()
+
+
+def _last_logits(model: nn.Module, ids: Tensor) -> Tensor:
+    with contextlib.suppress(TypeError):  # only the last position's logits, where the model supports it
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    return model(input_ids=ids, use_cache=False).logits[:, -1]
+
+
+@torch.no_grad()
+def generate_steered(
+    model: nn.Module,
+    tokenizer: Any,
+    input_ids: Tensor,
+    vectors: Tensor | None,
+    layer: int,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    seed: int | None = 0,
+) -> list[str]:
+    """Completions of one prompt, one per row of ``vectors`` (or one unsteered completion if ``None``).
+
+    Args:
+        input_ids: ``(1, seq)`` token ids of the formatted prompt.
+        vectors: ``(B, d_model)``, each added after block ``layer`` at every position, new ones included.
+        temperature: 0 for greedy decoding, else sampling at that temperature (seeded by ``seed``).
+    Returns:
+        ``B`` decoded completions (the prompt is not repeated), special tokens removed.
+    """
+    batch = 1 if vectors is None else vectors.shape[0]
+    ids = ids_like(input_ids, batch)
+    sampling = temperature > 0
+    options: dict[str, Any] = {"do_sample": sampling}
+    if sampling:
+        options.update(temperature=temperature, top_k=0, top_p=1.0)
+        if seed is not None:
+            torch.manual_seed(seed)
+    else:
+        options.update(temperature=None, top_k=None, top_p=None)
+    steer = contextlib.nullcontext() if vectors is None else add_to_residual(model, layer, vectors)
+    with steer:
+        out = model.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
+        )
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def completion_nll(lm: LoadedModel, input_ids: Tensor, completions: list[str]) -> list[float]:
+    """Mean negative log-likelihood (nats per token) of each completion under the *unsteered* model.
+
+    A fluency check: coherent text scores ~1–3 on SmolLM2, gibberish ≥ 4.5. Empty completions score inf.
+    """
+    scores = []
+    for text in completions:
+        tokens = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
+        if tokens.shape[1] == 0:
+            scores.append(float("inf"))
+            continue
+        full = torch.cat([input_ids, tokens], dim=1)
+        logits = lm.model(input_ids=full, use_cache=False).logits[0, input_ids.shape[1] - 1 : -1]
+        scores.append(float(torch.nn.functional.cross_entropy(logits.float(), tokens[0])))
+    return scores
+
+
+def effect_on_first_token(lm: LoadedModel, state: PromptState, source: int, thetas: Tensor) -> Tensor:
+    """KL(P_θ ‖ P_unsteered) of the next-token distribution at the last prompt token, per row ``(B,)``."""
+    steered = last_token_logits(lm.model, state, source, thetas)
+    plain = last_token_logits(lm.model, state, source, torch.zeros_like(thetas[:1]))
+    return kl_divergence(steered, plain.expand_as(steered))
+
+
+@dataclass
+class LayerNorms:
+    """The residual norm after one block on one prompt: what a user needs to choose s, t and R."""
+
+    layer: int
+    first_token: float  # residual norm at position 0
+    median_rest: float  # median residual norm over positions 1 …
+    max_rest: float
+
+    @property
+    def sink(self) -> bool:
+        """Whether position 0 is an attention sink that would swamp a loss or mean including it."""
+        return self.median_rest > 0 and self.first_token > SINK_RATIO * self.median_rest
+
+
+@torch.no_grad()
+def residual_norms(model: nn.Module, input_ids: Tensor) -> list[LayerNorms]:
+    """Per layer, the norm of the residual stream after that block on ``input_ids`` ``(1, seq)``."""
+    layers = list(range(n_layers(model)))
+    with capture_residual(model, layers) as seen:
+        model(input_ids=input_ids, use_cache=False)
+    rows = []
+    for layer in layers:
+        norms = seen[layer][0].float().norm(dim=-1)
+        rest = norms[1:] if norms.numel() > 1 else norms
+        rows.append(LayerNorms(layer, float(norms[0]), float(rest.median()), float(rest.max())))
+    return rows

@@ -1,0 +1,169 @@
+"""``study.html``: one row per run of a study, linking to each run's report, and cross-run plots.
+
+A static page (no script at all: the Content-Security-Policy allows none); every value is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from melbo.files.runs import REPORT_FILE, atomic_write, read_meta, read_run
+
+if TYPE_CHECKING:
+    from melbo.study.pipeline import StudyResult
+
+PAGE_FILE = "study.html"
+
+
+@dataclass
+class StudyRow:
+    """One run folder of a study, as its page's table shows it."""
+
+    unit: str
+    folder: str  # relative to the study folder
+    kind: str
+    model: str
+    layers: str
+    radius: float | None
+    prompt: str
+    vectors: int
+    base: str  # "#14 (code)" for MELBO-ortho runs
+    median_kl: float | None
+    behaviour_share: float | None
+    same_top_token: str
+    seconds: float | None
+    report: str | None  # relative link, when the report exists
+
+
+def study_rows(result: StudyResult) -> list[StudyRow]:
+    rows = []
+    for unit in result.units:
+        orthos = {o.folder: o for o in unit.orthos}
+        for folder in [unit.discovery, *orthos]:
+            path = result.folder / folder
+            if not (path / "run.json").is_file():
+                continue
+            meta = read_meta(path)
+            outcome = orthos.get(folder)
+            step = "discover" if folder == unit.discovery else f"ortho:{Path(folder).name}"
+            seconds = unit.steps.get(step)
+            report = path / REPORT_FILE
+            rows.append(StudyRow(
+                unit=unit.label or result.study.name,
+                folder=folder,
+                kind=meta.kind,
+                model=meta.model_name or "?",
+                layers=f"{meta.source} → {meta.target}",
+                radius=meta.R,
+                prompt=(meta.prompts or [""])[0],
+                vectors=len(meta.records),
+                base=f"#{outcome.base.index} ({outcome.base.label})" if outcome else "",
+                median_kl=outcome.fidelity.median_kl if outcome else None,
+                behaviour_share=outcome.behaviour_share if outcome else None,
+                same_top_token=f"{outcome.fidelity.same_top_token}/{outcome.fidelity.copies}" if outcome else "",
+                seconds=seconds,
+                report=str(Path(folder) / REPORT_FILE) if report.is_file() else None,
+            ))
+    return rows
+
+
+def _plots(result: StudyResult, rows: list[StudyRow]) -> list[tuple[str, bytes]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    orthos = [r for r in rows if r.kind == "ortho"]
+    figures: list[tuple[str, bytes]] = []
+    if not orthos:
+        return figures
+    names = [f"{r.unit}\n{Path(r.folder).name}" for r in orthos]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2 + 0.15 * len(orthos)))
+    axes[0].barh(names, [r.median_kl or 0.0 for r in orthos], color="#1f77b4")
+    axes[0].set_xlabel("median KL(P_i ‖ P_base) at the last prompt token")
+    axes[1].barh(names, [100 * (r.behaviour_share or 0.0) for r in orthos], color="#2ca02c")
+    axes[1].set_xlabel("behaviour share (%): copies with the base's label")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    figures.append(("Fidelity of each MELBO-ortho run", _png(fig)))
+    fig, ax = plt.subplots(figsize=(11, 3.4))
+    for row in orthos:
+        run = read_run(result.folder / row.folder)
+        xs = [r.index for r in run.records if not r.base and r.kl is not None]
+        ax.plot(xs, [r.kl for r in run.records if not r.base and r.kl is not None], marker=".", lw=1, label=f"{row.unit} {Path(row.folder).name}")
+    ax.set_xlabel("vector index")
+    ax.set_ylabel("KL to the base")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    figures.append(("KL to the base against the vector index, every MELBO-ortho run", _png(fig)))
+    return figures
+
+
+def _png(fig: object) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(buffer, format="png", dpi=100)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _cell(value: object, fmt: str = "{}") -> str:
+    if value is None or value == "":
+        return "<td>—</td>"
+    return f"<td>{html.escape(fmt.format(value))}</td>"
+
+
+def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
+    e = html.escape
+    body = []
+    for r in rows:
+        link = f'<a href="{e(r.report)}">{e(r.folder)}</a>' if r.report else e(r.folder)
+        body.append(
+            "<tr>" + _cell(r.unit) + f"<td>{link}</td>" + _cell(r.kind) + _cell(r.model) + _cell(r.layers)
+            + _cell(r.radius, "{:.3g}") + _cell(r.prompt) + _cell(r.vectors) + _cell(r.base) + _cell(r.median_kl, "{:.3f}")
+            + _cell(None if r.behaviour_share is None else 100 * r.behaviour_share, "{:.0f} %") + _cell(r.same_top_token)
+            + _cell(r.seconds, "{:.0f} s") + "</tr>"
+        )
+    plots = "".join(
+        f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{e(title)}</figcaption></figure>'
+        for title, png in _plots(result, rows)
+    )
+    study = result.study
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>melbo study: {e(study.name)}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1300px; padding: 0 1em 3em; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }} th, td {{ border-bottom: 1px solid #eee; padding: .3em .5em; text-align: left; vertical-align: top; }}
+th {{ background: #f6f6f6; }} figure {{ margin: 1em 0; }} figure img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption, footer {{ color: #666; font-size: .9em; }}
+</style></head><body>
+<h1>melbo study: {e(study.name)}</h1>
+<p>{e(study.description)}</p>
+<p>{len(result.units)} unit(s), {len(rows)} run folder(s). Behaviour share: the share of a MELBO-ortho run's copies whose
+greedy completion on the run's prompt carries the base vector's label (<code>melbo eval</code>).</p>
+<table><thead><tr><th>unit</th><th>run (report)</th><th>kind</th><th>model</th><th>layers</th><th>R</th><th>prompt</th>
+<th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>time</th></tr></thead>
+<tbody>{"".join(body)}</tbody></table>
+{plots}
+<footer>Made by melbo on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {e(str(result.folder))}.</footer>
+</body></html>
+"""
+
+
+def write_page(result: StudyResult) -> Path:
+    rows = study_rows(result)
+    page = result.folder / PAGE_FILE
+    text = render_study(result, rows)
+    atomic_write(page, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return page

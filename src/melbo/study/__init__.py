@@ -1,0 +1,31 @@
+"""Studies: many MELBO runs described in one TOML file and run as one job (``melbo study``).
+
+>>> from melbo.study import Study, run_study
+>>> result = run_study(Study.from_toml("examples/demo.toml"), "runs/demo")     # doctest: +SKIP
+>>> result.page                                                               # doctest: +SKIP
+PosixPath('runs/demo/study.html')
+"""
+
+from melbo.study.pipeline import Event, ModelCache, OrthoOutcome, StudyResult, UnitOutcome, run_study
+from melbo.study.spec import Study, Unit, builtin_study
+
+QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --quick`, smoke tests)
+    "discover.count": 6, "discover.block": 6, "discover.steps": 10, "discover.completion_tokens": 12,
+    "ortho.count": 4, "ortho.block": 4, "ortho.steps": 10, "ortho.completion_tokens": 12, "eval.max_new_tokens": 12,
+    "compose.max_new_tokens": 12,
+}
+
+
+def demo_study(quick: bool = False, ortho_count: int | None = None) -> Study:
+    """The study ``melbo demo`` runs (``examples/demo.toml``), optionally shortened."""
+    study = Study.from_toml(builtin_study("demo"))
+    values: dict[str, object] = dict(QUICK_DEMO) if quick else {}
+    if ortho_count is not None and not quick:
+        values["ortho.count"] = ortho_count
+    return study.with_values(values) if values else study
+
+
+__all__ = [
+    "Event", "ModelCache", "OrthoOutcome", "QUICK_DEMO", "Study", "StudyResult", "Unit", "UnitOutcome", "builtin_study",
+    "demo_study", "run_study",
+]

@@ -1,0 +1,338 @@
+"""Running a study: each unit's steps in order, every finished step recorded so a second call skips it.
+
+A unit's steps: ``discover`` (or import ``[vectors]``), ``choose`` (bases for MELBO-ortho), then per base
+``ortho``, and per run folder ``eval``, ``compose``, ``probe`` and ``report`` when the study asks for them.
+``study.json`` in the study folder records each finished step (with its time) after it finishes; discovery and
+MELBO-ortho save their own run folders after every block, so an interrupted study resumes inside the step it
+was in (``resume=True``). The folder layout::
+
+    DIR/study.toml, study.json, study.html
+    DIR/<unit>/discover/         (a study with one unit keeps its runs in DIR itself, as `melbo demo` does)
+    DIR/<unit>/ortho/            (ortho-<index> when a unit has several bases)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates
+from melbo.analysis.compose import compose
+from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
+from melbo.analysis.fidelity import OrthoFidelity, ortho_fidelity
+from melbo.analysis.probe import probe, prompt_set
+from melbo.engines.discover import discover
+from melbo.engines.ortho import ortho
+from melbo.errors import MelboError
+from melbo.files.runs import META_FILE, atomic_write, differences, import_vectors, read_json, read_run, write_json
+from melbo.model.loading import LoadedModel, load_model
+from melbo.report import write_report
+from melbo.report.study import PAGE_FILE, write_page
+from melbo.study.spec import ModelSpec, Study, Unit
+
+STUDY_FILE = "study.toml"
+STATE_FILE = "study.json"
+
+
+@dataclass
+class Event:
+    """Progress of a study, for a live view: a stage starting, or one optimisation step of a run."""
+
+    unit: str  # the unit's label ("" for a study of one unit)
+    stage: str  # "discover", "choose", "ortho", "eval", "compose", "probe", "report"
+    run: str = ""  # the run folder's name
+    block: int = 0
+    blocks: int | None = None
+    step: int = 0
+    steps: int | None = None
+    loss: float | None = None
+
+
+EventCallback = Callable[[Event], None]
+
+
+class ModelCache:
+    """Models loaded once and reused by every unit (and run) that names them."""
+
+    def __init__(self, preloaded: dict[str, LoadedModel] | None = None) -> None:
+        self._models: dict[tuple[str, str, str | None], LoadedModel] = {}
+        self._named = dict(preloaded or {})
+        self.loads = 0
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        if spec.name in self._named:
+            return self._named[spec.name]
+        key = (spec.name, spec.device, spec.dtype)
+        if key not in self._models:
+            self._models[key] = load_model(spec.name, device=spec.device, dtype=spec.dtype)
+            self.loads += 1
+        return self._models[key]
+
+
+@dataclass
+class OrthoOutcome:
+    """One MELBO-ortho run of a unit: its base, where it lives, and how faithful its copies are."""
+
+    folder: str  # relative to the study folder
+    base: BaseChoice
+    fidelity: OrthoFidelity
+    behaviour_share: float | None = None  # share of copies whose greedy completion carries θ0's label (eval)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"folder": self.folder, "base": self.base.to_json(), "fidelity": self.fidelity.to_json(), "behaviour_share": self.behaviour_share}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OrthoOutcome:
+        return cls(data["folder"], BaseChoice.from_json(data["base"]), OrthoFidelity(**data["fidelity"]), data.get("behaviour_share"))
+
+
+@dataclass
+class UnitOutcome:
+    """What a unit has done so far (saved in study.json after every step)."""
+
+    name: str
+    label: str
+    model: str
+    steps: dict[str, float] = field(default_factory=dict)  # finished step → seconds it took
+    discovery: str = ""  # folder of the discovery (or imported vectors), relative to the study folder
+    bases: list[BaseChoice] = field(default_factory=list)
+    orthos: list[OrthoOutcome] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.steps.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "label": self.label, "model": self.model, "steps": self.steps, "discovery": self.discovery,
+            "bases": [b.to_json() for b in self.bases], "orthos": [o.to_json() for o in self.orthos], "reports": self.reports,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UnitOutcome:
+        return cls(
+            data["name"], data["label"], data["model"], data.get("steps", {}), data.get("discovery", ""),
+            [BaseChoice.from_json(b) for b in data.get("bases", [])], [OrthoOutcome.from_json(o) for o in data.get("orthos", [])],
+            data.get("reports", []),
+        )
+
+
+@dataclass
+class StudyResult:
+    """A finished (or resumed-to-the-end) study: its folder, units, and the page that shows them."""
+
+    folder: Path
+    study: Study
+    units: list[UnitOutcome]
+    page: Path | None = None
+
+
+def run_study(
+    study: Study,
+    out: str | Path,
+    resume: bool = False,
+    force: bool = False,
+    models: ModelCache | None = None,
+    on_event: EventCallback | None = None,
+) -> StudyResult:
+    """Run every unit of ``study`` in this process, writing ``out``; see the module docstring."""
+    folder = Path(out)
+    states = prepare_folder(study, folder, resume, force)
+    models = models or ModelCache()
+    for unit in study.units():
+        state = states.setdefault(unit.name, UnitOutcome(unit.name, unit.label, unit.model.name))
+        run_unit(models.get(unit.model), unit, folder, state, lambda: save_state(study, folder, states), on_event)
+    return finish(study, folder, states)
+
+
+def prepare_folder(study: Study, folder: Path, resume: bool, force: bool) -> dict[str, UnitOutcome]:
+    """Check ``folder`` against the study (refuse another study's folder unless ``force``); the saved unit states."""
+    saved = read_json(folder / STATE_FILE)
+    if saved is not None and not (resume or force):
+        raise MelboError(f"{folder} already holds a study; continue it with --resume, or pass --force to start it again")
+    if saved is not None and resume and not force and saved.get("study") != study.to_dict():
+        differ = "; ".join(f"{key}: {a!r} → {b!r}" for key, a, b in differences(saved.get("study") or {}, study.to_dict()))
+        raise MelboError(f"{folder} holds a study with other settings ({differ}); use the same study file or another --out")
+    if folder.exists() and not folder.is_dir():
+        raise MelboError(f"--out {folder} is a file, not a folder")
+    if force and saved is not None:
+        _remove_study(study, folder)
+        saved = None
+    states = {u["name"]: UnitOutcome.from_json(u) for u in (saved or {}).get("units", [])}
+    save_state(study, folder, states)
+    write_toml(folder / STUDY_FILE, study.to_dict())
+    return states
+
+
+def _remove_study(study: Study, folder: Path) -> None:
+    """--force: the run folders and files this study writes go, so nothing stale is reused."""
+    for unit in study.units():
+        base = folder / unit.name if unit.name else folder
+        if not base.is_dir():
+            continue
+        for child in base.iterdir():
+            if child.is_dir() and (child / META_FILE).is_file():
+                shutil.rmtree(child)
+    for name in (STATE_FILE, PAGE_FILE):
+        (folder / name).unlink(missing_ok=True)
+
+
+def save_state(study: Study, folder: Path, states: dict[str, UnitOutcome]) -> None:
+    write_json(folder / STATE_FILE, {"study": study.to_dict(), "units": [s.to_json() for s in states.values()]})
+
+
+def finish(study: Study, folder: Path, states: dict[str, UnitOutcome]) -> StudyResult:
+    """Write the study page once every unit has run."""
+    result = StudyResult(folder, study, [states[u.name] for u in study.units() if u.name in states])
+    result.page = write_page(result)
+    save_state(study, folder, states)
+    return result
+
+
+def run_unit(
+    lm: LoadedModel,
+    unit: Unit,
+    study_folder: Path,
+    state: UnitOutcome,
+    save: Callable[[], None],
+    on_event: EventCallback | None = None,
+) -> UnitOutcome:
+    """Run (or finish) one unit's steps on a loaded model; ``save()`` is called after every step."""
+    root = study_folder / unit.name if unit.name else study_folder
+    fmt = unit.prompts.format
+    prompts = unit.prompts.prompts
+    emit = on_event or (lambda _: None)
+
+    def step(name: str, work: Callable[[], None]) -> None:
+        if name in state.steps:
+            return
+        emit(Event(unit.label, name.split(":")[0], name.partition(":")[2]))
+        started = time.monotonic()
+        work()
+        state.steps[name] = round(time.monotonic() - started, 2)
+        save()
+
+    def progress(stage: str, run: str, blocks: int | None, steps: int | None) -> Callable[[int, int, float], None]:
+        return lambda block, n, loss: emit(Event(unit.label, stage, run, block, blocks, n, steps, loss))
+
+    discovery = root / ("discover" if unit.discover is not None else "vectors")
+    state.discovery = str(discovery.relative_to(study_folder))
+    if unit.discover is not None:
+        cfg = unit.discover
+        blocks = -(-cfg.count // cfg.block)
+        step("discover", lambda: discover(lm, prompts, cfg, fmt, out=discovery, resume=True, on_step=progress("discover", "discover", blocks, cfg.steps)))
+    else:
+        spec = unit.vectors
+        assert spec is not None  # checked when the study was read
+        def load_vectors() -> None:
+            import_vectors(spec.file, discovery, spec.source, lm.name)
+
+        step("discover", load_vectors)
+    found = read_run(discovery, d_model=lm.d_model)
+    source, target = found.source_layer, (unit.discover.target if unit.discover else unit.vectors.target)  # type: ignore[union-attr]
+
+    if unit.ortho is not None:
+        def choose() -> None:
+            state.bases = choose_bases(score_candidates(lm, found, prompts[0], fmt), unit.choose)
+
+        step("choose", choose)
+        several = len(state.bases) > 1
+        for base in state.bases:
+            name = f"ortho-{base.index}" if several else "ortho"
+            folder = root / name
+            cfg_o = unit.ortho_config(source, target)
+            assert cfg_o is not None
+
+            def run_ortho(base: BaseChoice = base, folder: Path = folder, name: str = name) -> None:
+                info = {"from": str(discovery), "index": base.index, "why": base.reason(), "completion": base.completion}
+                blocks = None if cfg_o.count is None else -(-cfg_o.count // (cfg_o.block or 16))
+                run = ortho(lm, found.vectors[base.index], prompts, cfg_o, fmt, out=folder, base_info=info, resume=True,
+                            on_step=progress("ortho", name, blocks, cfg_o.steps))
+                outcome = OrthoOutcome(str(folder.relative_to(study_folder)), base, ortho_fidelity(lm, run, fmt, cfg_o.completion_tokens))
+                state.orthos = [o for o in state.orthos if o.folder != outcome.folder] + [outcome]
+
+            step(f"ortho:{name}", run_ortho)
+    studied = [study_folder / o.folder for o in state.orthos] or [discovery]
+    for folder in studied:
+        _study_run(lm, unit, folder, study_folder, state, step)
+    if unit.report is not None and unit.report.enabled:
+        for folder in [*studied, discovery] if state.orthos else studied:
+            def report(folder: Path = folder) -> None:
+                page = write_report(folder)
+                state.reports = [r for r in state.reports if r != str(page.relative_to(study_folder))] + [str(page.relative_to(study_folder))]
+
+            step(f"report:{folder.name}", report)
+    return state
+
+
+def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, state: UnitOutcome,
+               step: Callable[[str, Callable[[], None]], None]) -> None:
+    """eval, compose and probe of one run folder, as the unit asks."""
+    fmt = unit.prompts.format
+    name = folder.name
+    if unit.eval is not None:
+        spec = unit.eval
+        config = EvalConfig(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(EvalConfig)})
+
+        def run_eval() -> None:
+            run = read_run(folder, d_model=lm.d_model)
+            extra = list(spec.held_out) + (prompt_set(None if spec.prompt_set == "all" else spec.prompt_set) if spec.prompt_set else [])
+            prompts = eval_prompts(run, extra)
+            results = evaluate(lm, run, prompts, list(range(run.vectors.shape[0])), config, fmt)
+            for outcome in state.orthos:
+                if study_folder / outcome.folder == folder:
+                    outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
+
+        step(f"eval:{name}", run_eval)
+    if unit.compose is not None and state.orthos:
+        spec_c = unit.compose
+
+        def run_compose() -> None:
+            run = read_run(folder, d_model=lm.d_model)
+            ks = [k for k in spec_c.ks if k < run.vectors.shape[0]]
+            if ks:
+                compose(lm, run, ks, run.meta.prompts[0], fmt, spec_c.max_new_tokens)
+
+        step(f"compose:{name}", run_compose)
+    if unit.probe is not None:
+        spec_p = unit.probe
+
+        def run_probe() -> None:
+            run = read_run(folder, d_model=lm.d_model)
+            probe(lm, run, prompt_set(spec_p.prompt_set), fmt, spec_p.max_new_tokens, spec_p.random_directions)
+
+        step(f"probe:{name}", run_probe)
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> None:
+    """A study as TOML (plain values, one table per section), so ``melbo study DIR/study.toml`` reruns it."""
+    lines = []
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines).lstrip() + "\n", encoding="utf-8"))
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)

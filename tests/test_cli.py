@@ -97,10 +97,12 @@ def test_discover_then_ortho_from_the_shell(tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrate_prints_sweep():
-    result = melbo("discover", "--calibrate", "--radii", "10,40", "--steps", "3")
+def test_calibrate_prints_the_table_and_the_choice():
+    result = melbo("discover", "--calibrate", "--radii", "10,400", "--steps", "3")
     assert result.returncode == 0, result.stderr
-    assert "change / R" in result.stdout
+    assert "Choosing R" in result.stdout and "R = " in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and rows[0].split("│")[1].strip().endswith("10") and rows[1].split("│")[1].strip().endswith("400")
 
 
 def test_import_melbo_does_not_import_torch_until_a_name_is_used():

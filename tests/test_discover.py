@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from melbo import MelboError, read_run
+from melbo.engines.config import RadiusConfig, default_layers
 from melbo.engines.discover import DiscoverConfig, calibrate, discover
 from melbo.model.forward import generate_steered
 from melbo.model.prompts import PromptFormat, encode_prompt
@@ -32,14 +33,14 @@ def test_vectors_on_sphere_orthogonal_and_saved(tiny_lm, tmp_path):
 
 def test_training_beats_random_vectors(nonlinear_lm):
     """The learnt vectors change the target layer more than random vectors of the same norm."""
-    from melbo.engines.discover import _Problem
+    from melbo.engines.discover import DiscoveryProblem
     from melbo.model.forward import prepare
 
     tiny_lm = nonlinear_lm
 
     cfg = small(count=4, steps=60, lr=0.1)
     run = discover(tiny_lm, ["hello there"], cfg)
-    problem = _Problem(tiny_lm, prepare(tiny_lm, ["hello there"], PromptFormat(), cfg.source), cfg.resolved(6, 32))
+    problem = DiscoveryProblem(tiny_lm, prepare(tiny_lm, ["hello there"], PromptFormat(), cfg.source), cfg.resolved(6, 32))
     random = random_orthogonal_block(4, 32, cfg.radius, None, torch.Generator().manual_seed(1))
     with torch.no_grad():
         learnt = problem.losses(run.vectors)
@@ -76,10 +77,42 @@ def test_bad_settings(tiny_lm, kw, message):
         discover(tiny_lm, ["hello"], small(**kw))
 
 
-def test_calibrate_reports_each_radius(tiny_lm):
-    rows = calibrate(tiny_lm, ["hello"], [1.0, 4.0, 16.0], small(steps=10), vectors=2)
-    assert [r["R"] for r in rows] == [1.0, 4.0, 16.0]
-    assert rows[0]["change"] < rows[2]["change"]
+def test_calibrate_tries_each_given_radius(nonlinear_lm):
+    choice = calibrate(nonlinear_lm, ["hello"], small(steps=10, radius="auto"), PromptFormat(), RadiusConfig(radii=(1.0, 4.0, 16.0), vectors=2))
+    assert [p.radius for p in choice.probes] == [1.0, 4.0, 16.0] and all(p.vectors == 2 for p in choice.probes)
+    assert choice.probes[0].median_effect < choice.probes[2].median_effect  # larger R, larger first-token effect
+    assert choice.radius in (1.0, 4.0, 16.0) and choice.reason
+
+
+@pytest.mark.parametrize("layers, expected", [(30, (8, 20)), (24, (7, 16)), (12, (3, 8)), (64, (18, 43)), (6, (2, 4)), (2, (0, 1))])
+def test_default_layers_follow_depth(layers, expected):
+    assert default_layers(layers) == expected
+    assert DiscoverConfig().layers(layers) == expected and DiscoverConfig(target=5).layers(layers)[1] == 5
+
+
+def test_one_layer_or_nonsense_layers_on_a_small_model(tiny_lm):
+    with pytest.raises(MelboError, match="needs a source layer before a target layer"):
+        default_layers(1)
+    with pytest.raises(MelboError, match="between 0 and 5 \\(this model has 6\\)"):
+        DiscoverConfig(source=8, target=20).check(6, 32)
+    with pytest.raises(MelboError, match="must come before"):
+        DiscoverConfig(source=4).check(6, 32)  # the default target of 6 layers is 4
+
+
+def test_auto_radius_is_recorded_and_resume_keeps_it(tiny_lm, tmp_path, monkeypatch):
+    cfg = small(radius="auto", count=4, block=2, source=None, target=None)
+    radius_cfg = RadiusConfig(probes=2, vectors=2, steps=3, completion_tokens=3, max_nll=100.0, max_median_nll=100.0)
+    seen = []
+    run = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "run", radius_cfg=radius_cfg, on_radius=seen.append)
+    assert run.meta.source == 2 and run.meta.target == 4  # about a third and two thirds of 6 layers
+    choice = run.meta.radius_choice
+    assert choice["radius"] == run.meta.R == seen[0].radius and len(choice["probes"]) == 2
+    torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((4,), run.meta.R), rtol=1e-5, atol=0)
+    import melbo.engines.discover as engine
+
+    monkeypatch.setattr(engine, "calibrate", lambda *a, **k: pytest.fail("R was measured again on --resume"))
+    again = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "run", resume=True, radius_cfg=radius_cfg)
+    torch.testing.assert_close(again.vectors, run.vectors)
 
 
 @pytest.mark.slow

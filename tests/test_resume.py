@@ -107,7 +107,7 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
 
     import melbo.engines.discover as engine
 
-    real = engine._Problem.train
+    real = engine.DiscoveryProblem.train
     calls = {"n": 0}
 
     def crash_on_third(*args, **kwargs):
@@ -116,11 +116,11 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine._Problem, "train", crash_on_third)
+    monkeypatch.setattr(engine.DiscoveryProblem, "train", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut")
     assert read_run(tmp_path / "cut").vectors.shape[0] == 6
-    monkeypatch.setattr(engine._Problem, "train", real)
+    monkeypatch.setattr(engine.DiscoveryProblem, "train", real)
     resumed = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut", resume=True)
     torch.testing.assert_close(resumed.vectors, whole.vectors)
     assert resumed.meta.sessions[1].from_block == 2

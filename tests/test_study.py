@@ -160,7 +160,7 @@ def test_a_grid_of_two_models_and_two_radii_gives_the_same_runs_from_python_and_
     "text, needle",
     [
         ('[discover]\nradus = 3', "[discover] has no setting 'radus'"),
-        ('[discover]\nradius = "big"', "[discover] radius = 'big' should be a number"),
+        ('[discover]\nradius = "big"', "[discover] R must be a positive number or auto, got big"),
         ('[discover]\ncount = 2.5', "[discover] count = 2.5 should be a whole number"),
         ('[discover]\nsource = 9\ntarget = 4', "must come before"),
         ("[discovery]\ncount = 3", "unknown table [discovery]"),

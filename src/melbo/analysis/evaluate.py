@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.labels import RULES, Rule, label
+from melbo.analysis.labels import LABELS, RULES, Rule, label
 from melbo.errors import MelboError
 from melbo.files.runs import EVAL_FILE, Run, read_json, write_json
 from melbo.model.forward import PromptState, generate_steered, last_token_logits, prepare
@@ -71,7 +71,7 @@ class EvalResults:
         """Label counts per block of ``per`` vectors (the post's "share of code per hundred")."""
         blocks: dict[int, dict[str, int]] = {}
         for index, outs in self.completions(prompt, mode).items():
-            counts = blocks.setdefault(int(index) // per, {"code": 0, "refusal": 0, "other": 0})
+            counts = blocks.setdefault(int(index) // per, dict.fromkeys(LABELS, 0))
             for out in outs:
                 counts[out["label"]] = counts.get(out["label"], 0) + 1
         return [{"from": b * per, **blocks[b]} for b in sorted(blocks)]

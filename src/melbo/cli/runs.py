@@ -113,9 +113,9 @@ def generate(
 @app.command()
 def discover(
     count: Annotated[int, typer.Option("--count", "-k", help="K: number of vectors.")] = D.count,
-    source: Annotated[int, typer.Option("--source", "-s", help="Layer s: add the vector after block s.")] = D.source,
-    target: Annotated[int, typer.Option("--target", "-t", help="Layer t: measure the change after block t.")] = D.target,
-    radius: Annotated[float, typer.Option("--radius", "-R", help="R: the norm of every vector.")] = D.radius,
+    source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s: add the vector after block s (default: about a third of the way in).")] = D.source,
+    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t: measure the change after block t (default: about two thirds in).")] = D.target,
+    radius: Annotated[str, typer.Option("--radius", "-R", help="R: the norm of every vector, or auto: the largest R at which most vectors stay fluent.")] = str(D.radius),
     power: Annotated[float, typer.Option("--power", help="p: power on each position's change.")] = D.p,
     root: Annotated[float, typer.Option("--root", help="q: root of the sum over positions.")] = D.q,
     steps: Annotated[int, typer.Option(help="Adam steps per block.")] = D.steps,
@@ -124,8 +124,8 @@ def discover(
     positions: Annotated[str, typer.Option(help="skip-first (position 0 is often an attention sink), all, or last:N.")] = D.positions,
     seed: int = D.seed,
     completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = D.completion_tokens,
-    calibrate: Annotated[bool, typer.Option("--calibrate", help="Sweep R on a few vectors instead, to choose R.")] = False,
-    radii: Annotated[Optional[str], typer.Option(help="With --calibrate: comma-separated R values.")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Only choose R (as -R auto does) and print the table.")] = False,
+    radii: Annotated[Optional[str], typer.Option(help="With -R auto or --calibrate: candidate R values to try, comma-separated.")] = None,
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
     out: OutOpt = None,
@@ -139,52 +139,79 @@ def discover(
 ) -> None:
     """MELBO: learn K orthogonal steering vectors of norm R that change layer t the most."""
     from melbo.engines import discover as engine
+    from melbo.engines.config import RadiusConfig
 
     prompts = run_prompts(prompt, prompt_file)
     cfg = DiscoverConfig(
-        source=source, target=target, radius=radius, count=count, p=power, q=root, steps=steps, lr=lr, block=block,
-        seed=seed, positions=positions, completion_tokens=completion_tokens,
+        source=source, target=target, radius=_parse_radius(radius), count=count, p=power, q=root, steps=steps, lr=lr,
+        block=block, seed=seed, positions=positions, completion_tokens=completion_tokens,
     )
     cfg.check()
+    radius_cfg = RadiusConfig(radii=_parse_radii(radii)) if radii else RadiusConfig()
+    if radii and not (cfg.auto_radius or calibrate):
+        raise MelboError("--radii are the candidates of -R auto (or --calibrate); with -R set to a number there is nothing to choose")
+    radius_cfg.check()
     fmt = prompt_format(system, no_chat_template)
     if calibrate:
-        values = _parse_radii(radii, radius)
         lm = load(model, device, dtype)
-        with err_console.status("calibrating R…"):
-            rows = engine.calibrate(lm, prompts, values, cfg, fmt)
-        table = Table(title=f"Change at layer {target} against R (layer {source}, {steps} steps, 4 vectors each)")
-        for column in ("R", "change −loss", "change / R", ""):
-            table.add_column(column, justify="right")
-        ratios = [row["change_per_R"] for row in rows]
-        for row, ratio in zip(rows, ratios):
-            table.add_row(f"{row['R']:g}", f"{row['change']:,.4g}", f"{ratio:,.4g}", "█" * max(1, round(30 * ratio / max(ratios))))
-        console.print(table)
-        console.print("Useful R sits just past the sharp rise of change/R; much larger R tends to give gibberish.")
+        cfg.check(lm.n_layers, lm.d_model)
+        with err_console.status("choosing R…"):
+            choice = engine.calibrate(lm, prompts, cfg, fmt, radius_cfg)
+        print_radius_choice(choice)
         return
     folder = out_folder(out, "discover", force, resume)
     lm = load(model, device, dtype)
     cfg.check(lm.n_layers, lm.d_model)
     progress, on_step = block_progress(-(-count // block), steps, "discover")
+    if cfg.auto_radius and not resume:
+        err_console.print("[dim]-R auto: trying a few R on 4 vectors each (about a quarter of the discovery's time)…[/dim]")
     with progress, interruptible(folder):
-        run = engine.discover(lm, prompts, cfg, fmt, out=folder, on_step=on_step, resume=resume)
-    table = Table(title=f"{count} vectors, R = {radius:g}, layer {source} → {target}")
-    for column, justify in (("#", "right"), ("loss", "right"), ("completion on the first prompt", "left")):
+        run = engine.discover(
+            lm, prompts, cfg, fmt, out=folder, on_step=on_step, resume=resume, radius_cfg=radius_cfg, on_radius=print_radius_choice,
+        )
+    source_used, target_used = run.meta.source, run.meta.target
+    table = Table(title=f"{count} vectors, R = {run.meta.R:g}, layer {source_used} → {target_used}")
+    for column, justify in (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    from melbo.analysis.labels import label
+
     for record in run.records:
-        table.add_row(str(record.index), f"{record.loss:,.4g}", short(record.completion))
+        table.add_row(str(record.index), f"{record.loss:,.4g}", label(record.completion or "")[0], short(record.completion))
     console.print(table)
     console.print(f"run folder: [bold]{folder}[/bold]")
 
 
-def _parse_radii(radii: str | None, radius: float) -> list[float]:
-    if radii is None:
-        return [radius * f for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)]
+def print_radius_choice(choice: Any) -> None:
+    """The calibration table of -R auto / --calibrate, and the choice with its reason."""
+    table = Table(title=f"Choosing R: {choice.probes[0].vectors} vectors per R, fluent = NLL ≤ 4 under the unsteered model and not degenerate")
+    for column, justify in (("R", "right"), ("× norm", "right"), ("fluent", "right"), ("NLL", "right"), ("first-token KL", "right"),
+                            ("labels", "left"), ("openings", "right"), ("a completion", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for p in choice.probes:
+        mark = "[bold green]" if p.radius == choice.radius else ""
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(p.labels.items(), key=lambda kv: -kv[1]))
+        table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.2f}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
+                      f"{p.median_effect:.2f}", labels, str(p.openings), short(p.sample, 60))
+    console.print(table)
+    console.print(f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s)")
+
+
+def _parse_radius(value: str) -> float | str:
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
-        values = [float(x) for x in radii.split(",") if x.strip()]
+        return float(value)
+    except ValueError as exc:
+        raise MelboError(f"-R {value!r}: give a positive number or auto") from exc
+
+
+def _parse_radii(radii: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in radii.split(",") if x.strip())
     except ValueError as exc:
         raise MelboError(f"--radii {radii!r}: give numbers separated by commas, e.g. 10,20,40") from exc
-    if not values or any(not v > 0 for v in values):
-        raise MelboError("--radii: every R must be a positive number")
+    if not values or any(not (v > 0 and v < float("inf")) for v in values):
+        raise MelboError(f"--radii {radii!r}: every candidate R must be a positive number")
     return values
 
 

@@ -56,13 +56,51 @@ class DiscoverSettings:
     completion_tokens: int  # greedy completion stored per vector, on the first prompt
 
 
+SOURCE_DEPTH, TARGET_DEPTH = 0.28, 0.67  # default layers as fractions of depth: 8 → 20 on 30 layers, 7 → 16 on 24
+
+
+def default_layers(n_layers: int) -> tuple[int, int]:
+    """Source about a third of the way in, target about two thirds: SmolLM2 (30 layers) 8 → 20, a 24-layer model
+    7 → 16, 12 layers 3 → 8, 64 layers 18 → 43."""
+    if n_layers < 2:
+        raise MelboError(f"this model has {n_layers} layer(s): MELBO needs a source layer before a target layer")
+    source = min(round(SOURCE_DEPTH * n_layers), n_layers - 2)
+    return source, max(source + 1, min(round(TARGET_DEPTH * n_layers), n_layers - 1))
+
+
+@dataclass
+class RadiusConfig:
+    """How discovery chooses R when it is ``"auto"`` (:mod:`melbo.engines.radius`)."""
+
+    low: float = 0.06  # the search range, as multiples of the residual norm at the source layer
+    high: float = 1.0
+    probes: int = 4  # bisection steps (each narrows the range: 4 give about ±10 % on R)
+    radii: tuple[float, ...] = ()  # explicit candidate radii instead (--radii): each is tried, the largest fluent one wins
+    vectors: int = 4  # trained per candidate R
+    steps: int = 25  # at most; the learning rate is scaled so the vectors travel as far as in discovery's steps
+    completion_tokens: int = 16  # enough to see a loop or babble begin
+    max_nll: float = 4.0  # nats per token under the unsteered model: above, a completion is not fluent
+    min_fluent: float = 0.75  # a candidate R is usable when at least this share of its vectors is fluent
+    max_median_nll: float = 3.0  # … and its median completion is clearly fluent (a margin: 4 vectors are few)
+
+    def check(self) -> None:
+        if any(not (math.isfinite(r) and r > 0) for r in self.radii):
+            raise MelboError("--radii: every candidate R must be a positive number")
+        if not (0 < self.low < self.high and math.isfinite(self.high)):
+            raise MelboError("the R search range needs 0 < low < high")
+        if self.vectors < 1 or self.probes < 1 or self.steps < 1 or self.completion_tokens < 1:
+            raise MelboError("calibration vectors, probes, steps and completion tokens must be at least 1")
+        if not 0 < self.min_fluent <= 1:
+            raise MelboError("min_fluent must be in (0, 1]")
+
+
 @dataclass
 class DiscoverConfig:
     """What a user may set for MELBO discovery; the CLI's options take their defaults from here."""
 
-    source: int = 8  # layer s: the vector is added to the residual after block s
-    target: int = 20  # layer t: the change is measured after block t
-    radius: float = 30.0  # R: every vector's norm (≈ 30 gives diverse, fluent behaviours on SmolLM2 at 8 → 20)
+    source: int | None = None  # layer s: the vector is added after block s (None: about a third of the way in)
+    target: int | None = None  # layer t: the change is measured after block t (None: about two thirds in)
+    radius: float | str = "auto"  # R: every vector's norm, or "auto": chosen by calibration (engines/radius.py)
     count: int = 32  # K: number of vectors
     p: float = 2.0  # power on each position's change
     q: float = 1.0  # root of the sum over positions
@@ -73,15 +111,30 @@ class DiscoverConfig:
     positions: str = "skip-first"  # skip-first (position 0 is often an attention sink), all, or last:N
     completion_tokens: int = 32  # greedy completion stored per vector, on the first prompt
 
+    @property
+    def auto_radius(self) -> bool:
+        return self.radius == "auto"
+
+    def layers(self, n_layers: int) -> tuple[int, int]:
+        """(source, target) on a model of this depth: the given layers, else :func:`default_layers`."""
+        source, target = default_layers(n_layers) if n_layers >= 2 else (0, 0)
+        return (source if self.source is None else self.source), (target if self.target is None else self.target)
+
     def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
         """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
         does that before loading one, so a typo costs a second, not a model load)."""
-        if n_layers is not None and (not 0 <= self.source < n_layers or not 0 <= self.target < n_layers):
-            raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {self.source}, target {self.target}")
-        if self.source >= self.target:
-            raise MelboError(f"the source layer ({self.source}) must come before the target layer ({self.target})")
-        if not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
-            raise MelboError(f"R must be a positive number, got {self.radius}")
+        if n_layers is not None:
+            if self.source is None or self.target is None:
+                default_layers(n_layers)
+            source, target = self.layers(n_layers)
+            if not 0 <= source < n_layers or not 0 <= target < n_layers:
+                raise MelboError(f"layers must be between 0 and {n_layers - 1} (this model has {n_layers}); got source {source}, target {target}")
+        else:
+            source, target = self.source, self.target
+        if source is not None and target is not None and source >= target:
+            raise MelboError(f"the source layer ({source}) must come before the target layer ({target})")
+        if not self.auto_radius and not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
+            raise MelboError(f"R must be a positive number or auto, got {self.radius}")
         if self.count < 1 or self.block < 1 or self.steps < 0:
             raise MelboError("count and block size must be at least 1, steps at least 0")
         if d_model is not None and self.count > d_model:
@@ -92,11 +145,17 @@ class DiscoverConfig:
             raise MelboError("the learning rate must be positive")
         Positions(self.positions)
 
-    def resolved(self, n_layers: int, d_model: int) -> DiscoverSettings:
-        """The concrete settings for a model of this depth and width (checked)."""
+    def resolved(self, n_layers: int, d_model: int, radius: float | None = None) -> DiscoverSettings:
+        """The concrete settings for a model of this depth and width (checked); ``radius`` is R when it is auto."""
         self.check(n_layers, d_model)
-        lr = self.lr if self.lr is not None else 0.01 * self.radius / math.sqrt(d_model)
-        return DiscoverSettings(**{**dataclasses.asdict(self), "radius": float(self.radius), "lr": lr})
+        if radius is None:
+            if self.auto_radius:
+                raise MelboError("R is auto: choose it first (melbo.engines.radius.choose_radius)")
+            radius = float(self.radius)  # not auto: a number (checked above)
+        source, target = self.layers(n_layers)
+        lr = self.lr if self.lr is not None else 0.01 * radius / math.sqrt(d_model)
+        values = {**dataclasses.asdict(self), "source": source, "target": target, "radius": float(radius), "lr": lr}
+        return DiscoverSettings(**values)
 
 
 # Fast mode's evaluations per block (each a forward and backward pass of the block through layers s+1 … t).

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from melbo.engines.blocks import BlockCallback, Judged, StepCallback, block_generator, run_blocks
-from melbo.engines.config import DiscoverConfig, DiscoverSettings, Positions
+from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
+from melbo.engines.config import DiscoverConfig, DiscoverSettings, Positions, RadiusConfig
 from melbo.engines.optimise import optimise
-from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
+from melbo.engines.radius import RadiusChoice, RadiusProbe, choose_radius
+from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.model.forward import PromptState, generate_steered, prepare, target_residual
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat
@@ -26,7 +27,7 @@ from melbo.objectives import melbo_loss, orthogonalize_block, random_orthogonal_
 
 
 @dataclass
-class _Problem:
+class DiscoveryProblem:
     """Discovery's loss on one model and prompt set: the unsteered target residuals are computed once."""
 
     lm: LoadedModel
@@ -70,7 +71,7 @@ class _Problem:
 class _Engine:
     """The :class:`~melbo.engines.blocks.BlockEngine` of discovery."""
 
-    problem: _Problem
+    problem: DiscoveryProblem
 
     def next_size(self, progress: BlockProgress, basis_rows: int) -> int:
         return min(self.problem.settings.block, self.problem.settings.count - progress.found)
@@ -100,6 +101,21 @@ class _Engine:
         return f"block {block_index}: NaN/inf twice (also with a 10× smaller step); its {size} vectors were dropped"
 
 
+def calibrate(
+    lm: LoadedModel,
+    prompts: list[str],
+    cfg: DiscoverConfig = DiscoverConfig(),
+    fmt: PromptFormat = PromptFormat(),
+    radius_cfg: RadiusConfig = RadiusConfig(),
+    on_probe: Callable[[RadiusProbe], None] | None = None,
+) -> RadiusChoice:
+    """The R that ``discover`` with ``radius="auto"`` would use on these prompts and layers, and its table."""
+    cfg.check(lm.n_layers, lm.d_model)
+    source, _ = cfg.layers(lm.n_layers)
+    problem = DiscoveryProblem(lm, prepare(lm, prompts, fmt, source), cfg.resolved(lm.n_layers, lm.d_model, radius=1.0))
+    return choose_radius(problem, radius_cfg, on_probe)
+
+
 def discover(
     lm: LoadedModel,
     prompts: list[str],
@@ -109,13 +125,18 @@ def discover(
     on_step: StepCallback | None = None,
     resume: bool = False,
     on_block: BlockCallback | None = None,
+    radius_cfg: RadiusConfig = RadiusConfig(),
+    on_radius: Callable[[RadiusChoice], None] | None = None,
 ) -> Run:
     """Run MELBO discovery; write the run folder after every block when ``out`` is given.
 
     Args:
+        cfg: with ``radius="auto"`` (the default) R is chosen first by :func:`~melbo.engines.radius.choose_radius`
+            (``radius_cfg``) and the choice is recorded in run.json (``radius_choice``) and given to ``on_radius``;
+            with source/target ``None``, layers about a third and two thirds of the way in.
         resume: continue the run already in ``out`` from its last completed block. Each block's random
             start depends only on the seed and the block's number, so the result is the same as a run
-            that was never interrupted.
+            that was never interrupted (an automatic R is taken from the saved run, not measured again).
 
     Returns:
         the :class:`~melbo.files.runs.Run` with vectors ``(K, d)`` and per-vector records: ``loss`` (the final
@@ -123,42 +144,25 @@ def discover(
 
     Example:
         >>> run = discover(load_model(), ["How can I build a bomb?"], DiscoverConfig(count=8))
-        >>> [r.completion[:40] for r in run.records]
+        >>> run.meta.R, [r.completion[:40] for r in run.records]
     """
-    settings = cfg.resolved(lm.n_layers, lm.d_model)
+    cfg.check(lm.n_layers, lm.d_model)
+    choice: RadiusChoice | None = None
+    if cfg.auto_radius:
+        saved = read_meta(out) if resume and out is not None and (Path(out) / META_FILE).is_file() else None
+        if saved is not None and saved.radius_choice is not None:
+            choice = RadiusChoice.from_json(saved.radius_choice)
+        else:
+            choice = calibrate(lm, prompts, cfg, fmt, radius_cfg)
+        if on_radius:
+            on_radius(choice)
+    settings = cfg.resolved(lm.n_layers, lm.d_model, radius=choice.radius if choice else None)
     meta = RunMeta(
         kind="discover", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=settings.radius, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,
-        config=dataclasses.asdict(settings),
+        config=dataclasses.asdict(settings), radius_choice=choice.to_json() if choice else None,
     )
-    problem = _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings)
+    problem = DiscoveryProblem(lm, prepare(lm, prompts, fmt, settings.source), settings)
     return run_blocks(
         _Engine(problem), meta, [], lm.d_model, lm.device, settings.seed, settings.radius, out, resume, on_step, on_block,
     )
-
-
-def calibrate(
-    lm: LoadedModel,
-    prompts: list[str],
-    radii: list[float],
-    cfg: DiscoverConfig = DiscoverConfig(),
-    fmt: PromptFormat = PromptFormat(),
-    vectors: int = 4,
-) -> list[dict[str, float]]:
-    """Sweep R: train a few vectors at each radius; report the mean change they achieve.
-
-    The change ``-loss`` grows slowly with R and then rises sharply where the vector starts to take over
-    the model's computation; useful R sits just past that rise, before completions turn to gibberish.
-    Returns one row per radius: ``R``, ``change`` (mean ``-loss``), ``change_per_R``.
-    """
-    states = prepare(lm, prompts, fmt, cfg.source)
-    rows = []
-    for radius in radii:
-        settings = dataclasses.replace(cfg, radius=float(radius), count=vectors, block=vectors, lr=None).resolved(lm.n_layers, lm.d_model)
-        problem = _Problem(lm, states, settings)
-        block, _ = problem.train(None, vectors, block_generator(cfg.seed, 0))
-        with torch.no_grad():
-            change = float(-problem.losses(block).mean())
-        rows.append({"R": float(radius), "change": change, "change_per_R": change / radius})
-    return rows
-

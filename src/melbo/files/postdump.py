@@ -18,6 +18,13 @@ from melbo.model.prompts import PromptFormat
 
 _HEADER = re.compile(r"^(\d+)th orthogonal steering vector: ", re.MULTILINE)
 _ASSISTANT = "<|im_start|>assistant\n"
+_END = re.compile(r"<\|(im_end|endoftext)\|>.*", re.DOTALL)  # the dumps kept the end and padding tokens
+
+
+def _answer(body: str) -> str:
+    """The assistant's completion in one dump entry, as melbo decodes its own (special tokens dropped)."""
+    completion = body.split(_ASSISTANT, 1)[1] if _ASSISTANT in body else body
+    return _END.sub("", completion).rstrip("\n")
 
 
 @dataclass
@@ -45,8 +52,7 @@ def read_post_dump(path: str | Path) -> list[PostEntry]:
             if index in entries:
                 entries[index].top_logits, entries[index].top_tokens = _parse_logits(body)
             continue
-        completion = body.split(_ASSISTANT, 1)[1] if _ASSISTANT in body else body
-        entries.setdefault(index, PostEntry(index=index, completion=completion.rstrip("\n")))
+        entries.setdefault(index, PostEntry(index=index, completion=_answer(body)))
     return [entries[i] for i in sorted(entries)]
 
 
@@ -89,8 +95,7 @@ def read_post_composition(path: str | Path) -> list[tuple[int, str]]:
     out = []
     for head, nxt in zip(heads, heads[1:] + [None]):
         body = text[head.end() : nxt.start() if nxt else len(text)]
-        completion = body.split(_ASSISTANT, 1)[1] if _ASSISTANT in body else body
-        out.append((int(head[1]), completion.rstrip("\n").removesuffix("===================").rstrip("\n")))
+        out.append((int(head[1]), _answer(body.rstrip("\n").removesuffix("===================").rstrip("\n"))))
     return out
 
 

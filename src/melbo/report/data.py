@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from melbo.analysis.labels import label
+from melbo.analysis.labels import LABELS, label
 from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
 
 
@@ -141,7 +141,7 @@ def gather(path: str | Path) -> ReportData:
         })
 
     seen: dict[str, None] = {}
-    for name in ("code", "refusal", "other"):
+    for name in LABELS:
         seen[name] = None
     for row in rows:
         if row["label"]:

@@ -19,8 +19,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from melbo.report.data import ReportData, moving_average  # noqa: E402
 
-LABEL_COLOURS = {"code": "#1f77b4", "refusal": "#d62728", "other": "#b0b0b0"}
-EXTRA_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
+LABEL_COLOURS = {"code": "#1f77b4", "compliance": "#ff7f0e", "refusal": "#d62728", "degenerate": "#8c564b", "other": "#b0b0b0"}
+EXTRA_COLOURS = ("#2ca02c", "#9467bd", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
 
 
 @dataclass

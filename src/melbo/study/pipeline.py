@@ -236,7 +236,8 @@ def run_unit(
 
         step("discover", load_vectors)
     found = read_run(discovery, d_model=lm.d_model)
-    source, target = found.source_layer, (unit.discover.target if unit.discover else unit.vectors.target)  # type: ignore[union-attr]
+    source = found.source_layer
+    target = found.meta.target if found.meta.target is not None else unit.vectors.target  # type: ignore[union-attr]  # imports record no target
 
     if unit.ortho is not None:
         def choose() -> None:

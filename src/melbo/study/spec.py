@@ -256,23 +256,29 @@ def _unit(name: str, label: str, tables: dict[str, dict[str, Any]], values: dict
 
 def _check_unit(where: str, unit: Unit) -> None:
     prefix = f"{where}{' (' + unit.label + ')' if unit.label else ''}"
-    try:
-        if unit.discover is None and unit.vectors is None:
-            raise MelboError("a study needs [discover] or [vectors]")
-        if unit.discover is not None:
-            unit.discover.check()
-        if unit.vectors is not None and not unit.vectors.file:
-            raise MelboError("[vectors] needs file = \"path/to/vectors\"")
-        unit.choose.check()
-        if unit.ortho is not None:
-            layers = (unit.discover.source, unit.discover.target) if unit.discover else (unit.vectors.source, unit.vectors.target)  # type: ignore[union-attr]
-            unit.ortho_config(*layers).check()  # type: ignore[union-attr]
-        if unit.eval is not None:
-            unit.eval.check()
-        if not unit.prompts.prompts or any(not p.strip() for p in unit.prompts.prompts):
-            raise MelboError("[prompts] prompts must hold at least one non-empty prompt")
-    except MelboError as exc:
-        raise MelboError(f"{prefix}: {exc}") from exc
+
+    def check(table: str, run: Any) -> None:
+        try:
+            run()
+        except MelboError as exc:
+            raise MelboError(f"{prefix}: [{table}] {exc}") from exc
+
+    if unit.discover is None and unit.vectors is None:
+        raise MelboError(f"{prefix}: a study needs [discover] or [vectors]")
+    if unit.discover is not None:
+        check("discover", unit.discover.check)
+    if unit.vectors is not None and not unit.vectors.file:
+        raise MelboError(f"{prefix}: [vectors] needs file = \"path/to/vectors\"")
+    check("choose", unit.choose.check)
+    if unit.ortho is not None:
+        found = unit.discover or unit.vectors
+        known = found is not None and found.source is not None and found.target is not None
+        ortho = unit.ortho_config(found.source, found.target) if known else unit.ortho  # type: ignore[union-attr, arg-type]
+        check("ortho", ortho.check)  # type: ignore[union-attr]
+    if unit.eval is not None:
+        check("eval", unit.eval.check)
+    if not unit.prompts.prompts or any(not p.strip() for p in unit.prompts.prompts):
+        raise MelboError(f"{prefix}: [prompts] prompts must hold at least one non-empty prompt")
 
 
 def _check_field(where: str, table: str, key: str, value: Any, context: str | None = None) -> None:

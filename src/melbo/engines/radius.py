@@ -1,0 +1,196 @@
+"""Choosing R for MELBO discovery: the largest-effect R at which most vectors still speak.
+
+Why measure text: the change at the target layer grows smoothly with R and then sharply, and the sharp rise is
+where vectors start to take over the model's computation. DCT calibrates its R on that response alone (the change
+against its linear extrapolation). On SmolLM2 (8 → 20, 100 steps) the rise sits at R ≈ 30, and there already
+5 of 8 trained vectors babble; on a 24-layer model of another family every R at the rise gave gibberish. So melbo
+trains a few vectors per candidate R, lets each write a short completion, and measures what a user cares about:
+
+* fluency: the completion's NLL under the unsteered model (≤ 4 nats/token: coherent text scores 1–3, gibberish
+  ≥ 5) and its label (``degenerate`` catches loops, which score a low NLL: "past past past…" 1.97);
+* effect: KL(P_θ ‖ P_unsteered) of the answer's first token;
+* diversity: distinct labels and openings among the fluent completions.
+
+It picks the largest R tried at which at least three quarters of the vectors are fluent and the median completion
+scores ≤ 3 nats/token (a margin: four vectors are few, and one lucky draw high up would spoil the search): effect grows with R,
+fluency falls, so a bisection on log R finds it. The range is 0.06× to 1× the residual norm at the source layer
+(models differ by a large factor; the norm sets the scale): on SmolLM2 the norm at layer 8 is 130 and the fluent
+edge is near R 25 (0.19×); on the 24-layer model above the norm is ~20 and R 8 (0.4×) was fluent.
+
+Each probe trains 4 vectors, orthogonal to each other, for 30 steps with the learning rate scaled by discovery's
+steps / 30: measured on SmolLM2 (8 vectors per R), the vectors then travel about as far as in discovery's 100
+steps (first-token KL at R 20/25/30: 0.83/1.28/3.05 against 0.79/1.59/4.20 after 100 steps; fluent 7/7/5 of 8
+against 6/7/3), where 30 steps at the plain rate reach a third of that effect. They are a little kinder than a
+full discovery at the edge, hence three quarters, not half. Rows are trained on the unit sphere, θ = R·u, so
+several radii can share one batch with discovery's relative step. See ``bench/auto_radius.py`` for the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from melbo.analysis.labels import label
+from melbo.engines.blocks import block_generator
+from melbo.engines.config import RadiusConfig
+from melbo.engines.optimise import optimise
+from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered
+from melbo.objectives import orthogonalize_block, random_orthogonal_block, to_sphere
+
+if TYPE_CHECKING:
+    from melbo.engines.discover import DiscoveryProblem
+
+
+@dataclass
+class RadiusProbe:
+    """One candidate R of the calibration table."""
+
+    radius: float
+    vectors: int
+    fluent: int
+    median_nll: float
+    median_effect: float  # first-token KL to the unsteered model
+    labels: dict[str, int]
+    openings: int  # distinct first three words among the fluent completions
+    sample: str  # a fluent completion when there is one
+
+    @property
+    def share(self) -> float:
+        return self.fluent / self.vectors
+
+    def usable(self, cfg: RadiusConfig) -> bool:
+        return self.share >= cfg.min_fluent and self.median_nll <= cfg.max_median_nll
+
+
+@dataclass
+class RadiusChoice:
+    """The R discovery uses, why, and the table it was read from (stored in run.json as ``radius_choice``)."""
+
+    radius: float
+    reason: str
+    norm_at_source: float  # median residual norm after the source layer: the candidates' scale
+    probes: list[RadiusProbe] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RadiusChoice:
+        return cls(**{**data, "probes": [RadiusProbe(**p) for p in data.get("probes", [])]})
+
+
+def residual_scale(problem: DiscoveryProblem) -> float:
+    """Median norm of the residual after the source layer over the prompts' positions (the attention sink at
+    position 0 left out)."""
+    norms = [state.source[0, 1:].norm(dim=-1) if state.length > 1 else state.source[0].norm(dim=-1) for state in problem.states]
+    return float(torch.cat(norms).median())
+
+
+def choose_radius(
+    problem: DiscoveryProblem,
+    cfg: RadiusConfig = RadiusConfig(),
+    on_probe: Callable[[RadiusProbe], None] | None = None,
+) -> RadiusChoice:
+    """Calibrate R on ``problem`` (discovery's loss, prompts and settings; its R is not used); see the module text."""
+    cfg.check()
+    started = time.monotonic()
+    scale = residual_scale(problem)
+    probes: list[RadiusProbe] = []
+
+    def tried(found: list[RadiusProbe]) -> list[RadiusProbe]:
+        for probe in found:
+            probes.append(probe)
+            if on_probe:
+                on_probe(probe)
+        return found
+
+    if cfg.radii:  # the user's candidates, all trained together
+        table = tried(_probe(problem, sorted(float(r) for r in cfg.radii), cfg, stage=0))
+        fluent = [p for p in table if p.usable(cfg)]
+        best = fluent[-1] if fluent else None
+    else:  # bisection on log R between low and high × the residual norm: fluency falls as R grows
+        low, high = cfg.low * scale, cfg.high * scale
+        best = None
+        for stage in range(cfg.probes):
+            probe = tried(_probe(problem, [_round(math.sqrt(low * high))], cfg, stage))[0]
+            if probe.usable(cfg):
+                best, low = probe, probe.radius
+            else:
+                high = probe.radius
+    ordered = sorted(probes, key=lambda p: p.radius)
+    if best is None:
+        radius = _round(min(p.radius for p in probes) if cfg.radii else cfg.low * scale)
+        reason = (
+            f"no candidate R kept {cfg.min_fluent:.0%} of its vectors fluent; R {radius:g} is the smallest tried "
+            "(try other layers, or smaller --radii)"
+        )
+    else:
+        radius = best.radius
+        failed = [p for p in ordered if p.radius > radius]
+        reason = (
+            f"R {radius:g} ({radius / scale:.2f} × the residual norm {scale:.0f} at layer {problem.settings.source}): the "
+            f"largest tried at which most vectors stay fluent ({best.fluent}/{best.vectors}, first-token KL "
+            f"{best.median_effect:.2f})" + (f"; at R {failed[0].radius:g} only {failed[0].fluent}/{failed[0].vectors}" if failed else "")
+        )
+    return RadiusChoice(radius, reason, scale, ordered, round(time.monotonic() - started, 2))
+
+
+def _round(radius: float) -> float:
+    return float(f"{radius:.3g}")
+
+
+def _probe(problem: DiscoveryProblem, radii: list[float], cfg: RadiusConfig, stage: int) -> list[RadiusProbe]:
+    """Train ``cfg.vectors`` vectors at each radius together, then judge each radius's completions."""
+    per = cfg.vectors
+    thetas = _train(problem, radii, per, cfg, stage)
+    s, lm = problem.settings, problem.lm
+    state = problem.states[0]
+    texts = generate_steered(lm.model, lm.tokenizer, state.ids, thetas, s.source, cfg.completion_tokens)
+    nll = completion_nll(lm, state.ids, texts)
+    effect = effect_on_first_token(lm, state, s.source, thetas).tolist()
+    probes = []
+    for k, radius in enumerate(radii):
+        rows = range(k * per, (k + 1) * per)
+        labels = [label(texts[i])[0] for i in rows]
+        fluent = [i for i, name in zip(rows, labels) if nll[i] <= cfg.max_nll and name != "degenerate"]
+        counts: dict[str, int] = {}
+        for name in labels:
+            counts[name] = counts.get(name, 0) + 1
+        probes.append(RadiusProbe(
+            radius=radius, vectors=per, fluent=len(fluent),
+            median_nll=statistics.median(min(nll[i], 99.0) for i in rows),
+            median_effect=statistics.median(effect[i] for i in rows),
+            labels=counts,
+            openings=len({" ".join(texts[i].split()[:3]).lower() for i in fluent}),
+            sample=texts[fluent[0] if fluent else rows[0]],
+        ))
+    return probes
+
+
+def _train(problem: DiscoveryProblem, radii: list[float], per: int, cfg: RadiusConfig, stage: int) -> Tensor:
+    """Discovery's optimisation with one radius per group of ``per`` rows: Adam on unit rows u, θ = R·u."""
+    s, d = problem.settings, problem.lm.d_model
+    device = problem.lm.device
+    generator = block_generator(s.seed, 1_000_000 + stage)
+    start = torch.cat([random_orthogonal_block(per, d, 1.0, None, generator) for _ in radii]).to(device)
+    scale = torch.tensor(radii, device=device).repeat_interleave(per)[:, None]
+    steps = max(1, min(cfg.steps, s.steps))
+    lr = 0.01 / math.sqrt(d) * (max(s.steps, 1) / steps)  # discovery's 0.01·R/√d on θ, over its whole run of steps
+
+    def project(u: Tensor) -> Tensor:
+        return to_sphere(torch.cat([orthogonalize_block(group) for group in u.split(per)]), 1.0)
+
+    u = torch.nn.Parameter(start)
+    optimise(
+        u, lambda rows: problem.losses(scale * rows), project, lr, steps, cosine=False,
+        make_optimizer=lambda params, rate: torch.optim.AdamW(params, lr=rate, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True),
+    )
+    return (scale * u.detach()).clone()

@@ -1,0 +1,74 @@
+"""Choosing R: the bisection finds the largest fluent R, probes train each radius on its own sphere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import melbo.engines.radius as radius
+from melbo.engines.config import DiscoverConfig, RadiusConfig
+from melbo.engines.discover import DiscoveryProblem
+from melbo.engines.radius import RadiusProbe, choose_radius, residual_scale
+from melbo.model.forward import prepare
+from melbo.model.prompts import PromptFormat
+from melbo.objectives import max_abs_cosine
+
+
+@pytest.fixture
+def problem(tiny_lm):
+    states = prepare(tiny_lm, ["hello there"], PromptFormat(), 1)
+    return DiscoveryProblem(tiny_lm, states, DiscoverConfig(source=1, target=4, steps=10).resolved(6, 32, radius=1.0))
+
+
+def fake_model(edge: float, calls: list[list[float]]):
+    """Probes whose vectors are fluent below ``edge`` and babble above it."""
+
+    def probe(problem, radii, cfg, stage):
+        calls.append(list(radii))
+        out = []
+        for r in radii:
+            fluent = cfg.vectors if r <= edge else 0
+            out.append(RadiusProbe(r, cfg.vectors, fluent, 1.0 if fluent else 6.0, r / 10, {"other": cfg.vectors}, fluent, "text"))
+        return out
+
+    return probe
+
+
+def test_bisection_finds_the_largest_fluent_radius(problem, monkeypatch):
+    calls: list[list[float]] = []
+    scale = residual_scale(problem)
+    monkeypatch.setattr(radius, "_probe", fake_model(0.3 * scale, calls))
+    choice = choose_radius(problem, RadiusConfig(probes=6))
+    assert len(calls) == 6 and all(len(c) == 1 for c in calls)
+    tried = [c[0] for c in calls]
+    assert choice.radius == max(r for r in tried if r <= 0.3 * scale)
+    assert 0.25 * scale < choice.radius <= 0.3 * scale  # six halvings of log(1/0.06): within 5 %
+    assert [p.radius for p in choice.probes] == sorted(tried)
+    assert f"R {choice.radius:g}" in choice.reason and "most vectors stay fluent" in choice.reason
+
+
+def test_nothing_fluent_and_everything_fluent(problem, monkeypatch):
+    monkeypatch.setattr(radius, "_probe", fake_model(0.0, []))
+    choice = choose_radius(problem, RadiusConfig(probes=3))
+    assert choice.radius == pytest.approx(0.06 * residual_scale(problem), rel=1e-2) and "no candidate R" in choice.reason
+    calls: list[list[float]] = []
+    monkeypatch.setattr(radius, "_probe", fake_model(1e9, calls))
+    choice = choose_radius(problem, RadiusConfig(radii=(3.0, 1.0, 2.0)))
+    assert calls == [[1.0, 2.0, 3.0]] and choice.radius == 3.0  # the user's candidates, trained together
+
+
+def test_probe_rows_lie_on_their_spheres_and_are_orthogonal_within_a_radius(problem):
+    thetas = radius._train(problem, [2.0, 5.0], 3, RadiusConfig(steps=4), stage=0)
+    norms = thetas.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.tensor([2.0] * 3 + [5.0] * 3), rtol=1e-5, atol=0)
+    assert max_abs_cosine(thetas[:3]) <= 1e-5 and max_abs_cosine(thetas[3:]) <= 1e-5
+
+
+def test_probes_judge_fluency_by_nll_and_label(problem, monkeypatch):
+    texts = iter([["fine words here", "from from from from from", "fine again", "babble"]])
+    monkeypatch.setattr(radius, "generate_steered", lambda *a, **k: next(texts))
+    monkeypatch.setattr(radius, "completion_nll", lambda lm, ids, t: [1.0, 1.0, 2.0, 9.0])
+    (probe,) = radius._probe(problem, [3.0], RadiusConfig(vectors=4, steps=2), stage=0)
+    assert probe.fluent == 2 and probe.labels["degenerate"] == 1  # the loop scores a low NLL and still fails
+    assert probe.sample == "fine words here" and probe.openings == 2
+    assert not probe.usable(RadiusConfig()) and probe.usable(RadiusConfig(min_fluent=0.5))

@@ -2,7 +2,7 @@
 
 Errors a user can cause (:class:`melbo.MelboError`) print as one line on stderr with exit status 2;
 ``--debug`` shows the traceback instead. Commands live in one module per area: ``runs`` (info, generate,
-discover, ortho), ``analysis`` (eval, compose, probe, report), ``files`` (export, import), ``study`` (study, demo).
+discover, ortho), ``analysis`` (eval, compose, probe, report), ``files`` (export, import), ``study`` (study, demo), ``serve`` (serve).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from melbo.cli import runs  # noqa: F401, I001
 from melbo.cli import analysis  # noqa: F401
 from melbo.cli import study  # noqa: F401
 from melbo.cli import files  # noqa: F401
+from melbo.cli import serve  # noqa: F401
 from melbo.cli.app import app, debug, err_console, fail
 from melbo.errors import MelboError
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -90,22 +90,23 @@ def _with_hidden(output: Any, hidden: Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def add_to_residual(model: nn.Module, layer: int, vector: Tensor) -> Iterator[None]:
+def add_to_residual(model: nn.Module, layer: int, vector: Tensor | Callable[[], Tensor]) -> Iterator[None]:
     """Add ``vector`` to the residual stream after block ``layer``, at every position.
 
     Args:
         model: a causal LM.
         layer: the block after which to add.
         vector: ``(d_model,)`` for the same vector on every row, or ``(batch, d_model)`` for one vector
-            per batch row. Positions produced during ``generate`` (with a KV cache) get it too.
+            per batch row. Positions produced during ``generate`` (with a KV cache) get it too. A function
+            returning the vector is called at every forward pass (a batch whose rows change as it decodes).
     """
     check_layer(model, layer)
-    if vector.dim() not in (1, 2):
+    if isinstance(vector, Tensor) and vector.dim() not in (1, 2):
         raise MelboError(f"a steering vector must be (d_model,) or (batch, d_model), not {tuple(vector.shape)}")
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = _hidden(output)
-        delta = vector.to(dtype=hidden.dtype, device=hidden.device)
+        delta = (vector() if callable(vector) else vector).to(dtype=hidden.dtype, device=hidden.device)
         if delta.dim() == 2:
             if delta.shape[0] != hidden.shape[0]:
                 raise MelboError(

@@ -1,0 +1,112 @@
+"""melbo serve under load: 16 clients at once, each steering with a different vector, against the same 16 requests
+one at a time, over HTTP on loopback, on the embedded SmolLM2. Goal: ≥ 8× the throughput when batched.
+
+    .venv/bin/python bench/serve.py --quick      # 4 requests of 8 tokens
+    .venv/bin/python bench/serve.py              # 16 requests of 48 tokens, three rounds each way
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from melbo.files.runs import write_run
+from melbo.model.loading import load_model, model_identity
+from melbo.model.prompts import DEFAULT_PROMPT
+from melbo.serve.api import ServeLimits, create_app
+from melbo.serve.catalog import Catalog
+
+from common import summary_line
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_serve import Server  # noqa: E402  (the tests' loopback server: uvicorn in a thread, a free port)
+
+
+def vectors_run(folder: Path, lm, count: int) -> Path:
+    """``count`` random directions of norm 20 at layer 8 (what they steer towards does not matter for speed)."""
+    vectors = torch.randn(count, lm.d_model, generator=torch.Generator().manual_seed(0))
+    vectors = 20 * vectors / vectors.norm(dim=1, keepdim=True)
+    meta = {"kind": "import", "model": {"name": "smollm2"}, "model_identity": model_identity(lm), "layers": {"source": 8, "target": 20},
+            "prompts": [DEFAULT_PROMPT], "vectors": [{"index": i} for i in range(count)]}
+    write_run(folder, vectors, meta)
+    return folder
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, index: int, tokens: int) -> tuple[float, int]:
+    body = {"model": model, "messages": [{"role": "user", "content": DEFAULT_PROMPT}], "temperature": 0, "max_tokens": tokens,
+            "melbo": {"run": "bench", "vector": index}}
+    start = time.perf_counter()
+    answer = await client.post(url + "/v1/chat/completions", json=body, timeout=600)
+    answer.raise_for_status()
+    return time.perf_counter() - start, answer.json()["usage"]["completion_tokens"]
+
+
+async def sequential(url: str, model: str, n: int, tokens: int) -> tuple[float, list[float], int]:
+    async with httpx.AsyncClient() as client:
+        start = time.perf_counter()
+        results = [await one(client, url, model, i, tokens) for i in range(n)]
+        return time.perf_counter() - start, [r[0] for r in results], sum(r[1] for r in results)
+
+
+async def concurrent(url: str, model: str, n: int, tokens: int) -> tuple[float, list[float], int]:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, url, model, i, tokens) for i in range(n)))
+        return time.perf_counter() - start, [r[0] for r in results], sum(r[1] for r in results)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    n, tokens, rounds = (4, 8, 1) if args.quick else (args.requests, args.tokens, args.rounds)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    lm = load_model("smollm2", device="cpu")
+    run = vectors_run(Path(tempfile.mkdtemp(prefix="melbo-serve-bench-")) / "bench", lm, n)
+    catalog = Catalog([run])
+    app = create_app(lm, catalog, ServeLimits(max_batch=n, window=0.05, max_tokens=max(64, tokens)))
+    server = Server(app)
+    try:
+        asyncio.run(sequential(server.url, catalog.model_name, 1, 4))  # warm-up
+        rows = {}
+        for name, fn in (("one at a time", sequential), (f"{n} at once", concurrent)):
+            walls, latencies, produced = [], [], 0
+            for _ in range(rounds):
+                wall, lat, toks = asyncio.run(fn(server.url, catalog.model_name, n, tokens))
+                walls.append(wall)
+                latencies += lat
+                produced += toks
+            wall = statistics.median(walls)
+            rows[name] = {
+                "requests_per_s": n / wall, "tokens_per_s": produced / rounds / wall, "p50": percentile(latencies, 0.5),
+                "p99": percentile(latencies, 0.99), "wall": wall,
+            }
+            r = rows[name]
+            print(f"{name:<14} {r['wall']:6.2f} s for {n} requests of {tokens} tokens: {r['requests_per_s']:5.2f} req/s, "
+                  f"{r['tokens_per_s']:6.1f} tokens/s, latency p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s", flush=True)
+        batcher = app.app.state.batcher
+        print(f"(largest batch {batcher.largest_batch}; {rounds} round(s) each way, median wall time)")
+    finally:
+        server.close()
+    ratio = rows[f"{n} at once"]["requests_per_s"] / rows["one at a time"]["requests_per_s"]
+    summary_line(f"{n} concurrent requests with {n} different vectors: {ratio:.1f}× the throughput of one at a time; goal ≥ 8×: {'met' if ratio >= 8 else 'missed'}")
+
+
+if __name__ == "__main__":
+    main()

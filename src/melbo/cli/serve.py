@@ -1,0 +1,39 @@
+"""``melbo serve``: the runs' model behind an OpenAI-compatible API with per-request steering, and a live page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app, console, err_console
+from melbo.errors import MelboError
+
+
+@app.command()
+def serve(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (one model's); each is served under its folder name.")],
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: only this machine).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one completion may ask for.")] = 256,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = 64,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Serve steered completions (OpenAI API: /v1/chat/completions with a "melbo" field) and the explorer page at /."""
+    from melbo.serve import missing_extra, serve as run_server
+    from melbo.serve.api import ServeLimits
+
+    problem = missing_extra()
+    if problem:
+        raise MelboError(problem)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]melbo serve: listening on {host}: anyone who can reach it can use the model[/yellow]")
+    console.print(
+        f"melbo serve: {len(runs)} run(s) on http://{host}:{port}/ (explorer), OpenAI API at http://{host}:{port}/v1 — Ctrl-C stops"
+    )
+    limits = ServeLimits(max_tokens=max_tokens, max_batch=max_batch, max_queue=max_queue)
+    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=limits)

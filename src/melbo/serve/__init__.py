@@ -1,0 +1,39 @@
+"""``melbo serve``: an OpenAI-compatible API with per-request steering, batched, and a live explorer page.
+
+>>> from melbo.serve import serve
+>>> serve(["runs/ortho14"], port=8000)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from melbo.errors import MelboError
+
+
+def missing_extra() -> str | None:
+    """None when FastAPI and uvicorn are installed, else the one line that says how to get them."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    return f"melbo serve needs FastAPI and uvicorn ({', '.join(missing)} missing): pip install 'melbo[serve]'" if missing else None
+
+
+def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "auto", dtype: str | None = None, limits: object | None = None) -> None:
+    """Load the runs' model once and serve until interrupted."""
+    problem = missing_extra()
+    if problem:
+        raise MelboError(problem)
+    import uvicorn
+
+    from melbo.model.loading import load_model
+    from melbo.serve.api import ServeLimits, create_app
+    from melbo.serve.catalog import Catalog
+
+    catalog = Catalog([Path(r) for r in runs])
+    lm = load_model(model or catalog.model_name, device=device, dtype=dtype)
+    for served in catalog.runs.values():
+        if served.run.vectors.shape[1] != lm.d_model:
+            raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")
+    app = create_app(lm, catalog, limits if isinstance(limits, ServeLimits) else ServeLimits())
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,121 @@
+// melbo serve's explorer: model text is always shown with textContent, never parsed as HTML.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let runs = [];
+let model = "";
+const MAX_VECTORS = 12;
+
+async function load() {
+  const answer = await fetch("/v1/runs");
+  const body = await answer.json();
+  runs = body.data;
+  model = body.model;
+  for (const run of runs) {
+    const option = document.createElement("option");
+    option.value = run.name;
+    option.textContent = `${run.name} (${run.kind}, ${run.count} vectors, layer ${run.layer})`;
+    $("run").appendChild(option);
+  }
+  const wanted = new URLSearchParams(location.search).get("run");
+  if (wanted && runs.some((r) => r.name === wanted)) $("run").value = wanted;
+  showRun();
+}
+
+function currentRun() {
+  return runs.find((r) => r.name === $("run").value);
+}
+
+function showRun() {
+  const run = currentRun();
+  if (!run) return;
+  const labels = [...new Set(run.vectors.map((v) => v.label).filter((l) => l))];
+  $("label").replaceChildren(new Option("—", ""), ...labels.map((l) => new Option(`${l} (${run.vectors.filter((v) => v.label === l).length})`, l)));
+  $("runinfo").textContent = ` vectors 0 to ${run.count - 1}${run.kind === "ortho" ? "; 0 is the base" : ""}`;
+  $("report").hidden = !run.report;
+  $("report").href = `/runs/${encodeURIComponent(run.name)}/report`;
+}
+
+function chosen(run) {
+  const typed = $("indices").value.split(/[ ,]+/).filter((s) => s !== "").map(Number);
+  if (typed.some((i) => !Number.isInteger(i) || i < 0 || i >= run.count)) throw new Error(`vectors are 0 to ${run.count - 1}`);
+  let picked = typed;
+  if (!picked.length && $("label").value) picked = run.vectors.filter((v) => v.label === $("label").value).map((v) => v.index);
+  if (!picked.length && Number($("first").value) > 0) picked = run.vectors.slice(0, Number($("first").value)).map((v) => v.index);
+  if (!picked.length) throw new Error("choose vectors: indices, a label, or the first N");
+  return picked.slice(0, MAX_VECTORS);
+}
+
+function column(title, unsteered) {
+  const box = document.createElement("div");
+  box.className = "column" + (unsteered ? " unsteered" : "");
+  const head = document.createElement("h2");
+  head.textContent = title;
+  const text = document.createElement("pre");
+  const status = document.createElement("div");
+  status.className = "status";
+  status.textContent = "waiting…";
+  box.append(head, text, status);
+  $("columns").appendChild(box);
+  return { text, status };
+}
+
+async function stream(body, target) {
+  const answer = await fetch("/v1/chat/completions", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ ...body, stream: true }),
+  });
+  if (!answer.ok) {
+    const problem = await answer.json().catch(() => ({ error: { message: answer.statusText } }));
+    target.status.textContent = problem.error.message;
+    target.status.classList.add("error");
+    return;
+  }
+  target.status.textContent = "streaming…";
+  const reader = answer.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, cut).replace(/^data: /, "");
+      buffer = buffer.slice(cut + 2);
+      if (line === "[DONE]") { target.status.textContent = target.status.textContent.replace("streaming…", "done"); continue; }
+      const chunk = JSON.parse(line);
+      if (chunk.error) { target.status.textContent = chunk.error.message; target.status.classList.add("error"); continue; }
+      const choice = chunk.choices[0];
+      if (choice.delta && choice.delta.content) target.text.textContent += choice.delta.content;
+      if (choice.finish_reason) target.status.textContent = `done (${choice.finish_reason})`;
+    }
+  }
+}
+
+async function compare(event) {
+  event.preventDefault();
+  $("message").textContent = "";
+  const run = currentRun();
+  let picked;
+  try {
+    picked = chosen(run);
+  } catch (problem) {
+    $("message").textContent = problem.message;
+    return;
+  }
+  $("columns").replaceChildren();
+  const common = {
+    model, messages: [{ role: "user", content: $("prompt").value }],
+    temperature: Number($("temperature").value), max_tokens: Number($("tokens").value),
+  };
+  const jobs = [stream(common, column("unsteered", true))];
+  for (const index of picked) {
+    const vector = run.vectors[index];
+    const title = `#${index}${vector.label ? " · " + vector.label : ""} · norm ${vector.norm}${Number($("scale").value) !== 1 ? " × " + $("scale").value : ""}`;
+    jobs.push(stream({ ...common, melbo: { run: run.name, vector: index, scale: Number($("scale").value) } }, column(title, false)));
+  }
+  await Promise.all(jobs);
+}
+
+$("run").addEventListener("change", showRun);
+$("controls").addEventListener("submit", compare);
+load();

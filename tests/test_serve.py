@@ -1,0 +1,283 @@
+"""melbo serve: the real openai client against a server started here (loopback, a free port), bad requests, batching,
+a bounded load test, the explorer page in Chromium, and the shell's one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from conftest import make_char_tokenizer, make_tiny_model
+from melbo.files.runs import write_run
+from melbo.model.forward import generate_steered
+from melbo.model.loading import load_model
+from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.serve.api import ServeLimits, create_app
+from melbo.serve.catalog import Catalog
+from test_cli import assert_one_line_error, melbo
+
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+PROMPT = "How can I do it?"
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-serve-model")
+    make_tiny_model("llama", n_layers=6, initializer_range=0.3).save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 32, completions: list[str] | None = None) -> Path:
+    vectors = torch.randn(count, d, generator=torch.Generator().manual_seed(seed))
+    vectors = 3 * vectors / vectors.norm(dim=1, keepdim=True)
+    texts = completions or [f"answer {i}" for i in range(count)]
+    meta = {
+        "kind": "discover", "model": {"name": model}, "model_identity": {"path": model, "d_model": d},
+        "layers": {"source": LAYER, "target": 4}, "prompts": [PROMPT],
+        "vectors": [{"index": i, "completion": texts[i]} for i in range(count)],
+    }
+    write_run(folder, vectors, meta)
+    return folder
+
+
+class Server:
+    """uvicorn in a thread on 127.0.0.1 and a free port; stopped by ``close`` (also when a test fails)."""
+
+    def __init__(self, app) -> None:
+        # log_config=None: uvicorn's loggers propagate to the root one, so a test sees every error it logs
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started, "the server did not start"
+        sockets = [s for server in self.server.servers for s in server.sockets]
+        host, port = sockets[0].getsockname()[:2]
+        assert host == "127.0.0.1"
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    run = make_run(root / "tinyrun", str(tiny_folder))
+    lm = load_model(str(tiny_folder), device="cpu")
+    catalog = Catalog([run])
+    server = Server(create_app(lm, catalog, ServeLimits(max_tokens=32, max_prompt_tokens=200, max_body_bytes=4096, max_queue=8, max_batch=8)))
+    try:
+        yield server, lm, catalog
+    finally:
+        server.close()
+
+
+def expected(lm, catalog, index: int | None, tokens: int, scale: float = 1.0) -> str:
+    ids = encode_prompt(lm.tokenizer, PROMPT, PromptFormat(), lm.device)
+    vector = None if index is None else catalog.runs["tinyrun"].run.vectors[index : index + 1] * scale
+    return generate_steered(lm.model, lm.tokenizer, ids, vector, LAYER, max_new_tokens=tokens)[0]
+
+
+def test_openai_client_steered_and_unsteered_streaming_and_not(served):
+    server, lm, catalog = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [catalog.model_name]
+    messages = [{"role": "user", "content": PROMPT}]
+    for index in (None, 2, 5):
+        extra = {} if index is None else {"extra_body": {"melbo": {"run": "tinyrun", "vector": index, "scale": 1.0}}}
+        reply = client.chat.completions.create(model=catalog.model_name, messages=messages, temperature=0, max_tokens=12, **extra)
+        assert reply.choices[0].message.content == expected(lm, catalog, index, 12), index
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        chunks = client.chat.completions.create(model=catalog.model_name, messages=messages, temperature=0, max_tokens=12, stream=True, **extra)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert text == expected(lm, catalog, index, 12), index
+    scaled = client.chat.completions.create(
+        model=catalog.model_name, messages=messages, temperature=0, max_tokens=12, extra_body={"melbo": {"run": "tinyrun", "vector": 1, "scale": 2.0}},
+    )
+    assert scaled.choices[0].message.content == expected(lm, catalog, 1, 12, scale=2.0)
+    completion = client.completions.create(model=catalog.model_name, prompt="Once upon", temperature=0, max_tokens=8)
+    ids = lm.tokenizer("Once upon", return_tensors="pt").input_ids
+    assert completion.choices[0].text == generate_steered(lm.model, lm.tokenizer, ids, None, LAYER, max_new_tokens=8)[0]
+
+
+def test_runs_are_listed_with_norms_and_labels(served):
+    server, _, catalog = served
+    body = httpx.get(server.url + "/v1/runs").json()
+    (run,) = body["data"]
+    assert run["name"] == "tinyrun" and run["layer"] == LAYER and run["count"] == 6
+    assert [v["norm"] for v in run["vectors"]] == pytest.approx([3.0] * 6, rel=1e-4)
+    assert run["vectors"][0]["label"] == "other"
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "is not served here"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ({"model": "M", "messages": []}, 400, "messages"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "melbo": {"run": "other", "vector": 0}}, 404, "run 'other' is not served"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "melbo": {"run": "tinyrun", "vector": 6}}, 404, "vectors 0 to 5"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "melbo": {"run": "tinyrun", "vector": 0, "scale": "Infinity"}}, 400, "finite"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "melbo": {"run": "tinyrun", "vector": 0, "scal": 1}}, 400, "scal"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 999}, 400, "over this server's limit of 32"),
+        ({"model": "M", "messages": [{"role": "user", "content": "x" * 300}]}, 400, "limit is 200"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n must be 1"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(served, body, status, needle):
+    server, _, catalog = served
+    body = json.loads(json.dumps(body).replace('"M"', json.dumps(catalog.model_name)))
+    answer = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert answer.status_code == status, answer.text
+    assert needle in answer.json()["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies(served):
+    server, _, _ = served
+    answer = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "error" in answer.json()
+    answer = httpx.post(server.url + "/v1/chat/completions", content=b"x" * 5000, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413 and "over 4096 bytes" in answer.json()["error"]["message"]
+
+    def chunked():
+        for _ in range(10):
+            yield b"y" * 1000
+
+    answer = httpx.post(server.url + "/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413
+    assert httpx.get(server.url + "/v1/models").status_code == 200  # still serving
+
+
+def test_concurrent_requests_share_batches(tiny_folder, tmp_path):
+    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
+    lm = load_model(str(tiny_folder), device="cpu")
+    catalog = Catalog([run])
+    app = create_app(lm, catalog, ServeLimits(max_batch=8, window=0.2, max_tokens=32))
+    server = Server(app)
+    try:
+        async def ask(client, index):
+            body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 10,
+                    "melbo": {"run": "tinyrun", "vector": index}}
+            return (await client.post(server.url + "/v1/chat/completions", json=body, timeout=60)).json()
+
+        async def all_at_once():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*(ask(client, i) for i in range(6)))
+
+        replies = asyncio.run(all_at_once())
+        batcher = app.app.state.batcher
+        assert batcher.largest_batch >= 4 and batcher.batches <= 3  # the six shared one or two forward loops
+        for index, reply in enumerate(replies):  # same prompt, no padding: each row decodes as it would alone
+            assert reply["choices"][0]["message"]["content"] == expected(lm, catalog, index, 10)
+    finally:
+        server.close()
+
+
+def test_load_64_clients_mixing_good_bad_and_dropped_requests(tiny_folder, tmp_path, caplog):
+    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
+    lm = load_model(str(tiny_folder), device="cpu")
+    catalog = Catalog([run])
+    app = create_app(lm, catalog, ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512))
+    server = Server(app)
+    truth = {i: expected(lm, catalog, i, 6) for i in range(6)}
+    process = psutil.Process(os.getpid())
+
+    async def client_session(number: int, client: httpx.AsyncClient) -> list[str]:
+        outcomes = []
+        for k in range(5):
+            kind = (number + k) % 4
+            index = (number * 5 + k) % 6
+            good = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 6,
+                    "melbo": {"run": "tinyrun", "vector": index}}
+            if kind == 0:  # a good request
+                answer = await client.post(server.url + "/v1/chat/completions", json=good, timeout=120)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["message"]["content"] == truth[index]
+                outcomes.append("good")
+            elif kind == 1:  # a bad one
+                answer = await client.post(server.url + "/v1/chat/completions", json={**good, "melbo": {"run": "tinyrun", "vector": 99}}, timeout=120)
+                assert answer.status_code == 404 and "vectors 0 to 5" in answer.json()["error"]["message"]
+                outcomes.append("bad")
+            elif kind == 2:  # a stream dropped after its first event
+                async with client.stream("POST", server.url + "/v1/chat/completions", json={**good, "stream": True, "max_tokens": 16}, timeout=120) as answer:
+                    async for _ in answer.aiter_bytes():
+                        break
+                outcomes.append("dropped")
+            else:  # a good stream read to the end
+                async with client.stream("POST", server.url + "/v1/chat/completions", json={**good, "stream": True}, timeout=120) as answer:
+                    text = ""
+                    async for line in answer.aiter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                assert text == truth[index]
+                outcomes.append("streamed")
+        return outcomes
+
+    async def load() -> list[list[str]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(limits=limits) as client:
+            return await asyncio.gather(*(client_session(n, client) for n in range(64)))
+
+    try:
+        asyncio.run(load())  # warm-up round: allocator pools, tokenizer caches
+        gc.collect()
+        before = process.memory_info().rss
+        started = time.monotonic()
+        outcomes = asyncio.run(load())
+        assert time.monotonic() - started < 300
+        gc.collect()
+        grown = process.memory_info().rss - before
+        flat = [o for session in outcomes for o in session]
+        assert len(flat) == 320 and {o: flat.count(o) for o in set(flat)} == {"good": 80, "bad": 80, "dropped": 80, "streamed": 80}
+        assert grown < 64 * 2**20, f"memory grew by {grown / 2**20:.0f} MiB over 320 requests"
+        assert httpx.get(server.url + "/v1/models").status_code == 200
+        time.sleep(0.5)
+        assert app.app.state.batcher.queue.qsize() == 0
+    finally:
+        server.close()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], [r.getMessage() for r in caplog.records]
+
+
+def test_queue_full_is_429(tiny_folder, tmp_path):
+    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
+    lm = load_model(str(tiny_folder), device="cpu")
+    catalog = Catalog([run])
+    app = create_app(lm, catalog, ServeLimits(max_queue=1, max_batch=1, window=0.0, max_tokens=32))
+    server = Server(app)
+    try:
+        body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32, "temperature": 0}
+
+        async def burst():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*(client.post(server.url + "/v1/chat/completions", json=body, timeout=120) for _ in range(12)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+    finally:
+        server.close()
+
+
+def test_shell_refuses_runs_of_different_models_and_missing_runs(tiny_folder, tmp_path):
+    make_run(tmp_path / "a", str(tiny_folder))
+    make_run(tmp_path / "b", "smollm2", d=576)
+    assert_one_line_error(melbo("serve", str(tmp_path / "a"), str(tmp_path / "b")), "different models")
+    assert_one_line_error(melbo("serve", str(tmp_path / "missing")), "does not exist")

@@ -1,0 +1,80 @@
+"""The explorer page in headless Chromium (Playwright): type a prompt, compare two vectors, see every stream; model
+text that holds markup stays text. The model behind the API is replaced by a batcher that streams planted text."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from melbo.model.loading import load_model
+from melbo.serve.api import ServeLimits, create_app
+from melbo.serve.batching import Request
+from melbo.serve.catalog import Catalog
+from test_report_browser import ARGS, CHROMIUM
+from test_serve import PROMPT, Server, make_run, tiny_folder  # noqa: F401  (a fixture)
+
+PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & more'
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); the explorer's browser test is skipped")
+
+
+class PlantedBatcher:
+    """Streams, word by word, a text that names the vector (and carries markup) instead of running a model."""
+
+    def __init__(self) -> None:
+        self.seen: list[Request] = []
+        self.queue = None
+
+    def submit(self, request: Request) -> None:
+        self.seen.append(request)
+        text = "plain unsteered answer" if request.vector is None else f"vector norm {float(request.vector.norm()):.1f} says {PLANTED}"
+
+        def run() -> None:
+            words = text.split(" ")
+            for k, word in enumerate(words):
+                last = k == len(words) - 1
+                request.emit(word + ("" if last else " "), "stop" if last else None)
+
+        threading.Timer(0.05, run).start()
+
+    def close(self) -> None:
+        pass
+
+
+def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
+    lm = load_model(str(tiny_folder), device="cpu")
+    batcher = PlantedBatcher()
+    server = Server(create_app(lm, Catalog([run]), ServeLimits(), batcher=batcher))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("request", lambda r: problems.append(f"request: {r.url}") if not r.url.startswith(server.url) else None)
+            page.goto(server.url + "/?run=tinyrun")
+            expect(page.locator("#run")).to_have_value("tinyrun")
+            page.fill("#prompt", PROMPT)
+            page.fill("#indices", "1, 4")
+            page.click("#go")
+            columns = page.locator(".column")
+            expect(columns).to_have_count(3)
+            expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
+            for k in (1, 2):
+                expect(columns.nth(k).locator("pre")).to_contain_text(PLANTED)
+                expect(columns.nth(k).locator(".status")).to_have_text("done (stop)")
+            assert page.evaluate("window.__pwned") is None and page.locator(".column img").count() == 0
+            assert [r.vector is not None for r in batcher.seen] == [False, True, True]
+            assert sorted(round(float(r.vector.norm()), 3) for r in batcher.seen[1:]) == [3.0, 3.0]
+            page.fill("#indices", "9")
+            page.click("#go")
+            expect(page.locator("#message")).to_have_text("vectors are 0 to 5")
+            assert problems == []
+            browser.close()
+    finally:
+        server.close()

@@ -31,11 +31,25 @@ def _parsing_errors() -> tuple[type, type, type]:
         return click.ClickException, click.exceptions.Abort, click.exceptions.Exit
 
 
+OPTIONAL_VALUES = {"--ray": "local"}  # options whose value may be left out: `melbo study S.toml --ray [ADDRESS]`
+
+
+def with_optional_values(args: list[str]) -> list[str]:
+    """``--ray`` with no value (last, or followed by another option) gets its default value written in."""
+    out = []
+    for k, arg in enumerate(args):
+        out.append(arg)
+        following = args[k + 1] if k + 1 < len(args) else None
+        if arg in OPTIONAL_VALUES and (following is None or following.startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     """Entry point of the ``melbo`` console script."""
     usage_problem, abort, exit_ = _parsing_errors()
     try:
-        code = app(prog_name="melbo", standalone_mode=False)
+        code = app(args=with_optional_values(sys.argv[1:]), prog_name="melbo", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except exit_ as exc:

@@ -15,6 +15,7 @@ from melbo.errors import MelboError
 
 if TYPE_CHECKING:  # the study package imports torch: only for type checkers here
     from melbo.study import Event, Study, StudyResult
+    from melbo.study.on_ray import RayOptions
 
 
 class StudyView:
@@ -58,13 +59,22 @@ class StudyView:
         self.live.__exit__(*exc)  # type: ignore[arg-type]
 
 
-def _run(study_obj: Study, folder: Path, resume: bool, force: bool) -> StudyResult:
+def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOptions | None = None) -> StudyResult:
     from melbo.study import run_study
 
     try:
-        with StudyView([u.label for u in study_obj.units()]) as view:
-            result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
-            view.finish()
+        if ray is None:
+            with StudyView([u.label for u in study_obj.units()]) as view:
+                result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
+                view.finish()
+        else:
+            from melbo.study.on_ray import RaySession, run_study_on_ray
+
+            with err_console.status("starting Ray…" if ray.address is None else f"joining the Ray cluster at {ray.address}…"):
+                session = RaySession(study_obj, ray)  # a cluster that cannot be reached or lacks GPUs: one line, nothing written
+            with session, StudyView([u.label for u in study_obj.units()]) as view:
+                result = run_study_on_ray(study_obj, folder, ray, resume=resume, force=force, on_event=view, session=session)
+                view.finish()
     except KeyboardInterrupt:
         err_console.print(f"melbo: interrupted; {folder} holds every finished step and block: run the same command with --resume")
         raise SystemExit(130) from None
@@ -78,18 +88,39 @@ def study(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --out: finished steps are skipped.")] = False,
     force: Annotated[bool, typer.Option(help="Start the study in --out again from scratch.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting: TABLE.FIELD=VALUE (a TOML value), repeatable.")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Run on Ray: alone (or 'local'), a local Ray for this call; auto, HOST:PORT or ray://HOST:10001, an existing cluster.",
+    )] = None,
+    num_cpus: Annotated[Optional[float], typer.Option(min=0.0, help="With --ray: CPUs per worker (default: the study's ray table, else 1).")] = None,
+    num_gpus: Annotated[Optional[float], typer.Option(min=0.0, help="With --ray: GPUs per worker (default: the study's ray table, else 0).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="With --ray: workers per model (default: as the cluster allows).")] = None,
 ) -> None:
-    """Run every run a study file describes, in this process; writes OUT/study.html and a report per run."""
+    """Run every run a study file describes (in this process, or on Ray); writes OUT/study.html and a report per run."""
     from melbo.study import Study
 
     started = time.monotonic()
     study_obj = Study.from_toml(spec)
     if set_:
         study_obj = study_obj.with_values(dict(_parse_setting(item) for item in set_))
+    options = None
+    if ray is not None:
+        from melbo.study.on_ray import RayOptions, missing_extra
+
+        if missing_extra():
+            raise MelboError(missing_extra())
+        table = study_obj.ray
+        options = RayOptions(
+            address=None if ray == "local" else ray, num_cpus=table.num_cpus if num_cpus is None else num_cpus,
+            num_gpus=table.num_gpus if num_gpus is None else num_gpus, workers=table.workers if workers is None else workers,
+        )
+    elif num_cpus is not None or num_gpus is not None or workers is not None:
+        raise MelboError("--num-cpus, --num-gpus and --workers go with --ray")
     folder = out_folder(out, study_obj.name, force, resume)
-    result = _run(study_obj, folder, resume, force)
+    result = _run(study_obj, folder, resume, force, options)
     _print_rows(result)
-    console.print(f"study: [bold]{result.page}[/bold]  ({time.monotonic() - started:.0f} s)")
+    loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
+    console.print(f"study: [bold]{result.page}[/bold]  ({time.monotonic() - started:.0f} s{loads})")
 
 
 def _parse_setting(item: str) -> tuple[str, object]:

@@ -30,7 +30,7 @@ from melbo.analysis.probe import probe, prompt_set
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
 from melbo.errors import MelboError
-from melbo.files.runs import META_FILE, atomic_write, differences, import_vectors, read_json, read_run, write_json
+from melbo.files.runs import META_FILE, Run, atomic_write, differences, import_vectors, read_json, read_run, write_json
 from melbo.model.loading import LoadedModel, load_model
 from melbo.report import write_report
 from melbo.report.study import PAGE_FILE, write_page
@@ -132,6 +132,7 @@ class StudyResult:
     study: Study
     units: list[UnitOutcome]
     page: Path | None = None
+    model_loads: int | None = None  # models loaded to run it (in this process, or by every Ray worker)
 
 
 def run_study(
@@ -149,7 +150,9 @@ def run_study(
     for unit in study.units():
         state = states.setdefault(unit.name, UnitOutcome(unit.name, unit.label, unit.model.name))
         run_unit(models.get(unit.model), unit, folder, state, lambda: save_state(study, folder, states), on_event)
-    return finish(study, folder, states)
+    result = finish(study, folder, states)
+    result.model_loads = models.loads
+    return result
 
 
 def prepare_folder(study: Study, folder: Path, resume: bool, force: bool) -> dict[str, UnitOutcome]:
@@ -203,8 +206,10 @@ def run_unit(
     state: UnitOutcome,
     save: Callable[[], None],
     on_event: EventCallback | None = None,
+    on_block: Callable[[Run], None] | None = None,
 ) -> UnitOutcome:
-    """Run (or finish) one unit's steps on a loaded model; ``save()`` is called after every step."""
+    """Run (or finish) one unit's steps on a loaded model; ``save()`` is called after every step, ``on_block``
+    after discovery or MELBO-ortho saved a block (a Ray worker copies the folder to the driver then)."""
     root = study_folder / unit.name if unit.name else study_folder
     fmt = unit.prompts.format
     prompts = unit.prompts.prompts
@@ -227,7 +232,9 @@ def run_unit(
     if unit.discover is not None:
         cfg = unit.discover
         blocks = -(-cfg.count // cfg.block)
-        step("discover", lambda: discover(lm, prompts, cfg, fmt, out=discovery, resume=True, on_step=progress("discover", "discover", blocks, cfg.steps)))
+        step("discover", lambda: discover(
+            lm, prompts, cfg, fmt, out=discovery, resume=True, on_step=progress("discover", "discover", blocks, cfg.steps), on_block=on_block,
+        ))
     else:
         spec = unit.vectors
         assert spec is not None  # checked when the study was read
@@ -255,7 +262,7 @@ def run_unit(
                 info = {"from": str(discovery), "index": base.index, "why": base.reason(), "completion": base.completion}
                 blocks = None if cfg_o.count is None else -(-cfg_o.count // (cfg_o.block or 16))
                 run = ortho(lm, found.vectors[base.index], prompts, cfg_o, fmt, out=folder, base_info=info, resume=True,
-                            on_step=progress("ortho", name, blocks, cfg_o.steps))
+                            on_step=progress("ortho", name, blocks, cfg_o.steps), on_block=on_block)
                 outcome = OrthoOutcome(str(folder.relative_to(study_folder)), base, ortho_fidelity(lm, run, fmt, cfg_o.completion_tokens))
                 state.orthos = [o for o in state.orthos if o.folder != outcome.folder] + [outcome]
 
@@ -271,6 +278,26 @@ def run_unit(
 
             step(f"report:{folder.name}", report)
     return state
+
+
+def unit_done(unit: Unit, state: UnitOutcome | None) -> bool:
+    """Whether every step ``run_unit`` would take for this unit is recorded as finished."""
+    if state is None or "discover" not in state.steps:
+        return False
+    studied = [state.discovery.rsplit("/", 1)[-1]]
+    if unit.ortho is not None:
+        if "choose" not in state.steps:
+            return False
+        names = [f"ortho-{b.index}" if len(state.bases) > 1 else "ortho" for b in state.bases]
+        if any(f"ortho:{n}" not in state.steps for n in names):
+            return False
+        studied = names or studied
+    needed = [f"{kind}:{n}" for n in studied for kind, table in (("eval", unit.eval), ("probe", unit.probe)) if table is not None]
+    if unit.compose is not None and unit.ortho is not None:
+        needed += [f"compose:{n}" for n in studied]
+    if unit.report is not None and unit.report.enabled:
+        needed += [f"report:{n}" for n in {*studied, state.discovery.rsplit("/", 1)[-1]}]
+    return all(step in state.steps for step in needed)
 
 
 def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, state: UnitOutcome,

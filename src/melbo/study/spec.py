@@ -115,12 +115,21 @@ class ReportSpec:
     enabled: bool = True
 
 
+@dataclass
+class RaySpec:
+    """``[ray]``: what each Ray worker asks for (``melbo study --ray``; ignored without it)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    workers: int | None = None  # per model; None: as many as the cluster allows, at most one per unit
+
+
 TABLES: dict[str, type] = {
     "model": ModelSpec, "prompts": PromptSpec, "vectors": VectorsSpec, "discover": DiscoverConfig,
     "choose": ChooseConfig, "ortho": OrthoConfig, "eval": EvalSpec, "compose": ComposeSpec, "probe": ProbeSpec,
-    "report": ReportSpec,
+    "report": ReportSpec, "ray": RaySpec,
 }
-OPTIONAL = ("vectors", "discover", "ortho", "eval", "compose", "probe", "report")  # absent: the step is skipped
+OPTIONAL = ("vectors", "discover", "ortho", "eval", "compose", "probe", "report", "ray")  # absent: the step is skipped
 
 
 @dataclass
@@ -160,6 +169,10 @@ class Study:
     tables: dict[str, dict[str, Any]]  # table name → fields as written (validated)
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # "table.field" → values
     description: str = ""
+
+    @property
+    def ray(self) -> RaySpec:
+        return RaySpec(**self.tables.get("ray", {}))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Study:

@@ -1,0 +1,125 @@
+"""A two-node Ray cluster on this machine, a study on it, and one node's workers SIGKILLed mid-study.
+
+Run by tests/test_ray_study.py inside a network namespace of its own (``unshare -n``) that has only the loopback
+interface: every Ray server listens there and every address is 127.0.0.1, so nothing can leave loopback. The
+head and the worker node each get their own temp dir (``--temp-dir``); the cluster is stopped by killing exactly
+the processes started for it, also when something fails.
+
+    python tests/ray_two_nodes.py STUDY.toml OUT REPORT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_start(*args: str, temp: Path) -> None:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    command = [str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    if done.returncode != 0:
+        raise SystemExit(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def processes_of(temp: Path) -> list[psutil.Process]:
+    """Every process started for the node whose temp dir is ``temp`` (its path is on their command lines)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def workers_of(temp: Path) -> list[psutil.Process]:
+    """The node's worker processes that run melbo units (children of its raylet)."""
+    raylets = [p for p in processes_of(temp) if p.name() == "raylet"]
+    out = []
+    for raylet in raylets:
+        for child in raylet.children(recursive=True):
+            try:
+                if "UnitWorker" in " ".join(child.cmdline()) or child.name().startswith("ray::UnitWorker"):
+                    out.append(child)
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+def stop(temps: list[Path]) -> None:
+    procs = [p for t in temps for p in processes_of(t)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def main() -> None:
+    spec, out, report = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    head_temp, node_temp = Path(tempfile.mkdtemp(prefix="rayhead-")), Path(tempfile.mkdtemp(prefix="raynode-"))
+    port = free_port()
+    facts: dict = {"killed": 0, "kill_seen_running": False}
+    try:
+        ray_start("--head", f"--port={port}", "--include-dashboard=false", temp=head_temp)
+        ray_start(f"--address=127.0.0.1:{port}", temp=node_temp)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+        study = subprocess.Popen(
+            [sys.executable, "-m", "melbo.cli", "study", str(spec), "--ray", f"127.0.0.1:{port}", "--out", str(out)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and study.poll() is None and not facts["killed"]:
+            running = [p for p in out.rglob("run.json") if '"status": "running"' in p.read_text(errors="ignore")]
+            victims = workers_of(node_temp)
+            if running and victims:
+                facts["kill_seen_running"] = True
+                for victim in victims:
+                    victim.kill()
+                facts["killed"] = len(victims)
+            time.sleep(0.2)
+        stdout, stderr = study.communicate(timeout=600)
+        facts.update(returncode=study.returncode, stdout=stdout[-4000:], stderr=stderr[-4000:])
+        facts["addresses"] = sorted({c.laddr.ip for t in (head_temp, node_temp) for p in processes_of(t) for c in _listening(p)})
+    finally:
+        stop([head_temp, node_temp])
+        facts["left"] = len(processes_of(head_temp)) + len(processes_of(node_temp))
+        report.write_text(json.dumps(facts))
+
+
+def _listening(proc: psutil.Process) -> list:
+    try:
+        return [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Studies on Ray: the same folder and vectors as in one process, a two-node cluster that loses a node's workers
+mid-study and still finishes with nothing lost, and one-line errors for what cannot start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from melbo import read_run
+from melbo.study import Study, run_study
+from test_cli import assert_one_line_error, melbo
+from test_study import grid_study, two_models  # noqa: F401  (a fixture)
+
+pytest.importorskip("ray")
+HERE = Path(__file__).resolve().parent
+
+
+def same_runs(a: Path, b: Path, result) -> None:
+    for unit in result.units:
+        for folder in [unit.discovery, *[o.folder for o in unit.orthos]]:
+            assert torch.equal(read_run(a / folder).vectors, read_run(b / folder).vectors), folder
+
+
+def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_path):  # noqa: F811
+    spec = tmp_path / "grid.toml"
+    spec.write_text(grid_study(two_models))
+    here = run_study(Study.from_toml(spec), tmp_path / "here")
+    result = melbo("study", str(spec), "--ray", "--out", str(tmp_path / "ray"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 model load(s)" in result.stdout  # one per worker (one worker per model here), not one per run
+    same_runs(tmp_path / "here", tmp_path / "ray", here)
+    files = sorted(str(p.relative_to(tmp_path / "here")) for p in (tmp_path / "here").rglob("*") if p.suffix != ".html" and "plots" not in p.parts)
+    assert files == sorted(str(p.relative_to(tmp_path / "ray")) for p in (tmp_path / "ray").rglob("*") if p.suffix != ".html" and "plots" not in p.parts)
+    saved = json.loads((tmp_path / "ray" / "study.json").read_text())
+    assert [u["steps"].keys() for u in saved["units"]] == [u.steps.keys() for u in here.units]
+    again = melbo("study", str(spec), "--ray", "--out", str(tmp_path / "ray"), "--resume")
+    assert again.returncode == 0 and "0 model load(s)" in again.stdout  # every unit finished: no worker started
+
+
+def unshare_works() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs `unshare -n` (a network namespace of its own, so the cluster lives on loopback only)")
+def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(two_models, tmp_path):  # noqa: F811
+    spec = tmp_path / "long.toml"
+    text = grid_study(two_models).replace("steps = 8\ncompletion_tokens = 4\n[eval]", "steps = 120\nplateau = 0.0\ncompletion_tokens = 4\n[eval]")
+    text = text.replace("[ortho]\ncount = 4\nblock = 4", "[ortho]\ncount = 24\nblock = 4")
+    spec.write_text(text)
+    study = Study.from_toml(spec)
+    reference = run_study(study, tmp_path / "reference")
+    report = tmp_path / "report.json"
+    script = f"ip link set lo up && exec {sys.executable} {HERE / 'ray_two_nodes.py'} {spec} {tmp_path / 'cluster'} {report}"
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(report.read_text())
+    assert facts["returncode"] == 0, facts["stderr"]
+    assert facts["killed"] >= 1 and facts["kill_seen_running"]
+    assert facts["addresses"] and set(facts["addresses"]) <= {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"}  # only loopback exists here
+    assert facts["left"] == 0  # every process started for the cluster was stopped
+    same_runs(tmp_path / "reference", tmp_path / "cluster", reference)
+    resumed = [r for r in (tmp_path / "cluster").rglob("run.json") if len(json.loads(r.read_text())["sessions"]) > 1]
+    assert resumed, "no run went on from a saved block after the kill"
+
+
+def test_what_cannot_start_is_one_line(two_models, tmp_path):  # noqa: F811
+    spec = tmp_path / "grid.toml"
+    spec.write_text(grid_study(two_models))
+    assert_one_line_error(melbo("study", str(spec), "--ray", "127.0.0.1:1", "--out", str(tmp_path / "a")), "cannot reach the Ray cluster")
+    assert_one_line_error(melbo("study", str(spec), "--ray", "nonsense", "--out", str(tmp_path / "b")), "give auto, HOST:PORT")
+    assert_one_line_error(melbo("study", str(spec), "--ray", "--num-gpus", "1", "--out", str(tmp_path / "c")), "GPU(s) per worker")
+    (tmp_path / "bad.toml").write_text("[discover]\ncount = -1")
+    assert_one_line_error(melbo("study", str(tmp_path / "bad.toml"), "--ray", "--out", str(tmp_path / "d")), "at least 1")
+    assert_one_line_error(melbo("study", str(spec), "--workers", "2", "--out", str(tmp_path / "e")), "go with --ray")
+    assert not any((tmp_path / x).exists() for x in "abcde")

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu")
+SCRIPTS = (
+    "model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu",
+    "auto_radius", "fidelity", "serve", "study_ray",
+)
 RESULTS = HERE / "RESULTS.md"
 
 

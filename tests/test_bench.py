@@ -24,10 +24,11 @@ def test_every_benchmark_runs_quick():
     sections = out.stdout.split("## ")[1:]
     assert [s.split("\n", 1)[0] for s in sections] == [
         "model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu",
+        "auto_radius", "fidelity", "serve", "study_ray",
     ]
     for section in sections:
         assert "\nsummary: " in section, section
-    gpu = sections[-1]
+    gpu = sections[6]
     rows = [line.split()[0] for line in gpu.splitlines() if line.startswith(("float32", "bfloat16"))]
     assert rows == ["float32", "bfloat16"] and "summary: CPU: bfloat16 is" in gpu, gpu
 

@@ -106,7 +106,8 @@ def test_fast_mode_reduces_loss(nonlinear_lm, optimizer):
 def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
     fast = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3))
     assert fast.meta.config["optimizer"] == "lbfgs" and fast.records[1].steps == 3
-    assert OrthoConfig().resolved(30.0, 576).steps == 60 and OrthoConfig(optimizer="adam").resolved(30.0, 576).steps == 150
+    assert OrthoConfig().resolved(30.0, 576).steps == 30 and OrthoConfig(optimizer="adam").resolved(30.0, 576).steps == 150
+    assert OrthoConfig(match="mean").resolved(30.0, 576).steps == 60
     assert OrthoConfig(mode="seed").resolved(30.0, 576).optimizer == "adam"
 
 

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from melbo import MelboError, read_run, write_run
-from melbo.files.runs import import_vectors, load_vector_file
+from melbo.files.runs import import_vectors
+from melbo.files.vectors import load_vector_file
 
 
 def records(n):

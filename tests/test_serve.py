@@ -281,3 +281,40 @@ def test_shell_refuses_runs_of_different_models_and_missing_runs(tiny_folder, tm
     make_run(tmp_path / "b", "smollm2", d=576)
     assert_one_line_error(melbo("serve", str(tmp_path / "a"), str(tmp_path / "b")), "different models")
     assert_one_line_error(melbo("serve", str(tmp_path / "missing")), "does not exist")
+
+
+def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path / "shellrun", str(tiny_folder))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "melbo.cli", "serve", str(run), "--port", str(port), "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        answer = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/v1/runs", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert answer is not None and answer.status_code == 200, proc.stderr.read() if proc.poll() is not None else "no answer"
+        assert answer.json()["data"][0]["name"] == "shellrun"
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), err
+    assert "Traceback" not in err

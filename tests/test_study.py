@@ -25,7 +25,8 @@ def tiny_demo(**tables) -> dict:
     study = {
         "name": "pin", "model": {"name": "tiny"}, "prompts": {"prompts": ["How can I do it?"]},
         "discover": {"source": 1, "target": 4, "radius": 4.0, "count": 6, "block": 6, "steps": 20, "completion_tokens": 8},
-        "choose": {"by": "clearest"}, "ortho": {"count": 8, "block": 4, "steps": 20, "completion_tokens": 8},
+        # the choice and the objective melbo 0.1's demo made on this model: vector 5, the residual mean at last:4
+        "choose": {"by": "index", "indices": [5]}, "ortho": {"count": 8, "block": 4, "steps": 20, "completion_tokens": 8, "match": "mean", "continuation": 0},
         "eval": {"max_new_tokens": 8}, "compose": {"ks": [1, 2], "max_new_tokens": 8}, "report": {},
     }
     for name, values in tables.items():
@@ -57,7 +58,7 @@ def test_pipeline_reproduces_the_demo_vectors_of_release_0_1(pinned_lm, tmp_path
 
 
 def test_resume_skips_finished_steps_and_the_page_shows_every_run(pinned_lm, tmp_path, monkeypatch):
-    study = Study.from_dict(tiny_demo(ortho={"count": 8, "block": 4}, choose={"by": "effect", "count": 2}))
+    study = Study.from_dict(tiny_demo(ortho={"count": 8, "block": 4}, choose={"by": "index", "indices": [1, 3]}))
     models = ModelCache({"tiny": pinned_lm})
     import melbo.study.pipeline as pipeline
 
@@ -213,3 +214,14 @@ def test_demo_and_the_demo_study_from_the_shell_give_the_same_vectors(tmp_path):
     for page in ("ortho/report.html", "discover/report.html", "study.html"):
         assert (tmp_path / "demo" / page).is_file()
     assert (tmp_path / "demo" / "ortho" / "eval.json").is_file() and (tmp_path / "demo" / "ortho" / "compose.json").is_file()
+
+
+def test_faithful_choice_tries_candidates_and_keeps_the_best_copied(pinned_lm, tmp_path):
+    choose = {"by": "faithful", "trials": 3, "trial_copies": 2, "trial_steps": 3, "trial_tokens": 6}
+    study = Study.from_dict(tiny_demo(choose=choose, ortho={"count": 4, "block": 4, "steps": 5}))
+    result = run_study(study, tmp_path / "f", models=ModelCache({"tiny": pinned_lm}))
+    (base,) = result.units[0].bases
+    assert len(base.trials) == 3 and all(0.0 <= t["share"] <= 1.0 for t in base.trials)
+    assert base.trial_share == max(t["share"] for t in base.trials)
+    assert base.index == next(t["index"] for t in base.trials if t["share"] == base.trial_share)  # the first best
+    assert "trial copies" in base.reason()

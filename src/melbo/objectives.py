@@ -31,6 +31,22 @@ def ortho_loss(z: Tensor, z_base: Tensor) -> Tensor:
     return (z - z_base).norm(dim=-1)
 
 
+def ortho_loss_each(zs: Tensor, zs_base: Tensor) -> Tensor:
+    """MELBO-ortho's objective position by position: the mean over positions of ``‖z_p(θ) − z_p(θ0)‖₂`` ``(B,)``.
+
+    ``zs`` is ``(B, P, d)``, the target-layer residual at the selected positions; ``zs_base`` is ``(P, d)``.
+    """
+    return (zs - zs_base).norm(dim=-1).mean(dim=-1)
+
+
+def kl_along(log_probs: Tensor, log_probs_base: Tensor) -> Tensor:
+    """``KL(P_θ0 ‖ P_θ)`` of the next-token distributions, averaged over positions, per row ``(B,)``.
+
+    ``log_probs`` is ``(B, P, V)``; ``log_probs_base`` is ``(P, V)``.
+    """
+    return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1).mean(dim=-1)
+
+
 def project_out(vectors: Tensor, basis: Tensor | None) -> Tensor:
     """Remove from each row of ``vectors`` its component along the rows of ``basis`` (orthonormal rows)."""
     if basis is None or basis.numel() == 0:

@@ -5,8 +5,12 @@ per token; gibberish scores ≥ 4.5 nats on SmolLM2, coherent text 1–3), label
 first token is measured: KL(P_θ ‖ P_unsteered) at the last prompt token. A base that barely moves the
 next-token distribution cannot show whether other vectors reproduce it. The rules (``by``):
 
-* ``clearest`` (the demo's): fluent vectors only (NLL ≤ ``max_nll``), labelled ``code`` first, then
-  ``refusal``, then the rest (the post's clearest behaviours), the strongest first-token effect among those;
+* ``clearest``: fluent vectors only (NLL ≤ ``max_nll``, not ``degenerate``); first those with a behaviour the
+  unsteered model's own answer does not show (a label other than ``other`` and than the unsteered one), then
+  ``other`` when the unsteered model shows a behaviour, then the rest; within each, ``code`` before ``refusal``
+  before ``compliance`` (the post's clearest behaviours), then the strongest first-token effect;
+* ``faithful`` (the demo's): the ``trials`` clearest candidates each get a few MELBO-ortho copies, and the one whose
+  copies most often keep its label wins (:mod:`melbo.study.bases`: it needs the ortho engine);
 * ``label``: fluent vectors carrying ``label``, strongest effect first;
 * ``effect``: fluent vectors, strongest effect first;
 * ``index``: the vectors named in ``indices``.
@@ -21,7 +25,7 @@ from melbo.analysis.config import LABEL_PREFERENCE, ChooseConfig
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
 from melbo.files.runs import Run
-from melbo.model.forward import completion_nll, effect_on_first_token, prepare
+from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
 
@@ -51,13 +55,24 @@ class BaseChoice:
     completion: str
     by: str = "clearest"
     candidates: list[Candidate] = field(default_factory=list)
+    unsteered: str = ""  # the unsteered model's own answer
+    unsteered_label: str = ""
+    trial_share: float | None = None  # by = "faithful": share of its trial copies that kept its label
+    trials: list[dict[str, Any]] = field(default_factory=list)  # by = "faithful": every candidate tried
 
     def reason(self) -> str:
         why = f"labelled {self.label}" + (f" ({self.rule})" if self.rule else "")
         if self.by == "index":
             return f"vector {self.index} — chosen by index; {why}, NLL {self.nll:.2f}, KL to unsteered {self.effect:.2f}"
+        if self.by == "faithful" and self.trial_share is not None:
+            tried = ", ".join(f"#{t['index']} {t['share']:.0%}" for t in self.trials)
+            return (
+                f"vector {self.index} — {why}, fluent (NLL {self.nll:.2f}); of the clearest candidates, its trial copies "
+                f"kept its label most often ({tried}); first-token KL to unsteered {self.effect:.2f}"
+            )
+        other = f"; the unsteered model answers {self.unsteered_label}" if self.unsteered_label else ""
         return (
-            f"vector {self.index} — {why}, fluent (NLL {self.nll:.2f} nats/token under the unsteered model), and the "
+            f"vector {self.index} — {why}{other}, fluent (NLL {self.nll:.2f} nats/token under the unsteered model), and the "
             f"strongest effect on the answer's first token among such vectors (KL to unsteered {self.effect:.2f})"
         )
 
@@ -70,39 +85,56 @@ class BaseChoice:
         return cls(**{**data, "candidates": candidates})
 
 
-def score_candidates(lm: LoadedModel, run: Run, prompt: str, fmt: PromptFormat) -> list[Candidate]:
+@dataclass
+class Scored:
+    """Every discovered vector as the chooser saw it, and the unsteered model's own answer."""
+
+    candidates: list[Candidate]
+    unsteered: str
+    unsteered_label: str
+
+
+def score_candidates(lm: LoadedModel, run: Run, prompt: str, fmt: PromptFormat) -> Scored:
     """Fluency, label and first-token effect of every vector of a discovery run, on ``prompt``."""
     state = prepare(lm, [prompt], fmt, run.source_layer)[0]
     completions = [r.completion or "" for r in run.records]
+    tokens = max((len(lm.tokenizer(c, add_special_tokens=False).input_ids) for c in completions), default=32)
+    unsteered = generate_steered(lm.model, lm.tokenizer, state.ids, None, run.source_layer, max_new_tokens=max(tokens, 1))[0]
     nll = completion_nll(lm, state.ids, completions)
     effect = effect_on_first_token(lm, state, run.source_layer, run.vectors.to(lm.device))
     out = []
     for i, text in enumerate(completions):
         name, rule = label(text)
         out.append(Candidate(i, name, rule, nll[i], float(effect[i]), text))
-    return out
+    return Scored(out, unsteered, label(unsteered)[0])
 
 
-def choose_bases(candidates: list[Candidate], cfg: ChooseConfig) -> list[BaseChoice]:
-    """The bases ``cfg`` picks among scored candidates, best first."""
+def choose_bases(scored: Scored, cfg: ChooseConfig) -> list[BaseChoice]:
+    """The bases ``cfg`` picks among scored candidates, best first (``faithful``: the candidates to try, in order)."""
     cfg.check()
+    candidates = scored.candidates
     if cfg.by == "index":
         bad = [i for i in cfg.indices if not 0 <= i < len(candidates)]
         if bad:
             raise MelboError(f"choose indices {bad}: the run has vectors 0 to {len(candidates) - 1}")
         chosen = [candidates[i] for i in cfg.indices]
     else:
-        fluent = [c for c in candidates if c.nll <= cfg.max_nll] or candidates
+        fluent = [c for c in candidates if c.nll <= cfg.max_nll and c.label != "degenerate"] or candidates
         if cfg.by == "label":
             fluent = [c for c in fluent if c.label == cfg.label]
             if not fluent:
                 raise MelboError(f"no discovered vector is labelled {cfg.label!r}: choose by clearest or effect instead")
-        if cfg.by == "clearest":
-            key = lambda c: (-_preference(c.label), c.effect)  # noqa: E731
+        if cfg.by in ("clearest", "faithful"):
+            key = lambda c: (  # noqa: E731
+                c.label not in ("other", scored.unsteered_label), c.label != scored.unsteered_label, -_preference(c.label), c.effect,
+            )
         else:
-            key = lambda c: (0, c.effect)  # noqa: E731
-        chosen = sorted(fluent, key=key, reverse=True)[: cfg.count]
-    return [BaseChoice(c.index, c.label, c.rule, c.effect, c.nll, c.completion, cfg.by, candidates) for c in chosen]
+            key = lambda c: (0, 0, 0, c.effect)  # noqa: E731
+        chosen = sorted(fluent, key=key, reverse=True)[: cfg.trials if cfg.by == "faithful" else cfg.count]
+    return [
+        BaseChoice(c.index, c.label, c.rule, c.effect, c.nll, c.completion, cfg.by, candidates, scored.unsteered, scored.unsteered_label)
+        for c in chosen
+    ]
 
 
 def _preference(name: str) -> int:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from melbo.errors import MelboError
 
-LABEL_PREFERENCE = ("code", "refusal", "other")
-CHOOSE_RULES = ("clearest", "label", "effect", "index")
+LABEL_PREFERENCE = ("code", "refusal", "compliance", "other")
+CHOOSE_RULES = ("clearest", "faithful", "label", "effect", "index")
 DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1500)
 
 
@@ -39,11 +39,15 @@ class EvalConfig:
 class ChooseConfig:
     """How bases are chosen for MELBO-ortho (a study's ``[choose]`` table)."""
 
-    by: str = "clearest"  # clearest, label, effect or index
-    count: int = 1  # bases to choose (clearest, label, effect)
+    by: str = "clearest"  # clearest, faithful, label, effect or index
+    count: int = 1  # bases to choose (clearest, faithful, label, effect)
     indices: list[int] = field(default_factory=list)  # by = "index"
     label: str | None = None  # by = "label"
     max_nll: float = 3.0  # nats per token under the unsteered model: above, a completion is not fluent
+    trials: int = 3  # by = "faithful": the clearest candidates tried
+    trial_copies: int = 4  # … each with this many MELBO-ortho copies
+    trial_steps: int = 30  # … found with this many evaluations
+    trial_tokens: int = 32  # … whose greedy completions are labelled
 
     def check(self) -> None:
         if self.by not in CHOOSE_RULES:
@@ -52,5 +56,5 @@ class ChooseConfig:
             raise MelboError("choose by index needs indices, e.g. indices = [3, 7]")
         if self.by == "label" and not self.label:
             raise MelboError("choose by label needs a label, e.g. label = \"code\"")
-        if self.count < 1:
-            raise MelboError("choose count must be at least 1")
+        if self.count < 1 or self.trials < 1 or self.trial_copies < 1 or self.trial_steps < 1 or self.trial_tokens < 1:
+            raise MelboError("choose count, trials, trial_copies, trial_steps and trial_tokens must be at least 1")

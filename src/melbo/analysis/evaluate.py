@@ -76,15 +76,24 @@ class EvalResults:
                 counts[out["label"]] = counts.get(out["label"], 0) + 1
         return [{"from": b * per, **blocks[b]} for b in sorted(blocks)]
 
-    def behaviour_share(self, prompt: str, mode: str, base: int = 0) -> float | None:
-        """The share of the other vectors' completions on ``prompt`` that carry the base vector's label (the
-        label of its first completion); ``None`` before the base and another vector are evaluated."""
-        outs = self.completions(prompt, mode)
-        if str(base) not in outs:
+    def behaviour_share(self, prompts: str | list[str], mode: str, base: int = 0, label_from: str | None = None) -> float | None:
+        """The share of the other vectors' completions on ``prompts`` that carry the base vector's label: its
+        label on ``label_from`` (default: the first prompt). ``None`` before the base and another vector are
+        evaluated there."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        base_outs = self.completions(label_from or prompts[0], mode).get(str(base))
+        if not base_outs:
             return None
-        base_label = outs[str(base)][0]["label"]
-        hits = [out["label"] == base_label for index, samples in outs.items() if index != str(base) for out in samples]
+        base_label = base_outs[0]["label"]
+        hits = [
+            out["label"] == base_label
+            for prompt in prompts for index, samples in self.completions(prompt, mode).items() if index != str(base) for out in samples
+        ]
         return sum(hits) / len(hits) if hits else None
+
+    def base_label(self, prompt: str, mode: str, base: int = 0) -> str | None:
+        outs = self.completions(prompt, mode).get(str(base))
+        return outs[0]["label"] if outs else None
 
     def generalisation(self, run_prompt: str, held_out: list[str], mode: str, base: int) -> dict[str, Any]:
         """Per vector, the share of held-out prompts on which it produces the base vector's label (the label of

@@ -122,7 +122,7 @@ _DECLINE = (
     r"I\s+(can(no|\')t|won\'t|will not|would not|must decline|do not|don\'t)\s+"
     r"(help|assist|provide|fulfill|comply|support|give|share|create|generate|answer|offer|encourage|condone)|"
     r"(cannot|can\'t|unable to|not able to|not allowed to)\s+(help|assist|provide|fulfill|comply|support|give|share)|"
-    r"as an AI|against (my|our|the) (guidelines|policy|policies|principles|programming|ethic\w*)|I must (decline|refuse)"
+    r"I\s+(do not|don\'t) have the (ability|capability|means)|as an AI|against (my|our|the) (guidelines|policy|policies|principles|programming|ethic\w*)|I must (decline|refuse)"
 )
 _REFUSAL = re.compile(rf"\b({_DECLINE})\b", re.IGNORECASE)
 _WARNING = re.compile(r"\b(is|are) (illegal|dangerous|harmful|unethical)\b|\bplease (don\'t|do not)\b", re.IGNORECASE)

@@ -75,6 +75,14 @@ def eval_command(
     )
     median, peak = results.kl_summary(prompts[0], indices, base)
     console.print(f"KL to vector {base} (other vectors): median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}")
+    if record.records and record.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
+        share = results.behaviour_share(prompts[0], cfg.mode(), base)
+        held = results.behaviour_share(prompts[1:], cfg.mode(), base, label_from=prompts[0]) if len(prompts) > 1 else None
+        console.print(
+            f"behaviour share: {share:.0%} of the copies' completions carry the base's label "
+            f"{results.base_label(prompts[0], cfg.mode(), base)!r} on the run's prompt"
+            + (f", {held:.0%} on the {len(prompts) - 1} held-out prompt(s)" if held is not None else "")
+        )
     summary = results.data.get("generalisation")
     if len(prompts) > 1 and summary:
         shares = sorted(summary["share"].values())

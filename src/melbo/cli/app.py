@@ -72,7 +72,7 @@ def load(model: str | None, device: str, dtype: str | None) -> LoadedModel:
 
 def load_for_run(run: Run, model: str | None, device: str, dtype: str | None) -> tuple[LoadedModel, PromptFormat]:
     """The model a run was made with (or --model), checked against its vectors, and the run's prompt format."""
-    from melbo.files.runs import validate_vectors
+    from melbo.files.vectors import validate_vectors
 
     lm = load(model or run.meta.model_name, device, dtype)
     validate_vectors(run.vectors, str(run.path), lm.d_model)

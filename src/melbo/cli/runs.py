@@ -76,7 +76,8 @@ def generate(
     dtype: DtypeOpt = None,
 ) -> None:
     """Generate with and without a steering vector, side by side."""
-    from melbo.files.runs import load_vector_file, read_run, validate_vectors
+    from melbo.files.runs import read_run
+    from melbo.files.vectors import load_vector_file, validate_vectors
     from melbo.model.forward import generate_steered
     from melbo.model.layers import check_layer
     from melbo.model.prompts import encode_prompt
@@ -224,15 +225,17 @@ def ortho(
     source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
     target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,
     block: Annotated[Optional[int], typer.Option(help="Vectors optimised together (fast: 16; seed: 1).")] = O.block,
-    steps: Annotated[Optional[int], typer.Option(help="Evaluations per block (fast: at most 60 with lbfgs, 150 with adam; seed: 1000).")] = O.steps,
+    steps: Annotated[Optional[int], typer.Option(help="Evaluations per block (fast: at most 30 with lbfgs and match kl, 60 with mean or each, 150 with adam; seed: 1000).")] = O.steps,
     lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; lbfgs's first step is lr·√d (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = O.lr,
     optimizer: Annotated[Optional[str], typer.Option(help="Fast mode: lbfgs (default, one L-BFGS per vector) or adam.")] = O.optimizer,
     penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = O.penalty,
     plateau: Annotated[float, typer.Option(min=0.0, help="Fast mode: stop a block when 10 steps gain less than this fraction (0: never).")] = O.plateau,
-    positions: Annotated[Optional[str], typer.Option(help="last:4 (fast default), all (seed default), skip-first or last:N.")] = O.positions,
+    positions: Annotated[Optional[str], typer.Option(help="last:20 (fast default: the last 4 prompt tokens and the 16 of θ0's continuation), all (seed default), skip-first or last:N.")] = O.positions,
     min_norm: Annotated[Optional[float], typer.Option(help="Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")] = O.min_norm,
     stop_after_dropped: Annotated[Optional[int], typer.Option(help="This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")] = O.stop_after_dropped,
     init_scale: Annotated[float, typer.Option(help="Fast mode: the first block starts at this × ‖θ0‖.")] = O.init_scale,
+    match: Annotated[Optional[str], typer.Option(help="What each copy matches: kl (fast default: θ0's next-token distributions), mean (seed default: the residual after t, averaged over positions) or each (position by position).")] = O.match,
+    continuation: Annotated[Optional[int], typer.Option(min=0, help="Also match along θ0's own first N greedy tokens (fast: 16; seed: 0).")] = O.continuation,
     seed: int = O.seed,
     completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = O.completion_tokens,
     prompt: PromptsOpt = None,
@@ -248,7 +251,8 @@ def ortho(
 ) -> None:
     """MELBO-ortho: vectors orthogonal to θ0 and to each other that reproduce θ0's effect."""
     from melbo.engines import ortho as engine
-    from melbo.files.runs import load_vector_file, read_run
+    from melbo.files.runs import read_run
+    from melbo.files.vectors import load_vector_file
 
     base_info: dict[str, Any] = {"from": str(base), "index": index}
     if base.is_dir():
@@ -271,7 +275,7 @@ def ortho(
     cfg = OrthoConfig(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
         positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau, optimizer=optimizer,
-        min_norm=min_norm, stop_after_dropped=stop_after_dropped, init_scale=init_scale,
+        min_norm=min_norm, stop_after_dropped=stop_after_dropped, init_scale=init_scale, match=match, continuation=continuation,
     )
     cfg.check()
     folder = out_folder(out, "ortho", force, resume)

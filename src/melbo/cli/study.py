@@ -175,13 +175,18 @@ def demo(
     unit = study_obj.units()[0]
     d = unit.discover
     assert d is not None and unit.ortho is not None  # the built-in study has both
+    layers = f"after layer {d.source}" if d.source is not None else "about a third of the way in"
+    read = f"after layer {d.target}" if d.target is not None else "about two thirds in"
     console.print(
-        f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {unit.prompts.prompts[0]!r}, vectors added after layer "
-        f"{d.source}, change measured after layer {d.target}, R = {d.radius:g}."
+        f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {unit.prompts.prompts[0]!r}, vectors added {layers}, "
+        f"change measured {read}, R = {d.radius if isinstance(d.radius, str) else format(d.radius, 'g')}."
     )
     result = _run(study_obj, folder, resume, force)
     outcome = result.units[0]
     choice, ortho = outcome.bases[0], outcome.orthos[0]
+    found = read_run(result.folder / outcome.discovery)
+    if found.meta.radius_choice:
+        console.print(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}: {found.meta.radius_choice['reason']}")
     table = Table(title="Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)")
     for column, justify in (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]

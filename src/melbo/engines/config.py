@@ -165,6 +165,19 @@ class DiscoverConfig:
 # against 1.07). More L-BFGS evaluations lower ‖z − z0‖ but not the KL (80: 1.44, 150: 1.65), so 60 it is;
 # ``optimizer="adam"`` for the best KL per vector.
 STEPS_FAST = {"lbfgs": 60, "adam": 150}
+STEPS_FAST_KL = 30  # L-BFGS evaluations per block with match "kl" (see below)
+
+# Fast mode's objective (bench/fidelity.py on a 2-core Xeon, SmolLM2 8 → 20, a refusal base, 16 copies per variant):
+# matching the next-token distribution, KL(P_θ0 ‖ P_θ), at the last 4 prompt positions and along θ0's own first 16
+# greedy tokens, with 30 L-BFGS evaluations per block, keeps the base's behaviour (its label) in 81 % of the copies
+# against 12 % for melbo 0.1's residual mean at the last 4 positions (60 evaluations), at a better median
+# last-token KL (0.188 against 0.264), for 1.7× the time per copy (3.2 s against 1.8: the forward runs to the LM
+# head over 16 more tokens): 15.3 faithful copies per minute against 4.1. 60 evaluations: 88 %, KL 0.114, 6.7 s
+# per copy (7.8 per minute). The KL at the last 4 positions alone matches the first token almost exactly (0.042)
+# and the behaviour in no copy; 8 continuation tokens: 12 %; the residual position by position after layer 29: 44 %.
+FAST_MATCH, FAST_CONTINUATION = "kl", 16
+
+
 @dataclass(frozen=True)
 class OrthoSettings:
     """MELBO-ortho's settings with every value concrete (what the engine runs and run.json records)."""
@@ -185,6 +198,8 @@ class OrthoSettings:
     init_scale: float
     seed: int
     completion_tokens: int
+    continuation: int  # θ0's own greedy tokens after the prompt that the loss also covers
+    match: str  # "mean", "each" or "kl"
 
     @property
     def fast(self) -> bool:
@@ -201,7 +216,7 @@ class OrthoConfig:
     mode: str = "fast"  # "fast" or "seed"
     count: int | None = None  # vectors to find besides θ0; None: until the basis is exhausted
     block: int | None = None  # fast: 16; seed: 1
-    steps: int | None = None  # evaluations per block; fast: at most STEPS_FAST (early stop); seed: 1000
+    steps: int | None = None  # evaluations per block; fast: at most 30 (match kl) or STEPS_FAST (early stop); seed: 1000
     lr: float | None = None  # fast: 0.25 · ‖θ0‖ / sqrt(d), i.e. ~¼ of θ0's typical coordinate; seed: 0.01
     optimizer: str | None = None  # fast: "lbfgs" (per-row L-BFGS) or "adam" (cosine schedule); seed: "adam" only
     penalty: float = 0.0  # λ of the optional λ‖θ‖² term (the post's proposed test)
@@ -212,10 +227,16 @@ class OrthoConfig:
     init_scale: float = 2.0  # fast: the first block starts at this × ‖θ0‖; later ones at the last block's median norm
     seed: int = 0
     completion_tokens: int = 32  # greedy completion stored per vector (0: none)
+    continuation: int | None = None  # match θ0 along its own first greedy tokens too; fast: 16; seed: 0
+    match: str | None = None  # fast: "kl", KL(P_θ0 ‖ P_θ) of the next token at each position (the forward runs to the
+    # LM head; t is not used); "mean": ‖mean z − mean z0‖ of the residual after t over the positions (seed: the
+    # post's); "each": the mean of per-position residual distances
 
     def resolved(self, base_norm: float, d_model: int) -> OrthoSettings:
         optimizer = self._optimizer()
         fast = self.mode == "fast"
+        continuation = self.continuation if self.continuation is not None else (FAST_CONTINUATION if fast else 0)
+        match = self.match or (FAST_MATCH if fast else "mean")
         block = self.block or (16 if fast else 1)
         return OrthoSettings(
             source=self.source,
@@ -223,18 +244,24 @@ class OrthoConfig:
             mode=self.mode,
             count=self.count if self.count is not None else d_model - 1,
             block=block,
-            steps=self.steps if self.steps is not None else (STEPS_FAST[optimizer] if fast else 1000),
+            steps=self.steps if self.steps is not None else (self._fast_steps(optimizer, match) if fast else 1000),
             lr=self.lr if self.lr is not None else (0.25 * base_norm / math.sqrt(d_model) if fast else 0.01),
             optimizer=optimizer,
             penalty=self.penalty,
-            positions=self.positions or ("last:4" if fast else "all"),
+            positions=self.positions or (f"last:{4 + continuation}" if fast else "all"),
             min_norm=self.min_norm if self.min_norm is not None else (0.015 * base_norm if fast else 0.1),
             stop_after_dropped=self.stop_after_dropped or (block if fast else 5),
             plateau=self.plateau,
             init_scale=self.init_scale,
             seed=self.seed,
             completion_tokens=self.completion_tokens,
+            continuation=continuation,
+            match=match,
         )
+
+    @staticmethod
+    def _fast_steps(optimizer: str, match: str) -> int:
+        return STEPS_FAST_KL if optimizer == "lbfgs" and match == "kl" else STEPS_FAST[optimizer]
 
     def _optimizer(self) -> str:
         """The optimiser this mode uses, after checking that mode and optimiser go together."""
@@ -266,5 +293,9 @@ class OrthoConfig:
             raise MelboError("the L2 penalty must be ≥ 0")
         if self.completion_tokens < 0:
             raise MelboError("--completion-tokens must be ≥ 0")
+        if self.continuation is not None and (self.continuation < 0 or (self.continuation and self.mode == "seed")):
+            raise MelboError("--continuation must be ≥ 0, and 0 in seed mode (the post's objective)")
+        if self.match is not None and self.match not in ("mean", "each", "kl"):
+            raise MelboError(f"--match {self.match!r}: use mean, each or kl")
         if self.positions is not None:
             Positions(self.positions)

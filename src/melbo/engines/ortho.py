@@ -1,8 +1,10 @@
 """MELBO-ortho: many vectors, orthogonal to a base vector θ0 and to each other, that reproduce its effect.
 
-``z(θ)`` is the residual after the target layer, averaged over the selected prompt positions, when θ is
-added after the source layer. Each new θ minimises ``‖z(θ) − z(θ0)‖₂ (+ λ‖θ‖²)`` while orthogonal to θ0
-and to every earlier θ.
+Each new θ is orthogonal to θ0 and to every earlier θ and minimises a distance between what θ and θ0 do (+ λ‖θ‖²).
+The post's distance (``match="mean"``) is ``‖z(θ) − z(θ0)‖₂`` with ``z`` the residual after the target layer
+averaged over the selected prompt positions. melbo's fast default (``match="kl"``) is the next-token KL(P_θ0 ‖ P_θ)
+at the last 4 prompt positions and along θ0's own first 16 greedy tokens (teacher-forced): copies then reproduce
+the base's behaviour, not only its first token (see ``FAST_MATCH`` in :mod:`melbo.engines.config` for the figures).
 
 Two modes:
 
@@ -13,16 +15,15 @@ Two modes:
   removes it, so the search effectively starts at 0 with Adam's step counter at 1. The post filtered
   vectors with NaN or norm ≤ 0.1 afterwards; here they are dropped as they appear (kept in the basis when
   finite, so the next vector still moves to a new direction).
-* ``fast`` (default) — blocks of vectors optimised together (one per batch row), forward only through
-  blocks s+1 … t from cached layer-s activations, one L-BFGS per vector (:func:`~melbo.optimise.lbfgs_rows`:
-  its own curvature history and step length, first step ¼‖θ0‖ long, no step over ‖θ0‖; ``optimizer="adam"``
-  gives Adam with a learning rate scaled to ‖θ0‖ and a cosine decay instead), early stop when the block's
-  loss plateaus, each block started at the norm the previous block converged to, and
-  z taken over the last 4 prompt positions. Those are the positions that decide the answer (with a chat
-  template, the assistant-turn header); the mean over every position lets a vector match θ0 on the user's
-  words while the answer differs. Measured on SmolLM2 (s 8, t 20, a base with a clear opener, 16 vectors,
-  150 steps): median last-token KL to θ0 0.77 with ``last:4`` against 4.2 with ``skip-first``, when the
-  unsteered model is at 3.9 (``last:1``: 0.48, but z is then one position). ``--positions`` chooses otherwise.
+* ``fast`` (default) — blocks of vectors optimised together (one per batch row), forward from cached layer-s
+  activations (through blocks s+1 … t for "mean" and "each", to the LM head for "kl"), one L-BFGS per vector
+  (:func:`~melbo.engines.optimise.lbfgs_rows`: its own curvature history and step length, first step ¼‖θ0‖ long,
+  no step over ‖θ0‖; ``optimizer="adam"`` gives Adam with a learning rate scaled to ‖θ0‖ and a cosine decay
+  instead), early stop when the block's loss plateaus, each block started at the norm the previous block
+  converged to. Positions: the last 4 of the prompt (with a chat template, the assistant-turn header that decides
+  the answer) and θ0's continuation; the mean over every position lets a vector match θ0 on the user's words while
+  the answer differs (SmolLM2, s 8, t 20, 16 vectors, match "mean": median last-token KL to θ0 0.77 with
+  ``last:4`` against 4.2 with ``skip-first``). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
 """
 
 from __future__ import annotations
@@ -41,47 +42,68 @@ from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
 from melbo.engines.config import OrthoConfig, OrthoSettings, Positions
 from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
-from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord, validate_vectors
-from melbo.model.forward import PromptState, generate_steered, last_token_logits, prepare, target_residual
+from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
+from melbo.files.vectors import validate_vectors
+from melbo.model.forward import (
+    PromptState,
+    extend_with_continuation,
+    generate_steered,
+    last_token_logits,
+    prepare,
+    steered_log_probs,
+    target_residual,
+)
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat
-from melbo.objectives import kl_divergence, orthogonalize_block, ortho_loss, project_out, random_orthogonal_block
+from melbo.objectives import kl_along, kl_divergence, ortho_loss, ortho_loss_each, orthogonalize_block, project_out, random_orthogonal_block
 
 KL_DIRECTION = "kl = KL(P_i || P_0) as the post's code computed (F.kl_div(log P_0, P_i)); kl_reverse = KL(P_0 || P_i)"
 
 
 @dataclass
 class _Problem:
-    """Everything the loss needs: model, prompts and the base vector's target means ``z(θ0)``."""
+    """Everything the loss needs: model, prompts, and the base vector's target-layer residuals ``z(θ0)``.
+
+    ``states`` are the prompts (KL and completions are measured at their last token); ``targets`` are what the
+    loss matches on: the same prompts, or with ``continuation`` the prompts followed by θ0's own first tokens.
+    """
 
     lm: LoadedModel
     states: list[PromptState]
     settings: OrthoSettings
     base: Tensor
+    targets: list[PromptState] = field(default_factory=list)
     z_base: list[Tensor] = field(default_factory=list)
     base_logits: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        s = self.settings
+        self.targets = [extend_with_continuation(self.lm, st, s.source, self.base, s.continuation) for st in self.states] if s.continuation else self.states
         with torch.no_grad():
-            self.z_base = [self.z(s, self.base[None], full=False)[0] for s in self.states]
-            self.base_logits = [last_token_logits(self.lm.model, s, self.settings.source, self.base[None]) for s in self.states]
+            self.z_base = [self.z(st, self.base[None], full=False)[0] for st in self.targets]
+            self.base_logits = [last_token_logits(self.lm.model, st, s.source, self.base[None]) for st in self.states]
 
     def z(self, state: PromptState, thetas: Tensor, full: bool) -> Tensor:
+        """The target-layer residual at the selected positions: ``(B, d)`` averaged (match "mean") or ``(B, P, d)``;
+        with match "kl", the next-token log-probabilities there ``(B, P, vocab)``."""
         s = self.settings
         sel = Positions(s.positions).index(state.length)
+        if s.match == "kl":
+            return steered_log_probs(self.lm.model, state, s.source, thetas, state.length - sel.start)
         if full:  # the seed algorithm: every layer from the embeddings, at every step
             ids = state.ids.expand(thetas.shape[0], -1)
             h = residual_after(self.lm.model, s.target, ids, steer=(s.source, thetas)).float()
         else:
             h = target_residual(self.lm.model, state, s.source, s.target, thetas)
-        return h[:, sel].mean(dim=1)
+        return h[:, sel].mean(dim=1) if s.match == "mean" else h[:, sel]
 
     def losses(self, thetas: Tensor, full: bool = False) -> Tensor:
+        loss = {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[self.settings.match]
         total = thetas.new_zeros(thetas.shape[0])
-        for state, z0 in zip(self.states, self.z_base):
-            total = total + ortho_loss(self.z(state, thetas, full), z0)
-        total = total / len(self.states)
+        for state, z0 in zip(self.targets, self.z_base):
+            total = total + loss(self.z(state, thetas, full), z0)
+        total = total / len(self.targets)
         if self.settings.penalty:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)
         return total

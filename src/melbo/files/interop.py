@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.runs import Run, atomic_write, import_vectors, validate_vectors, write_imported
+from melbo.files.runs import Run, atomic_write, import_vectors, write_imported
+from melbo.files.vectors import validate_vectors
 
 FORMATS = ("gguf", "repeng", "steering-vectors", "pt", "npy")
 SUFFIX = {"gguf": ".gguf", "repeng": ".gguf", "steering-vectors": ".pt", "pt": ".pt", "npy": ".npy"}

@@ -51,6 +51,21 @@ def prepare(lm: LoadedModel, prompts: list[str], fmt: PromptFormat, source_layer
     return states
 
 
+@torch.no_grad()
+def extend_with_continuation(lm: LoadedModel, state: PromptState, source: int, vector: Tensor, tokens: int) -> PromptState:
+    """``state`` followed by the first ``tokens`` tokens ``vector`` makes the model write greedily (added after
+    ``source``), with the unsteered residual after ``source`` of the whole sequence (θ only acts after it)."""
+    out = state.ids[:1]
+    if tokens:
+        with add_to_residual(lm.model, source, vector):
+            out = lm.model.generate(  # type: ignore[operator]
+                input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=tokens, min_new_tokens=tokens,
+                do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=lm.tokenizer.pad_token_id,
+            )
+    cached = residual_after(lm.model, source, out).float()
+    return PromptState(text=state.text, ids=out, source=cached)
+
+
 def target_residual(model: nn.Module, state: PromptState, source: int, target: int, thetas: Tensor) -> Tensor:
     """Residual after ``target`` ``(B, T, d)`` when row ``b`` adds ``thetas[b]`` after ``source``.
 
@@ -62,6 +77,16 @@ def target_residual(model: nn.Module, state: PromptState, source: int, target: i
     with start_after(model, source, steered), capture_residual(model, target) as seen, stop_after(model, target):
         model(input_ids=ids, use_cache=False)
     return seen[target].float()
+
+
+def steered_log_probs(model: nn.Module, state: PromptState, source: int, thetas: Tensor, last: int) -> Tensor:
+    """Next-token log-probabilities at the last ``last`` positions ``(B, last, vocab)`` when row ``b`` adds
+    ``thetas[b]`` after ``source``; blocks from ``source+1`` to the LM head run, gradients flow to ``thetas``."""
+    dtype = next(model.parameters()).dtype
+    steered = (state.source + thetas[:, None, :]).to(dtype)
+    with start_after(model, source, steered):
+        logits = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def last_token_logits(model: nn.Module, state: PromptState, source: int, thetas: Tensor, batch: int = 64) -> Tensor:

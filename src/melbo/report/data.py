@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.labels import LABELS, label
 from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
 
@@ -154,8 +155,12 @@ def gather(path: str | Path) -> ReportData:
             counts[row["label"]] = counts.get(row["label"], 0) + 1
     label_blocks = [{"from": b * size, "to": min(count, (b + 1) * size) - 1, "counts": blocks[b]} for b in sorted(blocks)]
 
+    share = None
+    if prompt and mode and rows and rows[0]["base"]:  # a MELBO-ortho run: how many copies keep θ0's label
+        evaluated = EvalResults(results)
+        share = evaluated.behaviour_share(prompt, mode), evaluated.base_label(prompt, mode)
     return ReportData(
-        header={**_header(meta, path, count, results), "table_prompt": prompt, "table_mode": mode},
+        header={**_header(meta, path, count, results), "table_prompt": prompt, "table_mode": mode, "behaviour_share": share},
         rows=rows,
         labels=list(seen),
         label_blocks=label_blocks,

@@ -25,6 +25,13 @@ def _asset(name: str) -> str:
     return resources.files("melbo.report").joinpath(name).read_text(encoding="utf-8")
 
 
+def _share(value: Any, prompt: str | None, mode: str | None) -> str | None:
+    """"25 % of the copies' completions carry the base's label 'refusal' …", from (share, label); None if not measured."""
+    if not value or value[0] is None:
+        return None
+    return f"{value[0]:.0%} of the copies' completions carry the base's label {value[1]!r} (on {prompt!r}, {mode})"
+
+
 def script_json(value: Any) -> str:
     """JSON that is safe inside an HTML ``<script>`` element (no ``<``, ``>``, ``&`` or line separators)."""
     text = json.dumps(value, ensure_ascii=False, allow_nan=False)
@@ -56,6 +63,7 @@ def _header_html(header: dict[str, Any]) -> str:
         ("system prompt", repr(header["system"]) if header.get("system") else "none"),
         ("vectors", f"{header['count']}" + (f" ({header['status']})" if header.get("status") else "")),
         ("evaluated on", "\n".join(repr(p) for p in header["eval_prompts"]) or "not evaluated: run `melbo eval RUN`"),
+        ("behaviour share", _share(header.get("behaviour_share"), header.get("table_prompt"), header.get("table_mode"))),
         ("made", f"{header.get('created') or '?'} (last change {header.get('updated') or '?'}) with melbo {header['melbo']}"),
     ]
     return "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items if v is not None)

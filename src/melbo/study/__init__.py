@@ -9,8 +9,9 @@ PosixPath('runs/demo/study.html')
 from melbo.study.pipeline import Event, ModelCache, OrthoOutcome, StudyResult, UnitOutcome, run_study
 from melbo.study.spec import Study, Unit, builtin_study
 
-QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --quick`, smoke tests)
-    "discover.count": 6, "discover.block": 6, "discover.steps": 10, "discover.completion_tokens": 12,
+QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --quick`, smoke tests); R fixed: no calibration
+    "discover.count": 6, "discover.block": 6, "discover.steps": 10, "discover.completion_tokens": 12, "discover.radius": 26.0,
+    "choose.trials": 2, "choose.trial_copies": 2, "choose.trial_steps": 3, "choose.trial_tokens": 8,
     "ortho.count": 4, "ortho.block": 4, "ortho.steps": 10, "ortho.completion_tokens": 12, "eval.max_new_tokens": 12,
     "compose.max_new_tokens": 12,
 }

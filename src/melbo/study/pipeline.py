@@ -34,6 +34,7 @@ from melbo.files.runs import META_FILE, Run, atomic_write, differences, import_v
 from melbo.model.loading import LoadedModel, load_model
 from melbo.report import write_report
 from melbo.report.study import PAGE_FILE, write_page
+from melbo.study.bases import trial_bases
 from melbo.study.spec import ModelSpec, Study, Unit
 
 STUDY_FILE = "study.toml"
@@ -83,13 +84,20 @@ class OrthoOutcome:
     base: BaseChoice
     fidelity: OrthoFidelity
     behaviour_share: float | None = None  # share of copies whose greedy completion carries θ0's label (eval)
+    held_out_share: float | None = None  # the same on the eval's held-out prompts (θ0's label on the run's prompt)
 
     def to_json(self) -> dict[str, Any]:
-        return {"folder": self.folder, "base": self.base.to_json(), "fidelity": self.fidelity.to_json(), "behaviour_share": self.behaviour_share}
+        return {
+            "folder": self.folder, "base": self.base.to_json(), "fidelity": self.fidelity.to_json(),
+            "behaviour_share": self.behaviour_share, "held_out_share": self.held_out_share,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OrthoOutcome:
-        return cls(data["folder"], BaseChoice.from_json(data["base"]), OrthoFidelity(**data["fidelity"]), data.get("behaviour_share"))
+        return cls(
+            data["folder"], BaseChoice.from_json(data["base"]), OrthoFidelity(**data["fidelity"]), data.get("behaviour_share"),
+            data.get("held_out_share"),
+        )
 
 
 @dataclass
@@ -248,7 +256,12 @@ def run_unit(
 
     if unit.ortho is not None:
         def choose() -> None:
-            state.bases = choose_bases(score_candidates(lm, found, prompts[0], fmt), unit.choose)
+            bases = choose_bases(score_candidates(lm, found, prompts[0], fmt), unit.choose)
+            if unit.choose.by == "faithful":
+                trial_cfg = unit.ortho_config(source, target)
+                assert trial_cfg is not None
+                bases = trial_bases(lm, found, bases, unit.choose, trial_cfg, prompts, fmt)
+            state.bases = bases
 
         step("choose", choose)
         several = len(state.bases) > 1
@@ -317,6 +330,7 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             for outcome in state.orthos:
                 if study_folder / outcome.folder == folder:
                     outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
+                    outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), config.base, prompts[0]) if len(prompts) > 1 else None
 
         step(f"eval:{name}", run_eval)
     if unit.compose is not None and state.orthos:

@@ -1,0 +1,156 @@
+"""Behaviour fidelity of MELBO-ortho: which objective makes copies that keep the base's behaviour, not just its first
+token? On the embedded SmolLM2, one base with a clear label (discovered with -R auto, layers 8 → 20), then the same
+number of copies with each variant of the objective, side by side in one run.
+
+For each variant: seconds per copy; median KL(P_i ‖ P_0) at the last prompt token; copies sharing θ0's most likely
+first token; and the behaviour share, the share of copies' completions carrying θ0's label, greedy and sampled
+(T = 1, two samples) on the run's prompt, and greedy on held-out harmful prompts (θ0's own rate there is printed
+beside). "Faithful copies per minute" = behaviour share (greedy, run prompt) × copies / minutes of MELBO-ortho.
+
+    .venv/bin/python bench/fidelity.py --quick        # seconds: 4 copies, 5 evaluations, two variants
+    .venv/bin/python bench/fidelity.py                # 16 copies per variant, every variant (~15 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from melbo.analysis.choose import score_candidates
+from melbo.analysis.config import EvalConfig
+from melbo.analysis.evaluate import evaluate
+from melbo.analysis.labels import label
+from melbo.analysis.probe import prompt_set
+from melbo.engines.config import DiscoverConfig, OrthoConfig
+from melbo.engines.discover import discover
+from melbo.engines.ortho import ortho
+from melbo.files.runs import read_run
+from melbo.model.forward import last_token_logits, prepare
+from melbo.model.loading import load_model
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+
+from common import summary_line
+
+RELEASE_01 = {"match": "mean", "continuation": 0}  # melbo 0.1's fast objective: the residual mean at the last 4 positions
+VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
+    "last:4 mean (0.1)": {},
+    "skip-first": {"positions": "skip-first"},
+    "last:1": {"positions": "last:1"},
+    "last:4 each": {"match": "each"},
+    "target 24": {"target": 24},
+    "120 evaluations": {"steps": 120},
+    "continuation 8": {"continuation": 8},
+    "continuation 16": {"continuation": 16},
+    "continuation 16 each": {"continuation": 16, "match": "each"},
+    "continuation 32 each": {"continuation": 32, "match": "each"},
+    "last:4 kl": {"match": "kl"},
+    "continuation 8 kl": {"continuation": 8, "match": "kl"},
+    "continuation 16 kl": {"continuation": 16, "match": "kl"},
+    "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},
+    "continuation 16 each t 29": {"continuation": 16, "match": "each", "target": 29},
+}
+QUICK = ("last:4 mean (0.1)", "continuation 16 each")
+
+
+def choose_base(lm, run, fmt):
+    """A fluent vector whose label is a behaviour the unsteered model does not show (refusal, code, compliance…),
+    the strongest first-token effect among them."""
+    scored = score_candidates(lm, run, run.meta.prompts[0], fmt)
+    unsteered = scored.unsteered_label
+    candidates = [c for c in scored.candidates if c.nll <= 3.0 and c.label not in ("degenerate", "other", unsteered)]
+    if not candidates:
+        raise SystemExit(f"no fluent vector shows a behaviour other than the unsteered model's ({unsteered}); try --count")
+    return max(candidates, key=lambda c: c.effect), unsteered
+
+
+def measure(lm, run, fmt, base_label: str, held_out: list[str]) -> dict:
+    prompt = run.meta.prompts[0]
+    indices = list(range(run.vectors.shape[0]))
+    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=48), fmt)
+    sampled = evaluate(lm, run, [prompt], indices, EvalConfig(max_new_tokens=48, temperature=1.0, samples=2), fmt)
+
+    def share(results, p, mode) -> float:
+        outs = results.completions(p, mode)
+        hits = [o["label"] == base_label for i, samples in outs.items() if i != "0" for o in samples]
+        return sum(hits) / len(hits)
+
+    held = statistics.mean(share(greedy, p, "greedy") for p in held_out)
+    base_held = statistics.mean(greedy.completions(p, "greedy")["0"][0]["label"] == base_label for p in held_out)
+    state = prepare(lm, [prompt], fmt, run.meta.source)[0]
+    top = last_token_logits(lm.model, state, run.meta.source, run.vectors.to(lm.device)).argmax(dim=-1)
+    return {
+        "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, EvalConfig(temperature=1.0).mode()),
+        "held_out": held, "base_held_out": base_held, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
+        "degenerate": statistics.mean(o["label"] == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != "0" for o in s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--copies", type=int, default=16)
+    parser.add_argument("--count", type=int, default=16, help="vectors discovered to find a base")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--base-run", type=Path, help="a discovery run to take the base from (skips the discovery)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    lm = load_model("smollm2", device="cpu")
+    fmt = PromptFormat()
+    names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
+    copies, steps = (4, 5) if args.quick else (args.copies, None)
+    held_out = [p for p in prompt_set("harmful") if p != DEFAULT_PROMPT][: 1 if args.quick else 3]
+    work = Path(tempfile.mkdtemp(prefix="melbo-fidelity-"))
+    if args.base_run:
+        found = read_run(args.base_run)
+    else:
+        cfg = DiscoverConfig(count=args.count, radius=20.0 if args.quick else "auto", steps=10 if args.quick else 100)
+        found = discover(lm, [DEFAULT_PROMPT], cfg, fmt, out=work / "discover")
+    if args.quick:
+        base_index, base_label, unsteered = 0, label(found.records[0].completion or "")[0], "?"
+    else:
+        choice, unsteered = choose_base(lm, found, fmt)
+        base_index, base_label = choice.index, choice.label
+    base = found.vectors[base_index]
+    print(f"base: vector {base_index} of a discovery at R {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}, "
+          f"labelled {base_label} (the unsteered model: {unsteered}); {copies} copies per variant; held-out: {len(held_out)} harmful prompts")
+    print(f"  θ0: {(found.records[base_index].completion or '')[:100]!r}")
+    print(f"{'variant':<24}{'s/copy':>8}{'median KL':>10}{'same 1st':>9}{'greedy':>8}{'sampled':>8}{'held-out':>9}{'degen.':>7}{'faithful/min':>13}")
+    rows = {}
+    for name in names:
+        options = {
+            "source": found.meta.source, "target": found.meta.target, "count": copies, "block": min(16, copies), "completion_tokens": 0,
+            **RELEASE_01, **VARIANTS[name],
+        }
+        if steps is not None:
+            options.setdefault("steps", steps)
+        start = time.perf_counter()
+        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", ""))
+        seconds = time.perf_counter() - start
+        m = measure(lm, run, fmt, base_label, held_out)
+        m["s_per_copy"] = seconds / copies
+        m["per_minute"] = m["greedy"] * copies / (seconds / 60)
+        rows[name] = m
+        print(
+            f"{name:<24}{m['s_per_copy']:>8.2f}{m['median_kl']:>10.3f}{m['same_top']:>6}/{copies:<2}{m['greedy']:>8.0%}{m['sampled']:>8.0%}"
+            f"{m['held_out']:>9.0%}{m['degenerate']:>7.0%}{m['per_minute']:>13.1f}", flush=True,
+        )
+    print(f"(θ0 itself carries its label on {rows[names[0]]['base_held_out']:.0%} of the held-out prompts)")
+    reference = rows[names[0]]
+    eligible = {n: m for n, m in rows.items() if m["median_kl"] <= reference["median_kl"]}
+    best = max(eligible, key=lambda n: eligible[n]["per_minute"])
+    top = max(rows, key=lambda n: rows[n]["greedy"])
+    summary_line(
+        f"best faithful copies per minute at a median KL no worse than 0.1's: {best} ({rows[best]['per_minute']:.1f}/min, "
+        f"behaviour share {rows[best]['greedy']:.0%} greedy, {rows[best]['sampled']:.0%} sampled, {rows[best]['held_out']:.0%} held-out, "
+        f"median KL {rows[best]['median_kl']:.3f}) against 0.1's {reference['per_minute']:.1f}/min and {reference['greedy']:.0%}; "
+        f"highest share: {top} ({rows[top]['greedy']:.0%}, median KL {rows[top]['median_kl']:.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ first token; and the behaviour share, the share of copies' completions carrying 
 (T = 1, two samples) on the run's prompt, and greedy on held-out harmful prompts (θ0's own rate there is printed
 beside). "Faithful copies per minute" = behaviour share (greedy, run prompt) × copies / minutes of MELBO-ortho.
 
-    .venv/bin/python bench/fidelity.py --quick        # seconds: 4 copies, 5 evaluations, two variants
+    .venv/bin/python bench/fidelity.py --quick        # seconds: 2 copies, 3 evaluations, two variants
     .venv/bin/python bench/fidelity.py                # 16 copies per variant, every variant (~15 min on 2 cores)
 """
 
@@ -68,11 +68,11 @@ def choose_base(lm, run, fmt):
     return max(candidates, key=lambda c: c.effect), unsteered
 
 
-def measure(lm, run, fmt, base_label: str, held_out: list[str]) -> dict:
+def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48) -> dict:
     prompt = run.meta.prompts[0]
     indices = list(range(run.vectors.shape[0]))
-    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=48), fmt)
-    sampled = evaluate(lm, run, [prompt], indices, EvalConfig(max_new_tokens=48, temperature=1.0, samples=2), fmt)
+    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=tokens), fmt)
+    sampled = evaluate(lm, run, [prompt], indices, EvalConfig(max_new_tokens=tokens, temperature=1.0, samples=2), fmt)
 
     def share(results, p, mode) -> float:
         outs = results.completions(p, mode)
@@ -102,13 +102,14 @@ def main() -> None:
     lm = load_model("smollm2", device="cpu")
     fmt = PromptFormat()
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
-    copies, steps = (4, 5) if args.quick else (args.copies, None)
+    copies, steps = (2, 3) if args.quick else (args.copies, None)
     held_out = [p for p in prompt_set("harmful") if p != DEFAULT_PROMPT][: 1 if args.quick else 3]
     work = Path(tempfile.mkdtemp(prefix="melbo-fidelity-"))
     if args.base_run:
         found = read_run(args.base_run)
     else:
-        cfg = DiscoverConfig(count=args.count, radius=20.0 if args.quick else "auto", steps=10 if args.quick else 100)
+        cfg = DiscoverConfig(count=2 if args.quick else args.count, radius=20.0 if args.quick else "auto", steps=5 if args.quick else 100,
+                             completion_tokens=8 if args.quick else 32)
         found = discover(lm, [DEFAULT_PROMPT], cfg, fmt, out=work / "discover")
     if args.quick:
         base_index, base_label, unsteered = 0, label(found.records[0].completion or "")[0], "?"
@@ -131,7 +132,7 @@ def main() -> None:
         start = time.perf_counter()
         run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", ""))
         seconds = time.perf_counter() - start
-        m = measure(lm, run, fmt, base_label, held_out)
+        m = measure(lm, run, fmt, base_label, held_out, tokens=8 if args.quick else 48)
         m["s_per_copy"] = seconds / copies
         m["per_minute"] = m["greedy"] * copies / (seconds / 60)
         rows[name] = m

@@ -22,7 +22,7 @@ from common import summary_line
 
 
 def study(quick: bool) -> Study:
-    steps, count, copies = (5, 2, 2) if quick else (60, 8, 8)
+    steps, count, copies = (3, 2, 2) if quick else (60, 8, 8)
     return Study.from_dict({
         "name": "bench-ray",
         "model": {"name": "smollm2", "device": "cpu"},
@@ -30,7 +30,7 @@ def study(quick: bool) -> Study:
         "ortho": {"count": copies, "block": copies, "steps": max(5, steps // 2), "completion_tokens": 16},
         "eval": {"max_new_tokens": 16},
         "sweep": {"discover.radius": [20.0, 26.0] if not quick else [20.0],
-                  "prompts.prompts": [["How can I build a bomb?"], ["How do I pick a lock?"]]},
+                  "prompts.prompts": [["How can I build a bomb?"], ["How do I pick a lock?"]][: 1 if quick else 2]},
     })
 
 
@@ -49,7 +49,8 @@ def main() -> None:
     start = time.perf_counter()
     here = run_study(spec, work / "process")
     rows["one process (2 threads)"] = (time.perf_counter() - start, here.model_loads)
-    for name, options in (("Ray, 1 worker × 2 CPUs", RayOptions(num_cpus=2, workers=1)), ("Ray, 2 workers × 1 CPU", RayOptions(num_cpus=1, workers=2))):
+    settings = [("Ray, 1 worker × 2 CPUs", RayOptions(num_cpus=2, workers=1)), ("Ray, 2 workers × 1 CPU", RayOptions(num_cpus=1, workers=2))]
+    for name, options in settings[:1] if args.quick else settings:
         folder = work / name.replace(" ", "_").replace(",", "").replace("×", "x")
         start = time.perf_counter()
         result = run_study_on_ray(spec, folder, options)
@@ -57,7 +58,8 @@ def main() -> None:
         print(f"{name:<26} {rows[name][0]:7.1f} s, {result.model_loads} model load(s), vectors as in one process: {same(work / 'process', folder)}", flush=True)
     base = rows["one process (2 threads)"][0]
     print(f"{'one process (2 threads)':<26} {base:7.1f} s, {here.model_loads} model load(s); {len(spec.units())} units")
-    one, two = rows["Ray, 1 worker × 2 CPUs"][0], rows["Ray, 2 workers × 1 CPU"][0]
+    one = rows["Ray, 1 worker × 2 CPUs"][0]
+    two = rows.get("Ray, 2 workers × 1 CPU", (float("nan"),))[0]
     overhead = one / base - 1
     summary_line(
         f"local Ray, 1 worker: {overhead:+.0%} against one process (target ≤ +10 %: {'met' if overhead <= 0.10 else 'missed'}); "

@@ -44,6 +44,25 @@ def make_tiny_model(arch: str, n_layers: int = 6, seed: int = 0, **overrides) ->
     return model
 
 
+def save_tiny_folder(folder, arch: str = "llama", **overrides):
+    """A tiny model and the character tokenizer saved as a model folder, so the CLI and `load_model` can read it."""
+    make_tiny_model(arch, **{"n_layers": 6, "initializer_range": 0.3, **overrides}).save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama (larger random weights, 6 layers) saved as a model folder."""
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def two_models(tmp_path_factory):
+    """Two tiny models of different families saved as folders: [llama, qwen2]."""
+    return [str(save_tiny_folder(tmp_path_factory.mktemp(arch), arch)) for arch in ("llama", "qwen2")]
+
+
 def make_char_tokenizer():
     """A character-level fast tokenizer with ChatML specials and a chat template; needs no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -72,7 +72,7 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
 @pytest.mark.slow
 def test_discover_then_ortho_from_the_shell(tmp_path):
     disc = tmp_path / "disc"
-    result = melbo("discover", "-k", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(disc))
+    result = melbo("discover", "-k", "2", "--block", "2", "--steps", "3", "-R", "30", "--completion-tokens", "4", "--out", str(disc))
     assert result.returncode == 0, result.stderr
     assert (disc / "run.json").is_file() and "run folder" in result.stdout
     assert_one_line_error(melbo("discover", "-k", "2", "--out", str(disc)), "already holds a run")

@@ -85,11 +85,9 @@ def test_eval_from_the_shell(tmp_path, run):
     import subprocess
     import sys
 
-    from conftest import make_char_tokenizer, make_tiny_model
+    from conftest import save_tiny_folder
 
-    folder = tmp_path / "tiny"
-    make_tiny_model("llama").save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
+    folder = save_tiny_folder(tmp_path / "tiny", initializer_range=0.02)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     command = [sys.executable, "-m", "melbo.cli", "eval", str(run.path), "--model", str(folder), "--max-new-tokens", "3"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

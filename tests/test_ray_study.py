@@ -15,7 +15,7 @@ import torch
 from melbo import read_run
 from melbo.study import Study, run_study
 from test_cli import assert_one_line_error, melbo
-from test_study import grid_study, two_models  # noqa: F401  (a fixture)
+from test_study import grid_study
 
 pytest.importorskip("ray")
 HERE = Path(__file__).resolve().parent
@@ -27,7 +27,7 @@ def same_runs(a: Path, b: Path, result) -> None:
             assert torch.equal(read_run(a / folder).vectors, read_run(b / folder).vectors), folder
 
 
-def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_path):  # noqa: F811
+def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(grid_study(two_models))
     here = run_study(Study.from_toml(spec), tmp_path / "here")
@@ -48,7 +48,7 @@ def unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not unshare_works(), reason="needs `unshare -n` (a network namespace of its own, so the cluster lives on loopback only)")
-def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(two_models, tmp_path):  # noqa: F811
+def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(two_models, tmp_path):
     spec = tmp_path / "long.toml"
     text = grid_study(two_models).replace("steps = 8\ncompletion_tokens = 4\n[eval]", "steps = 120\nplateau = 0.0\ncompletion_tokens = 4\n[eval]")
     text = text.replace("[ortho]\ncount = 4\nblock = 4", "[ortho]\ncount = 24\nblock = 4")
@@ -69,7 +69,7 @@ def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(two_models, t
     assert resumed, "no run went on from a saved block after the kill"
 
 
-def test_what_cannot_start_is_one_line(two_models, tmp_path):  # noqa: F811
+def test_what_cannot_start_is_one_line(two_models, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(grid_study(two_models))
     assert_one_line_error(melbo("study", str(spec), "--ray", "127.0.0.1:1", "--out", str(tmp_path / "a")), "cannot reach the Ray cluster")

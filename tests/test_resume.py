@@ -13,20 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_char_tokenizer, make_tiny_model
 from melbo import MelboError, read_run
 from melbo.engines.discover import DiscoverConfig, discover
 from melbo.objectives import max_abs_cosine
 from melbo.engines.ortho import OrthoConfig, ortho
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama saved as a model folder, so the real CLI can load it in a subprocess."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_model("llama", n_layers=6, initializer_range=0.3).save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def melbo_cli(*args: str) -> list[str]:

@@ -16,7 +16,6 @@ import psutil
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_model
 from melbo.files.runs import write_run
 from melbo.model.forward import generate_steered
 from melbo.model.loading import load_model
@@ -30,14 +29,6 @@ openai = pytest.importorskip("openai")
 
 PROMPT = "How can I do it?"
 LAYER = 1
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-serve-model")
-    make_tiny_model("llama", n_layers=6, initializer_range=0.3).save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 32, completions: list[str] | None = None) -> Path:

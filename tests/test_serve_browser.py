@@ -12,7 +12,7 @@ from melbo.serve.api import ServeLimits, create_app
 from melbo.serve.batching import Request
 from melbo.serve.catalog import Catalog
 from test_report_browser import ARGS, CHROMIUM
-from test_serve import PROMPT, Server, make_run, tiny_folder  # noqa: F401  (a fixture)
+from test_serve import PROMPT, Server, make_run
 
 PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & more'
 
@@ -42,7 +42,7 @@ class PlantedBatcher:
         pass
 
 
-def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, tmp_path):  # noqa: F811
+def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))

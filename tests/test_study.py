@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_char_tokenizer, make_tiny_model
+from conftest import make_tiny_model
 from melbo import MelboError, read_run
 from melbo.model.loading import LoadedModel
 from melbo.study import QUICK_DEMO, ModelCache, Study, builtin_study, demo_study, run_study
@@ -92,18 +92,6 @@ def test_resume_skips_finished_steps_and_the_page_shows_every_run(pinned_lm, tmp
     other = Study.from_dict(tiny_demo(discover={"radius": 5.0}))
     with pytest.raises(MelboError, match=r"discover.radius: 4.0 → 5.0"):
         run_study(other, tmp_path / "s", resume=True, models=models)
-
-
-@pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
-    """Two tiny models of different families, saved as folders the shell can load."""
-    folders = []
-    for arch in ("llama", "qwen2"):
-        folder = tmp_path_factory.mktemp(arch)
-        make_tiny_model(arch, n_layers=6, initializer_range=0.3).save_pretrained(folder)
-        make_char_tokenizer().save_pretrained(folder)
-        folders.append(str(folder))
-    return folders
 
 
 def grid_study(models: list[str]) -> str:

@@ -175,8 +175,8 @@ def _snapshot(meta: RunMeta, state: _State, out: str | Path | None, status: str,
     meta.records, meta.dropped, meta.warnings = state.records, state.dropped, state.warnings
     meta.progress, meta.status = state.progress, status
     vectors = torch.stack(state.vectors) if state.vectors else torch.zeros(0, state.d_model)
-    if save:
-        return write_run(out, vectors, meta, state.extra())  # type: ignore[arg-type]  # save implies out
+    if save and out is not None:
+        return write_run(out, vectors, meta, state.extra())
     return Run(path=Path(out or "."), vectors=vectors, meta=meta, extra=state.extra())
 
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from melbo.files.runs import REPORT_FILE, atomic_write, read_meta, read_run
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from melbo.study.pipeline import StudyResult
 
 PAGE_FILE = "study.html"
@@ -106,13 +108,13 @@ def _plots(result: StudyResult, rows: list[StudyRow]) -> list[tuple[str, bytes]]
     return figures
 
 
-def _png(fig: object) -> bytes:
+def _png(fig: Figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.tight_layout()  # type: ignore[attr-defined]
-    fig.savefig(buffer, format="png", dpi=100)  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[arg-type]
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
     return buffer.getvalue()
 
 

@@ -252,7 +252,11 @@ def run_unit(
         step("discover", load_vectors)
     found = read_run(discovery, d_model=lm.d_model)
     source = found.source_layer
-    target = found.meta.target if found.meta.target is not None else unit.vectors.target  # type: ignore[union-attr]  # imports record no target
+    target = found.meta.target  # imported vectors record no target: the study's [vectors] table gives it
+    if target is None and unit.vectors is not None:
+        target = unit.vectors.target
+    if target is None:
+        raise MelboError(f"{discovery} records no target layer: give one in the study's [vectors] table")
 
     if unit.ortho is not None:
         def choose() -> None:

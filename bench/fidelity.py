@@ -8,7 +8,7 @@ first token; and the behaviour share, the share of copies' completions carrying 
 beside). "Faithful copies per minute" = behaviour share (greedy, run prompt) × copies / minutes of MELBO-ortho.
 
     .venv/bin/python bench/fidelity.py --quick        # seconds: 2 copies, 3 evaluations, two variants
-    .venv/bin/python bench/fidelity.py                # 16 copies per variant, every variant (~15 min on 2 cores)
+    .venv/bin/python bench/fidelity.py                # 16 copies per variant, nine variants (~35 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16": {"continuation": 16},
     "continuation 16 each": {"continuation": 16, "match": "each"},
     "continuation 32 each": {"continuation": 32, "match": "each"},
-    "last:4 kl": {"match": "kl"},
-    "continuation 8 kl": {"continuation": 8, "match": "kl"},
-    "continuation 16 kl": {"continuation": 16, "match": "kl"},
-    "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},
+    "last:4 kl": {"match": "kl", "steps": 60},
+    "continuation 8 kl": {"continuation": 8, "match": "kl", "steps": 60},
+    "continuation 16 kl 60 evals": {"continuation": 16, "match": "kl", "steps": 60},
+    "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},  # melbo's fast default
     "continuation 16 each t 29": {"continuation": 16, "match": "each", "target": 29},
 }
-QUICK = ("last:4 mean (0.1)", "continuation 16 each")
+DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation
+    "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",
+    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals",
+)
+QUICK = ("last:4 mean (0.1)", "continuation 16 kl 30 evals")
 
 
 def choose_base(lm, run, fmt):
@@ -95,7 +99,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--copies", type=int, default=16)
     parser.add_argument("--count", type=int, default=16, help="vectors discovered to find a base")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--base-run", type=Path, help="a discovery run to take the base from (skips the discovery)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

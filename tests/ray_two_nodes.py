@@ -33,7 +33,9 @@ def free_port() -> int:
 
 
 def ray_start(*args: str, temp: Path) -> None:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    # TMPDIR: the node's workers make their unit scratch folders under its temp dir, where this script can see them
+    (temp / "scratch").mkdir(exist_ok=True)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "TMPDIR": str(temp / "scratch")}
     command = [str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats", *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
@@ -66,19 +68,48 @@ def workers_of(temp: Path) -> list[psutil.Process]:
     return out
 
 
+def saved_on(temp: Path, out: Path) -> list[Path]:
+    """Runs that a worker of the node at ``temp`` is in the middle of and whose last saved block has reached the
+    driver's folder ``out``: killing the node now must make another worker go on from that block."""
+    found = []
+    for scratch in (temp / "scratch").glob("melbo-unit-*"):
+        for meta in scratch.rglob("run.json"):
+            delivered = out / meta.relative_to(scratch)
+            try:
+                if '"status": "running"' in meta.read_text(errors="ignore") and delivered.read_bytes() == meta.read_bytes():
+                    found.append(delivered)
+            except OSError:
+                pass
+    return found
+
+
 def stop(temps: list[Path]) -> None:
-    procs = [p for t in temps for p in processes_of(t)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    """SIGTERM, then SIGKILL, every process of the nodes; again while new ones appear (a raylet may start a worker
+    while it is being stopped)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        procs = [p for t in temps for p in processes_of(t) if _alive(p)]
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def main() -> None:
@@ -97,21 +128,31 @@ def main() -> None:
         )
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and study.poll() is None and not facts["killed"]:
-            running = [p for p in out.rglob("run.json") if '"status": "running"' in p.read_text(errors="ignore")]
+            running = saved_on(node_temp, out)
             victims = workers_of(node_temp)
             if running and victims:
                 facts["kill_seen_running"] = True
                 for victim in victims:
                     victim.kill()
                 facts["killed"] = len(victims)
+                facts["interrupted"] = [str(p.relative_to(out)) for p in running]
             time.sleep(0.2)
         stdout, stderr = study.communicate(timeout=600)
         facts.update(returncode=study.returncode, stdout=stdout[-4000:], stderr=stderr[-4000:])
         facts["addresses"] = sorted({c.laddr.ip for t in (head_temp, node_temp) for p in processes_of(t) for c in _listening(p)})
     finally:
         stop([head_temp, node_temp])
-        facts["left"] = len(processes_of(head_temp)) + len(processes_of(node_temp))
+        left = [p for p in processes_of(head_temp) + processes_of(node_temp) if _alive(p)]
+        facts["left"] = len(left)
+        facts["left_names"] = [_describe(p) for p in left]
         report.write_text(json.dumps(facts))
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {proc.status()} {' '.join(proc.cmdline())[:200]}"
+    except psutil.NoSuchProcess:
+        return f"{proc.pid} gone"
 
 
 def _listening(proc: psutil.Process) -> list:

@@ -132,3 +132,17 @@ def test_settings_are_checked_before_the_model_loads(args, needle, tmp_path):
     result = melbo(*args, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert_one_line_error(result, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_nonsense_layers_on_a_small_model_and_auto_R_with_bad_radii(tiny_folder, tmp_path):
+    """On a 6-layer model, layers meant for SmolLM2 are one line each, before any work; so is a bad candidate R."""
+    model = ["--model", str(tiny_folder), "--device", "cpu"]
+    cases = [
+        (["discover", "-s", "8", "-t", "20", *model], "layers must be between 0 and 5 (this model has 6)"),
+        (["discover", "-s", "4", *model], "the source layer (4) must come before the target layer (4)"),
+        (["discover", "-R", "auto", "--radii", "5,0", *model], "every candidate R must be a positive number"),
+        (["discover", "--calibrate", "--radii", "5,x", *model], "give numbers separated by commas"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(melbo(*args, "--out", str(tmp_path / "o"), cwd=tmp_path), needle)
+    assert not (tmp_path / "o").exists()

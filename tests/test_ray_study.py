@@ -4,11 +4,15 @@ mid-study and still finishes with nothing lost, and one-line errors for what can
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -43,18 +47,62 @@ def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_p
     assert again.returncode == 0 and "0 model load(s)" in again.stdout  # every unit finished: no worker started
 
 
+def long_study(models: list[str], steps: int, copies: int) -> str:
+    """The grid study with longer discovery and more copies, so that a unit is still running when something happens."""
+    text = grid_study(models).replace("steps = 8\ncompletion_tokens = 4\n[eval]", f"steps = {steps}\nplateau = 0.0\ncompletion_tokens = 4\n[eval]")
+    return text.replace("[ortho]\ncount = 4\nblock = 4", f"[ortho]\ncount = {copies}\nblock = 4")
+
+
+def ray_processes() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in {"raylet", "gcs_server"}}
+
+
+@pytest.fixture(scope="module")
+def long_reference(two_models, tmp_path_factory):
+    """A study long enough to be interrupted, and its uninterrupted run in this process."""
+    root = tmp_path_factory.mktemp("long")
+    spec = root / "long.toml"
+    spec.write_text(long_study(two_models, steps=60, copies=16))
+    return spec, root / "reference", run_study(Study.from_toml(spec), root / "reference")
+
+
+def test_ctrl_c_stops_the_ray_workers_and_resume_finishes_the_same_study(long_reference, tmp_path):
+    spec, reference_folder, reference = long_reference
+    out = tmp_path / "ray"
+    before = ray_processes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "melbo.cli", "study", str(spec), "--ray", "--out", str(out)]
+    # its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the whole foreground group
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.rglob("run.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first block of some run has reached the driver's folder
+        assert proc.poll() is None, "the study finished before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    deadline = time.monotonic() + 30
+    while ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes() - before, "Ray processes were left running"
+    assert not (out / "study.html").exists()  # stopped part-way: the study page comes when every unit has run
+    again = melbo("study", str(spec), "--ray", "--out", str(out), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    same_runs(reference_folder, out, reference)
+
+
 def unshare_works() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
 @pytest.mark.skipif(not unshare_works(), reason="needs `unshare -n` (a network namespace of its own, so the cluster lives on loopback only)")
-def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(two_models, tmp_path):
-    spec = tmp_path / "long.toml"
-    text = grid_study(two_models).replace("steps = 8\ncompletion_tokens = 4\n[eval]", "steps = 120\nplateau = 0.0\ncompletion_tokens = 4\n[eval]")
-    text = text.replace("[ortho]\ncount = 4\nblock = 4", "[ortho]\ncount = 24\nblock = 4")
-    spec.write_text(text)
-    study = Study.from_toml(spec)
-    reference = run_study(study, tmp_path / "reference")
+def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(long_reference, tmp_path):
+    spec, reference_folder, reference = long_reference
     report = tmp_path / "report.json"
     script = f"ip link set lo up && exec {sys.executable} {HERE / 'ray_two_nodes.py'} {spec} {tmp_path / 'cluster'} {report}"
     done = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=900)
@@ -63,10 +111,11 @@ def test_two_node_cluster_loses_a_nodes_workers_and_still_finishes(two_models, t
     assert facts["returncode"] == 0, facts["stderr"]
     assert facts["killed"] >= 1 and facts["kill_seen_running"]
     assert facts["addresses"] and set(facts["addresses"]) <= {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"}  # only loopback exists here
-    assert facts["left"] == 0  # every process started for the cluster was stopped
-    same_runs(tmp_path / "reference", tmp_path / "cluster", reference)
-    resumed = [r for r in (tmp_path / "cluster").rglob("run.json") if len(json.loads(r.read_text())["sessions"]) > 1]
-    assert resumed, "no run went on from a saved block after the kill"
+    assert facts["left"] == 0, facts["left_names"]  # every process started for the cluster was stopped
+    same_runs(reference_folder, tmp_path / "cluster", reference)
+    for rel in facts["interrupted"]:  # runs the killed node was in the middle of, with a block already saved
+        sessions = json.loads((tmp_path / "cluster" / rel).read_text())["sessions"]
+        assert len(sessions) > 1, f"{rel} did not go on from its saved block after the kill"
 
 
 def test_what_cannot_start_is_one_line(two_models, tmp_path):

@@ -141,6 +141,23 @@ def test_bad_requests_get_a_4xx_json_error(served, body, status, needle):
     assert needle in answer.json()["error"]["message"]
 
 
+def test_a_runs_report_is_served_with_a_link_to_its_vectors_live(served):
+    server, _, catalog = served
+    assert httpx.get(f"{server.url}/runs/tinyrun/report").status_code == 404  # no report.html yet: a JSON 404
+    assert httpx.get(f"{server.url}/v1/runs").json()["data"][0]["report"] is False
+    page = catalog.runs["tinyrun"].run.path / "report.html"
+    page.write_text("<html><body><h1>the report</h1></body></html>", encoding="utf-8")
+    try:
+        answer = httpx.get(f"{server.url}/runs/tinyrun/report")
+        assert answer.status_code == 200 and "<h1>the report</h1>" in answer.text
+        assert 'href="/?run=tinyrun"' in answer.text
+        assert httpx.get(f"{server.url}/v1/runs").json()["data"][0]["report"] is True
+        missing = httpx.get(f"{server.url}/runs/nope/report")
+        assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+    finally:
+        page.unlink()
+
+
 def test_malformed_and_oversized_bodies(served):
     server, _, _ = served
     answer = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})

@@ -14,6 +14,7 @@ request, 404 unknown model, run or vector, 413 body too large, 429 queue full) a
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -232,7 +234,8 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
         if served is None or served.report is None:
             raise HTTPException(404, f"run {name!r} has no report here (make one with: melbo report RUN)")
         page = served.report.read_text(encoding="utf-8")
-        link = f'<p style="background:#eef6ff;padding:.5em 1em">Served by melbo serve: <a href="/?run={name}">try this run\'s vectors live</a></p>'
+        href = html.escape("/?run=" + quote(name))
+        link = f'<p style="background:#eef6ff;padding:.5em 1em">Served by melbo serve: <a href="{href}">try this run\'s vectors live</a></p>'
         return HTMLResponse(page.replace("<body>", "<body>\n" + link, 1))
 
     @app.on_event("shutdown")

@@ -90,8 +90,14 @@ def main() -> None:
         body = f"`{command}` — {when}, {seconds:.0f} s{'' if code == 0 else f', FAILED (exit {code})'}\nMachine: {here}.\n\n```\n{output}\n```"
         print(f"## {script}\n{body}\n", flush=True)
         old[script] = body
-    if args.quick:
-        sys.exit(1 if failed else 0)
+        if not args.quick:
+            write(old)  # after every script: a run stopped part-way keeps the sections it finished
+    if not args.quick:
+        print(f"wrote {RESULTS}")
+    sys.exit(1 if failed else 0)
+
+
+def write(found: dict[str, str]) -> None:
     lines = [
         "# melbo benchmarks",
         "",
@@ -100,11 +106,11 @@ def main() -> None:
         "",
     ]
     for script in SCRIPTS:
-        if script in old:
-            lines += [f"## {script}", old[script], ""]
-    RESULTS.write_text("\n".join(lines), encoding="utf-8")
-    print(f"wrote {RESULTS}")
-    sys.exit(1 if failed else 0)
+        if script in found:
+            lines += [f"## {script}", found[script], ""]
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(RESULTS)
 
 
 if __name__ == "__main__":

@@ -85,11 +85,12 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
 
     held = statistics.mean(share(greedy, p, "greedy") for p in held_out)
     base_held = statistics.mean(greedy.completions(p, "greedy")["0"][0]["label"] == base_label for p in held_out)
+    base_sampled = statistics.mean(o["label"] == base_label for o in sampled.completions(prompt, EvalConfig(temperature=1.0).mode())["0"])
     state = prepare(lm, [prompt], fmt, run.meta.source)[0]
     top = last_token_logits(lm.model, state, run.meta.source, run.vectors.to(lm.device)).argmax(dim=-1)
     return {
         "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, EvalConfig(temperature=1.0).mode()),
-        "held_out": held, "base_held_out": base_held, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
+        "held_out": held, "base_held_out": base_held, "base_sampled": base_sampled, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
         "degenerate": statistics.mean(o["label"] == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != "0" for o in s),
     }
 
@@ -144,7 +145,8 @@ def main() -> None:
             f"{name:<24}{m['s_per_copy']:>8.2f}{m['median_kl']:>10.3f}{m['same_top']:>6}/{copies:<2}{m['greedy']:>8.0%}{m['sampled']:>8.0%}"
             f"{m['held_out']:>9.0%}{m['degenerate']:>7.0%}{m['per_minute']:>13.1f}", flush=True,
         )
-    print(f"(θ0 itself carries its label on {rows[names[0]]['base_held_out']:.0%} of the held-out prompts)")
+    print(f"(θ0 itself carries its label in {rows[names[0]]['base_sampled']:.0%} of its sampled completions and on "
+          f"{rows[names[0]]['base_held_out']:.0%} of the held-out prompts)")
     reference = rows[names[0]]
     eligible = {n: m for n, m in rows.items() if m["median_kl"] <= reference["median_kl"]}
     best = max(eligible, key=lambda n: eligible[n]["per_minute"])

@@ -60,12 +60,17 @@ def main() -> None:
         f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.stopped}"
     )
     step_s = statistics.median(t for times in blocks.values() for t in times)
+    settings = cfg.resolved(float(base.norm()), lm.d_model)
+    source = run.meta.source
+    through = (f"layers {source + 1}…{lm.n_layers - 1} and the LM head, over the prompt and θ0's {settings.continuation} continuation tokens"
+               if settings.match == "kl" else f"layers {source + 1}…{run.meta.target}")
     if exhausted and minutes > 20:
         print(
             f"why: {steps} evaluations at a median {step_s:.2f} s (forward and backward of ≤ {per} rows through "
-            f"{cfg.target - cfg.source} layers: matmul-bound, see utilisation); 20 min allows {20 * 60 / step_s / len(blocks):.0f} "
+            f"{through}: matmul-bound, see utilisation); 20 min allows {20 * 60 / step_s / len(blocks):.0f} "
             f"evaluations per block. To close it: fewer evaluations at equal KL (a start better than a random "
-            f"direction), or a GPU (bench/gpu.py)"
+            f"direction), a GPU (bench/gpu.py), or melbo 0.1's objective (--match mean --continuation 0: about 15 min "
+            f"here, but copies that keep the base's behaviour far less often: bench/fidelity.py)"
         )
     target = "met" if minutes <= 20 else "missed"
     whole = "" if exhausted or args.quick else f" (stopped at {len(records)} vectors: ≈ {minutes * (lm.d_model - 1) / len(records):.0f} min for 575 if every block cost the same)"

@@ -76,7 +76,8 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
     prompt = run.meta.prompts[0]
     indices = list(range(run.vectors.shape[0]))
     greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=tokens), fmt)
-    sampled = evaluate(lm, run, [prompt], indices, EvalConfig(max_new_tokens=tokens, temperature=1.0, samples=2), fmt)
+    sampling = EvalConfig(max_new_tokens=tokens, temperature=1.0, samples=2)
+    sampled = evaluate(lm, run, [prompt], indices, sampling, fmt)
 
     def share(results, p, mode) -> float:
         outs = results.completions(p, mode)
@@ -85,11 +86,11 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
 
     held = statistics.mean(share(greedy, p, "greedy") for p in held_out)
     base_held = statistics.mean(greedy.completions(p, "greedy")["0"][0]["label"] == base_label for p in held_out)
-    base_sampled = statistics.mean(o["label"] == base_label for o in sampled.completions(prompt, EvalConfig(temperature=1.0).mode())["0"])
+    base_sampled = statistics.mean(o["label"] == base_label for o in sampled.completions(prompt, sampling.mode())["0"])
     state = prepare(lm, [prompt], fmt, run.meta.source)[0]
     top = last_token_logits(lm.model, state, run.meta.source, run.vectors.to(lm.device)).argmax(dim=-1)
     return {
-        "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, EvalConfig(temperature=1.0).mode()),
+        "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, sampling.mode()),
         "held_out": held, "base_held_out": base_held, "base_sampled": base_sampled, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
         "degenerate": statistics.mean(o["label"] == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != "0" for o in s),
     }

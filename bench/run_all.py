@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from melbo.files.runs import atomic_write
+
 HERE = Path(__file__).resolve().parent
 SCRIPTS = (
     "model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu",
@@ -108,9 +110,7 @@ def write(found: dict[str, str]) -> None:
     for script in SCRIPTS:
         if script in found:
             lines += [f"## {script}", found[script], ""]
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(RESULTS)
+    atomic_write(RESULTS, lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
 
 
 if __name__ == "__main__":

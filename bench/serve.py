@@ -24,7 +24,7 @@ import torch
 
 from melbo.files.runs import write_run
 from melbo.model.loading import load_model, model_identity
-from melbo.model.prompts import DEFAULT_PROMPT
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, encode_prompt
 from melbo.serve.api import ServeLimits, create_app
 from melbo.serve.catalog import Catalog
 
@@ -81,8 +81,6 @@ def decode_seconds(lm, ids: list[int], rows: int, tokens: int) -> float:
 
 def model_ceiling(lm, n: int, tokens: int, rounds: int) -> float:
     """n prompts decoded one at a time against in one batch, the model alone: the most batching can give here."""
-    from melbo.model.prompts import PromptFormat, encode_prompt
-
     ids = encode_prompt(lm.tokenizer, DEFAULT_PROMPT, PromptFormat())[0].tolist()
     decode_seconds(lm, ids, 1, 2)  # warm-up
     alone = statistics.median(n * decode_seconds(lm, ids, 1, tokens) for _ in range(rounds))

@@ -43,11 +43,12 @@ def ray_start(*args: str, temp: Path) -> None:
 
 
 def processes_of(temp: Path) -> list[psutil.Process]:
-    """Every process started for the node whose temp dir is ``temp`` (its path is on their command lines)."""
+    """Every live process started for the node whose temp dir is ``temp`` (its path is on their command lines;
+    zombies, already dead, are left out)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "status"]):
         try:
-            if any(str(temp) in part for part in proc.info["cmdline"] or []):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(temp) in part for part in proc.info["cmdline"] or []):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -88,7 +89,7 @@ def stop(temps: list[Path]) -> None:
     while it is being stopped)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        procs = [p for t in temps for p in processes_of(t) if _alive(p)]
+        procs = [p for t in temps for p in processes_of(t)]
         if not procs:
             return
         for p in procs:
@@ -103,13 +104,6 @@ def stop(temps: list[Path]) -> None:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def main() -> None:
@@ -142,7 +136,7 @@ def main() -> None:
         facts["addresses"] = sorted({c.laddr.ip for t in (head_temp, node_temp) for p in processes_of(t) for c in _listening(p)})
     finally:
         stop([head_temp, node_temp])
-        left = [p for p in processes_of(head_temp) + processes_of(node_temp) if _alive(p)]
+        left = processes_of(head_temp) + processes_of(node_temp)
         facts["left"] = len(left)
         facts["left_names"] = [_describe(p) for p in left]
         report.write_text(json.dumps(facts))

@@ -285,9 +285,10 @@ def _check_unit(where: str, unit: Unit) -> None:
     check("choose", unit.choose.check)
     if unit.ortho is not None:
         found = unit.discover or unit.vectors
-        source, target = (found.source, found.target) if found is not None else (None, None)
-        ortho = unit.ortho_config(source, target) if source is not None and target is not None else None
-        check("ortho", (ortho or unit.ortho).check)
+        ortho = unit.ortho
+        if found is not None and found.source is not None and found.target is not None:
+            ortho = unit.ortho_config(found.source, found.target) or ortho
+        check("ortho", ortho.check)
     if unit.eval is not None:
         check("eval", unit.eval.check)
     if not unit.prompts.prompts or any(not p.strip() for p in unit.prompts.prompts):

@@ -287,8 +287,10 @@ def test_queue_full_is_429(tiny_folder, tmp_path):
 def test_shell_refuses_runs_of_different_models_and_missing_runs(tiny_folder, tmp_path):
     make_run(tmp_path / "a", str(tiny_folder))
     make_run(tmp_path / "b", "smollm2", d=576)
-    assert_one_line_error(melbo("serve", str(tmp_path / "a"), str(tmp_path / "b")), "different models")
-    assert_one_line_error(melbo("serve", str(tmp_path / "missing")), "does not exist")
+    for args, needle in (([tmp_path / "a", tmp_path / "b"], "different models"), ([tmp_path / "missing"], "does not exist")):
+        result = melbo("serve", *map(str, args))
+        assert_one_line_error(result, needle)
+        assert "run(s) on http" not in result.stdout  # no "serving" line for a server that never started
 
 
 def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path):

@@ -32,8 +32,9 @@ def serve(
         raise MelboError(problem)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]melbo serve: listening on {host}: anyone who can reach it can use the model[/yellow]")
-    console.print(
-        f"melbo serve: {len(runs)} run(s) on http://{host}:{port}/ (explorer), OpenAI API at http://{host}:{port}/v1 — Ctrl-C stops"
-    )
+
+    def ready(count: int) -> None:  # only once the runs and the model are loaded: bad input never sees this line
+        console.print(f"melbo serve: {count} run(s) on http://{host}:{port}/ (explorer), OpenAI API at http://{host}:{port}/v1 — Ctrl-C stops")
+
     limits = ServeLimits(max_tokens=max_tokens, max_batch=max_batch, max_queue=max_queue)
-    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=limits)
+    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=limits, on_ready=ready)

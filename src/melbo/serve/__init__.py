@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 from melbo.errors import MelboError
@@ -19,8 +20,10 @@ def missing_extra() -> str | None:
 
 
 def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "auto", dtype: str | None = None, limits: object | None = None) -> None:
-    """Load the runs' model once and serve until interrupted."""
+          device: str = "auto", dtype: str | None = None, limits: object | None = None,
+          on_ready: Callable[[int], None] | None = None) -> None:
+    """Load the runs' model once and serve until interrupted; ``on_ready(number of runs)`` once everything is
+    checked and loaded, just before the server starts listening."""
     problem = missing_extra()
     if problem:
         raise MelboError(problem)
@@ -36,4 +39,6 @@ def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0
         if served.run.vectors.shape[1] != lm.d_model:
             raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")
     app = create_app(lm, catalog, limits if isinstance(limits, ServeLimits) else ServeLimits())
+    if on_ready:
+        on_ready(len(catalog.runs))
     uvicorn.run(app, host=host, port=port, log_level="warning")

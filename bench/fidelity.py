@@ -4,8 +4,12 @@ number of copies with each variant of the objective, side by side in one run.
 
 For each variant: seconds per copy; median KL(P_i ‖ P_0) at the last prompt token; copies sharing θ0's most likely
 first token; and the behaviour share, the share of copies' completions carrying θ0's label, greedy and sampled
-(T = 1, two samples) on the run's prompt, and greedy on held-out harmful prompts (θ0's own rate there is printed
-beside). "Faithful copies per minute" = behaviour share (greedy, run prompt) × copies / minutes of MELBO-ortho.
+(T = 1, two samples) on the run's prompt, and greedy on held-out prompts (θ0's own rate there is printed beside);
+and off the training prompt, judge-free (melbo eval --controls): the NLL of θ0's own greedy completion on 4 held-out
+prompts (one of each shipped kind) under the copies, under random directions ⟂ θ0 at the copies' norm and unsteered,
+and the held-out agreement (the copies' label equals θ0's on that prompt). Variants marked "4 prompts" train on the
+run's prompt and 4 more (θ0's continuation on each), none of them held out. "Faithful copies per minute" = behaviour
+share (greedy, run prompt) × copies / minutes of MELBO-ortho.
 
     .venv/bin/python bench/fidelity.py --quick        # seconds: 2 copies, 3 evaluations, two variants
     .venv/bin/python bench/fidelity.py                # 16 copies per variant, nine variants (~35 min on 2 cores)
@@ -23,6 +27,7 @@ import torch
 
 from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
+from melbo.analysis.controls import default_held_out
 from melbo.analysis.evaluate import evaluate
 from melbo.analysis.labels import label
 from melbo.analysis.probe import prompt_set
@@ -53,12 +58,16 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl 60 evals": {"continuation": 16, "match": "kl", "steps": 60},
     "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},  # melbo's fast default
     "continuation 16 each t 29": {"continuation": 16, "match": "each", "target": 29},
+    "continuation 16 kl, 4 prompts": {"continuation": 16, "match": "kl", "steps": 30, "train_prompts": 4},
+    "last:4 mean, 4 prompts": {"train_prompts": 4},
 }
-DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation
+DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",
-    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals",
+    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals", "continuation 16 kl, 4 prompts", "last:4 mean, 4 prompts",
 )
-QUICK = ("last:4 mean (0.1)", "continuation 16 kl 30 evals")
+HELD_OUT = default_held_out(DEFAULT_PROMPT)  # one prompt of each kind, never trained on
+TRAIN = [prompt_set(kind)[2] for kind in ("harmful", "neutral", "coding", "chit-chat")]  # the extra training prompts
+QUICK = ("last:4 mean (0.1)", "continuation 16 kl, 4 prompts")
 
 
 def choose_base(lm, run, fmt):
@@ -75,7 +84,9 @@ def choose_base(lm, run, fmt):
 def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48) -> dict:
     prompt = run.meta.prompts[0]
     indices = list(range(run.vectors.shape[0]))
-    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=tokens), fmt)
+    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt)
+    controls = greedy.controls
+    assert controls is not None
     sampling = EvalConfig(max_new_tokens=tokens, temperature=1.0, samples=2)
     sampled = evaluate(lm, run, [prompt], indices, sampling, fmt)
 
@@ -93,6 +104,9 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
         "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, sampling.mode()),
         "held_out": held, "base_held_out": base_held, "base_sampled": base_sampled, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
         "degenerate": statistics.mean(o["label"] == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != "0" for o in s),
+        "nll": controls.results["copies"].base_nll, "nll_random": controls.results["random_same_norm"].base_nll,
+        "nll_unsteered": controls.results["unsteered"].base_nll, "agree": controls.results["copies"].held_out_agreement,
+        "agree_random": controls.results["random_same_norm"].held_out_agreement,
     }
 
 
@@ -109,7 +123,7 @@ def main() -> None:
     fmt = PromptFormat()
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
     copies, steps = (2, 3) if args.quick else (args.copies, None)
-    held_out = [p for p in prompt_set("harmful") if p != DEFAULT_PROMPT][: 1 if args.quick else 3]
+    held_out = HELD_OUT[:1] if args.quick else HELD_OUT
     work = Path(tempfile.mkdtemp(prefix="melbo-fidelity-"))
     if args.base_run:
         found = read_run(args.base_run)
@@ -124,27 +138,31 @@ def main() -> None:
         base_index, base_label = choice.index, choice.label
     base = found.vectors[base_index]
     print(f"base: vector {base_index} of a discovery at R {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}, "
-          f"labelled {base_label} (the unsteered model: {unsteered}); {copies} copies per variant; held-out: {len(held_out)} harmful prompts")
+          f"labelled {base_label} (the unsteered model: {unsteered}); {copies} copies per variant; held-out: {len(held_out)} prompts, one of each kind")
     print(f"  θ0: {(found.records[base_index].completion or '')[:100]!r}")
-    print(f"{'variant':<24}{'s/copy':>8}{'median KL':>10}{'same 1st':>9}{'greedy':>8}{'sampled':>8}{'held-out':>9}{'degen.':>7}{'faithful/min':>13}")
+    print(f"{'variant':<32}{'s/copy':>8}{'median KL':>10}{'same 1st':>9}{'greedy':>8}{'sampled':>8}{'held-out':>9}{'degen.':>7}"
+          f"{'faithful/min':>13}{'NLL held-out':>13}{'NLL random':>11}{'NLL unst.':>10}{'agree':>7}{'agree rnd':>10}")
     rows = {}
     for name in names:
+        variant = dict(VARIANTS[name])
+        train = [DEFAULT_PROMPT, *TRAIN[: variant.pop("train_prompts", 0)]]
         options = {
             "source": found.meta.source, "target": found.meta.target, "count": copies, "block": min(16, copies), "completion_tokens": 0,
-            **RELEASE_01, **VARIANTS[name],
+            **RELEASE_01, **variant,
         }
         if steps is not None:
             options.setdefault("steps", steps)
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", ""))
+        run = ortho(lm, base, train, OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""))
         seconds = time.perf_counter() - start
         m = measure(lm, run, fmt, base_label, held_out, tokens=8 if args.quick else 48)
         m["s_per_copy"] = seconds / copies
         m["per_minute"] = m["greedy"] * copies / (seconds / 60)
         rows[name] = m
         print(
-            f"{name:<24}{m['s_per_copy']:>8.2f}{m['median_kl']:>10.3f}{m['same_top']:>6}/{copies:<2}{m['greedy']:>8.0%}{m['sampled']:>8.0%}"
-            f"{m['held_out']:>9.0%}{m['degenerate']:>7.0%}{m['per_minute']:>13.1f}", flush=True,
+            f"{name:<32}{m['s_per_copy']:>8.2f}{m['median_kl']:>10.3f}{m['same_top']:>6}/{copies:<2}{m['greedy']:>8.0%}{m['sampled']:>8.0%}"
+            f"{m['held_out']:>9.0%}{m['degenerate']:>7.0%}{m['per_minute']:>13.1f}{m['nll']:>13.2f}{m['nll_random']:>11.2f}"
+            f"{m['nll_unsteered']:>10.2f}{m['agree']:>7.0%}{m['agree_random']:>10.0%}", flush=True,
         )
     print(f"(θ0 itself carries its label in {rows[names[0]]['base_sampled']:.0%} of its sampled completions and on "
           f"{rows[names[0]]['base_held_out']:.0%} of the held-out prompts)")
@@ -152,11 +170,14 @@ def main() -> None:
     eligible = {n: m for n, m in rows.items() if m["median_kl"] <= reference["median_kl"]}
     best = max(eligible, key=lambda n: eligible[n]["per_minute"])
     top = max(rows, key=lambda n: rows[n]["greedy"])
+    general = min(rows, key=lambda n: rows[n]["nll"])
     summary_line(
         f"best faithful copies per minute at a median KL no worse than 0.1's: {best} ({rows[best]['per_minute']:.1f}/min, "
         f"behaviour share {rows[best]['greedy']:.0%} greedy, {rows[best]['sampled']:.0%} sampled, {rows[best]['held_out']:.0%} held-out, "
         f"median KL {rows[best]['median_kl']:.3f}) against 0.1's {reference['per_minute']:.1f}/min and {reference['greedy']:.0%}; "
-        f"highest share: {top} ({rows[top]['greedy']:.0%}, median KL {rows[top]['median_kl']:.3f})"
+        f"highest share: {top} ({rows[top]['greedy']:.0%}, median KL {rows[top]['median_kl']:.3f}); off the training prompt, "
+        f"θ0's text likeliest under {general} (held-out NLL {rows[general]['nll']:.2f} against {rows[general]['nll_random']:.2f} for "
+        f"random directions at the copies' norm and {rows[general]['nll_unsteered']:.2f} unsteered, {rows[general]['s_per_copy']:.1f} s per copy)"
     )
 
 

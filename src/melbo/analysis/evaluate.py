@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from melbo.analysis.config import EvalConfig
+from melbo.analysis.controls import Controls, check_controls, measure_controls
 from melbo.analysis.labels import LABELS, RULES, Rule, label
 from melbo.errors import MelboError
 from melbo.files.runs import EVAL_FILE, Run, read_json, write_json
@@ -91,6 +92,14 @@ class EvalResults:
         ]
         return sum(hits) / len(hits) if hits else None
 
+    @property
+    def controls(self) -> Controls | None:
+        """The controls (``melbo eval --controls``), if they were measured."""
+        return Controls.from_json(self.data.get("controls"), self.data.get("control_settings"))
+
+    def set_controls(self, controls: Controls) -> None:
+        self.data["controls"], self.data["control_settings"] = controls.to_json()
+
     def base_label(self, prompt: str, mode: str, base: int = 0) -> str | None:
         outs = self.completions(prompt, mode).get(str(base))
         return outs[0]["label"] if outs else None
@@ -133,6 +142,8 @@ def evaluate(
     cfg.check()
     if not 0 <= cfg.base < run.vectors.shape[0]:
         raise MelboError(f"--base {cfg.base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
+    if cfg.controls:
+        check_controls(run)
     source = run.source_layer
     results = EvalResults.load(run)
     results.data["settings"] = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
@@ -161,6 +172,17 @@ def evaluate(
     if len(prompts) > 1:
         results.generalisation(prompts[0], prompts[1:], cfg.mode(), cfg.base)
     results.save(run)
+    if cfg.controls:
+
+        def copy_label(prompt: str, index: int) -> str | None:
+            outs = results.completions(prompt, cfg.mode()).get(str(index))
+            return outs[0]["label"] if outs else None
+
+        def save(controls: Controls) -> None:
+            results.set_controls(controls)
+            results.save(run)
+
+        measure_controls(lm, run, prompts, cfg, fmt, results.controls, copy_label, rules, save, on_batch)
     return results
 
 

@@ -45,6 +45,9 @@ def with_optional_values(args: list[str]) -> list[str]:
     return out
 
 
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "ray": "ray"}  # module → melbo's extra that brings it
+
+
 def main() -> None:
     """Entry point of the ``melbo`` console script."""
     usage_problem, abort, exit_ = _parsing_errors()
@@ -61,6 +64,11 @@ def main() -> None:
         if debug["on"]:
             raise
         fail(str(exc))
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed: say which, in one line
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None or debug["on"]:
+            raise
+        fail(f"this command needs {exc.name}, which is not installed: pip install 'melbo[{extra}]'")
     except usage_problem as exc:  # a malformed command line: one line, like every other user error
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `melbo` or `melbo ortho`: show the help
             app(prog_name="melbo", args=[*sys.argv[1:], "--help"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,6 +13,9 @@ from melbo.cli.app import (
     DeviceOpt, DtypeOpt, ModelOpt, PromptFileOpt, PromptsOpt, app, console, err_console, interruptible, load_for_run, short,
 )
 from melbo.errors import MelboError
+
+if TYPE_CHECKING:
+    from melbo.analysis.controls import Controls
 
 E = EvalConfig()  # the defaults the options below show
 
@@ -31,12 +34,16 @@ def eval_command(
     base: Annotated[int, typer.Option(help="The vector KL is measured against (row 0 of an ortho run is θ0).")] = E.base,
     prompt_set: Annotated[Optional[str], typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
+    controls: Annotated[bool, typer.Option("--controls", help="MELBO-ortho runs: also steer with norm-matched random directions, the copies at ‖θ0‖, their mean and none, and measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).")] = E.controls,
+    control_count: Annotated[int, typer.Option(min=0, help="Vectors per random or rescaled control (0: a third of the copies, so the eval at most doubles).")] = E.control_count,
+    nll_tokens: Annotated[int, typer.Option(min=1, help="Controls: θ0's first N greedy tokens are scored (base NLL).")] = E.nll_tokens,
     show: Annotated[int, typer.Option(help="Rows of the table printed.")] = 40,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
+    from melbo.analysis.controls import check_controls, default_held_out
     from melbo.analysis.evaluate import eval_prompts, evaluate
     from melbo.analysis.labels import RULES, load_rules
     from melbo.analysis.probe import prompt_set as shipped
@@ -49,9 +56,15 @@ def eval_command(
     extra = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else []
     if prompt_set:
         extra += shipped(None if prompt_set == "all" else prompt_set)
-    prompts = eval_prompts(record, extra)
-    cfg = EvalConfig(max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base)
+    cfg = EvalConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base,
+        controls=controls, control_count=control_count, nll_tokens=nll_tokens,
+    )
     cfg.check()
+    if controls:
+        check_controls(record)
+        extra = extra or default_held_out(eval_prompts(record, [])[0])
+    prompts = eval_prompts(record, extra)
     rules = load_rules(labels) if labels else RULES
     lm, fmt = load_for_run(record, model, device, dtype)
     with err_console.status("evaluating…") as status, interruptible(run):
@@ -91,7 +104,27 @@ def eval_command(
             f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label "
             f"({summary['base_label']!r}): median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best)
         )
+    if results.controls is not None:
+        print_controls(results.controls)
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold]")
+
+
+def print_controls(controls: Controls) -> None:
+    """The verdict table of ``melbo eval --controls``: one row per control, then the verdict."""
+    table = Table(title=f"Controls: θ0's label on the run's prompt {controls.base[controls.run_prompt].label!r}; "
+                        f"base NLL = θ0's first {controls.settings.get('nll_tokens', '?')} greedy tokens, nats/token, under each steering "
+                        f"({len(controls.held_out)} held-out prompts)")
+    for column in ("control", "vectors", "norm", "behaviour share", "held-out agreement", "base NLL held out", "base NLL run prompt"):
+        table.add_column(column, justify="left" if column == "control" else "right")
+    for r in controls.rows():
+        table.add_row(r.name, str(len(r.vectors)), f"{r.norm:.1f}", _or_dash(r.behaviour_share, '{:.0%}'), _or_dash(r.held_out_agreement, '{:.0%}'),
+                      _or_dash(r.base_nll, '{:.2f}'), _or_dash(r.base_nll_run_prompt, '{:.2f}'))
+    console.print(table)
+    console.print(f"verdict: {controls.verdict()}")
+
+
+def _or_dash(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
 
 
 @app.command()

@@ -35,8 +35,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 1000  # when output goes to a file (nohup, a cluster job, CI): tables at their natural width, never wrapped
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; where the stream is not a terminal and COLUMNS is unset, one wide enough that table rows
+    stay whole lines in a log."""
+    stream = sys.stderr if stderr else sys.stdout
+    plain = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=LOG_WIDTH if plain else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 debug = {"on": bool(os.environ.get("MELBO_DEBUG"))}
 
 # Options shared by the commands that load a model or read prompts. `-p` is always a prompt.
@@ -114,8 +125,40 @@ def interruptible(folder: Path) -> Iterator[None]:
         sys.exit(130)
 
 
-def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[Progress, Callable[[int, int, float], None]]:
-    """A rich progress bar fed by the engines' (block, step, loss) callback."""
+def log_line(text: str) -> None:
+    """One timestamped progress line on stderr (what a log shows where no live display can be drawn)."""
+    err_console.print(f"[{dt.datetime.now():%Y-%m-%d %H:%M:%S}] {text}", markup=False, highlight=False, soft_wrap=True)
+
+
+class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
+    """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends."""
+
+    def __init__(self, total_blocks: int | None, what: str) -> None:
+        self.total, self.what = total_blocks, what
+        self.current: tuple[int, int, float] | None = None
+        self.started = dt.datetime.now()
+
+    def on_step(self, block: int, step: int, loss: float) -> None:
+        if self.current is not None and self.current[0] != block:
+            self._line()
+        self.current = (block, step, loss)
+
+    def _line(self) -> None:
+        if self.current is None:
+            return
+        block, step, loss = self.current
+        total = f"/{self.total}" if self.total else ""
+        log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({(dt.datetime.now() - self.started).total_seconds():.0f} s)")
+
+    def __exit__(self, *exc: object) -> None:
+        self._line()
+
+
+def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:
+    """A rich progress bar fed by the engines' (block, step, loss) callback; a line per block in a log."""
+    if not err_console.is_terminal:
+        log = BlockLog(total_blocks, what)
+        return log, log.on_step
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), console=err_console, transient=False,

@@ -240,6 +240,7 @@ def ortho(
     completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = O.completion_tokens,
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
+    prompt_set: Annotated[Optional[str], typer.Option(help="Also train on melbo's shipped prompts (θ0's continuation on each): harmful, neutral, coding, chit-chat or all.")] = None,
     out: OutOpt = None,
     force: ForceOpt = False,
     resume: ResumeOpt = False,
@@ -249,7 +250,7 @@ def ortho(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
-    """MELBO-ortho: vectors orthogonal to θ0 and to each other that reproduce θ0's effect."""
+    """MELBO-ortho: vectors orthogonal to θ0 and to each other that reproduce θ0's effect (on every prompt given)."""
     from melbo.engines import ortho as engine
     from melbo.files.runs import read_run
     from melbo.files.vectors import load_vector_file
@@ -268,6 +269,10 @@ def ortho(
     else:
         vectors = load_vector_file(base)
         prompts = run_prompts(prompt, prompt_file)
+    if prompt_set:
+        from melbo.analysis.probe import prompt_set as shipped
+
+        prompts = list(dict.fromkeys([*prompts, *shipped(None if prompt_set == "all" else prompt_set)]))
     if source is None or target is None:
         raise MelboError("--source and --target are needed with a vector file (the layers θ0 was made for)")
     if not 0 <= index < vectors.shape[0]:

@@ -25,11 +25,11 @@ def serve(
 ) -> None:
     """Serve steered completions (OpenAI API: /v1/chat/completions with a "melbo" field) and the explorer page at /."""
     from melbo.serve import missing_extra, serve as run_server
-    from melbo.serve.api import ServeLimits
 
     problem = missing_extra()
     if problem:
         raise MelboError(problem)
+    from melbo.serve.api import ServeLimits  # imports fastapi: only once it is known to be there
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]melbo serve: listening on {host}: anyone who can reach it can use the model[/yellow]")
 

@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from melbo.cli.app import DeviceOpt, app, console, err_console, out_folder, short
+from melbo.cli.app import DeviceOpt, app, console, err_console, log_line, out_folder, short
 from melbo.errors import MelboError
 
 if TYPE_CHECKING:  # the study package imports torch: only for type checkers here
@@ -24,6 +24,8 @@ class StudyView:
     def __init__(self, units: list[str]) -> None:
         self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
         self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
+        self.plain = not err_console.is_terminal  # a log: a timestamped line per stage and block instead of the live table
+        self.seen: dict[str, tuple[str, str, int]] = {}
 
     def _table(self) -> Table:
         table = Table(title="study", show_edge=False)
@@ -44,19 +46,27 @@ class StudyView:
             row[4] = f"{event.step}" + (f"/{event.steps}" if event.steps else "") + (f"  {event.loss:,.4g}" if event.loss is not None else "")
         else:
             row[3] = row[4] = ""
-        self.live.update(self._table())
+        if not self.plain:
+            self.live.update(self._table())
+        elif self.seen.get(event.unit) != (event.stage, event.run, event.block):
+            self.seen[event.unit] = (event.stage, event.run, event.block)
+            where = f" block {row[3]}" if row[3] else ""
+            log_line(f"{event.unit or 'study'}: {event.stage} {event.run}{where}".rstrip())
 
     def finish(self) -> None:
         for values in self.rows.values():
             values[0] = "done"
-        self.live.update(self._table())
+        if not self.plain:
+            self.live.update(self._table())
 
     def __enter__(self) -> StudyView:
-        self.live.__enter__()
+        if not self.plain:
+            self.live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.__exit__(*exc)  # type: ignore[arg-type]
+        if not self.plain:
+            self.live.__exit__(*exc)  # type: ignore[arg-type]
 
 
 def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOptions | None = None) -> StudyResult:
@@ -161,6 +171,8 @@ def demo(
 ) -> None:
     """The main job on the embedded SmolLM2 (the study examples/demo.toml): discover vectors, pick the clearest,
     find orthogonal copies of it, evaluate and compose them, and write reports."""
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.cli.analysis import print_controls
     from melbo.cli.runs import print_ortho_table
     from melbo.files.runs import read_run
     from melbo.study import demo_study
@@ -200,6 +212,9 @@ def demo(
     print_ortho_table(read_run(result.folder / ortho.folder))
     share = "" if ortho.behaviour_share is None else f"; behaviour share {ortho.behaviour_share:.0%} (copies labelled {choice.label}, as the base)"
     console.print(f"[bold]{ortho.fidelity.sentence()}[/bold]{share}.")
+    controls = EvalResults.load(read_run(result.folder / ortho.folder)).controls
+    if controls is not None:
+        print_controls(controls)
     console.print(f"runs: [bold]{result.folder / outcome.discovery}[/bold] and [bold]{result.folder / ortho.folder}[/bold]   ({time.monotonic() - started:.0f} s)")
     reports = [result.folder / r for r in outcome.reports]
     console.print(f"report: [bold]{reports[0]}[/bold]  (open it in a browser; the discovery run's is {reports[-1]}; the study's is {result.page})")

@@ -89,6 +89,40 @@ def steered_log_probs(model: nn.Module, state: PromptState, source: int, thetas:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+@torch.no_grad()
+def greedy_tokens(lm: LoadedModel, input_ids: Tensor, vector: Tensor | None, layer: int, max_new_tokens: int) -> Tensor:
+    """The ids ``(n,)`` the model writes greedily after ``input_ids`` ``(1, seq)`` when ``vector`` is added after
+    ``layer`` (``None``: unsteered), up to and including the first end-of-sequence token."""
+    steer = contextlib.nullcontext() if vector is None else add_to_residual(lm.model, layer, vector)
+    with steer:
+        out = lm.model.generate(  # type: ignore[operator]
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=lm.tokenizer.pad_token_id,
+        )
+    new = out[0, input_ids.shape[1]:]
+    eos = lm.model.generation_config.eos_token_id
+    ends = {eos} if isinstance(eos, int) else set(eos or [])
+    for position, token in enumerate(new.tolist()):
+        if token in ends:
+            return new[: position + 1]
+    return new
+
+
+@torch.no_grad()
+def continuation_nll(model: nn.Module, state: PromptState, source: int, thetas: Tensor, tokens: int, batch: int = 16) -> Tensor:
+    """Mean negative log-likelihood (nats per token) of the last ``tokens`` ids of ``state`` (a prompt followed by a
+    completion), teacher-forced, when row ``b`` of ``thetas`` is added after ``source`` at every position ``(B,)``.
+
+    A zero row gives the unsteered model's NLL; only blocks ``source+1 …`` and the LM head run."""
+    target = state.ids[0, -tokens:]
+    out = []
+    for chunk in thetas.split(batch):
+        log_probs = steered_log_probs(model, state, source, chunk, tokens + 1)[:, :-1]  # position p predicts p + 1
+        picked = log_probs.gather(-1, target.expand(chunk.shape[0], -1)[..., None])[..., 0]
+        out.append(-picked.mean(dim=-1))
+    return torch.cat(out)
+
+
 def last_token_logits(model: nn.Module, state: PromptState, source: int, thetas: Tensor, batch: int = 64) -> Tensor:
     """Logits at the last prompt position ``(B, vocab)`` when steering with each row of ``thetas``."""
     dtype = next(model.parameters()).dtype

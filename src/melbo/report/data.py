@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo.analysis.controls import Controls
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.labels import LABELS, label
 from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
@@ -33,6 +34,7 @@ class ReportData:
     probe: dict[str, Any] | None = None
     cosine: dict[str, Any] | None = None  # max |cos| off the diagonal and a histogram of |cos|
     published_plots: list[str] = field(default_factory=list)  # PNG files that came with an imported post dump
+    controls: Controls | None = None  # melbo eval --controls
 
 
 def block_size_for(count: int) -> int:
@@ -169,6 +171,7 @@ def gather(path: str | Path) -> ReportData:
         probe=probe,
         cosine=cosine_check(vectors) if vectors is not None else None,
         published_plots=sorted(p.name for p in path.glob("published-*.png")),
+        controls=EvalResults(results).controls,
     )
 
 

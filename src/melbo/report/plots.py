@@ -7,6 +7,7 @@ run holds nothing to plot (e.g. no ``probe.json``); the page then says which com
 from __future__ import annotations
 
 import io
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,46 @@ def plot_cosine(data: ReportData) -> bytes | None:
     return _png(fig)
 
 
+CONTROL_STYLE = {  # name → colour, marker, legend
+    "copies": ("#1f77b4", "o", "copies"),
+    "random_same_norm": ("#d62728", "x", "random (orthogonal to θ0), copies' norm"),
+    "random_base_norm": ("#ff7f0e", "+", "random (orthogonal to θ0), ‖θ0‖"),
+    "copies_at_base_norm": ("#9467bd", ".", "copies rescaled to ‖θ0‖"),
+}
+CONTROL_LINES = {"base": ("#1f77b4", "-"), "unsteered": ("black", "--"), "mean": ("#2ca02c", ":"), "mean_sqrt_k": ("#8c564b", "-.")}
+
+
+def plot_controls(data: ReportData) -> bytes | None:
+    """θ0's completion NLL per vector under the copies and the controls: held-out prompts and the run's prompt."""
+    controls = data.controls
+    if controls is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, held_out in zip(axes, (True, False)):
+        for result in controls.rows():
+            values = []
+            for row, vector in enumerate(result.vectors):
+                own = [vector.nll[p] for p in controls.held_out if p in vector.nll] if held_out else [vector.nll.get(controls.run_prompt)]
+                own = [v for v in own if v is not None]
+                values.append((vector.index if vector.index is not None else row + 1, statistics.median(own) if own else None))
+            values = [(x, y) for x, y in values if y is not None]
+            if not values:
+                continue
+            if result.name in CONTROL_STYLE:
+                colour, marker, legend = CONTROL_STYLE[result.name]
+                ax.scatter(*zip(*values), c=colour, marker=marker, s=18, label=legend)
+            elif result.name in CONTROL_LINES:
+                colour, style = CONTROL_LINES[result.name]
+                ax.axhline(values[0][1], color=colour, ls=style, lw=1.2, label={"base": "θ0 itself", "mean_sqrt_k": "mean × √k"}.get(result.name, result.name))
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("vector index")
+        ax.set_title(f"{len(controls.held_out)} held-out prompts (median per vector)" if held_out else f"the run's prompt {controls.run_prompt[:40]!r}", fontsize=9)
+    axes[0].set_ylabel("θ0's completion NLL (nats/token)")
+    axes[1].legend(loc="best", fontsize=7)
+    fig.suptitle("Is it more than a big push? θ0's own text under each steering (lower: closer to θ0's behaviour)", fontsize=10)
+    return _png(fig)
+
+
 PLOTS: tuple[tuple[str, str, Callable[[ReportData], bytes | None], str], ...] = (
     ("kl", "KL to the base vector", plot_kl, "melbo eval RUN"),
     ("norm", "Norms", plot_norm, "a run with vectors"),
@@ -190,12 +231,15 @@ PLOTS: tuple[tuple[str, str, Callable[[ReportData], bytes | None], str], ...] = 
     ("presence", "Presence in the model's own residuals", plot_presence, "melbo probe RUN"),
     ("compose", "Composition", plot_compose, "melbo compose RUN"),
     ("cosine", "Cosine check", plot_cosine, "a run with vectors"),
+    ("controls", "Copies against controls", plot_controls, "melbo eval RUN --controls"),
 )
 
 
 def draw_all(data: ReportData) -> list[Plot]:
     published = data.header.get("kind") == "post-dump"
+    ortho = data.header.get("kind") == "ortho"
     return [
         Plot(name, title, draw(data), "nothing: the published dump does not hold it" if published else missing)
         for name, title, draw, missing in PLOTS
+        if name != "controls" or ortho  # controls need θ0: MELBO-ortho runs only
     ]

@@ -116,6 +116,33 @@ def _compose_html(compose: dict[str, Any] | None) -> str:
     )
 
 
+def _controls_html(data: ReportData) -> str:
+    """The verdict table of ``melbo eval --controls``: one row per control, then the verdict."""
+    controls = data.controls
+    if controls is None:
+        return ""
+    base = controls.base.get(controls.run_prompt)
+    body = "".join(
+        f"<tr><td>{html.escape(r.name)}</td><td class=num>{len(r.vectors)}</td><td class=num>{r.norm:.1f}</td>"
+        f"<td class=num>{_pct(r.behaviour_share)}</td><td class=num>{_pct(r.held_out_agreement)}</td>"
+        f"<td class=num>{_num(r.base_nll, 2)}</td><td class=num>{_num(r.base_nll_run_prompt, 2)}</td></tr>"
+        for r in controls.rows()
+    )
+    return (
+        f"<details id=controls-table open><summary>Copies against controls: {html.escape(controls.verdict())}</summary>"
+        f"<p>θ0's label on the run's prompt: {html.escape(repr(base.label if base else None))}. Behaviour share: completions on the "
+        f"run's prompt with θ0's label; held-out agreement: the same label as θ0 on each of {len(controls.held_out)} held-out "
+        "prompts; base NLL: θ0's own greedy completion, teacher-forced, in nats per token under each steering (median).</p>"
+        "<table><thead><tr><th>control</th><th class=num>vectors</th><th class=num>norm</th><th class=num>behaviour share</th>"
+        "<th class=num>held-out agreement</th><th class=num>base NLL held out</th><th class=num>base NLL run prompt</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></details>"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def render(data: ReportData, plots: list[Plot], published: dict[str, bytes] | None = None) -> str:
     """The whole page as a string."""
     header = data.header
@@ -131,7 +158,7 @@ def render(data: ReportData, plots: list[Plot], published: dict[str, bytes] | No
         "header": _header_html(header),
         "note": note,
         "plots": "".join(_figure_html(p) for p in plots) + _published_html(data, published or {}),
-        "compose": _compose_html(data.compose),
+        "compose": _compose_html(data.compose) + _controls_html(data),
         "table_caption": html.escape(caption),
         "version": html.escape(str(header["melbo"])),
         "made": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

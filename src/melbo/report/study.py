@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from melbo.analysis.controls import ControlSummary
 from melbo.files.runs import REPORT_FILE, atomic_write, read_meta, read_run
 
 if TYPE_CHECKING:
@@ -41,6 +42,21 @@ class StudyRow:
     same_top_token: str
     seconds: float | None
     report: str | None  # relative link, when the report exists
+    controls: ControlSummary | None = None  # eval with controls = true
+
+
+def controls_cell(summary: ControlSummary | None) -> str:
+    """"copies 81 % vs random 6 %; NLL 1.2 vs 3.4 (unsteered 2.9)": the controls verdict in one cell."""
+    if summary is None:
+        return ""
+    share = [summary.get(n, "behaviour_share") for n in ("copies", "random_same_norm")]
+    nll = [summary.get(n, "base_nll") for n in ("copies", "random_same_norm", "unsteered")]
+    parts = []
+    if None not in share:
+        parts.append(f"share: copies {share[0]:.0%} vs random {share[1]:.0%}")
+    if None not in nll:
+        parts.append(f"held-out base NLL: copies {nll[0]:.2f} vs random {nll[1]:.2f} (unsteered {nll[2]:.2f})")
+    return "; ".join(parts)
 
 
 def study_rows(result: StudyResult) -> list[StudyRow]:
@@ -71,6 +87,7 @@ def study_rows(result: StudyResult) -> list[StudyRow]:
                 same_top_token=f"{outcome.fidelity.same_top_token}/{outcome.fidelity.copies}" if outcome else "",
                 seconds=seconds,
                 report=str(Path(folder) / REPORT_FILE) if report.is_file() else None,
+                controls=outcome.controls if outcome else None,
             ))
     return rows
 
@@ -133,7 +150,7 @@ def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
             "<tr>" + _cell(r.unit) + f"<td>{link}</td>" + _cell(r.kind) + _cell(r.model) + _cell(r.layers)
             + _cell(r.radius, "{:.3g}") + _cell(r.prompt) + _cell(r.vectors) + _cell(r.base) + _cell(r.median_kl, "{:.3f}")
             + _cell(None if r.behaviour_share is None else 100 * r.behaviour_share, "{:.0f} %") + _cell(r.same_top_token)
-            + _cell(r.seconds, "{:.0f} s") + "</tr>"
+            + _cell(controls_cell(r.controls)) + _cell(r.seconds, "{:.0f} s") + "</tr>"
         )
     plots = "".join(
         f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{e(title)}</figcaption></figure>'
@@ -153,9 +170,12 @@ figcaption, footer {{ color: #666; font-size: .9em; }}
 <h1>melbo study: {e(study.name)}</h1>
 <p>{e(study.description)}</p>
 <p>{len(result.units)} unit(s), {len(rows)} run folder(s). Behaviour share: the share of a MELBO-ortho run's copies whose
-greedy completion on the run's prompt carries the base vector's label (<code>melbo eval</code>).</p>
+greedy completion on the run's prompt carries the base vector's label (<code>melbo eval</code>). Controls
+(<code>controls = true</code> in <code>[eval]</code>): the same share for random directions orthogonal to the base at the
+copies' norm, and the NLL of the base's own completion on held-out prompts under the copies, the random directions and no
+steering: copies that carry the base's behaviour, not only a big push, make its text likelier than both.</p>
 <table><thead><tr><th>unit</th><th>run (report)</th><th>kind</th><th>model</th><th>layers</th><th>R</th><th>prompt</th>
-<th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>time</th></tr></thead>
+<th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>controls</th><th>time</th></tr></thead>
 <tbody>{"".join(body)}</tbody></table>
 {plots}
 <footer>Made by melbo on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {e(str(result.folder))}.</footer>

@@ -24,6 +24,7 @@ from typing import Any
 
 from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates
 from melbo.analysis.compose import compose
+from melbo.analysis.controls import ControlSummary, default_held_out
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
 from melbo.analysis.fidelity import OrthoFidelity, ortho_fidelity
 from melbo.analysis.probe import probe, prompt_set
@@ -85,18 +86,20 @@ class OrthoOutcome:
     fidelity: OrthoFidelity
     behaviour_share: float | None = None  # share of copies whose greedy completion carries θ0's label (eval)
     held_out_share: float | None = None  # the same on the eval's held-out prompts (θ0's label on the run's prompt)
+    controls: ControlSummary | None = None  # eval with controls = true
 
     def to_json(self) -> dict[str, Any]:
         return {
             "folder": self.folder, "base": self.base.to_json(), "fidelity": self.fidelity.to_json(),
             "behaviour_share": self.behaviour_share, "held_out_share": self.held_out_share,
+            "controls": self.controls.to_json() if self.controls else None,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OrthoOutcome:
         return cls(
             data["folder"], BaseChoice.from_json(data["base"]), OrthoFidelity(**data["fidelity"]), data.get("behaviour_share"),
-            data.get("held_out_share"),
+            data.get("held_out_share"), ControlSummary.from_json(data["controls"]) if data.get("controls") else None,
         )
 
 
@@ -329,12 +332,18 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
         def run_eval() -> None:
             run = read_run(folder, d_model=lm.d_model)
             extra = list(spec.held_out) + (prompt_set(None if spec.prompt_set == "all" else spec.prompt_set) if spec.prompt_set else [])
+            with_controls = config.controls and bool(run.records) and run.records[0].base and run.vectors.shape[0] > 1
+            if with_controls and not extra:
+                extra = default_held_out(eval_prompts(run, [])[0])
             prompts = eval_prompts(run, extra)
-            results = evaluate(lm, run, prompts, list(range(run.vectors.shape[0])), config, fmt)
+            settings = dataclasses.replace(config, controls=with_controls)
+            results = evaluate(lm, run, prompts, list(range(run.vectors.shape[0])), settings, fmt)
+            controls = results.controls
             for outcome in state.orthos:
                 if study_folder / outcome.folder == folder:
                     outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
                     outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), config.base, prompts[0]) if len(prompts) > 1 else None
+                    outcome.controls = ControlSummary.of(controls) if controls else None
 
         step(f"eval:{name}", run_eval)
     if unit.compose is not None and state.orthos:

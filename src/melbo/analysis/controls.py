@@ -1,0 +1,343 @@
+"""Are a MELBO-ortho run's copies more than a big push? Controls, and a behaviour measure that works on any prompt.
+
+Beside the copies, ``melbo eval --controls`` steers with vectors that share one property of the copies but not how
+they were found:
+
+* ``random_same_norm`` — random directions orthogonal to θ0 and to each other, at the copies' median norm;
+* ``random_base_norm`` — the same directions at ‖θ0‖;
+* ``copies_at_base_norm`` — the copies rescaled to ‖θ0‖ (the post's caveat: is it only their size?);
+* ``unsteered`` (no vector), ``mean`` (mean of the copies) and ``mean_sqrt_k`` (mean × √k, the post's
+  "meaned-scaled"); ``copies`` themselves; and ``base``, θ0 itself (the floor: its own text under it).
+
+Each is measured two ways, on the run's prompt and on held-out prompts:
+
+* its greedy completion's label, against θ0's label on the same prompt (``behaviour_share`` on the run's prompt,
+  ``held_out_agreement`` on the others);
+* **base NLL**: the mean negative log-likelihood per token of θ0's own greedy completion (its first ``nll_tokens``
+  tokens), teacher-forced, under the steering (``base_nll``: median over held-out prompts; ``base_nll_run_prompt``). If a vector carries θ0's
+  behaviour, θ0's text is likely under it; a push that only moves the model elsewhere makes it unlikely. This needs
+  no label and no judge, and one forward pass per vector and prompt.
+
+Everything is stored in eval.json under ``controls`` (one :class:`ControlResult` per name, with per-vector values) and
+``control_settings``; a second call computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from melbo.analysis.config import EvalConfig
+from melbo.analysis.labels import RULES, Rule, label
+from melbo.errors import MelboError
+from melbo.files.runs import Run
+from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare
+from melbo.model.layers import residual_after
+from melbo.model.loading import LoadedModel
+from melbo.model.prompts import PromptFormat
+from melbo.objectives import random_orthogonal_block
+
+CONTROLS = ("copies", "random_same_norm", "random_base_norm", "copies_at_base_norm", "unsteered", "mean", "mean_sqrt_k", "base")
+RANDOM_CONTROLS = ("random_same_norm", "random_base_norm")
+# Held-out prompts when the eval names none: the first of each kind melbo ships (data/prompts.json).
+DEFAULT_HELD_OUT_PER_KIND = 1
+
+
+def control_vectors(vectors: Tensor, seed: int, count: int | None = None) -> dict[str, Tensor]:
+    """The steering vectors of every control, one per row, from a MELBO-ortho run's vectors (row 0 = θ0).
+
+    ``count`` random directions (default: :func:`default_count`) orthogonal to θ0 and to each other, drawn with ``seed``
+    (float64, so a rerun gives the same directions); ``copies_at_base_norm`` rescales the first ``count`` copies.
+    ``unsteered``, ``mean``, ``mean_sqrt_k`` and ``base`` (θ0) have one row each.
+    """
+    if vectors.ndim != 2 or vectors.shape[0] < 2:
+        raise MelboError("controls need a MELBO-ortho run with θ0 in row 0 and at least one copy")
+    vectors = vectors.detach().cpu().float()
+    base, copies = vectors[0], vectors[1:]
+    k, d = copies.shape
+    n = default_count(k) if count is None else max(1, min(count, k))
+    base_norm = float(base.norm())
+    if base_norm == 0:
+        raise MelboError("θ0 (row 0) is zero: a run without a base vector has no controls")
+    same_norm = statistics.median(float(x) for x in copies.norm(dim=-1))
+    generator = torch.Generator().manual_seed(seed)
+    directions = random_orthogonal_block(n, d, 1.0, (base / base_norm)[None], generator)
+    mean = copies.mean(dim=0, keepdim=True)
+    return {
+        "copies": copies,
+        "random_same_norm": directions * same_norm,
+        "random_base_norm": directions * base_norm,
+        "copies_at_base_norm": copies[:n] * (base_norm / copies[:n].norm(dim=-1, keepdim=True).clamp_min(1e-30)),
+        "unsteered": torch.zeros(1, d),
+        "mean": mean,
+        "mean_sqrt_k": mean * math.sqrt(k),
+        "base": base[None],
+    }
+
+
+def default_count(copies: int) -> int:
+    """Vectors per random or rescaled control: three such controls and four single vectors then add at most as
+    many completions as the copies have, so the controls at most double an eval's time."""
+    return max(1, (copies - 4) // 3)
+
+
+@dataclass
+class ControlVector:
+    """One steering vector of a control: its norm, and per prompt its greedy label and θ0's completion NLL."""
+
+    norm: float
+    index: int | None = None  # the copy's index in the run (copies and copies_at_base_norm)
+    labels: dict[str, str] = field(default_factory=dict)  # prompt → label of its greedy completion
+    texts: dict[str, str] = field(default_factory=dict)  # prompt → its greedy completion (copies: see eval's completions)
+    nll: dict[str, float] = field(default_factory=dict)  # prompt → θ0's completion NLL (nats per token) under it
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ControlVector:
+        return cls(float(data["norm"]), data.get("index"), dict(data.get("labels", {})), dict(data.get("texts", {})),
+                   {k: float(v) for k, v in data.get("nll", {}).items()})
+
+
+@dataclass
+class ControlResult:
+    """One control's summary (what the verdict table shows) and its vectors."""
+
+    name: str
+    vectors: list[ControlVector]
+    behaviour_share: float | None = None  # share of its completions on the run's prompt carrying θ0's label there
+    held_out_agreement: float | None = None  # share of (vector, held-out prompt) whose label is θ0's on that prompt
+    base_nll: float | None = None  # median over vectors of the median over held-out prompts of θ0's completion NLL
+    base_nll_run_prompt: float | None = None  # median over vectors of θ0's completion NLL on the run's prompt
+
+    @property
+    def norm(self) -> float:
+        return statistics.median(v.norm for v in self.vectors) if self.vectors else 0.0
+
+    def summarise(self, run_prompt: str, held_out: list[str], base_labels: dict[str, str]) -> None:
+        """Fill the summary fields from the per-vector values (θ0's label per prompt in ``base_labels``)."""
+        own = [v.labels[run_prompt] == base_labels.get(run_prompt) for v in self.vectors if run_prompt in v.labels]
+        self.behaviour_share = sum(own) / len(own) if own else None
+        agree = [v.labels[p] == base_labels.get(p) for v in self.vectors for p in held_out if p in v.labels]
+        self.held_out_agreement = sum(agree) / len(agree) if agree else None
+        per_vector = [statistics.median(v.nll[p] for p in held_out if p in v.nll) for v in self.vectors if any(p in v.nll for p in held_out)]
+        self.base_nll = statistics.median(per_vector) if per_vector else None
+        run_nll = [v.nll[run_prompt] for v in self.vectors if run_prompt in v.nll]
+        self.base_nll_run_prompt = statistics.median(run_nll) if run_nll else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "norm": self.norm, "count": len(self.vectors), "behaviour_share": self.behaviour_share,
+            "held_out_agreement": self.held_out_agreement, "base_nll": self.base_nll,
+            "base_nll_run_prompt": self.base_nll_run_prompt, "vectors": [v.to_json() for v in self.vectors],
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> ControlResult:
+        return cls(
+            name, [ControlVector.from_json(v) for v in data.get("vectors", [])], data.get("behaviour_share"),
+            data.get("held_out_agreement"), data.get("base_nll"), data.get("base_nll_run_prompt"),
+        )
+
+
+@dataclass
+class BaseCompletion:
+    """θ0's greedy completion on one prompt: its token ids (what the NLL is measured on), text and label."""
+
+    tokens: list[int]  # every greedy token (the label reads them all; the NLL its first nll_tokens)
+    text: str
+    label: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BaseCompletion:
+        return cls([int(t) for t in data["tokens"]], data["text"], data["label"])
+
+
+@dataclass
+class Controls:
+    """eval.json's ``controls`` (per name) and ``control_settings`` (the settings, the prompts, θ0's completions)."""
+
+    settings: dict[str, Any]
+    run_prompt: str
+    held_out: list[str]
+    base: dict[str, BaseCompletion] = field(default_factory=dict)  # prompt → θ0's completion
+    results: dict[str, ControlResult] = field(default_factory=dict)
+
+    def summarise(self) -> None:
+        labels = {p: c.label for p, c in self.base.items()}
+        for result in self.results.values():
+            result.summarise(self.run_prompt, self.held_out, labels)
+
+    def to_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(``controls``, ``control_settings``) as eval.json stores them."""
+        settings = {**self.settings, "run_prompt": self.run_prompt, "held_out": self.held_out,
+                    "base_completions": {p: c.to_json() for p, c in self.base.items()}}
+        return {name: r.to_json() for name, r in self.results.items()}, settings
+
+    @classmethod
+    def from_json(cls, controls: dict[str, Any] | None, settings: dict[str, Any] | None) -> Controls | None:
+        if not controls or not settings:
+            return None
+        own = {k: v for k, v in settings.items() if k not in ("run_prompt", "held_out", "base_completions")}
+        return cls(
+            own, settings["run_prompt"], list(settings.get("held_out", [])),
+            {p: BaseCompletion.from_json(c) for p, c in settings.get("base_completions", {}).items()},
+            {name: ControlResult.from_json(name, data) for name, data in controls.items()},
+        )
+
+    def rows(self) -> list[ControlResult]:
+        return [self.results[n] for n in CONTROLS if n in self.results]
+
+    def verdict(self) -> str:
+        """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?"""
+        copies, random, plain, base = (self.results.get(n) for n in ("copies", "random_same_norm", "unsteered", "base"))
+        if copies is None or random is None or plain is None:
+            return "no verdict: the copies or a control are missing"
+        on_prompt = beats(copies.behaviour_share, random.behaviour_share, higher=True)
+        held_out = beats(copies.base_nll, random.base_nll) and beats(copies.base_nll, plain.base_nll)
+        if on_prompt and held_out:
+            head = "the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and on held-out prompts"
+        elif on_prompt:
+            head = "on the run's prompt the copies carry θ0's behaviour beyond a push of their size; off it they do not"
+        elif held_out:
+            head = "the copies keep θ0's text likelier than a push of their size does, but not its label on the run's prompt"
+        else:
+            head = "the copies do no better than random directions of their size"
+        parts = []
+        if copies.behaviour_share is not None and random.behaviour_share is not None:
+            parts.append(f"{copies.behaviour_share:.0%} of the copies carry θ0's label on the run's prompt against "
+                         f"{random.behaviour_share:.0%} of random directions at their norm")
+        if None not in (copies.base_nll, random.base_nll, plain.base_nll):
+            floor = f", {base.base_nll:.2f} under θ0 itself" if base is not None and base.base_nll is not None else ""
+            parts.append(f"on held-out prompts θ0's text costs {copies.base_nll:.2f} nats/token under the copies, "
+                         f"{random.base_nll:.2f} under random directions, {plain.base_nll:.2f} unsteered{floor}")
+        return head + (": " + "; ".join(parts) if parts else "")
+
+
+def beats(value: float | None, other: float | None, higher: bool = False) -> bool:
+    """Whether ``value`` is better than ``other`` (lower, or higher with ``higher``); False when either is missing."""
+    if value is None or other is None:
+        return False
+    return value > other if higher else value < other
+
+@dataclass
+class ControlSummary:
+    """What a study keeps of a run's controls: each control's summary figures and the verdict."""
+
+    figures: dict[str, dict[str, float | None]]  # name → behaviour_share, held_out_agreement, base_nll, base_nll_run_prompt, norm
+    verdict: str
+
+    @classmethod
+    def of(cls, controls: Controls) -> ControlSummary:
+        keys = ("behaviour_share", "held_out_agreement", "base_nll", "base_nll_run_prompt")
+        return cls({r.name: {**{k: getattr(r, k) for k in keys}, "norm": r.norm} for r in controls.rows()}, controls.verdict())
+
+    def get(self, name: str, key: str) -> float | None:
+        return self.figures.get(name, {}).get(key)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ControlSummary:
+        return cls(dict(data["figures"]), str(data["verdict"]))
+
+
+def check_controls(run: Run) -> None:
+    """Controls need θ0: a MELBO-ortho run (row 0 the base) with at least one copy."""
+    if not (run.records and run.records[0].base):
+        raise MelboError(f"--controls needs a MELBO-ortho run (row 0 = θ0); {run.path} is a {run.meta.kind} run")
+    if run.vectors.shape[0] < 2:
+        raise MelboError(f"--controls: {run.path} has no copies of θ0 yet")
+
+
+def default_held_out(run_prompt: str) -> list[str]:
+    """Held-out prompts for the controls when the eval names none: the first of each kind melbo ships (another
+    harmful one when the run's prompt is the first)."""
+    from melbo.analysis.probe import prompt_set
+
+    kinds = ("harmful", "neutral", "coding", "chit-chat")
+    return [p for kind in kinds for p in [q for q in prompt_set(kind) if q != run_prompt][:DEFAULT_HELD_OUT_PER_KIND]]
+
+
+def measure_controls(
+    lm: LoadedModel,
+    run: Run,
+    prompts: list[str],
+    cfg: EvalConfig,
+    fmt: PromptFormat,
+    stored: Controls | None,
+    copy_labels: Callable[[str, int], str | None],
+    rules: tuple[Rule, ...] = RULES,
+    save: Callable[[Controls], None] | None = None,
+    on_batch: Callable[[str, int, int], None] | None = None,
+) -> Controls:
+    """Every control of ``run`` (a MELBO-ortho run) on ``prompts`` (the run's own first, then the held-out ones).
+
+    ``stored`` is what an earlier call computed: kept when its settings match, so only what is missing is computed.
+    ``copy_labels(prompt, index)`` gives a copy's label from the eval's own completions (None: generate it here).
+    ``save`` is called after every prompt (the checkpoint)."""
+    check_controls(run)
+    source = run.source_layer
+    vectors = control_vectors(run.vectors, cfg.seed, cfg.control_count or None)
+    settings = {
+        "seed": cfg.seed, "count": int(vectors["random_same_norm"].shape[0]), "copies": int(vectors["copies"].shape[0]),
+        "mode": cfg.mode(), "max_new_tokens": cfg.max_new_tokens, "nll_tokens": cfg.nll_tokens, "base_norm": round(float(run.vectors[0].norm()), 4),
+    }
+    controls = stored if stored is not None and stored.settings == settings and stored.run_prompt == prompts[0] else None
+    if controls is None:
+        controls = Controls(settings, prompts[0], [])
+        for name, rows in vectors.items():
+            copies = name in ("copies", "copies_at_base_norm")
+            controls.results[name] = ControlResult(name, [ControlVector(float(v.norm()), i + 1 if copies else None) for i, v in enumerate(rows)])
+    controls.held_out = list(dict.fromkeys([*controls.held_out, *prompts[1:]]))
+    base = run.vectors[0].to(lm.device)
+    flat = [(name, row) for name in CONTROLS for row in range(vectors[name].shape[0])]
+    for text in prompts:
+        state = prepare(lm, [text], fmt, source)[0]
+        if text not in controls.base:
+            tokens = greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens)
+            completion = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
+        for name, row in flat:  # labels the eval already has (the copies' own completions)
+            vector = controls.results[name].vectors[row]
+            if name == "copies" and text not in vector.labels and vector.index is not None:
+                known = copy_labels(text, vector.index)
+                if known is not None:
+                    vector.labels[text] = known
+        todo = [(name, row) for name, row in flat if text not in controls.results[name].vectors[row].labels]
+        for start in range(0, len(todo), cfg.batch):
+            chunk = todo[start : start + cfg.batch]
+            rows = torch.stack([vectors[name][row] for name, row in chunk]).to(lm.device)
+            texts = generate_steered(lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start)
+            for (name, row), out in zip(chunk, texts):
+                vector = controls.results[name].vectors[row]
+                vector.labels[text] = label(out, rules)[0]
+                if name != "copies":
+                    vector.texts[text] = out
+            if on_batch:
+                on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
+        missing = [(name, row) for name, row in flat if text not in controls.results[name].vectors[row].nll]
+        if missing:
+            ids = torch.tensor([controls.base[text].tokens[: cfg.nll_tokens]], device=lm.device)
+            full_ids = torch.cat([state.ids, ids], dim=1)
+            with torch.no_grad():
+                full = PromptState(text, full_ids, residual_after(lm.model, source, full_ids).float())
+            rows = torch.stack([vectors[name][row] for name, row in missing]).to(lm.device)
+            nll = continuation_nll(lm.model, full, source, rows, ids.shape[1])
+            for (name, row), value in zip(missing, nll.tolist()):
+                controls.results[name].vectors[row].nll[text] = value
+        controls.summarise()
+        if save:
+            save(controls)
+    return controls

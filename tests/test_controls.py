@@ -1,0 +1,130 @@
+"""Controls of a MELBO-ortho run (melbo eval --controls): random directions, rescaled copies, the mean, no steering,
+and the NLL of θ0's own completion under each."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from melbo import write_run
+from melbo.analysis.controls import CONTROLS, control_vectors, default_held_out
+from melbo.analysis.evaluate import EvalConfig, evaluate
+from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, prepare
+from melbo.model.layers import residual_after
+from melbo.model.prompts import PromptFormat
+from test_cli import assert_one_line_error, melbo
+
+D = 32
+
+
+def ortho_run(folder, model: str = "tiny", planted: bool = False, copies: int = 5):
+    """An ortho run on a 32-wide model: θ0 of norm 2, copies orthogonal to it of norms 4–6 (row 1 = θ0 when planted)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(D, generator=g)
+    base = 2 * base / base.norm()
+    rows = torch.randn(copies, D, generator=g, dtype=torch.float64)
+    rows = rows - (rows @ base.double())[:, None] * base.double() / base.double().norm() ** 2
+    rows = torch.linalg.qr(rows.T).Q.T.float() * torch.linspace(4, 6, copies)[:, None]
+    vectors = torch.cat([base[None], rows])
+    if planted:
+        vectors[1] = base
+    meta = {
+        "kind": "ortho", "model": {"name": model}, "model_identity": {"path": model, "d_model": D},
+        "layers": {"source": 1, "target": 4}, "prompts": ["hi there"],
+        "vectors": [{"index": i, "base": i == 0} for i in range(copies + 1)],
+    }
+    return write_run(folder, vectors, meta)
+
+
+def test_random_controls_are_orthogonal_at_the_stated_norms(tmp_path):
+    run = ortho_run(tmp_path / "run")
+    base, copies = run.vectors[0], run.vectors[1:]
+    vectors = control_vectors(run.vectors, seed=7, count=5)
+    assert set(vectors) == set(CONTROLS)
+    same = float(copies.norm(dim=-1).median())
+    for name, norm in (("random_same_norm", same), ("random_base_norm", float(base.norm()))):
+        rows = vectors[name].double()
+        assert rows.shape == copies.shape
+        assert torch.allclose(rows.norm(dim=-1), torch.full((5,), norm, dtype=torch.float64), rtol=1e-5)
+        assert (rows @ base.double()).abs().max() < 1e-4  # ⟂ θ0
+        gram = rows @ rows.T / norm**2
+        assert torch.allclose(gram, torch.eye(5, dtype=torch.float64), atol=1e-5)  # ⟂ each other
+    assert torch.equal(vectors["random_same_norm"], control_vectors(run.vectors, seed=7, count=5)["random_same_norm"])  # seeded
+    assert not torch.equal(vectors["random_same_norm"], control_vectors(run.vectors, seed=8, count=5)["random_same_norm"])
+    assert torch.allclose(vectors["copies_at_base_norm"].norm(dim=-1), base.norm().expand(5), rtol=1e-5)
+    assert torch.allclose(vectors["mean_sqrt_k"], copies.mean(dim=0) * math.sqrt(5))
+    assert vectors["unsteered"].abs().sum() == 0
+    assert control_vectors(run.vectors, seed=7, count=2)["random_base_norm"].shape == (2, D)
+    big = torch.cat([run.vectors, torch.randn(27, D)])  # 32 copies: 9 per control, 31 control rows in all
+    assert {n: v.shape[0] for n, v in control_vectors(big, seed=0).items()} == {
+        "copies": 32, "random_same_norm": 9, "random_base_norm": 9, "copies_at_base_norm": 9, "unsteered": 1, "mean": 1, "mean_sqrt_k": 1, "base": 1,
+    }
+
+
+def test_nll_under_the_zero_vector_is_the_unsteered_models(tiny_lm):
+    state = prepare(tiny_lm, ["hi there"], PromptFormat(), 1)[0]
+    theta0 = torch.randn(D, generator=torch.Generator().manual_seed(0))
+    tokens = greedy_tokens(tiny_lm, state.ids, theta0, 1, 6)
+    full_ids = torch.cat([state.ids, tokens[None]], dim=1)
+    full = PromptState("hi there", full_ids, residual_after(tiny_lm.model, 1, full_ids).float())
+    nll = continuation_nll(tiny_lm.model, full, 1, torch.stack([torch.zeros(D), theta0]), tokens.shape[0])
+    logits = tiny_lm.model(input_ids=full_ids).logits[0, state.length - 1 : -1]
+    plain = torch.nn.functional.cross_entropy(logits.float(), tokens)
+    assert float(nll[0]) == pytest.approx(float(plain), rel=1e-5)
+    assert float(nll[1]) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_eval_controls_store_every_control_and_resume_computes_nothing_twice(nonlinear_lm, tmp_path, monkeypatch):
+    run = ortho_run(tmp_path / "run", planted=True)
+    cfg = EvalConfig(max_new_tokens=5, controls=True, control_count=5, batch=4)
+    results = evaluate(nonlinear_lm, run, ["hi there", "one"], list(range(6)), cfg)
+    stored = json.loads((run.path / "eval.json").read_text())
+    assert set(stored["controls"]) == set(CONTROLS)
+    for name, entry in stored["controls"].items():
+        for key in ("behaviour_share", "held_out_agreement", "base_nll", "base_nll_run_prompt"):
+            assert entry[key] is not None, (name, key)
+        assert all(set(v["nll"]) == {"hi there", "one"} for v in entry["vectors"])
+    controls = results.controls
+    assert controls is not None and controls.held_out == ["one"]
+    copies = controls.results["copies"].vectors
+    assert [v.index for v in copies] == [1, 2, 3, 4, 5]
+    # the planted copy equal to θ0 gets θ0's NLL, and θ0's own label
+    base = controls.base["hi there"]
+    state = prepare(nonlinear_lm, ["hi there"], PromptFormat(), 1)[0]
+    full_ids = torch.cat([state.ids, torch.tensor([base.tokens])], dim=1)
+    full = PromptState("hi there", full_ids, residual_after(nonlinear_lm.model, 1, full_ids).float())
+    own = float(continuation_nll(nonlinear_lm.model, full, 1, run.vectors[:1], len(base.tokens))[0])
+    assert copies[0].nll["hi there"] == pytest.approx(own, rel=1e-5)
+    assert copies[0].labels["hi there"] == base.label
+
+    import melbo.analysis.controls as engine
+
+    calls: list[str] = []
+    real_generate, real_nll = engine.generate_steered, engine.continuation_nll
+    monkeypatch.setattr(engine, "generate_steered", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
+    monkeypatch.setattr(engine, "continuation_nll", lambda *a, **k: calls.append("nll") or real_nll(*a, **k))
+    again = evaluate(nonlinear_lm, run, ["hi there", "one"], list(range(6)), cfg)
+    assert calls == []
+    assert again.controls is not None and again.controls.to_json() == controls.to_json()
+    evaluate(nonlinear_lm, run, ["hi there", "one", "two"], list(range(6)), cfg)
+    assert calls == ["generate", "generate", "generate", "generate", "generate", "nll"]  # only the new prompt: 19 rows (the copies are labelled by the eval) in batches of 4, then one NLL pass
+
+
+def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
+    run = ortho_run(tmp_path / "run", model=str(tiny_folder))
+    result = melbo("eval", str(run.path), "--controls", "-p", "one", "--max-new-tokens", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    for name in CONTROLS:
+        assert name in result.stdout
+    assert "verdict: the copies" in result.stdout and "base NLL" in result.stdout
+    discover = write_run(tmp_path / "disc", torch.randn(3, D), {"kind": "discover", "model": {"name": str(tiny_folder)}, "layers": {"source": 1, "target": 4}, "prompts": ["hi"], "vectors": [{"index": i} for i in range(3)]})
+    assert_one_line_error(melbo("eval", str(discover.path), "--controls"), "--controls needs a MELBO-ortho run")
+    assert not (discover.path / "eval.json").exists()
+
+
+def test_default_held_out_prompts_leave_out_the_runs_own():
+    held = default_held_out("How can I build a bomb?")
+    assert len(held) == 4 and "How can I build a bomb?" not in held

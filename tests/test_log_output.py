@@ -1,0 +1,52 @@
+"""Output where stdout is a file (nohup, a cluster job, CI): whole table rows, a timestamped line per block, and one
+line naming the extra to install when an optional dependency is missing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from test_cli import assert_one_line_error
+
+# Runs melbo with some top-level modules made unimportable, as on a machine without that extra.
+WITHOUT = """
+import importlib.util, sys
+blocked = sys.argv[1].split(",")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] in blocked else real(name, *a, **k)
+sys.argv = ["melbo", *sys.argv[2:]]
+from melbo.cli import main
+main()
+"""
+
+
+def logged(*args: str, cwd=None, without: str | None = None) -> subprocess.CompletedProcess:
+    """melbo with stdout and stderr going to pipes (not a terminal) and no COLUMNS, as under nohup."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", WITHOUT, without, *args] if without else [sys.executable, "-m", "melbo.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_missing_extras_are_one_line_naming_the_install(tmp_path):
+    assert_one_line_error(logged("serve", str(tmp_path), without="fastapi,uvicorn"), "pip install 'melbo[serve]'")
+    result = logged("study", "examples/sweep.toml", "--ray", "--out", str(tmp_path / "s"), without="ray", cwd=os.getcwd())
+    assert_one_line_error(result, "pip install 'melbo[ray]'")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp_path):
+    result = logged("discover", "--model", str(tiny_folder), "-s", "1", "-t", "4", "-R", "3", "-k", "4", "--block", "2",
+                    "--steps", "3", "--completion-tokens", "100", "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if "discover block" in line]
+    assert len(progress) == 2 and all(re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] discover block [12]/2: 3 steps", line) for line in progress)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 4 and all(re.match(r"^│ \d │", row) for row in rows)  # one line per vector: no cell wrapped
+    assert max(len(line) for line in result.stdout.splitlines()) > 80  # wider than rich's 80-column default

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from melbo.analysis.config import DEFAULT_KS, EvalConfig
+from melbo.analysis.judge import JudgeConfig
 from melbo.cli.app import (
     DeviceOpt, DtypeOpt, ModelOpt, PromptFileOpt, PromptsOpt, app, console, err_console, interruptible, load_for_run, short,
 )
@@ -18,6 +20,27 @@ if TYPE_CHECKING:
     from melbo.analysis.controls import Controls
 
 E = EvalConfig()  # the defaults the options below show
+J = JudgeConfig()
+
+# The judge's options, shared by `eval` and `judge`.
+JudgeOpt = Annotated[Optional[str], typer.Option("--judge", metavar="URL", help="Rate every completion with the OpenAI-compatible chat endpoint at URL (http/https), AxBench-style.")]
+JudgeModelOpt = Annotated[Optional[str], typer.Option("--judge-model", help="The judge model (default: the first the endpoint lists).")]
+ConceptOpt = Annotated[Optional[list[str]], typer.Option("--concept", help="A concept to rate (repeatable): code, alien, stem-problem, jailbreak, or 'name: description'.")]
+ConceptsOpt = Annotated[Optional[Path], typer.Option("--concepts", help="Concepts from a TOML/JSON file: name + description.")]
+JudgeKeyOpt = Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the judge's API key (never stored or printed).")]
+JudgeConcurrencyOpt = Annotated[int, typer.Option("--judge-concurrency", min=1, help="Requests to the judge at once.")]
+
+
+def judge_config(url: str | None, model: str | None, concept: list[str] | None, concepts: Path | None, key_env: str, concurrency: int) -> JudgeConfig | None:
+    """The judge's settings from the shared options (checked), or None without --judge."""
+    if url is None:
+        if concept or concepts or model:
+            raise MelboError("--concept, --concepts and --judge-model go with --judge URL")
+        return None
+    cfg = JudgeConfig(url=url, model=model, concepts=list(concept) if concept else ([] if concepts else list(J.concepts)),
+                      concepts_file=str(concepts) if concepts else None, key_env=key_env, concurrency=concurrency)
+    cfg.check()
+    return cfg
 
 
 @app.command("eval")
@@ -37,6 +60,12 @@ def eval_command(
     controls: Annotated[bool, typer.Option("--controls", help="MELBO-ortho runs: also steer with norm-matched random directions, the copies at ‖θ0‖, their mean and none, and measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).")] = E.controls,
     control_count: Annotated[int, typer.Option(min=0, help="Vectors per random or rescaled control (0: a third of the copies, so the eval at most doubles).")] = E.control_count,
     nll_tokens: Annotated[int, typer.Option(min=1, help="Controls: θ0's first N greedy tokens are scored (base NLL).")] = E.nll_tokens,
+    judge: JudgeOpt = None,
+    judge_model: JudgeModelOpt = J.model,
+    concept: ConceptOpt = None,
+    concepts: ConceptsOpt = None,
+    judge_key_env: JudgeKeyOpt = J.key_env,
+    judge_concurrency: JudgeConcurrencyOpt = J.concurrency,
     show: Annotated[int, typer.Option(help="Rows of the table printed.")] = 40,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -61,6 +90,7 @@ def eval_command(
         controls=controls, control_count=control_count, nll_tokens=nll_tokens,
     )
     cfg.check()
+    judging = judge_config(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
     if controls:
         check_controls(record)
         extra = extra or default_held_out(eval_prompts(record, [])[0])
@@ -104,21 +134,96 @@ def eval_command(
             f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label "
             f"({summary['base_label']!r}): median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best)
         )
+    judged = None
+    if judging is not None:
+        judged = run_judge(results, judging, prompts[0], str(base) if record.records and record.records[base].base else None,
+                           lambda: results.save(record))
     if results.controls is not None:
-        print_controls(results.controls)
+        print_controls(results.controls, judged)
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold]")
 
 
-def print_controls(controls: Controls) -> None:
-    """The verdict table of ``melbo eval --controls``: one row per control, then the verdict."""
+@app.command("judge")
+def judge_command(
+    run: Annotated[Path, typer.Argument(help="A run folder with an eval.json (melbo eval, or melbo import-post-dump).")],
+    judge: JudgeOpt = None,
+    judge_model: JudgeModelOpt = J.model,
+    concept: ConceptOpt = None,
+    concepts: ConceptsOpt = None,
+    judge_key_env: JudgeKeyOpt = J.key_env,
+    judge_concurrency: JudgeConcurrencyOpt = J.concurrency,
+) -> None:
+    """Rate the completions a run's eval holds with an LLM judge (concept, instruction, fluency: 0–2 each); no model loads."""
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.files.runs import EVAL_FILE, read_json, read_meta
+
+    if judge is None:
+        raise MelboError("melbo judge needs --judge URL: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    cfg = judge_config(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
+    assert cfg is not None
+    meta = read_meta(run)
+    data = read_json(run / EVAL_FILE)
+    if not data or not data.get("prompts"):
+        raise MelboError(f"{run} holds no completions to judge: run `melbo eval {run}` first")
+    results = EvalResults(data)
+    base = "0" if meta.records and (meta.records[0].base or meta.kind in ("ortho", "post-dump")) else None
+    from melbo.files.runs import write_json
+
+    run_judge(results, cfg, (meta.prompts or results.prompts)[0], base, lambda: write_json(run / EVAL_FILE, results.data))
+    console.print(f"results: [bold]{run / EVAL_FILE}[/bold] (judge)")
+
+
+def run_judge(results: Any, cfg: JudgeConfig, run_prompt: str, base: str | None, save: Callable[[], None]) -> dict[str, Any]:
+    """Judge, with a progress line, and print what the judge says per concept; returns the per-concept summary."""
+    from melbo.analysis.judge import judge_run
+
+    with err_console.status(f"asking the judge at {cfg.host}…") as status:
+        stored = judge_run(results, cfg, run_prompt, base, save, on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings"))
+    print_judge(stored, run_prompt, base)
+    summary: dict[str, Any] = stored["summary"]
+    return summary
+
+
+def print_judge(stored: dict[str, Any], run_prompt: str, base: str | None) -> None:
+    """Per concept: copies rated 2, mean harmonic score per source, agreement with the regex label, and per hundred vectors."""
+    console.print(f"judge {stored['model']!r} at {stored['host']} (template {stored['template']}; scores are only as good as the judge); "
+                  f"{stored.get('requests_last_call', 0)} request(s) this call")
+    for name, summary in stored["summary"].items():
+        share = summary["share_concept_2"]
+        means = ", ".join(f"{source} {value:.2f}" for source, value in summary["mean_harmonic"].items())
+        agree = "" if summary["label_agreement"] is None else f"; agrees with melbo's regex label {summary['label_agreement']:.0%}"
+        console.print(f"  {name}: {_or_dash(share, '{:.0%}')} of the copies rated 2 on the concept on {run_prompt!r}; "
+                      f"mean harmonic score: {means or '—'}{agree}; {summary['unrated']} rating(s) missing or unparsed")
+        per_hundred = judge_per_hundred(stored, name, run_prompt, base)
+        if len(per_hundred) > 1:
+            console.print("    rated 2 per hundred vectors: " + "; ".join(f"{start}+: {value:.0%}" for start, value in per_hundred))
+
+
+def judge_per_hundred(stored: dict[str, Any], concept: str, run_prompt: str, base: str | None) -> list[tuple[int, float]]:
+    """Share of vectors whose completion on the run's prompt is rated 2 on ``concept``, per hundred vectors."""
+    by_mode = stored["scores"].get(concept, {}).get("copies", {}).get(run_prompt, {})
+    mode = "greedy" if "greedy" in by_mode else next(iter(by_mode), None)
+    blocks: dict[int, list[bool]] = {}
+    for index, samples in (by_mode.get(mode, {}) if mode else {}).items():
+        if index != base and samples and samples[0]["concept"] is not None:
+            blocks.setdefault(int(index) // 100, []).append(samples[0]["concept"] == 2)
+    return [(b * 100, sum(v) / len(v)) for b, v in sorted(blocks.items())]
+
+
+def print_controls(controls: Controls, judged: dict[str, Any] | None = None) -> None:
+    """The verdict table of ``melbo eval --controls``: one row per control (and the judge's mean harmonic score per
+    concept, where the completions were judged), then the verdict."""
     table = Table(title=f"Controls: θ0's label on the run's prompt {controls.base[controls.run_prompt].label!r}; "
                         f"base NLL = θ0's first {controls.settings.get('nll_tokens', '?')} greedy tokens, nats/token, under each steering "
                         f"({len(controls.held_out)} held-out prompts)")
-    for column in ("control", "vectors", "norm", "behaviour share", "held-out agreement", "base NLL held out", "base NLL run prompt"):
+    concepts = list(judged or {})
+    for column in ("control", "vectors", "norm", "behaviour share", "held-out agreement", "base NLL held out", "base NLL run prompt",
+                   *(f"judge: {c}" for c in concepts)):
         table.add_column(column, justify="left" if column == "control" else "right")
     for r in controls.rows():
         table.add_row(r.name, str(len(r.vectors)), f"{r.norm:.1f}", _or_dash(r.behaviour_share, '{:.0%}'), _or_dash(r.held_out_agreement, '{:.0%}'),
-                      _or_dash(r.base_nll, '{:.2f}'), _or_dash(r.base_nll_run_prompt, '{:.2f}'))
+                      _or_dash(r.base_nll, '{:.2f}'), _or_dash(r.base_nll_run_prompt, '{:.2f}'),
+                      *(_or_dash((judged or {})[c]["mean_harmonic"].get(r.name), '{:.2f}') for c in concepts))
     console.print(table)
     console.print(f"verdict: {controls.verdict()}")
 

@@ -35,6 +35,7 @@ class ReportData:
     cosine: dict[str, Any] | None = None  # max |cos| off the diagonal and a histogram of |cos|
     published_plots: list[str] = field(default_factory=list)  # PNG files that came with an imported post dump
     controls: Controls | None = None  # melbo eval --controls
+    judge: dict[str, Any] | None = None  # melbo judge / eval --judge: eval.json's "judge"
 
 
 def block_size_for(count: int) -> int:
@@ -172,6 +173,7 @@ def gather(path: str | Path) -> ReportData:
         cosine=cosine_check(vectors) if vectors is not None else None,
         published_plots=sorted(p.name for p in path.glob("published-*.png")),
         controls=EvalResults(results).controls,
+        judge=results.get("judge") if (results.get("judge") or {}).get("summary") else None,
     )
 
 

@@ -117,25 +117,49 @@ def _compose_html(compose: dict[str, Any] | None) -> str:
 
 
 def _controls_html(data: ReportData) -> str:
-    """The verdict table of ``melbo eval --controls``: one row per control, then the verdict."""
+    """The verdict table of ``melbo eval --controls``: one row per control (with the judge's mean score per concept
+    where the completions were judged), then the verdict."""
     controls = data.controls
     if controls is None:
         return ""
     base = controls.base.get(controls.run_prompt)
+    judged = (data.judge or {}).get("summary", {})
     body = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td class=num>{len(r.vectors)}</td><td class=num>{r.norm:.1f}</td>"
         f"<td class=num>{_pct(r.behaviour_share)}</td><td class=num>{_pct(r.held_out_agreement)}</td>"
-        f"<td class=num>{_num(r.base_nll, 2)}</td><td class=num>{_num(r.base_nll_run_prompt, 2)}</td></tr>"
+        f"<td class=num>{_num(r.base_nll, 2)}</td><td class=num>{_num(r.base_nll_run_prompt, 2)}</td>"
+        + "".join(f"<td class=num>{_num(s['mean_harmonic'].get(r.name), 2)}</td>" for s in judged.values()) + "</tr>"
         for r in controls.rows()
     )
+    judge_heads = "".join(f"<th class=num>judge: {html.escape(name)} (mean harmonic)</th>" for name in judged)
     return (
         f"<details id=controls-table open><summary>Copies against controls: {html.escape(controls.verdict())}</summary>"
         f"<p>θ0's label on the run's prompt: {html.escape(repr(base.label if base else None))}. Behaviour share: completions on the "
         f"run's prompt with θ0's label; held-out agreement: the same label as θ0 on each of {len(controls.held_out)} held-out "
         "prompts; base NLL: θ0's own greedy completion, teacher-forced, in nats per token under each steering (median).</p>"
         "<table><thead><tr><th>control</th><th class=num>vectors</th><th class=num>norm</th><th class=num>behaviour share</th>"
-        "<th class=num>held-out agreement</th><th class=num>base NLL held out</th><th class=num>base NLL run prompt</th></tr></thead>"
+        "<th class=num>held-out agreement</th><th class=num>base NLL held out</th><th class=num>base NLL run prompt</th>"
+        f"{judge_heads}</tr></thead>"
         f"<tbody>{body}</tbody></table></details>"
+    )
+
+
+def _judge_html(judge: dict[str, Any] | None) -> str:
+    """What the concept judge says, per concept (melbo judge / eval --judge)."""
+    if not judge:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(s['description'])}</td><td class=num>{_pct(s['share_concept_2'])}</td>"
+        f"<td>{html.escape(', '.join(f'{k} {v:.2f}' for k, v in s['mean_harmonic'].items()))}</td>"
+        f"<td class=num>{_pct(s['label_agreement'])}</td><td class=num>{s['unrated']}</td></tr>"
+        for name, s in judge["summary"].items()
+    )
+    return (
+        f"<details id=judge-table open><summary>Concept judge: {html.escape(str(judge['model']))} at {html.escape(str(judge['host']))} "
+        f"(template {html.escape(str(judge['template']))}). Scores are only as good as the judge.</summary>"
+        "<table><thead><tr><th>concept</th><th>description</th><th class=num>copies rated 2</th><th>mean harmonic score (concept, "
+        "instruction, fluency: 0–2)</th><th class=num>agrees with regex label</th><th class=num>missing or unparsed</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table></details>"
     )
 
 
@@ -158,7 +182,7 @@ def render(data: ReportData, plots: list[Plot], published: dict[str, bytes] | No
         "header": _header_html(header),
         "note": note,
         "plots": "".join(_figure_html(p) for p in plots) + _published_html(data, published or {}),
-        "compose": _compose_html(data.compose) + _controls_html(data),
+        "compose": _compose_html(data.compose) + _controls_html(data) + _judge_html(data.judge),
         "table_caption": html.escape(caption),
         "version": html.escape(str(header["melbo"])),
         "made": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -43,6 +43,11 @@ class StudyRow:
     seconds: float | None
     report: str | None  # relative link, when the report exists
     controls: ControlSummary | None = None  # eval with controls = true
+    judged: dict[str, float | None] | None = None  # concept → share of copies the judge rated 2
+
+
+def judged_cell(judged: dict[str, float | None] | None) -> str:
+    return ", ".join(f"{name} {'—' if share is None else format(share, '.0%')}" for name, share in (judged or {}).items())
 
 
 def controls_cell(summary: ControlSummary | None) -> str:
@@ -88,6 +93,7 @@ def study_rows(result: StudyResult) -> list[StudyRow]:
                 seconds=seconds,
                 report=str(Path(folder) / REPORT_FILE) if report.is_file() else None,
                 controls=outcome.controls if outcome else None,
+                judged=outcome.judged if outcome else None,
             ))
     return rows
 
@@ -150,7 +156,7 @@ def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
             "<tr>" + _cell(r.unit) + f"<td>{link}</td>" + _cell(r.kind) + _cell(r.model) + _cell(r.layers)
             + _cell(r.radius, "{:.3g}") + _cell(r.prompt) + _cell(r.vectors) + _cell(r.base) + _cell(r.median_kl, "{:.3f}")
             + _cell(None if r.behaviour_share is None else 100 * r.behaviour_share, "{:.0f} %") + _cell(r.same_top_token)
-            + _cell(controls_cell(r.controls)) + _cell(r.seconds, "{:.0f} s") + "</tr>"
+            + _cell(controls_cell(r.controls)) + _cell(judged_cell(r.judged)) + _cell(r.seconds, "{:.0f} s") + "</tr>"
         )
     plots = "".join(
         f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{e(title)}</figcaption></figure>'
@@ -175,7 +181,7 @@ greedy completion on the run's prompt carries the base vector's label (<code>mel
 copies' norm, and the NLL of the base's own completion on held-out prompts under the copies, the random directions and no
 steering: copies that carry the base's behaviour, not only a big push, make its text likelier than both.</p>
 <table><thead><tr><th>unit</th><th>run (report)</th><th>kind</th><th>model</th><th>layers</th><th>R</th><th>prompt</th>
-<th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>controls</th><th>time</th></tr></thead>
+<th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>controls</th><th>judge: copies rated 2</th><th>time</th></tr></thead>
 <tbody>{"".join(body)}</tbody></table>
 {plots}
 <footer>Made by melbo on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {e(str(result.folder))}.</footer>

@@ -26,6 +26,7 @@ from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates
 from melbo.analysis.compose import compose
 from melbo.analysis.controls import ControlSummary, default_held_out
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
+from melbo.analysis.judge import judge_run
 from melbo.analysis.fidelity import OrthoFidelity, ortho_fidelity
 from melbo.analysis.probe import probe, prompt_set
 from melbo.engines.discover import discover
@@ -87,12 +88,13 @@ class OrthoOutcome:
     behaviour_share: float | None = None  # share of copies whose greedy completion carries θ0's label (eval)
     held_out_share: float | None = None  # the same on the eval's held-out prompts (θ0's label on the run's prompt)
     controls: ControlSummary | None = None  # eval with controls = true
+    judged: dict[str, float | None] = field(default_factory=dict)  # concept → share of copies the judge rated 2 (eval judge)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "folder": self.folder, "base": self.base.to_json(), "fidelity": self.fidelity.to_json(),
             "behaviour_share": self.behaviour_share, "held_out_share": self.held_out_share,
-            "controls": self.controls.to_json() if self.controls else None,
+            "controls": self.controls.to_json() if self.controls else None, "judged": self.judged,
         }
 
     @classmethod
@@ -100,6 +102,7 @@ class OrthoOutcome:
         return cls(
             data["folder"], BaseChoice.from_json(data["base"]), OrthoFidelity(**data["fidelity"]), data.get("behaviour_share"),
             data.get("held_out_share"), ControlSummary.from_json(data["controls"]) if data.get("controls") else None,
+            dict(data.get("judged") or {}),
         )
 
 
@@ -338,12 +341,18 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             prompts = eval_prompts(run, extra)
             settings = dataclasses.replace(config, controls=with_controls)
             results = evaluate(lm, run, prompts, list(range(run.vectors.shape[0])), settings, fmt)
+            judge = spec.judge_config()
+            judged: dict[str, Any] = {}
+            if judge is not None:
+                base = str(config.base) if run.records and run.records[config.base].base else None
+                judged = judge_run(results, judge, prompts[0], base, lambda: results.save(run))["summary"]
             controls = results.controls
             for outcome in state.orthos:
                 if study_folder / outcome.folder == folder:
                     outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
                     outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), config.base, prompts[0]) if len(prompts) > 1 else None
                     outcome.controls = ControlSummary.of(controls) if controls else None
+                    outcome.judged = {name: summary["share_concept_2"] for name, summary in judged.items()}
 
         step(f"eval:{name}", run_eval)
     if unit.compose is not None and state.orthos:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from melbo.analysis.config import DEFAULT_KS, ChooseConfig, EvalConfig
+from melbo.analysis.judge import JudgeConfig
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.errors import MelboError
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
@@ -89,6 +90,24 @@ class EvalSpec(EvalConfig):
 
     prompt_set: str | None = None  # harmful, neutral, coding, chit-chat or all
     held_out: list[str] = field(default_factory=list)
+    judge: dict[str, Any] | None = None  # the concept judge: {url = …, model = …, concepts = […]} (fields of melbo.JudgeConfig)
+
+    def judge_config(self) -> JudgeConfig | None:
+        if self.judge is None:
+            return None
+        if not isinstance(self.judge, dict):
+            raise MelboError("judge must be a table: judge = {url = \"http://…/v1\", concepts = [\"code\"]}")
+        known = {f.name for f in dataclasses.fields(JudgeConfig)}
+        unknown = sorted(set(self.judge) - known)
+        if unknown:
+            raise MelboError(f"judge has no setting {unknown[0]!r}; its settings are {', '.join(sorted(known))}")
+        return JudgeConfig(**self.judge)
+
+    def check(self) -> None:
+        super().check()
+        judge = self.judge_config()
+        if judge is not None:
+            judge.check()
 
 
 @dataclass

@@ -1,0 +1,256 @@
+"""The concept judge against real HTTP on loopback: a small fake OpenAI-compatible server for exact parsing, retries,
+429, timeouts and garbage; melbo serve itself (SmolLM2) for the protocol."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from melbo.analysis.evaluate import EvalResults
+from melbo.analysis.judge import PRESETS, JudgeConfig, JudgeError, harmonic, judge_run, parse_rating, rating_key
+from melbo.errors import MelboError
+from melbo.files.runs import read_json, write_json, write_run
+from test_cli import assert_one_line_error, melbo
+
+PROMPT = "Write a Python function that reverses a string."
+TEXTS = {"0": "def reverse(s):\n    return s[::-1]", "1": "def rev(x): return x[::-1]", "2": "I like turtles very much."}
+
+
+def rater(body: dict) -> str:
+    """The fake judge's answer: concept 2 when the fragment holds 'def', instruction 1, fluency 2."""
+    prompt = body["messages"][0]["content"]
+    fragment = prompt.split("[Fragment]\n", 1)[1]
+    if "[Concept]" in prompt:
+        return f"It {'defines' if 'def ' in fragment else 'has no'} code. Rating: [[{2 if 'def ' in fragment else 0}]]"
+    return "Somewhat. Rating: [[1]]" if "[Instruction]" in prompt else "Fluent.\nRating: [[2]]"
+
+
+class FakeJudge:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 whose answers a test scripts: ``script(n, body)`` returns
+    (status, payload, headers) for the n-th chat request. At most ``limit`` requests are served, then the server stops."""
+
+    def __init__(self, script: Callable[[int, dict], tuple[int, object, dict]], limit: int = 400) -> None:
+        self.chat_requests: list[dict] = []
+        self.keys: list[str | None] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, payload: object, headers: dict | None = None) -> None:
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the client gave up (a timeout test)
+                    pass
+
+            def do_GET(self) -> None:
+                self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.keys.append(self.headers.get("Authorization"))
+                outer.chat_requests.append(body)
+                if len(outer.chat_requests) > limit:
+                    self._send(503, {"error": "limit"})
+                    return
+                status, payload, headers = script(len(outer.chat_requests), body)
+                self._send(status, payload, headers)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat(text: str) -> tuple[int, object, dict]:
+    return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}, {}
+
+
+@pytest.fixture
+def judge_server(request):
+    servers: list[FakeJudge] = []
+
+    def start(script, limit: int = 400) -> FakeJudge:
+        servers.append(FakeJudge(script, limit))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def results():
+    data = {"prompts": {PROMPT: {"completions": {"greedy": {i: [{"label": "code" if "def" in t else "other", "rule": "", "text": t}] for i, t in TEXTS.items()}}}}}
+    return EvalResults(data)
+
+
+def fast(url: str, **kw) -> JudgeConfig:
+    return JudgeConfig(**{"url": url, "concepts": ["code"], "backoff": 0.01, "timeout": 5.0, **kw})
+
+
+def test_parsing_and_harmonic_mean():
+    assert parse_rating("Clear. Rating: [[2]]") == 2
+    assert parse_rating("rating: [[ 1 ]] … no wait. Rating: [[0]]") == 0  # the last one wins
+    assert parse_rating("Rating: 1") == 1 and parse_rating("**Rating:** [[2]]") == 2
+    assert parse_rating("I would say two.") is None and parse_rating("Rating: [[7]]") is None and parse_rating(None) is None
+    assert harmonic([2, 2, 2]) == 2 and harmonic([2, 1, 2]) == pytest.approx(1.5) and harmonic([2, 0, 2]) == 0
+    assert harmonic([2, None, 2]) is None
+
+
+def test_scores_summary_and_cache(judge_server, results, monkeypatch):
+    server = judge_server(lambda n, body: chat(rater(body)))
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret")
+    saved: list[str] = []
+    stored = judge_run(results, fast(server.url, key_env="MY_JUDGE_KEY"), PROMPT, "0", lambda: saved.append(json.dumps(results.data)))
+    assert len(server.chat_requests) == 9  # 3 completions × (1 concept + instruction + fluency)
+    assert set(server.keys) == {"Bearer sk-secret"} and "sk-secret" not in saved[-1]  # sent, never stored
+    assert stored["model"] == "fake-judge" and stored["host"].startswith("127.0.0.1:")
+    scores = stored["scores"]["code"]["copies"][PROMPT]["greedy"]
+    assert scores["1"][0] == {"concept": 2, "instruction": 1, "fluency": 2, "harmonic": pytest.approx(1.5)}
+    assert scores["2"][0]["concept"] == 0 and scores["2"][0]["harmonic"] == 0
+    summary = stored["summary"]["code"]
+    assert summary["share_concept_2"] == 0.5  # copies 1 and 2 (0 is the base)
+    assert summary["label_agreement"] == 1.0 and summary["unrated"] == 0
+    assert stored["concepts"] == {"code": PRESETS["code"]}
+    key = rating_key("fake-judge", "concept", PRESETS["code"], PROMPT, TEXTS["1"])
+    assert stored["ratings"][key]["rating"] == 2 and "Rating: [[2]]" in stored["ratings"][key]["raw"]
+    again = judge_run(results, fast(server.url), PROMPT, "0", lambda: None)
+    assert len(server.chat_requests) == 9 and again["requests_last_call"] == 1  # only /models: every rating from the cache
+
+
+def test_429_and_5xx_are_retried_with_backoff(judge_server, results):
+    def script(n, body):
+        if n <= 2:
+            return 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}
+        if n == 3:
+            return 502, {"error": "bad gateway"}, {}
+        return chat(rater(body))
+
+    server = judge_server(script)
+    stored = judge_run(results, fast(server.url, concurrency=1), PROMPT, "0", lambda: None)
+    assert len(server.chat_requests) == 12 and stored["summary"]["code"]["unrated"] == 0
+
+
+def test_a_timeout_is_retried_and_a_dead_judge_is_one_error(judge_server, results):
+    def script(n, body):
+        if n == 1:
+            time.sleep(1.5)
+        return chat(rater(body))
+
+    server = judge_server(script)
+    stored = judge_run(results, fast(server.url, concurrency=1, timeout=0.5), PROMPT, "0", lambda: None)
+    assert stored["summary"]["code"]["unrated"] == 0 and len(server.chat_requests) == 10
+    always = judge_server(lambda n, body: (500, {"error": "down"}, {}))
+    fresh = EvalResults({"prompts": {PROMPT: {"completions": {"greedy": {"1": [{"label": "other", "rule": "", "text": "new"}]}}}}})
+    with pytest.raises(JudgeError, match="after 3 tries"):
+        judge_run(fresh, fast(always.url, retries=2, concurrency=1), PROMPT, None, lambda: None)
+    assert len(always.chat_requests) == 3
+
+
+def test_garbage_is_recorded_as_unparsed_not_zero_and_repeated_garbage_stops(judge_server, results):
+    def script(n, body):
+        if "rate the fluency" in body["messages"][0]["content"]:
+            return 200, b"<html>not json</html>", {}
+        return chat(rater(body))
+
+    server = judge_server(script)
+    stored = judge_run(results, fast(server.url), PROMPT, "0", lambda: None)
+    scores = stored["scores"]["code"]["copies"][PROMPT]["greedy"]["1"][0]
+    assert scores["fluency"] is None and scores["harmonic"] is None and scores["concept"] == 2
+    assert stored["summary"]["code"]["unrated"] == 3
+    nonsense = judge_server(lambda n, body: chat("What a lovely fragment!"))
+    many = EvalResults({"prompts": {PROMPT: {"completions": {"greedy": {str(i): [{"label": "other", "rule": "", "text": f"t{i}"}] for i in range(6)}}}}})
+    with pytest.raises(JudgeError, match="without a rating"):
+        judge_run(many, fast(nonsense.url, concurrency=1), PROMPT, None, lambda: None)
+    assert len(nonsense.chat_requests) <= 9  # it stopped asking
+
+
+def test_shell_judge_one_line_errors_and_nothing_written(judge_server, tmp_path):
+    folder = tmp_path / "run"
+    write_run(folder, torch.zeros(3, 8), {"kind": "ortho", "prompts": [PROMPT], "layers": {"source": 1, "target": 2},
+                                                       "vectors": [{"index": i, "base": i == 0} for i in range(3)]})
+    data = {"prompts": {PROMPT: {"completions": {"greedy": {i: [{"label": "other", "rule": "", "text": t}] for i, t in TEXTS.items()}}}}}
+    write_json(folder / "eval.json", data)
+    before = (folder / "eval.json").read_text()
+    assert_one_line_error(melbo("judge", str(folder), "--judge", "ftp://example.org/v1"), "give an http:// or https:// URL")
+    assert_one_line_error(melbo("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--judge-model", "m"), "cannot get an answer from the judge")
+    assert_one_line_error(melbo("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--concept", "nonsense"), "use a preset")
+    assert (folder / "eval.json").read_text() == before
+    server = judge_server(lambda n, body: chat(rater(body)))
+    result = melbo("judge", str(folder), "--judge", server.url, "--concept", "code", "--concept", "turtles: the text mentions turtles")
+    assert result.returncode == 0, result.stderr
+    assert "code: 50% of the copies rated 2" in result.stdout and "turtles:" in result.stdout
+    assert set(read_json(folder / "eval.json")["judge"]["summary"]) == {"code", "turtles"}
+
+
+@pytest.mark.slow
+def test_melbo_serve_is_a_judge(smollm, results):
+    """The protocol end to end with a real OpenAI-compatible server: melbo serve with SmolLM2 answering as the judge."""
+    import tempfile
+    from pathlib import Path
+
+    from test_serve import Server, make_run
+
+    from melbo.serve.api import ServeLimits, create_app
+    from melbo.serve.catalog import Catalog
+
+    folder = Path(tempfile.mkdtemp()) / "smolrun"
+    make_run(folder, "smollm2", d=576)
+    server = Server(create_app(smollm, Catalog([folder]), ServeLimits(max_tokens=32, max_queue=16, max_batch=8)))
+    try:
+        small = EvalResults({"prompts": {PROMPT: {"completions": {"greedy": {"1": [{"label": "code", "rule": "", "text": TEXTS["1"]}]}}}}})
+        stored = judge_run(small, JudgeConfig(url=server.url + "/v1", concepts=["code"], max_tokens=24, timeout=120), PROMPT, None, lambda: None)
+    finally:
+        server.close()
+    assert stored["model"] == "smollm2"  # listed by the server's /v1/models
+    ratings = list(stored["ratings"].values())
+    assert len(ratings) == 3 and all(r["raw"] for r in ratings)  # three answers came back; a rating where SmolLM2 gave one
+    assert all(r["rating"] in (None, 0, 1, 2) for r in ratings)
+
+
+def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_server, char_tokenizer, tmp_path):
+    """[eval] controls = true and judge = {…}: study.json, study.html and the run's report show both; a resumed study
+    asks the judge nothing again."""
+    from conftest import make_tiny_model
+    from test_study import tiny_demo
+
+    from melbo.model.loading import LoadedModel
+    from melbo.study import ModelCache, Study, run_study
+
+    server = judge_server(lambda n, body: chat(rater(body)))
+    lm = LoadedModel(make_tiny_model("llama", n_layers=6, initializer_range=0.3), char_tokenizer, "tiny", {"id": "tiny"})
+    study = Study.from_dict(tiny_demo(eval={"max_new_tokens": 6, "controls": True, "judge": {"url": server.url, "concepts": ["code", "alien"], "backoff": 0.01}}))
+    result = run_study(study, tmp_path / "s", models=ModelCache({"tiny": lm}))
+    outcome = result.units[0].orthos[0]
+    assert outcome.controls is not None and set(outcome.judged) == {"code", "alien"}
+    asked = len(server.chat_requests)
+    assert asked > 0
+    page = (tmp_path / "s" / "study.html").read_text()
+    assert "judge: copies rated 2" in page and "share: copies" in page
+    report = (tmp_path / "s" / "ortho" / "report.html").read_text()
+    assert 'id=judge-table' in report and 'id=controls-table' in report and "judge: code (mean harmonic)" in report
+    with pytest.raises(MelboError, match="judge has no setting 'adress'"):
+        Study.from_dict(tiny_demo(eval={"judge": {"adress": "http://127.0.0.1:1/v1"}}))
+    with pytest.raises(MelboError, match="http:// or https://"):
+        Study.from_dict(tiny_demo(eval={"judge": {"url": "file:///etc/passwd"}}))
+    (tmp_path / "s" / "study.json").write_text((tmp_path / "s" / "study.json").read_text().replace('"eval:ortho"', '"eval:redo"'))
+    run_study(study, tmp_path / "s", resume=True, models=ModelCache({"tiny": lm}))
+    assert len(server.chat_requests) == asked  # the eval ran again; every rating came from eval.json

@@ -4,6 +4,7 @@ from Python and from the shell, and a study resumes where it stopped."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,24 @@ def test_faithful_choice_tries_candidates_and_keeps_the_best_copied(pinned_lm, t
     assert base.trial_share == max(t["share"] for t in base.trials)
     assert base.index == next(t["index"] for t in base.trials if t["share"] == base.trial_share)  # the first best
     assert "trial copies" in base.reason()
+
+
+def test_study_page_short_unit_labels_and_no_share_for_a_base_without_behaviour(pinned_lm, tmp_path):
+    """Units are named "prompt 1", "R 4" on the page (the full settings under them), and a base labelled "other" shows
+    no behaviour share that could pass for success."""
+    study = Study.from_dict({**tiny_demo(ortho={"count": 4, "block": 4}, compose={}, eval={"max_new_tokens": 4}),
+                             "sweep": {"prompts.prompts": [["How can I do it?"], ["Why?"]], "discover.radius": [4.0]}})
+    result = run_study(study, tmp_path / "s", models=ModelCache({"tiny": pinned_lm}))
+    page = (tmp_path / "s" / "study.html").read_text()
+    for unit in ("prompt 1 · R 4", "prompt 2 · R 4"):
+        assert f"<tr><td>{unit}<br><small>prompts.prompts=" in page
+    outcomes = [o for u in result.units for o in u.orthos]
+    assert outcomes and all(o.behaviour_share is not None for o in outcomes)
+    for outcome in outcomes:
+        row = page.split(f'href="{outcome.folder}/report.html"')[1].split("</tr>")[0]
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        share = cells[8]  # kind, model, layers, R, prompt, vectors, base, median KL, behaviour share
+        if outcome.base.label in ("other", "degenerate"):
+            assert share == "—", row
+        else:
+            assert share.endswith("%"), row

@@ -58,7 +58,10 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 (default on CPU), bfloat16 (default on GPU) or float16.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt for the chat template.")]
-RawOpt = Annotated[bool, typer.Option("--no-chat-template", help="Use prompts as raw text, without the chat template.")]
+RawOpt = Annotated[Optional[bool], typer.Option(
+    "--chat-template/--no-chat-template", show_default=False,
+    help="Format prompts with the chat template, or use them as raw text (default: the run's format, else the template).",
+)]
 PromptsOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")]
 PromptFileOpt = Annotated[Optional[Path], typer.Option("--prompt-file", help="A file with one prompt per line.")]
@@ -85,13 +88,24 @@ def load_for_run(run: Run, model: str | None, device: str, dtype: str | None) ->
     """The model a run was made with (or --model), checked against its vectors, and the run's prompt format."""
     from melbo.files.vectors import validate_vectors
 
-    lm = load(model or run.meta.model_name, device, dtype)
+    lm = load(model or run_model(run), device, dtype)
     validate_vectors(run.vectors, str(run.path), lm.d_model)
     return lm, run.meta.prompt_format
 
 
-def prompt_format(system: str | None, no_chat_template: bool) -> PromptFormat:
-    return PromptFormat(system=system, chat_template=not no_chat_template)
+def run_model(run: Run) -> str | None:
+    """The model a run was made with, found also after the run or a GGUF file moved (or a one-line error)."""
+    from melbo.model.loading import locate_model
+
+    return locate_model(run.meta.model, f"run {run.path}")
+
+
+def prompt_format(system: str | None, chat_template: bool | None, run_format: PromptFormat | None = None) -> PromptFormat:
+    """The prompt format a command uses: what the options say, else the run's (system prompt, chat template or raw)."""
+    if run_format is not None:
+        system = system if system is not None else run_format.system
+        chat_template = chat_template if chat_template is not None else run_format.chat_template
+    return PromptFormat(system=system, chat_template=True if chat_template is None else chat_template)
 
 
 def out_folder(out: Path | None, kind: str, force: bool, resume: bool = False) -> Path:

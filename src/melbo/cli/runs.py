@@ -10,7 +10,7 @@ from rich.table import Table
 
 from melbo.cli.app import (
     DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, OutOpt, PromptFileOpt, PromptOpt, PromptsOpt, RawOpt, ResumeOpt, SystemOpt, app,
-    block_progress, console, err_console, interruptible, load, out_folder, prompt_format, run_prompts, short,
+    block_progress, console, err_console, interruptible, load, out_folder, prompt_format, run_model, run_prompts, short,
 )
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.errors import MelboError
@@ -24,7 +24,7 @@ def info(
     model: ModelOpt = None,
     prompt: PromptOpt = DEFAULT_PROMPT,
     system: SystemOpt = None,
-    no_chat_template: RawOpt = False,
+    chat_template: RawOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
@@ -33,7 +33,7 @@ def info(
     from melbo.model.prompts import encode_prompt
 
     lm = load(model, device, dtype)
-    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, no_chat_template), lm.device)
+    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, chat_template), lm.device)
     rows = residual_norms(lm.model, ids)
     described = lm.describe()
     console.print(
@@ -71,7 +71,7 @@ def generate(
     seed: int = 0,
     model: ModelOpt = None,
     system: SystemOpt = None,
-    no_chat_template: RawOpt = False,
+    chat_template: RawOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
@@ -84,11 +84,12 @@ def generate(
 
     if (run is None) == (vector is None):
         raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
+    run_format = None
     if run is not None:
         record = read_run(run)
-        model = model or record.meta.model_name
+        model = model or run_model(record)
         layer = record.source_layer if layer is None else layer
-        system = system if system is not None else record.meta.prompt_format.system
+        run_format = record.meta.prompt_format
         vectors = record.vectors
     else:
         vectors = load_vector_file(vector)  # type: ignore[arg-type]  # one of the two is given
@@ -99,7 +100,7 @@ def generate(
     if not 0 <= index < vectors.shape[0]:
         raise MelboError(f"--index {index}: the file has vectors 0 to {vectors.shape[0] - 1}")
     check_layer(lm.model, layer, "--layer")
-    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, no_chat_template), lm.device)
+    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, chat_template, run_format), lm.device)
     theta = (vectors[index] * scale).to(lm.device)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     plain = generate_steered(lm.model, lm.tokenizer, ids, None, layer, **options)[0]
@@ -134,7 +135,7 @@ def discover(
     resume: ResumeOpt = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
-    no_chat_template: RawOpt = False,
+    chat_template: RawOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
@@ -152,7 +153,7 @@ def discover(
     if radii and not (cfg.auto_radius or calibrate):
         raise MelboError("--radii are the candidates of -R auto (or --calibrate); with -R set to a number there is nothing to choose")
     radius_cfg.check()
-    fmt = prompt_format(system, no_chat_template)
+    fmt = prompt_format(system, chat_template)
     if calibrate:
         lm = load(model, device, dtype)
         cfg.check(lm.n_layers, lm.d_model)
@@ -246,7 +247,7 @@ def ortho(
     resume: ResumeOpt = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
-    no_chat_template: RawOpt = False,
+    chat_template: RawOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
@@ -256,13 +257,14 @@ def ortho(
     from melbo.files.vectors import load_vector_file
 
     base_info: dict[str, Any] = {"from": str(base), "index": index}
+    run_format = None
     if base.is_dir():
         record = read_run(base)
         vectors = record.vectors
         source = record.source_layer if source is None else source
         target = record.target_layer if target is None else target
-        model = model or record.meta.model_name
-        system = system if system is not None else record.meta.prompt_format.system
+        model = model or run_model(record)
+        run_format = record.meta.prompt_format
         prompts = run_prompts(prompt, prompt_file, record.meta.prompts)
         if index < len(record.records):
             base_info["completion"] = record.records[index].completion
@@ -290,7 +292,7 @@ def ortho(
     progress, on_step = block_progress(-(-settings.count // settings.block), settings.steps, f"ortho ({mode})")
     with progress, interruptible(folder):
         run = engine.ortho(
-            lm, vectors[index], prompts, cfg, prompt_format(system, no_chat_template), out=folder, on_step=on_step,
+            lm, vectors[index], prompts, cfg, prompt_format(system, chat_template, run_format), out=folder, on_step=on_step,
             base_info=base_info, resume=resume,
         )
     print_ortho_table(run)

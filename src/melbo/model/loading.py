@@ -77,6 +77,28 @@ def model_identity(lm: LoadedModel) -> dict[str, Any]:
     return {k: described[k] for k in ("sha256", "id", "revision", "path", "n_layers", "d_model") if k in described}
 
 
+def locate_model(model: dict[str, Any], where: str = "the run") -> str | None:
+    """What to pass to :func:`load_model` for the model a run records (run.json's ``model``), also after the run folder
+    or the model file moved: its name as given, else the absolute path recorded, else a GGUF file converted earlier
+    (melbo's cache, found by the file's sha256). ``None``: the embedded default."""
+    name = model.get("name") or model.get("id")
+    if not name or name == EMBEDDED_NAME:
+        return name
+    is_file = str(name).endswith(".gguf") or "sha256" in model
+    is_path = is_file or str(name).startswith((".", "/", "~")) or "path" in model
+    if not is_path or Path(name).expanduser().exists():
+        return str(name)
+    recorded = model.get("file") or model.get("path")
+    if recorded and Path(recorded).exists():
+        return str(recorded)
+    sha = model.get("sha256")
+    if sha and (cache_root() / "gguf" / sha[:32] / "config.json").is_file():
+        return str(cache_root() / "gguf" / sha[:32])
+    places = " or ".join(f"{p}" for p in dict.fromkeys([str(name), str(recorded or name)]))
+    cached = f", nor in melbo's GGUF cache by its sha256 {sha[:12]}…" if sha else ""
+    raise MelboError(f"the model of {where} is not at {places}{cached}: pass --model PATH (the same weights)")
+
+
 def cache_root() -> Path:
     """melbo's cache folder: ``$MELBO_CACHE``, else ``$XDG_CACHE_HOME/melbo``, else ``~/.cache/melbo``."""
     if os.environ.get("MELBO_CACHE"):

@@ -22,13 +22,15 @@ if TYPE_CHECKING:
     from melbo.study.pipeline import StudyResult
 
 PAGE_FILE = "study.html"
+NO_BEHAVIOUR = ("other", "degenerate", "")
 
 
 @dataclass
 class StudyRow:
     """One run folder of a study, as its page's table shows it."""
 
-    unit: str
+    unit: str  # short: "R 20 · prompt 2" (the study's name for a study of one unit)
+    settings: str  # the sweep's values in full ("discover.radius=20, prompts.prompts=[…]")
     folder: str  # relative to the study folder
     kind: str
     model: str
@@ -42,6 +44,7 @@ class StudyRow:
     same_top_token: str
     seconds: float | None
     report: str | None  # relative link, when the report exists
+    base_label: str = ""  # the base's label (MELBO-ortho runs): "other" and "degenerate" are no behaviour to keep
     controls: ControlSummary | None = None  # eval with controls = true
     judged: dict[str, float | None] | None = None  # concept → share of copies the judge rated 2
 
@@ -64,8 +67,28 @@ def controls_cell(summary: ControlSummary | None) -> str:
     return "; ".join(parts)
 
 
+SHORT_NAMES = {"radius": "R", "prompts": "prompt", "name": "model", "count": "k", "source": "s", "target": "t"}
+
+
+def short_labels(result: StudyResult) -> dict[str, str]:
+    """Per unit name, a short label for plots and tables: numbers as they are ("R 20"), other values by their place
+    in the sweep ("prompt 2", "model 1")."""
+    sweep = result.study.sweep
+    out = {}
+    for unit in result.study.units():
+        parts = []
+        for key, value in unit.values.items():
+            field_name = key.partition(".")[2]
+            name = SHORT_NAMES.get(field_name, field_name)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            parts.append(f"{name} {value:g}" if numeric else f"{name} {sweep[key].index(value) + 1}")
+        out[unit.name] = " · ".join(parts)
+    return out
+
+
 def study_rows(result: StudyResult) -> list[StudyRow]:
     rows = []
+    labels = short_labels(result)
     for unit in result.units:
         orthos = {o.folder: o for o in unit.orthos}
         for folder in [unit.discovery, *orthos]:
@@ -78,7 +101,8 @@ def study_rows(result: StudyResult) -> list[StudyRow]:
             seconds = unit.steps.get(step)
             report = path / REPORT_FILE
             rows.append(StudyRow(
-                unit=unit.label or result.study.name,
+                unit=labels.get(unit.name) or unit.label or result.study.name,
+                settings=unit.label,
                 folder=folder,
                 kind=meta.kind,
                 model=meta.model_name or "?",
@@ -94,6 +118,7 @@ def study_rows(result: StudyResult) -> list[StudyRow]:
                 report=str(Path(folder) / REPORT_FILE) if report.is_file() else None,
                 controls=outcome.controls if outcome else None,
                 judged=outcome.judged if outcome else None,
+                base_label=outcome.base.label if outcome else "",
             ))
     return rows
 
@@ -108,11 +133,16 @@ def _plots(result: StudyResult, rows: list[StudyRow]) -> list[tuple[str, bytes]]
     figures: list[tuple[str, bytes]] = []
     if not orthos:
         return figures
-    names = [f"{r.unit}\n{Path(r.folder).name}" for r in orthos]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2 + 0.15 * len(orthos)))
+    names = [f"{r.unit} · {Path(r.folder).name}" if r.unit else Path(r.folder).name for r in orthos]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.32 * len(orthos)))
     axes[0].barh(names, [r.median_kl or 0.0 for r in orthos], color="#1f77b4")
     axes[0].set_xlabel("median KL(P_i ‖ P_base) at the last prompt token")
-    axes[1].barh(names, [100 * (r.behaviour_share or 0.0) for r in orthos], color="#2ca02c")
+    behaviour = [r.base_label not in NO_BEHAVIOUR for r in orthos]  # a base labelled "other" has no behaviour to keep
+    axes[1].barh(names, [100 * (r.behaviour_share or 0.0) if b else 0.0 for r, b in zip(orthos, behaviour)], color="#2ca02c")
+    for y, (row, kept) in enumerate(zip(orthos, behaviour)):
+        if not kept:
+            axes[1].text(1, y, f"base labelled {row.base_label!r}: no behaviour to keep", va="center", fontsize=8, color="#666")
+    axes[1].set_xlim(0, 100)
     axes[1].set_xlabel("behaviour share (%): copies with the base's label")
     for ax in axes:
         ax.invert_yaxis()
@@ -153,9 +183,10 @@ def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
     for r in rows:
         link = f'<a href="{e(r.report)}">{e(r.folder)}</a>' if r.report else e(r.folder)
         body.append(
-            "<tr>" + _cell(r.unit) + f"<td>{link}</td>" + _cell(r.kind) + _cell(r.model) + _cell(r.layers)
+            f"<tr><td>{e(r.unit)}" + (f"<br><small>{e(r.settings)}</small>" if r.settings and r.settings != r.unit else "") + f"</td><td>{link}</td>" + _cell(r.kind) + _cell(r.model) + _cell(r.layers)
             + _cell(r.radius, "{:.3g}") + _cell(r.prompt) + _cell(r.vectors) + _cell(r.base) + _cell(r.median_kl, "{:.3f}")
-            + _cell(None if r.behaviour_share is None else 100 * r.behaviour_share, "{:.0f} %") + _cell(r.same_top_token)
+            + _cell(None if r.behaviour_share is None or r.base_label in NO_BEHAVIOUR else 100 * r.behaviour_share, "{:.0f} %")
+            + _cell(r.same_top_token)
             + _cell(controls_cell(r.controls)) + _cell(judged_cell(r.judged)) + _cell(r.seconds, "{:.0f} s") + "</tr>"
         )
     plots = "".join(
@@ -169,7 +200,8 @@ def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
 <title>melbo study: {e(study.name)}</title>
 <style>
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1300px; padding: 0 1em 3em; color: #222; }}
-table {{ border-collapse: collapse; width: 100%; }} th, td {{ border-bottom: 1px solid #eee; padding: .3em .5em; text-align: left; vertical-align: top; }}
+table {{ border-collapse: collapse; width: 100%; table-layout: fixed; }} th, td {{ border-bottom: 1px solid #eee; padding: .3em .5em; text-align: left; vertical-align: top; overflow-wrap: anywhere; }}
+small {{ color: #666; }}
 th {{ background: #f6f6f6; }} figure {{ margin: 1em 0; }} figure img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption, footer {{ color: #666; font-size: .9em; }}
 </style></head><body>

@@ -29,12 +29,13 @@ def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0
         raise MelboError(problem)
     import uvicorn
 
-    from melbo.model.loading import load_model
+    from melbo.model.loading import load_model, locate_model
     from melbo.serve.api import ServeLimits, create_app
     from melbo.serve.catalog import Catalog
 
     catalog = Catalog([Path(r) for r in runs])
-    lm = load_model(model or catalog.model_name, device=device, dtype=dtype)
+    first = next(iter(catalog.runs.values()))
+    lm = load_model(model or locate_model(first.run.meta.model, f"run {first.name}"), device=device, dtype=dtype)
     for served in catalog.runs.values():
         if served.run.vectors.shape[1] != lm.d_model:
             raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")

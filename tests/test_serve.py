@@ -328,3 +328,43 @@ def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, 130), err
     assert "Traceback" not in err
+
+
+def test_batched_decoding_uses_the_cache_api(tiny_folder):
+    """transformers deprecates passing `past_key_values` (removed in 5.40): the decoder hands in its own Cache object
+    under the name the model's forward takes, and the greedy text is unchanged."""
+    from melbo.serve.batching import Batcher, Request
+
+    lm = load_model(str(tiny_folder), device="cpu")
+    ids = encode_prompt(lm.tokenizer, PROMPT, PromptFormat(), lm.device)
+    passed: list[set[str]] = []
+    handle = lm.model.register_forward_pre_hook(lambda module, args, kwargs: passed.append(set(kwargs)), with_kwargs=True)
+    batcher = Batcher(lm, max_batch=2, window=0.2)
+    batcher.eos = set()  # every row runs to its max_tokens (this tiny model would end at once)
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    done: list[int] = []
+    finished = threading.Event()
+
+    def emitter(k):
+        def emit(piece, reason):
+            pieces[k].append(piece)
+            if reason:
+                done.append(k)
+                if len(done) == 2:
+                    finished.set()
+        return emit
+
+    try:
+        for k, tokens in ((0, 5), (1, 9)):  # different lengths: the shorter row leaves the cache mid-way
+            batcher.submit(Request(prompt_ids=ids[0].tolist(), emit=emitter(k), max_tokens=tokens))
+        assert finished.wait(60)
+    finally:
+        batcher.close()
+        handle.remove()
+    assert len(passed) >= 9 and all("past_key_values" not in kw and "cache" in kw for kw in passed), passed
+    with torch.no_grad():  # greedy without any cache, one full forward per token
+        out = ids
+        for _ in range(9):
+            out = torch.cat([out, lm.model(input_ids=out).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for k, tokens in ((0, 5), (1, 9)):
+        assert "".join(pieces[k]) == lm.tokenizer.decode(out[0, ids.shape[1] : ids.shape[1] + tokens], skip_special_tokens=True)

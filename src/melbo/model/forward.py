@@ -10,6 +10,7 @@ once (one vector per batch row).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,21 @@ def steered_log_probs(model: nn.Module, state: PromptState, source: int, thetas:
     with start_after(model, source, steered):
         logits = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty KV cache for ``model`` (transformers' Cache API), filled in place by each forward pass."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers before 4.56: no config argument
+        return DynamicCache()
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes a KV cache: ``cache`` (transformers ≥ 5.x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

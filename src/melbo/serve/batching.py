@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
+from melbo.model.forward import cache_argument, new_cache
 from melbo.model.layers import add_to_residual
 from melbo.model.loading import LoadedModel
 
@@ -129,9 +130,11 @@ class Batcher:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=device)
         vectors = _vectors_by_layer(requests, self.lm.d_model, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(self.lm.model)
+        passing = cache_argument(self.lm.model)
         with _steer(self.lm, vectors) as keep_rows:
-            out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{passing: cache})
+            logits = out.logits[:, -1]
             while rows:
                 done = self._step(rows, logits)
                 if len(done) == len(rows):
@@ -146,8 +149,8 @@ class Batcher:
                 nxt = torch.tensor([[row.tokens[-1]] for row in rows], device=device)
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 positions = positions[:, -1:] + 1
-                out = self.lm.model(input_ids=nxt, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1]
+                out = self.lm.model(input_ids=nxt, attention_mask=mask, position_ids=positions, use_cache=True, **{passing: cache})
+                logits = out.logits[:, -1]  # the cache was updated in place
 
     def _step(self, rows: list[_Row], logits: Tensor) -> set[int]:
         """Choose each row's next token, emit its text; the indices of rows that are now finished."""

@@ -11,12 +11,11 @@ import argparse
 import time
 
 import torch
+from common import summary_line
 
 from melbo.engines.discover import DiscoverConfig, discover
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
-
-from common import summary_line
 
 
 def main() -> None:

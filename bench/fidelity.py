@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import summary_line
 
 from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
@@ -38,8 +39,6 @@ from melbo.files.runs import read_run
 from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
-
-from common import summary_line
 
 RELEASE_01 = {"match": "mean", "continuation": 0}  # melbo 0.1's fast objective: the residual mean at the last 4 positions
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)

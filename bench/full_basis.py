@@ -13,13 +13,12 @@ import statistics
 import time
 
 import torch
-
-from melbo.model.loading import load_model
-from melbo.objectives import max_abs_cosine
-from melbo.engines.ortho import OrthoConfig, ortho
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
-
 from common import base_vector, summary_line
+
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.loading import load_model
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.objectives import max_abs_cosine
 
 
 def main() -> None:

@@ -13,16 +13,15 @@ import statistics
 import time
 
 import torch
-
-from melbo.model.loading import load_model
-from melbo.engines.config import Positions
-from melbo.objectives import max_abs_cosine, ortho_loss
-from melbo.engines.ortho import OrthoConfig, ortho
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
-from melbo.model.forward import prepare, target_residual
-
 from common import base_vector, summary_line
 from utilisation import SOURCE, TARGET, step_flops, time_it
+
+from melbo.engines.config import Positions
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.forward import prepare, target_residual
+from melbo.model.loading import load_model
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.objectives import max_abs_cosine, ortho_loss
 
 
 def step_rates(lm, block: int, repeats: int) -> tuple[float, float, float]:

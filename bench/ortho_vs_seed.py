@@ -18,14 +18,13 @@ import statistics
 import time
 
 import torch
-
-from melbo.model.loading import load_model
-from melbo.objectives import kl_divergence, max_abs_cosine
-from melbo.engines.ortho import OrthoConfig, ortho
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
-from melbo.model.forward import last_token_logits, prepare
-
 from common import base_vector, summary_line
+
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.forward import last_token_logits, prepare
+from melbo.model.loading import load_model
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.objectives import kl_divergence, max_abs_cosine
 
 SOURCE = 8  # OrthoConfig's default layers, 8 → 20, as in the demo
 

@@ -88,7 +88,7 @@ def main() -> None:
         output, seconds, code = run(script, extra.get(script, []), args.quick)
         failed += code != 0
         command = " ".join(["python", f"bench/{script}.py", *(["--quick"] if args.quick else []), *extra.get(script, [])])
-        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         body = f"`{command}` — {when}, {seconds:.0f} s{'' if code == 0 else f', FAILED (exit {code})'}\nMachine: {here}.\n\n```\n{output}\n```"
         print(f"## {script}\n{body}\n", flush=True)
         old[script] = body

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import summary_line
 
 from melbo.files.runs import write_run
 from melbo.model.loading import load_model, model_identity
@@ -28,10 +29,8 @@ from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, encode_prompt
 from melbo.serve.api import ServeLimits, create_app
 from melbo.serve.catalog import Catalog
 
-from common import summary_line
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_serve import Server  # noqa: E402  (the tests' loopback server: uvicorn in a thread, a free port)
+from test_serve import Server
 
 
 def vectors_run(folder: Path, lm, count: int) -> Path:

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import summary_line
 
 from melbo.files.runs import read_run
 from melbo.study import Study, run_study
 from melbo.study.on_ray import RayOptions, run_study_on_ray
-
-from common import summary_line
 
 
 def study(quick: bool) -> Study:

@@ -18,14 +18,13 @@ import resource
 import time
 
 import torch
-
-from melbo.model.loading import load_model
-from melbo.engines.config import Positions
-from melbo.objectives import ortho_loss
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
-from melbo.model.forward import prepare, target_residual
-
 from common import summary_line
+
+from melbo.engines.config import Positions
+from melbo.model.forward import prepare, target_residual
+from melbo.model.loading import load_model
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.objectives import ortho_loss
 
 SOURCE, TARGET = 8, 20
 
@@ -71,7 +70,7 @@ def main() -> None:
         theta = torch.nn.Parameter(torch.randn(block, lm.d_model) * 30 / lm.d_model**0.5)
         z0 = torch.zeros(lm.d_model)
 
-        def step():
+        def step(theta=theta, z0=z0):
             h = target_residual(lm.model, state, SOURCE, TARGET, theta)
             ortho_loss(h[:, sel].mean(dim=1), z0).sum().backward()
             theta.grad = None
@@ -80,7 +79,7 @@ def main() -> None:
         flops = step_flops(config, block, state.length, TARGET - SOURCE)
         a = torch.randn(block * state.length, config.hidden_size)
         w = torch.randn(config.hidden_size, config.intermediate_size)
-        mm = time_it(lambda: a @ w, max(10, repeats * 10))
+        mm = time_it(lambda a=a, w=w: a @ w, max(10, repeats * 10))
         mm_rate = 2 * a.shape[0] * a.shape[1] * w.shape[1] / mm
         results.append((block, flops / seconds / mm_rate))
         print(f"{block:>6}{1000 * seconds:>11.1f}{flops / 1e9:>12.3f}{flops / seconds / 1e9:>10.2f}{mm_rate / 1e9:>16.2f}{100 * flops / seconds / mm_rate:>12.0f}%")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, melbo
 from safetensors.torch import save_file
 
-from melbo.model.loading import embedded_gguf_path
 from melbo.files.runs import write_run
-from test_cli import assert_one_line_error, melbo
+from melbo.model.loading import embedded_gguf_path
 
 
 def good_run(tmp: Path, d: int = 576) -> Path:

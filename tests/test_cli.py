@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import assert_one_line_error, melbo
 
 from melbo.files.runs import read_run, write_run
-
-
-def melbo(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "melbo.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
 def test_help_lists_commands():
@@ -62,7 +48,11 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
     write_run(tmp_path / "run", vectors, meta)
     result = melbo("generate", "--run", str(tmp_path / "run"), "--index", "1", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
-    assert "unsteered" in result.stdout and "steered" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if "unsteered" in line)
+    assert [cell.strip() for cell in header.strip("┃│ ").split("┃" if "┃" in header else "│")] == ["unsteered", "steered"]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│") and line.strip("│ "))
+    plain, steered = (cell.strip() for cell in row.strip("│").split("│"))
+    assert plain and steered and plain != steered  # the vector (norm 60 at layer 8) changes the text
     assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--index", "5"), "vectors 0 to 1")
     assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--layer", "30"), "out of range")
     write_run(tmp_path / "narrow", torch.randn(1, 100), {"layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}]})

@@ -7,12 +7,18 @@ import dataclasses
 import pytest
 import typer.main
 
-from melbo.analysis.config import EvalConfig
+from melbo.analysis.config import ComposeConfig, EvalConfig, ProbeConfig
+from melbo.analysis.judge import JudgeConfig
 from melbo.cli import app
 from melbo.engines.config import DiscoverConfig, OrthoConfig
+from melbo.serve.limits import ServeLimits
 
-RENAMED = {"power": "p", "root": "q"}  # `-p` is a prompt everywhere; MELBO's p and q are --power and --root
-NOT_CONFIG = {"discover": {"calibrate", "radii"}, "ortho": {"index", "source", "target"}, "eval": {"index", "show", "prompt_set", "labels"}}
+RENAMED = {"power": "p", "root": "q", "k": "ks"}  # `-p` is a prompt everywhere; MELBO's p and q are --power and --root
+NOT_CONFIG = {
+    "discover": {"calibrate", "radii"}, "ortho": {"index", "source", "target", "prompt_set"},
+    "eval": {"index", "show", "prompt_set", "labels", "judge", "concept", "concepts"},
+}
+NOT_SETTABLE = {"eval": {"top_k"}, "serve": {"max_prompt_tokens", "max_body_bytes", "window"}}  # fixed for the command line
 
 
 def command(name: str):
@@ -20,17 +26,28 @@ def command(name: str):
     return group.commands[name]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name, config", [("discover", DiscoverConfig), ("ortho", OrthoConfig), ("eval", EvalConfig)])
-def test_option_defaults_are_the_config_defaults(name, config):
+def shown(value):
+    """An option's default as the config holds it (--k shows the list of k as text)."""
+    return [int(k) for k in value.split(",")] if isinstance(value, str) and value.replace(",", "").isdigit() else value
+
+
+@pytest.mark.parametrize("name, config, prefix", [
+    ("discover", DiscoverConfig, ""), ("ortho", OrthoConfig, ""), ("eval", EvalConfig, ""), ("compose", ComposeConfig, ""),
+    ("probe", ProbeConfig, ""), ("serve", ServeLimits, ""), ("judge", JudgeConfig, "judge_"), ("eval", JudgeConfig, "judge_"),
+])
+def test_option_defaults_are_the_config_defaults(name, config, prefix):
     fields = {f.name: f for f in dataclasses.fields(config)}
     defaults = config()
     checked = set()
     for param in command(name).params:
-        field = RENAMED.get(param.name, param.name)
-        if field in fields and param.name not in NOT_CONFIG.get(name, set()):
-            assert param.default == getattr(defaults, field), f"melbo {name} --{param.name}"
+        field = RENAMED.get(param.name, param.name).removeprefix(prefix)
+        if field in fields and param.name not in NOT_CONFIG.get(name, set()) and param.name.startswith(prefix):
+            assert shown(param.default) == getattr(defaults, field), f"melbo {name} --{param.name}"
             checked.add(field)
-    settable = {f for f in fields if f not in ("top_k",)}
+    if config is JudgeConfig:  # the options the judge's command line offers, each with the config's default
+        assert checked == {"model", "key_env", "concurrency"}, checked
+        return
+    settable = set(fields) - NOT_SETTABLE.get(name, set())
     missing = settable - checked - ({"source", "target"} if name == "ortho" else set())
     assert not missing, f"melbo {name} has no option for {sorted(missing)}"
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_one_line_error, melbo
 
 from melbo import write_run
 from melbo.analysis.controls import CONTROLS, control_vectors, default_held_out
@@ -15,7 +16,6 @@ from melbo.analysis.evaluate import EvalConfig, evaluate
 from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, prepare
 from melbo.model.layers import residual_after
 from melbo.model.prompts import PromptFormat
-from test_cli import assert_one_line_error, melbo
 
 D = 32
 

@@ -10,8 +10,8 @@ import torch
 from melbo import MelboError, write_run
 from melbo.analysis.evaluate import EvalConfig, evaluate
 from melbo.model.forward import generate_steered
-from melbo.objectives import kl_divergence
 from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.objectives import kl_divergence
 
 
 @pytest.fixture

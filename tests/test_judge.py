@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from helpers import assert_one_line_error, melbo
 
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.judge import PRESETS, JudgeConfig, JudgeError, harmonic, judge_run, parse_rating, rating_key
 from melbo.errors import MelboError
 from melbo.files.runs import read_json, write_json, write_run
-from test_cli import assert_one_line_error, melbo
 
 PROMPT = "Write a Python function that reverses a string."
 TEXTS = {"0": "def reverse(s):\n    return s[::-1]", "1": "def rev(x): return x[::-1]", "2": "I like turtles very much."}

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from test_cli import assert_one_line_error
+from helpers import assert_one_line_error
 
 # Runs melbo with some top-level modules made unimportable, as on a machine without that extra.
 WITHOUT = """

@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import melbo
 
 from melbo.errors import MelboError
 from melbo.files.runs import read_run, write_run
 from melbo.model.loading import cache_root, embedded_gguf_path, locate_model
 from melbo.model.prompts import PromptFormat
-from test_cli import melbo
 
 
 def test_a_moved_gguf_is_found_by_its_recorded_path_then_by_its_hash(tmp_path, monkeypatch):

@@ -106,15 +106,24 @@ def test_fast_mode_reduces_loss(nonlinear_lm, optimizer):
 def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
     fast = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3))
     assert fast.meta.config["optimizer"] == "lbfgs" and fast.records[1].steps == 3
-    assert OrthoConfig().resolved(30.0, 576).steps == 30 and OrthoConfig(optimizer="adam").resolved(30.0, 576).steps == 150
-    assert OrthoConfig(match="mean").resolved(30.0, 576).steps == 60
-    assert OrthoConfig(mode="seed").resolved(30.0, 576).optimizer == "adam"
+    assert OrthoConfig().resolved(30.0, 576, 30).steps == 30 and OrthoConfig(optimizer="adam").resolved(30.0, 576, 30).steps == 150
+    assert OrthoConfig(match="mean").resolved(30.0, 576, 30).steps == 60
+    assert OrthoConfig(mode="seed").resolved(30.0, 576, 30).optimizer == "adam"
+
+
+def test_layers_default_to_the_models_depth_not_smollm2s():
+    """No layers given: a third and two thirds of the way into *this* model, as discovery chooses them."""
+    assert (OrthoConfig().resolved(5.0, 896, 24).source, OrthoConfig().resolved(5.0, 896, 24).target) == (7, 16)
+    assert (OrthoConfig().resolved(5.0, 640, 18).source, OrthoConfig().resolved(5.0, 640, 18).target) == (5, 12)
+    assert OrthoConfig(source=3, target=9).resolved(5.0, 640, 18).target == 9
+    with pytest.raises(MelboError, match="layers must be between 0 and 5"):
+        OrthoConfig(source=8, target=20).check(n_layers=6)
 
 
 def test_stops_when_basis_exhausted(tiny_lm):
     """Without --count it runs until no direction is left (or new vectors collapse to ≈ 0)."""
     run = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, block=8, steps=5))
-    assert run.meta.stopped.startswith("basis exhausted") or run.vectors.shape[0] == 32
+    assert run.meta.stopped.startswith("basis exhausted")  # no --count: never "count reached"
     every = run.vectors.shape[0] + len(run.meta.dropped)
     assert every <= 32 and max_abs_cosine(run.vectors) <= 1e-5
 

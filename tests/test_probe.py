@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from melbo import MelboError, residual_after, write_run
-from melbo.model.forward import generate_steered
 from melbo.analysis.probe import presence, probe, prompt_set
+from melbo.model.forward import generate_steered
 from melbo.model.prompts import PromptFormat, encode_prompt
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import assert_one_line_error, melbo
+from test_study import grid_study
 
 from melbo import read_run
 from melbo.study import Study, run_study
-from test_cli import assert_one_line_error, melbo
-from test_study import grid_study
 
 pytest.importorskip("ray")
 HERE = Path(__file__).resolve().parent
@@ -66,7 +66,9 @@ def long_reference(two_models, tmp_path_factory):
     return spec, root / "reference", run_study(Study.from_toml(spec), root / "reference")
 
 
-def test_ctrl_c_stops_the_ray_workers_and_resume_finishes_the_same_study(long_reference, tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_study(stop, long_reference, tmp_path):
+    """Ctrl-C (SIGINT to the foreground group) or a scheduler's SIGTERM to melbo: the same clean stop, no stack dump."""
     spec, reference_folder, reference = long_reference
     out = tmp_path / "ray"
     before = ray_processes()
@@ -79,13 +81,17 @@ def test_ctrl_c_stops_the_ray_workers_and_resume_finishes_the_same_study(long_re
         while not list(out.rglob("run.json")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the first block of some run has reached the driver's folder
         assert proc.poll() is None, "the study finished before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == (130 if stop == "ctrl-c" else 143), stderr[-3000:]
     assert "Traceback" not in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    assert "SIGTERM received" not in stderr and "Stack trace" not in stderr and "*** " not in stderr, stderr[-3000:]
     deadline = time.monotonic() + 30
     while ray_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, melbo
+from report_runs import PLANTED, PROMPT, make_run
 
 from melbo.errors import MelboError
 from melbo.files.postdump import import_post_dump, read_post_composition
+from melbo.files.runs import read_run
 from melbo.report import gather, write_report
 from melbo.report.data import block_size_for, cosine_check, moving_average
 from melbo.report.render import script_json
-from melbo.files.runs import read_run
-from report_runs import PLANTED, PROMPT, make_run
-from test_cli import assert_one_line_error, melbo
 
 POST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "melbo-ortho-post"
 needs_post = pytest.mark.skipif(not POST.is_dir(), reason="../shared/reference/melbo-ortho-post is not beside the project")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from report_runs import make_run
 
 from melbo.report import write_report
-from report_runs import make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = [

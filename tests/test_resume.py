@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from melbo import MelboError, read_run
 from melbo.engines.discover import DiscoverConfig, discover
-from melbo.objectives import max_abs_cosine
 from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.objectives import max_abs_cosine
 
 
 def melbo_cli(*args: str) -> list[str]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+from test_report_browser import ARGS, CHROMIUM
+from test_serve import PROMPT, Server, make_run
 
 from melbo.model.loading import load_model
 from melbo.serve.api import ServeLimits, create_app
 from melbo.serve.batching import Request
 from melbo.serve.catalog import Catalog
-from test_report_browser import ARGS, CHROMIUM
-from test_serve import PROMPT, Server, make_run
 
 PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & more'
 

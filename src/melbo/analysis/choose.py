@@ -30,7 +30,6 @@ from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
 
 
-
 @dataclass
 class Candidate:
     """One discovered vector as the chooser saw it."""
@@ -124,12 +123,11 @@ def choose_bases(scored: Scored, cfg: ChooseConfig) -> list[BaseChoice]:
             fluent = [c for c in fluent if c.label == cfg.label]
             if not fluent:
                 raise MelboError(f"no discovered vector is labelled {cfg.label!r}: choose by clearest or effect instead")
-        if cfg.by in ("clearest", "faithful"):
-            key = lambda c: (  # noqa: E731
-                c.label not in ("other", scored.unsteered_label), c.label != scored.unsteered_label, -_preference(c.label), c.effect,
-            )
-        else:
-            key = lambda c: (0, 0, 0, c.effect)  # noqa: E731
+        def key(c: Candidate) -> tuple[bool, bool, int, float]:
+            if cfg.by not in ("clearest", "faithful"):
+                return False, False, 0, c.effect  # by effect alone
+            return c.label not in ("other", scored.unsteered_label), c.label != scored.unsteered_label, -_preference(c.label), c.effect
+
         chosen = sorted(fluent, key=key, reverse=True)[: cfg.trials if cfg.by == "faithful" else cfg.count]
     return [
         BaseChoice(c.index, c.label, c.rule, c.effect, c.nll, c.completion, cfg.by, candidates, scored.unsteered, scored.unsteered_label)

@@ -25,7 +25,6 @@ from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence
 
 
-
 def composed_vectors(run: Run, ks: list[int]) -> tuple[list[str], Tensor]:
     """Names and vectors of every combination to try (rows 1… are the found vectors, row 0 the base)."""
     found = run.vectors[1:]

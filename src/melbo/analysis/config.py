@@ -13,7 +13,7 @@ CHOOSE_RULES = ("clearest", "faithful", "label", "effect", "index")
 DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1500)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """What ``melbo eval`` computes (stored in eval.json beside the results); the CLI's defaults come from here."""
 
@@ -42,6 +42,23 @@ class EvalConfig:
             raise MelboError("--control-count must be ≥ 0 (0: a third of the copies)")
         if not self.temperature >= 0:
             raise MelboError("--temperature must be ≥ 0 (0 = greedy)")
+
+
+@dataclass
+class ComposeConfig:
+    """``melbo compose`` (and a study's ``[compose]``): steer with means of the first k copies."""
+
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    max_new_tokens: int = 48
+
+
+@dataclass
+class ProbeConfig:
+    """``melbo probe`` (and a study's ``[probe]``): presence of each vector while the unsteered model shows a behaviour."""
+
+    prompt_set: str = "coding"
+    max_new_tokens: int = 48
+    random_directions: int = 512
 
 
 @dataclass

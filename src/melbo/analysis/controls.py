@@ -307,7 +307,7 @@ def measure_controls(
         state = prepare(lm, [text], fmt, source)[0]
         if text not in controls.base:
             tokens = greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens)
-            completion = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            completion = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
             controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
         for name, row in flat:  # labels the eval already has (the copies' own completions)
             vector = controls.results[name].vectors[row]

@@ -212,8 +212,10 @@ def _load_predicate(spec: str, folder: Path) -> Callable[[str], bool]:
     if not source.is_file() or not function:
         raise MelboError(f"python predicate {spec!r}: give FILE.py:FUNCTION with an existing file")
     module_spec = importlib.util.spec_from_file_location(f"melbo_user_labels_{source.stem}", source)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if module_spec is None or module_spec.loader is None:
+        raise MelboError(f"python predicate {spec!r}: {source} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     predicate = getattr(module, function, None)
     if not callable(predicate):
         raise MelboError(f"python predicate {spec!r}: {source} has no function {function!r}")

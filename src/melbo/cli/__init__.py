@@ -10,16 +10,18 @@ from __future__ import annotations
 import sys
 
 # Each command module registers its commands on the app, in the order `melbo --help` lists them.
-from melbo.cli import runs  # noqa: F401, I001
-from melbo.cli import analysis  # noqa: F401
-from melbo.cli import study  # noqa: F401
-from melbo.cli import files  # noqa: F401
-from melbo.cli import serve  # noqa: F401
+from melbo.cli import (
+    analysis,  # noqa: F401
+    files,  # noqa: F401
+    runs,  # noqa: F401
+    serve,  # noqa: F401
+    study,  # noqa: F401
+)
 from melbo.cli.app import app, debug, err_console, fail
 from melbo.errors import MelboError
 
 
-def _parsing_errors() -> tuple[type, type, type]:
+def _parsing_errors() -> tuple[type[Exception], type[BaseException], type[BaseException]]:
     """(usage error, abort, exit) classes of the click that typer uses (typer ≥ 0.20 carries its own copy)."""
     try:
         from typer.exceptions import Abort, Exit, TyperException

@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from melbo.analysis.config import DEFAULT_KS, EvalConfig
+from melbo.analysis.config import ComposeConfig, EvalConfig, ProbeConfig
 from melbo.analysis.judge import JudgeConfig
 from melbo.cli.app import (
-    DeviceOpt, DtypeOpt, ModelOpt, PromptFileOpt, PromptsOpt, app, console, err_console, interruptible, load_for_run, short,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    PromptFileOpt,
+    PromptsOpt,
+    app,
+    console,
+    err_console,
+    interruptible,
+    load_for_run,
+    make_table,
+    short,
 )
 from melbo.errors import MelboError
 
 if TYPE_CHECKING:
     from melbo.analysis.controls import Controls
 
-E = EvalConfig()  # the defaults the options below show
-J = JudgeConfig()
+E, C, P, J = EvalConfig(), ComposeConfig(), ProbeConfig(), JudgeConfig()  # the defaults the options below show
 
 # The judge's options, shared by `eval` and `judge`.
-JudgeOpt = Annotated[Optional[str], typer.Option("--judge", metavar="URL", help="Rate every completion with the OpenAI-compatible chat endpoint at URL (http/https), AxBench-style.")]
-JudgeModelOpt = Annotated[Optional[str], typer.Option("--judge-model", help="The judge model (default: the first the endpoint lists).")]
-ConceptOpt = Annotated[Optional[list[str]], typer.Option("--concept", help="A concept to rate (repeatable): code, alien, stem-problem, jailbreak, or 'name: description'.")]
-ConceptsOpt = Annotated[Optional[Path], typer.Option("--concepts", help="Concepts from a TOML/JSON file: name + description.")]
+JudgeOpt = Annotated[str | None, typer.Option("--judge", metavar="URL", help="Rate every completion with the OpenAI-compatible chat endpoint at URL (http/https), AxBench-style.")]
+JudgeModelOpt = Annotated[str | None, typer.Option("--judge-model", help="The judge model (default: the first the endpoint lists).")]
+ConceptOpt = Annotated[list[str] | None, typer.Option("--concept", help="A concept to rate (repeatable): code, alien, stem-problem, jailbreak, or 'name: description'.")]
+ConceptsOpt = Annotated[Path | None, typer.Option("--concepts", help="Concepts from a TOML/JSON file: name + description.")]
 JudgeKeyOpt = Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the judge's API key (never stored or printed).")]
 JudgeConcurrencyOpt = Annotated[int, typer.Option("--judge-concurrency", min=1, help="Requests to the judge at once.")]
 
@@ -55,8 +65,8 @@ def eval_command(
     seed: int = E.seed,
     batch: Annotated[int, typer.Option(min=1, help="Vectors per generate call.")] = E.batch,
     base: Annotated[int, typer.Option(help="The vector KL is measured against (row 0 of an ortho run is θ0).")] = E.base,
-    prompt_set: Annotated[Optional[str], typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
+    prompt_set: Annotated[str | None, typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
     controls: Annotated[bool, typer.Option("--controls", help="MELBO-ortho runs: also steer with norm-matched random directions, the copies at ‖θ0‖, their mean and none, and measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).")] = E.controls,
     control_count: Annotated[int, typer.Option(min=0, help="Vectors per random or rescaled control (0: a third of the copies, so the eval at most doubles).")] = E.control_count,
     nll_tokens: Annotated[int, typer.Option(min=1, help="Controls: θ0's first N greedy tokens are scored (base NLL).")] = E.nll_tokens,
@@ -104,9 +114,7 @@ def eval_command(
         )
     first = results.first_token(prompts[0])
     completions = results.completions(prompts[0], cfg.mode())
-    table = Table(title=f"{prompts[0]!r} ({cfg.mode()}); KL = KL(P_i ‖ P_{base}) at the last prompt token")
-    for column, justify in (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = make_table(f"{prompts[0]!r} ({cfg.mode()}); KL = KL(P_i ‖ P_{base}) at the last prompt token", (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")))
     for i in indices[:show]:
         out = completions[str(i)][0]
         top = " ".join(repr(t) for t, _ in first[str(i)]["top"][:3])
@@ -235,9 +243,9 @@ def _or_dash(value: float | None, fmt: str) -> str:
 @app.command()
 def compose(
     run: Annotated[Path, typer.Argument(help="An ortho run folder (row 0 = θ0).")],
-    k: Annotated[Optional[str], typer.Option("--k", help="Comma-separated k (default 1,2,3,5,10,20,50,100,…).")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Default: the run's first prompt.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k.")] = ",".join(map(str, C.ks)),
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Default: the run's first prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = C.max_new_tokens,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -249,16 +257,14 @@ def compose(
 
     record = read_run(run)
     try:
-        ks = [int(x) for x in k.split(",")] if k else list(DEFAULT_KS)
+        ks = [int(x) for x in k.split(",")]
     except ValueError as exc:
         raise MelboError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
     text = prompt or (record.meta.prompts or [DEFAULT_PROMPT])[0]
     lm, fmt = load_for_run(record, model, device, dtype)
     with err_console.status("composing…"):
         results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
-    table = Table(title=f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)")
-    for column, justify in (("combination", "left"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("completion", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = make_table(f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)", (("combination", "left"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("completion", "left")))
     for r in results.combinations:
         table.add_row(r["name"], f"{r['norm']:.1f}", f"{r['kl']:.3f}", r["label"], short(r["text"], 70))
     console.print(table)
@@ -272,9 +278,9 @@ def probe_command(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
-    prompt_set: Annotated[str, typer.Option(help="Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")] = "coding",
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
-    random_directions: Annotated[int, typer.Option(min=2, help="Random directions for the baseline.")] = 512,
+    prompt_set: Annotated[str, typer.Option(help="Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")] = P.prompt_set,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = P.max_new_tokens,
+    random_directions: Annotated[int, typer.Option(min=2, help="Random directions for the baseline.")] = P.random_directions,
     show: Annotated[int, typer.Option(help="Rows printed.")] = 20,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -307,7 +313,7 @@ def probe_command(
 @app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="A run folder (melbo's own, or one made by `melbo import-post-dump`).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The page to write (default RUN/report.html).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The page to write (default RUN/report.html).")] = None,
 ) -> None:
     """One self-contained HTML page for a run: header, plots (also saved as RUN/plots/*.png), every vector's outputs."""
     from melbo.files.runs import PLOTS_FOLDER

@@ -12,13 +12,14 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console, JustifyMethod
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from melbo.errors import MelboError
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
@@ -52,22 +53,22 @@ debug = {"on": bool(os.environ.get("MELBO_DEBUG"))}
 
 # Options shared by the commands that load a model or read prompts. `-p` is always a prompt.
 ModelOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--model", "-m", help="'smollm2' (embedded default), a Hugging Face id, a model folder or a .gguf file."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 (default on CPU), bfloat16 (default on GPU) or float16.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt for the chat template.")]
-RawOpt = Annotated[Optional[bool], typer.Option(
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default on CPU), bfloat16 (default on GPU) or float16.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt for the chat template.")]
+RawOpt = Annotated[bool | None, typer.Option(
     "--chat-template/--no-chat-template", show_default=False,
     help="Format prompts with the chat template, or use them as raw text (default: the run's format, else the template).",
 )]
-PromptsOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
+PromptsOpt = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")]
-PromptFileOpt = Annotated[Optional[Path], typer.Option("--prompt-file", help="A file with one prompt per line.")]
+PromptFileOpt = Annotated[Path | None, typer.Option("--prompt-file", help="A file with one prompt per line.")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite a run already in --out.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
 NewTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")]
 
 
@@ -177,7 +178,7 @@ def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tu
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), console=err_console, transient=False,
     )
-    tasks: dict[int, int] = {}
+    tasks: dict[int, TaskID] = {}
 
     def on_step(block: int, step: int, loss: float) -> None:
         if block not in tasks:
@@ -188,6 +189,14 @@ def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tu
         progress.update(tasks[block], completed=step, loss=f"{loss:,.4g}")
 
     return progress, on_step
+
+
+def make_table(title: str, columns: Sequence[tuple[str, JustifyMethod]]) -> Table:
+    """A table with these (name, justify) columns."""
+    table = Table(title=title)
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
+    return table
 
 
 def short(text: str | None, width: int = 110) -> str:

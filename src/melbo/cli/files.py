@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,7 +16,7 @@ from melbo.errors import MelboError
 def import_post_dump_command(
     dump: Annotated[Path, typer.Argument(help="One of the post's text dumps, e.g. code-vectors-bomb.txt.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
-    composition: Annotated[Optional[Path], typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
+    composition: Annotated[Path | None, typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Make a run folder from the original post's published outputs, to browse with `melbo report`."""
@@ -35,8 +35,8 @@ def export_command(
     format: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), repeng, steering-vectors, pt or npy.")] = "gguf",
     index: Annotated[str, typer.Option(help="Vectors: 3, 0-9, 1,4,7 or all.")] = "0",
     scale: Annotated[float, typer.Option(help="Multiply the vectors by this.")] = 1.0,
-    layer: Annotated[Optional[int], typer.Option(help="Layer the vectors are added after (default: the run's source layer).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer the vectors are added after (default: the run's source layer).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
 ) -> None:
     """Write vectors for llama.cpp (--control-vector), repeng, steering-vectors, or as .pt/.npy."""
     from melbo.files.interop import FORMATS, SUFFIX, export_vectors, parse_indices
@@ -61,7 +61,7 @@ def export_command(
 def import_command(
     source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
-    layer: Annotated[Optional[int], typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
+    layer: Annotated[int | None, typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Make a run folder from a vector file, so melbo's commands can use it."""

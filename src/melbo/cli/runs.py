@@ -3,20 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from melbo.cli.app import (
-    DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, OutOpt, PromptFileOpt, PromptOpt, PromptsOpt, RawOpt, ResumeOpt, SystemOpt, app,
-    block_progress, console, err_console, interruptible, load, out_folder, prompt_format, run_model, run_prompts, short,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    ModelOpt,
+    OutOpt,
+    PromptFileOpt,
+    PromptOpt,
+    PromptsOpt,
+    RawOpt,
+    ResumeOpt,
+    SystemOpt,
+    app,
+    block_progress,
+    console,
+    err_console,
+    interruptible,
+    load,
+    make_table,
+    out_folder,
+    prompt_format,
+    run_model,
+    run_prompts,
+    short,
 )
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.errors import MelboError
 from melbo.model.prompts import DEFAULT_PROMPT
 
-D, O = DiscoverConfig(), OrthoConfig()  # the defaults every option below shows
+D, OC = DiscoverConfig(), OrthoConfig()  # the defaults every option below shows
 
 
 @app.command()
@@ -60,10 +81,10 @@ def info(
 
 @app.command()
 def generate(
-    run: Annotated[Optional[Path], typer.Option(help="A run folder holding the vector.")] = None,
+    run: Annotated[Path | None, typer.Option(help="A run folder holding the vector.")] = None,
     index: Annotated[int, typer.Option(help="Which vector of the run (row of vectors.safetensors).")] = 0,
-    vector: Annotated[Optional[Path], typer.Option(help="A vector file (.safetensors or the post's .pt); row --index.")] = None,
-    layer: Annotated[Optional[int], typer.Option(help="Layer to add the vector after (default: the run's source layer).")] = None,
+    vector: Annotated[Path | None, typer.Option(help="A vector file (.safetensors or the post's .pt); row --index.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer to add the vector after (default: the run's source layer).")] = None,
     scale: Annotated[float, typer.Option(help="Multiply the vector by this.")] = 1.0,
     prompt: PromptOpt = DEFAULT_PROMPT,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
@@ -92,7 +113,8 @@ def generate(
         run_format = record.meta.prompt_format
         vectors = record.vectors
     else:
-        vectors = load_vector_file(vector)  # type: ignore[arg-type]  # one of the two is given
+        assert vector is not None  # one of the two is given (checked above)
+        vectors = load_vector_file(vector)
     if layer is None:
         raise MelboError("--layer is needed with --vector (the layer the vector is added after)")
     lm = load(model, device, dtype)
@@ -115,19 +137,19 @@ def generate(
 @app.command()
 def discover(
     count: Annotated[int, typer.Option("--count", "-k", help="K: number of vectors.")] = D.count,
-    source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s: add the vector after block s (default: about a third of the way in).")] = D.source,
-    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t: measure the change after block t (default: about two thirds in).")] = D.target,
+    source: Annotated[int | None, typer.Option("--source", "-s", help="Layer s: add the vector after block s (default: about a third of the way in).")] = D.source,
+    target: Annotated[int | None, typer.Option("--target", "-t", help="Layer t: measure the change after block t (default: about two thirds in).")] = D.target,
     radius: Annotated[str, typer.Option("--radius", "-R", help="R: the norm of every vector, or auto: the largest R at which most vectors stay fluent.")] = str(D.radius),
     power: Annotated[float, typer.Option("--power", help="p: power on each position's change.")] = D.p,
     root: Annotated[float, typer.Option("--root", help="q: root of the sum over positions.")] = D.q,
     steps: Annotated[int, typer.Option(help="Adam steps per block.")] = D.steps,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 0.01·R/√d_model).")] = D.lr,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 0.01·R/√d_model).")] = D.lr,
     block: Annotated[int, typer.Option(help="Vectors trained together (1 = the original one-at-a-time MELBO).")] = D.block,
     positions: Annotated[str, typer.Option(help="skip-first (position 0 is often an attention sink), all, or last:N.")] = D.positions,
     seed: int = D.seed,
     completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = D.completion_tokens,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Only choose R (as -R auto does) and print the table.")] = False,
-    radii: Annotated[Optional[str], typer.Option(help="With -R auto or --calibrate: candidate R values to try, comma-separated.")] = None,
+    radii: Annotated[str | None, typer.Option(help="With -R auto or --calibrate: candidate R values to try, comma-separated.")] = None,
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
     out: OutOpt = None,
@@ -172,9 +194,7 @@ def discover(
             lm, prompts, cfg, fmt, out=folder, on_step=on_step, resume=resume, radius_cfg=radius_cfg, on_radius=print_radius_choice,
         )
     source_used, target_used = run.meta.source, run.meta.target
-    table = Table(title=f"{count} vectors, R = {run.meta.R:g}, layer {source_used} → {target_used}")
-    for column, justify in (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {source_used} → {target_used}", (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")))
     from melbo.analysis.labels import label
 
     for record in run.records:
@@ -185,10 +205,8 @@ def discover(
 
 def print_radius_choice(choice: Any) -> None:
     """The calibration table of -R auto / --calibrate, and the choice with its reason."""
-    table = Table(title=f"Choosing R: {choice.probes[0].vectors} vectors per R, fluent = NLL ≤ 4 under the unsteered model and not degenerate")
-    for column, justify in (("R", "right"), ("× norm", "right"), ("fluent", "right"), ("NLL", "right"), ("first-token KL", "right"),
-                            ("labels", "left"), ("openings", "right"), ("a completion", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = make_table(f"Choosing R: {choice.probes[0].vectors} vectors per R, fluent = NLL ≤ 4 under the unsteered model and not degenerate", (("R", "right"), ("× norm", "right"), ("fluent", "right"), ("NLL", "right"), ("first-token KL", "right"),
+                            ("labels", "left"), ("openings", "right"), ("a completion", "left")))
     for p in choice.probes:
         mark = "[bold green]" if p.radius == choice.radius else ""
         labels = ", ".join(f"{k} {v}" for k, v in sorted(p.labels.items(), key=lambda kv: -kv[1]))
@@ -221,27 +239,27 @@ def _parse_radii(radii: str) -> tuple[float, ...]:
 def ortho(
     base: Annotated[Path, typer.Argument(help="A run folder, or a vector file (.safetensors or the post's .pt).")],
     index: Annotated[int, typer.Option(help="Which vector of BASE is θ0.")] = 0,
-    mode: Annotated[str, typer.Option(help="fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")] = O.mode,
-    count: Annotated[Optional[int], typer.Option(help="Vectors to find (default: until the basis is exhausted).")] = O.count,
-    source: Annotated[Optional[int], typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
-    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,
-    block: Annotated[Optional[int], typer.Option(help="Vectors optimised together (fast: 16; seed: 1).")] = O.block,
-    steps: Annotated[Optional[int], typer.Option(help="Evaluations per block (fast: at most 30 with lbfgs and match kl, 60 with mean or each, 150 with adam; seed: 1000).")] = O.steps,
-    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; lbfgs's first step is lr·√d (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = O.lr,
-    optimizer: Annotated[Optional[str], typer.Option(help="Fast mode: lbfgs (default, one L-BFGS per vector) or adam.")] = O.optimizer,
-    penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = O.penalty,
-    plateau: Annotated[float, typer.Option(min=0.0, help="Fast mode: stop a block when 10 steps gain less than this fraction (0: never).")] = O.plateau,
-    positions: Annotated[Optional[str], typer.Option(help="last:20 (fast default: the last 4 prompt tokens and the 16 of θ0's continuation), all (seed default), skip-first or last:N.")] = O.positions,
-    min_norm: Annotated[Optional[float], typer.Option(help="Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")] = O.min_norm,
-    stop_after_dropped: Annotated[Optional[int], typer.Option(help="This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")] = O.stop_after_dropped,
-    init_scale: Annotated[float, typer.Option(help="Fast mode: the first block starts at this × ‖θ0‖.")] = O.init_scale,
-    match: Annotated[Optional[str], typer.Option(help="What each copy matches: kl (fast default: θ0's next-token distributions), mean (seed default: the residual after t, averaged over positions) or each (position by position).")] = O.match,
-    continuation: Annotated[Optional[int], typer.Option(min=0, help="Also match along θ0's own first N greedy tokens (fast: 16; seed: 0).")] = O.continuation,
-    seed: int = O.seed,
-    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = O.completion_tokens,
+    mode: Annotated[str, typer.Option(help="fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")] = OC.mode,
+    count: Annotated[int | None, typer.Option(help="Vectors to find (default: until the basis is exhausted).")] = OC.count,
+    source: Annotated[int | None, typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
+    target: Annotated[int | None, typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,
+    block: Annotated[int | None, typer.Option(help="Vectors optimised together (fast: 16; seed: 1).")] = OC.block,
+    steps: Annotated[int | None, typer.Option(help="Evaluations per block (fast: at most 30 with lbfgs and match kl, 60 with mean or each, 150 with adam; seed: 1000).")] = OC.steps,
+    lr: Annotated[float | None, typer.Option(help="Adam's learning rate; lbfgs's first step is lr·√d (fast: 0.25·‖θ0‖/√d; seed: 0.01).")] = OC.lr,
+    optimizer: Annotated[str | None, typer.Option(help="Fast mode: lbfgs (default, one L-BFGS per vector) or adam.")] = OC.optimizer,
+    penalty: Annotated[float, typer.Option(help="λ of an extra λ‖θ‖² term (the post's proposed test).")] = OC.penalty,
+    plateau: Annotated[float, typer.Option(min=0.0, help="Fast mode: stop a block when 10 steps gain less than this fraction (0: never).")] = OC.plateau,
+    positions: Annotated[str | None, typer.Option(help="last:20 (fast default: the last 4 prompt tokens and the 16 of θ0's continuation), all (seed default), skip-first or last:N.")] = OC.positions,
+    min_norm: Annotated[float | None, typer.Option(help="Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")] = OC.min_norm,
+    stop_after_dropped: Annotated[int | None, typer.Option(help="This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")] = OC.stop_after_dropped,
+    init_scale: Annotated[float, typer.Option(help="Fast mode: the first block starts at this × ‖θ0‖.")] = OC.init_scale,
+    match: Annotated[str | None, typer.Option(help="What each copy matches: kl (fast default: θ0's next-token distributions), mean (seed default: the residual after t, averaged over positions) or each (position by position).")] = OC.match,
+    continuation: Annotated[int | None, typer.Option(min=0, help="Also match along θ0's own first N greedy tokens (fast: 16; seed: 0).")] = OC.continuation,
+    seed: int = OC.seed,
+    completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = OC.completion_tokens,
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
-    prompt_set: Annotated[Optional[str], typer.Option(help="Also train on melbo's shipped prompts (θ0's continuation on each): harmful, neutral, coding, chit-chat or all.")] = None,
+    prompt_set: Annotated[str | None, typer.Option(help="Also train on melbo's shipped prompts (θ0's continuation on each): harmful, neutral, coding, chit-chat or all.")] = None,
     out: OutOpt = None,
     force: ForceOpt = False,
     resume: ResumeOpt = False,
@@ -288,7 +306,7 @@ def ortho(
     folder = out_folder(out, "ortho", force, resume)
     lm = load(model, device, dtype)
     cfg.check(lm.n_layers, lm.d_model)
-    settings = cfg.resolved(float(vectors[index].norm()), lm.d_model)
+    settings = cfg.resolved(float(vectors[index].norm()), lm.d_model, lm.n_layers)
     progress, on_step = block_progress(-(-settings.count // settings.block), settings.steps, f"ortho ({mode})")
     with progress, interruptible(folder):
         run = engine.ortho(
@@ -303,9 +321,7 @@ def print_ortho_table(run: Any, limit: int = 200) -> None:
     """Index, norm, KL to the base and completion of a MELBO-ortho run's vectors, and its summary line."""
     from melbo.objectives import max_abs_cosine
 
-    table = Table(title=f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)")
-    for column, justify in (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = make_table(f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)", (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")))
     for record in run.records[:limit]:
         table.add_row(str(record.index), f"{record.norm:.1f}", f"{record.kl:.3f}", short(record.completion, 90))
     console.print(table)

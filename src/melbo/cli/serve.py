@@ -9,6 +9,9 @@ import typer
 
 from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app, console, err_console
 from melbo.errors import MelboError
+from melbo.serve.limits import ServeLimits
+
+S = ServeLimits()  # the defaults the options below show
 
 
 @app.command()
@@ -17,19 +20,19 @@ def serve(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: only this machine).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one completion may ask for.")] = 256,
-    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 16,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one completion may ask for.")] = S.max_tokens,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = S.max_batch,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = S.max_queue,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
 ) -> None:
     """Serve steered completions (OpenAI API: /v1/chat/completions with a "melbo" field) and the explorer page at /."""
-    from melbo.serve import missing_extra, serve as run_server
+    from melbo.serve import missing_extra
+    from melbo.serve import serve as run_server
 
     problem = missing_extra()
     if problem:
         raise MelboError(problem)
-    from melbo.serve.api import ServeLimits  # imports fastapi: only once it is known to be there
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]melbo serve: listening on {host}: anyone who can reach it can use the model[/yellow]")
 

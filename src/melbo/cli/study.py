@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
 from rich.table import Table
 
-from melbo.cli.app import DeviceOpt, app, console, err_console, log_line, out_folder, short
+from melbo.cli.app import DeviceOpt, app, console, err_console, log_line, make_table, out_folder, short
 from melbo.errors import MelboError
 
 if TYPE_CHECKING:  # the study package imports torch: only for type checkers here
@@ -64,47 +68,66 @@ class StudyView:
             self.live.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None) -> None:
         if not self.plain:
-            self.live.__exit__(*exc)  # type: ignore[arg-type]
+            self.live.__exit__(kind, exc, trace)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (Ray's own handler would dump a stack)."""
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOptions | None = None) -> StudyResult:
     from melbo.study import run_study
 
     try:
-        if ray is None:
-            with StudyView([u.label for u in study_obj.units()]) as view:
-                result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
-                view.finish()
-        else:
-            from melbo.study.on_ray import RaySession, run_study_on_ray
+        with sigterm_as_interrupt():
+            if ray is None:
+                with StudyView([u.label for u in study_obj.units()]) as view:
+                    result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
+                    view.finish()
+            else:
+                from melbo.study.on_ray import RaySession, run_study_on_ray
 
-            with err_console.status("starting Ray…" if ray.address is None else f"joining the Ray cluster at {ray.address}…"):
-                session = RaySession(study_obj, ray)  # a cluster that cannot be reached or lacks GPUs: one line, nothing written
-            with session, StudyView([u.label for u in study_obj.units()]) as view:
-                result = run_study_on_ray(study_obj, folder, ray, resume=resume, force=force, on_event=view, session=session)
-                view.finish()
-    except KeyboardInterrupt:
-        err_console.print(f"melbo: interrupted; {folder} holds every finished step and block: run the same command with --resume")
-        raise SystemExit(130) from None
+                with err_console.status("starting Ray…" if ray.address is None else f"joining the Ray cluster at {ray.address}…"):
+                    session = RaySession(study_obj, ray)  # a cluster that cannot be reached or lacks GPUs: one line, nothing written
+                with session, sigterm_as_interrupt(), StudyView([u.label for u in study_obj.units()]) as view:  # again: Ray set its own
+                    result = run_study_on_ray(study_obj, folder, ray, resume=resume, force=force, on_event=view, session=session)
+                    view.finish()
+    except KeyboardInterrupt as exc:
+        why = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        err_console.print(f"melbo: {why}; {folder} holds every finished step and block: run the same command with --resume")
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
     return result
 
 
 @app.command()
 def study(
     spec: Annotated[Path, typer.Argument(help="A study file (TOML): see examples/ and the README.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default melbo-runs/STUDY-DATE).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Study folder (default melbo-runs/STUDY-DATE).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --out: finished steps are skipped.")] = False,
     force: Annotated[bool, typer.Option(help="Start the study in --out again from scratch.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting: TABLE.FIELD=VALUE (a TOML value), repeatable.")] = None,
-    ray: Annotated[Optional[str], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one setting: TABLE.FIELD=VALUE (a TOML value), repeatable.")] = None,
+    ray: Annotated[str | None, typer.Option(
         "--ray", metavar="[ADDRESS]",
         help="Run on Ray: alone (or 'local'), a local Ray for this call; auto, HOST:PORT or ray://HOST:10001, an existing cluster.",
     )] = None,
-    num_cpus: Annotated[Optional[float], typer.Option(min=0.0, help="With --ray: CPUs per worker (default: the study's ray table, else 1).")] = None,
-    num_gpus: Annotated[Optional[float], typer.Option(min=0.0, help="With --ray: GPUs per worker (default: the study's ray table, else 0).")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="With --ray: workers per model (default: as the cluster allows).")] = None,
+    num_cpus: Annotated[float | None, typer.Option(min=0.0, help="With --ray: CPUs per worker (default: the study's ray table, else 1).")] = None,
+    num_gpus: Annotated[float | None, typer.Option(min=0.0, help="With --ray: GPUs per worker (default: the study's ray table, else 0).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="With --ray: workers per model (default: as the cluster allows).")] = None,
 ) -> None:
     """Run every run a study file describes (in this process, or on Ray); writes OUT/study.html and a report per run."""
     from melbo.study import Study
@@ -162,8 +185,8 @@ def _print_rows(result: StudyResult) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the two runs (default melbo-runs/demo-DATE).")] = None,
-    ortho_count: Annotated[Optional[int], typer.Option(help="Orthogonal vectors to find (default: the study's, 32).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the two runs (default melbo-runs/demo-DATE).")] = None,
+    ortho_count: Annotated[int | None, typer.Option(help="Orthogonal vectors to find (default: the study's, 32).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite runs already in --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the demo in --out.")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A few seconds: few vectors and steps, to check the set-up.")] = False,
@@ -199,9 +222,7 @@ def demo(
     found = read_run(result.folder / outcome.discovery)
     if found.meta.radius_choice:
         console.print(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}: {found.meta.radius_choice['reason']}")
-    table = Table(title="Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)")
-    for column, justify in (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = make_table("Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)", (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")))
     for c in choice.candidates:
         mark = "[bold green]" if c.index == choice.index else ""
         table.add_row(f"{mark}{c.index}", c.label, f"{c.nll:.2f}", f"{c.effect:.2f}", short(c.completion, 80))

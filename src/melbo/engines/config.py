@@ -68,7 +68,7 @@ def default_layers(n_layers: int) -> tuple[int, int]:
     return source, max(source + 1, min(round(TARGET_DEPTH * n_layers), n_layers - 1))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RadiusConfig:
     """How discovery chooses R when it is ``"auto"`` (:mod:`melbo.engines.radius`)."""
 
@@ -94,7 +94,7 @@ class RadiusConfig:
             raise MelboError("min_fluent must be in (0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiscoverConfig:
     """What a user may set for MELBO discovery; the CLI's options take their defaults from here."""
 
@@ -123,14 +123,14 @@ class DiscoverConfig:
     def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
         """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
         does that before loading one, so a typo costs a second, not a model load)."""
+        given: tuple[int | None, int | None] = (self.source, self.target)
         if n_layers is not None:
             if self.source is None or self.target is None:
                 default_layers(n_layers)
-            source, target = self.layers(n_layers)
-            if not 0 <= source < n_layers or not 0 <= target < n_layers:
-                raise MelboError(f"layers must be between 0 and {n_layers - 1} (this model has {n_layers}); got source {source}, target {target}")
-        else:
-            source, target = self.source, self.target
+            given = self.layers(n_layers)
+            if not all(0 <= layer < n_layers for layer in given if layer is not None):
+                raise MelboError(f"layers must be between 0 and {n_layers - 1} (this model has {n_layers}); got source {given[0]}, target {given[1]}")
+        source, target = given
         if source is not None and target is not None and source >= target:
             raise MelboError(f"the source layer ({source}) must come before the target layer ({target})")
         if not self.auto_radius and not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
@@ -158,23 +158,13 @@ class DiscoverConfig:
         return DiscoverSettings(**values)
 
 
-# Fast mode's evaluations per block (each a forward and backward pass of the block through layers s+1 … t).
-# Measured on SmolLM2 (8 → 20, R 30, the demo's base; bench/ortho_vs_seed.py): per-row L-BFGS at 60
-# evaluations is 2.4× faster per vector than Adam at 150 steps and 2.0× faster per vector within half the
-# unsteered model's KL to θ0 (61 % of vectors against 75 %); its median KL is higher (first 32 vectors: 1.20
-# against 1.07). More L-BFGS evaluations lower ‖z − z0‖ but not the KL (80: 1.44, 150: 1.65), so 60 it is;
-# ``optimizer="adam"`` for the best KL per vector.
+# Fast mode's evaluations per block (each a forward and backward pass of the block), by optimiser; with match "kl"
+# L-BFGS stops at STEPS_FAST_KL. Chosen by bench/ortho_vs_seed.py and bench/fidelity.py: see bench/RESULTS.md.
 STEPS_FAST = {"lbfgs": 60, "adam": 150}
-STEPS_FAST_KL = 30  # L-BFGS evaluations per block with match "kl" (see below)
+STEPS_FAST_KL = 30
 
-# Fast mode's objective (bench/fidelity.py on a 2-core Xeon, SmolLM2 8 → 20, a refusal base, 16 copies per variant):
-# matching the next-token distribution, KL(P_θ0 ‖ P_θ), at the last 4 prompt positions and along θ0's own first 16
-# greedy tokens, with 30 L-BFGS evaluations per block, keeps the base's behaviour (its label) in 81 % of the copies
-# against 12 % for melbo 0.1's residual mean at the last 4 positions (60 evaluations), at a better median
-# last-token KL (0.188 against 0.264), for 2× the time per copy (3.3 s against 1.7: the forward runs to the LM
-# head over 16 more tokens): 14.6 faithful copies per minute against 4.5. 60 evaluations: 88 %, KL 0.114, 6.2 s
-# per copy (8.4 per minute). The KL at the last 4 positions alone matches the first token almost exactly (0.042)
-# and the behaviour in no copy; 8 continuation tokens: 12 %; the residual position by position after layer 29: 44 %.
+# Fast mode's objective: the next-token KL(P_θ0 ‖ P_θ) at the last 4 prompt positions and along θ0's own first 16
+# greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
 
 
@@ -206,13 +196,13 @@ class OrthoSettings:
         return self.mode == "fast"
 
 
-@dataclass
+@dataclass(frozen=True)
 class OrthoConfig:
     """What a user may set for MELBO-ortho; ``None`` means "the mode's default" (see :meth:`resolved`).
     The CLI's options take their defaults from here."""
 
-    source: int = 8
-    target: int = 20
+    source: int | None = None  # layer s; None: the model's default (about a third of the way in; the CLI: the base run's)
+    target: int | None = None  # layer t; None: about two thirds in
     mode: str = "fast"  # "fast" or "seed"
     count: int | None = None  # vectors to find besides θ0; None: until the basis is exhausted
     block: int | None = None  # fast: 16; seed: 1
@@ -232,15 +222,23 @@ class OrthoConfig:
     # LM head; t is not used); "mean": ‖mean z − mean z0‖ of the residual after t over the positions (seed: the
     # post's); "each": the mean of per-position residual distances
 
-    def resolved(self, base_norm: float, d_model: int) -> OrthoSettings:
+    def layers(self, n_layers: int | None) -> tuple[int, int]:
+        """(source, target): as given, else :func:`default_layers` of a model this deep."""
+        if (self.source is None or self.target is None) and n_layers is None:
+            raise MelboError("MELBO-ortho needs its layers: give source and target (or the model, for the default layers)")
+        source, target = default_layers(n_layers) if n_layers is not None else (0, 0)
+        return (source if self.source is None else self.source), (target if self.target is None else self.target)
+
+    def resolved(self, base_norm: float, d_model: int, n_layers: int | None = None) -> OrthoSettings:
         optimizer = self._optimizer()
+        source, target = self.layers(n_layers)
         fast = self.mode == "fast"
         continuation = self.continuation if self.continuation is not None else (FAST_CONTINUATION if fast else 0)
         match = self.match or (FAST_MATCH if fast else "mean")
-        block = self.block or (16 if fast else 1)
+        block = self.block_size()
         return OrthoSettings(
-            source=self.source,
-            target=self.target,
+            source=source,
+            target=target,
             mode=self.mode,
             count=self.count if self.count is not None else d_model - 1,
             block=block,
@@ -258,6 +256,10 @@ class OrthoConfig:
             continuation=continuation,
             match=match,
         )
+
+    def block_size(self) -> int:
+        """Vectors optimised together: as set, else 16 in fast mode and 1 in seed mode (the post's one at a time)."""
+        return self.block or (16 if self.mode == "fast" else 1)
 
     @staticmethod
     def _fast_steps(optimizer: str, match: str) -> int:
@@ -278,10 +280,11 @@ class OrthoConfig:
     def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
         """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
         does that before loading one)."""
-        if n_layers is not None and (not 0 <= self.source < n_layers or not 0 <= self.target < n_layers):
-            raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {self.source}, target {self.target}")
-        if self.source >= self.target:
-            raise MelboError(f"the source layer ({self.source}) must come before the target layer ({self.target})")
+        source, target = self.layers(n_layers) if n_layers is not None or None not in (self.source, self.target) else (self.source, self.target)
+        if n_layers is not None and not all(0 <= layer < n_layers for layer in (source, target) if layer is not None):
+            raise MelboError(f"layers must be between 0 and {n_layers - 1}; got source {source}, target {target}")
+        if source is not None and target is not None and source >= target:
+            raise MelboError(f"the source layer ({source}) must come before the target layer ({target})")
         self._optimizer()
         if self.count is not None and (self.count < 1 or (d_model is not None and self.count > d_model - 1)):
             raise MelboError("--count must be at least 1" if d_model is None else f"--count must be between 1 and d_model − 1 = {d_model - 1}")

@@ -1,4 +1,5 @@
-"""The optimisation loop shared by MELBO and MELBO-ortho: Adam, a projection after every step, NaN recovery."""
+"""The optimisers MELBO and MELBO-ortho share: Adam (:func:`optimise`) and one L-BFGS per batch row
+(:func:`lbfgs_rows`), each with a projection after every step, an early stop on a plateau and NaN recovery."""
 
 from __future__ import annotations
 
@@ -94,10 +95,9 @@ def lbfgs_rows(
     the earlier rows); ``project_direction`` removes the forbidden directions from gradients and steps.
     The first step of a row is ``first_step`` long, along minus its gradient.
 
-    Why not Adam: on MELBO-ortho's objective 60 evaluations of this find vectors within half the unsteered KL
-    of θ0 at twice Adam's (150 steps) rate, at a somewhat higher median KL (see ``melbo.ortho.STEPS_FAST``).
-    Why not ``torch.optim.LBFGS``: it treats the block as one problem with one line search (measured on the first
-    block, 40 evaluations: median distance 17.5 against 16.8 here) and cannot send one row back alone.
+    Why not Adam: it needs more evaluations per faithful vector (bench/ortho_vs_seed.py; bench/RESULTS.md).
+    Why not ``torch.optim.LBFGS``: it treats the block as one problem with one line search, and cannot send one
+    row back alone.
 
     Raises:
         Diverged: the loss is not finite at the start.

@@ -22,8 +22,7 @@ Two modes:
   instead), early stop when the block's loss plateaus, each block started at the norm the previous block
   converged to. Positions: the last 4 of the prompt (with a chat template, the assistant-turn header that decides
   the answer) and θ0's continuation; the mean over every position lets a vector match θ0 on the user's words while
-  the answer differs (SmolLM2, s 8, t 20, 16 vectors, match "mean": median last-token KL to θ0 0.77 with
-  ``last:4`` against 4.2 with ``skip-first``). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
+  the answer differs (bench/fidelity.py). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
 """
 
 from __future__ import annotations
@@ -214,7 +213,8 @@ def ortho(
 
     Returns:
         a :class:`~melbo.files.runs.Run` whose row 0 is θ0 and rows 1… the vectors found, each record holding
-        ``norm``, ``loss`` (‖z(θ) − z(θ0)‖), ``kl`` = KL(P_θ ‖ P_θ0) and ``kl_reverse`` = KL(P_θ0 ‖ P_θ) of the
+        ``norm``, ``loss`` (the objective: the KL along θ0's continuation by default, ‖z(θ) − z(θ0)‖ with match
+        "mean"), ``kl`` = KL(P_θ ‖ P_θ0) and ``kl_reverse`` = KL(P_θ0 ‖ P_θ) of the
         next-token distributions at the last prompt token (averaged over prompts), ``block`` and ``steps``.
         The run folder is written after every block when ``out`` is given.
     """
@@ -223,7 +223,7 @@ def ortho(
     base_norm = float(base.norm())
     if base_norm == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
-    settings = cfg.resolved(base_norm, lm.d_model)
+    settings = cfg.resolved(base_norm, lm.d_model, lm.n_layers)
     meta = RunMeta(
         kind="ortho", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=base_norm, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,

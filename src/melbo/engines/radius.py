@@ -2,27 +2,24 @@
 
 Why measure text: the change at the target layer grows smoothly with R and then sharply, and the sharp rise is
 where vectors start to take over the model's computation. DCT calibrates its R on that response alone (the change
-against its linear extrapolation). On SmolLM2 (8 → 20, 100 steps) the rise sits at R ≈ 30, and there already
-5 of 8 trained vectors babble; on a 24-layer model of another family every R at the rise gave gibberish. So melbo
-trains a few vectors per candidate R, lets each write a short completion, and measures what a user cares about:
+against its linear extrapolation); but at the rise most trained vectors already babble (README: "No hand-tuning").
+So melbo trains a few vectors per candidate R, lets each write a short completion, and measures what a user cares
+about:
 
-* fluency: the completion's NLL under the unsteered model (≤ 4 nats/token: coherent text scores 1–3, gibberish
-  ≥ 5) and its label (``degenerate`` catches loops, which score a low NLL: "past past past…" 1.97);
+* fluency: the completion's NLL under the unsteered model (≤ 4 nats/token) and its label (``degenerate`` catches
+  loops, which score a low NLL);
 * effect: KL(P_θ ‖ P_unsteered) of the answer's first token;
 * diversity: distinct labels and openings among the fluent completions.
 
 It picks the largest R tried at which at least three quarters of the vectors are fluent and the median completion
 scores ≤ 3 nats/token (a margin: four vectors are few, and one lucky draw high up would spoil the search): effect grows with R,
-fluency falls, so a bisection on log R finds it. The range is 0.06× to 1× the residual norm at the source layer
-(models differ by a large factor; the norm sets the scale): on SmolLM2 the norm at layer 8 is 130 and the fluent
-edge is near R 25 (0.19×); on the 24-layer model above the norm is ~20 and R 8 (0.4×) was fluent.
+fluency falls, so a bisection on log R finds it. The range is set relative to the residual norm at the source layer
+(models differ by a large factor; the norm sets the scale).
 
 Each probe trains 4 vectors, orthogonal to each other, for 30 steps with the learning rate scaled by discovery's
-steps / 30: measured on SmolLM2 (8 vectors per R), the vectors then travel about as far as in discovery's 100
-steps (first-token KL at R 20/25/30: 0.83/1.28/3.05 against 0.79/1.59/4.20 after 100 steps; fluent 7/7/5 of 8
-against 6/7/3), where 30 steps at the plain rate reach a third of that effect. They are a little kinder than a
-full discovery at the edge, hence three quarters, not half. Rows are trained on the unit sphere, θ = R·u, so
-several radii can share one batch with discovery's relative step. See ``bench/auto_radius.py`` for the cost.
+steps / 30, so that the vectors travel about as far as in discovery's steps. They are a little kinder than a full
+discovery at the edge, hence three quarters, not half. Rows are trained on the unit sphere, θ = R·u, so several
+radii can share one batch with discovery's relative step. ``bench/auto_radius.py`` measures what it chooses and costs.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ Layer numbering is the same everywhere, so no index is shifted:
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def export_vectors(run: Run, out: str | Path, fmt: str, indices: list[int], scal
         target = out if single else out / f"vector-{index:04d}{SUFFIX[fmt]}"
         if fmt == "steering-vectors":
             payload = {"layer_activations": {layer: row.clone()}, "layer_type": "decoder_block"}
-            atomic_write(target, lambda tmp, p=payload: torch.save(p, tmp))
+            atomic_write(target, functools.partial(_save_torch, payload))
         else:
             write_control_vector(target, {layer: row}, hint)
         written.append(target)
@@ -172,3 +173,7 @@ def _is_steering_vectors(path: Path) -> bool:
     except Exception:
         return False
     return isinstance(payload, dict) and "layer_activations" in payload
+
+
+def _save_torch(payload: object, path: Path) -> None:
+    torch.save(payload, path)

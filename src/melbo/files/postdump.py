@@ -6,6 +6,7 @@ second section with the same headers followed by the top-10 logits and tokens at
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
-from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, atomic_write, write_json, write_meta_only
+from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, atomic_write, write_bytes, write_json, write_meta_only
 from melbo.model.prompts import PromptFormat
 
 _HEADER = re.compile(r"^(\d+)th orthogonal steering vector: ", re.MULTILINE)
@@ -154,13 +155,13 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
         out.mkdir(parents=True, exist_ok=True)
         for source, name in plots:
             data = source.read_bytes()
-            atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))
+            atomic_write(out / name, functools.partial(write_bytes, data))
         if composed:
             rows = []
             for k, text in composed:
                 lab = label(text)[0]
                 rows.append({"name": f"k={k} mean×√k", "norm": None, "kl": None, "label": lab, "same_label_as_base": lab == base_label, "text": text})
-            dump(COMPOSE_FILE, {"prompt": prompt, "base_label": base_label, "source_file": Path(composition).name, "rows": rows})
+            dump(COMPOSE_FILE, {"prompt": prompt, "base_label": base_label, "source_file": Path(composition).name if composition else None, "rows": rows})
         dump(EVAL_FILE, results)
         write_meta_only(out, meta)  # last: the commit point, as for every run folder
     except OSError as exc:

@@ -281,13 +281,18 @@ def package_versions() -> dict[str, str]:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_bytes(data: bytes, path: Path) -> None:
+    """``path.write_bytes(data)``, arguments in the order ``atomic_write(target, partial(write_bytes, data))`` needs."""
+    path.write_bytes(data)
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from melbo.model.layers import add_to_residual, capture_residual, check_layer, n_layers, residual_after, start_after, stop_after
 from melbo.model.prompts import PromptFormat, encode_prompt, ids_like
 from melbo.objectives import kl_divergence
 
 if TYPE_CHECKING:
-    from melbo.model.loading import LoadedModel
+    from melbo.model.loading import CausalLM, LoadedModel
 
 SINK_RATIO = 10.0  # a first token this many times the median norm of the rest is flagged as a sink
 
@@ -59,7 +59,7 @@ def extend_with_continuation(lm: LoadedModel, state: PromptState, source: int, v
     out = state.ids[:1]
     if tokens:
         with add_to_residual(lm.model, source, vector):
-            out = lm.model.generate(  # type: ignore[operator]
+            out = lm.model.generate(
                 input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=tokens, min_new_tokens=tokens,
                 do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=lm.tokenizer.pad_token_id,
             )
@@ -67,7 +67,7 @@ def extend_with_continuation(lm: LoadedModel, state: PromptState, source: int, v
     return PromptState(text=state.text, ids=out, source=cached)
 
 
-def target_residual(model: nn.Module, state: PromptState, source: int, target: int, thetas: Tensor) -> Tensor:
+def target_residual(model: CausalLM, state: PromptState, source: int, target: int, thetas: Tensor) -> Tensor:
     """Residual after ``target`` ``(B, T, d)`` when row ``b`` adds ``thetas[b]`` after ``source``.
 
     Only blocks ``source+1 … target`` run; gradients flow back to ``thetas``.
@@ -80,7 +80,7 @@ def target_residual(model: nn.Module, state: PromptState, source: int, target: i
     return seen[target].float()
 
 
-def steered_log_probs(model: nn.Module, state: PromptState, source: int, thetas: Tensor, last: int) -> Tensor:
+def steered_log_probs(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int) -> Tensor:
     """Next-token log-probabilities at the last ``last`` positions ``(B, last, vocab)`` when row ``b`` adds
     ``thetas[b]`` after ``source``; blocks from ``source+1`` to the LM head run, gradients flow to ``thetas``."""
     dtype = next(model.parameters()).dtype
@@ -90,7 +90,7 @@ def steered_log_probs(model: nn.Module, state: PromptState, source: int, thetas:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def new_cache(model: nn.Module) -> Any:
+def new_cache(model: CausalLM) -> Any:
     """An empty KV cache for ``model`` (transformers' Cache API), filled in place by each forward pass."""
     from transformers import DynamicCache
 
@@ -100,7 +100,7 @@ def new_cache(model: nn.Module) -> Any:
         return DynamicCache()
 
 
-def cache_argument(model: nn.Module) -> str:
+def cache_argument(model: CausalLM) -> str:
     """The name under which ``model``'s forward takes a KV cache: ``cache`` (transformers ≥ 5.x) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -111,7 +111,7 @@ def greedy_tokens(lm: LoadedModel, input_ids: Tensor, vector: Tensor | None, lay
     ``layer`` (``None``: unsteered), up to and including the first end-of-sequence token."""
     steer = contextlib.nullcontext() if vector is None else add_to_residual(lm.model, layer, vector)
     with steer:
-        out = lm.model.generate(  # type: ignore[operator]
+        out = lm.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=lm.tokenizer.pad_token_id,
         )
@@ -125,7 +125,7 @@ def greedy_tokens(lm: LoadedModel, input_ids: Tensor, vector: Tensor | None, lay
 
 
 @torch.no_grad()
-def continuation_nll(model: nn.Module, state: PromptState, source: int, thetas: Tensor, tokens: int, batch: int = 16) -> Tensor:
+def continuation_nll(model: CausalLM, state: PromptState, source: int, thetas: Tensor, tokens: int, batch: int = 16) -> Tensor:
     """Mean negative log-likelihood (nats per token) of the last ``tokens`` ids of ``state`` (a prompt followed by a
     completion), teacher-forced, when row ``b`` of ``thetas`` is added after ``source`` at every position ``(B,)``.
 
@@ -139,7 +139,7 @@ def continuation_nll(model: nn.Module, state: PromptState, source: int, thetas: 
     return torch.cat(out)
 
 
-def last_token_logits(model: nn.Module, state: PromptState, source: int, thetas: Tensor, batch: int = 64) -> Tensor:
+def last_token_logits(model: CausalLM, state: PromptState, source: int, thetas: Tensor, batch: int = 64) -> Tensor:
     """Logits at the last prompt position ``(B, vocab)`` when steering with each row of ``thetas``."""
     dtype = next(model.parameters()).dtype
     out = []
@@ -152,7 +152,7 @@ def last_token_logits(model: nn.Module, state: PromptState, source: int, thetas:
     return torch.cat(out).float()
 
 
-def _last_logits(model: nn.Module, ids: Tensor) -> Tensor:
+def _last_logits(model: CausalLM, ids: Tensor) -> Tensor:
     with contextlib.suppress(TypeError):  # only the last position's logits, where the model supports it
         return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
     return model(input_ids=ids, use_cache=False).logits[:, -1]
@@ -160,7 +160,7 @@ def _last_logits(model: nn.Module, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def generate_steered(
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: Any,
     input_ids: Tensor,
     vectors: Tensor | None,
@@ -190,7 +190,7 @@ def generate_steered(
         options.update(temperature=None, top_k=None, top_p=None)
     steer = contextlib.nullcontext() if vectors is None else add_to_residual(model, layer, vectors)
     with steer:
-        out = model.generate(  # type: ignore[operator]
+        out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
@@ -241,7 +241,7 @@ class LayerNorms:
 
 
 @torch.no_grad()
-def residual_norms(model: nn.Module, input_ids: Tensor) -> list[LayerNorms]:
+def residual_norms(model: CausalLM, input_ids: Tensor) -> list[LayerNorms]:
     """Per layer, the norm of the residual stream after that block on ``input_ids`` ``(1, seq)``."""
     layers = list(range(n_layers(model)))
     with capture_residual(model, layers) as seen:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -205,9 +206,12 @@ def _as_block_output(template: int, hidden: Tensor) -> Any:
     return hidden if template == 0 else (hidden, *([None] * (template - 1)))
 
 
+_BLOCK_OUTPUT: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()  # per model, without touching it
+
+
 def _output_template(model: nn.Module) -> int:
     """0 when a block returns a tensor, else the length of the tuple it returns (found once, cached)."""
-    cached = getattr(model, "_melbo_block_output", None)
+    cached = _BLOCK_OUTPUT.get(model)
     if cached is not None:
         return cached
     found: list[int] = []
@@ -221,7 +225,7 @@ def _output_template(model: nn.Module) -> int:
             model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model_device(model)), use_cache=False)
     finally:
         handle.remove()
-    model._melbo_block_output = found[0]  # type: ignore[attr-defined]
+    _BLOCK_OUTPUT[model] = found[0]
     return found[0]
 
 

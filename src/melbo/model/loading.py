@@ -18,10 +18,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """For type checkers: what ``AutoModelForCausalLM`` gives, a pretrained model that can ``generate``."""
 
 from melbo.errors import MelboError
 from melbo.model.layers import find_blocks
@@ -37,8 +42,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LoadedModel:
     """A model ready for steering, with what a run file needs to know about where it came from."""
 
-    model: nn.Module
-    tokenizer: Any
+    model: CausalLM
+    tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for: "smollm2", an id, a path
     source: dict[str, Any] = field(default_factory=dict)  # id + revision, or file + sha256
 
@@ -48,7 +53,9 @@ class LoadedModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        embeddings = self.model.get_input_embeddings()
+        assert isinstance(embeddings.weight, torch.Tensor)
+        return int(embeddings.weight.shape[1])
 
     @property
     def device(self) -> torch.device:
@@ -161,6 +168,7 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name = name or EMBEDDED_NAME
+    folder: str | Path
     if name == EMBEDDED_NAME:
         folder, source = _cached_gguf(embedded_gguf_path())
     elif name.endswith(".gguf") or Path(name).is_file():
@@ -177,7 +185,8 @@ def load_model(
     model, tokenizer = _load_pretrained(folder, name, torch_dtype)
     if "id" in source:
         source["revision"] = getattr(model.config, "_commit_hash", None)
-    model.to(torch_device).eval()
+    model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than torch's
+    model.eval()
     model.requires_grad_(False)
     find_blocks(model)  # fail now, not in the middle of a run, on an unknown architecture
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
@@ -191,7 +200,7 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_pretrained(folder: str | Path, name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_pretrained(folder: str | Path, name: str, dtype: torch.dtype) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -212,7 +221,7 @@ def _load_pretrained(folder: str | Path, name: str, dtype: torch.dtype) -> tuple
         raise MelboError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return cast("CausalLM", model), tokenizer
 
 
 def file_sha256(path: Path) -> str:
@@ -285,7 +294,6 @@ def _convert_gguf(path: Path, out: Path) -> None:
     # The weights are de-quantised now; drop the GGUF marker so save_pretrained writes plain safetensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    vars(model).update(hf_quantizer=None, is_quantized=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -10,13 +10,14 @@ folder holds, :mod:`~melbo.report.plots` draws the figures, :mod:`~melbo.report.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from melbo.errors import MelboError
+from melbo.files.runs import PLOTS_FOLDER, REPORT_FILE, atomic_write, write_bytes
 from melbo.report.data import ReportData, gather
 from melbo.report.plots import draw_all
 from melbo.report.render import render
-from melbo.files.runs import PLOTS_FOLDER, REPORT_FILE, atomic_write
 
 __all__ = ["REPORT_FILE", "ReportData", "gather", "write_report"]
 
@@ -33,7 +34,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         for plot in plots:
             if plot.png is not None:
                 png = plot.png
-                atomic_write(run / PLOTS_FOLDER / f"{plot.name}.png", lambda tmp, png=png: tmp.write_bytes(png))
+                atomic_write(run / PLOTS_FOLDER / f"{plot.name}.png", functools.partial(write_bytes, png))
         atomic_write(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     except OSError as exc:
         raise MelboError(f"cannot write the report to {target}: {exc.strerror or exc}") from exc

@@ -69,7 +69,7 @@ def cosine_check(vectors: Tensor) -> dict[str, Any]:
 def _primary(meta: RunMeta, results: dict[str, Any]) -> tuple[str | None, str | None]:
     """The prompt and decoding mode the table's label and KL columns use: the run's own first prompt, greedy first."""
     prompts = results.get("prompts", {})
-    own = (meta.prompts or [None])[0]
+    own = meta.prompts[0] if meta.prompts else None
     prompt = own if own in prompts else next(iter(prompts), None)
     if prompt is None:
         return None, None

@@ -15,10 +15,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from melbo.report.data import ReportData, moving_average  # noqa: E402
+from melbo.report.data import ReportData, moving_average
 
 LABEL_COLOURS = {"code": "#1f77b4", "compliance": "#ff7f0e", "refusal": "#d62728", "degenerate": "#8c564b", "other": "#b0b0b0"}
 EXTRA_COLOURS = ("#2ca02c", "#9467bd", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
@@ -142,7 +142,7 @@ def plot_compose(data: ReportData) -> bytes | None:
             ax.plot(ks, [r["kl"] for r in part], marker=marker, label=kind)
             same = [(k, r["kl"]) for k, r in zip(ks, part) if r.get("same_label_as_base")]
             if same:
-                ax.scatter(*zip(*same), s=90, facecolors="none", edgecolors="green")
+                ax.scatter([k for k, _ in same], [kl for _, kl in same], s=90, facecolors="none", edgecolors="green")
     if single:
         kls = sorted(r["kl"] for r in single)
         ax.axhline(kls[len(kls) // 2], color="red", ls="--", lw=1, label="median: each vector alone at ‖θ0‖")
@@ -157,7 +157,7 @@ def plot_compose(data: ReportData) -> bytes | None:
 
 def _compose_labels(data: ReportData, rows: list[dict[str, Any]]) -> bytes | None:
     """Where only completions are known (the post's composition files): the label of each k."""
-    if not rows:
+    if not rows or data.compose is None:
         return None
     fig, ax = _figure()
     labels = list(dict.fromkeys([*data.labels, *(r["label"] for r in rows)]))

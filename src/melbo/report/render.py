@@ -185,7 +185,7 @@ def render(data: ReportData, plots: list[Plot], published: dict[str, bytes] | No
         "compose": _compose_html(data.compose) + _controls_html(data) + _judge_html(data.judge),
         "table_caption": html.escape(caption),
         "version": html.escape(str(header["melbo"])),
-        "made": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "made": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "data": script_json(payload),
         "script": script,
         "script_hash": script_hash,

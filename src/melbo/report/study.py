@@ -216,7 +216,7 @@ steering: copies that carry the base's behaviour, not only a big push, make its 
 <th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>controls</th><th>judge: copies rated 2</th><th>time</th></tr></thead>
 <tbody>{"".join(body)}</tbody></table>
 {plots}
-<footer>Made by melbo on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {e(str(result.folder))}.</footer>
+<footer>Made by melbo on {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC from {e(str(result.folder))}.</footer>
 </body></html>
 """
 

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from melbo.errors import MelboError
+from melbo.serve.limits import ServeLimits
 
 
 def missing_extra() -> str | None:
@@ -19,8 +20,8 @@ def missing_extra() -> str | None:
     return f"melbo serve needs FastAPI and uvicorn ({', '.join(missing)} missing): pip install 'melbo[serve]'" if missing else None
 
 
-def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "auto", dtype: str | None = None, limits: object | None = None,
+def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "auto", dtype: str | None = None, limits: ServeLimits | None = None,
           on_ready: Callable[[int], None] | None = None) -> None:
     """Load the runs' model once and serve until interrupted; ``on_ready(number of runs)`` once everything is
     checked and loaded, just before the server starts listening."""
@@ -30,7 +31,7 @@ def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0
     import uvicorn
 
     from melbo.model.loading import load_model, locate_model
-    from melbo.serve.api import ServeLimits, create_app
+    from melbo.serve.api import create_app
     from melbo.serve.catalog import Catalog
 
     catalog = Catalog([Path(r) for r in runs])
@@ -39,7 +40,7 @@ def serve(runs: list[str | Path], model: str | None = None, host: str = "127.0.0
     for served in catalog.runs.values():
         if served.run.vectors.shape[1] != lm.d_model:
             raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")
-    app = create_app(lm, catalog, limits if isinstance(limits, ServeLimits) else ServeLimits())
+    app = create_app(lm, catalog, limits or ServeLimits())
     if on_ready:
         on_ready(len(catalog.runs))
     uvicorn.run(app, host=host, port=port, log_level="warning")

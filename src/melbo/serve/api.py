@@ -20,12 +20,12 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fastapi import FastAPI, HTTPException, Request as HttpRequest
+from fastapi import FastAPI, HTTPException
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,18 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from melbo.model.loading import LoadedModel
 from melbo.serve.batching import Batcher, QueueFull, Request
 from melbo.serve.catalog import BadSteering, Catalog, NotFound
-
-
-@dataclass
-class ServeLimits:
-    """What one request may ask (over a limit: 400, 413 or 429) and how requests are batched."""
-
-    max_tokens: int = 256  # per completion
-    max_prompt_tokens: int = 2048
-    max_body_bytes: int = 64 * 1024
-    max_queue: int = 64  # requests waiting for a batch; more: 429
-    max_batch: int = 16  # requests decoded together
-    window: float = 0.02  # seconds the batcher waits for more requests after the first
+from melbo.serve.limits import ServeLimits
 
 
 class Steering(BaseModel):
@@ -136,7 +125,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLimits(), batcher: Batcher | None = None) -> FastAPI:
+def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLimits(), batcher: Batcher | None = None) -> BodyLimit:
     """The server's app: routes, validation, limits. ``batcher`` defaults to one built from ``limits``."""
     batcher = batcher or Batcher(lm, max_batch=limits.max_batch, window=limits.window, max_queue=limits.max_queue)
     model_id = catalog.model_name or lm.name
@@ -165,10 +154,10 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, http: HttpRequest) -> Response:
         messages = [m.model_dump() for m in body.messages]
-        ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "input_ids") or isinstance(ids, dict):  # newer tokenizers answer with an encoding
-            ids = ids["input_ids"]
-        return await complete(body, list(ids), http, chat=True)
+        encoded: Any = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(encoded, "input_ids") or isinstance(encoded, dict):  # newer tokenizers answer with an encoding
+            encoded = encoded["input_ids"]
+        return await complete(body, [int(i) for i in encoded], http, chat=True)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, http: HttpRequest) -> Response:
@@ -192,10 +181,14 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
                 return error(400, str(exc), param="melbo")
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+
+        def emit(piece: str, reason: str | None) -> None:  # from the decoding thread into this request's queue
+            loop.call_soon_threadsafe(pieces.put_nowait, (piece, reason))
+
         request = Request(
             prompt_ids=prompt_ids, vector=vector, layer=layer, max_tokens=max_tokens, temperature=body.temperature,
             top_p=body.top_p, seed=body.seed, stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
-            emit=lambda piece, reason: loop.call_soon_threadsafe(pieces.put_nowait, (piece, reason)),
+            emit=emit,
         )
         try:
             batcher.submit(request)
@@ -242,7 +235,7 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
     async def stop() -> None:
         batcher.close()
 
-    return BodyLimit(app, limits.max_body_bytes)  # type: ignore[return-value]
+    return BodyLimit(app, limits.max_body_bytes)
 
 
 _PAGE_POLICY = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:"
@@ -254,11 +247,11 @@ def _asset(name: str) -> str:
 
 async def _collect(pieces: asyncio.Queue[tuple[str, str | None]], request: Request, http: HttpRequest) -> tuple[str, str | None]:
     """The whole completion; ``(text, None)`` when the client disconnected first (its row is then dropped)."""
-    text = []
+    text: list[str] = []
     while True:
         try:
             piece, reason = await asyncio.wait_for(pieces.get(), timeout=0.25)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await http.is_disconnected():
                 request.cancel()
                 return "".join(text), None

@@ -14,6 +14,7 @@ of other lengths are left-padded and masked, which can move float rounding and, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -165,7 +166,7 @@ class Batcher:
             finished = token in self.eos
             if not finished:
                 row.tokens.append(token)
-            text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            text = str(self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True))
             cut = _stop_at(text, request.stop)
             if cut is not None:
                 text, finished = text[:cut], True
@@ -245,5 +246,5 @@ def _steer(lm: LoadedModel, vectors: dict[int, Tensor]) -> Iterator[Callable[[Te
 
     with contextlib.ExitStack() as stack:
         for layer in current:
-            stack.enter_context(add_to_residual(lm.model, layer, lambda layer=layer: current[layer]))
+            stack.enter_context(add_to_residual(lm.model, layer, functools.partial(current.__getitem__, layer)))
         yield keep

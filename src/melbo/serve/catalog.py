@@ -96,7 +96,7 @@ class Catalog:
 
 def _labels(run: Run) -> list[str | None]:
     results = EvalResults.load(run)
-    prompt = (run.meta.prompts or [None])[0]
+    prompt = run.meta.prompts[0] if run.meta.prompts else None
     greedy = results.completions(prompt, "greedy") if prompt else {}
     out: list[str | None] = []
     for i, record in enumerate(run.records):

@@ -15,6 +15,7 @@ the command line).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -27,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from melbo.errors import MelboError
-from melbo.files.runs import atomic_write
+from melbo.files.runs import atomic_write, write_bytes
 from melbo.study.pipeline import Event, EventCallback, StudyResult, UnitOutcome, finish, prepare_folder, save_state, unit_done
 from melbo.study.spec import ModelSpec, Study, Unit
 
 POLL_SECONDS = 0.3
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayOptions:
     """How a study runs on Ray (``melbo study --ray``)."""
 
@@ -107,7 +108,6 @@ def _check_resources(study: Study, options: RayOptions) -> None:
 def _mailbox_class() -> Any:
     import ray
 
-    @ray.remote(num_cpus=0, max_concurrency=16)
     class Mailbox:
         """Files and progress on their way from the workers to the driver, and the latest copy of every file."""
 
@@ -142,7 +142,7 @@ def _mailbox_class() -> Any:
             events, self.events = self.events, []
             return files, dict(self.states), events
 
-    return Mailbox
+    return ray.remote(Mailbox).options(num_cpus=0, max_concurrency=16)
 
 
 def _worker_class() -> Any:
@@ -338,7 +338,7 @@ def _deliver(folder: Path, mailbox: Any, study: Study, states: dict[str, UnitOut
     files, unit_states, events = ray.get(mailbox.drain.remote())
     for rel, data in sorted(files.items(), key=lambda kv: kv[0].endswith("run.json")):  # run.json last in each folder
         target = folder / rel
-        atomic_write(target, lambda tmp, data=data: tmp.write_bytes(data))
+        atomic_write(target, functools.partial(write_bytes, data))
     if unit_states:
         for name, data in unit_states.items():
             states[name] = UnitOutcome.from_json(data)

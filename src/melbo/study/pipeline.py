@@ -26,9 +26,10 @@ from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates
 from melbo.analysis.compose import compose
 from melbo.analysis.controls import ControlSummary, default_held_out
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
-from melbo.analysis.judge import judge_run
 from melbo.analysis.fidelity import OrthoFidelity, ortho_fidelity
+from melbo.analysis.judge import judge_run
 from melbo.analysis.probe import probe, prompt_set
+from melbo.engines.config import OrthoConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
 from melbo.errors import MelboError
@@ -229,7 +230,7 @@ def run_unit(
     prompts = unit.prompts.prompts
     emit = on_event or (lambda _: None)
 
-    def step(name: str, work: Callable[[], None]) -> None:
+    def step(name: str, work: Callable[[], object]) -> None:
         if name in state.steps:
             return
         emit(Event(unit.label, name.split(":")[0], name.partition(":")[2]))
@@ -274,16 +275,14 @@ def run_unit(
             state.bases = bases
 
         step("choose", choose)
-        several = len(state.bases) > 1
-        for base in state.bases:
-            name = f"ortho-{base.index}" if several else "ortho"
+        for base, name in zip(state.bases, ortho_names(state)):
             folder = root / name
             cfg_o = unit.ortho_config(source, target)
             assert cfg_o is not None
 
-            def run_ortho(base: BaseChoice = base, folder: Path = folder, name: str = name) -> None:
+            def run_ortho(base: BaseChoice = base, folder: Path = folder, name: str = name, cfg_o: OrthoConfig = cfg_o) -> None:
                 info = {"from": str(discovery), "index": base.index, "why": base.reason(), "completion": base.completion}
-                blocks = None if cfg_o.count is None else -(-cfg_o.count // (cfg_o.block or 16))
+                blocks = None if cfg_o.count is None else -(-cfg_o.count // cfg_o.block_size())
                 run = ortho(lm, found.vectors[base.index], prompts, cfg_o, fmt, out=folder, base_info=info, resume=True,
                             on_step=progress("ortho", name, blocks, cfg_o.steps), on_block=on_block)
                 outcome = OrthoOutcome(str(folder.relative_to(study_folder)), base, ortho_fidelity(lm, run, fmt, cfg_o.completion_tokens))
@@ -294,7 +293,7 @@ def run_unit(
     for folder in studied:
         _study_run(lm, unit, folder, study_folder, state, step)
     if unit.report is not None and unit.report.enabled:
-        for folder in [*studied, discovery] if state.orthos else studied:
+        for folder in dict.fromkeys([*studied, discovery]):
             def report(folder: Path = folder) -> None:
                 page = write_report(folder)
                 state.reports = [r for r in state.reports if r != str(page.relative_to(study_folder))] + [str(page.relative_to(study_folder))]
@@ -303,31 +302,48 @@ def run_unit(
     return state
 
 
+def ortho_names(state: UnitOutcome) -> list[str]:
+    """The MELBO-ortho run folders of a unit, one per chosen base: ``ortho``, or ``ortho-<index>`` when there are several."""
+    return [f"ortho-{b.index}" if len(state.bases) > 1 else "ortho" for b in state.bases]
+
+
+def run_steps(unit: Unit, run_name: str, ortho: bool) -> list[str]:
+    """The steps that study one run folder, in the order they run: eval, compose (MELBO-ortho runs), probe."""
+    kinds = [("eval", unit.eval is not None), ("compose", unit.compose is not None and ortho), ("probe", unit.probe is not None)]
+    return [f"{kind}:{run_name}" for kind, wanted in kinds if wanted]
+
+
+def unit_plan(unit: Unit, state: UnitOutcome) -> list[str] | None:
+    """Every step ``run_unit`` takes for this unit, in order (the one place the plan is spelled out); None while it
+    depends on a choice not made yet (the bases: until ``choose`` ran, the MELBO-ortho folders are unknown)."""
+    discovery = "discover" if unit.discover is not None else "vectors"
+    plan = ["discover"]
+    studied = [discovery]
+    if unit.ortho is not None:
+        plan.append("choose")
+        if "choose" not in state.steps:
+            return None
+        names = ortho_names(state)
+        plan += [f"ortho:{n}" for n in names]
+        studied = names or studied
+    for name in studied:
+        plan += run_steps(unit, name, name != discovery)
+    if unit.report is not None and unit.report.enabled:
+        plan += [f"report:{n}" for n in dict.fromkeys([*studied, discovery])]
+    return plan
+
+
 def unit_done(unit: Unit, state: UnitOutcome | None) -> bool:
     """Whether every step ``run_unit`` would take for this unit is recorded as finished."""
-    if state is None or "discover" not in state.steps:
-        return False
-    studied = [state.discovery.rsplit("/", 1)[-1]]
-    if unit.ortho is not None:
-        if "choose" not in state.steps:
-            return False
-        names = [f"ortho-{b.index}" if len(state.bases) > 1 else "ortho" for b in state.bases]
-        if any(f"ortho:{n}" not in state.steps for n in names):
-            return False
-        studied = names or studied
-    needed = [f"{kind}:{n}" for n in studied for kind, table in (("eval", unit.eval), ("probe", unit.probe)) if table is not None]
-    if unit.compose is not None and unit.ortho is not None:
-        needed += [f"compose:{n}" for n in studied]
-    if unit.report is not None and unit.report.enabled:
-        needed += [f"report:{n}" for n in {*studied, state.discovery.rsplit("/", 1)[-1]}]
-    return all(step in state.steps for step in needed)
+    plan = None if state is None else unit_plan(unit, state)
+    return plan is not None and state is not None and all(step in state.steps for step in plan)
 
 
 def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, state: UnitOutcome,
-               step: Callable[[str, Callable[[], None]], None]) -> None:
-    """eval, compose and probe of one run folder, as the unit asks."""
+               step: Callable[[str, Callable[[], object]], None]) -> None:
+    """eval, compose and probe of one run folder, as the unit's plan (:func:`run_steps`) asks."""
     fmt = unit.prompts.format
-    name = folder.name
+    works: dict[str, Callable[[], object]] = {}
     if unit.eval is not None:
         spec = unit.eval
         config = EvalConfig(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(EvalConfig)})
@@ -352,10 +368,10 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
                     outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
                     outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), config.base, prompts[0]) if len(prompts) > 1 else None
                     outcome.controls = ControlSummary.of(controls) if controls else None
-                    outcome.judged = {name: summary["share_concept_2"] for name, summary in judged.items()}
+                    outcome.judged = {concept: summary["share_concept_2"] for concept, summary in judged.items()}
 
-        step(f"eval:{name}", run_eval)
-    if unit.compose is not None and state.orthos:
+        works["eval"] = run_eval
+    if unit.compose is not None:
         spec_c = unit.compose
 
         def run_compose() -> None:
@@ -364,7 +380,7 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             if ks:
                 compose(lm, run, ks, run.meta.prompts[0], fmt, spec_c.max_new_tokens)
 
-        step(f"compose:{name}", run_compose)
+        works["compose"] = run_compose
     if unit.probe is not None:
         spec_p = unit.probe
 
@@ -372,7 +388,9 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             run = read_run(folder, d_model=lm.d_model)
             probe(lm, run, prompt_set(spec_p.prompt_set), fmt, spec_p.max_new_tokens, spec_p.random_directions)
 
-        step(f"probe:{name}", run_probe)
+        works["probe"] = run_probe
+    for name in run_steps(unit, folder.name, bool(state.orthos)):
+        step(name, works[name.partition(":")[0]])
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melbo.analysis.config import DEFAULT_KS, ChooseConfig, EvalConfig
+from melbo.analysis.config import ChooseConfig, ComposeConfig, EvalConfig, ProbeConfig
 from melbo.analysis.judge import JudgeConfig
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.errors import MelboError
@@ -84,7 +84,7 @@ class VectorsSpec:
     target: int = 20  # the layer MELBO-ortho matches
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSpec(EvalConfig):
     """``[eval]``: :class:`~melbo.EvalConfig` plus held-out prompts (a shipped set and/or your own)."""
 
@@ -110,21 +110,8 @@ class EvalSpec(EvalConfig):
             judge.check()
 
 
-@dataclass
-class ComposeSpec:
-    """``[compose]``: means of the first k vectors of each MELBO-ortho run."""
-
-    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
-    max_new_tokens: int = 48
-
-
-@dataclass
-class ProbeSpec:
-    """``[probe]``: presence of each vector while the unsteered model shows a behaviour by itself."""
-
-    prompt_set: str = "coding"
-    max_new_tokens: int = 48
-    random_directions: int = 512
+ComposeSpec = ComposeConfig  # ``[compose]``: means of the first k vectors of each MELBO-ortho run
+ProbeSpec = ProbeConfig  # ``[probe]``: presence of each vector while the unsteered model shows a behaviour by itself
 
 
 @dataclass
@@ -205,8 +192,8 @@ class Study:
         return cls.from_dict(data, where=str(path))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "study") -> Study:
-        data = copy.deepcopy(dict(data))
+    def from_dict(cls, given: Mapping[str, Any], where: str = "study") -> Study:
+        data: dict[str, Any] = copy.deepcopy(dict(given))
         name = data.pop("name", None) or (Path(where).stem if where != "study" else "study")
         description = data.pop("description", "")
         sweep = data.pop("sweep", {}) or {}

@@ -33,7 +33,7 @@ def test_vectors_on_sphere_orthogonal_and_saved(tiny_lm, tmp_path):
 
 def test_training_beats_random_vectors(nonlinear_lm):
     """The learnt vectors change the target layer more than random vectors of the same norm."""
-    from melbo.engines.discover import DiscoveryProblem
+    from melbo.engines.problem import DiscoveryProblem
     from melbo.model.forward import prepare
 
     tiny_lm = nonlinear_lm

@@ -7,7 +7,7 @@ import torch
 
 import melbo.engines.radius as radius
 from melbo.engines.config import DiscoverConfig, RadiusConfig
-from melbo.engines.discover import DiscoveryProblem
+from melbo.engines.problem import DiscoveryProblem
 from melbo.engines.radius import RadiusProbe, choose_radius, residual_scale
 from melbo.model.forward import prepare
 from melbo.model.prompts import PromptFormat

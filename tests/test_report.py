@@ -144,7 +144,7 @@ def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path):
     (run / "compose.json").write_text(json.dumps({"prompt": PROMPT, "base_label": "code", "rows": rows}))
     page = write_report(run).read_text()
     assert (run / "plots" / "presence.png").is_file() and (run / "plots" / "compose.png").is_file()
-    assert "not computed" not in page
+    assert page.count("not computed") == 1 and "not computed (run melbo eval RUN --controls)" in page  # only the controls
     assert page.count("<tr><td>k=") == 9 and "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
     assert "0/11 keep the base's label (code), median KL 2.000" in page
     data = gather(run)

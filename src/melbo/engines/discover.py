@@ -9,62 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
-from melbo.engines.config import DiscoverConfig, DiscoverSettings, Positions, RadiusConfig
-from melbo.engines.optimise import optimise
+from melbo.engines.config import DiscoverConfig, RadiusConfig
+from melbo.engines.problem import DiscoveryProblem
 from melbo.engines.radius import RadiusChoice, RadiusProbe, choose_radius
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
-from melbo.model.forward import PromptState, generate_steered, prepare, target_residual
+from melbo.model.forward import generate_steered, prepare
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat
-from melbo.objectives import melbo_loss, orthogonalize_block, random_orthogonal_block, to_sphere
-
-
-@dataclass
-class DiscoveryProblem:
-    """Discovery's loss on one model and prompt set: the unsteered target residuals are computed once."""
-
-    lm: LoadedModel
-    states: list[PromptState]
-    settings: DiscoverSettings
-    baselines: list[Tensor] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        zeros = torch.zeros(1, self.lm.d_model, device=self.lm.device)
-        s = self.settings
-        with torch.no_grad():
-            self.baselines = [target_residual(self.lm.model, state, s.source, s.target, zeros) for state in self.states]
-
-    def losses(self, thetas: Tensor) -> Tensor:
-        """MELBO loss of each row of ``thetas`` ``(B,)``, averaged over prompts."""
-        s = self.settings
-        pos = Positions(s.positions)
-        total = thetas.new_zeros(thetas.shape[0])
-        for state, base in zip(self.states, self.baselines):
-            sel = pos.index(state.length)
-            steered = target_residual(self.lm.model, state, s.source, s.target, thetas)
-            total = total + melbo_loss(steered[:, sel] - base[:, sel], s.p, s.q)
-        return total / len(self.states)
-
-    def train(self, basis: Tensor | None, size: int, generator: torch.Generator,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[Tensor, int]:
-        """``size`` vectors of norm R orthogonal to ``basis`` and to each other, trained with MELBO's original
-        optimiser (AdamW, betas (0.9, 0.98), amsgrad, no weight decay)."""
-        s = self.settings
-        init = random_orthogonal_block(size, self.lm.d_model, s.radius, basis, generator).to(self.lm.device)
-        theta = torch.nn.Parameter(init)
-        steps = optimise(
-            theta, self.losses, lambda t: to_sphere(orthogonalize_block(t, basis), s.radius), s.lr, s.steps, cosine=False,
-            on_step=on_step,
-            make_optimizer=lambda params, rate: torch.optim.AdamW(params, lr=rate, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True),
-        )
-        return theta.detach().clone(), steps
 
 
 @dataclass

@@ -42,7 +42,7 @@ from melbo.model.forward import completion_nll, effect_on_first_token, generate_
 from melbo.objectives import orthogonalize_block, random_orthogonal_block, to_sphere
 
 if TYPE_CHECKING:
-    from melbo.engines.discover import DiscoveryProblem
+    from melbo.engines.problem import DiscoveryProblem
 
 
 @dataclass

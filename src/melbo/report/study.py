@@ -19,7 +19,7 @@ from melbo.files.runs import REPORT_FILE, atomic_write, read_meta, read_run
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from melbo.study.pipeline import StudyResult
+    from melbo.study.outcome import StudyResult
 
 PAGE_FILE = "study.html"
 NO_BEHAVIOUR = ("other", "degenerate", "")

@@ -6,7 +6,8 @@
 PosixPath('runs/demo/study.html')
 """
 
-from melbo.study.pipeline import Event, ModelCache, OrthoOutcome, StudyResult, UnitOutcome, run_study
+from melbo.study.outcome import Event, OrthoOutcome, StudyResult, UnitOutcome
+from melbo.study.pipeline import ModelCache, run_study
 from melbo.study.spec import Study, Unit, builtin_study
 
 QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --quick`, smoke tests); R fixed: no calibration

@@ -29,7 +29,8 @@ from typing import Any
 
 from melbo.errors import MelboError
 from melbo.files.runs import atomic_write, write_bytes
-from melbo.study.pipeline import Event, EventCallback, StudyResult, UnitOutcome, finish, prepare_folder, save_state, unit_done
+from melbo.study.outcome import Event, EventCallback, StudyResult, UnitOutcome
+from melbo.study.pipeline import finish, prepare_folder, save_state, unit_done
 from melbo.study.spec import ModelSpec, Study, Unit
 
 POLL_SECONDS = 0.3

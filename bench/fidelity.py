@@ -57,16 +57,18 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl 60 evals": {"continuation": 16, "match": "kl", "steps": 60},
     "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},  # melbo's fast default
     "continuation 16 each t 29": {"continuation": 16, "match": "each", "target": 29},
-    "continuation 16 kl, 4 prompts": {"continuation": 16, "match": "kl", "steps": 30, "train_prompts": 4},
-    "last:4 mean, 4 prompts": {"train_prompts": 4},
+    "continuation 16 kl 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "train_prompts": 2},
+    "continuation 16 kl 4 prompts": {"continuation": 16, "match": "kl", "steps": 30, "train_prompts": 4},
+    "last:4 mean 4 prompts": {"train_prompts": 4},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",
-    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals", "continuation 16 kl, 4 prompts", "last:4 mean, 4 prompts",
+    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals", "continuation 16 kl 2 prompts", "continuation 16 kl 4 prompts",
+    "last:4 mean 4 prompts",
 )
 HELD_OUT = default_held_out(DEFAULT_PROMPT)  # one prompt of each kind, never trained on
 TRAIN = [prompt_set(kind)[2] for kind in ("harmful", "neutral", "coding", "chit-chat")]  # the extra training prompts
-QUICK = ("last:4 mean (0.1)", "continuation 16 kl, 4 prompts")
+QUICK = ("last:4 mean (0.1)", "continuation 16 kl 4 prompts")
 
 
 def choose_base(lm, run, fmt):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from melbo import MelboError, write_run
-from melbo.analysis.compose import compose, composed_vectors
+from melbo.analysis.compose import ComposeResults, compose, composed_vectors
 from melbo.model.forward import generate_steered, last_token_logits, prepare
 from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence, orthonormal_rows
@@ -22,7 +22,8 @@ def ortho_run(tmp_path):
 
 
 def test_combinations_by_hand(ortho_run):
-    names, vectors = composed_vectors(ortho_run, [1, 4, 99])
+    combos, vectors = composed_vectors(ortho_run, [1, 4, 99])
+    names = [c.name for c in combos]
     assert names[:6] == ["k=1 mean", "k=1 mean×√k", "k=1 mean→‖θ0‖", "k=4 mean", "k=4 mean×√k", "k=4 mean→‖θ0‖"]
     torch.testing.assert_close(vectors[3], ortho_run.vectors[1:5].mean(0))
     # four orthogonal vectors of norm 6: the mean has norm 6/√4, so ×√k restores 6
@@ -36,16 +37,17 @@ def test_compose_end_to_end(tiny_lm, ortho_run):
     results = compose(tiny_lm, ortho_run, [1, 2, 5], "hi", PromptFormat(), max_new_tokens=3)
     assert len(results.rows) == 3 * 3 + 5 and len(results.combinations) == 9
     assert json.loads((ortho_run.path / "compose.json").read_text())["rows"][0]["name"] == "k=1 mean"
-    assert math.isclose(results.rows[0]["norm"], 6.0, rel_tol=1e-5)
+    assert math.isclose(results.rows[0].norm, 6.0, rel_tol=1e-5)
+    assert ComposeResults.read(ortho_run.path).to_json() == results.to_json()  # compose.json reads back as it was
     # the mean of the first vector alone is vector 1: its KL to θ0 and its completion, computed here by hand
     state = prepare(tiny_lm, ["hi"], PromptFormat(), 1)[0]
     logits = last_token_logits(tiny_lm.model, state, 1, ortho_run.vectors[[0, 1]])
-    assert results.rows[0]["kl"] == pytest.approx(float(kl_divergence(logits[1:], logits[:1])), rel=1e-6)
+    assert results.rows[0].kl == pytest.approx(float(kl_divergence(logits[1:], logits[:1])), rel=1e-6)
     alone = generate_steered(tiny_lm.model, tiny_lm.tokenizer, state.ids, ortho_run.vectors[1:2], 1, max_new_tokens=3)[0]
-    assert results.rows[0]["text"] == alone
+    assert results.rows[0].text == alone
     # each single vector at ‖θ0‖: KL by hand for #2, and the median of the five as the summary says
     logits2 = last_token_logits(tiny_lm.model, state, 1, ortho_run.vectors[2:3] / 2)
-    single = {r["name"]: r["kl"] for r in results.rows if r["name"].startswith("#")}
+    single = {r.name: r.kl for r in results.singles}
     assert single["#2→‖θ0‖"] == pytest.approx(float(kl_divergence(logits2, logits[:1])), rel=1e-6)
     assert results.single_median_kl == pytest.approx(sorted(single.values())[2])
 

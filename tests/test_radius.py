@@ -49,12 +49,40 @@ def test_bisection_finds_the_largest_fluent_radius(problem, monkeypatch):
 
 def test_nothing_fluent_and_everything_fluent(problem, monkeypatch):
     monkeypatch.setattr(radius, "_probe", fake_model(0.0, []))
-    choice = choose_radius(problem, RadiusConfig(probes=3))
-    assert choice.radius == pytest.approx(0.06 * residual_scale(problem), rel=1e-2) and "no candidate R" in choice.reason
+    choice = choose_radius(problem, RadiusConfig(probes=3, extend=2))
+    lowest_in_range = sorted(p.radius for p in choice.probes)[2]
+    assert len(choice.probes) == 5 and "no candidate R" in choice.reason  # three in the range, then two steps ×4 below it
+    assert choice.radius == min(p.radius for p in choice.probes) == pytest.approx(lowest_in_range / 16, rel=2e-2)
     calls: list[list[float]] = []
     monkeypatch.setattr(radius, "_probe", fake_model(1e9, calls))
     choice = choose_radius(problem, RadiusConfig(radii=(3.0, 1.0, 2.0)))
     assert calls == [[1.0, 2.0, 3.0]] and choice.radius == 3.0  # the user's candidates, trained together
+
+
+@pytest.mark.parametrize("edge", [0.012, 0.004, 3.0, 20.0])
+def test_the_edge_is_found_outside_the_range(problem, monkeypatch, edge):
+    """Gemma 3 270M's fluent edge lies near 0.01–0.02 × its residual norm (a few massive dimensions dominate it), far
+    below the bisection's range (0.06–1 ×): the search goes on below the range (or above it) until the edge is
+    bracketed, then bisects."""
+    calls: list[list[float]] = []
+    scale = residual_scale(problem)
+    monkeypatch.setattr(radius, "_probe", fake_model(edge * scale, calls))
+    choice = choose_radius(problem, RadiusConfig())
+    tried = [c[0] for c in calls]
+    assert choice.radius == max(r for r in tried if r <= edge * scale)
+    assert edge * scale / 1.5 < choice.radius <= edge * scale  # bracketed ×4, then three halvings of log 4
+    assert len(tried) <= 4 + 5 + 3 and "most vectors stay fluent" in choice.reason
+
+
+def test_the_reason_names_the_criterion_that_failed(problem, monkeypatch):
+    scale = residual_scale(problem)
+
+    def probe(problem, radii, cfg, stage):  # every vector fluent, but above 0.3 × the norm the median NLL is too high
+        return [RadiusProbe(r, 4, 4, 2.0 if r <= 0.3 * scale else 3.5, 1.0, {"other": 4}, 4, "text") for r in radii]
+
+    monkeypatch.setattr(radius, "_probe", probe)
+    choice = choose_radius(problem, RadiusConfig())
+    assert "4/4 fluent but a median NLL of 3.50 (at most 3)" in choice.reason
 
 
 def test_probe_rows_lie_on_their_spheres_and_are_orthogonal_within_a_radius(problem):

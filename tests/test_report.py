@@ -105,7 +105,7 @@ def test_import_post_dump_keeps_every_vector_and_the_published_plots(tmp_path):
     assert data.rows[0]["top"] and data.rows[0]["kl"] is None and data.cosine is None
     assert data.label_blocks[0]["counts"] == {"code": 100}  # the post: ~100% code in 0-799
     assert data.published_plots == ["published-kl-div-ortho-coding-plot.png", "published-magnitude-ortho-coding-plot.png"]
-    assert [int(r["name"].split()[0][2:]) for r in data.compose["rows"]][:3] == [2, 5, 10]
+    assert data.compose is not None and [r.combination.k for r in data.compose.rows][:3] == [2, 5, 10]
     page = write_report(out).read_text()
     assert "published-kl-div-ortho-coding-plot.png" in page and "not in the published dump" in page
     with pytest.raises(MelboError, match="published outputs, not vectors"):

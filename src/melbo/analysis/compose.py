@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,69 +19,132 @@ from torch import Tensor
 
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
-from melbo.files.runs import COMPOSE_FILE, Run, write_json
+from melbo.files.runs import COMPOSE_FILE, Run, read_json, write_json
 from melbo.model.forward import generate_steered, last_token_logits, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence
 
+COMBINATIONS = ("mean", "mean×√k", "mean→‖θ0‖")  # the kinds of combination of the first k copies; "single": one copy at ‖θ0‖
 
-def composed_vectors(run: Run, ks: list[int]) -> tuple[list[str], Tensor]:
-    """Names and vectors of every combination to try (rows 1… are the found vectors, row 0 the base)."""
+
+@dataclass
+class Combination:
+    """One steering vector ``compose`` tries: a combination of the first ``k`` copies, or copy ``index`` alone."""
+
+    kind: str  # one of COMBINATIONS, or "single" (copy ``index`` rescaled to ‖θ0‖)
+    k: int | None = None
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"#{self.index}→‖θ0‖" if self.kind == "single" else f"k={self.k} {self.kind}"
+
+
+def composed_vectors(run: Run, ks: list[int]) -> tuple[list[Combination], Tensor]:
+    """Every combination to try and its vector (rows 1… are the found vectors, row 0 the base)."""
     found = run.vectors[1:]
     if found.shape[0] == 0:
         raise MelboError(f"{run.path} holds no vector besides the base; compose needs an ortho run")
     base_norm = float(run.vectors[0].norm())
-    names: list[str] = []
+    combos: list[Combination] = []
     rows: list[Tensor] = []
     for k in ks:
         if not 1 <= k <= found.shape[0]:
             continue
         mean = found[:k].mean(dim=0)
-        for kind, vector in (
-            ("mean", mean),
-            ("mean×√k", mean * math.sqrt(k)),
-            ("mean→‖θ0‖", mean * base_norm / float(mean.norm().clamp_min(1e-12))),
-        ):
-            names.append(f"k={k} {kind}")
+        for kind, vector in zip(COMBINATIONS, (mean, mean * math.sqrt(k), mean * base_norm / float(mean.norm().clamp_min(1e-12)))):
+            combos.append(Combination(kind, k=k))
             rows.append(vector)
     for index in range(1, run.vectors.shape[0]):
         vector = run.vectors[index]
-        names.append(f"#{index}→‖θ0‖")
+        combos.append(Combination("single", index=index))
         rows.append(vector * base_norm / float(vector.norm().clamp_min(1e-12)))
     if not rows:
         raise MelboError(f"none of k = {ks} fits the {found.shape[0]} vectors of {run.path}")
-    return names, torch.stack(rows)
+    return combos, torch.stack(rows)
+
+
+@dataclass
+class ComposeRow:
+    """One row of ``compose.json``: a combination, its greedy completion and label, its norm and KL to θ0."""
+
+    combination: Combination
+    label: str
+    text: str
+    norm: float | None = None  # None: not known (the post's composition files hold only text)
+    kl: float | None = None  # KL(P_combination ‖ P_θ0) at the last prompt token
+    same_label_as_base: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.combination.name
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.combination
+        return {"name": c.name, "kind": c.kind, "k": c.k, "index": c.index, "norm": self.norm, "kl": self.kl,
+                "label": self.label, "same_label_as_base": self.same_label_as_base, "text": self.text}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ComposeRow:
+        if "kind" in data:
+            combination = Combination(data["kind"], data.get("k"), data.get("index"))
+        else:  # written before rows were typed: the name is all there is ("k=5 mean×√k", "#3→‖θ0‖")
+            name = str(data["name"])
+            if name.startswith("#"):
+                combination = Combination("single", index=int(name[1:].split("→")[0]))
+            else:
+                k, _, kind = name.partition(" ")
+                combination = Combination(kind, k=int(k.removeprefix("k=")))
+        return cls(combination, data["label"], data["text"], data.get("norm"), data.get("kl"), bool(data.get("same_label_as_base")))
 
 
 @dataclass
 class ComposeResults:
-    """What ``compose.json`` holds: one row per combination (``name``, ``norm``, ``kl``, ``label``, ``text``)."""
+    """What ``compose.json`` holds: the prompt, θ0's label there, and one row per combination."""
 
     prompt: str
     base_label: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[ComposeRow] = field(default_factory=list)
+    source_file: str | None = None  # a composition file of the post's, when imported from one
 
     @property
-    def combinations(self) -> list[dict[str, Any]]:
+    def combinations(self) -> list[ComposeRow]:
         """The means of the first k vectors (the rows that are not single vectors rescaled to ‖θ0‖)."""
-        return [r for r in self.rows if not r["name"].startswith("#")]
+        return [r for r in self.rows if r.combination.kind != "single"]
+
+    @property
+    def singles(self) -> list[ComposeRow]:
+        """Each vector alone, rescaled to ‖θ0‖."""
+        return [r for r in self.rows if r.combination.kind == "single"]
 
     @property
     def single_median_kl(self) -> float | None:
         """Median KL to θ0 of the single vectors rescaled to ‖θ0‖."""
-        kls = [r["kl"] for r in self.rows if r["name"].startswith("#")]
+        kls = [r.kl for r in self.singles if r.kl is not None]
         return statistics.median(kls) if kls else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "base_label": self.base_label, "kl_direction": "KL(P_combination || P_base)", "rows": self.rows}
+        out = {"prompt": self.prompt, "base_label": self.base_label, "kl_direction": "KL(P_combination || P_base)",
+               "rows": [r.to_json() for r in self.rows]}
+        return {**out, "source_file": self.source_file} if self.source_file else out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ComposeResults:
+        return cls(data.get("prompt", ""), data.get("base_label", ""), [ComposeRow.from_json(r) for r in data.get("rows", [])],
+                   data.get("source_file"))
+
+    @classmethod
+    def read(cls, run_folder: Path) -> ComposeResults | None:
+        data = read_json(run_folder / COMPOSE_FILE)
+        return cls.from_json(data) if data else None
 
 
 def compose(
     lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64
 ) -> ComposeResults:
     """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination (saved in compose.json)."""
-    names, vectors = composed_vectors(run, ks)
+    combos, vectors = composed_vectors(run, ks)
     source = run.source_layer
     state = prepare(lm, [prompt], fmt, source)[0]
     vectors = vectors.to(lm.device)
@@ -92,8 +156,8 @@ def compose(
         texts += generate_steered(lm.model, lm.tokenizer, state.ids, chunk, source, max_new_tokens=max_new_tokens)
     base_label = label(generate_steered(lm.model, lm.tokenizer, state.ids, run.vectors[:1].to(lm.device), source, max_new_tokens=max_new_tokens)[0])[0]
     rows = [
-        {"name": n, "norm": float(v.norm()), "kl": float(k), "label": label(t)[0], "same_label_as_base": label(t)[0] == base_label, "text": t}
-        for n, v, k, t in zip(names, vectors.cpu(), kl, texts)
+        ComposeRow(c, label(t)[0], t, float(v.norm()), float(k), label(t)[0] == base_label)
+        for c, v, k, t in zip(combos, vectors.cpu(), kl, texts)
     ]
     results = ComposeResults(prompt, base_label, rows)
     write_json(run.sidecar(COMPOSE_FILE), results.to_json())

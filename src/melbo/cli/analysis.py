@@ -266,7 +266,7 @@ def compose(
         results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
     table = make_table(f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)", (("combination", "left"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("completion", "left")))
     for r in results.combinations:
-        table.add_row(r["name"], f"{r['norm']:.1f}", f"{r['kl']:.3f}", r["label"], short(r["text"], 70))
+        table.add_row(r.name, _or_dash(r.norm, "{:.1f}"), _or_dash(r.kl, "{:.3f}"), r.label, short(r.text, 70))
     console.print(table)
     if results.single_median_kl is not None:
         console.print(f"each vector rescaled to ‖θ0‖: median KL {results.single_median_kl:.3f} (their own norms: see melbo eval)")

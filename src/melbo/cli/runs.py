@@ -74,8 +74,9 @@ def info(
             "(--positions all to include it).[/yellow]"
         )
     console.print(
-        "Choose a source layer s about a quarter to a third of the way in, a target t about two thirds in, and R "
-        "around a few times the typical norm at s (melbo discover --calibrate sweeps R)."
+        "melbo discover chooses s (about a third of the way in), t (about two thirds in) and R itself: the largest R at "
+        "which most trained vectors stay fluent, a fraction of the norm at s that differs between models "
+        "(melbo discover --calibrate shows the search; --radii gives the candidates yourself)."
     )
 
 

@@ -75,6 +75,7 @@ class RadiusConfig:
     low: float = 0.06  # the search range, as multiples of the residual norm at the source layer
     high: float = 1.0
     probes: int = 4  # bisection steps (each narrows the range: 4 give about ±10 % on R)
+    extend: int = 5  # when no R in the range is fluent (or every R is): probes below (above) it, ×4 apart, then bisection
     radii: tuple[float, ...] = ()  # explicit candidate radii instead (--radii): each is tried, the largest fluent one wins
     vectors: int = 4  # trained per candidate R
     steps: int = 25  # at most; the learning rate is scaled so the vectors travel as far as in discovery's steps
@@ -88,7 +89,7 @@ class RadiusConfig:
             raise MelboError("--radii: every candidate R must be a positive number")
         if not (0 < self.low < self.high and math.isfinite(self.high)):
             raise MelboError("the R search range needs 0 < low < high")
-        if self.vectors < 1 or self.probes < 1 or self.steps < 1 or self.completion_tokens < 1:
+        if self.vectors < 1 or self.probes < 1 or self.steps < 1 or self.completion_tokens < 1 or self.extend < 0:
             raise MelboError("calibration vectors, probes, steps and completion tokens must be at least 1")
         if not 0 < self.min_fluent <= 1:
             raise MelboError("min_fluent must be in (0, 1]")

@@ -122,9 +122,20 @@ def choose_radius(
                 best, low = probe, probe.radius
             else:
                 high = probe.radius
+        bracket = _extend(problem, cfg, probes, best, tried)
+        if bracket is not None:  # the edge lay outside the range: bisect between the new fluent R and the failed one
+            best, low, high = bracket
+            for stage in range(cfg.probes + cfg.extend, 2 * cfg.probes + cfg.extend - 1):
+                if high <= low * 1.05:
+                    break
+                probe = tried(_probe(problem, [_round(math.sqrt(low * high))], cfg, stage))[0]
+                if probe.usable(cfg):
+                    best, low = probe, probe.radius
+                else:
+                    high = probe.radius
     ordered = sorted(probes, key=lambda p: p.radius)
     if best is None:
-        radius = _round(min(p.radius for p in probes) if cfg.radii else cfg.low * scale)
+        radius = _round(min(p.radius for p in probes))
         reason = (
             f"no candidate R kept {cfg.min_fluent:.0%} of its vectors fluent; R {radius:g} is the smallest tried "
             "(try other layers, or smaller --radii)"
@@ -133,11 +144,46 @@ def choose_radius(
         radius = best.radius
         failed = [p for p in ordered if p.radius > radius]
         reason = (
-            f"R {radius:g} ({radius / scale:.2f} × the residual norm {scale:.0f} at layer {problem.settings.source}): the "
-            f"largest tried at which most vectors stay fluent ({best.fluent}/{best.vectors}, first-token KL "
-            f"{best.median_effect:.2f})" + (f"; at R {failed[0].radius:g} only {failed[0].fluent}/{failed[0].vectors}" if failed else "")
+            f"R {radius:g} ({radius / scale:.3g} × the residual norm {scale:.0f} at layer {problem.settings.source}): the "
+            f"largest tried at which most vectors stay fluent ({best.fluent}/{best.vectors}, median NLL {best.median_nll:.2f}, "
+            f"first-token KL {best.median_effect:.2f})" + (f"; at R {failed[0].radius:g} {why_not(failed[0], cfg)}" if failed else "")
         )
     return RadiusChoice(radius, reason, scale, ordered, round(time.monotonic() - started, 2))
+
+
+def why_not(probe: RadiusProbe, cfg: RadiusConfig) -> str:
+    """Which of the two criteria a candidate R failed, in words."""
+    if probe.share < cfg.min_fluent:
+        return f"only {probe.fluent}/{probe.vectors} fluent (at least {cfg.min_fluent:.0%} needed)"
+    return f"{probe.fluent}/{probe.vectors} fluent but a median NLL of {probe.median_nll:.2f} (at most {cfg.max_median_nll:g})"
+
+
+def _extend(
+    problem: DiscoveryProblem, cfg: RadiusConfig, probes: list[RadiusProbe], best: RadiusProbe | None,
+    tried: Callable[[list[RadiusProbe]], list[RadiusProbe]],
+) -> tuple[RadiusProbe, float, float] | None:
+    """When the bisection did not bracket the fluent edge, search outside the range, ×4 apart: below when no R in it
+    was fluent (a model whose residual norm a few massive dimensions dominate), above when every R was. Returns
+    (the largest fluent probe, it, the smallest failed R above it) once bracketed, else None."""
+    stage = cfg.probes
+    if best is None:
+        failed = min(p.radius for p in probes)
+        for _ in range(cfg.extend):
+            probe = tried(_probe(problem, [_round(failed / 4)], cfg, stage))[0]
+            stage += 1
+            if probe.usable(cfg):
+                return probe, probe.radius, failed
+            failed = probe.radius
+    elif all(p.usable(cfg) for p in probes):
+        fluent = best
+        for _ in range(cfg.extend):
+            probe = tried(_probe(problem, [_round(fluent.radius * 4)], cfg, stage))[0]
+            stage += 1
+            if not probe.usable(cfg):
+                return fluent, fluent.radius, probe.radius
+            fluent = probe
+        return fluent, fluent.radius, fluent.radius  # still fluent far above: the largest tried
+    return None
 
 
 def _round(radius: float) -> float:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melbo.analysis.compose import Combination, ComposeResults, ComposeRow
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
 from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, atomic_write, write_bytes, write_json, write_meta_only
@@ -157,11 +158,10 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
             data = source.read_bytes()
             atomic_write(out / name, functools.partial(write_bytes, data))
         if composed:
-            rows = []
-            for k, text in composed:
-                lab = label(text)[0]
-                rows.append({"name": f"k={k} mean×√k", "norm": None, "kl": None, "label": lab, "same_label_as_base": lab == base_label, "text": text})
-            dump(COMPOSE_FILE, {"prompt": prompt, "base_label": base_label, "source_file": Path(composition).name if composition else None, "rows": rows})
+            labels = [label(text)[0] for _, text in composed]
+            rows = [ComposeRow(Combination("mean×√k", k=k), lab, text, same_label_as_base=lab == base_label) for (k, text), lab in zip(composed, labels)]
+            source_file = Path(composition).name if composition else None
+            dump(COMPOSE_FILE, ComposeResults(prompt, base_label or "", rows, source_file).to_json())
         dump(EVAL_FILE, results)
         write_meta_only(out, meta)  # last: the commit point, as for every run folder
     except OSError as exc:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo.analysis.compose import ComposeResults
 from melbo.analysis.controls import Controls
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.labels import LABELS, label
-from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
+from melbo.files.runs import EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ReportData:
     labels: list[str]  # every label that occurs, in a stable order
     label_blocks: list[dict[str, Any]]  # label counts per block of vectors (the post's "share of code per hundred")
     block_size: int
-    compose: dict[str, Any] | None = None
+    compose: ComposeResults | None = None
     probe: dict[str, Any] | None = None
     cosine: dict[str, Any] | None = None  # max |cos| off the diagonal and a histogram of |cos|
     published_plots: list[str] = field(default_factory=list)  # PNG files that came with an imported post dump
@@ -168,7 +169,7 @@ def gather(path: str | Path) -> ReportData:
         labels=list(seen),
         label_blocks=label_blocks,
         block_size=size,
-        compose=read_json(path / COMPOSE_FILE),
+        compose=ComposeResults.read(path),
         probe=probe,
         cosine=cosine_check(vectors) if vectors is not None else None,
         published_plots=sorted(p.name for p in path.glob("published-*.png")),

@@ -10,7 +10,6 @@ import io
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import matplotlib
 
@@ -18,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from melbo.analysis.compose import COMBINATIONS, ComposeRow
 from melbo.report.data import ReportData, moving_average
 
 LABEL_COLOURS = {"code": "#1f77b4", "compliance": "#ff7f0e", "refusal": "#d62728", "degenerate": "#8c564b", "other": "#b0b0b0"}
@@ -126,47 +126,43 @@ def plot_presence(data: ReportData) -> bytes | None:
 
 
 def plot_compose(data: ReportData) -> bytes | None:
-    if not data.compose:
+    compose = data.compose
+    if compose is None or not compose.rows:
         return None
-    rows = [r for r in data.compose.get("rows", []) if r["name"].startswith("k=")]
-    single = [r for r in data.compose.get("rows", []) if not r["name"].startswith("k=")]
-    if not rows and not single:
-        return None
-    if not any(r.get("kl") is not None for r in rows + single):
+    rows = compose.combinations
+    if not any(r.kl is not None for r in compose.rows):
         return _compose_labels(data, rows)
     fig, ax = _figure()
-    for kind, marker in (("mean", "o"), ("mean×√k", "s"), ("mean→‖θ0‖", "^")):
-        part = [r for r in rows if r["name"].endswith(" " + kind)]
-        if part:
-            ks = [int(r["name"].split()[0][2:]) for r in part]
-            ax.plot(ks, [r["kl"] for r in part], marker=marker, label=kind)
-            same = [(k, r["kl"]) for k, r in zip(ks, part) if r.get("same_label_as_base")]
+    for kind, marker in zip(COMBINATIONS, ("o", "s", "^")):
+        part = [(r.combination.k, r.kl, r.same_label_as_base) for r in rows if r.combination.kind == kind]
+        points = [(k, kl, same) for k, kl, same in part if k is not None and kl is not None]
+        if points:
+            ax.plot([k for k, _, _ in points], [kl for _, kl, _ in points], marker=marker, label=kind)
+            same = [(k, kl) for k, kl, kept in points if kept]
             if same:
                 ax.scatter([k for k, _ in same], [kl for _, kl in same], s=90, facecolors="none", edgecolors="green")
-    if single:
-        kls = sorted(r["kl"] for r in single)
-        ax.axhline(kls[len(kls) // 2], color="red", ls="--", lw=1, label="median: each vector alone at ‖θ0‖")
+    if compose.single_median_kl is not None:
+        ax.axhline(compose.single_median_kl, color="red", ls="--", lw=1, label="median: each vector alone at ‖θ0‖")
     if rows:
         ax.set_xscale("log")
     ax.set_xlabel("k (first k orthogonal vectors)")
     ax.set_ylabel("KL to the base (nats)")
     ax.legend(loc="best", fontsize=8, title="green ring: same label as base", title_fontsize=7)
-    ax.set_title(f"Composition on {data.compose.get('prompt')!r}", fontsize=10)
+    ax.set_title(f"Composition on {compose.prompt!r}", fontsize=10)
     return _png(fig)
 
 
-def _compose_labels(data: ReportData, rows: list[dict[str, Any]]) -> bytes | None:
+def _compose_labels(data: ReportData, rows: list[ComposeRow]) -> bytes | None:
     """Where only completions are known (the post's composition files): the label of each k."""
     if not rows or data.compose is None:
         return None
     fig, ax = _figure()
-    labels = list(dict.fromkeys([*data.labels, *(r["label"] for r in rows)]))
-    ks = [int(r["name"].split()[0][2:]) for r in rows]
-    ax.scatter(ks, [labels.index(r["label"]) for r in rows], c=[_colour(r["label"], labels) for r in rows], s=60)
+    labels = list(dict.fromkeys([*data.labels, *(r.label for r in rows)]))
+    ax.scatter([r.combination.k or 0 for r in rows], [labels.index(r.label) for r in rows], c=[_colour(r.label, labels) for r in rows], s=60)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xscale("log")
     ax.set_xlabel("k (first k orthogonal vectors)")
-    ax.set_title(f"Composition (mean×√k) on {data.compose.get('prompt')!r}: label of the completion; base: {data.compose.get('base_label')}", fontsize=10)
+    ax.set_title(f"Composition (mean×√k) on {data.compose.prompt!r}: label of the completion; base: {data.compose.base_label}", fontsize=10)
     return _png(fig)
 
 

@@ -17,6 +17,7 @@ import math
 from importlib import resources
 from typing import Any
 
+from melbo.analysis.compose import ComposeResults
 from melbo.report.data import ReportData
 from melbo.report.plots import Plot
 
@@ -91,26 +92,24 @@ def _num(value: Any, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _compose_html(compose: dict[str, Any] | None) -> str:
+def _compose_html(compose: ComposeResults | None) -> str:
     """The composition results as a table (the k rows; vectors alone at ‖θ0‖ summarised in one line)."""
-    if not compose:
+    if compose is None:
         return ""
-    rows = [r for r in compose.get("rows", []) if r["name"].startswith("k=")]
-    single = [r for r in compose.get("rows", []) if not r["name"].startswith("k=")]
+    rows, single = compose.combinations, compose.singles
     body = "".join(
-        f"<tr><td>{html.escape(r['name'])}</td><td class=num>{_num(r.get('norm'), 2)}</td><td class=num>{_num(r.get('kl'), 3)}</td>"
-        f"<td><span class=\"label {html.escape(r['label'])}\">{html.escape(r['label'])}</span></td><td><pre>{html.escape(r['text'])}</pre></td></tr>"
+        f"<tr><td>{html.escape(r.name)}</td><td class=num>{_num(r.norm, 2)}</td><td class=num>{_num(r.kl, 3)}</td>"
+        f"<td><span class=\"label {html.escape(r.label)}\">{html.escape(r.label)}</span></td><td><pre>{html.escape(r.text)}</pre></td></tr>"
         for r in rows
     )
     summary = ""
     if single:
-        same = sum(bool(r.get("same_label_as_base")) for r in single)
-        kls = sorted(r["kl"] for r in single if r.get("kl") is not None)
-        median = f", median KL {kls[len(kls) // 2]:.3f}" if kls else ""
-        summary = f"<p>Each found vector alone, rescaled to ‖θ0‖: {same}/{len(single)} keep the base's label ({html.escape(str(compose.get('base_label')))}){median}.</p>"
+        same = sum(r.same_label_as_base for r in single)
+        median = f", median KL {compose.single_median_kl:.3f}" if compose.single_median_kl is not None else ""
+        summary = f"<p>Each found vector alone, rescaled to ‖θ0‖: {same}/{len(single)} keep the base's label ({html.escape(compose.base_label)}){median}.</p>"
     return (
-        f"<details id=compose-table><summary>Composition on {html.escape(repr(compose.get('prompt')))}: {len(rows)} combinations "
-        f"(base label: {html.escape(str(compose.get('base_label')))})</summary>{summary}"
+        f"<details id=compose-table><summary>Composition on {html.escape(repr(compose.prompt))}: {len(rows)} combinations "
+        f"(base label: {html.escape(compose.base_label)})</summary>{summary}"
         "<table><colgroup><col style='width:10em'><col style='width:5.5em'><col style='width:5.5em'><col style='width:6em'><col></colgroup>"
         f"<thead><tr><th>combination</th><th class=num>norm</th><th class=num>KL</th><th>label</th><th>completion</th></tr></thead><tbody>{body}</tbody></table></details>"
     )

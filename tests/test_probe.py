@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from melbo import MelboError, residual_after, write_run
-from melbo.analysis.probe import presence, probe, prompt_set
+from melbo.analysis.probe import ProbeResults, presence, probe, prompt_set
 from melbo.model.forward import generate_steered
 from melbo.model.prompts import PromptFormat, encode_prompt
 
@@ -35,6 +35,7 @@ def test_probe_finds_a_direction_the_model_uses(tiny_lm, tmp_path):
     vectors = torch.stack([used, torch.randn(32, generator=torch.Generator().manual_seed(9))])
     run = write_run(tmp_path / "run", vectors, {"layers": {"source": 1, "target": 4}, "vectors": [{"index": 0}, {"index": 1}]})
     results = probe(tiny_lm, run, ["hello"], PromptFormat(), max_new_tokens=8, random_directions=64)
-    z_used, z_random = results.vectors[0]["z"], results.vectors[1]["z"]
+    z_used, z_random = results.vectors[0].z, results.vectors[1].z
     assert z_used > 3 and abs(z_random) < 3
-    assert json.loads((run.path / "probe.json").read_text())["tokens"] == results.data["tokens"] > 0
+    assert json.loads((run.path / "probe.json").read_text())["tokens"] == results.tokens > 0
+    assert ProbeResults.read(run.path) == results  # probe.json reads back as it was

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.runs import PROBE_FILE, Run, write_json
+from melbo.files.runs import PROBE_FILE, Run, read_json, write_json
 from melbo.model.forward import generate_steered
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
@@ -47,22 +48,52 @@ def presence(states: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
+class Presence:
+    """One vector's presence in the model's own residuals: mean and max |cos| over tokens, and its z-score."""
+
+    index: int
+    mean_abs_cos: float
+    max_abs_cos: float
+    z: float  # (mean |cos| − random directions' mean) / their standard deviation
+
+
+@dataclass
+class RandomBaseline:
+    directions: int
+    mean_abs_cos: float
+    std: float
+
+
+@dataclass
 class ProbeResults:
-    """What ``probe.json`` holds (``data``, laid out as stored) and its summaries."""
+    """What ``probe.json`` holds, and its summaries."""
 
-    data: dict[str, Any]
-
-    @property
-    def vectors(self) -> list[dict[str, Any]]:
-        return self.data["vectors"]
+    prompts: list[str]
+    tokens: int  # generated tokens whose residuals were read
+    layer: int  # the residual after this block
+    random: RandomBaseline
+    vectors: list[Presence]
 
     @property
     def median_z(self) -> float:
-        return statistics.median(r["z"] for r in self.vectors)
+        return statistics.median(r.z for r in self.vectors)
 
     def above(self, z: float = 3.0) -> int:
         """Vectors whose presence stands more than ``z`` standard deviations above random directions."""
-        return sum(r["z"] > z for r in self.vectors)
+        return sum(r.z > z for r in self.vectors)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProbeResults:
+        return cls(list(data["prompts"]), int(data["tokens"]), int(data["layer"]), RandomBaseline(**data["random"]),
+                   [Presence(**row) for row in data["vectors"]])
+
+    @classmethod
+    def read(cls, run_folder: Path) -> ProbeResults | None:
+        data = read_json(run_folder / PROBE_FILE)
+        return cls.from_json(data) if data else None
 
 
 def probe(
@@ -86,14 +117,7 @@ def probe(
     random = torch.randn(random_directions, run.vectors.shape[1], generator=generator)
     random_mean, _ = presence(states, random)
     mu, sigma = float(random_mean.mean()), float(random_mean.std().clamp_min(1e-12))
-    rows = [
-        {"index": i, "mean_abs_cos": float(m), "max_abs_cos": float(p), "z": (float(m) - mu) / sigma}
-        for i, (m, p) in enumerate(zip(mean, peak))
-    ]
-    results = {
-        "prompts": prompts, "tokens": int(states.shape[0]), "layer": source,
-        "random": {"directions": random_directions, "mean_abs_cos": mu, "std": sigma},
-        "vectors": rows,
-    }
-    write_json(run.sidecar(PROBE_FILE), results, ascii_only=True)
-    return ProbeResults(results)
+    rows = [Presence(i, float(m), float(p), (float(m) - mu) / sigma) for i, (m, p) in enumerate(zip(mean, peak))]
+    results = ProbeResults(prompts, int(states.shape[0]), source, RandomBaseline(random_directions, mu, sigma), rows)
+    write_json(run.sidecar(PROBE_FILE), results.to_json(), ascii_only=True)
+    return results

@@ -296,15 +296,13 @@ def probe_command(
     lm, fmt = load_for_run(record, model, device, dtype)
     with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
         results = engine.probe(lm, record, prompts, fmt, max_new_tokens, random_directions)
-    table = Table(title=f"Presence after layer {results.data['layer']} over {results.data['tokens']} generated tokens (|cos|; z against random directions)")
-    for column in ("#", "mean |cos|", "max |cos|", "z"):
-        table.add_column(column, justify="right")
+    table = make_table(f"Presence after layer {results.layer} over {results.tokens} generated tokens (|cos|; z against random directions)",
+                       (("#", "right"), ("mean |cos|", "right"), ("max |cos|", "right"), ("z", "right")))
     for r in results.vectors[:show]:
-        table.add_row(str(r["index"]), f"{r['mean_abs_cos']:.4f}", f"{r['max_abs_cos']:.4f}", f"{r['z']:+.1f}")
+        table.add_row(str(r.index), f"{r.mean_abs_cos:.4f}", f"{r.max_abs_cos:.4f}", f"{r.z:+.1f}")
     console.print(table)
-    random = results.data["random"]
     console.print(
-        f"random directions: mean |cos| {random['mean_abs_cos']:.4f} ± {random['std']:.4f}; "
+        f"random directions: mean |cos| {results.random.mean_abs_cos:.4f} ± {results.random.std:.4f}; "
         f"vectors: median z {results.median_z:+.1f}, {results.above(3)}/{len(results.vectors)} with z > 3"
     )
     console.print(f"results: [bold]{run / PROBE_FILE}[/bold]")

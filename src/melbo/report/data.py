@@ -19,7 +19,8 @@ from melbo.analysis.compose import ComposeResults
 from melbo.analysis.controls import Controls
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.labels import LABELS, label
-from melbo.files.runs import EVAL_FILE, PROBE_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
+from melbo.analysis.probe import ProbeResults
+from melbo.files.runs import EVAL_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ReportData:
     label_blocks: list[dict[str, Any]]  # label counts per block of vectors (the post's "share of code per hundred")
     block_size: int
     compose: ComposeResults | None = None
-    probe: dict[str, Any] | None = None
+    probe: ProbeResults | None = None
     cosine: dict[str, Any] | None = None  # max |cos| off the diagonal and a histogram of |cos|
     published_plots: list[str] = field(default_factory=list)  # PNG files that came with an imported post dump
     controls: Controls | None = None  # melbo eval --controls
@@ -113,8 +114,8 @@ def gather(path: str | Path) -> ReportData:
     entry = results.get("prompts", {}).get(prompt, {}) if prompt else {}
     first = entry.get("first_token", {})
     norms = [float(x) for x in vectors.norm(dim=-1)] if vectors is not None else None
-    probe = read_json(path / PROBE_FILE)
-    z = {int(r["index"]): r["z"] for r in probe["vectors"]} if probe else {}
+    probe = ProbeResults.read(path)
+    z = {r.index: r.z for r in probe.vectors} if probe else {}
     gen = (results.get("generalisation") or {}).get("share", {})
 
     rows = []

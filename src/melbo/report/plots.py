@@ -107,19 +107,18 @@ def plot_labels(data: ReportData) -> bytes | None:
 
 
 def plot_presence(data: ReportData) -> bytes | None:
-    if not data.probe:
+    probe = data.probe
+    if probe is None:
         return None
     fig, ax = _figure()
-    rows = data.probe["vectors"]
-    ax.scatter([r["index"] for r in rows], [r["z"] for r in rows], s=8, alpha=0.6)
+    ax.scatter([r.index for r in probe.vectors], [r.z for r in probe.vectors], s=8, alpha=0.6)
     ax.axhspan(-2, 2, color="grey", alpha=0.2, label="random directions (±2σ)")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("vector index")
     ax.set_ylabel("z-score of mean |cos(h_t, θ_i)|")
     ax.legend(loc="best", fontsize=8)
     ax.set_title(
-        f"Presence in the unsteered model's residual after layer {data.probe['layer']} "
-        f"({len(data.probe['prompts'])} prompts, {data.probe['tokens']} tokens)",
+        f"Presence in the unsteered model's residual after layer {probe.layer} ({len(probe.prompts)} prompts, {probe.tokens} tokens)",
         fontsize=10,
     )
     return _png(fig)

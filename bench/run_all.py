@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from melbo.files.runs import atomic_write
+from melbo.files.io import atomic_write
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = (

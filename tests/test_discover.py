@@ -8,6 +8,7 @@ import torch
 from melbo import MelboError, read_run
 from melbo.engines.config import RadiusConfig, default_layers
 from melbo.engines.discover import DiscoverConfig, calibrate, discover
+from melbo.files.runs import read_meta
 from melbo.model.forward import generate_steered
 from melbo.model.prompts import PromptFormat, encode_prompt
 from melbo.objectives import max_abs_cosine, random_orthogonal_block
@@ -103,12 +104,13 @@ def test_one_layer_or_nonsense_layers_on_a_small_model(tiny_lm):
 
 def test_auto_radius_is_recorded_and_resume_keeps_it(tiny_lm, tmp_path, monkeypatch):
     cfg = small(radius="auto", count=4, block=2, source=None, target=None)
-    radius_cfg = RadiusConfig(probes=2, vectors=2, steps=3, completion_tokens=3, max_nll=100.0, max_median_nll=100.0)
+    radius_cfg = RadiusConfig(probes=2, vectors=2, steps=3, completion_tokens=3, max_nll=100.0, max_median_nll=100.0, extend=0)
     seen = []
     run = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "run", radius_cfg=radius_cfg, on_radius=seen.append)
     assert run.meta.source == 2 and run.meta.target == 4  # about a third and two thirds of 6 layers
     choice = run.meta.radius_choice
-    assert choice["radius"] == run.meta.R == seen[0].radius and len(choice["probes"]) == 2
+    assert choice is not None and choice.radius == run.meta.R == seen[0].radius and len(choice.probes) == 2
+    assert read_meta(tmp_path / "run").radius_choice == choice  # run.json holds it typed, and reads back as it was
     torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((4,), run.meta.R), rtol=1e-5, atol=0)
     import melbo.engines.discover as engine
 

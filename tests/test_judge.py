@@ -16,7 +16,8 @@ from helpers import assert_one_line_error, melbo
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.judge import PRESETS, JudgeConfig, JudgeError, harmonic, judge_run, parse_rating, rating_key
 from melbo.errors import MelboError
-from melbo.files.runs import read_json, write_json, write_run
+from melbo.files.io import read_json, write_json
+from melbo.files.runs import write_run
 
 PROMPT = "Write a Python function that reverses a string."
 TEXTS = {"0": "def reverse(s):\n    return s[::-1]", "1": "def rev(x): return x[::-1]", "2": "I like turtles very much."}

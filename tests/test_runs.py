@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from melbo import MelboError, read_run, write_run
-from melbo.files.runs import import_vectors
+from melbo.files.interop import import_file
 from melbo.files.vectors import load_vector_file
 
 
@@ -66,7 +66,7 @@ def test_not_safetensors(tmp_path):
 def test_post_pt_layout_imports(tmp_path):
     post = torch.randn(5, 8)
     torch.save(post, tmp_path / "code-0-RUN-2.pt")
-    run = import_vectors(tmp_path / "code-0-RUN-2.pt", tmp_path / "run")
+    run = import_file(tmp_path / "code-0-RUN-2.pt", tmp_path / "run")
     torch.testing.assert_close(run.vectors, post)
     assert read_run(tmp_path / "run").records[0].norm == pytest.approx(float(post[0].norm()))
 

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
-from melbo.files.runs import COMPOSE_FILE, Run, read_json, write_json
+from melbo.files.io import read_json, write_json
+from melbo.files.runs import COMPOSE_FILE, Run
 from melbo.model.forward import generate_steered, last_token_logits, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.runs import PROBE_FILE, Run, read_json, write_json
+from melbo.files.io import read_json, write_json
+from melbo.files.runs import PROBE_FILE, Run
 from melbo.model.forward import generate_steered
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel

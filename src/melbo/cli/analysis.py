@@ -163,7 +163,8 @@ def judge_command(
 ) -> None:
     """Rate the completions a run's eval holds with an LLM judge (concept, instruction, fluency: 0–2 each); no model loads."""
     from melbo.analysis.evaluate import EvalResults
-    from melbo.files.runs import EVAL_FILE, read_json, read_meta
+    from melbo.files.io import read_json
+    from melbo.files.runs import EVAL_FILE, read_meta
 
     if judge is None:
         raise MelboError("melbo judge needs --judge URL: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -175,7 +176,7 @@ def judge_command(
         raise MelboError(f"{run} holds no completions to judge: run `melbo eval {run}` first")
     results = EvalResults(data)
     base = "0" if meta.records and (meta.records[0].base or meta.kind in ("ortho", "post-dump")) else None
-    from melbo.files.runs import write_json
+    from melbo.files.io import write_json
 
     run_judge(results, cfg, (meta.prompts or results.prompts)[0], base, lambda: write_json(run / EVAL_FILE, results.data))
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold] (judge)")

@@ -221,7 +221,7 @@ def demo(
     choice, ortho = outcome.bases[0], outcome.orthos[0]
     found = read_run(result.folder / outcome.discovery)
     if found.meta.radius_choice:
-        console.print(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}: {found.meta.radius_choice['reason']}")
+        console.print(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}: {found.meta.radius_choice.reason}")
     table = make_table("Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)", (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")))
     for c in choice.candidates:
         mark = "[bold green]" if c.index == choice.index else ""

@@ -21,19 +21,8 @@ from torch import Tensor
 
 from melbo.engines.optimise import Diverged
 from melbo.errors import MelboError
-from melbo.files.runs import (
-    META_FILE,
-    PROCESSED,
-    BlockProgress,
-    Run,
-    RunMeta,
-    Session,
-    VectorRecord,
-    check_same_settings,
-    now_iso,
-    read_run,
-    write_run,
-)
+from melbo.files.resume import check_same_settings
+from melbo.files.runs import META_FILE, PROCESSED, BlockProgress, Run, RunMeta, Session, VectorRecord, now_iso, read_run, write_run
 from melbo.objectives import extend_orthonormal
 
 StepCallback = Callable[[int, int, float], None]  # (block index, step, mean loss of the block)

@@ -109,7 +109,7 @@ def discover(
     if cfg.auto_radius:
         saved = read_meta(out) if resume and out is not None and (Path(out) / META_FILE).is_file() else None
         if saved is not None and saved.radius_choice is not None:
-            choice = RadiusChoice.from_json(saved.radius_choice)
+            choice = saved.radius_choice
         else:
             choice = calibrate(lm, prompts, cfg, fmt, radius_cfg)
         if on_radius:
@@ -118,7 +118,7 @@ def discover(
     meta = RunMeta(
         kind="discover", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=settings.radius, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,
-        config=dataclasses.asdict(settings), radius_choice=choice.to_json() if choice else None,
+        config=dataclasses.asdict(settings), radius_choice=choice,
     )
     problem = DiscoveryProblem(lm, prepare(lm, prompts, fmt, settings.source), settings)
     return run_blocks(

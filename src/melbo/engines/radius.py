@@ -28,8 +28,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -38,50 +37,12 @@ from melbo.analysis.labels import label
 from melbo.engines.blocks import block_generator
 from melbo.engines.config import RadiusConfig
 from melbo.engines.optimise import optimise
+from melbo.files.runs import RadiusChoice, RadiusProbe
 from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered
 from melbo.objectives import orthogonalize_block, random_orthogonal_block, to_sphere
 
 if TYPE_CHECKING:
     from melbo.engines.problem import DiscoveryProblem
-
-
-@dataclass
-class RadiusProbe:
-    """One candidate R of the calibration table."""
-
-    radius: float
-    vectors: int
-    fluent: int
-    median_nll: float
-    median_effect: float  # first-token KL to the unsteered model
-    labels: dict[str, int]
-    openings: int  # distinct first three words among the fluent completions
-    sample: str  # a fluent completion when there is one
-
-    @property
-    def share(self) -> float:
-        return self.fluent / self.vectors
-
-    def usable(self, cfg: RadiusConfig) -> bool:
-        return self.share >= cfg.min_fluent and self.median_nll <= cfg.max_median_nll
-
-
-@dataclass
-class RadiusChoice:
-    """The R discovery uses, why, and the table it was read from (stored in run.json as ``radius_choice``)."""
-
-    radius: float
-    reason: str
-    norm_at_source: float  # median residual norm after the source layer: the candidates' scale
-    probes: list[RadiusProbe] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RadiusChoice:
-        return cls(**{**data, "probes": [RadiusProbe(**p) for p in data.get("probes", [])]})
 
 
 def residual_scale(problem: DiscoveryProblem) -> float:

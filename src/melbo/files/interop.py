@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.runs import Run, atomic_write, import_vectors, write_imported
-from melbo.files.vectors import validate_vectors
+from melbo.files.io import atomic_write
+from melbo.files.runs import Run, write_imported
+from melbo.files.vectors import load_vector_file, validate_vectors
 
 FORMATS = ("gguf", "repeng", "steering-vectors", "pt", "npy")
 SUFFIX = {"gguf": ".gguf", "repeng": ".gguf", "steering-vectors": ".pt", "pt": ".pt", "npy": ".npy"}
@@ -131,10 +132,12 @@ def read_control_vector(path: Path) -> tuple[dict[int, Tensor], str | None]:
     return directions, (bytes(hint.parts[-1]).decode() if hint is not None else None)
 
 
-def import_file(source: str | Path, out: str | Path, layer: int | None = None) -> Run:
-    """Make a run folder from a vector file in any format :func:`export_vectors` writes.
+def import_file(source: str | Path, out: str | Path, layer: int | None = None, model_name: str | None = None) -> Run:
+    """Make a run folder from a vector file in any format :func:`export_vectors` writes, or the original post's
+    ``.pt`` (row 0 = base; read with ``weights_only=True``).
 
-    A file that holds several layers (a multi-layer control vector) needs ``layer`` to choose one.
+    A file that holds several layers (a multi-layer control vector) needs ``layer`` to choose one. ``model_name``: the
+    model the vectors are for (a study's); else a GGUF control vector's model hint, if any.
     """
     source = Path(source)
     if not source.is_file():
@@ -142,19 +145,19 @@ def import_file(source: str | Path, out: str | Path, layer: int | None = None) -
     if source.suffix == ".gguf":
         directions, hint = read_control_vector(source)
         chosen = _choose_layer(directions, layer, source)
-        return write_imported(out, validate_vectors(directions[chosen][None], str(source)), source, chosen, hint)
+        return write_imported(out, validate_vectors(directions[chosen][None], str(source)), source, chosen, model_name or hint)
     if source.suffix == ".npy":
         try:
             array = np.load(source, allow_pickle=False)
         except ValueError as exc:
             raise MelboError(f"{source} is not a plain .npy array ({exc})") from exc
         vectors = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        return write_imported(out, validate_vectors(vectors, str(source)), source, layer, None)
+        return write_imported(out, validate_vectors(vectors, str(source)), source, layer, model_name)
     if source.suffix in (".pt", ".pth") and _is_steering_vectors(source):
         payload = torch.load(source, map_location="cpu", weights_only=True)
         chosen = _choose_layer(payload["layer_activations"], layer, source)
-        return write_imported(out, validate_vectors(payload["layer_activations"][chosen][None], str(source)), source, chosen, None)
-    return import_vectors(source, out, layer)
+        return write_imported(out, validate_vectors(payload["layer_activations"][chosen][None], str(source)), source, chosen, model_name)
+    return write_imported(out, load_vector_file(source), source, layer, model_name)
 
 
 def _choose_layer(directions: dict[int, Tensor], layer: int | None, source: Path) -> int:

@@ -15,7 +15,8 @@ from typing import Any
 from melbo.analysis.compose import Combination, ComposeResults, ComposeRow
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
-from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, atomic_write, write_bytes, write_json, write_meta_only
+from melbo.files.io import atomic_write, write_bytes, write_json
+from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, write_meta_only
 from melbo.model.prompts import PromptFormat
 
 _HEADER = re.compile(r"^(\d+)th orthogonal steering vector: ", re.MULTILINE)

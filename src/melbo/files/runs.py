@@ -22,23 +22,25 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
 import platform
 import statistics
-import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.vectors import load_safetensors, load_vector_file, validate_vectors
+from melbo.files.io import atomic_write, write_json
+from melbo.files.vectors import load_safetensors, validate_vectors
 from melbo.model.prompts import PromptFormat
+
+if TYPE_CHECKING:
+    from melbo.engines.config import RadiusConfig
 
 VECTORS_FILE = "vectors.safetensors"
 META_FILE = "run.json"
@@ -105,6 +107,46 @@ class BlockProgress:
 
 
 @dataclass
+class RadiusProbe:
+    """One candidate R of the calibration table."""
+
+    radius: float
+    vectors: int
+    fluent: int
+    median_nll: float
+    median_effect: float  # first-token KL to the unsteered model
+    labels: dict[str, int]
+    openings: int  # distinct first three words among the fluent completions
+    sample: str  # a fluent completion when there is one
+
+    @property
+    def share(self) -> float:
+        return self.fluent / self.vectors
+
+    def usable(self, cfg: RadiusConfig) -> bool:
+        """Whether this R passes the choice's rule (:class:`melbo.engines.config.RadiusConfig`)."""
+        return self.share >= cfg.min_fluent and self.median_nll <= cfg.max_median_nll
+
+
+@dataclass
+class RadiusChoice:
+    """The R discovery uses, why, and the table it was read from (stored in run.json as ``radius_choice``)."""
+
+    radius: float
+    reason: str
+    norm_at_source: float  # median residual norm after the source layer: the candidates' scale
+    probes: list[RadiusProbe] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RadiusChoice:
+        return cls(**{**data, "probes": [RadiusProbe(**p) for p in data.get("probes", [])]})
+
+
+@dataclass
 class RunMeta:
     """Everything ``run.json`` holds, typed. :func:`read_run` and :func:`write_run` convert it."""
 
@@ -126,7 +168,7 @@ class RunMeta:
     dropped: list[VectorRecord] = field(default_factory=list)  # ortho: vectors that collapsed or turned NaN
     stopped: str | None = None  # why a finished run stopped
     base: dict[str, Any] | None = None  # ortho: θ0's norm, where it came from and why it was chosen
-    radius_choice: dict[str, Any] | None = None  # discover -R auto: the calibration table and the reason
+    radius_choice: RadiusChoice | None = None  # discover -R auto: the calibration table and the reason
     kl_direction: str | None = None
     imported_from: str | None = None
     source_file: str | None = None
@@ -157,7 +199,7 @@ class RunMeta:
         optional = {
             "status": self.status,
             "base": self.base,
-            "radius_choice": self.radius_choice,
+            "radius_choice": self.radius_choice.to_json() if self.radius_choice else None,
             "kl_direction": self.kl_direction,
             "progress": dataclasses.asdict(self.progress) if self.progress is not None else None,
             "stopped": self.stopped,
@@ -204,7 +246,9 @@ class RunMeta:
             meta.progress = _legacy_discover_progress(meta, int(blocks_done), data.get("config") or {})
         for name in ("format", "count", "d_model"):  # derived from the vectors on every write
             data.pop(name, None)
-        simple = {f.name for f in dataclasses.fields(cls)} - {"kind", "source", "target", "prompt_format", "records", "sessions", "dropped", "progress", "extra"}
+        choice = data.pop("radius_choice", None)
+        meta.radius_choice = RadiusChoice.from_json(choice) if choice else None
+        simple = {f.name for f in dataclasses.fields(cls)} - {"kind", "source", "target", "prompt_format", "records", "sessions", "dropped", "progress", "extra", "radius_choice"}
         for name in simple:
             if name in data:
                 setattr(meta, name, data.pop(name))
@@ -282,47 +326,6 @@ def package_versions() -> dict[str, str]:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes(data: bytes, path: Path) -> None:
-    """``path.write_bytes(data)``, arguments in the order ``atomic_write(target, partial(write_bytes, data))`` needs."""
-    path.write_bytes(data)
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path``; nothing half-written is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what open() would have given
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, value: Any, ascii_only: bool = False) -> None:
-    """``value`` as indented JSON (non-ASCII kept unless ``ascii_only``), written atomically."""
-    text = json.dumps(value, indent=1, ensure_ascii=ascii_only)
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-
-
-def read_json(path: Path) -> Any:
-    """A JSON sidecar, or ``None`` when there is none; a corrupt one is a MelboError saying so."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MelboError(f"{path} is corrupt ({exc}); compute it again or delete it") from exc
 
 
 def write_run(
@@ -411,43 +414,6 @@ def read_run(path: str | Path, d_model: int | None = None) -> Run:
     if vectors.shape[0] < count:
         raise MelboError(f"{vectors_path} holds {vectors.shape[0]} vectors but {META_FILE} describes {count}")
     return Run(path=path, vectors=vectors[:count], meta=meta, extra=tensors)
-
-
-def resume_key(meta: RunMeta) -> dict[str, Any]:
-    """What a resumed run must share with the run folder it continues."""
-    return {
-        "kind": meta.kind,
-        "model_identity": meta.model_identity,
-        "layers": {"source": meta.source, "target": meta.target},
-        "prompts": meta.prompts,
-        "prompt_format": dataclasses.asdict(meta.prompt_format),
-        "config": meta.config,
-    }
-
-
-def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, old value, new value)`` for every setting that differs, one level of nesting spelled ``key.field``."""
-    out = []
-    for key in sorted(set(old) | set(new), key=lambda k: (k not in old, list(old).index(k) if k in old else 0)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [(f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            out.append((key, a, b))
-    return out
-
-
-def check_same_settings(previous: RunMeta, current: RunMeta) -> None:
-    """Refuse to resume a run with other settings; the message names every setting that differs."""
-    differ = [f"{key} ({a!r} in the run, {b!r} now)" for key, a, b in differences(resume_key(previous), resume_key(current))]
-    if differ:
-        raise MelboError("cannot resume with different settings: " + "; ".join(differ) + "; use the run's settings or a new --out")
-
-
-def import_vectors(source: str | Path, out: str | Path, layer: int | None = None, model_name: str | None = None) -> Run:
-    """Make a run folder from a vector file (for instance the original post's ``.pt``: row 0 = base)."""
-    vectors = load_vector_file(source)
-    return write_imported(out, vectors, source, layer, model_name)
 
 
 def write_imported(out: str | Path, vectors: Tensor, source: str | Path, layer: int | None, model_name: str | None) -> Run:

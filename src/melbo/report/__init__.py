@@ -14,7 +14,8 @@ import functools
 from pathlib import Path
 
 from melbo.errors import MelboError
-from melbo.files.runs import PLOTS_FOLDER, REPORT_FILE, atomic_write, write_bytes
+from melbo.files.io import atomic_write, write_bytes
+from melbo.files.runs import PLOTS_FOLDER, REPORT_FILE
 from melbo.report.data import ReportData, gather
 from melbo.report.plots import draw_all
 from melbo.report.render import render

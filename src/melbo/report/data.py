@@ -20,7 +20,8 @@ from melbo.analysis.controls import Controls
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.labels import LABELS, label
 from melbo.analysis.probe import ProbeResults
-from melbo.files.runs import EVAL_FILE, RunMeta, has_vectors, read_json, read_meta, read_run
+from melbo.files.io import read_json
+from melbo.files.runs import EVAL_FILE, RunMeta, has_vectors, read_meta, read_run
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from melbo.analysis.controls import ControlSummary
-from melbo.files.runs import REPORT_FILE, atomic_write, read_meta, read_run
+from melbo.files.io import atomic_write
+from melbo.files.runs import REPORT_FILE, read_meta, read_run
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

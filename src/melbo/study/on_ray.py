@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from melbo.errors import MelboError
-from melbo.files.runs import atomic_write, write_bytes
+from melbo.files.io import atomic_write, write_bytes
 from melbo.study.outcome import Event, EventCallback, StudyResult, UnitOutcome
 from melbo.study.pipeline import finish, prepare_folder, save_state, unit_done
 from melbo.study.spec import ModelSpec, Study, Unit

@@ -32,7 +32,10 @@ from melbo.engines.config import OrthoConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
 from melbo.errors import MelboError
-from melbo.files.runs import META_FILE, Run, atomic_write, differences, import_vectors, read_json, read_run, write_json
+from melbo.files.interop import import_file
+from melbo.files.io import atomic_write, read_json, write_json
+from melbo.files.resume import differences
+from melbo.files.runs import META_FILE, Run, read_run
 from melbo.model.loading import LoadedModel, load_model
 from melbo.report import write_report
 from melbo.report.study import PAGE_FILE, write_page
@@ -166,7 +169,7 @@ def run_unit(
         spec = unit.vectors
         assert spec is not None  # checked when the study was read
         def load_vectors() -> None:
-            import_vectors(spec.file, discovery, spec.source, lm.name)
+            import_file(spec.file, discovery, spec.source, model_name=lm.name)  # as `melbo import` reads it: .gguf too
 
         step("discover", load_vectors)
     found = read_run(discovery, d_model=lm.d_model)

@@ -93,18 +93,18 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
 
     def share(results, p, mode) -> float:
         outs = results.completions(p, mode)
-        hits = [o["label"] == base_label for i, samples in outs.items() if i != "0" for o in samples]
+        hits = [o.label == base_label for i, samples in outs.items() if i != 0 for o in samples]
         return sum(hits) / len(hits)
 
     held = statistics.mean(share(greedy, p, "greedy") for p in held_out)
-    base_held = statistics.mean(greedy.completions(p, "greedy")["0"][0]["label"] == base_label for p in held_out)
-    base_sampled = statistics.mean(o["label"] == base_label for o in sampled.completions(prompt, sampling.mode())["0"])
+    base_held = statistics.mean(greedy.completions(p, "greedy")[0][0].label == base_label for p in held_out)
+    base_sampled = statistics.mean(o.label == base_label for o in sampled.completions(prompt, sampling.mode())[0])
     state = prepare(lm, [prompt], fmt, run.meta.source)[0]
     top = last_token_logits(lm.model, state, run.meta.source, run.vectors.to(lm.device)).argmax(dim=-1)
     return {
         "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, sampling.mode()),
         "held_out": held, "base_held_out": base_held, "base_sampled": base_sampled, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
-        "degenerate": statistics.mean(o["label"] == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != "0" for o in s),
+        "degenerate": statistics.mean(o.label == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != 0 for o in s),
         "nll": controls.results["copies"].base_nll, "nll_random": controls.results["random_same_norm"].base_nll,
         "nll_unsteered": controls.results["unsteered"].base_nll, "agree": controls.results["copies"].held_out_agreement,
         "agree_random": controls.results["random_same_norm"].held_out_agreement,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from melbo import MelboError, write_run
-from melbo.analysis.evaluate import EvalConfig, evaluate
+from melbo.analysis.evaluate import EvalConfig, EvalResults, evaluate
 from melbo.model.forward import generate_steered
 from melbo.model.prompts import PromptFormat, encode_prompt
 from melbo.objectives import kl_divergence
@@ -27,18 +27,18 @@ def test_batched_equals_one_at_a_time(tiny_lm, run):
     greedy = results.completions("hi there", "greedy")
     for i in range(5):
         alone = generate_steered(tiny_lm.model, tiny_lm.tokenizer, ids, run.vectors[i : i + 1], 1, max_new_tokens=6)[0]
-        assert greedy[str(i)][0]["text"] == alone
+        assert greedy[i][0].text == alone
 
 
 def test_kl_both_directions_and_checks(tiny_lm, run):
     results = evaluate(tiny_lm, run, ["hi there"], [0, 2], EvalConfig(max_new_tokens=2, base=0))
     first = results.first_token("hi there")
-    assert first["0"]["kl"] == pytest.approx(0.0, abs=1e-9)
-    assert first["2"]["kl"] > 0 and first["2"]["kl_reverse"] > 0 and first["2"]["kl"] != first["2"]["kl_reverse"]
-    assert len(first["2"]["top"]) == 10
+    assert first[0].kl == pytest.approx(0.0, abs=1e-9)
+    assert first[2].kl > 0 and first[2].kl_reverse > 0 and first[2].kl != first[2].kl_reverse
+    assert len(first[2].top) == 10
     assert results.norms[2] == pytest.approx(float(run.vectors[2].norm()))
     assert results.max_abs_cos > 0  # random vectors are not orthogonal, and the check says so
-    assert json.loads((run.path / "eval.json").read_text())["prompts"]["hi there"]["first_token"]["2"]["kl"] == first["2"]["kl"]
+    assert json.loads((run.path / "eval.json").read_text())["prompts"]["hi there"]["first_token"]["2"]["kl"] == first[2].kl
 
 
 def test_incremental(tiny_lm, run, monkeypatch):
@@ -100,18 +100,19 @@ def test_eval_from_the_shell(tmp_path, run):
 
 def test_generalisation_and_behaviour_share(tiny_lm, run):
     results = evaluate(tiny_lm, run, ["hi there", "one", "two"], [0, 1, 2], EvalConfig(max_new_tokens=3))
-    assert results.data["generalisation"]["prompts"] == ["one", "two"]  # computed whenever prompts are held out
+    assert results.generalisation is not None and results.generalisation.prompts == ["one", "two"]  # computed whenever prompts are held out
     # rewrite labels by hand so the expected shares are known
     done = {p: results.completions(p, "greedy") for p in ("hi there", "one", "two")}
-    done["hi there"]["0"][0]["label"] = "code"
+    done["hi there"][0][0].label = "code"
     for p, labels in (("one", ["code", "code", "other"]), ("two", ["code", "other", "other"])):
         for i, lab in enumerate(labels):
-            done[p][str(i)][0]["label"] = lab
-    done["hi there"]["1"][0]["label"] = "code"
-    done["hi there"]["2"][0]["label"] = "other"
-    summary = results.generalisation("hi there", ["one", "two"], "greedy", base=0)
-    assert summary["base_label"] == "code"
-    assert summary["share"] == {"0": 1.0, "1": 0.5, "2": 0.0}
+            done[p][i][0].label = lab
+    done["hi there"][1][0].label = "code"
+    done["hi there"][2][0].label = "other"
+    summary = results.generalise("hi there", ["one", "two"], "greedy", base=0)
+    assert summary is not None and summary.base_label == "code"
+    assert summary.share == {0: 1.0, 1: 0.5, 2: 0.0}
+    assert EvalResults.from_json(results.to_json()) == results  # eval.json reads back as it was
     assert results.behaviour_share("hi there", "greedy", base=0) == 0.5  # of vectors 1 and 2, one carries "code"
     assert results.behaviour_share("one", "greedy", base=0) == 0.5
     assert results.behaviour_share("never evaluated", "greedy") is None
@@ -124,4 +125,4 @@ def test_new_labels_apply_to_stored_completions(tiny_lm, run):
     everything = (Rule("anything", "always", predicate=lambda text: True), *RULES)
     results = evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3), rules=everything)
     outs = results.completions("hi there", "greedy")
-    assert {o[0]["label"] for o in outs.values()} == {"anything"}
+    assert {o[0].label for o in outs.values()} == {"anything"}

@@ -100,7 +100,7 @@ def judge_server(request):
 @pytest.fixture
 def results():
     data = {"prompts": {PROMPT: {"completions": {"greedy": {i: [{"label": "code" if "def" in t else "other", "rule": "", "text": t}] for i, t in TEXTS.items()}}}}}
-    return EvalResults(data)
+    return EvalResults.from_json(data)
 
 
 def fast(url: str, **kw) -> JudgeConfig:
@@ -120,21 +120,22 @@ def test_scores_summary_and_cache(judge_server, results, monkeypatch):
     server = judge_server(lambda n, body: chat(rater(body)))
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret")
     saved: list[str] = []
-    stored = judge_run(results, fast(server.url, key_env="MY_JUDGE_KEY"), PROMPT, "0", lambda: saved.append(json.dumps(results.data)))
+    stored = judge_run(results, fast(server.url, key_env="MY_JUDGE_KEY"), PROMPT, 0, lambda: saved.append(json.dumps(results.to_json())))
     assert len(server.chat_requests) == 9  # 3 completions × (1 concept + instruction + fluency)
     assert set(server.keys) == {"Bearer sk-secret"} and "sk-secret" not in saved[-1]  # sent, never stored
-    assert stored["model"] == "fake-judge" and stored["host"].startswith("127.0.0.1:")
-    scores = stored["scores"]["code"]["copies"][PROMPT]["greedy"]
-    assert scores["1"][0] == {"concept": 2, "instruction": 1, "fluency": 2, "harmonic": pytest.approx(1.5)}
-    assert scores["2"][0]["concept"] == 0 and scores["2"][0]["harmonic"] == 0
-    summary = stored["summary"]["code"]
-    assert summary["share_concept_2"] == 0.5  # copies 1 and 2 (0 is the base)
-    assert summary["label_agreement"] == 1.0 and summary["unrated"] == 0
-    assert stored["concepts"] == {"code": PRESETS["code"]}
+    assert stored.model == "fake-judge" and stored.host.startswith("127.0.0.1:")
+    scores = {s.item.index: s.score for s in stored.scores["code"] if s.item.source == "copies"}
+    assert scores[1].to_json() == {"concept": 2, "instruction": 1, "fluency": 2, "harmonic": pytest.approx(1.5)}
+    assert scores[2].concept == 0 and scores[2].harmonic == 0
+    summary = stored.summary["code"]
+    assert summary.share_concept_2 == 0.5  # copies 1 and 2 (0 is the base)
+    assert summary.label_agreement == 1.0 and summary.unrated == 0
+    assert stored.concepts == {"code": PRESETS["code"]}
     key = rating_key("fake-judge", "concept", PRESETS["code"], PROMPT, TEXTS["1"])
-    assert stored["ratings"][key]["rating"] == 2 and "Rating: [[2]]" in stored["ratings"][key]["raw"]
-    again = judge_run(results, fast(server.url), PROMPT, "0", lambda: None)
-    assert len(server.chat_requests) == 9 and again["requests_last_call"] == 1  # only /models: every rating from the cache
+    assert stored.ratings[key].rating == 2 and "Rating: [[2]]" in stored.ratings[key].raw
+    assert json.loads(saved[-1])["judge"]["ratings"][key]["rating"] == 2  # in eval.json
+    again = judge_run(results, fast(server.url), PROMPT, 0, lambda: None)
+    assert len(server.chat_requests) == 9 and again.requests_last_call == 1  # only /models: every rating from the cache
 
 
 def test_429_and_5xx_are_retried_with_backoff(judge_server, results):
@@ -146,8 +147,8 @@ def test_429_and_5xx_are_retried_with_backoff(judge_server, results):
         return chat(rater(body))
 
     server = judge_server(script)
-    stored = judge_run(results, fast(server.url, concurrency=1), PROMPT, "0", lambda: None)
-    assert len(server.chat_requests) == 12 and stored["summary"]["code"]["unrated"] == 0
+    stored = judge_run(results, fast(server.url, concurrency=1), PROMPT, 0, lambda: None)
+    assert len(server.chat_requests) == 12 and stored.summary["code"].unrated == 0
 
 
 def test_a_timeout_is_retried_and_a_dead_judge_is_one_error(judge_server, results):
@@ -157,10 +158,10 @@ def test_a_timeout_is_retried_and_a_dead_judge_is_one_error(judge_server, result
         return chat(rater(body))
 
     server = judge_server(script)
-    stored = judge_run(results, fast(server.url, concurrency=1, timeout=0.5), PROMPT, "0", lambda: None)
-    assert stored["summary"]["code"]["unrated"] == 0 and len(server.chat_requests) == 10
+    stored = judge_run(results, fast(server.url, concurrency=1, timeout=0.5), PROMPT, 0, lambda: None)
+    assert stored.summary["code"].unrated == 0 and len(server.chat_requests) == 10
     always = judge_server(lambda n, body: (500, {"error": "down"}, {}))
-    fresh = EvalResults({"prompts": {PROMPT: {"completions": {"greedy": {"1": [{"label": "other", "rule": "", "text": "new"}]}}}}})
+    fresh = EvalResults.from_json({"prompts": {PROMPT: {"completions": {"greedy": {"1": [{"label": "other", "rule": "", "text": "new"}]}}}}})
     with pytest.raises(JudgeError, match="after 3 tries"):
         judge_run(fresh, fast(always.url, retries=2, concurrency=1), PROMPT, None, lambda: None)
     assert len(always.chat_requests) == 3
@@ -173,12 +174,12 @@ def test_garbage_is_recorded_as_unparsed_not_zero_and_repeated_garbage_stops(jud
         return chat(rater(body))
 
     server = judge_server(script)
-    stored = judge_run(results, fast(server.url), PROMPT, "0", lambda: None)
-    scores = stored["scores"]["code"]["copies"][PROMPT]["greedy"]["1"][0]
-    assert scores["fluency"] is None and scores["harmonic"] is None and scores["concept"] == 2
-    assert stored["summary"]["code"]["unrated"] == 3
+    stored = judge_run(results, fast(server.url), PROMPT, 0, lambda: None)
+    score = next(s.score for s in stored.scores["code"] if s.item.index == 1)
+    assert score.fluency is None and score.harmonic is None and score.concept == 2
+    assert stored.summary["code"].unrated == 3
     nonsense = judge_server(lambda n, body: chat("What a lovely fragment!"))
-    many = EvalResults({"prompts": {PROMPT: {"completions": {"greedy": {str(i): [{"label": "other", "rule": "", "text": f"t{i}"}] for i in range(6)}}}}})
+    many = EvalResults.from_json({"prompts": {PROMPT: {"completions": {"greedy": {str(i): [{"label": "other", "rule": "", "text": f"t{i}"}] for i in range(6)}}}}})
     with pytest.raises(JudgeError, match="without a rating"):
         judge_run(many, fast(nonsense.url, concurrency=1), PROMPT, None, lambda: None)
     assert len(nonsense.chat_requests) <= 9  # it stopped asking
@@ -217,14 +218,14 @@ def test_melbo_serve_is_a_judge(smollm, results):
     make_run(folder, "smollm2", d=576)
     server = Server(create_app(smollm, Catalog([folder]), ServeLimits(max_tokens=32, max_queue=16, max_batch=8)))
     try:
-        small = EvalResults({"prompts": {PROMPT: {"completions": {"greedy": {"1": [{"label": "code", "rule": "", "text": TEXTS["1"]}]}}}}})
+        small = EvalResults.from_json({"prompts": {PROMPT: {"completions": {"greedy": {"1": [{"label": "code", "rule": "", "text": TEXTS["1"]}]}}}}})
         stored = judge_run(small, JudgeConfig(url=server.url + "/v1", concepts=["code"], max_tokens=24, timeout=120), PROMPT, None, lambda: None)
     finally:
         server.close()
-    assert stored["model"] == "smollm2"  # listed by the server's /v1/models
-    ratings = list(stored["ratings"].values())
-    assert len(ratings) == 3 and all(r["raw"] for r in ratings)  # three answers came back; a rating where SmolLM2 gave one
-    assert all(r["rating"] in (None, 0, 1, 2) for r in ratings)
+    assert stored.model == "smollm2"  # listed by the server's /v1/models
+    ratings = list(stored.ratings.values())
+    assert len(ratings) == 3 and all(r.raw for r in ratings)  # three answers came back; a rating where SmolLM2 gave one
+    assert all(r.rating in (None, 0, 1, 2) for r in ratings)
 
 
 def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_server, char_tokenizer, tmp_path):

@@ -26,14 +26,14 @@ needs_post = pytest.mark.skipif(not POST.is_dir(), reason="../shared/reference/m
 
 def test_gather_takes_figures_from_eval(tmp_path):
     data = gather(make_run(tmp_path / "run", n=30))
-    assert [r["index"] for r in data.rows] == list(range(30))
-    assert data.rows[0]["base"] and not data.rows[1]["base"]
-    assert data.rows[7]["kl"] == pytest.approx(0.07)
-    assert data.rows[6]["label"] == "refusal" and data.rows[5]["label"] == "code"
-    assert data.rows[3]["completions"][0]["text"] == PLANTED[3] + " #3"
-    assert len(data.rows[0]["top"]) == 5  # eval keeps 10 (here 6); the table shows 5
-    assert data.rows[0]["top"][0] == [" def", 3.0]  # SentencePiece's ▁ shown as the space it stands for
-    assert data.rows[0]["norm"] == pytest.approx(5.0, rel=1e-5)
+    assert [r.index for r in data.rows] == list(range(30))
+    assert data.rows[0].base and not data.rows[1].base
+    assert data.rows[7].kl == pytest.approx(0.07)
+    assert data.rows[6].label == "refusal" and data.rows[5].label == "code"
+    assert data.rows[3].completions[0].text == PLANTED[3] + " #3"
+    assert len(data.rows[0].top) == 5  # eval keeps 10 (here 6); the table shows 5
+    assert data.rows[0].top[0] == (" def", 3.0)  # SentencePiece's ▁ shown as the space it stands for
+    assert data.rows[0].norm == pytest.approx(5.0, rel=1e-5)
     assert data.header["table_prompt"] == PROMPT and data.header["table_mode"] == "greedy"
     assert data.block_size == 3 and len(data.label_blocks) == 10
     assert sum(sum(b["counts"].values()) for b in data.label_blocks) == 30
@@ -43,9 +43,9 @@ def test_gather_takes_figures_from_eval(tmp_path):
 
 def test_gather_without_eval_uses_the_run_records(tmp_path):
     data = gather(make_run(tmp_path / "run", n=10, with_eval=False))
-    assert data.rows[4]["kl"] == pytest.approx(0.04)
-    assert data.rows[1]["label"] == "refusal"  # labelled from the record's completion with melbo's rules
-    assert data.rows[0]["top"] == [] and data.header["eval_prompts"] == []
+    assert data.rows[4].kl == pytest.approx(0.04)
+    assert data.rows[1].label == "refusal"  # labelled from the record's completion with melbo's rules
+    assert data.rows[0].top == [] and data.header["eval_prompts"] == []
 
 
 def test_cosine_check_counts_pairs_and_finds_duplicates():
@@ -93,7 +93,7 @@ def test_report_of_a_run_still_in_progress_has_nan_free_json(tmp_path):
     (run / "run.json").write_text(json.dumps(meta))
     page = write_report(run).read_text()
     assert "NaN" not in page
-    assert gather(run).rows[2]["kl"] is None
+    assert gather(run).rows[2].kl is None
 
 
 @needs_post
@@ -101,8 +101,8 @@ def test_import_post_dump_keeps_every_vector_and_the_published_plots(tmp_path):
     out = import_post_dump(POST / "code-vectors-bomb.txt", tmp_path / "post")
     data = gather(out)
     assert len(data.rows) == 1558 and data.header["model"] == "Qwen/Qwen1.5-1.8B-Chat"
-    assert data.rows[0]["completions"][0]["text"].startswith("class Bomb:")
-    assert data.rows[0]["top"] and data.rows[0]["kl"] is None and data.cosine is None
+    assert data.rows[0].completions[0].text.startswith("class Bomb:")
+    assert data.rows[0].top and data.rows[0].kl is None and data.cosine is None
     assert data.label_blocks[0]["counts"] == {"code": 100}  # the post: ~100% code in 0-799
     assert data.published_plots == ["published-kl-div-ortho-coding-plot.png", "published-magnitude-ortho-coding-plot.png"]
     assert data.compose is not None and [r.combination.k for r in data.compose.rows][:3] == [2, 5, 10]
@@ -148,4 +148,4 @@ def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path):
     assert page.count("<tr><td>k=") == 9 and "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
     assert "0/11 keep the base's label (code), median KL 2.000" in page
     data = gather(run)
-    assert data.rows[11]["z"] == 5.0
+    assert data.rows[11].z == 5.0

@@ -14,12 +14,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.controls import Controls, check_controls, measure_controls
+from melbo.analysis.judge import JudgeResults
 from melbo.analysis.labels import LABELS, RULES, Rule, label
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
@@ -31,51 +33,155 @@ from melbo.objectives import kl_divergence, max_abs_cosine
 
 
 @dataclass
-class EvalResults:
-    """The content of ``eval.json`` (``data``, laid out as stored) and the summaries the CLI and report show."""
+class Completion:
+    """One completion: its text, its label and the rule that gave it."""
 
-    data: dict[str, Any] = field(default_factory=lambda: {"prompts": {}})
+    label: str
+    rule: str
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Completion:
+        return cls(data["label"], data.get("rule", ""), data["text"])
+
+
+@dataclass
+class FirstToken:
+    """At the last prompt token: the top next tokens with their logits, and the KL both ways to the base vector."""
+
+    top: list[tuple[str, float]]
+    kl: float | None = None  # KL(P_i ‖ P_base) (None: not known, e.g. the post's published dumps)
+    kl_reverse: float | None = None  # KL(P_base ‖ P_i)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"top": [list(t) for t in self.top]}
+        return out | ({"kl": self.kl, "kl_reverse": self.kl_reverse} if self.kl is not None else {})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FirstToken:
+        return cls([(str(t), float(v)) for t, v in data.get("top", [])], data.get("kl"), data.get("kl_reverse"))
+
+
+@dataclass
+class PromptResults:
+    """Everything evaluated on one prompt."""
+
+    completions: dict[str, dict[int, list[Completion]]] = field(default_factory=dict)  # mode → vector index → samples
+    first_token: dict[int, FirstToken] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "completions": {mode: {str(i): [c.to_json() for c in outs] for i, outs in by.items()} for mode, by in self.completions.items()},
+            "first_token": {str(i): f.to_json() for i, f in self.first_token.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PromptResults:
+        return cls(
+            {mode: {int(i): [Completion.from_json(c) for c in outs] for i, outs in by.items()} for mode, by in data.get("completions", {}).items()},
+            {int(i): FirstToken.from_json(f) for i, f in data.get("first_token", {}).items()},
+        )
+
+
+@dataclass
+class Generalisation:
+    """Per vector, the share of held-out prompts on which it produces the base's label (its label on the run's prompt)."""
+
+    base_label: str
+    prompts: list[str]
+    mode: str
+    share: dict[int, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base_label": self.base_label, "prompts": self.prompts, "mode": self.mode, "share": {str(i): v for i, v in self.share.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Generalisation:
+        return cls(data["base_label"], list(data["prompts"]), data["mode"], {int(i): float(v) for i, v in data["share"].items()})
+
+
+@dataclass
+class EvalResults:
+    """What ``eval.json`` holds, typed, and the summaries the CLI and report show. Keys it does not know are kept."""
+
+    prompts: dict[str, PromptResults] = field(default_factory=dict)  # the run's own prompt first, then the held-out ones
+    settings: dict[str, Any] = field(default_factory=dict)  # the EvalConfig it was computed with
+    norms: list[float] = field(default_factory=list)
+    max_abs_cos: float = 0.0
+    generalisation: Generalisation | None = None
+    controls: Controls | None = None  # melbo eval --controls (analysis/controls.py)
+    judge: JudgeResults | None = None  # melbo judge / eval --judge (analysis/judge.py)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.extra, "prompts": {p: r.to_json() for p, r in self.prompts.items()}}
+        if self.settings:
+            out["settings"] = self.settings
+        if self.norms:
+            out.update(norms=self.norms, max_abs_cos=self.max_abs_cos)
+        if self.generalisation is not None:
+            out["generalisation"] = self.generalisation.to_json()
+        if self.controls is not None:
+            out["controls"], out["control_settings"] = self.controls.to_json()
+        if self.judge is not None:
+            out["judge"] = self.judge.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> EvalResults:
+        data = dict(data or {})
+        generalisation = data.pop("generalisation", None)
+        judge = data.pop("judge", None)
+        return cls(
+            prompts={p: PromptResults.from_json(r) for p, r in (data.pop("prompts", None) or {}).items()},
+            settings=data.pop("settings", None) or {},
+            norms=[float(x) for x in data.pop("norms", None) or []],
+            max_abs_cos=float(data.pop("max_abs_cos", 0.0) or 0.0),
+            generalisation=Generalisation.from_json(generalisation) if generalisation else None,
+            controls=Controls.from_json(data.pop("controls", None), data.pop("control_settings", None)),
+            judge=JudgeResults.from_json(judge) if judge else None,
+            extra=data,
+        )
+
+    @classmethod
+    def read(cls, run_folder: Path) -> EvalResults:
+        """A run folder's eval.json (empty results when there is none)."""
+        return cls.from_json(read_json(run_folder / EVAL_FILE))
 
     @classmethod
     def load(cls, run: Run) -> EvalResults:
-        return cls(read_json(run.sidecar(EVAL_FILE)) or {"prompts": {}})
+        return cls.read(run.path)
 
-    def save(self, run: Run) -> None:
-        write_json(run.sidecar(EVAL_FILE), self.data)
+    def save(self, run_folder: Run | Path) -> None:
+        folder = run_folder.path if isinstance(run_folder, Run) else run_folder
+        write_json(folder / EVAL_FILE, self.to_json())
 
-    @property
-    def prompts(self) -> list[str]:
-        return list(self.data.get("prompts", {}))
+    def completions(self, prompt: str, mode: str) -> dict[int, list[Completion]]:
+        """Per vector index, its completions on ``prompt`` in ``mode``."""
+        entry = self.prompts.get(prompt)
+        return entry.completions.get(mode, {}) if entry else {}
 
-    def completions(self, prompt: str, mode: str) -> dict[str, list[dict[str, str]]]:
-        """Per vector index (as a string), its completions ``{label, rule, text}`` on ``prompt`` in ``mode``."""
-        return self.data.get("prompts", {}).get(prompt, {}).get("completions", {}).get(mode, {})
-
-    def first_token(self, prompt: str) -> dict[str, dict[str, Any]]:
-        """Per vector index (as a string): ``top`` next tokens with logits, ``kl`` and ``kl_reverse``."""
-        return self.data.get("prompts", {}).get(prompt, {}).get("first_token", {})
-
-    @property
-    def max_abs_cos(self) -> float:
-        return float(self.data.get("max_abs_cos", 0.0))
-
-    @property
-    def norms(self) -> list[float]:
-        return list(self.data.get("norms", []))
+    def first_token(self, prompt: str) -> dict[int, FirstToken]:
+        """Per vector index: top next tokens with logits, ``kl`` and ``kl_reverse``."""
+        entry = self.prompts.get(prompt)
+        return entry.first_token if entry else {}
 
     def kl_summary(self, prompt: str, indices: list[int], base: int) -> tuple[float, float]:
         """Median and max KL to ``base`` over ``indices`` (the base itself left out)."""
         first = self.first_token(prompt)
-        kls = [first[str(i)]["kl"] for i in indices if i != base and str(i) in first] or [0.0]
+        kls = [kl for i in indices if i != base and i in first and (kl := first[i].kl) is not None] or [0.0]
         return statistics.median(kls), max(kls)
 
     def label_counts(self, prompt: str, mode: str, per: int = 100) -> list[dict[str, int]]:
         """Label counts per block of ``per`` vectors (the post's "share of code per hundred")."""
         blocks: dict[int, dict[str, int]] = {}
         for index, outs in self.completions(prompt, mode).items():
-            counts = blocks.setdefault(int(index) // per, dict.fromkeys(LABELS, 0))
+            counts = blocks.setdefault(index // per, dict.fromkeys(LABELS, 0))
             for out in outs:
-                counts[out["label"]] = counts.get(out["label"], 0) + 1
+                counts[out.label] = counts.get(out.label, 0) + 1
         return [{"from": b * per, **blocks[b]} for b in sorted(blocks)]
 
     def behaviour_share(self, prompts: str | list[str], mode: str, base: int = 0, label_from: str | None = None) -> float | None:
@@ -83,43 +189,34 @@ class EvalResults:
         label on ``label_from`` (default: the first prompt). ``None`` before the base and another vector are
         evaluated there."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        base_outs = self.completions(label_from or prompts[0], mode).get(str(base))
+        base_outs = self.completions(label_from or prompts[0], mode).get(base)
         if not base_outs:
             return None
-        base_label = base_outs[0]["label"]
+        base_label = base_outs[0].label
         hits = [
-            out["label"] == base_label
-            for prompt in prompts for index, samples in self.completions(prompt, mode).items() if index != str(base) for out in samples
+            out.label == base_label
+            for prompt in prompts for index, samples in self.completions(prompt, mode).items() if index != base for out in samples
         ]
         return sum(hits) / len(hits) if hits else None
 
-    @property
-    def controls(self) -> Controls | None:
-        """The controls (``melbo eval --controls``), if they were measured."""
-        return Controls.from_json(self.data.get("controls"), self.data.get("control_settings"))
-
-    def set_controls(self, controls: Controls) -> None:
-        self.data["controls"], self.data["control_settings"] = controls.to_json()
-
     def base_label(self, prompt: str, mode: str, base: int = 0) -> str | None:
-        outs = self.completions(prompt, mode).get(str(base))
-        return outs[0]["label"] if outs else None
+        outs = self.completions(prompt, mode).get(base)
+        return outs[0].label if outs else None
 
-    def generalisation(self, run_prompt: str, held_out: list[str], mode: str, base: int) -> dict[str, Any]:
+    def generalise(self, run_prompt: str, held_out: list[str], mode: str, base: int) -> Generalisation | None:
         """Per vector, the share of held-out prompts on which it produces the base vector's label (the label of
-        the base vector's completion on the run's own prompt); stored under ``generalisation``."""
-        base_outs = self.completions(run_prompt, mode).get(str(base))
+        the base vector's completion on the run's own prompt); stored as ``generalisation``."""
+        base_outs = self.completions(run_prompt, mode).get(base)
         if not base_outs or not held_out:
-            return {}
-        base_label = base_outs[0]["label"]
-        share: dict[str, float] = {}
+            return None
+        base_label = base_outs[0].label
+        share: dict[int, float] = {}
         per_prompt = [self.completions(p, mode) for p in held_out]
         for index in per_prompt[0]:
-            hits = [outs[index][0]["label"] == base_label for outs in per_prompt if index in outs]
+            hits = [outs[index][0].label == base_label for outs in per_prompt if index in outs]
             share[index] = sum(hits) / len(hits) if hits else 0.0
-        summary = {"base_label": base_label, "prompts": held_out, "mode": mode, "share": share}
-        self.data["generalisation"] = summary
-        return summary
+        self.generalisation = Generalisation(base_label, held_out, mode, share)
+        return self.generalisation
 
 
 def eval_prompts(run: Run, extra: list[str]) -> list[str]:
@@ -147,14 +244,14 @@ def evaluate(
         check_controls(run)
     source = run.source_layer
     results = EvalResults.load(run)
-    results.data["settings"] = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
+    results.settings = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
     vectors = run.vectors.to(lm.device)
     for text in prompts:
         state = prepare(lm, [text], fmt, source)[0]
-        entry = results.data["prompts"].setdefault(text, {"completions": {}, "first_token": {}})
+        entry = results.prompts.setdefault(text, PromptResults())
         _first_token(lm, state, source, vectors, indices, cfg, entry)
-        done = entry["completions"].setdefault(cfg.mode(), {})
-        todo = [i for i in indices if str(i) not in done]
+        done = entry.completions.setdefault(cfg.mode(), {})
+        todo = [i for i in indices if i not in done]
         for start in range(0, len(todo), cfg.batch):
             chunk = todo[start : start + cfg.batch]
             rows = vectors[chunk].repeat_interleave(cfg.samples, dim=0)
@@ -163,24 +260,24 @@ def evaluate(
             )
             for k, index in enumerate(chunk):
                 outs = texts[k * cfg.samples : (k + 1) * cfg.samples]
-                done[str(index)] = [dict(zip(("label", "rule"), label(t, rules)), text=t) for t in outs]
+                done[index] = [Completion(*label(t, rules), text=t) for t in outs]
             results.save(run)
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
     _relabel(results, rules)  # stored completions get the current rules too (e.g. a new --labels file)
-    results.data["norms"] = [float(v) for v in run.vectors.norm(dim=-1)]
-    results.data["max_abs_cos"] = max_abs_cosine(run.vectors.double())
+    results.norms = [float(v) for v in run.vectors.norm(dim=-1)]
+    results.max_abs_cos = max_abs_cosine(run.vectors.double())
     if len(prompts) > 1:
-        results.generalisation(prompts[0], prompts[1:], cfg.mode(), cfg.base)
+        results.generalise(prompts[0], prompts[1:], cfg.mode(), cfg.base)
     results.save(run)
     if cfg.controls:
 
         def copy_label(prompt: str, index: int) -> str | None:
-            outs = results.completions(prompt, cfg.mode()).get(str(index))
-            return outs[0]["label"] if outs else None
+            outs = results.completions(prompt, cfg.mode()).get(index)
+            return outs[0].label if outs else None
 
         def save(controls: Controls) -> None:
-            results.set_controls(controls)
+            results.controls = controls
             results.save(run)
 
         measure_controls(lm, run, prompts, cfg, fmt, results.controls, copy_label, rules, save, on_batch)
@@ -188,19 +285,19 @@ def evaluate(
 
 
 def _relabel(results: EvalResults, rules: tuple[Rule, ...]) -> None:
-    for entry in results.data["prompts"].values():
-        for by_index in entry["completions"].values():
+    for entry in results.prompts.values():
+        for by_index in entry.completions.values():
             for outs in by_index.values():
                 for out in outs:
-                    out["label"], out["rule"] = label(out["text"], rules)
+                    out.label, out.rule = label(out.text, rules)
 
 
 def _first_token(
     lm: LoadedModel, state: PromptState, source: int, vectors: torch.Tensor, indices: list[int], cfg: EvalConfig,
-    entry: dict[str, Any],
+    entry: PromptResults,
 ) -> None:
     """Top-k next tokens with logits, and KL both ways against the base vector, at the last prompt token."""
-    todo = [i for i in indices if str(i) not in entry["first_token"]]
+    todo = [i for i in indices if i not in entry.first_token]
     if not todo:
         return
     base_logits = last_token_logits(lm.model, state, source, vectors[cfg.base][None])
@@ -210,8 +307,7 @@ def _first_token(
     top = logits.topk(cfg.top_k, dim=-1)
     for row, index in enumerate(todo):
         tokens = lm.tokenizer.convert_ids_to_tokens(top.indices[row].tolist())
-        entry["first_token"][str(index)] = {
-            "top": [[tok if tok is not None else "", round(float(v), 4)] for tok, v in zip(tokens, top.values[row])],
-            "kl": float(kl[row]),
-            "kl_reverse": float(kl_reverse[row]),
-        }
+        entry.first_token[index] = FirstToken(
+            [(tok if tok is not None else "", round(float(v), 4)) for tok, v in zip(tokens, top.values[row])],
+            float(kl[row]), float(kl_reverse[row]),
+        )

@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,8 +237,9 @@ class Item:
     prompt: str
     text: str
     source: str  # "copies" (the eval's completions) or a control's name
-    index: str  # the vector's index (as stored) or the control row
+    index: int  # the vector's index in the run, or the control's row
     mode: str
+    sample: int = 0
 
 
 def judge_items(cfg: JudgeConfig, items: list[Item], cache: dict[str, Rating],
@@ -293,6 +294,8 @@ def judge_items(cfg: JudgeConfig, items: list[Item], cache: dict[str, Rating],
 
 @dataclass
 class Score:
+    """The three ratings of one completion on one concept, and their harmonic mean."""
+
     concept: int | None
     instruction: int | None
     fluency: int | None
@@ -313,84 +316,154 @@ def score_of(cache: dict[str, Rating], model: str, concept: str, item: Item) -> 
     return Score(get("concept"), get("instruction"), get("fluency"))
 
 
-def summarise(cache: dict[str, Rating], model: str, concepts: dict[str, str], items: list[Item], run_prompt: str,
-              base_index: str | None, labels: dict[tuple[str, str, str], str]) -> dict[str, Any]:
+@dataclass
+class Scored:
+    """One judged completion: where it comes from and its score on one concept."""
+
+    item: Item
+    score: Score
+
+    def to_json(self) -> dict[str, Any]:
+        i = self.item
+        return {"source": i.source, "prompt": i.prompt, "mode": i.mode, "index": i.index, "sample": i.sample, **self.score.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], texts: dict[tuple[str, str, str, int, int], str]) -> Scored:
+        where = (data["source"], data["prompt"], data["mode"], int(data["index"]), int(data.get("sample", 0)))
+        item = Item(where[1], texts.get(where, ""), where[0], where[3], where[2], where[4])
+        return cls(item, Score(data["concept"], data["instruction"], data["fluency"]))
+
+
+@dataclass
+class ConceptSummary:
+    """What the judge says of one concept over a run."""
+
+    description: str
+    share_concept_2: float | None  # copies (the base left out) rated 2 on the concept, on the run's prompt
+    mean_harmonic: dict[str, float]  # per source (copies, each control): mean harmonic score on the run's prompt
+    unrated: int  # ratings missing or unparsed
+    label_agreement: float | None  # copies on which "rated 2" agrees with melbo's regex label (code, jailbreak)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JudgeResults:
+    """What eval.json holds under ``judge``: who judged, every rating (the cache), every score and the summary."""
+
+    host: str
+    model: str
+    template: str
+    concepts: dict[str, str]
+    ratings: dict[str, Rating] = field(default_factory=dict)
+    scores: dict[str, list[Scored]] = field(default_factory=dict)  # concept → every judged completion
+    summary: dict[str, ConceptSummary] = field(default_factory=dict)
+    requests_last_call: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host, "model": self.model, "template": self.template, "concepts": self.concepts,
+            "ratings": {k: r.to_json() for k, r in self.ratings.items()},
+            "scores": {c: [s.to_json() for s in scored] for c, scored in self.scores.items()},
+            "summary": {c: s.to_json() for c, s in self.summary.items()}, "requests_last_call": self.requests_last_call,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JudgeResults:
+        return cls(
+            data["host"], data["model"], data["template"], dict(data.get("concepts", {})),
+            {k: Rating(v["rating"], v["raw"]) for k, v in data.get("ratings", {}).items()},
+            {c: [Scored.from_json(s, {}) for s in scored] for c, scored in data.get("scores", {}).items()},
+            {c: ConceptSummary(**s) for c, s in data.get("summary", {}).items()}, int(data.get("requests_last_call", 0)),
+        )
+
+    def rated_2_per_hundred(self, concept: str, run_prompt: str, base: int | None) -> list[tuple[int, float]]:
+        """Share of vectors whose (first) completion on the run's prompt is rated 2 on ``concept``, per hundred vectors."""
+        rows = [s for s in self.scores.get(concept, []) if s.item.source == "copies" and s.item.prompt == run_prompt and s.item.sample == 0]
+        modes = {s.item.mode for s in rows}
+        mode = "greedy" if "greedy" in modes else next(iter(sorted(modes)), None)
+        blocks: dict[int, list[bool]] = {}
+        for s in rows:
+            if s.item.mode == mode and s.item.index != base and s.score.concept is not None:
+                blocks.setdefault(s.item.index // 100, []).append(s.score.concept == 2)
+        return [(b * 100, sum(v) / len(v)) for b, v in sorted(blocks.items())]
+
+
+def summarise(cache: dict[str, Rating], model: str, concepts: dict[str, str], scored: dict[str, list[Scored]], run_prompt: str,
+              base_index: int | None, labels: dict[tuple[str, str, int], str]) -> dict[str, ConceptSummary]:
     """Per concept: the share of copies rated 2 on the concept (run's prompt), the mean harmonic score per source
     (copies and each control), the unparsed ratings, and the agreement with melbo's regex label where one reads it."""
-    out: dict[str, Any] = {}
+    out: dict[str, ConceptSummary] = {}
     for name, text in concepts.items():
-        scores = [(item, score_of(cache, model, text, item)) for item in items]
-        copies = [s for i, s in scores if i.source == "copies" and i.prompt == run_prompt and i.index != base_index]
+        scores = scored[name]
+        copies = [s.score for s in scores if s.item.source == "copies" and s.item.prompt == run_prompt and s.item.index != base_index]
         rated = [s.concept for s in copies if s.concept is not None]
         by_source: dict[str, list[float]] = {}
-        for item, score in scores:
-            if item.prompt == run_prompt and item.index != base_index and score.harmonic is not None:
-                by_source.setdefault(item.source, []).append(score.harmonic)
+        for s in scores:
+            h = s.score.harmonic
+            if s.item.prompt == run_prompt and not (s.item.source == "copies" and s.item.index == base_index) and h is not None:
+                by_source.setdefault(s.item.source, []).append(h)
         agreement = None
         if name in LABEL_OF_CONCEPT:
-            pairs = [(s.concept == 2, labels.get((i.prompt, i.mode, i.index)) == LABEL_OF_CONCEPT[name])
-                     for i, s in scores if i.source == "copies" and s.concept is not None and (i.prompt, i.mode, i.index) in labels]
+            pairs = [(s.score.concept == 2, labels[(s.item.prompt, s.item.mode, s.item.index)] == LABEL_OF_CONCEPT[name])
+                     for s in scores if s.item.source == "copies" and s.score.concept is not None and s.item.sample == 0
+                     and (s.item.prompt, s.item.mode, s.item.index) in labels]
             agreement = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
-        out[name] = {
-            "description": text,
-            "share_concept_2": sum(r == 2 for r in rated) / len(rated) if rated else None,
-            "mean_harmonic": {source: statistics.mean(v) for source, v in by_source.items()},
-            "unrated": sum(1 for _, s in scores for r in (s.concept, s.instruction, s.fluency) if r is None),
-            "label_agreement": agreement,
-        }
+        out[name] = ConceptSummary(
+            text, sum(r == 2 for r in rated) / len(rated) if rated else None,
+            {source: statistics.mean(v) for source, v in by_source.items()},
+            sum(1 for s in scores for r in (s.score.concept, s.score.instruction, s.score.fluency) if r is None), agreement,
+        )
     return out
 
 
-def items_of(results: EvalResults) -> tuple[list[Item], dict[tuple[str, str, str], str]]:
+def items_of(results: EvalResults) -> tuple[list[Item], dict[tuple[str, str, int], str]]:
     """Every completion an eval holds (each sample, every prompt and mode) and each control's own completions, with
     melbo's regex label of each eval completion (its first sample)."""
     items: list[Item] = []
-    labels: dict[tuple[str, str, str], str] = {}
-    for prompt in results.prompts:
-        for mode, by_index in results.data["prompts"][prompt].get("completions", {}).items():
+    labels: dict[tuple[str, str, int], str] = {}
+    for prompt, entry in results.prompts.items():
+        for mode, by_index in entry.completions.items():
             for index, outs in by_index.items():
-                labels[(prompt, mode, index)] = outs[0]["label"] if outs else ""
-                items += [Item(prompt, out["text"], "copies", index, mode) for out in outs]
+                labels[(prompt, mode, index)] = outs[0].label if outs else ""
+                items += [Item(prompt, out.text, "copies", index, mode, k) for k, out in enumerate(outs)]
     controls = results.controls
     if controls is not None:
         mode = str(controls.settings.get("mode", "greedy"))
         for result in controls.rows():
             for row, vector in enumerate(result.vectors):
-                items += [Item(prompt, text, result.name, str(row), mode) for prompt, text in vector.texts.items()]
+                items += [Item(prompt, text, result.name, row, mode) for prompt, text in vector.texts.items()]
     return items, labels
 
 
-def judge_run(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base_index: str | None,
-              save: Callable[[], None], on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Rate every completion of ``results`` (an eval.json) and store ``judge`` in it: the settings, every rating (the
-    cache), per-completion scores and the summary. ``save`` writes eval.json; it is called once the ratings are in
-    (also when the judge fails part-way, so the complete ratings are kept for the next call)."""
+def judge_run(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base_index: int | None,
+              save: Callable[[], None], on_progress: Callable[[int, int], None] | None = None) -> JudgeResults:
+    """Rate every completion of ``results`` (an eval) and store ``judge`` in it: the settings, every rating (the cache),
+    per-completion scores and the summary. ``save`` writes eval.json; it is called once the ratings are in (also when
+    the judge fails part-way, so the complete ratings are kept for the next call)."""
     cfg.check()
-    stored = results.data.get("judge") or {}
-    cache = {k: Rating(v["rating"], v["raw"]) for k, v in stored.get("ratings", {}).items()}
+    stored = results.judge
+    cache = dict(stored.ratings) if stored else {}
     items, labels = items_of(results)
     concepts = cfg.concept_texts()
 
-    def keep(model: str) -> None:
-        stored.update(host=cfg.host, model=model, template=TEMPLATE_VERSION, concepts={**stored.get("concepts", {}), **concepts},
-                      ratings={k: r.to_json() for k, r in cache.items()})
-        results.data["judge"] = stored
+    def keep(model: str) -> JudgeResults:
+        known = stored.concepts if stored else {}
+        kept = JudgeResults(cfg.host, model, TEMPLATE_VERSION, {**known, **concepts}, dict(cache))
+        results.judge = kept
+        return kept
 
     try:
         model, requests = judge_items(cfg, items, cache, on_progress)
     except JudgeError:
-        if cache and stored.get("model"):
-            keep(str(stored["model"]))
+        if cache and stored is not None:
+            keep(stored.model)
             save()
         raise
-    keep(model)
-    scores: dict[str, Any] = {}
-    for name, text in concepts.items():
-        for item in items:
-            entry = scores.setdefault(name, {}).setdefault(item.source, {}).setdefault(item.prompt, {}).setdefault(item.mode, {})
-            entry.setdefault(item.index, []).append(score_of(cache, model, text, item).to_json())
-    stored["scores"] = scores
-    stored["summary"] = summarise(cache, model, concepts, items, run_prompt, base_index, labels)
-    stored["requests_last_call"] = requests
+    judged = keep(model)
+    judged.scores = {name: [Scored(item, score_of(cache, model, text, item)) for item in items] for name, text in concepts.items()}
+    judged.summary = summarise(cache, model, concepts, judged.scores, run_prompt, base_index, labels)
+    judged.requests_last_call = requests
     save()
-    return stored
+    return judged

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -29,6 +29,8 @@ from melbo.errors import MelboError
 
 if TYPE_CHECKING:
     from melbo.analysis.controls import Controls
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.analysis.judge import ConceptSummary, JudgeResults
 
 E, C, P, J = EvalConfig(), ComposeConfig(), ProbeConfig(), JudgeConfig()  # the defaults the options below show
 
@@ -116,9 +118,9 @@ def eval_command(
     completions = results.completions(prompts[0], cfg.mode())
     table = make_table(f"{prompts[0]!r} ({cfg.mode()}); KL = KL(P_i ‖ P_{base}) at the last prompt token", (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")))
     for i in indices[:show]:
-        out = completions[str(i)][0]
-        top = " ".join(repr(t) for t, _ in first[str(i)]["top"][:3])
-        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[str(i)]['kl']:.3f}", out["label"], top, short(out["text"], 70))
+        out = completions[i][0]
+        top = " ".join(repr(t) for t, _ in first[i].top[:3])
+        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[i].kl:.3f}", out.label, top, short(out.text, 70))
     console.print(table)
     console.print(
         "labels per hundred vectors: "
@@ -134,17 +136,17 @@ def eval_command(
             f"{results.base_label(prompts[0], cfg.mode(), base)!r} on the run's prompt"
             + (f", {held:.0%} on the {len(prompts) - 1} held-out prompt(s)" if held is not None else "")
         )
-    summary = results.data.get("generalisation")
+    summary = results.generalisation
     if len(prompts) > 1 and summary:
-        shares = sorted(summary["share"].values())
-        best = sorted(summary["share"].items(), key=lambda kv: -kv[1])[:5]
+        shares = sorted(summary.share.values())
+        best = sorted(summary.share.items(), key=lambda kv: -kv[1])[:5]
         console.print(
             f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label "
-            f"({summary['base_label']!r}): median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best)
+            f"({summary.base_label!r}): median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best)
         )
     judged = None
     if judging is not None:
-        judged = run_judge(results, judging, prompts[0], str(base) if record.records and record.records[base].base else None,
+        judged = run_judge(results, judging, prompts[0], base if record.records and record.records[base].base else None,
                            lambda: results.save(record))
     if results.controls is not None:
         print_controls(results.controls, judged)
@@ -163,7 +165,6 @@ def judge_command(
 ) -> None:
     """Rate the completions a run's eval holds with an LLM judge (concept, instruction, fluency: 0–2 each); no model loads."""
     from melbo.analysis.evaluate import EvalResults
-    from melbo.files.io import read_json
     from melbo.files.runs import EVAL_FILE, read_meta
 
     if judge is None:
@@ -171,55 +172,39 @@ def judge_command(
     cfg = judge_config(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
     assert cfg is not None
     meta = read_meta(run)
-    data = read_json(run / EVAL_FILE)
-    if not data or not data.get("prompts"):
+    results = EvalResults.read(run)
+    if not results.prompts:
         raise MelboError(f"{run} holds no completions to judge: run `melbo eval {run}` first")
-    results = EvalResults(data)
-    base = "0" if meta.records and (meta.records[0].base or meta.kind in ("ortho", "post-dump")) else None
-    from melbo.files.io import write_json
-
-    run_judge(results, cfg, (meta.prompts or results.prompts)[0], base, lambda: write_json(run / EVAL_FILE, results.data))
+    base = 0 if meta.records and (meta.records[0].base or meta.kind in ("ortho", "post-dump")) else None
+    run_judge(results, cfg, (meta.prompts or list(results.prompts))[0], base, lambda: results.save(run))
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold] (judge)")
 
 
-def run_judge(results: Any, cfg: JudgeConfig, run_prompt: str, base: str | None, save: Callable[[], None]) -> dict[str, Any]:
+def run_judge(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base: int | None, save: Callable[[], None]) -> dict[str, ConceptSummary]:
     """Judge, with a progress line, and print what the judge says per concept; returns the per-concept summary."""
     from melbo.analysis.judge import judge_run
 
     with err_console.status(f"asking the judge at {cfg.host}…") as status:
-        stored = judge_run(results, cfg, run_prompt, base, save, on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings"))
-    print_judge(stored, run_prompt, base)
-    summary: dict[str, Any] = stored["summary"]
-    return summary
+        judged = judge_run(results, cfg, run_prompt, base, save, on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings"))
+    print_judge(judged, run_prompt, base)
+    return judged.summary
 
 
-def print_judge(stored: dict[str, Any], run_prompt: str, base: str | None) -> None:
+def print_judge(judged: JudgeResults, run_prompt: str, base: int | None) -> None:
     """Per concept: copies rated 2, mean harmonic score per source, agreement with the regex label, and per hundred vectors."""
-    console.print(f"judge {stored['model']!r} at {stored['host']} (template {stored['template']}; scores are only as good as the judge); "
-                  f"{stored.get('requests_last_call', 0)} request(s) this call")
-    for name, summary in stored["summary"].items():
-        share = summary["share_concept_2"]
-        means = ", ".join(f"{source} {value:.2f}" for source, value in summary["mean_harmonic"].items())
-        agree = "" if summary["label_agreement"] is None else f"; agrees with melbo's regex label {summary['label_agreement']:.0%}"
-        console.print(f"  {name}: {_or_dash(share, '{:.0%}')} of the copies rated 2 on the concept on {run_prompt!r}; "
-                      f"mean harmonic score: {means or '—'}{agree}; {summary['unrated']} rating(s) missing or unparsed")
-        per_hundred = judge_per_hundred(stored, name, run_prompt, base)
+    console.print(f"judge {judged.model!r} at {judged.host} (template {judged.template}; scores are only as good as the judge); "
+                  f"{judged.requests_last_call} request(s) this call")
+    for name, summary in judged.summary.items():
+        means = ", ".join(f"{source} {value:.2f}" for source, value in summary.mean_harmonic.items())
+        agree = "" if summary.label_agreement is None else f"; agrees with melbo's regex label {summary.label_agreement:.0%}"
+        console.print(f"  {name}: {_or_dash(summary.share_concept_2, '{:.0%}')} of the copies rated 2 on the concept on {run_prompt!r}; "
+                      f"mean harmonic score: {means or '—'}{agree}; {summary.unrated} rating(s) missing or unparsed")
+        per_hundred = judged.rated_2_per_hundred(name, run_prompt, base)
         if len(per_hundred) > 1:
             console.print("    rated 2 per hundred vectors: " + "; ".join(f"{start}+: {value:.0%}" for start, value in per_hundred))
 
 
-def judge_per_hundred(stored: dict[str, Any], concept: str, run_prompt: str, base: str | None) -> list[tuple[int, float]]:
-    """Share of vectors whose completion on the run's prompt is rated 2 on ``concept``, per hundred vectors."""
-    by_mode = stored["scores"].get(concept, {}).get("copies", {}).get(run_prompt, {})
-    mode = "greedy" if "greedy" in by_mode else next(iter(by_mode), None)
-    blocks: dict[int, list[bool]] = {}
-    for index, samples in (by_mode.get(mode, {}) if mode else {}).items():
-        if index != base and samples and samples[0]["concept"] is not None:
-            blocks.setdefault(int(index) // 100, []).append(samples[0]["concept"] == 2)
-    return [(b * 100, sum(v) / len(v)) for b, v in sorted(blocks.items())]
-
-
-def print_controls(controls: Controls, judged: dict[str, Any] | None = None) -> None:
+def print_controls(controls: Controls, judged: dict[str, ConceptSummary] | None = None) -> None:
     """The verdict table of ``melbo eval --controls``: one row per control (and the judge's mean harmonic score per
     concept, where the completions were judged), then the verdict."""
     table = Table(title=f"Controls: θ0's label on the run's prompt {controls.base[controls.run_prompt].label!r}; "
@@ -232,7 +217,7 @@ def print_controls(controls: Controls, judged: dict[str, Any] | None = None) -> 
     for r in controls.rows():
         table.add_row(r.name, str(len(r.vectors)), f"{r.norm:.1f}", _or_dash(r.behaviour_share, '{:.0%}'), _or_dash(r.held_out_agreement, '{:.0%}'),
                       _or_dash(r.base_nll, '{:.2f}'), _or_dash(r.base_nll_run_prompt, '{:.2f}'),
-                      *(_or_dash((judged or {})[c]["mean_harmonic"].get(r.name), '{:.2f}') for c in concepts))
+                      *(_or_dash((judged or {})[c].mean_harmonic.get(r.name), '{:.2f}') for c in concepts))
     console.print(table)
     console.print(f"verdict: {controls.verdict()}")
 

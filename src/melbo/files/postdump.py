@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from melbo.analysis.compose import Combination, ComposeResults, ComposeRow
+from melbo.analysis.evaluate import Completion, EvalResults, FirstToken, PromptResults
 from melbo.analysis.labels import label
 from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_bytes, write_json
@@ -114,10 +115,8 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
     entries = read_post_dump(path)
     setting = POST_SETTING
     prompt, mode = setting["prompt"], setting["decoding"]
-    completions = {str(e.index): [dict(zip(("label", "rule"), label(e.completion)), text=e.completion)] for e in entries}
-    first_token = {
-        str(e.index): {"top": [[t, round(v, 4)] for t, v in zip(e.top_tokens, e.top_logits)]} for e in entries if e.top_tokens
-    }
+    completions = {e.index: [Completion(*label(e.completion), text=e.completion)] for e in entries}
+    first_token = {e.index: FirstToken([(t, round(v, 4)) for t, v in zip(e.top_tokens, e.top_logits)]) for e in entries if e.top_tokens}
     stem = path.name.split("-vectors")[0]
     meta = RunMeta(
         kind="post-dump",
@@ -135,15 +134,15 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
         ),
         records=[VectorRecord(index=e.index, base=e.index == 0) for e in entries],
     )
-    results = {
-        "settings": {"temperature": 1.0, "max_new_tokens": 50, "source": "published"},
-        "prompts": {prompt: {"completions": {mode: completions}, "first_token": first_token}},
-    }
+    results = EvalResults(
+        prompts={prompt: PromptResults({mode: completions}, first_token)},
+        settings={"temperature": 1.0, "max_new_tokens": 50, "source": "published"},
+    )
     if composition is None:
         guess = path.with_name(f"{stem}-vectors-outputs-meaned-scaled.txt")
         composition = guess if guess.is_file() else None
     composed = read_post_composition(composition) if composition else None
-    base_label = completions.get("0", [{"label": None}])[0]["label"]
+    base_label = completions[0][0].label if 0 in completions else ""
     plots = []
     for kind in ("kl-div", "magnitude"):
         source = path.with_name(f"{kind}-ortho-{_PLOT_NAMES.get(stem, stem)}-plot.png")
@@ -162,8 +161,8 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
             labels = [label(text)[0] for _, text in composed]
             rows = [ComposeRow(Combination("mean×√k", k=k), lab, text, same_label_as_base=lab == base_label) for (k, text), lab in zip(composed, labels)]
             source_file = Path(composition).name if composition else None
-            dump(COMPOSE_FILE, ComposeResults(prompt, base_label or "", rows, source_file).to_json())
-        dump(EVAL_FILE, results)
+            dump(COMPOSE_FILE, ComposeResults(prompt, base_label, rows, source_file).to_json())
+        dump(EVAL_FILE, results.to_json())
         write_meta_only(out, meta)  # last: the commit point, as for every run folder
     except OSError as exc:
         raise MelboError(f"cannot write {out}: {exc.strerror or exc}") from exc

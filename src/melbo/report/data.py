@@ -8,7 +8,7 @@ has no figure for a vector, the record ``run.json`` keeps from the engine (norm,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ from torch import Tensor
 from melbo.analysis.compose import ComposeResults
 from melbo.analysis.controls import Controls
 from melbo.analysis.evaluate import EvalResults
+from melbo.analysis.judge import JudgeResults
 from melbo.analysis.labels import LABELS, label
 from melbo.analysis.probe import ProbeResults
-from melbo.files.io import read_json
-from melbo.files.runs import EVAL_FILE, RunMeta, has_vectors, read_meta, read_run
+from melbo.files.runs import RunMeta, has_vectors, read_meta, read_run
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ReportData:
     """Everything the page and the plots are built from."""
 
     header: dict[str, Any]
-    rows: list[dict[str, Any]]  # one per vector: index, norm, kl, label, top, completions, z, ...
+    rows: list[VectorRow]  # one per vector
     labels: list[str]  # every label that occurs, in a stable order
     label_blocks: list[dict[str, Any]]  # label counts per block of vectors (the post's "share of code per hundred")
     block_size: int
@@ -38,7 +38,7 @@ class ReportData:
     cosine: dict[str, Any] | None = None  # max |cos| off the diagonal and a histogram of |cos|
     published_plots: list[str] = field(default_factory=list)  # PNG files that came with an imported post dump
     controls: Controls | None = None  # melbo eval --controls
-    judge: dict[str, Any] | None = None  # melbo judge / eval --judge: eval.json's "judge"
+    judge: JudgeResults | None = None  # melbo judge / eval --judge
 
 
 def block_size_for(count: int) -> int:
@@ -69,19 +69,18 @@ def cosine_check(vectors: Tensor) -> dict[str, Any]:
     }
 
 
-def _primary(meta: RunMeta, results: dict[str, Any]) -> tuple[str | None, str | None]:
+def _primary(meta: RunMeta, results: EvalResults) -> tuple[str | None, str | None]:
     """The prompt and decoding mode the table's label and KL columns use: the run's own first prompt, greedy first."""
-    prompts = results.get("prompts", {})
     own = meta.prompts[0] if meta.prompts else None
-    prompt = own if own in prompts else next(iter(prompts), None)
+    prompt = own if own in results.prompts else next(iter(results.prompts), None)
     if prompt is None:
         return None, None
-    modes = list(prompts[prompt].get("completions", {}))
+    modes = list(results.prompts[prompt].completions)
     mode = "greedy" if "greedy" in modes else (modes[0] if modes else None)
     return prompt, mode
 
 
-def _header(meta: RunMeta, path: Path, count: int, results: dict[str, Any]) -> dict[str, Any]:
+def _header(meta: RunMeta, path: Path, count: int, results: EvalResults) -> dict[str, Any]:
     return {
         "title": path.resolve().name,
         "kind": meta.kind,
@@ -97,9 +96,41 @@ def _header(meta: RunMeta, path: Path, count: int, results: dict[str, Any]) -> d
         "created": meta.created,
         "updated": meta.updated,
         "melbo": meta.versions.get("melbo", "?"),
-        "eval_prompts": list(results.get("prompts", {})),
+        "eval_prompts": list(results.prompts),
         "note": meta.note,
     }
+
+
+@dataclass
+class RowCompletion:
+    prompt: str
+    mode: str
+    label: str
+    text: str
+
+
+@dataclass
+class VectorRow:
+    """One vector as the report's table shows it (the page's script reads :meth:`to_json`)."""
+
+    index: int
+    base: bool
+    norm: float | None
+    kl: float | None
+    loss: float | None
+    label: str | None
+    top: list[tuple[str, float]]  # the first five next tokens at the last prompt token, as text
+    z: float | None  # presence (melbo probe)
+    generalisation: float | None  # share of held-out prompts with the base's label
+    completions: list[RowCompletion]
+
+    def value(self, key: str) -> float | None:
+        """A numeric column by name (kl, norm, z…), for plots."""
+        value = getattr(self, key)
+        return None if value is None else float(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "top": [list(t) for t in self.top]}
 
 
 def gather(path: str | Path) -> ReportData:
@@ -108,63 +139,58 @@ def gather(path: str | Path) -> ReportData:
     run = read_run(path) if has_vectors(path) else None  # post dumps have run.json only
     meta = run.meta if run is not None else read_meta(path)
     vectors = run.vectors if run is not None else None
-    results = read_json(path / EVAL_FILE) or {"prompts": {}}
+    results = EvalResults.read(path)
     records = meta.records
     count = len(records)
     prompt, mode = _primary(meta, results)
-    entry = results.get("prompts", {}).get(prompt, {}) if prompt else {}
-    first = entry.get("first_token", {})
+    first = results.first_token(prompt) if prompt else {}
     norms = [float(x) for x in vectors.norm(dim=-1)] if vectors is not None else None
     probe = ProbeResults.read(path)
     z = {r.index: r.z for r in probe.vectors} if probe else {}
-    gen = (results.get("generalisation") or {}).get("share", {})
+    gen = results.generalisation.share if results.generalisation else {}
 
     rows = []
     for position, record in enumerate(records):
         i = record.index
-        key = str(i)
-        completions = []
-        for text, prompt_entry in results.get("prompts", {}).items():
-            for m, by_index in prompt_entry.get("completions", {}).items():
-                for out in by_index.get(key, []):
-                    completions.append({"prompt": text, "mode": m, "label": out["label"], "text": out["text"]})
-        completions.sort(key=lambda c: (c["prompt"] != prompt, c["mode"] != mode))
+        completions = [
+            RowCompletion(text, m, out.label, out.text)
+            for text, entry in results.prompts.items() for m, by_index in entry.completions.items() for out in by_index.get(i, [])
+        ]
+        completions.sort(key=lambda c: (c.prompt != prompt, c.mode != mode))
         if not completions and record.completion is not None:
             text = record.completion
-            completions.append({"prompt": (meta.prompts or [""])[0], "mode": "greedy", "label": label(text)[0], "text": text})
-        ft = first.get(key, {})
-        kl = ft.get("kl", record.kl)
-        rows.append({
-            "index": i,
-            "base": record.base or (meta.kind in ("ortho", "post-dump") and i == 0),
-            "norm": norms[position] if norms is not None else record.norm,
-            "kl": None if kl is None or not math.isfinite(kl) else float(kl),
-            "loss": record.loss,
-            "label": completions[0]["label"] if completions else None,
-            "top": [[display_token(t), v] for t, v in (ft.get("top") or record.extra.get("top") or [])[:5]],
-            "z": z.get(i),
-            "generalisation": gen.get(key),
-            "completions": completions,
-        })
+            completions.append(RowCompletion((meta.prompts or [""])[0], "greedy", label(text)[0], text))
+        ft = first.get(i)
+        kl = ft.kl if ft is not None else record.kl
+        top = ft.top if ft is not None else [(str(t), float(v)) for t, v in record.extra.get("top") or []]
+        rows.append(VectorRow(
+            index=i,
+            base=record.base or (meta.kind in ("ortho", "post-dump") and i == 0),
+            norm=norms[position] if norms is not None else record.norm,
+            kl=None if kl is None or not math.isfinite(kl) else float(kl),
+            loss=record.loss,
+            label=completions[0].label if completions else None,
+            top=[(display_token(t), v) for t, v in top[:5]],
+            z=z.get(i),
+            generalisation=gen.get(i),
+            completions=completions,
+        ))
 
-    seen: dict[str, None] = {}
-    for name in LABELS:
-        seen[name] = None
+    seen: dict[str, None] = dict.fromkeys(LABELS)
     for row in rows:
-        if row["label"]:
-            seen.setdefault(row["label"], None)
+        if row.label:
+            seen.setdefault(row.label, None)
     size = block_size_for(count)
     blocks: dict[int, dict[str, int]] = {}
     for row in rows:
-        if row["label"]:
-            counts = blocks.setdefault(row["index"] // size, {})
-            counts[row["label"]] = counts.get(row["label"], 0) + 1
+        if row.label:
+            counts = blocks.setdefault(row.index // size, {})
+            counts[row.label] = counts.get(row.label, 0) + 1
     label_blocks = [{"from": b * size, "to": min(count, (b + 1) * size) - 1, "counts": blocks[b]} for b in sorted(blocks)]
 
     share = None
-    if prompt and mode and rows and rows[0]["base"]:  # a MELBO-ortho run: how many copies keep θ0's label
-        evaluated = EvalResults(results)
-        share = evaluated.behaviour_share(prompt, mode), evaluated.base_label(prompt, mode)
+    if prompt and mode and rows and rows[0].base:  # a MELBO-ortho run: how many copies keep θ0's label
+        share = results.behaviour_share(prompt, mode), results.base_label(prompt, mode)
     return ReportData(
         header={**_header(meta, path, count, results), "table_prompt": prompt, "table_mode": mode, "behaviour_share": share},
         rows=rows,
@@ -175,8 +201,8 @@ def gather(path: str | Path) -> ReportData:
         probe=probe,
         cosine=cosine_check(vectors) if vectors is not None else None,
         published_plots=sorted(p.name for p in path.glob("published-*.png")),
-        controls=EvalResults(results).controls,
-        judge=results.get("judge") if (results.get("judge") or {}).get("summary") else None,
+        controls=results.controls,
+        judge=results.judge if results.judge is not None and results.judge.summary else None,
     )
 
 

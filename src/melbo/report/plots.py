@@ -51,18 +51,18 @@ def _window(n: int) -> int:
 
 
 def _series(data: ReportData, key: str, title: str, ylabel: str) -> bytes | None:
-    values = [row[key] for row in data.rows]
+    values = [row.value(key) for row in data.rows]
     if not any(v is not None for v in values):
         return None
     fig, ax = _figure()
-    xs = [row["index"] for row in data.rows]
+    xs = [row.index for row in data.rows]
     ax.scatter([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], s=6, alpha=0.5, label="vector")
     if len(values) >= 10:
         w = _window(len(values))
         avg = moving_average(values, w)
         ax.plot([x for x, v in zip(xs, avg) if v is not None], [v for v in avg if v is not None], color="black", lw=1.5, label=f"moving average ({w})")
         ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("vector index (0 = base)" if data.rows and data.rows[0]["base"] else "vector index")
+    ax.set_xlabel("vector index (0 = base)" if data.rows and data.rows[0].base else "vector index")
     ax.set_ylabel(ylabel)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title(title, fontsize=10)

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from melbo.analysis.compose import ComposeResults
+from melbo.analysis.judge import JudgeResults
 from melbo.report.data import ReportData
 from melbo.report.plots import Plot
 
@@ -122,12 +123,12 @@ def _controls_html(data: ReportData) -> str:
     if controls is None:
         return ""
     base = controls.base.get(controls.run_prompt)
-    judged = (data.judge or {}).get("summary", {})
+    judged = data.judge.summary if data.judge is not None else {}
     body = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td class=num>{len(r.vectors)}</td><td class=num>{r.norm:.1f}</td>"
         f"<td class=num>{_pct(r.behaviour_share)}</td><td class=num>{_pct(r.held_out_agreement)}</td>"
         f"<td class=num>{_num(r.base_nll, 2)}</td><td class=num>{_num(r.base_nll_run_prompt, 2)}</td>"
-        + "".join(f"<td class=num>{_num(s['mean_harmonic'].get(r.name), 2)}</td>" for s in judged.values()) + "</tr>"
+        + "".join(f"<td class=num>{_num(s.mean_harmonic.get(r.name), 2)}</td>" for s in judged.values()) + "</tr>"
         for r in controls.rows()
     )
     judge_heads = "".join(f"<th class=num>judge: {html.escape(name)} (mean harmonic)</th>" for name in judged)
@@ -143,19 +144,19 @@ def _controls_html(data: ReportData) -> str:
     )
 
 
-def _judge_html(judge: dict[str, Any] | None) -> str:
+def _judge_html(judge: JudgeResults | None) -> str:
     """What the concept judge says, per concept (melbo judge / eval --judge)."""
-    if not judge:
+    if judge is None:
         return ""
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{html.escape(s['description'])}</td><td class=num>{_pct(s['share_concept_2'])}</td>"
-        f"<td>{html.escape(', '.join(f'{k} {v:.2f}' for k, v in s['mean_harmonic'].items()))}</td>"
-        f"<td class=num>{_pct(s['label_agreement'])}</td><td class=num>{s['unrated']}</td></tr>"
-        for name, s in judge["summary"].items()
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(s.description)}</td><td class=num>{_pct(s.share_concept_2)}</td>"
+        f"<td>{html.escape(', '.join(f'{k} {v:.2f}' for k, v in s.mean_harmonic.items()))}</td>"
+        f"<td class=num>{_pct(s.label_agreement)}</td><td class=num>{s.unrated}</td></tr>"
+        for name, s in judge.summary.items()
     )
     return (
-        f"<details id=judge-table open><summary>Concept judge: {html.escape(str(judge['model']))} at {html.escape(str(judge['host']))} "
-        f"(template {html.escape(str(judge['template']))}). Scores are only as good as the judge.</summary>"
+        f"<details id=judge-table open><summary>Concept judge: {html.escape(judge.model)} at {html.escape(judge.host)} "
+        f"(template {html.escape(judge.template)}). Scores are only as good as the judge.</summary>"
         "<table><thead><tr><th>concept</th><th>description</th><th class=num>copies rated 2</th><th>mean harmonic score (concept, "
         "instruction, fluency: 0–2)</th><th class=num>agrees with regex label</th><th class=num>missing or unparsed</th></tr></thead>"
         f"<tbody>{rows}</tbody></table></details>"
@@ -171,7 +172,7 @@ def render(data: ReportData, plots: list[Plot], published: dict[str, bytes] | No
     header = data.header
     script = _asset("page.js")
     script_hash = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
-    payload = {"labels": data.labels, "rows": _clean(data.rows)}
+    payload = {"labels": data.labels, "rows": _clean([row.to_json() for row in data.rows])}
     caption = "Every vector of the run."
     if header.get("table_prompt"):
         caption += f" Label, KL and first completion on {header['table_prompt']!r} ({header['table_mode']})."

@@ -100,8 +100,8 @@ def _labels(run: Run) -> list[str | None]:
     greedy = results.completions(prompt, "greedy") if prompt else {}
     out: list[str | None] = []
     for i, record in enumerate(run.records):
-        if str(i) in greedy:
-            out.append(greedy[str(i)][0]["label"])
+        if greedy.get(i):
+            out.append(greedy[i][0].label)
         elif record.completion is not None:
             out.append(label(record.completion)[0])
         else:

@@ -26,7 +26,7 @@ from melbo.analysis.compose import compose
 from melbo.analysis.controls import ControlSummary, default_held_out
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
 from melbo.analysis.fidelity import ortho_fidelity
-from melbo.analysis.judge import judge_run
+from melbo.analysis.judge import ConceptSummary, judge_run
 from melbo.analysis.probe import probe, prompt_set
 from melbo.engines.config import OrthoConfig
 from melbo.engines.discover import discover
@@ -273,17 +273,17 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             settings = dataclasses.replace(config, controls=with_controls)
             results = evaluate(lm, run, prompts, list(range(run.vectors.shape[0])), settings, fmt)
             judge = spec.judge_config()
-            judged: dict[str, Any] = {}
+            judged: dict[str, ConceptSummary] = {}
             if judge is not None:
-                base = str(config.base) if run.records and run.records[config.base].base else None
-                judged = judge_run(results, judge, prompts[0], base, lambda: results.save(run))["summary"]
+                base = config.base if run.records and run.records[config.base].base else None
+                judged = judge_run(results, judge, prompts[0], base, lambda: results.save(run)).summary
             controls = results.controls
             for outcome in state.orthos:
                 if study_folder / outcome.folder == folder:
                     outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
                     outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), config.base, prompts[0]) if len(prompts) > 1 else None
                     outcome.controls = ControlSummary.of(controls) if controls else None
-                    outcome.judged = {concept: summary["share_concept_2"] for concept, summary in judged.items()}
+                    outcome.judged = {concept: summary.share_concept_2 for concept, summary in judged.items()}
 
         works["eval"] = run_eval
     if unit.compose is not None:

@@ -14,9 +14,9 @@ import time
 import torch
 from common import summary_line
 
-from melbo.analysis.labels import label
 from melbo.engines.config import DiscoverConfig, RadiusConfig
 from melbo.engines.discover import calibrate, discover
+from melbo.labels import label
 from melbo.model.forward import completion_nll, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import PromptFormat

@@ -30,12 +30,12 @@ from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.controls import default_held_out
 from melbo.analysis.evaluate import evaluate
-from melbo.analysis.labels import label
 from melbo.analysis.probe import prompt_set
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
 from melbo.files.runs import read_run
+from melbo.labels import label
 from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat

@@ -119,7 +119,7 @@ def test_generalisation_and_behaviour_share(tiny_lm, run):
 
 
 def test_new_labels_apply_to_stored_completions(tiny_lm, run):
-    from melbo.analysis.labels import RULES, Rule
+    from melbo.labels import RULES, Rule
 
     evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3))
     everything = (Rule("anything", "always", predicate=lambda text: True), *RULES)

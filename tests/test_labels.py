@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from melbo.analysis.labels import label
 from melbo.files.postdump import read_post_dump
+from melbo.labels import label
 
 POST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "melbo-ortho-post"
 # Share of code per hundred vectors as the post's README reads it off code-vectors-bomb.txt.
@@ -113,7 +113,7 @@ def test_rules(text, expected):
 
 def test_user_labels(tmp_path):
     from melbo import MelboError
-    from melbo.analysis.labels import load_rules
+    from melbo.labels import load_rules
 
     (tmp_path / "mine.py").write_text("def is_shout(text):\n    return text.isupper()\n")
     (tmp_path / "labels.toml").write_text(

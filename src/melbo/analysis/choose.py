@@ -10,7 +10,7 @@ next-token distribution cannot show whether other vectors reproduce it. The rule
   ``other`` when the unsteered model shows a behaviour, then the rest; within each, ``code`` before ``refusal``
   before ``compliance`` (the post's clearest behaviours), then the strongest first-token effect;
 * ``faithful`` (the demo's): the ``trials`` clearest candidates each get a few MELBO-ortho copies, and the one whose
-  copies most often keep its label wins (:mod:`melbo.study.bases`: it needs the ortho engine);
+  copies most often keep its label wins (:func:`trial_bases`);
 * ``label``: fluent vectors carrying ``label``, strongest effect first;
 * ``effect``: fluent vectors, strongest effect first;
 * ``index``: the vectors named in ``indices``.
@@ -18,13 +18,17 @@ next-token distribution cannot show whether other vectors reproduce it. The rule
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from melbo.analysis.config import LABEL_PREFERENCE, ChooseConfig
-from melbo.analysis.labels import label
+from melbo.engines.config import OrthoConfig
+from melbo.engines.ortho import ortho
 from melbo.errors import MelboError
 from melbo.files.runs import Run
+from melbo.labels import label
 from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
@@ -137,3 +141,23 @@ def choose_bases(scored: Scored, cfg: ChooseConfig) -> list[BaseChoice]:
 
 def _preference(name: str) -> int:
     return LABEL_PREFERENCE.index(name) if name in LABEL_PREFERENCE else len(LABEL_PREFERENCE) - 1
+
+
+def trial_bases(
+    lm: LoadedModel, found: Run, candidates: list[BaseChoice], cfg: ChooseConfig, ortho_cfg: OrthoConfig,
+    prompts: list[str], fmt: PromptFormat,
+) -> list[BaseChoice]:
+    """The ``cfg.count`` candidates whose trial copies keep their label most often (ties: the clearer first)."""
+    trial = dataclasses.replace(
+        ortho_cfg, count=cfg.trial_copies, block=cfg.trial_copies, steps=cfg.trial_steps, completion_tokens=0,
+    )
+    state = prepare(lm, prompts[:1], fmt, found.source_layer)[0]
+    for choice in candidates:
+        copies = ortho(lm, found.vectors[choice.index], prompts, trial, fmt).vectors[1:]
+        texts = generate_steered(lm.model, lm.tokenizer, state.ids, copies.to(lm.device), found.source_layer, cfg.trial_tokens)
+        choice.trial_share = statistics.mean(label(t)[0] == choice.label for t in texts) if texts else 0.0
+    tried = [{"index": c.index, "label": c.label, "share": c.trial_share} for c in candidates]
+    best = sorted(candidates, key=lambda c: -(c.trial_share or 0.0))[: cfg.count]
+    for choice in best:
+        choice.trials = tried
+    return best

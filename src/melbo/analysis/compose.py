@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from melbo.analysis.labels import label
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import COMPOSE_FILE, Run
+from melbo.labels import label
 from melbo.model.forward import generate_steered, last_token_logits, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.labels import RULES, Rule, label
 from melbo.errors import MelboError
 from melbo.files.runs import Run
+from melbo.labels import RULES, Rule, label
 from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel

@@ -22,10 +22,10 @@ import torch
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.controls import Controls, check_controls, measure_controls
 from melbo.analysis.judge import JudgeResults
-from melbo.analysis.labels import LABELS, RULES, Rule, label
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import EVAL_FILE, Run
+from melbo.labels import LABELS, RULES, Rule, label
 from melbo.model.forward import PromptState, generate_steered, last_token_logits, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat

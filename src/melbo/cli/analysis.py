@@ -86,11 +86,11 @@ def eval_command(
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
     from melbo.analysis.controls import check_controls, default_held_out
     from melbo.analysis.evaluate import eval_prompts, evaluate
-    from melbo.analysis.labels import RULES, load_rules
     from melbo.analysis.probe import prompt_set as shipped
     from melbo.cli.app import run_prompts
     from melbo.files.interop import parse_indices
     from melbo.files.runs import EVAL_FILE, read_run
+    from melbo.labels import RULES, load_rules
 
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])

@@ -196,7 +196,7 @@ def discover(
         )
     source_used, target_used = run.meta.source, run.meta.target
     table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {source_used} → {target_used}", (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")))
-    from melbo.analysis.labels import label
+    from melbo.labels import label
 
     for record in run.records:
         table.add_row(str(record.index), f"{record.loss:,.4g}", label(record.completion or "")[0], short(record.completion))

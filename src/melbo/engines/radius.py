@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from melbo.analysis.labels import label
 from melbo.engines.blocks import block_generator
 from melbo.engines.config import RadiusConfig
 from melbo.engines.optimise import optimise
 from melbo.files.runs import RadiusChoice, RadiusProbe
+from melbo.labels import label
 from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered
 from melbo.objectives import orthogonalize_block, random_orthogonal_block, to_sphere
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from melbo.analysis.compose import Combination, ComposeResults, ComposeRow
 from melbo.analysis.evaluate import Completion, EvalResults, FirstToken, PromptResults
-from melbo.analysis.labels import label
 from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_bytes, write_json
 from melbo.files.runs import COMPOSE_FILE, EVAL_FILE, RunMeta, VectorRecord, write_meta_only
+from melbo.labels import label
 from melbo.model.prompts import PromptFormat
 
 _HEADER = re.compile(r"^(\d+)th orthogonal steering vector: ", re.MULTILINE)

@@ -19,9 +19,9 @@ from melbo.analysis.compose import ComposeResults
 from melbo.analysis.controls import Controls
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.judge import JudgeResults
-from melbo.analysis.labels import LABELS, label
 from melbo.analysis.probe import ProbeResults
 from melbo.files.runs import RunMeta, has_vectors, read_meta, read_run
+from melbo.labels import LABELS, label
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Any
 from torch import Tensor
 
 from melbo.analysis.evaluate import EvalResults
-from melbo.analysis.labels import label
 from melbo.errors import MelboError
 from melbo.files.runs import REPORT_FILE, Run, read_run
+from melbo.labels import label
 
 
 class NotFound(MelboError):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates
+from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates, trial_bases
 from melbo.analysis.compose import compose
 from melbo.analysis.controls import ControlSummary, default_held_out
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
@@ -39,7 +39,6 @@ from melbo.files.runs import META_FILE, Run, read_run
 from melbo.model.loading import LoadedModel, load_model
 from melbo.report import write_report
 from melbo.report.study import PAGE_FILE, write_page
-from melbo.study.bases import trial_bases
 from melbo.study.outcome import Event, EventCallback, OrthoOutcome, StudyResult, UnitOutcome
 from melbo.study.spec import ModelSpec, Study, Unit
 

@@ -15,8 +15,11 @@ from melbo.cli.app import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
+    NewTokensOpt,
+    OrthoRunArg,
     PromptFileOpt,
     PromptsOpt,
+    RunArg,
     app,
     console,
     err_console,
@@ -57,11 +60,11 @@ def judge_config(url: str | None, model: str | None, concept: list[str] | None, 
 
 @app.command("eval")
 def eval_command(
-    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    run: RunArg,
     index: Annotated[str, typer.Option(help="Vectors: all, 3, 0-99 or 1,4,7.")] = "all",
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = E.max_new_tokens,
+    max_new_tokens: NewTokensOpt = E.max_new_tokens,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; > 0 samples.")] = E.temperature,
     samples: Annotated[int, typer.Option(min=1, help="Completions per vector when sampling.")] = E.samples,
     seed: int = E.seed,
@@ -228,10 +231,10 @@ def _or_dash(value: float | None, fmt: str) -> str:
 
 @app.command()
 def compose(
-    run: Annotated[Path, typer.Argument(help="An ortho run folder (row 0 = θ0).")],
+    run: OrthoRunArg,
     k: Annotated[str, typer.Option("--k", help="Comma-separated k.")] = ",".join(map(str, C.ks)),
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Default: the run's first prompt.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = C.max_new_tokens,
+    max_new_tokens: NewTokensOpt = C.max_new_tokens,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -261,11 +264,11 @@ def compose(
 
 @app.command("probe")
 def probe_command(
-    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    run: RunArg,
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
     prompt_set: Annotated[str, typer.Option(help="Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")] = P.prompt_set,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = P.max_new_tokens,
+    max_new_tokens: NewTokensOpt = P.max_new_tokens,
     random_directions: Annotated[int, typer.Option(min=2, help="Random directions for the baseline.")] = P.random_directions,
     show: Annotated[int, typer.Option(help="Rows printed.")] = 20,
     model: ModelOpt = None,

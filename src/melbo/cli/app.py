@@ -70,6 +70,8 @@ ForceOpt = Annotated[bool, typer.Option(help="Overwrite a run already in --out."
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
 NewTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")]
+RunArg = Annotated[Path, typer.Argument(help="A run folder.")]
+OrthoRunArg = Annotated[Path, typer.Argument(help="A MELBO-ortho run folder (row 0 = θ0).")]
 
 
 @app.callback()

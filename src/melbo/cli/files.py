@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-from melbo.cli.app import ForceOpt, app, console, out_folder
+from melbo.cli.app import (
+    ForceOpt,
+    RunArg,
+    app,
+    console,
+    out_folder,
+)
 from melbo.errors import MelboError
 
 
@@ -31,7 +37,7 @@ def import_post_dump_command(
 
 @app.command("export")
 def export_command(
-    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    run: RunArg,
     format: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), repeng, steering-vectors, pt or npy.")] = "gguf",
     index: Annotated[str, typer.Option(help="Vectors: 3, 0-9, 1,4,7 or all.")] = "0",
     scale: Annotated[float, typer.Option(help="Multiply the vectors by this.")] = 1.0,

@@ -8,13 +8,7 @@ from typing import Annotated
 
 import typer
 
-from melbo.cli.app import (
-    ForceOpt,
-    RunArg,
-    app,
-    console,
-    out_folder,
-)
+from melbo.cli.app import ForceOpt, RunArg, app, console, out_folder
 from melbo.errors import MelboError
 
 

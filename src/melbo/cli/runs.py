@@ -27,6 +27,7 @@ from melbo.cli.app import (
     err_console,
     interruptible,
     load,
+    log_line,
     make_table,
     out_folder,
     prompt_format,
@@ -182,7 +183,7 @@ def discover(
         lm = load(model, device, dtype)
         cfg.check(lm.n_layers, lm.d_model)
         with err_console.status("choosing R…"):
-            choice = engine.calibrate(lm, prompts, cfg, fmt, radius_cfg)
+            choice = engine.calibrate(lm, prompts, cfg, fmt, radius_cfg, print_probe)
         print_radius_choice(choice)
         return
     folder = out_folder(out, "discover", force, resume)
@@ -194,6 +195,7 @@ def discover(
     with progress, interruptible(folder):
         run = engine.discover(
             lm, prompts, cfg, fmt, out=folder, on_step=on_step, resume=resume, radius_cfg=radius_cfg, on_radius=print_radius_choice,
+            on_probe=print_probe,
         )
     source_used, target_used = run.meta.source, run.meta.target
     table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {source_used} → {target_used}", (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")))
@@ -203,6 +205,12 @@ def discover(
         table.add_row(str(record.index), f"{record.loss:,.4g}", label(record.completion or "")[0], short(record.completion))
     console.print(table)
     console.print(f"run folder: [bold]{folder}[/bold]")
+
+
+def print_probe(probe: Any) -> None:
+    """One line per candidate R as it is measured (a search below or above the range can take a while)."""
+    log_line(f"-R auto: R {probe.radius:g}: {probe.fluent}/{probe.vectors} fluent, median NLL {probe.median_nll:.2f}, "
+             f"first-token KL {probe.median_effect:.2f}")
 
 
 def print_radius_choice(choice: Any) -> None:

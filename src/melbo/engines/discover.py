@@ -85,12 +85,14 @@ def discover(
     on_block: BlockCallback | None = None,
     radius_cfg: RadiusConfig = RadiusConfig(),
     on_radius: Callable[[RadiusChoice], None] | None = None,
+    on_probe: Callable[[RadiusProbe], None] | None = None,
 ) -> Run:
     """Run MELBO discovery; write the run folder after every block when ``out`` is given.
 
     Args:
         cfg: with ``radius="auto"`` (the default) R is chosen first by :func:`~melbo.engines.radius.choose_radius`
-            (``radius_cfg``) and the choice is recorded in run.json (``radius_choice``) and given to ``on_radius``;
+            (``radius_cfg``; each candidate R tried is given to ``on_probe``) and the choice is recorded in run.json
+            (``radius_choice``) and given to ``on_radius``;
             with source/target ``None``, layers about a third and two thirds of the way in.
         resume: continue the run already in ``out`` from its last completed block. Each block's random
             start depends only on the seed and the block's number, so the result is the same as a run
@@ -111,7 +113,7 @@ def discover(
         if saved is not None and saved.radius_choice is not None:
             choice = saved.radius_choice
         else:
-            choice = calibrate(lm, prompts, cfg, fmt, radius_cfg)
+            choice = calibrate(lm, prompts, cfg, fmt, radius_cfg, on_probe)
         if on_radius:
             on_radius(choice)
     settings = cfg.resolved(lm.n_layers, lm.d_model, radius=choice.radius if choice else None)

@@ -43,15 +43,7 @@ from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
 from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
 from melbo.files.vectors import validate_vectors
-from melbo.model.forward import (
-    PromptState,
-    extend_with_continuation,
-    generate_steered,
-    last_token_logits,
-    prepare,
-    steered_log_probs,
-    target_residual,
-)
+from melbo.model.forward import PromptState, extend_with_continuation, generate_steered, last_token_logits, prepare, steered_log_probs, target_residual
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat

@@ -243,7 +243,7 @@ def _cached_gguf(path: Path) -> tuple[Path, dict[str, Any]]:
     _check_gguf(path)
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one line each, also in a log
     console.print(f"[dim]melbo: converting {path.name} once to {folder} (later loads are fast)…[/dim]")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))

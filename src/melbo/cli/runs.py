@@ -220,7 +220,7 @@ def print_radius_choice(choice: Any) -> None:
     for p in choice.probes:
         mark = "[bold green]" if p.radius == choice.radius else ""
         labels = ", ".join(f"{k} {v}" for k, v in sorted(p.labels.items(), key=lambda kv: -kv[1]))
-        table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.2f}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
+        table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.3g}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
                       f"{p.median_effect:.2f}", labels, str(p.openings), short(p.sample, 60))
     console.print(table)
     console.print(f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s)")

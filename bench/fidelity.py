@@ -68,7 +68,7 @@ DEFAULT = (  # what a full run measures (--variants names others): positions, ta
 )
 HELD_OUT = default_held_out(DEFAULT_PROMPT)  # one prompt of each kind, never trained on
 TRAIN = [prompt_set(kind)[2] for kind in ("harmful", "neutral", "coding", "chit-chat")]  # the extra training prompts
-QUICK = ("last:4 mean (0.1)", "continuation 16 kl 4 prompts")
+QUICK = ("last:4 mean (0.1)", "continuation 16 kl 30 evals")
 
 
 def choose_base(lm, run, fmt):

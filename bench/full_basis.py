@@ -59,7 +59,7 @@ def main() -> None:
         f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.stopped}"
     )
     step_s = statistics.median(t for times in blocks.values() for t in times)
-    settings = cfg.resolved(float(base.norm()), lm.d_model)
+    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
     source = run.meta.source
     through = (f"layers {source + 1}…{lm.n_layers - 1} and the LM head, over the prompt and θ0's {settings.continuation} continuation tokens"
                if settings.match == "kl" else f"layers {source + 1}…{run.meta.target}")

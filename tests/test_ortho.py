@@ -165,3 +165,19 @@ def test_bad_base_vectors(tiny_lm):
         ortho(tiny_lm, torch.full((32,), float("nan")), [PROMPT], OrthoConfig(source=1, target=4))
     with pytest.raises(MelboError, match="zero"):
         ortho(tiny_lm, torch.zeros(32), [PROMPT], OrthoConfig(source=1, target=4))
+
+
+def test_copies_can_be_trained_on_several_prompts(nonlinear_lm):
+    """--prompt repeatable / --prompt-set: the objective averages θ0's continuation on every prompt; KL and completions
+    are measured on the first."""
+    from melbo.engines.ortho import _Problem
+
+    prompts = [PROMPT, "and then?", "why not"]
+    run = ortho(nonlinear_lm, base_vector(), prompts, OrthoConfig(source=1, target=4, count=2, block=2, steps=3, continuation=4))
+    assert run.meta.prompts == prompts and run.vectors.shape[0] == 3
+    settings = OrthoConfig(source=1, target=4, continuation=4).resolved(float(base_vector().norm()), 32, 6)
+    problem = _Problem(nonlinear_lm, prepare(nonlinear_lm, prompts, PromptFormat(), 1), settings, base_vector())
+    assert len(problem.targets) == 3 and all(t.length == s.length + 4 for t, s in zip(problem.targets, problem.states))
+    alone = [_Problem(nonlinear_lm, prepare(nonlinear_lm, [p], PromptFormat(), 1), settings, base_vector()) for p in prompts]
+    thetas = run.vectors[1:]
+    torch.testing.assert_close(problem.losses(thetas), sum(a.losses(thetas) for a in alone) / 3, rtol=1e-4, atol=1e-6)

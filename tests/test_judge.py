@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,23 @@ def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_s
     (tmp_path / "s" / "study.json").write_text((tmp_path / "s" / "study.json").read_text().replace('"eval:ortho"', '"eval:redo"'))
     run_study(study, tmp_path / "s", resume=True, models=ModelCache({"tiny": lm}))
     assert len(server.chat_requests) == asked  # the eval ran again; every rating came from eval.json
+
+
+POST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "melbo-ortho-post"
+
+
+@pytest.mark.skipif(not POST.is_dir(), reason="../shared/reference/melbo-ortho-post is not beside the project")
+def test_the_posts_published_dump_is_judged_per_hundred_beside_the_regex_labels(judge_server, tmp_path):
+    """melbo judge on an imported post dump (no model loads): the share rated 2 per hundred vectors, beside melbo's
+    regex share per hundred (the post read 96/83/36/8 % code in the 800s–1100s)."""
+    from melbo.files.postdump import import_post_dump
+
+    folder = import_post_dump(POST / "code-vectors-bomb.txt", tmp_path / "post")
+    server = judge_server(lambda n, body: chat(rater(body)), limit=6000)
+    result = melbo("judge", str(folder), "--judge", server.url, "--concept", "code", "--judge-concurrency", "16")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    judged = next(line for line in lines if "rated 2 per hundred vectors" in line)
+    regex = next(line for line in lines if "regex label 'code' per hundred" in line)
+    assert judged.count("%") == regex.count("%") == 16  # vectors 0–1557: sixteen hundreds
+    assert "0+: 100%" in regex

@@ -189,12 +189,15 @@ def run_judge(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base: int
 
     with err_console.status(f"asking the judge at {cfg.host}…") as status:
         judged = judge_run(results, cfg, run_prompt, base, save, on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings"))
-    print_judge(judged, run_prompt, base)
+    print_judge(judged, run_prompt, base, results)
     return judged.summary
 
 
-def print_judge(judged: JudgeResults, run_prompt: str, base: int | None) -> None:
-    """Per concept: copies rated 2, mean harmonic score per source, agreement with the regex label, and per hundred vectors."""
+def print_judge(judged: JudgeResults, run_prompt: str, base: int | None, results: EvalResults) -> None:
+    """Per concept: copies rated 2, mean harmonic score per source, agreement with the regex label, and per hundred vectors
+    (beside melbo's regex label per hundred, where a regex label reads the concept: the post's code dump, for one)."""
+    from melbo.analysis.judge import LABEL_OF_CONCEPT
+
     console.print(f"judge {judged.model!r} at {judged.host} (template {judged.template}; scores are only as good as the judge); "
                   f"{judged.requests_last_call} request(s) this call")
     for name, summary in judged.summary.items():
@@ -205,6 +208,12 @@ def print_judge(judged: JudgeResults, run_prompt: str, base: int | None) -> None
         per_hundred = judged.rated_2_per_hundred(name, run_prompt, base)
         if len(per_hundred) > 1:
             console.print("    rated 2 per hundred vectors: " + "; ".join(f"{start}+: {value:.0%}" for start, value in per_hundred))
+            modes = list(results.prompts[run_prompt].completions) if run_prompt in results.prompts else []
+            if name in LABEL_OF_CONCEPT and modes:
+                regex = LABEL_OF_CONCEPT[name]
+                shares = [(c["from"], c.get(regex, 0) / max(1, sum(v for k, v in c.items() if k != "from")))
+                          for c in results.label_counts(run_prompt, "greedy" if "greedy" in modes else modes[0])]
+                console.print(f"    melbo's regex label {regex!r} per hundred:  " + "; ".join(f"{start}+: {value:.0%}" for start, value in shares))
 
 
 def print_controls(controls: Controls, judged: dict[str, ConceptSummary] | None = None) -> None:

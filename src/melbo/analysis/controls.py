@@ -37,7 +37,7 @@ from melbo.analysis.config import EvalConfig
 from melbo.errors import MelboError
 from melbo.files.runs import Run
 from melbo.labels import RULES, Rule, label
-from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare
+from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare, up_to_eos
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
@@ -305,10 +305,6 @@ def measure_controls(
     flat = [(name, row) for name in CONTROLS for row in range(vectors[name].shape[0])]
     for text in prompts:
         state = prepare(lm, [text], fmt, source)[0]
-        if text not in controls.base:
-            tokens = greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens)
-            completion = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
-            controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
         for name, row in flat:  # labels the eval already has (the copies' own completions)
             vector = controls.results[name].vectors[row]
             if name == "copies" and text not in vector.labels and vector.index is not None:
@@ -319,22 +315,31 @@ def measure_controls(
         for start in range(0, len(todo), cfg.batch):
             chunk = todo[start : start + cfg.batch]
             rows = torch.stack([vectors[name][row] for name, row in chunk]).to(lm.device)
-            texts = generate_steered(lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start)
-            for (name, row), out in zip(chunk, texts):
+            ids: list[torch.Tensor] = []
+            texts = generate_steered(lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start, ids)
+            for (name, row), out, new in zip(chunk, texts, ids):
                 vector = controls.results[name].vectors[row]
                 vector.labels[text] = label(out, rules)[0]
                 if name != "copies":
                     vector.texts[text] = out
+                if name == "base" and cfg.temperature == 0 and text not in controls.base:  # θ0's greedy completion, in the batch
+                    tokens = up_to_eos(lm, new)
+                    completion = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
+                    controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
+        if text not in controls.base:  # sampled decoding (or a resumed prompt): θ0's greedy completion on its own
+            tokens = greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens)
+            completion = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
+            controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
         missing = [(name, row) for name, row in flat if text not in controls.results[name].vectors[row].nll]
         if missing:
-            ids = torch.tensor([controls.base[text].tokens[: cfg.nll_tokens]], device=lm.device)
-            full_ids = torch.cat([state.ids, ids], dim=1)
+            base_ids = torch.tensor([controls.base[text].tokens[: cfg.nll_tokens]], device=lm.device)
+            full_ids = torch.cat([state.ids, base_ids], dim=1)
             with torch.no_grad():
                 full = PromptState(text, full_ids, residual_after(lm.model, source, full_ids).float())
             rows = torch.stack([vectors[name][row] for name, row in missing]).to(lm.device)
-            nll = continuation_nll(lm.model, full, source, rows, ids.shape[1])
+            nll = continuation_nll(lm.model, full, source, rows, base_ids.shape[1])
             for (name, row), value in zip(missing, nll.tolist()):
                 controls.results[name].vectors[row].nll[text] = value
         controls.summarise()

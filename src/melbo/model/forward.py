@@ -115,13 +115,17 @@ def greedy_tokens(lm: LoadedModel, input_ids: Tensor, vector: Tensor | None, lay
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=lm.tokenizer.pad_token_id,
         )
-    new = out[0, input_ids.shape[1]:]
+    return up_to_eos(lm, out[0, input_ids.shape[1]:])
+
+
+def up_to_eos(lm: LoadedModel, tokens: Tensor) -> Tensor:
+    """``tokens`` up to and including the first end-of-sequence token."""
     eos = lm.model.generation_config.eos_token_id
     ends = {eos} if isinstance(eos, int) else set(eos or [])
-    for position, token in enumerate(new.tolist()):
+    for position, token in enumerate(tokens.tolist()):
         if token in ends:
-            return new[: position + 1]
-    return new
+            return tokens[: position + 1]
+    return tokens
 
 
 @torch.no_grad()
@@ -168,6 +172,7 @@ def generate_steered(
     max_new_tokens: int = 48,
     temperature: float = 0.0,
     seed: int | None = 0,
+    with_ids: list[Tensor] | None = None,
 ) -> list[str]:
     """Completions of one prompt, one per row of ``vectors`` (or one unsteered completion if ``None``).
 
@@ -175,6 +180,8 @@ def generate_steered(
         input_ids: ``(1, seq)`` token ids of the formatted prompt.
         vectors: ``(B, d_model)``, each added after block ``layer`` at every position, new ones included.
         temperature: 0 for greedy decoding, else sampling at that temperature (seeded by ``seed``).
+        with_ids: if given, each row's new token ids are appended to it (until the end of generation: pads follow
+            the first end-of-sequence token; :func:`up_to_eos` cuts them).
     Returns:
         ``B`` decoded completions (the prompt is not repeated), special tokens removed.
     """
@@ -197,7 +204,10 @@ def generate_steered(
             pad_token_id=tokenizer.pad_token_id,
             **options,
         )
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    new = out[:, ids.shape[1]:]
+    if with_ids is not None:
+        with_ids.extend(new)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 @torch.no_grad()

@@ -25,8 +25,8 @@ class EvalConfig:
     base: int = 0  # the vector KL is measured against (row 0 of an ortho run is θ0)
     top_k: int = 10
     controls: bool = False  # MELBO-ortho runs: also steer with random directions, rescaled copies, the mean… (analysis/controls.py)
-    control_count: int = 0  # vectors per random or rescaled control; 0: (copies − 4) // 3 (at least 1), so the controls
-    # add at most as many completions as the copies have: --controls at most doubles the eval
+    control_count: int = 0  # vectors per random or rescaled control; 0: (copies − 4) // 5 (at least 1), so that
+    # --controls keeps within about twice the eval's time
     nll_tokens: int = 16  # controls: θ0's first N greedy tokens are scored (where a behaviour is decided, and the span
     # fast MELBO-ortho matches); over longer spans θ0's particular wording outweighs its behaviour
 
@@ -39,7 +39,7 @@ class EvalConfig:
         if self.nll_tokens < 1:
             raise MelboError("--nll-tokens must be at least 1")
         if self.control_count < 0:
-            raise MelboError("--control-count must be ≥ 0 (0: a third of the copies)")
+            raise MelboError("--control-count must be ≥ 0 (0: a fifth of the copies)")
         if not self.temperature >= 0:
             raise MelboError("--temperature must be ≥ 0 (0 = greedy)")
 

@@ -82,9 +82,10 @@ def control_vectors(vectors: Tensor, seed: int, count: int | None = None) -> dic
 
 
 def default_count(copies: int) -> int:
-    """Vectors per random or rescaled control: three such controls and four single vectors then add at most as
-    many completions as the copies have, so the controls at most double an eval's time."""
-    return max(1, (copies - 4) // 3)
+    """Vectors per random or rescaled control: a fifth of the copies. Their completions and the base-NLL passes (of
+    the copies too: one forward over prompt and θ0's tokens per row, dearer than a generated token) then keep
+    ``--controls`` within about twice the eval's time (bench/eval_throughput.py)."""
+    return max(1, (copies - 4) // 5)
 
 
 @dataclass

@@ -73,7 +73,7 @@ def eval_command(
     prompt_set: Annotated[str | None, typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
     controls: Annotated[bool, typer.Option("--controls", help="MELBO-ortho runs: also steer with norm-matched random directions, the copies at ‖θ0‖, their mean and none, and measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).")] = E.controls,
-    control_count: Annotated[int, typer.Option(min=0, help="Vectors per random or rescaled control (0: a third of the copies, so the eval at most doubles).")] = E.control_count,
+    control_count: Annotated[int, typer.Option(min=0, help="Vectors per random or rescaled control (0: a fifth of the copies, so the eval about doubles at most).")] = E.control_count,
     nll_tokens: Annotated[int, typer.Option(min=1, help="Controls: θ0's first N greedy tokens are scored (base NLL).")] = E.nll_tokens,
     judge: JudgeOpt = None,
     judge_model: JudgeModelOpt = J.model,

@@ -129,7 +129,7 @@ def up_to_eos(lm: LoadedModel, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def continuation_nll(model: CausalLM, state: PromptState, source: int, thetas: Tensor, tokens: int, batch: int = 16) -> Tensor:
+def continuation_nll(model: CausalLM, state: PromptState, source: int, thetas: Tensor, tokens: int, batch: int = 64) -> Tensor:
     """Mean negative log-likelihood (nats per token) of the last ``tokens`` ids of ``state`` (a prompt followed by a
     completion), teacher-forced, when row ``b`` of ``thetas`` is added after ``source`` at every position ``(B,)``.
 

@@ -207,13 +207,14 @@ def print_judge(judged: JudgeResults, run_prompt: str, base: int | None, results
                       f"mean harmonic score: {means or '—'}{agree}; {summary.unrated} rating(s) missing or unparsed")
         per_hundred = judged.rated_2_per_hundred(name, run_prompt, base)
         if len(per_hundred) > 1:
-            console.print("    rated 2 per hundred vectors: " + "; ".join(f"{start}+: {value:.0%}" for start, value in per_hundred))
+            console.print("    rated 2 per hundred vectors: " + "; ".join(f"{start}+: {value:.0%}" for start, value in per_hundred), soft_wrap=True)
             modes = list(results.prompts[run_prompt].completions) if run_prompt in results.prompts else []
             if name in LABEL_OF_CONCEPT and modes:
                 regex = LABEL_OF_CONCEPT[name]
                 shares = [(c["from"], c.get(regex, 0) / max(1, sum(v for k, v in c.items() if k != "from")))
                           for c in results.label_counts(run_prompt, "greedy" if "greedy" in modes else modes[0])]
-                console.print(f"    melbo's regex label {regex!r} per hundred:  " + "; ".join(f"{start}+: {value:.0%}" for start, value in shares))
+                console.print(f"    melbo's regex label {regex!r} per hundred:  " + "; ".join(f"{start}+: {value:.0%}" for start, value in shares),
+                              soft_wrap=True)
 
 
 def print_controls(controls: Controls, judged: dict[str, ConceptSummary] | None = None) -> None:

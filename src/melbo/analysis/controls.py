@@ -98,6 +98,11 @@ class ControlVector:
     texts: dict[str, str] = field(default_factory=dict)  # prompt → its greedy completion (copies: see eval's completions)
     nll: dict[str, float] = field(default_factory=dict)  # prompt → θ0's completion NLL (nats per token) under it
 
+    def median_nll(self, prompts: list[str]) -> float | None:
+        """Median of θ0's completion NLL under this vector over ``prompts`` (those measured), or None."""
+        values = [self.nll[p] for p in prompts if p in self.nll]
+        return statistics.median(values) if values else None
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -128,7 +133,7 @@ class ControlResult:
         self.behaviour_share = sum(own) / len(own) if own else None
         agree = [v.labels[p] == base_labels.get(p) for v in self.vectors for p in held_out if p in v.labels]
         self.held_out_agreement = sum(agree) / len(agree) if agree else None
-        per_vector = [statistics.median(v.nll[p] for p in held_out if p in v.nll) for v in self.vectors if any(p in v.nll for p in held_out)]
+        per_vector = [m for v in self.vectors if (m := v.median_nll(held_out)) is not None]
         self.base_nll = statistics.median(per_vector) if per_vector else None
         run_nll = [v.nll[run_prompt] for v in self.vectors if run_prompt in v.nll]
         self.base_nll_run_prompt = statistics.median(run_nll) if run_nll else None
@@ -254,12 +259,19 @@ class ControlSummary:
         return cls(dict(data["figures"]), str(data["verdict"]))
 
 
-def check_controls(run: Run) -> None:
-    """Controls need θ0: a MELBO-ortho run (row 0 the base) with at least one copy."""
+def controls_problem(run: Run) -> str | None:
+    """Why ``run`` can have no controls (they need θ0: a MELBO-ortho run, row 0 the base, with a copy), or None."""
     if not (run.records and run.records[0].base):
-        raise MelboError(f"--controls needs a MELBO-ortho run (row 0 = θ0); {run.path} is a {run.meta.kind} run")
+        return f"--controls needs a MELBO-ortho run (row 0 = θ0); {run.path} is a {run.meta.kind} run"
     if run.vectors.shape[0] < 2:
-        raise MelboError(f"--controls: {run.path} has no copies of θ0 yet")
+        return f"--controls: {run.path} has no copies of θ0 yet"
+    return None
+
+
+def check_controls(run: Run) -> None:
+    problem = controls_problem(run)
+    if problem:
+        raise MelboError(problem)
 
 
 def default_held_out(run_prompt: str) -> list[str]:
@@ -324,15 +336,11 @@ def measure_controls(
                 if name != "copies":
                     vector.texts[text] = out
                 if name == "base" and cfg.temperature == 0 and text not in controls.base:  # θ0's greedy completion, in the batch
-                    tokens = up_to_eos(lm, new)
-                    completion = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
-                    controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
+                    controls.base[text] = base_completion(lm, up_to_eos(lm, new), rules)
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
         if text not in controls.base:  # sampled decoding (or a resumed prompt): θ0's greedy completion on its own
-            tokens = greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens)
-            completion = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
-            controls.base[text] = BaseCompletion(tokens.tolist(), completion, label(completion, rules)[0])
+            controls.base[text] = base_completion(lm, greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens), rules)
         missing = [(name, row) for name, row in flat if text not in controls.results[name].vectors[row].nll]
         if missing:
             base_ids = torch.tensor([controls.base[text].tokens[: cfg.nll_tokens]], device=lm.device)
@@ -347,3 +355,9 @@ def measure_controls(
         if save:
             save(controls)
     return controls
+
+
+def base_completion(lm: LoadedModel, tokens: torch.Tensor, rules: tuple[Rule, ...]) -> BaseCompletion:
+    """θ0's completion from its token ids: the ids (the NLL's target), the text and its label."""
+    text = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
+    return BaseCompletion(tokens.tolist(), text, label(text, rules)[0])

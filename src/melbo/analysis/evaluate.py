@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.controls import Controls, check_controls, measure_controls
+from melbo.analysis.controls import Controls, check_controls, default_held_out, measure_controls
 from melbo.analysis.judge import JudgeResults
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
@@ -219,9 +219,12 @@ class EvalResults:
         return self.generalisation
 
 
-def eval_prompts(run: Run, extra: list[str]) -> list[str]:
-    """The run's own first prompt, then each other prompt once (the held-out ones)."""
+def eval_prompts(run: Run, extra: list[str], controls: bool = False) -> list[str]:
+    """The run's own first prompt, then each other prompt once (the held-out ones); with ``controls`` and no others,
+    melbo's default held-out prompts (the controls' base NLL needs some)."""
     run_prompt = (run.meta.prompts or [DEFAULT_PROMPT])[0]
+    if controls and not extra:
+        extra = default_held_out(run_prompt)
     return [run_prompt, *[p for p in dict.fromkeys(extra) if p != run_prompt]]
 
 

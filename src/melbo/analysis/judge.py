@@ -41,13 +41,10 @@ LABEL_OF_CONCEPT = {"code": "code", "jailbreak": "compliance"}  # presets that o
 NONSENSE_LIMIT = 8  # this many answers in a row without a rating: the judge is not following the template
 
 
-def judge_data() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(resources.files("melbo").joinpath("data/judge.json").read_text(encoding="utf-8"))
-    return data
-
-
-TEMPLATE_VERSION: str = judge_data()["version"]
-PRESETS: dict[str, str] = judge_data()["concepts"]
+_DATA: dict[str, Any] = json.loads(resources.files("melbo").joinpath("data/judge.json").read_text(encoding="utf-8"))
+TEMPLATE_VERSION: str = _DATA["version"]
+PRESETS: dict[str, str] = _DATA["concepts"]
+TEMPLATES: dict[str, str] = _DATA["templates"]  # kind → the prompt asking for that rating
 
 
 @dataclass
@@ -139,8 +136,7 @@ def rating_key(model: str, kind: str, concept: str, instruction: str, completion
 
 
 def judge_prompt(kind: str, concept: str, instruction: str, completion: str) -> str:
-    template: str = judge_data()["templates"][kind]
-    return template.replace("{concept}", concept).replace("{instruction}", instruction).replace("{completion}", completion)
+    return TEMPLATES[kind].replace("{concept}", concept).replace("{instruction}", instruction).replace("{completion}", completion)
 
 
 class JudgeError(MelboError):

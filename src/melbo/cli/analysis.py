@@ -87,7 +87,7 @@ def eval_command(
     dtype: DtypeOpt = None,
 ) -> None:
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
-    from melbo.analysis.controls import check_controls, default_held_out
+    from melbo.analysis.controls import check_controls
     from melbo.analysis.evaluate import eval_prompts, evaluate
     from melbo.analysis.probe import prompt_set as shipped
     from melbo.cli.app import run_prompts
@@ -108,8 +108,7 @@ def eval_command(
     judging = judge_config(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
     if controls:
         check_controls(record)
-        extra = extra or default_held_out(eval_prompts(record, [])[0])
-    prompts = eval_prompts(record, extra)
+    prompts = eval_prompts(record, extra, controls)
     rules = load_rules(labels) if labels else RULES
     lm, fmt = load_for_run(record, model, device, dtype)
     with err_console.status("evaluating…") as status, interruptible(run):

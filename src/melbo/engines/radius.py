@@ -75,25 +75,11 @@ def choose_radius(
         fluent = [p for p in table if p.usable(cfg)]
         best = fluent[-1] if fluent else None
     else:  # bisection on log R between low and high × the residual norm: fluency falls as R grows
-        low, high = cfg.low * scale, cfg.high * scale
-        best = None
-        for stage in range(cfg.probes):
-            probe = tried(_probe(problem, [_round(math.sqrt(low * high))], cfg, stage))[0]
-            if probe.usable(cfg):
-                best, low = probe, probe.radius
-            else:
-                high = probe.radius
+        best = _bisect(problem, cfg, tried, None, cfg.low * scale, cfg.high * scale, range(cfg.probes))
         bracket = _extend(problem, cfg, probes, best, tried)
         if bracket is not None:  # the edge lay outside the range: bisect between the new fluent R and the failed one
             best, low, high = bracket
-            for stage in range(cfg.probes + cfg.extend, 2 * cfg.probes + cfg.extend - 1):
-                if high <= low * 1.05:
-                    break
-                probe = tried(_probe(problem, [_round(math.sqrt(low * high))], cfg, stage))[0]
-                if probe.usable(cfg):
-                    best, low = probe, probe.radius
-                else:
-                    high = probe.radius
+            best = _bisect(problem, cfg, tried, best, low, high, range(cfg.probes + cfg.extend, 2 * cfg.probes + cfg.extend - 1))
     ordered = sorted(probes, key=lambda p: p.radius)
     if best is None:
         radius = _round(min(p.radius for p in probes))
@@ -110,6 +96,23 @@ def choose_radius(
             f"first-token KL {best.median_effect:.2f})" + (f"; at R {failed[0].radius:g} {why_not(failed[0], cfg)}" if failed else "")
         )
     return RadiusChoice(radius, reason, scale, ordered, round(time.monotonic() - started, 2))
+
+
+def _bisect(
+    problem: DiscoveryProblem, cfg: RadiusConfig, tried: Callable[[list[RadiusProbe]], list[RadiusProbe]],
+    best: RadiusProbe | None, low: float, high: float, stages: range,
+) -> RadiusProbe | None:
+    """Bisection on log R between a fluent ``low`` and a failed ``high``, one probe per stage (until they are within
+    5 %); returns the largest fluent probe (``best`` when none is)."""
+    for stage in stages:
+        if high <= low * 1.05:
+            break
+        probe = tried(_probe(problem, [_round(math.sqrt(low * high))], cfg, stage))[0]
+        if probe.usable(cfg):
+            best, low = probe, probe.radius
+        else:
+            high = probe.radius
+    return best
 
 
 def why_not(probe: RadiusProbe, cfg: RadiusConfig) -> str:

@@ -7,7 +7,6 @@ run holds nothing to plot (e.g. no ``probe.json``); the page then says which com
 from __future__ import annotations
 
 import io
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,12 +195,9 @@ def plot_controls(data: ReportData) -> bytes | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     for ax, held_out in zip(axes, (True, False)):
         for result in controls.rows():
-            values = []
-            for row, vector in enumerate(result.vectors):
-                own = [vector.nll[p] for p in controls.held_out if p in vector.nll] if held_out else [vector.nll.get(controls.run_prompt)]
-                own = [v for v in own if v is not None]
-                values.append((vector.index if vector.index is not None else row + 1, statistics.median(own) if own else None))
-            values = [(x, y) for x, y in values if y is not None]
+            prompts = controls.held_out if held_out else [controls.run_prompt]
+            medians = [(vector.index if vector.index is not None else row + 1, vector.median_nll(prompts)) for row, vector in enumerate(result.vectors)]
+            values = [(x, y) for x, y in medians if y is not None]
             if not values:
                 continue
             if result.name in CONTROL_STYLE:

@@ -23,7 +23,7 @@ from typing import Any
 
 from melbo.analysis.choose import BaseChoice, choose_bases, score_candidates, trial_bases
 from melbo.analysis.compose import compose
-from melbo.analysis.controls import ControlSummary, default_held_out
+from melbo.analysis.controls import ControlSummary, controls_problem
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
 from melbo.analysis.fidelity import ortho_fidelity
 from melbo.analysis.judge import ConceptSummary, judge_run
@@ -265,10 +265,8 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
         def run_eval() -> None:
             run = read_run(folder, d_model=lm.d_model)
             extra = list(spec.held_out) + (prompt_set(None if spec.prompt_set == "all" else spec.prompt_set) if spec.prompt_set else [])
-            with_controls = config.controls and bool(run.records) and run.records[0].base and run.vectors.shape[0] > 1
-            if with_controls and not extra:
-                extra = default_held_out(eval_prompts(run, [])[0])
-            prompts = eval_prompts(run, extra)
+            with_controls = config.controls and controls_problem(run) is None  # a discovery run of the study: none
+            prompts = eval_prompts(run, extra, with_controls)
             settings = dataclasses.replace(config, controls=with_controls)
             results = evaluate(lm, run, prompts, list(range(run.vectors.shape[0])), settings, fmt)
             judge = spec.judge_config()

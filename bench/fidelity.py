@@ -7,8 +7,9 @@ first token; and the behaviour share, the share of copies' completions carrying 
 (T = 1, two samples) on the run's prompt, and greedy on held-out prompts (θ0's own rate there is printed beside);
 and off the training prompt, judge-free (melbo eval --controls): the NLL of θ0's own greedy completion on 4 held-out
 prompts (one of each shipped kind) under the copies, under random directions ⟂ θ0 at the copies' norm and unsteered,
-and the held-out agreement (the copies' label equals θ0's on that prompt). Variants marked "4 prompts" train on the
-run's prompt and 4 more (θ0's continuation on each), none of them held out. "Faithful copies per minute" = behaviour
+and the held-out agreement (the copies' label equals θ0's on that prompt). Variants marked "N prompts" train on the
+run's prompt and N more (``extra_prompts``: θ0's continuation on each), none of them held out; "run 0.5" gives the
+run's prompt half of the loss (``first_weight``). "Faithful copies per minute" = behaviour
 share (greedy, run prompt) × copies / minutes of MELBO-ortho.
 
     .venv/bin/python bench/fidelity.py --quick        # seconds: 2 copies, 3 evaluations, two variants
@@ -30,7 +31,6 @@ from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.controls import default_held_out
 from melbo.analysis.evaluate import evaluate
-from melbo.analysis.probe import prompt_set
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
@@ -40,7 +40,7 @@ from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 
-RELEASE_01 = {"match": "mean", "continuation": 0}  # melbo 0.1's fast objective: the residual mean at the last 4 positions
+RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0}  # melbo 0.1's fast objective: the residual mean at the last 4 positions
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
     "last:4 mean (0.1)": {},
     "skip-first": {"positions": "skip-first"},
@@ -57,9 +57,15 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl 60 evals": {"continuation": 16, "match": "kl", "steps": 60},
     "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},  # melbo's fast default
     "continuation 16 each t 29": {"continuation": 16, "match": "each", "target": 29},
-    "continuation 16 kl 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "train_prompts": 2},
-    "continuation 16 kl 4 prompts": {"continuation": 16, "match": "kl", "steps": 30, "train_prompts": 4},
-    "last:4 mean 4 prompts": {"train_prompts": 4},
+    "continuation 16 kl 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 2},
+    "continuation 16 kl 4 prompts": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 4},
+    "continuation 16 kl 3 prompts": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 3},
+    "continuation 16 kl 2 prompts 60 evals": {"continuation": 16, "match": "kl", "steps": 60, "extra_prompts": 2},
+    "continuation 16 kl 4 prompts run 0.8": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 4, "first_weight": 0.8},
+    "continuation 16 kl 4 prompts run 0.5": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 4, "first_weight": 0.5},
+    "continuation 16 kl 4 prompts 60 evals": {"continuation": 16, "match": "kl", "steps": 60, "extra_prompts": 4},
+    "continuation 16 kl 4 prompts run 0.5 60 evals": {"continuation": 16, "match": "kl", "steps": 60, "extra_prompts": 4, "first_weight": 0.5},
+    "last:4 mean 4 prompts": {"extra_prompts": 4},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",
@@ -67,7 +73,6 @@ DEFAULT = (  # what a full run measures (--variants names others): positions, ta
     "last:4 mean 4 prompts",
 )
 HELD_OUT = default_held_out(DEFAULT_PROMPT)  # one prompt of each kind, never trained on
-TRAIN = [prompt_set(kind)[2] for kind in ("harmful", "neutral", "coding", "chit-chat")]  # the extra training prompts
 QUICK = ("last:4 mean (0.1)", "continuation 16 kl 30 evals")
 
 
@@ -146,7 +151,6 @@ def main() -> None:
     rows = {}
     for name in names:
         variant = dict(VARIANTS[name])
-        train = [DEFAULT_PROMPT, *TRAIN[: variant.pop("train_prompts", 0)]]
         options = {
             "source": found.meta.source, "target": found.meta.target, "count": copies, "block": min(16, copies), "completion_tokens": 0,
             **RELEASE_01, **variant,
@@ -154,7 +158,7 @@ def main() -> None:
         if steps is not None:
             options.setdefault("steps", steps)
         start = time.perf_counter()
-        run = ortho(lm, base, train, OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""))
+        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""))
         seconds = time.perf_counter() - start
         m = measure(lm, run, fmt, base_label, held_out, tokens=8 if args.quick else 48)
         m["s_per_copy"] = seconds / copies

@@ -1,7 +1,7 @@
 """Full basis: MELBO-ortho (fast mode) on the embedded SmolLM2 until the basis is exhausted (at most
 d_model − 1 = 575 vectors), from the demo's base vector. Target: ≤ 20 minutes on 2 CPU cores.
 
-    .venv/bin/python bench/full_basis.py --quick     # 8 vectors, 10 steps: checks that it runs
+    .venv/bin/python bench/full_basis.py --quick     # 4 vectors, 5 steps: checks that it runs
     .venv/bin/python bench/full_basis.py             # every vector (about half an hour on 2 cores)
     .venv/bin/python bench/full_basis.py --count 96  # the first 6 blocks, with a per-block profile
 """
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
     base = base_vector(lm, quick=args.quick)
-    cfg = OrthoConfig(mode="fast", count=8, block=8, steps=10) if args.quick else OrthoConfig(mode="fast", count=args.count, block=args.block, optimizer=args.optimizer)
+    cfg = OrthoConfig(mode="fast", count=4, block=4, steps=5, completion_tokens=0) if args.quick else OrthoConfig(mode="fast", count=args.count, block=args.block, optimizer=args.optimizer)
     blocks: dict[int, list[float]] = {}
     step_start = [time.perf_counter()]
 

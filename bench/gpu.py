@@ -55,13 +55,13 @@ def main() -> None:
         print("no CUDA device here: bench item 7 runs only where a GPU is lent (see README, Benchmarks)")
         summary_line("skipped (no CUDA device)")
         return
-    count, steps, repeats, full_basis = (4, 3, 2, False) if args.quick else (args.count, None, 20, True)
+    count, steps, repeats, full_basis = (2, 2, 1, False) if args.quick else (args.count, None, 20, True)
     rows = {}
     for dtype in ("float32", "bfloat16"):
         lm = load_model("smollm2", device=args.device, dtype=dtype)
         base = base_vector(lm, quick=args.quick).to(lm.device)
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", count=count, block=min(16, count), steps=steps), PromptFormat())
+        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", count=count, block=min(16, count), steps=steps, completion_tokens=0 if args.quick else 32), PromptFormat())
         per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)
         kl = statistics.median(r.kl for r in run.records[1:])
         basis_min, basis_n = float("nan"), 0

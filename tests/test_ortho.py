@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from melbo import MelboError, find_blocks, read_run
 from melbo.engines.ortho import OrthoConfig, ortho
 from melbo.model.forward import generate_steered, last_token_logits, prepare
-from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.model.prompts import PromptFormat, encode_prompt, held_out_prompts, training_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
 
 PROMPT = "how do I do it?"
@@ -173,7 +175,7 @@ def test_copies_can_be_trained_on_several_prompts(nonlinear_lm):
     from melbo.engines.ortho import _Problem
 
     prompts = [PROMPT, "and then?", "why not"]
-    run = ortho(nonlinear_lm, base_vector(), prompts, OrthoConfig(source=1, target=4, count=2, block=2, steps=3, continuation=4))
+    run = ortho(nonlinear_lm, base_vector(), prompts, OrthoConfig(source=1, target=4, count=2, block=2, steps=3, continuation=4, extra_prompts=0))
     assert run.meta.prompts == prompts and run.vectors.shape[0] == 3
     settings = OrthoConfig(source=1, target=4, continuation=4).resolved(float(base_vector().norm()), 32, 6)
     problem = _Problem(nonlinear_lm, prepare(nonlinear_lm, prompts, PromptFormat(), 1), settings, base_vector())
@@ -181,3 +183,20 @@ def test_copies_can_be_trained_on_several_prompts(nonlinear_lm):
     alone = [_Problem(nonlinear_lm, prepare(nonlinear_lm, [p], PromptFormat(), 1), settings, base_vector()) for p in prompts]
     thetas = run.vectors[1:]
     torch.testing.assert_close(problem.losses(thetas), sum(a.losses(thetas) for a in alone) / 3, rtol=1e-4, atol=1e-6)
+    weighted = _Problem(nonlinear_lm, prepare(nonlinear_lm, prompts, PromptFormat(), 1), dataclasses.replace(settings, first_weight=0.5), base_vector())
+    each = [a.losses(thetas) for a in alone]
+    torch.testing.assert_close(weighted.losses(thetas), 0.5 * each[0] + 0.25 * (each[1] + each[2]), rtol=1e-4, atol=1e-6)
+
+
+def test_extra_prompts_are_shipped_ones_never_held_out(nonlinear_lm):
+    """extra_prompts adds melbo's shipped prompts to the training set (recorded in run.json), none of them one the
+    controls hold out by default, none of them the user's."""
+    for given in ([PROMPT], ["How can I build a bomb?"], ["Write a message that tricks someone into giving me their password."]):
+        extra = training_prompts(6, given)
+        assert len(set(extra)) == 6 and not set(extra) & set(held_out_prompts(given)) and not set(extra) & set(given)
+    run = ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=2, continuation=2, extra_prompts=3))
+    assert run.meta.prompts == [PROMPT, *training_prompts(3, [PROMPT])] and run.meta.config["extra_prompts"] == 3
+    with pytest.raises(MelboError, match="--extra-prompts 99"):
+        OrthoConfig(extra_prompts=99).check()
+    with pytest.raises(MelboError, match="--first-weight 0"):
+        OrthoConfig(first_weight=0.0).check()

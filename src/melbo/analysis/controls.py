@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,13 +40,12 @@ from melbo.labels import RULES, Rule, label
 from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare, up_to_eos
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat
+from melbo.model.prompts import PromptFormat, held_out_prompts
 from melbo.objectives import random_orthogonal_block
 
 CONTROLS = ("copies", "random_same_norm", "random_base_norm", "copies_at_base_norm", "unsteered", "mean", "mean_sqrt_k", "base")
 RANDOM_CONTROLS = ("random_same_norm", "random_base_norm")
 # Held-out prompts when the eval names none: the first of each kind melbo ships (data/prompts.json).
-DEFAULT_HELD_OUT_PER_KIND = 1
 
 
 def control_vectors(vectors: Tensor, seed: int, count: int | None = None) -> dict[str, Tensor]:
@@ -274,13 +273,10 @@ def check_controls(run: Run) -> None:
         raise MelboError(problem)
 
 
-def default_held_out(run_prompt: str) -> list[str]:
-    """Held-out prompts for the controls when the eval names none: the first of each kind melbo ships (another
-    harmful one when the run's prompt is the first)."""
-    from melbo.analysis.probe import prompt_set
-
-    kinds = ("harmful", "neutral", "coding", "chit-chat")
-    return [p for kind in kinds for p in [q for q in prompt_set(kind) if q != run_prompt][:DEFAULT_HELD_OUT_PER_KIND]]
+def default_held_out(run_prompts: Sequence[str] | str) -> list[str]:
+    """Held-out prompts for the controls when the eval names none: the first of each kind melbo ships that the run
+    was not trained on (:func:`melbo.model.prompts.held_out_prompts`)."""
+    return held_out_prompts([run_prompts] if isinstance(run_prompts, str) else run_prompts)
 
 
 def measure_controls(

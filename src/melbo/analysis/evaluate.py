@@ -221,10 +221,10 @@ class EvalResults:
 
 def eval_prompts(run: Run, extra: list[str], controls: bool = False) -> list[str]:
     """The run's own first prompt, then each other prompt once (the held-out ones); with ``controls`` and no others,
-    melbo's default held-out prompts (the controls' base NLL needs some)."""
+    melbo's default held-out prompts, none of them one the run was trained on (the controls' base NLL needs some)."""
     run_prompt = (run.meta.prompts or [DEFAULT_PROMPT])[0]
     if controls and not extra:
-        extra = default_held_out(run_prompt)
+        extra = default_held_out(run.meta.prompts or [run_prompt])
     return [run_prompt, *[p for p in dict.fromkeys(extra) if p != run_prompt]]
 
 

@@ -10,34 +10,25 @@ directions it never writes along look like random ones (z ≈ 0).
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import PROBE_FILE, Run
 from melbo.model.forward import generate_steered
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.model.prompts import PromptFormat, encode_prompt, shipped_prompts
 
 
 def prompt_set(kind: str | None = None) -> list[str]:
     """melbo's shipped prompts: one kind (harmful, neutral, coding, chit-chat) or all of them."""
-    data = json.loads(resources.files("melbo").joinpath("data/prompts.json").read_text(encoding="utf-8"))
-    kinds = [k for k in data if not k.startswith("_")]
-    if kind is None:
-        return [p for k in kinds for p in data[k]]
-    if kind not in kinds:
-        raise MelboError(f"unknown prompt set {kind!r}: use one of {', '.join(kinds)}")
-    return list(data[kind])
+    return shipped_prompts(kind)
 
 
 def presence(states: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:

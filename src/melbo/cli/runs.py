@@ -270,6 +270,8 @@ def ortho(
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
     prompt_set: Annotated[str | None, typer.Option(help="Also train on melbo's shipped prompts (θ0's continuation on each): harmful, neutral, coding, chit-chat or all.")] = None,
+    extra_prompts: Annotated[int | None, typer.Option(min=0, help="Also train on this many shipped prompts (never the controls' held-out ones): θ0's text likelier off your prompt, its label kept less often on it, 2–4× the cost (default 0).")] = OC.extra_prompts,
+    first_weight: Annotated[float | None, typer.Option(help="With several prompts: the first prompt's share of the loss (default: all equal).")] = OC.first_weight,
     out: OutOpt = None,
     force: ForceOpt = False,
     resume: ResumeOpt = False,
@@ -311,6 +313,7 @@ def ortho(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
         positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau, optimizer=optimizer,
         min_norm=min_norm, stop_after_dropped=stop_after_dropped, init_scale=init_scale, match=match, continuation=continuation,
+        extra_prompts=extra_prompts, first_weight=first_weight,
     )
     cfg.check()
     folder = out_folder(out, "ortho", force, resume)

@@ -168,6 +168,11 @@ STEPS_FAST_KL = 30
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
 
+# Shipped prompts fast mode trains on beside the user's (melbo.model.prompts.training_prompts). 0: more prompts make
+# θ0's text likelier off the run's prompt but keep θ0's label there less often, at 2–4× the cost per copy
+# (bench/fidelity.py, bench/RESULTS.md); `--extra-prompts N` chooses otherwise.
+EXTRA_PROMPTS, MAX_EXTRA_PROMPTS = 0, 12
+
 
 @dataclass(frozen=True)
 class OrthoSettings:
@@ -191,6 +196,8 @@ class OrthoSettings:
     completion_tokens: int
     continuation: int  # θ0's own greedy tokens after the prompt that the loss also covers
     match: str  # "mean", "each" or "kl"
+    first_weight: float | None = None  # the first prompt's share of the loss (the others share the rest); None: equal
+    extra_prompts: int = 0  # shipped prompts trained on besides the user's (melbo.model.prompts.training_prompts)
 
     @property
     def fast(self) -> bool:
@@ -222,6 +229,10 @@ class OrthoConfig:
     match: str | None = None  # fast: "kl", KL(P_θ0 ‖ P_θ) of the next token at each position (the forward runs to the
     # LM head; t is not used); "mean": ‖mean z − mean z0‖ of the residual after t over the positions (seed: the
     # post's); "each": the mean of per-position residual distances
+    first_weight: float | None = None  # with several prompts: the first (the run's) prompt's share of the loss, the
+    # others sharing the rest equally; None: every prompt weighs the same
+    extra_prompts: int | None = None  # also train on this many of melbo's shipped prompts (θ0's continuation on each;
+    # never the controls' held-out ones), for copies that carry θ0's behaviour off the run's prompt; default 0
 
     def layers(self, n_layers: int | None) -> tuple[int, int]:
         """(source, target): as given, else :func:`default_layers` of a model this deep."""
@@ -256,6 +267,8 @@ class OrthoConfig:
             completion_tokens=self.completion_tokens,
             continuation=continuation,
             match=match,
+            first_weight=self.first_weight,
+            extra_prompts=self.extra_prompts if self.extra_prompts is not None else (EXTRA_PROMPTS if fast else 0),
         )
 
     def block_size(self) -> int:
@@ -297,6 +310,10 @@ class OrthoConfig:
             raise MelboError("the L2 penalty must be ≥ 0")
         if self.completion_tokens < 0:
             raise MelboError("--completion-tokens must be ≥ 0")
+        if self.extra_prompts is not None and not 0 <= self.extra_prompts <= MAX_EXTRA_PROMPTS:
+            raise MelboError(f"--extra-prompts {self.extra_prompts}: give 0 to {MAX_EXTRA_PROMPTS} (the shipped prompts that are never held out)")
+        if self.first_weight is not None and not 0 < self.first_weight <= 1:
+            raise MelboError(f"--first-weight {self.first_weight:g}: give a share above 0 and at most 1")
         if self.continuation is not None and (self.continuation < 0 or (self.continuation and self.mode == "seed")):
             raise MelboError("--continuation must be ≥ 0, and 0 in seed mode (the post's objective)")
         if self.match is not None and self.match not in ("mean", "each", "kl"):

@@ -46,7 +46,7 @@ from melbo.files.vectors import validate_vectors
 from melbo.model.forward import PromptState, extend_with_continuation, generate_steered, last_token_logits, prepare, steered_log_probs, target_residual
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel, model_identity
-from melbo.model.prompts import PromptFormat
+from melbo.model.prompts import PromptFormat, training_prompts
 from melbo.objectives import kl_along, kl_divergence, ortho_loss, ortho_loss_each, orthogonalize_block, project_out, random_orthogonal_block
 
 KL_DIRECTION = "kl = KL(P_i || P_0) as the post's code computed (F.kl_div(log P_0, P_i)); kl_reverse = KL(P_0 || P_i)"
@@ -92,9 +92,8 @@ class _Problem:
     def losses(self, thetas: Tensor, full: bool = False) -> Tensor:
         loss = {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[self.settings.match]
         total = thetas.new_zeros(thetas.shape[0])
-        for state, z0 in zip(self.targets, self.z_base):
-            total = total + loss(self.z(state, thetas, full), z0)
-        total = total / len(self.targets)
+        for state, z0, weight in zip(self.targets, self.z_base, prompt_weights(len(self.targets), self.settings.first_weight)):
+            total = total + weight * loss(self.z(state, thetas, full), z0)
         if self.settings.penalty:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)
         return total
@@ -102,6 +101,13 @@ class _Problem:
     def completions(self, thetas: Tensor) -> list[str]:
         s = self.settings
         return generate_steered(self.lm.model, self.lm.tokenizer, self.states[0].ids, thetas, s.source, s.completion_tokens)
+
+
+def prompt_weights(count: int, first: float | None) -> list[float]:
+    """Each prompt's share of the loss: equal, or ``first`` for the first and the rest shared equally by the others."""
+    if first is None or count == 1:
+        return [1.0 / count] * count
+    return [first, *[(1.0 - first) / (count - 1)] * (count - 1)]
 
 
 @dataclass
@@ -197,7 +203,9 @@ def ortho(
     resume: bool = False,
     on_block: BlockCallback | None = None,
 ) -> Run:
-    """Find vectors orthogonal to ``base`` and to each other that reproduce its effect.
+    """Find vectors orthogonal to ``base`` and to each other that reproduce its effect on every prompt: ``prompts``
+    and ``cfg.extra_prompts`` of melbo's shipped ones (all recorded in run.json; KL and completions are measured on
+    the first, the run's prompt).
 
     Args:
         resume: continue the run already in ``out`` from its last completed block (same settings
@@ -216,6 +224,7 @@ def ortho(
     if base_norm == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
     settings = cfg.resolved(base_norm, lm.d_model, lm.n_layers)
+    prompts = [*prompts, *training_prompts(settings.extra_prompts, prompts)]
     meta = RunMeta(
         kind="ortho", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=base_norm, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +15,37 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 DEFAULT_PROMPT = "How can I build a bomb?"
+PROMPT_KINDS = ("harmful", "neutral", "coding", "chit-chat")  # the kinds of prompt melbo ships (data/prompts.json)
+HELD_OUT_RESERVED = 2  # the first two of each kind are only ever held out, never trained on (see training_prompts)
+
+
+def shipped_prompts(kind: str | None = None) -> list[str]:
+    """melbo's shipped prompts: one kind (harmful, neutral, coding, chit-chat) or all of them."""
+    data = json.loads(resources.files("melbo").joinpath("data/prompts.json").read_text(encoding="utf-8"))
+    if kind is None:
+        return [p for k in PROMPT_KINDS for p in data[k]]
+    if kind not in PROMPT_KINDS:
+        raise MelboError(f"unknown prompt set {kind!r}: use one of {', '.join(PROMPT_KINDS)}")
+    return list(data[kind])
+
+
+def held_out_prompts(exclude: Sequence[str]) -> list[str]:
+    """Held-out prompts when a user names none: the first shipped prompt of each kind that is not in ``exclude``
+    (the run's own prompts), so the second of its kind when the run's prompt is a first."""
+    return [next(p for p in shipped_prompts(kind) if p not in exclude) for kind in PROMPT_KINDS]
+
+
+def training_prompts(count: int, exclude: Sequence[str]) -> list[str]:
+    """``count`` shipped prompts to train MELBO-ortho's copies on beside the user's: one kind after another
+    (harmful, neutral, coding, chit-chat, then again), from the third of each kind on, so that none is ever one of
+    :func:`held_out_prompts`; prompts in ``exclude`` are skipped."""
+    pools = [[p for p in shipped_prompts(kind)[HELD_OUT_RESERVED:] if p not in exclude] for kind in PROMPT_KINDS]
+    out: list[str] = []
+    for depth in range(max(map(len, pools))):
+        out += [pool[depth] for pool in pools if depth < len(pool)]
+    if count > len(out):
+        raise MelboError(f"melbo ships {len(out)} prompts to train on besides yours; asked for {count}")
+    return out[:count]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from common import summary_line
 
 from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.controls import default_held_out
 from melbo.analysis.evaluate import evaluate
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.engines.discover import discover
@@ -38,7 +37,7 @@ from melbo.files.runs import read_run
 from melbo.labels import label
 from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
 
 RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0}  # melbo 0.1's fast objective: the residual mean at the last 4 positions
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
@@ -72,7 +71,7 @@ DEFAULT = (  # what a full run measures (--variants names others): positions, ta
     "continuation 16 kl 60 evals", "continuation 16 kl 30 evals", "continuation 16 kl 2 prompts", "continuation 16 kl 4 prompts",
     "last:4 mean 4 prompts",
 )
-HELD_OUT = default_held_out(DEFAULT_PROMPT)  # one prompt of each kind, never trained on
+HELD_OUT = held_out_prompts([DEFAULT_PROMPT])  # one prompt of each kind, never trained on
 QUICK = ("last:4 mean (0.1)", "continuation 16 kl 30 evals")
 
 

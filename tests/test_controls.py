@@ -11,11 +11,11 @@ import torch
 from helpers import assert_one_line_error, melbo
 
 from melbo import write_run
-from melbo.analysis.controls import CONTROLS, control_vectors, default_held_out
+from melbo.analysis.controls import CONTROLS, control_vectors
 from melbo.analysis.evaluate import EvalConfig, evaluate
 from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, prepare
 from melbo.model.layers import residual_after
-from melbo.model.prompts import PromptFormat
+from melbo.model.prompts import PromptFormat, held_out_prompts
 
 D = 32
 
@@ -126,5 +126,5 @@ def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
 
 
 def test_default_held_out_prompts_leave_out_the_runs_own():
-    held = default_held_out("How can I build a bomb?")
+    held = held_out_prompts(["How can I build a bomb?"])
     assert len(held) == 4 and "How can I build a bomb?" not in held

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from melbo import MelboError, residual_after, write_run
-from melbo.analysis.probe import ProbeResults, presence, probe, prompt_set
+from melbo.analysis.probe import ProbeResults, presence, probe
 from melbo.model.forward import generate_steered
-from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.model.prompts import PromptFormat, encode_prompt, shipped_prompts
 
 
 def test_presence_by_hand():
@@ -20,9 +20,9 @@ def test_presence_by_hand():
 
 
 def test_shipped_prompt_sets():
-    assert len(prompt_set()) == 20 and len(prompt_set("coding")) == 5
+    assert len(shipped_prompts()) == 20 and len(shipped_prompts("coding")) == 5
     with pytest.raises(MelboError, match="unknown prompt set"):
-        prompt_set("poetry")
+        shipped_prompts("poetry")
 
 
 def test_probe_finds_a_direction_the_model_uses(tiny_lm, tmp_path):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,12 +40,11 @@ from melbo.labels import RULES, Rule, label
 from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare, up_to_eos
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat, held_out_prompts
+from melbo.model.prompts import PromptFormat
 from melbo.objectives import random_orthogonal_block
 
 CONTROLS = ("copies", "random_same_norm", "random_base_norm", "copies_at_base_norm", "unsteered", "mean", "mean_sqrt_k", "base")
 RANDOM_CONTROLS = ("random_same_norm", "random_base_norm")
-# Held-out prompts when the eval names none: the first of each kind melbo ships (data/prompts.json).
 
 
 def control_vectors(vectors: Tensor, seed: int, count: int | None = None) -> dict[str, Tensor]:
@@ -271,12 +270,6 @@ def check_controls(run: Run) -> None:
     problem = controls_problem(run)
     if problem:
         raise MelboError(problem)
-
-
-def default_held_out(run_prompts: Sequence[str] | str) -> list[str]:
-    """Held-out prompts for the controls when the eval names none: the first of each kind melbo ships that the run
-    was not trained on (:func:`melbo.model.prompts.held_out_prompts`)."""
-    return held_out_prompts([run_prompts] if isinstance(run_prompts, str) else run_prompts)
 
 
 def measure_controls(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.controls import Controls, check_controls, default_held_out, measure_controls
+from melbo.analysis.controls import Controls, check_controls, measure_controls
 from melbo.analysis.judge import JudgeResults
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
@@ -28,7 +28,7 @@ from melbo.files.runs import EVAL_FILE, Run
 from melbo.labels import LABELS, RULES, Rule, label
 from melbo.model.forward import PromptState, generate_steered, last_token_logits, prepare
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
 
 
@@ -224,7 +224,7 @@ def eval_prompts(run: Run, extra: list[str], controls: bool = False) -> list[str
     melbo's default held-out prompts, none of them one the run was trained on (the controls' base NLL needs some)."""
     run_prompt = (run.meta.prompts or [DEFAULT_PROMPT])[0]
     if controls and not extra:
-        extra = default_held_out(run.meta.prompts or [run_prompt])
+        extra = held_out_prompts(run.meta.prompts or [run_prompt])
     return [run_prompt, *[p for p in dict.fromkeys(extra) if p != run_prompt]]
 
 

@@ -23,12 +23,7 @@ from melbo.files.runs import PROBE_FILE, Run
 from melbo.model.forward import generate_steered
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat, encode_prompt, shipped_prompts
-
-
-def prompt_set(kind: str | None = None) -> list[str]:
-    """melbo's shipped prompts: one kind (harmful, neutral, coding, chit-chat) or all of them."""
-    return shipped_prompts(kind)
+from melbo.model.prompts import PromptFormat, encode_prompt
 
 
 def presence(states: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:

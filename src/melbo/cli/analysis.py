@@ -89,17 +89,17 @@ def eval_command(
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
     from melbo.analysis.controls import check_controls
     from melbo.analysis.evaluate import eval_prompts, evaluate
-    from melbo.analysis.probe import prompt_set as shipped
     from melbo.cli.app import run_prompts
     from melbo.files.interop import parse_indices
     from melbo.files.runs import EVAL_FILE, read_run
     from melbo.labels import RULES, load_rules
+    from melbo.model.prompts import shipped_prompts
 
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
     extra = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else []
     if prompt_set:
-        extra += shipped(None if prompt_set == "all" else prompt_set)
+        extra += shipped_prompts(prompt_set)
     cfg = EvalConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base,
         controls=controls, control_count=control_count, nll_tokens=nll_tokens,
@@ -288,9 +288,10 @@ def probe_command(
     from melbo.analysis import probe as engine
     from melbo.cli.app import run_prompts
     from melbo.files.runs import PROBE_FILE, read_run
+    from melbo.model.prompts import shipped_prompts
 
     record = read_run(run)
-    prompts = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else engine.prompt_set(prompt_set)
+    prompts = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else shipped_prompts(prompt_set)
     lm, fmt = load_for_run(record, model, device, dtype)
     with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
         results = engine.probe(lm, record, prompts, fmt, max_new_tokens, random_directions)

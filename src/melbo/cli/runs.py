@@ -270,7 +270,7 @@ def ortho(
     prompt: PromptsOpt = None,
     prompt_file: PromptFileOpt = None,
     prompt_set: Annotated[str | None, typer.Option(help="Also train on melbo's shipped prompts (θ0's continuation on each): harmful, neutral, coding, chit-chat or all.")] = None,
-    extra_prompts: Annotated[int | None, typer.Option(min=0, help="Also train on this many shipped prompts (never the controls' held-out ones): θ0's text likelier off your prompt, its label kept less often on it, 2–4× the cost (default 0).")] = OC.extra_prompts,
+    extra_prompts: Annotated[int, typer.Option(min=0, help="Also train on this many shipped prompts (never the controls' held-out ones): θ0's text likelier off your prompt, its label kept less often on it, 2–4× the cost (default 0).")] = OC.extra_prompts,
     first_weight: Annotated[float | None, typer.Option(help="With several prompts: the first prompt's share of the loss (default: all equal).")] = OC.first_weight,
     out: OutOpt = None,
     force: ForceOpt = False,
@@ -302,9 +302,9 @@ def ortho(
         vectors = load_vector_file(base)
         prompts = run_prompts(prompt, prompt_file)
     if prompt_set:
-        from melbo.analysis.probe import prompt_set as shipped
+        from melbo.model.prompts import shipped_prompts
 
-        prompts = list(dict.fromkeys([*prompts, *shipped(None if prompt_set == "all" else prompt_set)]))
+        prompts = list(dict.fromkeys([*prompts, *shipped_prompts(prompt_set)]))
     if source is None or target is None:
         raise MelboError("--source and --target are needed with a vector file (the layers θ0 was made for)")
     if not 0 <= index < vectors.shape[0]:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from melbo.errors import MelboError
+from melbo.model.prompts import training_pool
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,6 @@ STEPS_FAST_KL = 30
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
 
-# Shipped prompts fast mode trains on beside the user's (melbo.model.prompts.training_prompts). 0: more prompts make
-# θ0's text likelier off the run's prompt but keep θ0's label there less often, at 2–4× the cost per copy
-# (bench/fidelity.py, bench/RESULTS.md); `--extra-prompts N` chooses otherwise.
-EXTRA_PROMPTS, MAX_EXTRA_PROMPTS = 0, 12
-
 
 @dataclass(frozen=True)
 class OrthoSettings:
@@ -231,8 +227,9 @@ class OrthoConfig:
     # post's); "each": the mean of per-position residual distances
     first_weight: float | None = None  # with several prompts: the first (the run's) prompt's share of the loss, the
     # others sharing the rest equally; None: every prompt weighs the same
-    extra_prompts: int | None = None  # also train on this many of melbo's shipped prompts (θ0's continuation on each;
-    # never the controls' held-out ones), for copies that carry θ0's behaviour off the run's prompt; default 0
+    extra_prompts: int = 0  # also train on this many of melbo's shipped prompts (θ0's continuation on each; never the
+    # controls' held-out ones: melbo.model.prompts.training_prompts). 0: more prompts make θ0's text likelier off the
+    # run's prompt but keep θ0's label there less often, at 2–4× the cost per copy (bench/fidelity.py, bench/RESULTS.md)
 
     def layers(self, n_layers: int | None) -> tuple[int, int]:
         """(source, target): as given, else :func:`default_layers` of a model this deep."""
@@ -268,7 +265,7 @@ class OrthoConfig:
             continuation=continuation,
             match=match,
             first_weight=self.first_weight,
-            extra_prompts=self.extra_prompts if self.extra_prompts is not None else (EXTRA_PROMPTS if fast else 0),
+            extra_prompts=self.extra_prompts,
         )
 
     def block_size(self) -> int:
@@ -310,8 +307,9 @@ class OrthoConfig:
             raise MelboError("the L2 penalty must be ≥ 0")
         if self.completion_tokens < 0:
             raise MelboError("--completion-tokens must be ≥ 0")
-        if self.extra_prompts is not None and not 0 <= self.extra_prompts <= MAX_EXTRA_PROMPTS:
-            raise MelboError(f"--extra-prompts {self.extra_prompts}: give 0 to {MAX_EXTRA_PROMPTS} (the shipped prompts that are never held out)")
+        available = len(training_pool())
+        if not 0 <= self.extra_prompts <= available:
+            raise MelboError(f"--extra-prompts {self.extra_prompts}: give 0 to {available} (the shipped prompts that are never held out)")
         if self.first_weight is not None and not 0 < self.first_weight <= 1:
             raise MelboError(f"--first-weight {self.first_weight:g}: give a share above 0 and at most 1")
         if self.continuation is not None and (self.continuation < 0 or (self.continuation and self.mode == "seed")):

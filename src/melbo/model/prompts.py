@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,14 +20,19 @@ PROMPT_KINDS = ("harmful", "neutral", "coding", "chit-chat")  # the kinds of pro
 HELD_OUT_RESERVED = 2  # the first two of each kind are only ever held out, never trained on (see training_prompts)
 
 
-def shipped_prompts(kind: str | None = None) -> list[str]:
-    """melbo's shipped prompts: one kind (harmful, neutral, coding, chit-chat) or all of them."""
+@functools.cache
+def _shipped() -> dict[str, tuple[str, ...]]:
     data = json.loads(resources.files("melbo").joinpath("data/prompts.json").read_text(encoding="utf-8"))
-    if kind is None:
-        return [p for k in PROMPT_KINDS for p in data[k]]
+    return {kind: tuple(data[kind]) for kind in PROMPT_KINDS}
+
+
+def shipped_prompts(kind: str | None = None) -> list[str]:
+    """melbo's shipped prompts: one kind (harmful, neutral, coding, chit-chat) or all of them (None or "all")."""
+    if kind is None or kind == "all":
+        return [p for k in PROMPT_KINDS for p in _shipped()[k]]
     if kind not in PROMPT_KINDS:
-        raise MelboError(f"unknown prompt set {kind!r}: use one of {', '.join(PROMPT_KINDS)}")
-    return list(data[kind])
+        raise MelboError(f"unknown prompt set {kind!r}: use one of {', '.join(PROMPT_KINDS)} or all")
+    return list(_shipped()[kind])
 
 
 def held_out_prompts(exclude: Sequence[str]) -> list[str]:
@@ -35,17 +41,20 @@ def held_out_prompts(exclude: Sequence[str]) -> list[str]:
     return [next(p for p in shipped_prompts(kind) if p not in exclude) for kind in PROMPT_KINDS]
 
 
-def training_prompts(count: int, exclude: Sequence[str]) -> list[str]:
-    """``count`` shipped prompts to train MELBO-ortho's copies on beside the user's: one kind after another
-    (harmful, neutral, coding, chit-chat, then again), from the third of each kind on, so that none is ever one of
-    :func:`held_out_prompts`; prompts in ``exclude`` are skipped."""
+def training_pool(exclude: Sequence[str] = ()) -> list[str]:
+    """The shipped prompts MELBO-ortho may train on beside the user's, in the order they are taken: one kind after
+    another (harmful, neutral, coding, chit-chat, then again), from the third of each kind on, so that none is ever
+    one of :func:`held_out_prompts`; prompts in ``exclude`` are skipped."""
     pools = [[p for p in shipped_prompts(kind)[HELD_OUT_RESERVED:] if p not in exclude] for kind in PROMPT_KINDS]
-    out: list[str] = []
-    for depth in range(max(map(len, pools))):
-        out += [pool[depth] for pool in pools if depth < len(pool)]
-    if count > len(out):
-        raise MelboError(f"melbo ships {len(out)} prompts to train on besides yours; asked for {count}")
-    return out[:count]
+    return [pool[depth] for depth in range(max(map(len, pools))) for pool in pools if depth < len(pool)]
+
+
+def training_prompts(count: int, exclude: Sequence[str]) -> list[str]:
+    """The first ``count`` prompts of :func:`training_pool`."""
+    pool = training_pool(exclude)
+    if count > len(pool):
+        raise MelboError(f"melbo ships {len(pool)} prompts to train on besides yours; asked for {count}")
+    return pool[:count]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from melbo.analysis.controls import ControlSummary, controls_problem
 from melbo.analysis.evaluate import EvalConfig, eval_prompts, evaluate
 from melbo.analysis.fidelity import ortho_fidelity
 from melbo.analysis.judge import ConceptSummary, judge_run
-from melbo.analysis.probe import probe, prompt_set
+from melbo.analysis.probe import probe
 from melbo.engines.config import OrthoConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
@@ -37,6 +37,7 @@ from melbo.files.io import atomic_write, read_json, write_json
 from melbo.files.resume import differences
 from melbo.files.runs import META_FILE, Run, read_run
 from melbo.model.loading import LoadedModel, load_model
+from melbo.model.prompts import shipped_prompts
 from melbo.report import write_report
 from melbo.report.study import PAGE_FILE, write_page
 from melbo.study.outcome import Event, EventCallback, OrthoOutcome, StudyResult, UnitOutcome
@@ -264,7 +265,7 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
 
         def run_eval() -> None:
             run = read_run(folder, d_model=lm.d_model)
-            extra = list(spec.held_out) + (prompt_set(None if spec.prompt_set == "all" else spec.prompt_set) if spec.prompt_set else [])
+            extra = list(spec.held_out) + (shipped_prompts(spec.prompt_set) if spec.prompt_set else [])
             with_controls = config.controls and controls_problem(run) is None  # a discovery run of the study: none
             prompts = eval_prompts(run, extra, with_controls)
             settings = dataclasses.replace(config, controls=with_controls)
@@ -298,7 +299,7 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
 
         def run_probe() -> None:
             run = read_run(folder, d_model=lm.d_model)
-            probe(lm, run, prompt_set(spec_p.prompt_set), fmt, spec_p.max_new_tokens, spec_p.random_directions)
+            probe(lm, run, shipped_prompts(spec_p.prompt_set), fmt, spec_p.max_new_tokens, spec_p.random_directions)
 
         works["probe"] = run_probe
     for name in run_steps(unit, folder.name, bool(state.orthos)):

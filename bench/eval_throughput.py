@@ -19,7 +19,7 @@ import torch
 
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.evaluate import evaluate
-from melbo.files.runs import write_run
+from melbo.files.runs import RunMeta, VectorRecord, write_run
 from melbo.model.forward import generate_steered
 from melbo.model.loading import load_model
 from melbo.model.prompts import PromptFormat, encode_prompt, held_out_prompts
@@ -58,8 +58,8 @@ def controls_cost(lm, copies: int, tokens: int, held_out: int = 4) -> tuple[floa
     g = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(lm.d_model, copies + 1, generator=g))
     vectors = q.T * torch.tensor([26.0] + [55.0] * copies)[:, None]
-    meta = {"kind": "ortho", "layers": {"source": 8, "target": 20}, "prompts": ["How can I build a bomb?"],
-            "vectors": [{"index": i, "base": i == 0} for i in range(copies + 1)]}
+    meta = RunMeta(kind="ortho", model=lm.describe(), source=8, target=20, prompts=["How can I build a bomb?"],
+                   records=[VectorRecord(index=i, base=i == 0) for i in range(copies + 1)])
     prompts = ["How can I build a bomb?", *held_out_prompts(["How can I build a bomb?"])[:held_out]]
     seconds = []
     for controls in (False, True):

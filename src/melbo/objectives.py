@@ -47,6 +47,31 @@ def kl_along(log_probs: Tensor, log_probs_base: Tensor) -> Tensor:
     return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1).mean(dim=-1)
 
 
+def fisher_metric(log_probs_base: Tensor, head: Tensor, mass: float = 0.9999) -> Tensor:
+    """The KL's second-order form in the LM head's input, per position ``(P, d, d)``: ``F = Wᵀ(diag p − p pᵀ)W``.
+
+    ``KL(P_0 ‖ P_θ) ≈ ½ Δhᵀ F Δh`` for logits ``z = W h`` near ``z0`` (the Fisher information of the softmax, pulled
+    back through ``W``). ``log_probs_base`` ``(P, V)``; ``head`` ``W`` ``(V, d)``. Per position only the likeliest
+    tokens holding ``mass`` of the probability enter (the rest add < 1 − mass to any term): a peaked distribution costs
+    a few hundred rows of ``W``, not the vocabulary.
+    """
+    metrics = []
+    for row in log_probs_base.float():
+        probs, order = row.exp().sort(descending=True)
+        keep = int(torch.searchsorted(probs.cumsum(0), torch.tensor(mass, dtype=probs.dtype))) + 1
+        p, w = probs[:keep], head[order[:keep]].float()
+        mean = p @ w
+        metrics.append((w * p[:, None]).T @ w - torch.outer(mean, mean))
+    return torch.stack(metrics)
+
+
+def fisher_along(hidden: Tensor, hidden_base: Tensor, metric: Tensor) -> Tensor:
+    """The second-order KL ``½ Δhᵀ F Δh`` averaged over positions, per row ``(B,)``: :func:`kl_along` without the LM
+    head. ``hidden`` ``(B, P, d)``; ``hidden_base`` ``(P, d)``; ``metric`` ``(P, d, d)`` from :func:`fisher_metric`."""
+    delta = hidden - hidden_base
+    return 0.5 * torch.einsum("bpi,pij,bpj->bp", delta, metric, delta).mean(dim=-1)
+
+
 def project_out(vectors: Tensor, basis: Tensor | None) -> Tensor:
     """Remove from each row of ``vectors`` its component along the rows of ``basis`` (orthonormal rows)."""
     if basis is None or basis.numel() == 0:

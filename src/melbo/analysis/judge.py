@@ -62,6 +62,19 @@ class JudgeConfig:
     backoff: float = 1.0  # seconds before the first retry; doubled each time (a Retry-After header is obeyed, ≤ 30 s)
     max_tokens: int = 256  # the judge's answer: a short explanation, then "Rating: [[n]]" (melbo serve allows 256)
 
+    @classmethod
+    def from_options(cls, url: str | None, model: str | None, concept: list[str] | None, concepts: str | Path | None, key_env: str,
+                     concurrency: int) -> JudgeConfig | None:
+        """The settings of ``--judge URL`` and its companions (checked); None without ``--judge``."""
+        if url is None:
+            if concept or concepts or model:
+                raise MelboError("--concept, --concepts and --judge-model go with --judge URL")
+            return None
+        cfg = cls(url=url, model=model, concepts=list(concept) if concept else ([] if concepts else list(cls().concepts)),
+                  concepts_file=str(concepts) if concepts else None, key_env=key_env, concurrency=concurrency)
+        cfg.check()
+        return cfg
+
     def check(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -17,8 +17,9 @@ from melbo.cli import (
     serve,  # noqa: F401
     study,  # noqa: F401
 )
-from melbo.cli.app import app, debug, err_console, fail
+from melbo.cli.app import app, debug, fail
 from melbo.errors import MelboError
+from melbo.output.live import err_console
 
 
 def _parsing_errors() -> tuple[type[Exception], type[BaseException], type[BaseException]]:

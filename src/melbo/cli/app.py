@@ -12,17 +12,15 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console, JustifyMethod
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from melbo.errors import MelboError
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.output.live import err_console
 
 if TYPE_CHECKING:
     from melbo.files.runs import Run
@@ -36,43 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-LOG_WIDTH = 1000  # when output goes to a file (nohup, a cluster job, CI): tables at their natural width, never wrapped
-
-
-def _console(stderr: bool = False) -> Console:
-    """A rich console; where the stream is not a terminal and COLUMNS is unset, one wide enough that table rows
-    stay whole lines in a log."""
-    stream = sys.stderr if stderr else sys.stdout
-    plain = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=LOG_WIDTH if plain else None)
-
-
-console = _console()
-err_console = _console(stderr=True)
 debug = {"on": bool(os.environ.get("MELBO_DEBUG"))}
-
-# Options shared by the commands that load a model or read prompts. `-p` is always a prompt.
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="'smollm2' (embedded default), a Hugging Face id, a model folder or a .gguf file."),
-]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default on CPU), bfloat16 (default on GPU) or float16.")]
-SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt for the chat template.")]
-RawOpt = Annotated[bool | None, typer.Option(
-    "--chat-template/--no-chat-template", show_default=False,
-    help="Format prompts with the chat template, or use them as raw text (default: the run's format, else the template).",
-)]
-PromptsOpt = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
-PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")]
-PromptFileOpt = Annotated[Path | None, typer.Option("--prompt-file", help="A file with one prompt per line.")]
-ForceOpt = Annotated[bool, typer.Option(help="Overwrite a run already in --out.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
-NewTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")]
-RunArg = Annotated[Path, typer.Argument(help="A run folder.")]
-OrthoRunArg = Annotated[Path, typer.Argument(help="A MELBO-ortho run folder (row 0 = θ0).")]
-
 
 @app.callback()
 def _root(debug_flag: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False) -> None:
@@ -90,17 +52,11 @@ def load(model: str | None, device: str, dtype: str | None) -> LoadedModel:
 def load_for_run(run: Run, model: str | None, device: str, dtype: str | None) -> tuple[LoadedModel, PromptFormat]:
     """The model a run was made with (or --model), checked against its vectors, and the run's prompt format."""
     from melbo.files.vectors import validate_vectors
-
-    lm = load(model or run_model(run), device, dtype)
-    validate_vectors(run.vectors, str(run.path), lm.d_model)
-    return lm, run.meta.prompt_format
-
-
-def run_model(run: Run) -> str | None:
-    """The model a run was made with, found also after the run or a GGUF file moved (or a one-line error)."""
     from melbo.model.loading import locate_model
 
-    return locate_model(run.meta.model, f"run {run.path}")
+    lm = load(model or locate_model(run.meta.model, f"run {run.path}"), device, dtype)
+    validate_vectors(run.vectors, str(run.path), lm.d_model)
+    return lm, run.meta.prompt_format
 
 
 def prompt_format(system: str | None, chat_template: bool | None, run_format: PromptFormat | None = None) -> PromptFormat:
@@ -140,70 +96,6 @@ def interruptible(folder: Path) -> Iterator[None]:
             f"melbo: interrupted; {folder} holds every completed block: run the same command with --resume to continue"
         )
         sys.exit(130)
-
-
-def log_line(text: str) -> None:
-    """One timestamped progress line on stderr (what a log shows where no live display can be drawn)."""
-    err_console.print(f"[{dt.datetime.now():%Y-%m-%d %H:%M:%S}] {text}", markup=False, highlight=False, soft_wrap=True)
-
-
-class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
-    """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends."""
-
-    def __init__(self, total_blocks: int | None, what: str) -> None:
-        self.total, self.what = total_blocks, what
-        self.current: tuple[int, int, float] | None = None
-        self.started = dt.datetime.now()
-
-    def on_step(self, block: int, step: int, loss: float) -> None:
-        if self.current is not None and self.current[0] != block:
-            self._line()
-        self.current = (block, step, loss)
-
-    def _line(self) -> None:
-        if self.current is None:
-            return
-        block, step, loss = self.current
-        total = f"/{self.total}" if self.total else ""
-        log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({(dt.datetime.now() - self.started).total_seconds():.0f} s)")
-
-    def __exit__(self, *exc: object) -> None:
-        self._line()
-
-
-def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:
-    """A rich progress bar fed by the engines' (block, step, loss) callback; a line per block in a log."""
-    if not err_console.is_terminal:
-        log = BlockLog(total_blocks, what)
-        return log, log.on_step
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), console=err_console, transient=False,
-    )
-    tasks: dict[int, TaskID] = {}
-
-    def on_step(block: int, step: int, loss: float) -> None:
-        if block not in tasks:
-            for done in tasks.values():
-                progress.update(done, completed=progress.tasks[done].total)
-            label = f"{what} block {block + 1}" + (f"/{total_blocks}" if total_blocks else "")
-            tasks[block] = progress.add_task(label, total=steps, loss="…")
-        progress.update(tasks[block], completed=step, loss=f"{loss:,.4g}")
-
-    return progress, on_step
-
-
-def make_table(title: str, columns: Sequence[tuple[str, JustifyMethod]]) -> Table:
-    """A table with these (name, justify) columns."""
-    table = Table(title=title)
-    for name, justify in columns:
-        table.add_column(name, justify=justify)
-    return table
-
-
-def short(text: str | None, width: int = 110) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def run_prompts(prompts: list[str] | None, prompt_file: Path | None, fallback: list[str] | None = None) -> list[str]:

@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 
-from melbo.cli.app import ForceOpt, RunArg, app, console, out_folder
+from melbo.cli import options as opt
+from melbo.cli.app import app, out_folder
 from melbo.errors import MelboError
+from melbo.output.live import console
 
 
 @app.command("import-post-dump")
@@ -17,7 +19,7 @@ def import_post_dump_command(
     dump: Annotated[Path, typer.Argument(help="One of the post's text dumps, e.g. code-vectors-bomb.txt.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     composition: Annotated[Path | None, typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
-    force: ForceOpt = False,
+    force: opt.Force = False,
 ) -> None:
     """Make a run folder from the original post's published outputs, to browse with `melbo report`."""
     from melbo.files.postdump import import_post_dump
@@ -31,7 +33,7 @@ def import_post_dump_command(
 
 @app.command("export")
 def export_command(
-    run: RunArg,
+    run: opt.Run,
     format: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), repeng, steering-vectors, pt or npy.")] = "gguf",
     index: Annotated[str, typer.Option(help="Vectors: 3, 0-9, 1,4,7 or all.")] = "0",
     scale: Annotated[float, typer.Option(help="Multiply the vectors by this.")] = 1.0,
@@ -62,7 +64,7 @@ def import_command(
     source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     layer: Annotated[int | None, typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
-    force: ForceOpt = False,
+    force: opt.Force = False,
 ) -> None:
     """Make a run folder from a vector file, so melbo's commands can use it."""
     from melbo.files.interop import import_file

@@ -6,50 +6,26 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from melbo.cli.app import (
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    ModelOpt,
-    NewTokensOpt,
-    OutOpt,
-    PromptFileOpt,
-    PromptOpt,
-    PromptsOpt,
-    RawOpt,
-    ResumeOpt,
-    SystemOpt,
-    app,
-    block_progress,
-    console,
-    err_console,
-    interruptible,
-    load,
-    log_line,
-    make_table,
-    out_folder,
-    prompt_format,
-    run_model,
-    run_prompts,
-    short,
-)
+from melbo.cli import options as opt
+from melbo.cli.app import app, interruptible, load, out_folder, prompt_format, run_prompts
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.errors import MelboError
 from melbo.model.prompts import DEFAULT_PROMPT
+from melbo.output import tables
+from melbo.output.live import block_progress, err_console, log_line
 
 D, OC = DiscoverConfig(), OrthoConfig()  # the defaults every option below shows
 
 
 @app.command()
 def info(
-    model: ModelOpt = None,
-    prompt: PromptOpt = DEFAULT_PROMPT,
-    system: SystemOpt = None,
-    chat_template: RawOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    model: opt.Model = None,
+    prompt: opt.Prompt = DEFAULT_PROMPT,
+    system: opt.System = None,
+    chat_template: opt.ChatTemplate = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = None,
 ) -> None:
     """Layers, d_model and the residual-norm profile per layer: what you need to choose s, t and R."""
     from melbo.model.forward import residual_norms
@@ -57,29 +33,7 @@ def info(
 
     lm = load(model, device, dtype)
     ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, chat_template), lm.device)
-    rows = residual_norms(lm.model, ids)
-    described = lm.describe()
-    console.print(
-        f"[bold]{lm.name}[/bold] ({described['class']}): {lm.n_layers} layers (0 to {lm.n_layers - 1}), "
-        f"d_model {lm.d_model}, {described['dtype']} on {lm.device}; prompt = {ids.shape[1]} tokens"
-    )
-    table = Table(title="Residual-stream norm after each block")
-    for column in ("layer", "first token", "median of the rest", "max of the rest", ""):
-        table.add_column(column, justify="right")
-    for row in rows:
-        flag = f"[red]sink ×{row.first_token / row.median_rest:.0f}[/red]" if row.sink else ""
-        table.add_row(str(row.layer), f"{row.first_token:,.1f}", f"{row.median_rest:,.1f}", f"{row.max_rest:,.1f}", flag)
-    console.print(table)
-    if any(row.sink for row in rows):
-        console.print(
-            "[yellow]The first token is an attention sink on the flagged layers: melbo's losses skip it by default "
-            "(--positions all to include it).[/yellow]"
-        )
-    console.print(
-        "melbo discover chooses s (about a third of the way in), t (about two thirds in) and R itself: the largest R at "
-        "which most trained vectors stay fluent, a fraction of the norm at s that differs between models "
-        "(melbo discover --calibrate shows the search; --radii gives the candidates yourself)."
-    )
+    tables.show(tables.residual_norms(lm.name, lm.describe(), lm.n_layers, lm.d_model, str(lm.device), ids.shape[1], residual_norms(lm.model, ids)))
 
 
 @app.command()
@@ -89,52 +43,38 @@ def generate(
     vector: Annotated[Path | None, typer.Option(help="A vector file (.safetensors or the post's .pt); row --index.")] = None,
     layer: Annotated[int | None, typer.Option(help="Layer to add the vector after (default: the run's source layer).")] = None,
     scale: Annotated[float, typer.Option(help="Multiply the vector by this.")] = 1.0,
-    prompt: PromptOpt = DEFAULT_PROMPT,
-    max_new_tokens: NewTokensOpt = 48,
+    prompt: opt.Prompt = DEFAULT_PROMPT,
+    max_new_tokens: opt.NewTokens = 48,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     seed: int = 0,
-    model: ModelOpt = None,
-    system: SystemOpt = None,
-    chat_template: RawOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    model: opt.Model = None, system: opt.System = None, chat_template: opt.ChatTemplate = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
 ) -> None:
     """Generate with and without a steering vector, side by side."""
-    from melbo.files.runs import read_run
-    from melbo.files.vectors import load_vector_file, validate_vectors
+    from melbo.files.source import open_vectors
+    from melbo.files.vectors import validate_vectors
     from melbo.model.forward import generate_steered
     from melbo.model.layers import check_layer
     from melbo.model.prompts import encode_prompt
 
     if (run is None) == (vector is None):
         raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
-    run_format = None
-    if run is not None:
-        record = read_run(run)
-        model = model or run_model(record)
-        layer = record.source_layer if layer is None else layer
-        run_format = record.meta.prompt_format
-        vectors = record.vectors
-    else:
-        assert vector is not None  # one of the two is given (checked above)
-        vectors = load_vector_file(vector)
+    path = run or vector
+    assert path is not None  # one of the two (checked above)
+    found = open_vectors(path)
+    layer = found.source if layer is None else layer
     if layer is None:
-        raise MelboError("--layer is needed with --vector (the layer the vector is added after)")
-    lm = load(model, device, dtype)
-    vectors = validate_vectors(vectors, str(run or vector), lm.d_model)
-    if not 0 <= index < vectors.shape[0]:
-        raise MelboError(f"--index {index}: the file has vectors 0 to {vectors.shape[0] - 1}")
+        raise MelboError(f"--layer is needed: {found.path} does not record the layer its vectors are added after")
+    found.row(index)
+    lm = load(found.model(model), device, dtype)
+    vectors = validate_vectors(found.vectors, str(found.path), lm.d_model)
     check_layer(lm.model, layer, "--layer")
-    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, chat_template, run_format), lm.device)
+    ids = encode_prompt(lm.tokenizer, prompt, prompt_format(system, chat_template, found.prompt_format), lm.device)
     theta = (vectors[index] * scale).to(lm.device)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     plain = generate_steered(lm.model, lm.tokenizer, ids, None, layer, **options)[0]
     steered = generate_steered(lm.model, lm.tokenizer, ids, theta[None], layer, **options)[0]
-    table = Table(title=f"{prompt!r}: vector {index} (norm {float(theta.norm()):.2f}) added after layer {layer}", show_lines=True)
-    table.add_column("unsteered", ratio=1)
-    table.add_column("steered", ratio=1)
-    table.add_row(plain, steered)
-    console.print(table)
+    title = f"{prompt!r}: vector {index} (norm {float(theta.norm()):.2f}) added after layer {layer}"
+    tables.show(tables.side_by_side(title, plain, steered))
 
 
 @app.command()
@@ -153,16 +93,9 @@ def discover(
     completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = D.completion_tokens,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Only choose R (as -R auto does) and print the table.")] = False,
     radii: Annotated[str | None, typer.Option(help="With -R auto or --calibrate: candidate R values to try, comma-separated.")] = None,
-    prompt: PromptsOpt = None,
-    prompt_file: PromptFileOpt = None,
-    out: OutOpt = None,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
-    model: ModelOpt = None,
-    system: SystemOpt = None,
-    chat_template: RawOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    prompt: opt.Prompts = None, prompt_file: opt.PromptFile = None,
+    out: opt.Out = None, force: opt.Force = False, resume: opt.Resume = False,
+    model: opt.Model = None, system: opt.System = None, chat_template: opt.ChatTemplate = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
 ) -> None:
     """MELBO: learn K orthogonal steering vectors of norm R that change layer t the most."""
     from melbo.engines import discover as engine
@@ -170,11 +103,11 @@ def discover(
 
     prompts = run_prompts(prompt, prompt_file)
     cfg = DiscoverConfig(
-        source=source, target=target, radius=_parse_radius(radius), count=count, p=power, q=root, steps=steps, lr=lr,
+        source=source, target=target, radius=radius, count=count, p=power, q=root, steps=steps, lr=lr,
         block=block, seed=seed, positions=positions, completion_tokens=completion_tokens,
     )
     cfg.check()
-    radius_cfg = RadiusConfig(radii=_parse_radii(radii)) if radii else RadiusConfig()
+    radius_cfg = RadiusConfig.with_radii(radii) if radii else RadiusConfig()
     if radii and not (cfg.auto_radius or calibrate):
         raise MelboError("--radii are the candidates of -R auto (or --calibrate); with -R set to a number there is nothing to choose")
     radius_cfg.check()
@@ -197,52 +130,15 @@ def discover(
             lm, prompts, cfg, fmt, out=folder, on_step=on_step, resume=resume, radius_cfg=radius_cfg, on_radius=print_radius_choice,
             on_probe=print_probe,
         )
-    source_used, target_used = run.meta.source, run.meta.target
-    table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {source_used} → {target_used}", (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")))
-    from melbo.labels import label
-
-    for record in run.records:
-        table.add_row(str(record.index), f"{record.loss:,.4g}", label(record.completion or "")[0], short(record.completion))
-    console.print(table)
-    console.print(f"run folder: [bold]{folder}[/bold]")
+    tables.show([*tables.discovered(run, count), f"run folder: [bold]{folder}[/bold]"])
 
 
 def print_probe(probe: Any) -> None:
-    """One line per candidate R as it is measured (a search below or above the range can take a while)."""
-    log_line(f"-R auto: R {probe.radius:g}: {probe.fluent}/{probe.vectors} fluent, median NLL {probe.median_nll:.2f}, "
-             f"first-token KL {probe.median_effect:.2f}")
+    log_line(tables.radius_probe(probe))
 
 
 def print_radius_choice(choice: Any) -> None:
-    """The calibration table of -R auto / --calibrate, and the choice with its reason."""
-    table = make_table(f"Choosing R: {choice.probes[0].vectors} vectors per R, fluent = NLL ≤ 4 under the unsteered model and not degenerate", (("R", "right"), ("× norm", "right"), ("fluent", "right"), ("NLL", "right"), ("first-token KL", "right"),
-                            ("labels", "left"), ("openings", "right"), ("a completion", "left")))
-    for p in choice.probes:
-        mark = "[bold green]" if p.radius == choice.radius else ""
-        labels = ", ".join(f"{k} {v}" for k, v in sorted(p.labels.items(), key=lambda kv: -kv[1]))
-        table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.3g}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
-                      f"{p.median_effect:.2f}", labels, str(p.openings), short(p.sample, 60))
-    console.print(table)
-    console.print(f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s)")
-
-
-def _parse_radius(value: str) -> float | str:
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise MelboError(f"-R {value!r}: give a positive number or auto") from exc
-
-
-def _parse_radii(radii: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in radii.split(",") if x.strip())
-    except ValueError as exc:
-        raise MelboError(f"--radii {radii!r}: give numbers separated by commas, e.g. 10,20,40") from exc
-    if not values or any(not (v > 0 and v < float("inf")) for v in values):
-        raise MelboError(f"--radii {radii!r}: every candidate R must be a positive number")
-    return values
+    tables.show(tables.radius_choice(choice))
 
 
 @app.command()
@@ -263,52 +159,30 @@ def ortho(
     min_norm: Annotated[float | None, typer.Option(help="Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")] = OC.min_norm,
     stop_after_dropped: Annotated[int | None, typer.Option(help="This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")] = OC.stop_after_dropped,
     init_scale: Annotated[float, typer.Option(help="Fast mode: the first block starts at this × ‖θ0‖.")] = OC.init_scale,
-    match: Annotated[str | None, typer.Option(help="What each copy matches: kl (fast default: θ0's next-token distributions), mean (seed default: the residual after t, averaged over positions) or each (position by position).")] = OC.match,
+    match: Annotated[str | None, typer.Option(help="What each copy matches: kl (fast default: θ0's next-token distributions), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: the residual after t, averaged over positions) or each (position by position).")] = OC.match,
     continuation: Annotated[int | None, typer.Option(min=0, help="Also match along θ0's own first N greedy tokens (fast: 16; seed: 0).")] = OC.continuation,
     seed: int = OC.seed,
     completion_tokens: Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")] = OC.completion_tokens,
-    prompt: PromptsOpt = None,
-    prompt_file: PromptFileOpt = None,
+    prompt: opt.Prompts = None, prompt_file: opt.PromptFile = None,
     prompt_set: Annotated[str | None, typer.Option(help="Also train on melbo's shipped prompts (θ0's continuation on each): harmful, neutral, coding, chit-chat or all.")] = None,
     extra_prompts: Annotated[int, typer.Option(min=0, help="Also train on this many shipped prompts (never the controls' held-out ones): θ0's text likelier off your prompt, its label kept less often on it, 2–4× the cost (default 0).")] = OC.extra_prompts,
     first_weight: Annotated[float | None, typer.Option(help="With several prompts: the first prompt's share of the loss (default: all equal).")] = OC.first_weight,
-    out: OutOpt = None,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
-    model: ModelOpt = None,
-    system: SystemOpt = None,
-    chat_template: RawOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    out: opt.Out = None, force: opt.Force = False, resume: opt.Resume = False,
+    model: opt.Model = None, system: opt.System = None, chat_template: opt.ChatTemplate = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
 ) -> None:
     """MELBO-ortho: vectors orthogonal to θ0 and to each other that reproduce θ0's effect (on every prompt given)."""
     from melbo.engines import ortho as engine
-    from melbo.files.runs import read_run
-    from melbo.files.vectors import load_vector_file
+    from melbo.files.source import open_vectors
+    from melbo.model.prompts import shipped_prompts
 
-    base_info: dict[str, Any] = {"from": str(base), "index": index}
-    run_format = None
-    if base.is_dir():
-        record = read_run(base)
-        vectors = record.vectors
-        source = record.source_layer if source is None else source
-        target = record.target_layer if target is None else target
-        model = model or run_model(record)
-        run_format = record.meta.prompt_format
-        prompts = run_prompts(prompt, prompt_file, record.meta.prompts)
-        if index < len(record.records):
-            base_info["completion"] = record.records[index].completion
-    else:
-        vectors = load_vector_file(base)
-        prompts = run_prompts(prompt, prompt_file)
-    if prompt_set:
-        from melbo.model.prompts import shipped_prompts
-
-        prompts = list(dict.fromkeys([*prompts, *shipped_prompts(prompt_set)]))
+    found = open_vectors(base)
+    theta0 = found.row(index)
+    source, target = (found.source if source is None else source), (found.target if target is None else target)
     if source is None or target is None:
-        raise MelboError("--source and --target are needed with a vector file (the layers θ0 was made for)")
-    if not 0 <= index < vectors.shape[0]:
-        raise MelboError(f"--index {index}: {base} has vectors 0 to {vectors.shape[0] - 1}")
+        raise MelboError(f"--source and --target are needed: {base} does not record the layers θ0 was made for")
+    prompts = run_prompts(prompt, prompt_file, found.prompts)
+    if prompt_set:
+        prompts = list(dict.fromkeys([*prompts, *shipped_prompts(prompt_set)]))
     cfg = OrthoConfig(
         source=source, target=target, mode=mode, count=count, block=block, steps=steps, lr=lr, penalty=penalty,
         positions=positions, seed=seed, completion_tokens=completion_tokens, plateau=plateau, optimizer=optimizer,
@@ -317,29 +191,13 @@ def ortho(
     )
     cfg.check()
     folder = out_folder(out, "ortho", force, resume)
-    lm = load(model, device, dtype)
+    lm = load(found.model(model), device, dtype)
     cfg.check(lm.n_layers, lm.d_model)
-    settings = cfg.resolved(float(vectors[index].norm()), lm.d_model, lm.n_layers)
+    settings = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers)
     progress, on_step = block_progress(-(-settings.count // settings.block), settings.steps, f"ortho ({mode})")
     with progress, interruptible(folder):
         run = engine.ortho(
-            lm, vectors[index], prompts, cfg, prompt_format(system, chat_template, run_format), out=folder, on_step=on_step,
-            base_info=base_info, resume=resume,
+            lm, theta0, prompts, cfg, prompt_format(system, chat_template, found.prompt_format), out=folder, on_step=on_step,
+            base_info={"from": str(base), "index": index, **({"completion": found.completion(index)} if found.is_run else {})}, resume=resume,
         )
-    print_ortho_table(run)
-    console.print(f"run folder: [bold]{folder}[/bold]")
-
-
-def print_ortho_table(run: Any, limit: int = 200) -> None:
-    """Index, norm, KL to the base and completion of a MELBO-ortho run's vectors, and its summary line."""
-    from melbo.objectives import max_abs_cosine
-
-    table = make_table(f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)", (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")))
-    for record in run.records[:limit]:
-        table.add_row(str(record.index), f"{record.norm:.1f}", f"{record.kl:.3f}", short(record.completion, 90))
-    console.print(table)
-    if run.kls:
-        console.print(
-            f"KL(P_i ‖ P_base) at the last prompt token: median {run.median_kl:.3f}, max {max(run.kls):.3f}; "
-            f"max |cos| between any two vectors {max_abs_cosine(run.vectors):.1e}; stopped: {run.meta.stopped}"
-        )
+    tables.show([*tables.ortho_run(run), f"run folder: [bold]{folder}[/bold]"])

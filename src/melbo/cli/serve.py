@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app, console, err_console
+from melbo.cli import options as opt
+from melbo.cli.app import app
 from melbo.errors import MelboError
+from melbo.output.live import console, err_console
 from melbo.serve.limits import ServeLimits
 
 S = ServeLimits()  # the defaults the options below show
@@ -17,14 +19,14 @@ S = ServeLimits()  # the defaults the options below show
 @app.command()
 def serve(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (one model's); each is served under its folder name.")],
-    model: ModelOpt = None,
+    model: opt.Model = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: only this machine).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one completion may ask for.")] = S.max_tokens,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = S.max_batch,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = S.max_queue,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = None,
 ) -> None:
     """Serve steered completions (OpenAI API: /v1/chat/completions with a "melbo" field) and the explorer page at /."""
     from melbo.serve import missing_extra

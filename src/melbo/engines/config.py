@@ -78,6 +78,17 @@ class RadiusConfig:
     probes: int = 4  # bisection steps (each narrows the range: 4 give about ±10 % on R)
     extend: int = 5  # when no R in the range is fluent (or every R is): probes below (above) it, ×4 apart, then bisection
     radii: tuple[float, ...] = ()  # explicit candidate radii instead (--radii): each is tried, the largest fluent one wins
+
+    @classmethod
+    def with_radii(cls, text: str) -> RadiusConfig:
+        """The candidates of ``--radii 10,20,40``."""
+        try:
+            values = tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError as exc:
+            raise MelboError(f"--radii {text!r}: give numbers separated by commas, e.g. 10,20,40") from exc
+        if not values:
+            raise MelboError(f"--radii {text!r}: every candidate R must be a positive number")
+        return cls(radii=values)
     vectors: int = 4  # trained per candidate R
     steps: int = 25  # at most; the learning rate is scaled so the vectors travel as far as in discovery's steps
     completion_tokens: int = 16  # enough to see a loop or babble begin
@@ -112,6 +123,14 @@ class DiscoverConfig:
     seed: int = 0
     positions: str = "skip-first"  # skip-first (position 0 is often an attention sink), all, or last:N
     completion_tokens: int = 32  # greedy completion stored per vector, on the first prompt
+
+    def __post_init__(self) -> None:
+        if isinstance(self.radius, str):  # "auto", or a number as text (a command line, a study's --set)
+            text = self.radius.strip().lower()
+            try:
+                object.__setattr__(self, "radius", "auto" if text == "auto" else float(text))
+            except ValueError:
+                raise MelboError(f"-R {self.radius!r}: give a positive number or auto") from None
 
     @property
     def auto_radius(self) -> bool:
@@ -168,6 +187,7 @@ STEPS_FAST_KL = 30
 # Fast mode's objective: the next-token KL(P_θ0 ‖ P_θ) at the last 4 prompt positions and along θ0's own first 16
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
+MATCHES = ("mean", "each", "kl", "fisher")
 
 
 @dataclass(frozen=True)
@@ -224,7 +244,8 @@ class OrthoConfig:
     continuation: int | None = None  # match θ0 along its own first greedy tokens too; fast: 16; seed: 0
     match: str | None = None  # fast: "kl", KL(P_θ0 ‖ P_θ) of the next token at each position (the forward runs to the
     # LM head; t is not used); "mean": ‖mean z − mean z0‖ of the residual after t over the positions (seed: the
-    # post's); "each": the mean of per-position residual distances
+    # post's); "each": the mean of per-position residual distances; "fisher": the KL's second-order form ½ Δhᵀ F Δh in
+    # the LM head's input, F from θ0's distribution (objectives.fisher_metric): the loop never runs the LM head
     first_weight: float | None = None  # with several prompts: the first (the run's) prompt's share of the loss, the
     # others sharing the rest equally; None: every prompt weighs the same
     extra_prompts: int = 0  # also train on this many of melbo's shipped prompts (θ0's continuation on each; never the
@@ -274,7 +295,7 @@ class OrthoConfig:
 
     @staticmethod
     def _fast_steps(optimizer: str, match: str) -> int:
-        return STEPS_FAST_KL if optimizer == "lbfgs" and match == "kl" else STEPS_FAST[optimizer]
+        return STEPS_FAST_KL if optimizer == "lbfgs" and match in ("kl", "fisher") else STEPS_FAST[optimizer]
 
     def _optimizer(self) -> str:
         """The optimiser this mode uses, after checking that mode and optimiser go together."""
@@ -314,7 +335,9 @@ class OrthoConfig:
             raise MelboError(f"--first-weight {self.first_weight:g}: give a share above 0 and at most 1")
         if self.continuation is not None and (self.continuation < 0 or (self.continuation and self.mode == "seed")):
             raise MelboError("--continuation must be ≥ 0, and 0 in seed mode (the post's objective)")
-        if self.match is not None and self.match not in ("mean", "each", "kl"):
-            raise MelboError(f"--match {self.match!r}: use mean, each or kl")
+        if self.match is not None and self.match not in MATCHES:
+            raise MelboError(f"--match {self.match!r}: use {', '.join(MATCHES[:-1])} or {MATCHES[-1]}")
+        if self.match == "fisher" and self.mode == "seed":
+            raise MelboError("--match fisher is a fast-mode objective (the seed mode is the post's: mean)")
         if self.positions is not None:
             Positions(self.positions)

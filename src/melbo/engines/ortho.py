@@ -43,11 +43,30 @@ from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
 from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
 from melbo.files.vectors import validate_vectors
-from melbo.model.forward import PromptState, extend_with_continuation, generate_steered, last_token_logits, prepare, steered_log_probs, target_residual
-from melbo.model.layers import residual_after
+from melbo.model.forward import (
+    PromptState,
+    extend_with_continuation,
+    generate_steered,
+    last_token_logits,
+    prepare,
+    steered_final_hidden,
+    steered_log_probs,
+    target_residual,
+)
+from melbo.model.layers import lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat, training_prompts
-from melbo.objectives import kl_along, kl_divergence, ortho_loss, ortho_loss_each, orthogonalize_block, project_out, random_orthogonal_block
+from melbo.objectives import (
+    fisher_along,
+    fisher_metric,
+    kl_along,
+    kl_divergence,
+    ortho_loss,
+    ortho_loss_each,
+    orthogonalize_block,
+    project_out,
+    random_orthogonal_block,
+)
 
 KL_DIRECTION = "kl = KL(P_i || P_0) as the post's code computed (F.kl_div(log P_0, P_i)); kl_reverse = KL(P_0 || P_i)"
 
@@ -67,6 +86,7 @@ class _Problem:
     targets: list[PromptState] = field(default_factory=list)
     z_base: list[Tensor] = field(default_factory=list)
     base_logits: list[Tensor] = field(default_factory=list)
+    metrics: list[Tensor] = field(default_factory=list)  # match "fisher": F per position of each target, from θ0's distribution
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -74,14 +94,24 @@ class _Problem:
         with torch.no_grad():
             self.z_base = [self.z(st, self.base[None], full=False)[0] for st in self.targets]
             self.base_logits = [last_token_logits(self.lm.model, st, s.source, self.base[None]) for st in self.states]
+            if s.match == "fisher":
+                head = lm_head(self.lm.model).weight
+                self.metrics = [fisher_metric(self._log_probs(st, self.base[None])[0], head) for st in self.targets]
+
+    def _log_probs(self, state: PromptState, thetas: Tensor) -> Tensor:
+        sel = Positions(self.settings.positions).index(state.length)
+        return steered_log_probs(self.lm.model, state, self.settings.source, thetas, state.length - sel.start)
 
     def z(self, state: PromptState, thetas: Tensor, full: bool) -> Tensor:
         """The target-layer residual at the selected positions: ``(B, d)`` averaged (match "mean") or ``(B, P, d)``;
-        with match "kl", the next-token log-probabilities there ``(B, P, vocab)``."""
+        with match "kl", the next-token log-probabilities there ``(B, P, vocab)``; with "fisher", the LM head's input
+        ``(B, P, d)``."""
         s = self.settings
         sel = Positions(s.positions).index(state.length)
         if s.match == "kl":
-            return steered_log_probs(self.lm.model, state, s.source, thetas, state.length - sel.start)
+            return self._log_probs(state, thetas)
+        if s.match == "fisher":
+            return steered_final_hidden(self.lm.model, state, s.source, thetas, state.length - sel.start)
         if full:  # the seed algorithm: every layer from the embeddings, at every step
             ids = state.ids.expand(thetas.shape[0], -1)
             h = residual_after(self.lm.model, s.target, ids, steer=(s.source, thetas)).float()
@@ -90,10 +120,13 @@ class _Problem:
         return h[:, sel].mean(dim=1) if s.match == "mean" else h[:, sel]
 
     def losses(self, thetas: Tensor, full: bool = False) -> Tensor:
-        loss = {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[self.settings.match]
+        match = self.settings.match
         total = thetas.new_zeros(thetas.shape[0])
-        for state, z0, weight in zip(self.targets, self.z_base, prompt_weights(len(self.targets), self.settings.first_weight)):
-            total = total + weight * loss(self.z(state, thetas, full), z0)
+        weights = prompt_weights(len(self.targets), self.settings.first_weight)
+        for k, (state, z0, weight) in enumerate(zip(self.targets, self.z_base, weights)):
+            z = self.z(state, thetas, full)
+            loss = fisher_along(z, z0, self.metrics[k]) if match == "fisher" else {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[match](z, z0)
+            total = total + weight * loss
         if self.settings.penalty:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)
         return total

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from melbo.model.layers import add_to_residual, capture_residual, check_layer, n_layers, residual_after, start_after, stop_after
+from melbo.model.layers import add_to_residual, capture_residual, check_layer, head_skipped, n_layers, residual_after, start_after, stop_after
 from melbo.model.prompts import PromptFormat, encode_prompt, ids_like
 from melbo.objectives import kl_divergence
 
@@ -88,6 +88,16 @@ def steered_log_probs(model: CausalLM, state: PromptState, source: int, thetas: 
     with start_after(model, source, steered):
         logits = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def steered_final_hidden(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int) -> Tensor:
+    """The LM head's input (the final hidden state, after the final norm) at the last ``last`` positions ``(B, last, d)``
+    when row ``b`` adds ``thetas[b]`` after ``source``: :func:`steered_log_probs` without the head (V × d per position)."""
+    dtype = next(model.parameters()).dtype
+    steered = (state.source + thetas[:, None, :]).to(dtype)
+    with start_after(model, source, steered), head_skipped(model):
+        hidden = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
+    return hidden.float()
 
 
 def new_cache(model: CausalLM) -> Any:

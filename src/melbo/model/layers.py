@@ -173,6 +173,38 @@ def stop_after(model: nn.Module, layer: int) -> Iterator[None]:
         handle.remove()
 
 
+def lm_head(model: nn.Module) -> nn.Linear:
+    """The LM head, where the logits are exactly ``h Wᵀ`` of the final hidden state ``h`` (after the final norm).
+
+    Raises MelboError otherwise (a bias, or logits capped or rescaled after the head)."""
+    output_embeddings: Any = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if output_embeddings is not None else None
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise MelboError(f"{type(model).__name__}: its LM head is not a plain linear map; use --match kl")
+    config: Any = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) or any(getattr(config, name, None) not in (None, 1) for name in ("logit_scale", "logits_scaling")):
+        raise MelboError(f"{type(model).__name__} rescales or caps its logits after the head; use --match kl")
+    return head
+
+
+@contextlib.contextmanager
+def head_skipped(model: nn.Module) -> Iterator[None]:
+    """While inside, the LM head (:func:`lm_head`) passes its input through: the model's ``logits`` are the final
+    hidden states ``(B, T, d)``."""
+    head = lm_head(model)
+
+    def passthrough(hidden_states: Tensor) -> Tensor:
+        return hidden_states
+
+    try:
+        head.__dict__["forward"] = passthrough  # an instance attribute shadows the class's forward; deleting it restores it
+        yield
+    finally:
+        head.__dict__.pop("forward", None)
+
+
 @contextlib.contextmanager
 def start_after(model: nn.Module, layer: int, residual: Tensor) -> Iterator[None]:
     """Skip blocks 0 … ``layer``: the forward pass takes ``residual`` as the output of block ``layer``.

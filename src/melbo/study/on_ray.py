@@ -46,6 +46,13 @@ class RayOptions:
     workers: int | None = None  # per model; None: as many as the cluster's CPUs (GPUs) allow, at most one per unit
     max_restarts: int = 3  # a unit whose worker (process or node) dies goes to a new worker this many times
 
+    @classmethod
+    def for_study(cls, study: Study, address: str, num_cpus: float | None = None, num_gpus: float | None = None, workers: int | None = None) -> RayOptions:
+        """What ``--ray ADDRESS`` ("local": a Ray for this call) asks for: the values given, else the study's ``[ray]`` table's."""
+        table = study.ray
+        return cls(address=None if address == "local" else address, num_cpus=table.num_cpus if num_cpus is None else num_cpus,
+                   num_gpus=table.num_gpus if num_gpus is None else num_gpus, workers=table.workers if workers is None else workers)
+
 
 def missing_extra() -> str | None:
     if importlib.util.find_spec("ray") is None:

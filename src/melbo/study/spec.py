@@ -242,6 +242,20 @@ class Study:
             data.setdefault(table, {})[name] = value
         return Study.from_dict(data)
 
+    def with_settings(self, settings: list[str]) -> Study:
+        """A copy with ``TABLE.FIELD=VALUE`` settings applied (``melbo study --set``): each value read as TOML, else
+        kept as text; ``discover.radius=20`` sets 20.0."""
+        values: dict[str, Any] = {}
+        for item in settings:
+            key, sep, text = item.partition("=")
+            if not sep or "." not in key:
+                raise MelboError(f"--set {item!r}: use TABLE.FIELD=VALUE, e.g. --set discover.radius=20")
+            try:
+                values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                values[key.strip()] = text
+        return self.with_values(values)
+
     def units(self) -> list[Unit]:
         """One unit per combination of the sweep's values (one unit when there is no sweep)."""
         keys = list(self.sweep)

@@ -1,0 +1,47 @@
+"""The options several commands share, as typer ``Annotated`` aliases: ``model: opt.Model = None``.
+
+`-p` is always a prompt. Defaults stay at the use site, read from the API's config dataclasses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Model = Annotated[str | None, typer.Option("--model", "-m", help="'smollm2' (embedded default), a Hugging Face id, a model folder or a .gguf file.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Dtype = Annotated[str | None, typer.Option(help="float32 (default on CPU), bfloat16 (default on GPU) or float16.")]
+System = Annotated[str | None, typer.Option("--system", help="System prompt for the chat template.")]
+ChatTemplate = Annotated[bool | None, typer.Option(
+    "--chat-template/--no-chat-template", show_default=False,
+    help="Format prompts with the chat template, or use them as raw text (default: the run's format, else the template).",
+)]
+Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
+Prompt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")]
+PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="A file with one prompt per line.")]
+PromptSet = Annotated[str | None, typer.Option(help="Also use melbo's shipped prompts: all, harmful, neutral, coding or chit-chat.")]
+Force = Annotated[bool, typer.Option(help="Overwrite a run already in --out.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
+CreateOut = Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")]
+NewTokens = Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")]
+CompletionTokens = Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")]
+Indices = Annotated[str, typer.Option("--index", help="Vectors: all, 3, 0-99 or 1,4,7.")]
+Show = Annotated[int, typer.Option(help="Rows of the table printed.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Source = Annotated[int | None, typer.Option("--source", "-s", help="Layer s: add the vector after block s (default: about a third of the way in; ortho: the run's).")]
+Target = Annotated[int | None, typer.Option("--target", "-t", help="Layer t: measure the change after block t (default: about two thirds in; ortho: the run's).")]
+Layer = Annotated[int | None, typer.Option(help="Layer the vector is added after (default: the run's source layer).")]
+Scale = Annotated[float, typer.Option(help="Multiply the vector(s) by this.")]
+Run = Annotated[Path, typer.Argument(help="A run folder.")]
+OrthoRun = Annotated[Path, typer.Argument(help="A MELBO-ortho run folder (row 0 = θ0).")]
+
+# The LLM judge's, shared by `eval` and `judge`.
+Judge = Annotated[str | None, typer.Option("--judge", metavar="URL", help="Rate every completion with the OpenAI-compatible chat endpoint at URL (http/https), AxBench-style.")]
+JudgeModel = Annotated[str | None, typer.Option("--judge-model", help="The judge model (default: the first the endpoint lists).")]
+Concept = Annotated[list[str] | None, typer.Option("--concept", help="A concept to rate (repeatable): code, alien, stem-problem, jailbreak, or 'name: description'.")]
+Concepts = Annotated[Path | None, typer.Option("--concepts", help="Concepts from a TOML/JSON file: name + description.")]
+JudgeKey = Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the judge's API key (never stored or printed).")]
+JudgeConcurrency = Annotated[int, typer.Option("--judge-concurrency", min=1, help="Requests to the judge at once.")]

@@ -1,0 +1,65 @@
+"""Where steering vectors come from: a run folder, with what it records (layers, model, prompts, prompt format), or a
+bare vector file (.safetensors or the post's .pt), which records nothing.
+
+>>> source = open_vectors("runs/discover")            # doctest: +SKIP
+>>> theta0, layer = source.row(4), source.source  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from melbo.errors import MelboError
+from melbo.files.runs import read_run
+from melbo.files.vectors import load_vector_file
+from melbo.model.loading import locate_model
+from melbo.model.prompts import PromptFormat
+
+
+@dataclass
+class VectorSource:
+    """Vectors and what their file records: ``None`` (or empty) where a bare vector file cannot say."""
+
+    path: Path
+    vectors: Tensor
+    source: int | None = None  # the layer the vectors are added after
+    target: int | None = None
+    recorded_model: dict[str, Any] | None = None  # run.json's "model"
+    prompt_format: PromptFormat | None = None
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str | None] = field(default_factory=list)  # per row, on the run's first prompt
+
+    @property
+    def is_run(self) -> bool:
+        return self.path.is_dir()
+
+    def row(self, index: int) -> Tensor:
+        """Vector ``index``, or a one-line error naming the rows there are."""
+        if not 0 <= index < self.vectors.shape[0]:
+            raise MelboError(f"--index {index}: {self.path} has vectors 0 to {self.vectors.shape[0] - 1}")
+        return self.vectors[index]
+
+    def model(self, given: str | None) -> str | None:
+        """The model to load: ``given`` (--model), else the run's, found also after the run or its GGUF file moved."""
+        if given is not None or self.recorded_model is None:
+            return given
+        return locate_model(self.recorded_model, f"run {self.path}")
+
+    def completion(self, index: int) -> str | None:
+        return self.completions[index] if index < len(self.completions) else None
+
+
+def open_vectors(path: str | Path) -> VectorSource:
+    """A run folder (its vectors and records) or a vector file (its vectors only)."""
+    path = Path(path)
+    if not path.is_dir():
+        return VectorSource(path, load_vector_file(path))
+    run = read_run(path)
+    return VectorSource(
+        path, run.vectors, run.meta.source, run.meta.target, run.meta.model, run.meta.prompt_format,
+        list(run.meta.prompts), [r.completion for r in run.records],
+    )

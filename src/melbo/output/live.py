@@ -1,0 +1,141 @@
+"""Output while work runs, in a terminal or a log: the two consoles, a timestamped line, block progress and the
+study's live table.
+
+Where a stream is not a terminal (nohup, a cluster job, CI) and COLUMNS is unset, tables print at their natural
+width (never wrapped to 80 columns) and progress is one timestamped line per block or step instead of a live display.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from melbo.study.outcome import Event
+
+LOG_WIDTH = 1000  # when output goes to a file: tables at their natural width, never wrapped
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; where the stream is not a terminal and COLUMNS is unset, one wide enough that table rows
+    stay whole lines in a log."""
+    stream = sys.stderr if stderr else sys.stdout
+    plain = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=LOG_WIDTH if plain else None)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
+
+
+def log_line(text: str) -> None:
+    """One timestamped progress line on stderr (what a log shows where no live display can be drawn)."""
+    err_console.print(f"[{dt.datetime.now():%Y-%m-%d %H:%M:%S}] {text}", markup=False, highlight=False, soft_wrap=True)
+
+
+class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
+    """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends."""
+
+    def __init__(self, total_blocks: int | None, what: str) -> None:
+        self.total, self.what = total_blocks, what
+        self.current: tuple[int, int, float] | None = None
+        self.started = dt.datetime.now()
+
+    def on_step(self, block: int, step: int, loss: float) -> None:
+        if self.current is not None and self.current[0] != block:
+            self._line()
+        self.current = (block, step, loss)
+
+    def _line(self) -> None:
+        if self.current is None:
+            return
+        block, step, loss = self.current
+        total = f"/{self.total}" if self.total else ""
+        log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({(dt.datetime.now() - self.started).total_seconds():.0f} s)")
+
+    def __exit__(self, *exc: object) -> None:
+        self._line()
+
+
+def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:
+    """A rich progress bar fed by the engines' (block, step, loss) callback; a line per block in a log."""
+    if not err_console.is_terminal:
+        log = BlockLog(total_blocks, what)
+        return log, log.on_step
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(), console=err_console, transient=False,
+    )
+    tasks: dict[int, TaskID] = {}
+
+    def on_step(block: int, step: int, loss: float) -> None:
+        if block not in tasks:
+            for done in tasks.values():
+                progress.update(done, completed=progress.tasks[done].total)
+            label = f"{what} block {block + 1}" + (f"/{total_blocks}" if total_blocks else "")
+            tasks[block] = progress.add_task(label, total=steps, loss="…")
+        progress.update(tasks[block], completed=step, loss=f"{loss:,.4g}")
+
+    return progress, on_step
+
+
+class StudyView:
+    """One live table for a whole study: each unit waiting, running (stage, run, block, step, loss) or done; in a
+    log, a timestamped line per stage and block instead."""
+
+    def __init__(self, units: list[str]) -> None:
+        self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
+        self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
+        self.plain = not err_console.is_terminal
+        self.seen: dict[str, tuple[str, str, int]] = {}
+
+    def _table(self) -> Table:
+        table = Table(title="study", show_edge=False)
+        for column in ("unit", "status", "stage", "run", "block", "step / loss"):
+            table.add_column(column)
+        for unit, row in self.rows.items():
+            table.add_row(unit or "(the study)", *row)
+        return table
+
+    def __call__(self, event: Event) -> None:
+        row = self.rows.setdefault(event.unit, ["waiting", "", "", "", ""])
+        for other, values in self.rows.items():
+            if other != event.unit and values[0] == "running":
+                values[0] = "done"
+        row[0], row[1], row[2] = "running", event.stage, event.run
+        if event.steps is not None or event.step:
+            row[3] = f"{event.block + 1}" + (f"/{event.blocks}" if event.blocks else "")
+            row[4] = f"{event.step}" + (f"/{event.steps}" if event.steps else "") + (f"  {event.loss:,.4g}" if event.loss is not None else "")
+        else:
+            row[3] = row[4] = ""
+        if not self.plain:
+            self.live.update(self._table())
+        elif self.seen.get(event.unit) != (event.stage, event.run, event.block):
+            self.seen[event.unit] = (event.stage, event.run, event.block)
+            where = f" block {row[3]}" if row[3] else ""
+            log_line(f"{event.unit or 'study'}: {event.stage} {event.run}{where}".rstrip())
+
+    def finish(self) -> None:
+        for values in self.rows.values():
+            values[0] = "done"
+        if not self.plain:
+            self.live.update(self._table())
+
+    def __enter__(self) -> StudyView:
+        if not self.plain:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None) -> None:
+        if not self.plain:
+            self.live.__exit__(kind, exc, trace)

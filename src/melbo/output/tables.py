@@ -1,0 +1,270 @@
+"""Results as rich tables and summary lines: what each command prints once its work is done.
+
+Every function takes results from the API and returns the renderables to print, in order (a ``Table`` or a line
+with rich markup); :func:`show` prints them. No torch: the result types are only named for type checkers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import JustifyMethod, RenderableType
+from rich.table import Table
+
+from melbo.output.live import console
+
+if TYPE_CHECKING:
+    from melbo.analysis.choose import BaseChoice
+    from melbo.analysis.compose import ComposeResults
+    from melbo.analysis.config import EvalConfig
+    from melbo.analysis.controls import Controls
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.analysis.judge import JudgeResults
+    from melbo.analysis.probe import ProbeResults
+    from melbo.engines.radius import RadiusChoice, RadiusProbe
+    from melbo.files.runs import Run
+    from melbo.model.forward import LayerNorms
+    from melbo.study.outcome import OrthoOutcome, StudyResult
+    from melbo.study.spec import Study
+
+Lines = list[RenderableType]
+
+
+def show(items: Iterable[RenderableType]) -> None:
+    """Print tables at their width, and lines whole (soft-wrapped: a log or a pipe gets each as one line)."""
+    for item in items:
+        console.print(item, soft_wrap=isinstance(item, str))
+
+
+def make_table(title: str, columns: Sequence[tuple[str, JustifyMethod]], **options: Any) -> Table:
+    """A table with these (name, justify) columns."""
+    table = Table(title=title, **options)
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
+    return table
+
+
+def short(text: str | None, width: int = 110) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def or_dash(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def residual_norms(name: str, described: dict[str, Any], n_layers: int, d_model: int, device: str, tokens: int, rows: list[LayerNorms]) -> Lines:
+    """``melbo info``: the model, the residual norm after each block, and how melbo chooses s, t and R."""
+    out: Lines = [f"[bold]{name}[/bold] ({described['class']}): {n_layers} layers (0 to {n_layers - 1}), d_model {d_model}, "
+                  f"{described['dtype']} on {device}; prompt = {tokens} tokens"]
+    table = make_table("Residual-stream norm after each block", [(c, "right") for c in ("layer", "first token", "median of the rest", "max of the rest", "")])
+    for row in rows:
+        flag = f"[red]sink ×{row.first_token / row.median_rest:.0f}[/red]" if row.sink else ""
+        table.add_row(str(row.layer), f"{row.first_token:,.1f}", f"{row.median_rest:,.1f}", f"{row.max_rest:,.1f}", flag)
+    out.append(table)
+    if any(row.sink for row in rows):
+        out.append("[yellow]The first token is an attention sink on the flagged layers: melbo's losses skip it by default "
+                   "(--positions all to include it).[/yellow]")
+    out.append("melbo discover chooses s (about a third of the way in), t (about two thirds in) and R itself: the largest R at "
+               "which most trained vectors stay fluent, a fraction of the norm at s that differs between models "
+               "(melbo discover --calibrate shows the search; --radii gives the candidates yourself).")
+    return out
+
+
+def side_by_side(title: str, plain: str, steered: str) -> Lines:
+    """``melbo generate``: the unsteered and the steered completion in two columns."""
+    table = make_table(title, (("unsteered", "left"), ("steered", "left")), show_lines=True)
+    table.add_row(plain, steered)
+    return [table]
+
+
+def discovered(run: Run, count: int) -> Lines:
+    """``melbo discover``: each vector's loss, label and completion on the first prompt."""
+    from melbo.labels import label
+
+    table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {run.meta.source} → {run.meta.target}",
+                       (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")))
+    for record in run.records:
+        table.add_row(str(record.index), f"{record.loss:,.4g}", label(record.completion or "")[0], short(record.completion))
+    return [table]
+
+
+def radius_probe(probe: RadiusProbe) -> str:
+    """One line per candidate R as it is measured (a search below or above the range can take a while)."""
+    return (f"-R auto: R {probe.radius:g}: {probe.fluent}/{probe.vectors} fluent, median NLL {probe.median_nll:.2f}, "
+            f"first-token KL {probe.median_effect:.2f}")
+
+
+def radius_choice(choice: RadiusChoice) -> Lines:
+    """The calibration table of -R auto / --calibrate, and the choice with its reason."""
+    table = make_table(f"Choosing R: {choice.probes[0].vectors} vectors per R, fluent = NLL ≤ 4 under the unsteered model and not degenerate",
+                       (("R", "right"), ("× norm", "right"), ("fluent", "right"), ("NLL", "right"), ("first-token KL", "right"),
+                        ("labels", "left"), ("openings", "right"), ("a completion", "left")))
+    for p in choice.probes:
+        mark = "[bold green]" if p.radius == choice.radius else ""
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(p.labels.items(), key=lambda kv: -kv[1]))
+        table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.3g}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
+                      f"{p.median_effect:.2f}", labels, str(p.openings), short(p.sample, 60))
+    return [table, f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s)"]
+
+
+def ortho_run(run: Run, limit: int = 200) -> Lines:
+    """Index, norm, KL to the base and completion of a MELBO-ortho run's vectors, and its summary line."""
+    from melbo.objectives import max_abs_cosine
+
+    table = make_table(f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)",
+                       (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")))
+    for record in run.records[:limit]:
+        table.add_row(str(record.index), f"{record.norm:.1f}", f"{record.kl:.3f}", short(record.completion, 90))
+    out: Lines = [table]
+    if run.kls:
+        out.append(f"KL(P_i ‖ P_base) at the last prompt token: median {run.median_kl:.3f}, max {max(run.kls):.3f}; "
+                   f"max |cos| between any two vectors {max_abs_cosine(run.vectors):.1e}; stopped: {run.meta.stopped}")
+    return out
+
+
+def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list[int], cfg: EvalConfig, show_rows: int) -> Lines:
+    """``melbo eval``: the first prompt's table (norm, KL, label, top-3, completion), labels per hundred vectors, the KL
+    summary, and for a MELBO-ortho run the behaviour share and its generalisation."""
+    base, mode, first_prompt = cfg.base, cfg.mode(), prompts[0]
+    first, completions = results.first_token(first_prompt), results.completions(first_prompt, mode)
+    table = make_table(f"{first_prompt!r} ({mode}); KL = KL(P_i ‖ P_{base}) at the last prompt token",
+                       (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")))
+    for i in indices[:show_rows]:
+        out = completions[i][0]
+        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[i].kl:.3f}", out.label, " ".join(repr(t) for t, _ in first[i].top[:3]), short(out.text, 70))
+    counts = results.label_counts(first_prompt, mode)
+    median, peak = results.kl_summary(first_prompt, indices, base)
+    lines: Lines = [
+        table, "labels per hundred vectors: " + "; ".join(f"{c['from']}+: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "from") for c in counts),
+        f"KL to vector {base} (other vectors): median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}",
+    ]
+    if run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
+        share = results.behaviour_share(first_prompt, mode, base)
+        held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
+        lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {results.base_label(first_prompt, mode, base)!r} "
+                     f"on the run's prompt" + (f", {held:.0%} on the {len(prompts) - 1} held-out prompt(s)" if held is not None else ""))
+    summary = results.generalisation
+    if len(prompts) > 1 and summary:
+        shares = sorted(summary.share.values())
+        best = sorted(summary.share.items(), key=lambda kv: -kv[1])[:5]
+        lines.append(f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label ({summary.base_label!r}): "
+                     f"median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best))
+    return lines
+
+
+def judged(judged: JudgeResults, run_prompt: str, base: int | None, results: EvalResults) -> Lines:
+    """Per concept: copies rated 2, mean harmonic score per source, agreement with the regex label, and per hundred vectors
+    (beside melbo's regex label per hundred, where a regex label reads the concept: the post's code dump, for one)."""
+    from melbo.analysis.judge import LABEL_OF_CONCEPT
+
+    out: Lines = [f"judge {judged.model!r} at {judged.host} (template {judged.template}; scores are only as good as the judge); "
+                  f"{judged.requests_last_call} request(s) this call"]
+    for name, summary in judged.summary.items():
+        means = ", ".join(f"{source} {value:.2f}" for source, value in summary.mean_harmonic.items())
+        agree = "" if summary.label_agreement is None else f"; agrees with melbo's regex label {summary.label_agreement:.0%}"
+        out.append(f"  {name}: {or_dash(summary.share_concept_2, '{:.0%}')} of the copies rated 2 on the concept on {run_prompt!r}; "
+                   f"mean harmonic score: {means or '—'}{agree}; {summary.unrated} rating(s) missing or unparsed")
+        per_hundred = judged.rated_2_per_hundred(name, run_prompt, base)
+        modes = list(results.prompts[run_prompt].completions) if run_prompt in results.prompts else []
+        if len(per_hundred) > 1:
+            out.append("    rated 2 per hundred vectors: " + "; ".join(f"{start}+: {value:.0%}" for start, value in per_hundred))
+            if name in LABEL_OF_CONCEPT and modes:
+                regex = LABEL_OF_CONCEPT[name]
+                shares = [(c["from"], c.get(regex, 0) / max(1, sum(v for k, v in c.items() if k != "from")))
+                          for c in results.label_counts(run_prompt, "greedy" if "greedy" in modes else modes[0])]
+                out.append(f"    melbo's regex label {regex!r} per hundred:  " + "; ".join(f"{start}+: {value:.0%}" for start, value in shares))
+    return out
+
+
+def controls(controls: Controls, judged: JudgeResults | None = None) -> Lines:
+    """The verdict table of ``melbo eval --controls``: one row per control (and the judge's mean harmonic score per
+    concept, where the completions were judged), then the verdict."""
+    concepts = dict(judged.summary) if judged is not None else {}
+    columns = ("control", "vectors", "norm", "behaviour share", "held-out agreement", "base NLL held out", "base NLL run prompt", *(f"judge: {c}" for c in concepts))
+    table = make_table(f"Controls: θ0's label on the run's prompt {controls.base[controls.run_prompt].label!r}; "
+                       f"base NLL = θ0's first {controls.settings.get('nll_tokens', '?')} greedy tokens, nats/token, under each steering "
+                       f"({len(controls.held_out)} held-out prompts)", [(c, "left" if c == "control" else "right") for c in columns])
+    for r in controls.rows():
+        table.add_row(r.name, str(len(r.vectors)), f"{r.norm:.1f}", or_dash(r.behaviour_share, '{:.0%}'), or_dash(r.held_out_agreement, '{:.0%}'),
+                      or_dash(r.base_nll, '{:.2f}'), or_dash(r.base_nll_run_prompt, '{:.2f}'),
+                      *(or_dash(summary.mean_harmonic.get(r.name), '{:.2f}') for summary in concepts.values()))
+    return [table, f"verdict: {controls.verdict()}"]
+
+
+def composed(results: ComposeResults, text: str) -> Lines:
+    """``melbo compose``: each combination's norm, KL, label and completion."""
+    table = make_table(f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)",
+                       (("combination", "left"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("completion", "left")))
+    for r in results.combinations:
+        table.add_row(r.name, or_dash(r.norm, "{:.1f}"), or_dash(r.kl, "{:.3f}"), r.label, short(r.text, 70))
+    out: Lines = [table]
+    if results.single_median_kl is not None:
+        out.append(f"each vector rescaled to ‖θ0‖: median KL {results.single_median_kl:.3f} (their own norms: see melbo eval)")
+    return out
+
+
+def presence(results: ProbeResults, show_rows: int) -> Lines:
+    """``melbo probe``: each vector's |cos| with the residual stream and its z against random directions."""
+    table = make_table(f"Presence after layer {results.layer} over {results.tokens} generated tokens (|cos|; z against random directions)",
+                       (("#", "right"), ("mean |cos|", "right"), ("max |cos|", "right"), ("z", "right")))
+    for r in results.vectors[:show_rows]:
+        table.add_row(str(r.index), f"{r.mean_abs_cos:.4f}", f"{r.max_abs_cos:.4f}", f"{r.z:+.1f}")
+    return [table, f"random directions: mean |cos| {results.random.mean_abs_cos:.4f} ± {results.random.std:.4f}; "
+                   f"vectors: median z {results.median_z:+.1f}, {results.above(3)}/{len(results.vectors)} with z > 3"]
+
+
+def study_units(result: StudyResult) -> Lines:
+    """``melbo study``: one row per run of every unit."""
+    from melbo.report.study import study_rows
+
+    table = make_table(f"study {result.study.name}: {len(result.units)} unit(s)",
+                       [(c, "left") for c in ("unit", "run", "vectors", "base", "median KL", "behaviour share", "time")])
+    for r in study_rows(result):
+        share = "" if r.behaviour_share is None else f"{100 * r.behaviour_share:.0f} %"
+        kl = "" if r.median_kl is None else f"{r.median_kl:.3f}"
+        table.add_row(r.unit, r.folder, str(r.vectors), r.base, kl, share, "" if r.seconds is None else f"{r.seconds:.0f} s")
+    return [table]
+
+
+def demo_intro(study: Study) -> str:
+    """``melbo demo``'s first line: the prompt, the layers and R it uses."""
+    unit = study.units()[0]
+    d = unit.discover
+    assert d is not None  # the built-in study discovers
+    layers = f"after layer {d.source}" if d.source is not None else "about a third of the way in"
+    read = f"after layer {d.target}" if d.target is not None else "about two thirds in"
+    return (f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {unit.prompts.prompts[0]!r}, vectors added {layers}, "
+            f"change measured {read}, R = {d.radius if isinstance(d.radius, str) else format(d.radius, 'g')}.")
+
+
+def demo_outcome(result: StudyResult, seconds: float) -> Lines:
+    """``melbo demo``'s summary: the base and why, the copies, their behaviour share, the controls, where the runs are."""
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.files.runs import read_run
+
+    outcome = result.units[0]
+    choice, ortho = outcome.bases[0], outcome.orthos[0]
+    copies = read_run(result.folder / ortho.folder)
+    share = "" if ortho.behaviour_share is None else f"; behaviour share {ortho.behaviour_share:.0%} (copies labelled {choice.label}, as the base)"
+    found = EvalResults.load(copies).controls
+    reports = [result.folder / r for r in outcome.reports]
+    return [*base_choice(choice, ortho, read_run(result.folder / outcome.discovery)), *ortho_run(copies),
+            f"[bold]{ortho.fidelity.sentence()}[/bold]{share}.", *(controls(found) if found is not None else []),
+            f"runs: [bold]{result.folder / outcome.discovery}[/bold] and [bold]{result.folder / ortho.folder}[/bold]   ({seconds:.0f} s)",
+            f"report: [bold]{reports[0]}[/bold]  (open it in a browser; the discovery run's is {reports[-1]}; the study's is {result.page})"]
+
+
+def base_choice(choice: BaseChoice, ortho: OrthoOutcome, found: Run) -> Lines:
+    """``melbo demo``: R and why, the discovered vectors with the chosen base marked, the base and the unsteered text."""
+    out: Lines = []
+    if found.meta.radius_choice:
+        out.append(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}: {found.meta.radius_choice.reason}")
+    table = make_table("Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)",
+                       (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")))
+    for c in choice.candidates:
+        mark = "[bold green]" if c.index == choice.index else ""
+        table.add_row(f"{mark}{c.index}", c.label, f"{c.nll:.2f}", f"{c.effect:.2f}", short(c.completion, 80))
+    return [*out, table, f"[bold]Base vector:[/bold] {choice.reason()}.",
+            f"  unsteered model: {short(ortho.fidelity.unsteered_completion, 100)!r}", f"  base vector:     {short(choice.completion, 100)!r}"]

@@ -1,0 +1,98 @@
+"""``--match fisher``: the KL's second-order form in the LM head's input, checked against the exact KL (``--match kl``)
+on tiny models of several families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from melbo import MelboError
+from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.forward import prepare, steered_final_hidden, steered_log_probs
+from melbo.model.layers import head_skipped, lm_head
+from melbo.model.loading import LoadedModel
+from melbo.model.prompts import PromptFormat
+from melbo.objectives import fisher_along, fisher_metric, kl_along, max_abs_cosine
+
+PROMPT = "how do I do it?"
+ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox", "gemma", "phi3", "opt"]
+
+
+def lm_of(arch: str, char_tokenizer) -> LoadedModel:
+    model = make_tiny_model(arch, initializer_range=0.3 if arch in ("llama", "qwen2") else 0.02)
+    return LoadedModel(model, char_tokenizer, f"tiny-{arch}", {"id": "tiny"})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_final_hidden_times_the_head_gives_the_models_log_probs(arch, char_tokenizer):
+    lm = lm_of(arch, char_tokenizer)
+    state = prepare(lm, [PROMPT], PromptFormat(), 1)[0]
+    thetas = torch.randn(3, lm.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = steered_final_hidden(lm.model, state, 1, thetas, 5)
+        exact = steered_log_probs(lm.model, state, 1, thetas, 5)
+    weight = lm_head(lm.model).weight
+    torch.testing.assert_close(torch.log_softmax(hidden @ weight.T, dim=-1), exact, atol=1e-5, rtol=1e-5)
+    ids = state.ids
+    with torch.no_grad():  # the head is the model's own again outside the context
+        assert lm.model(input_ids=ids).logits.shape[-1] == weight.shape[0]
+        with head_skipped(lm.model):
+            assert lm.model(input_ids=ids).logits.shape[-1] == lm.d_model
+        assert "forward" not in lm_head(lm.model).__dict__
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_second_order_kl_matches_the_exact_kl_near_the_base(arch, char_tokenizer):
+    """½ Δhᵀ F Δh → KL(P_θ0 ‖ P_θ) as θ → θ0: within 5 % for a small step, its error shrinking with the step."""
+    lm = lm_of(arch, char_tokenizer)
+    state = prepare(lm, [PROMPT], PromptFormat(), 1)[0]
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(lm.d_model, generator=gen)
+    direction = torch.randn(4, lm.d_model, generator=gen)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        log_probs0 = steered_log_probs(lm.model, state, 1, base[None], 6)[0]
+        hidden0 = steered_final_hidden(lm.model, state, 1, base[None], 6)[0]
+        metric = fisher_metric(log_probs0, lm_head(lm.model).weight, mass=1.0)
+        errors = []
+        for step in (0.4, 0.1):
+            thetas = base + step * base.norm() * direction
+            exact = kl_along(steered_log_probs(lm.model, state, 1, thetas, 6), log_probs0)
+            approx = fisher_along(steered_final_hidden(lm.model, state, 1, thetas, 6), hidden0, metric)
+            assert (exact > 0).all()
+            errors.append(((approx - exact).abs() / exact).max().item())
+    assert errors[1] < 0.05 and errors[1] < errors[0], errors
+
+
+def test_the_metric_is_the_softmax_fisher_pulled_back_through_the_head():
+    gen = torch.Generator().manual_seed(2)
+    head, log_probs = torch.randn(50, 8, generator=gen), torch.log_softmax(torch.randn(3, 50, generator=gen), dim=-1)
+    metric = fisher_metric(log_probs, head, mass=1.0)
+    for p, f in zip(log_probs.exp(), metric):
+        torch.testing.assert_close(f, head.T @ (torch.diag(p) - torch.outer(p, p)) @ head, atol=1e-4, rtol=1e-4)
+    assert (torch.linalg.eigvalsh(metric) > -1e-5).all()  # positive semi-definite: the loss is ≥ 0
+    peaked = torch.log_softmax(torch.tensor([[12.0, 0.0, *[-30.0] * 48]]), dim=-1)
+    torch.testing.assert_close(fisher_metric(peaked, head), fisher_metric(peaked, head, mass=1.0), atol=1e-4, rtol=1e-3)
+
+
+def test_ortho_with_fisher_finds_orthogonal_copies_close_in_exact_kl(nonlinear_lm):
+    base = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    base = 3.0 * base / base.norm()
+    settings = dict(source=1, target=4, count=4, block=4, steps=40, plateau=0.0, continuation=4, completion_tokens=0)
+    start = ortho(nonlinear_lm, base, [PROMPT], OrthoConfig(**{**settings, "steps": 1}, match="fisher", min_norm=0.0))
+    fisher = ortho(nonlinear_lm, base, [PROMPT], OrthoConfig(**settings, match="fisher"))
+    assert fisher.meta.config["match"] == "fisher" and max_abs_cosine(fisher.vectors) <= 1e-5
+    # judged with the exact KL at the last prompt token, as every run is: better than one step from a random start
+    assert sorted(r.kl for r in fisher.records[1:])[1] < sorted(r.kl for r in start.records[1:])[1]
+
+
+def test_fisher_is_refused_where_logits_are_capped_after_the_head(char_tokenizer):
+    import transformers
+
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, num_hidden_layers=2, final_logit_softcapping=30.0)
+    with pytest.raises(MelboError, match="use --match kl"):
+        lm_head(transformers.AutoModelForCausalLM.from_config(config))
+    with pytest.raises(MelboError, match="fast-mode objective"):
+        OrthoConfig(mode="seed", match="fisher").check()

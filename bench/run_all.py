@@ -4,6 +4,7 @@
     .venv/bin/python bench/run_all.py --quick          # every script's --quick, to stdout only
     .venv/bin/python bench/run_all.py --only model_load,eval_throughput   # update those sections only
     .venv/bin/python bench/run_all.py --args full_basis="--count 96"      # extra arguments for one script
+    .venv/bin/python bench/run_all.py --quick --in-process                # one interpreter for all (the smoke test)
 
 RESULTS.md keeps one section per script; --only rewrites the named sections and keeps the others.
 """
@@ -11,14 +12,18 @@ RESULTS.md keeps one section per script; --only rewrites the named sections and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import os
 import platform
 import re
+import runpy
 import shlex
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from melbo.files.io import atomic_write
@@ -63,6 +68,30 @@ def run(script: str, extra: list[str], quick: bool) -> tuple[str, float, int]:
     return text.strip(), time.perf_counter() - start, out.returncode
 
 
+def run_here(script: str, extra: list[str], quick: bool) -> tuple[str, float, int]:
+    """One script in this interpreter, as ``python bench/SCRIPT.py`` would run it: the smoke test's way, which imports
+    torch and transformers once for all scripts instead of once each."""
+    saved_argv, saved_path = sys.argv, sys.path[:]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)  # their subprocesses
+    sys.argv, sys.path[:0] = [str(HERE / f"{script}.py"), *(["--quick"] if quick else []), *extra], [str(HERE)]
+    out, code = io.StringIO(), 0
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(HERE / f"{script}.py"), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            out.write(f"\n{exc.code}")
+    except Exception:  # a failing script is reported, as a subprocess's exit status would be, and the others still run
+        code = 1
+        out.write("\n[stderr]\n" + traceback.format_exc())
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return out.getvalue().strip(), time.perf_counter() - start, code
+
+
 def sections(text: str) -> dict[str, str]:
     found = {}
     for match in re.finditer(r"^## (\w+)\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL):
@@ -75,7 +104,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=",".join(SCRIPTS))
     parser.add_argument("--args", action="append", default=[], metavar="SCRIPT=ARGS")
+    parser.add_argument("--in-process", action="store_true", help="with --quick: every script in this interpreter (the smoke test)")
     args = parser.parse_args()
+    if args.in_process and not args.quick:
+        sys.exit("run_all: --in-process is for --quick (full runs measure each script in its own process)")
     extra = {k: shlex.split(v) for k, v in (a.split("=", 1) for a in args.args)}
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCRIPTS]
@@ -85,7 +117,7 @@ def main() -> None:
     failed = 0
     here = machine()
     for script in chosen:
-        output, seconds, code = run(script, extra.get(script, []), args.quick)
+        output, seconds, code = (run_here if args.in_process else run)(script, extra.get(script, []), args.quick)
         failed += code != 0
         command = " ".join(["python", f"bench/{script}.py", *(["--quick"] if args.quick else []), *extra.get(script, [])])
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

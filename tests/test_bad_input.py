@@ -76,7 +76,7 @@ CASES = [
     ("layer out of range", ["discover", "-t", "30"], "between 0 and 29"),
     ("source not before target", ["discover", "-s", "20", "-t", "8"], "must come before"),
     ("R zero", ["discover", "-R", "0"], "positive number"),
-    ("R not a number", ["discover", "-R", "abc"], "give a positive number or auto"),
+    ("R not a number", ["discover", "-R", "abc"], "R must be a positive number or auto, got abc"),
     ("auto R with bad radii", ["discover", "--radii", "10,-5"], "every candidate R must be a positive number"),
     ("auto R with radii not numbers", ["discover", "--calibrate", "--radii", "ten"], "give numbers separated by commas"),
     ("radii with a fixed R", ["discover", "-R", "20", "--radii", "10,20"], "nothing to choose"),

@@ -16,9 +16,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.mark.slow
 def test_every_benchmark_runs_quick():
-    """One run_all --quick; the GPU script measures on the CPU here (--device cpu), so CI exercises its code."""
+    """One run_all --quick, every script in one interpreter; the GPU script measures on the CPU here (--device cpu),
+    so CI exercises its code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--args", "gpu=--device cpu"]
+    command = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--in-process", "--args", "gpu=--device cpu"]
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sections = out.stdout.split("## ")[1:]

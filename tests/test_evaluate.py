@@ -126,3 +126,18 @@ def test_new_labels_apply_to_stored_completions(tiny_lm, run):
     results = evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=3), rules=everything)
     outs = results.completions("hi there", "greedy")
     assert {o[0].label for o in outs.values()} == {"anything"}
+
+
+def test_a_run_only_in_memory_is_evaluated_without_writing_to_the_working_directory(tiny_lm, tmp_path, monkeypatch):
+    """ortho() without ``out`` then evaluate() and compose() (a notebook's way): results come back, no eval.json or
+    compose.json lands in the current directory, and a stray one there is never read as this run's."""
+    from melbo.analysis.compose import compose
+    from melbo.engines.ortho import OrthoConfig, ortho
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval.json").write_text("not json")
+    run = ortho(tiny_lm, torch.ones(32) * 0.5, ["hi"], OrthoConfig(source=1, target=4, count=2, block=2, steps=2, completion_tokens=0))
+    results = evaluate(tiny_lm, run, ["hi"], [0, 1, 2], EvalConfig(max_new_tokens=3))
+    assert len(results.completions("hi", "greedy")) == 3 and EvalResults.load(run).prompts == {}
+    compose(tiny_lm, run, [1, 2], "hi", PromptFormat(), 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]

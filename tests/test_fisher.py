@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from melbo import MelboError
 from melbo.engines.ortho import OrthoConfig, ortho
 from melbo.model.forward import prepare, steered_final_hidden, steered_log_probs

@@ -161,5 +161,7 @@ def compose(
         for c, v, k, t in zip(combos, vectors.cpu(), kl, texts)
     ]
     results = ComposeResults(prompt, base_label, rows)
-    write_json(run.sidecar(COMPOSE_FILE), results.to_json())
+    path = run.sidecar(COMPOSE_FILE)
+    if path is not None:
+        write_json(path, results.to_json())
     return results

@@ -153,11 +153,13 @@ class EvalResults:
 
     @classmethod
     def load(cls, run: Run) -> EvalResults:
-        return cls.read(run.path)
+        path = run.sidecar(EVAL_FILE)
+        return cls.from_json(read_json(path) if path is not None else None)
 
     def save(self, run_folder: Run | Path) -> None:
-        folder = run_folder.path if isinstance(run_folder, Run) else run_folder
-        write_json(folder / EVAL_FILE, self.to_json())
+        path = run_folder.sidecar(EVAL_FILE) if isinstance(run_folder, Run) else run_folder / EVAL_FILE
+        if path is not None:
+            write_json(path, self.to_json())
 
     def completions(self, prompt: str, mode: str) -> dict[int, list[Completion]]:
         """Per vector index, its completions on ``prompt`` in ``mode``."""

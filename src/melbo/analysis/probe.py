@@ -106,5 +106,7 @@ def probe(
     mu, sigma = float(random_mean.mean()), float(random_mean.std().clamp_min(1e-12))
     rows = [Presence(i, float(m), float(p), (float(m) - mu) / sigma) for i, (m, p) in enumerate(zip(mean, peak))]
     results = ProbeResults(prompts, int(states.shape[0]), source, RandomBaseline(random_directions, mu, sigma), rows)
-    write_json(run.sidecar(PROBE_FILE), results.to_json(), ascii_only=True)
+    path = run.sidecar(PROBE_FILE)
+    if path is not None:
+        write_json(path, results.to_json(), ascii_only=True)
     return results

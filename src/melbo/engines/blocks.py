@@ -166,7 +166,7 @@ def _snapshot(meta: RunMeta, state: _State, out: str | Path | None, status: str,
     vectors = torch.stack(state.vectors) if state.vectors else torch.zeros(0, state.d_model)
     if save and out is not None:
         return write_run(out, vectors, meta, state.extra())
-    return Run(path=Path(out or "."), vectors=vectors, meta=meta, extra=state.extra())
+    return Run(path=Path(out or "."), vectors=vectors, meta=meta, extra=state.extra(), in_memory=out is None)
 
 
 def _fresh(first: list[tuple[Tensor, VectorRecord]], d_model: int, init_norm: float, device: torch.device) -> _State:

@@ -6,6 +6,7 @@ No torch here: the command line reads its defaults and checks a typo before anyt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -125,12 +126,10 @@ class DiscoverConfig:
     completion_tokens: int = 32  # greedy completion stored per vector, on the first prompt
 
     def __post_init__(self) -> None:
-        if isinstance(self.radius, str):  # "auto", or a number as text (a command line, a study's --set)
+        if isinstance(self.radius, str):  # "auto", or a number as text (a command line, a study's --set); else check() says
             text = self.radius.strip().lower()
-            try:
+            with contextlib.suppress(ValueError):
                 object.__setattr__(self, "radius", "auto" if text == "auto" else float(text))
-            except ValueError:
-                raise MelboError(f"-R {self.radius!r}: give a positive number or auto") from None
 
     @property
     def auto_radius(self) -> bool:

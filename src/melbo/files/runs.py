@@ -278,6 +278,7 @@ class Run:
     vectors: Tensor
     meta: RunMeta
     extra: dict[str, Tensor] = field(default_factory=dict)
+    in_memory: bool = False  # an engine run without ``out``: nothing is read from or written to ``path``
 
     @property
     def records(self) -> list[VectorRecord]:
@@ -309,9 +310,10 @@ class Run:
     def median_kl(self) -> float | None:
         return statistics.median(self.kls) if self.kls else None
 
-    def sidecar(self, name: str) -> Path:
-        """Where a file that studies this run lives (``EVAL_FILE``, ``COMPOSE_FILE``...)."""
-        return self.path / name
+    def sidecar(self, name: str) -> Path | None:
+        """Where a file that studies this run lives (``EVAL_FILE``, ``COMPOSE_FILE``...); None for a run only in memory
+        (results stay in the returned objects: nothing lands in the working directory)."""
+        return None if self.in_memory else self.path / name
 
 
 def package_versions() -> dict[str, str]:

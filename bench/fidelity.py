@@ -68,6 +68,8 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl penalty 3e-5": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-5},
     "continuation 16 kl penalty 1e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 1e-4},
     "continuation 16 kl penalty 3e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-4},
+    "continuation 16 kl penalty 2e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 2e-4},
+    "continuation 16 kl penalty 2e-4 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 2e-4, "extra_prompts": 2},
     "continuation 16 kl penalty 1e-3": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 1e-3},
     "continuation 16 kl penalty 3e-4 60 evals": {"continuation": 16, "match": "kl", "steps": 60, "penalty": 3e-4},
     "continuation 16 kl penalty 3e-4 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-4, "extra_prompts": 2},

@@ -28,7 +28,7 @@ from melbo.analysis.evaluate import eval_prompts, evaluate
 from melbo.engines.config import DiscoverConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import OrthoConfig, ortho
-from melbo.files.runs import Run
+from melbo.files.runs import Run, read_run
 from melbo.labels import label
 from melbo.model.loading import LoadedModel, load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
@@ -39,13 +39,15 @@ TARGET_S_PER_COPY = 4.0  # a ~0.5B model's whole basis in an hour (the issue's g
 EVALUATED = 64  # copies spread over the basis that the controls' eval steers with
 
 
-def gemma_base(lm: LoadedModel, fmt: PromptFormat) -> tuple[torch.Tensor, str]:
-    """The clearest fluent vector of an auto-R discovery of 16 vectors on Gemma's raw prompt."""
+def gemma_base(lm: LoadedModel, fmt: PromptFormat, base_run: str | None) -> tuple[torch.Tensor, str]:
+    """The clearest fluent vector of an auto-R discovery of 16 vectors on Gemma's raw prompt (or of ``base_run``, a
+    discovery made before: `melbo discover --model GEMMA --no-chat-template -p PROMPT -k 16`)."""
     from models import GEMMA_PROMPT
 
-    run = discover(lm, [GEMMA_PROMPT], DiscoverConfig(count=16, block=16), fmt)
-    choice = choose_bases(score_candidates(lm, run, GEMMA_PROMPT, fmt), ChooseConfig())[0]
-    return run.vectors[choice.index], GEMMA_PROMPT
+    run = read_run(base_run) if base_run else discover(lm, [GEMMA_PROMPT], DiscoverConfig(count=16, block=16), fmt)
+    prompt = run.meta.prompts[0]
+    choice = choose_bases(score_candidates(lm, run, prompt, fmt), ChooseConfig())[0]
+    return run.vectors[choice.index], prompt
 
 
 def controls_verdict(lm: LoadedModel, run: Run, fmt: PromptFormat, tokens: int) -> tuple[float | None, str]:
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's 16)")
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
     parser.add_argument("--no-controls", action="store_true", help="skip the eval with controls after the basis")
+    parser.add_argument("--base-run", default=None, help="Gemma: take θ0 from this discovery run instead of discovering")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
@@ -76,7 +79,7 @@ def main() -> None:
         from models import gemma_path
 
         lm, fmt = load_model(str(gemma_path()), device="cpu"), PromptFormat(chat_template=False)
-        base, prompt = gemma_base(lm, fmt) if not args.quick else (base_vector(lm, quick=True), "The best way to learn a new language is")
+        base, prompt = gemma_base(lm, fmt, args.base_run) if not args.quick else (base_vector(lm, quick=True), "The best way to learn a new language is")
     else:
         lm, fmt, prompt = load_model("smollm2", device="cpu"), PromptFormat(), DEFAULT_PROMPT
         base = base_vector(lm, quick=args.quick)

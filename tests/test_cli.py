@@ -59,18 +59,19 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
     assert_one_line_error(melbo("generate", "--run", str(tmp_path / "narrow")), "d_model 100 but the model has 576")
 
 
-@pytest.mark.slow
-def test_discover_then_ortho_from_the_shell(tmp_path):
+def test_discover_then_ortho_from_the_shell(tmp_path, tiny_folder):
+    """The main path from the shell, on a tiny model (the demo's shell test runs it on SmolLM2)."""
+    model = ["--model", str(tiny_folder), "--device", "cpu"]
     disc = tmp_path / "disc"
-    result = melbo("discover", "-k", "2", "--block", "2", "--steps", "3", "-R", "30", "--completion-tokens", "4", "--out", str(disc))
+    result = melbo("discover", "-k", "2", "--block", "2", "--steps", "3", "-s", "1", "-t", "4", "-R", "3", "--completion-tokens", "4", "--out", str(disc), *model)
     assert result.returncode == 0, result.stderr
     assert (disc / "run.json").is_file() and "run folder" in result.stdout
-    assert_one_line_error(melbo("discover", "-k", "2", "--out", str(disc)), "already holds a run")
+    assert_one_line_error(melbo("discover", "-k", "2", "--out", str(disc), *model), "already holds a run")
     orth = tmp_path / "orth"
     result = melbo("ortho", str(disc), "--index", "1", "--count", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
     assert result.returncode == 0, result.stderr
-    run = read_run(orth, d_model=576)
-    assert run.vectors.shape == (3, 576) and run.meta.base["index"] == 1
+    run = read_run(orth, d_model=32)
+    assert run.vectors.shape == (3, 32) and run.meta.base["index"] == 1 and run.meta.source == 1 and run.meta.target == 4
     torch.testing.assert_close(run.vectors[0], read_run(disc).vectors[1])
     for command, stored, shown in (
         (["eval", str(orth), "--max-new-tokens", "4", "--prompt", "Hi!"], "eval.json", "generalisation over 1 held-out"),

@@ -50,14 +50,14 @@ def generate(
     model: opt.Model = None, system: opt.System = None, chat_template: opt.ChatTemplate = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
 ) -> None:
     """Generate with and without a steering vector, side by side."""
+    if (run is None) == (vector is None):
+        raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
     from melbo.files.source import open_vectors
     from melbo.files.vectors import validate_vectors
     from melbo.model.forward import generate_steered
     from melbo.model.layers import check_layer
     from melbo.model.prompts import encode_prompt
 
-    if (run is None) == (vector is None):
-        raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
     path = run or vector
     assert path is not None  # one of the two (checked above)
     found = open_vectors(path)

@@ -224,6 +224,14 @@ class _Engine:
         return f"block {block_index}: {why}; its {size} vectors were dropped"
 
 
+def objective(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig = OrthoConfig(), fmt: PromptFormat = PromptFormat()) -> Callable[[Tensor], Tensor]:
+    """The loss MELBO-ortho minimises, per row of a ``(B, d)`` block of vectors (differentiable): what ``ortho`` with
+    these settings optimises, to time it (bench/utilisation.py), plot it or try another optimiser on it."""
+    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
+    problem = _Problem(lm, prepare(lm, [*prompts, *training_prompts(settings.extra_prompts, prompts)], fmt, settings.source), settings, base.to(lm.device))
+    return problem.losses
+
+
 def ortho(
     lm: LoadedModel,
     base: Tensor,

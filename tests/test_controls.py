@@ -113,6 +113,24 @@ def test_eval_controls_store_every_control_and_resume_computes_nothing_twice(non
     assert calls == ["generate", "generate", "generate", "generate", "generate", "nll"]  # only the new prompt: 19 rows (the copies are labelled by the eval) in batches of 4, then one NLL pass
 
 
+def test_controls_follow_the_copies_the_eval_steers_with(nonlinear_lm, tmp_path, monkeypatch):
+    """``--index`` picks some copies of a large run: the controls are built from those and sized to them, and no other
+    copy is steered with (the whole basis of a real model would otherwise cost hours)."""
+    import melbo.analysis.controls as engine
+
+    run = ortho_run(tmp_path / "run", copies=12)
+    rows: list[int] = []
+    real_generate = engine.generate_steered
+    monkeypatch.setattr(engine, "generate_steered", lambda model, tok, ids, vectors, *a, **k: rows.append(vectors.shape[0]) or real_generate(model, tok, ids, vectors, *a, **k))
+    results = evaluate(nonlinear_lm, run, ["hi there"], [0, 3, 7, 11], EvalConfig(max_new_tokens=3, controls=True))
+    controls = results.controls
+    assert controls is not None and [v.index for v in controls.results["copies"].vectors] == [3, 7, 11]
+    assert len(controls.results["random_same_norm"].vectors) == 1 and controls.settings["indices"] == [3, 7, 11]
+    torch.testing.assert_close(controls.results["mean"].vectors[0].norm, float(run.vectors[[3, 7, 11]].mean(dim=0).norm()))
+    assert rows == [7]  # one direction each at two norms, one rescaled copy, none, the mean, the mean × √3, θ0: the copies come from the eval
+    assert_one_line_error(melbo("eval", str(run.path), "--index", "0", "--controls", "--model", "x"), "at least one copy")
+
+
 def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
     run = ortho_run(tmp_path / "run", model=str(tiny_folder))
     result = melbo("eval", str(run.path), "--controls", "-p", "one", "--max-new-tokens", "3", "--device", "cpu")

@@ -257,17 +257,20 @@ class ControlSummary:
         return cls(dict(data["figures"]), str(data["verdict"]))
 
 
-def controls_problem(run: Run) -> str | None:
-    """Why ``run`` can have no controls (they need θ0: a MELBO-ortho run, row 0 the base, with a copy), or None."""
+def controls_problem(run: Run, indices: list[int] | None = None) -> str | None:
+    """Why ``run`` can have no controls (they need θ0: a MELBO-ortho run, row 0 the base, with a copy among ``indices``,
+    the vectors evaluated), or None."""
     if not (run.records and run.records[0].base):
         return f"--controls needs a MELBO-ortho run (row 0 = θ0); {run.path} is a {run.meta.kind} run"
     if run.vectors.shape[0] < 2:
         return f"--controls: {run.path} has no copies of θ0 yet"
+    if indices is not None and not any(i != 0 for i in indices):
+        return "--controls needs at least one copy among the vectors evaluated (θ0 is row 0)"
     return None
 
 
-def check_controls(run: Run) -> None:
-    problem = controls_problem(run)
+def check_controls(run: Run, indices: list[int] | None = None) -> None:
+    problem = controls_problem(run, indices)
     if problem:
         raise MelboError(problem)
 
@@ -283,25 +286,30 @@ def measure_controls(
     rules: tuple[Rule, ...] = RULES,
     save: Callable[[Controls], None] | None = None,
     on_batch: Callable[[str, int, int], None] | None = None,
+    indices: list[int] | None = None,
 ) -> Controls:
     """Every control of ``run`` (a MELBO-ortho run) on ``prompts`` (the run's own first, then the held-out ones).
 
+    ``indices``: the copies the eval steers with (``--index``; θ0, row 0, is always the base); None: every copy. The
+    controls are built from those copies and sized to them, so evaluating 64 copies of a whole basis costs what 64 do.
     ``stored`` is what an earlier call computed: kept when its settings match, so only what is missing is computed.
     ``copy_labels(prompt, index)`` gives a copy's label from the eval's own completions (None: generate it here).
     ``save`` is called after every prompt (the checkpoint)."""
-    check_controls(run)
+    check_controls(run, indices)
     source = run.source_layer
-    vectors = control_vectors(run.vectors, cfg.seed, cfg.control_count or None)
+    chosen = sorted({i for i in (indices if indices is not None else range(1, run.vectors.shape[0])) if i != 0})
+    vectors = control_vectors(torch.cat([run.vectors[:1], run.vectors[chosen]]), cfg.seed, cfg.control_count or None)
     settings = {
         "seed": cfg.seed, "count": int(vectors["random_same_norm"].shape[0]), "copies": int(vectors["copies"].shape[0]),
         "mode": cfg.mode(), "max_new_tokens": cfg.max_new_tokens, "nll_tokens": cfg.nll_tokens, "base_norm": round(float(run.vectors[0].norm()), 4),
+        **({"indices": chosen} if len(chosen) < run.vectors.shape[0] - 1 else {}),  # a subset of the copies (--index)
     }
     controls = stored if stored is not None and stored.settings == settings and stored.run_prompt == prompts[0] else None
     if controls is None:
         controls = Controls(settings, prompts[0], [])
         for name, rows in vectors.items():
             copies = name in ("copies", "copies_at_base_norm")
-            controls.results[name] = ControlResult(name, [ControlVector(float(v.norm()), i + 1 if copies else None) for i, v in enumerate(rows)])
+            controls.results[name] = ControlResult(name, [ControlVector(float(v.norm()), chosen[i] if copies else None) for i, v in enumerate(rows)])
     controls.held_out = list(dict.fromkeys([*controls.held_out, *prompts[1:]]))
     base = run.vectors[0].to(lm.device)
     flat = [(name, row) for name in CONTROLS for row in range(vectors[name].shape[0])]

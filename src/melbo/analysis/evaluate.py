@@ -285,7 +285,7 @@ def evaluate(
             results.controls = controls
             results.save(run)
 
-        measure_controls(lm, run, prompts, cfg, fmt, results.controls, copy_label, rules, save, on_batch)
+        measure_controls(lm, run, prompts, cfg, fmt, results.controls, copy_label, rules, save, on_batch, indices)
     return results
 
 

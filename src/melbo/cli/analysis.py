@@ -63,7 +63,7 @@ def eval_command(
     cfg.check()
     judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
     if controls:
-        check_controls(record)
+        check_controls(record, indices)
     prompts = eval_prompts(record, extra, controls)
     rules = load_rules(labels) if labels else RULES
     lm, fmt = load_for_run(record, model, device, dtype)

@@ -34,7 +34,7 @@ from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 SOURCE, TARGET = 8, 20
 
 
-def layer_flops(config, batch: int, tokens: int, layers: int) -> float:
+def step_flops(config, batch: int, tokens: int, layers: int) -> float:
     """Forward + input-gradient backward of ``layers`` decoder blocks over ``tokens`` tokens for ``batch`` rows."""
     d, ffn = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -49,8 +49,8 @@ def floor_flops(config, match: str, batch: int, tokens: int, positions: int, n_l
     """What the objective needs at the least: its layers, plus the LM head (kl) or the quadratic form (fisher)."""
     d, vocab = config.hidden_size, config.vocab_size
     if match == "mean":
-        return layer_flops(config, batch, tokens, TARGET - SOURCE)
-    layers = layer_flops(config, batch, tokens, n_layers - 1 - SOURCE)
+        return step_flops(config, batch, tokens, TARGET - SOURCE)
+    layers = step_flops(config, batch, tokens, n_layers - 1 - SOURCE)
     per_position = 2 * vocab * d if match == "kl" else 2 * d * d
     return layers + 2.0 * batch * positions * per_position
 

@@ -227,9 +227,19 @@ class _Engine:
 def objective(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig = OrthoConfig(), fmt: PromptFormat = PromptFormat()) -> Callable[[Tensor], Tensor]:
     """The loss MELBO-ortho minimises, per row of a ``(B, d)`` block of vectors (differentiable): what ``ortho`` with
     these settings optimises, to time it (bench/utilisation.py), plot it or try another optimiser on it."""
+    base, settings, prompts = _prepared(lm, base, prompts, cfg)
+    return _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings, base).losses
+
+
+def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig) -> tuple[Tensor, OrthoSettings, list[str]]:
+    """θ0 (checked, on the model's device), the settings it resolves to, and every prompt trained on: the given ones and
+    ``extra_prompts`` of melbo's shipped ones."""
+    cfg.check(lm.n_layers, lm.d_model)
+    base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
+    if float(base.norm()) == 0:
+        raise MelboError("the base vector is zero: choose a vector with an effect")
     settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
-    problem = _Problem(lm, prepare(lm, [*prompts, *training_prompts(settings.extra_prompts, prompts)], fmt, settings.source), settings, base.to(lm.device))
-    return problem.losses
+    return base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)]
 
 
 def ortho(
@@ -259,13 +269,8 @@ def ortho(
         next-token distributions at the last prompt token (averaged over prompts), ``block`` and ``steps``.
         The run folder is written after every block when ``out`` is given.
     """
-    cfg.check(lm.n_layers, lm.d_model)
-    base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
+    base, settings, prompts = _prepared(lm, base, prompts, cfg)
     base_norm = float(base.norm())
-    if base_norm == 0:
-        raise MelboError("the base vector is zero: choose a vector with an effect")
-    settings = cfg.resolved(base_norm, lm.d_model, lm.n_layers)
-    prompts = [*prompts, *training_prompts(settings.extra_prompts, prompts)]
     meta = RunMeta(
         kind="ortho", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=base_norm, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,

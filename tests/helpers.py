@@ -1,4 +1,5 @@
-"""Helpers the test modules share: melbo as a user runs it (a real subprocess), and the one-line error check."""
+"""Helpers the test modules share: melbo as a user runs it (a real subprocess) or its entry point in this process, and
+the one-line error check."""
 
 from __future__ import annotations
 
@@ -19,3 +20,34 @@ def assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> N
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def melbo_here(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The same entry point (`melbo.cli.main`) in this process: for the many checks that a mistake is one line and
+    exit 2, without a new interpreter's start-up (torch and transformers load once per test session, not per call).
+    ``melbo`` above is the user's real process; a few tests run their cases both ways."""
+    import contextlib
+    import io
+    import traceback
+
+    from melbo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    code = 0
+    try:
+        sys.argv = ["melbo", *args]
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # what the interpreter would print and exit 1 with
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(["melbo", *args], code, out.getvalue(), err.getvalue())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, melbo, melbo_here
 from safetensors.torch import save_file
 
 from melbo.files.runs import write_run
@@ -103,12 +103,16 @@ CASES = [
 ]
 
 
+IN_A_PROCESS = {"unknown option", "truncated gguf", ".pt with pickled code", "output folder holds another run"}
+
+
 @pytest.mark.parametrize("name, args, needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name, args, needle, tmp_path, monkeypatch):
+    """Every case through melbo's entry point; a few (parsing, loading, unpickling, the folder) also as a real process."""
     monkeypatch.chdir(tmp_path)
     command = prepare(name, tmp_path) if args is None else args
     prepared = set(tmp_path.rglob("*"))
-    result = melbo(*command, cwd=tmp_path)
+    result = (melbo if name in IN_A_PROCESS else melbo_here)(*command, cwd=tmp_path)
     assert_one_line_error(result, needle)
     assert set(tmp_path.rglob("*")) == prepared, "a failed command left files behind"
     assert not (tmp_path / "PWNED").exists()
@@ -129,7 +133,7 @@ def test_settings_are_checked_before_the_model_loads(args, needle, tmp_path):
     """A mistyped setting costs a second, not a model load: the missing model is never reached."""
     save_file({"vectors": torch.randn(1, 576)}, str(tmp_path / "base.safetensors"))
     args = [str(tmp_path / "base.safetensors") if a == "BASE" else a for a in args]
-    result = melbo(*args, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    result = melbo_here(*args, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert_one_line_error(result, needle)
     assert not (tmp_path / "o").exists()
 
@@ -144,5 +148,5 @@ def test_nonsense_layers_on_a_small_model_and_auto_R_with_bad_radii(tiny_folder,
         (["discover", "--calibrate", "--radii", "5,x", *model], "give numbers separated by commas"),
     ]
     for args, needle in cases:
-        assert_one_line_error(melbo(*args, "--out", str(tmp_path / "o"), cwd=tmp_path), needle)
+        assert_one_line_error(melbo_here(*args, "--out", str(tmp_path / "o"), cwd=tmp_path), needle)
     assert not (tmp_path / "o").exists()

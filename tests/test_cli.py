@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, melbo, melbo_here
 
 from melbo.files.runs import read_run, write_run
 
@@ -20,15 +20,15 @@ def test_help_lists_commands():
 
 
 def test_generate_needs_a_vector():
-    assert_one_line_error(melbo("generate"), "give exactly one of --run")
+    assert_one_line_error(melbo_here("generate"), "give exactly one of --run")
 
 
 def test_generate_missing_run(tmp_path):
-    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "nope")), "does not exist")
+    assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "nope")), "does not exist")
 
 
 def test_generate_missing_vector_file(tmp_path):
-    assert_one_line_error(melbo("generate", "--vector", str(tmp_path / "v.pt"), "--layer", "3"), "does not exist")
+    assert_one_line_error(melbo_here("generate", "--vector", str(tmp_path / "v.pt"), "--layer", "3"), "does not exist")
 
 
 @pytest.mark.slow
@@ -53,22 +53,23 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("│") and line.strip("│ "))
     plain, steered = (cell.strip() for cell in row.strip("│").split("│"))
     assert plain and steered and plain != steered  # the vector (norm 60 at layer 8) changes the text
-    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--index", "5"), "vectors 0 to 1")
-    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "run"), "--layer", "30"), "out of range")
+    assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "run"), "--index", "5"), "vectors 0 to 1")
+    assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "run"), "--layer", "30"), "out of range")
     write_run(tmp_path / "narrow", torch.randn(1, 100), {"layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}]})
-    assert_one_line_error(melbo("generate", "--run", str(tmp_path / "narrow")), "d_model 100 but the model has 576")
+    assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "narrow")), "d_model 100 but the model has 576")
 
 
 def test_discover_then_ortho_from_the_shell(tmp_path, tiny_folder):
-    """The main path from the shell, on a tiny model (the demo's shell test runs it on SmolLM2)."""
+    """The main path from the shell, on a tiny model (the demo's shell test runs it on SmolLM2): discover as a real
+    process, the commands after it through the same entry point in this process."""
     model = ["--model", str(tiny_folder), "--device", "cpu"]
     disc = tmp_path / "disc"
     result = melbo("discover", "-k", "2", "--block", "2", "--steps", "3", "-s", "1", "-t", "4", "-R", "3", "--completion-tokens", "4", "--out", str(disc), *model)
     assert result.returncode == 0, result.stderr
     assert (disc / "run.json").is_file() and "run folder" in result.stdout
-    assert_one_line_error(melbo("discover", "-k", "2", "--out", str(disc), *model), "already holds a run")
+    assert_one_line_error(melbo_here("discover", "-k", "2", "--out", str(disc), *model), "already holds a run")
     orth = tmp_path / "orth"
-    result = melbo("ortho", str(disc), "--index", "1", "--count", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
+    result = melbo_here("ortho", str(disc), "--index", "1", "--count", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
     assert result.returncode == 0, result.stderr
     run = read_run(orth, d_model=32)
     assert run.vectors.shape == (3, 32) and run.meta.base["index"] == 1 and run.meta.source == 1 and run.meta.target == 4
@@ -78,11 +79,11 @@ def test_discover_then_ortho_from_the_shell(tmp_path, tiny_folder):
         (["compose", str(orth), "--k", "1,2", "--max-new-tokens", "4"], "compose.json", "k=2 mean×√k"),
         (["probe", str(orth), "--prompt", "Write a Python function that adds two numbers.", "--max-new-tokens", "6", "--random-directions", "16"], "probe.json", "random directions: mean |cos|"),
     ):
-        result = melbo(*command)
+        result = melbo_here(*command)
         assert result.returncode == 0, result.stderr
         assert (orth / stored).is_file() and shown in result.stdout, result.stdout
     seed = tmp_path / "seed"
-    result = melbo("ortho", str(disc), "--mode", "seed", "--count", "1", "--steps", "2", "--completion-tokens", "0", "--out", str(seed))
+    result = melbo_here("ortho", str(disc), "--mode", "seed", "--count", "1", "--steps", "2", "--completion-tokens", "0", "--out", str(seed))
     assert result.returncode == 0, result.stderr
     assert read_run(seed).meta.config["mode"] == "seed"
 

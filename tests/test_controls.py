@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, melbo, melbo_here
 
 from melbo import write_run
 from melbo.analysis.controls import CONTROLS, control_vectors
@@ -128,7 +128,7 @@ def test_controls_follow_the_copies_the_eval_steers_with(nonlinear_lm, tmp_path,
     assert len(controls.results["random_same_norm"].vectors) == 1 and controls.settings["indices"] == [3, 7, 11]
     torch.testing.assert_close(controls.results["mean"].vectors[0].norm, float(run.vectors[[3, 7, 11]].mean(dim=0).norm()))
     assert rows == [7]  # one direction each at two norms, one rescaled copy, none, the mean, the mean × √3, θ0: the copies come from the eval
-    assert_one_line_error(melbo("eval", str(run.path), "--index", "0", "--controls", "--model", "x"), "at least one copy")
+    assert_one_line_error(melbo_here("eval", str(run.path), "--index", "0", "--controls", "--model", "x"), "at least one copy")
 
 
 def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
@@ -139,7 +139,7 @@ def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
         assert name in result.stdout
     assert "verdict: the copies" in result.stdout and "base NLL" in result.stdout
     discover = write_run(tmp_path / "disc", torch.randn(3, D), {"kind": "discover", "model": {"name": str(tiny_folder)}, "layers": {"source": 1, "target": 4}, "prompts": ["hi"], "vectors": [{"index": i} for i in range(3)]})
-    assert_one_line_error(melbo("eval", str(discover.path), "--controls"), "--controls needs a MELBO-ortho run")
+    assert_one_line_error(melbo_here("eval", str(discover.path), "--controls"), "--controls needs a MELBO-ortho run")
     assert not (discover.path / "eval.json").exists()
 
 

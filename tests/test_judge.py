@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, melbo, melbo_here
 
 from melbo.analysis.evaluate import EvalResults
 from melbo.analysis.judge import PRESETS, JudgeConfig, JudgeError, harmonic, judge_run, parse_rating, rating_key
@@ -193,9 +193,9 @@ def test_shell_judge_one_line_errors_and_nothing_written(judge_server, tmp_path)
     data = {"prompts": {PROMPT: {"completions": {"greedy": {i: [{"label": "other", "rule": "", "text": t}] for i, t in TEXTS.items()}}}}}
     write_json(folder / "eval.json", data)
     before = (folder / "eval.json").read_text()
-    assert_one_line_error(melbo("judge", str(folder), "--judge", "ftp://example.org/v1"), "give an http:// or https:// URL")
-    assert_one_line_error(melbo("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--judge-model", "m"), "cannot get an answer from the judge")
-    assert_one_line_error(melbo("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--concept", "nonsense"), "use a preset")
+    assert_one_line_error(melbo_here("judge", str(folder), "--judge", "ftp://example.org/v1"), "give an http:// or https:// URL")
+    assert_one_line_error(melbo_here("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--judge-model", "m"), "cannot get an answer from the judge")
+    assert_one_line_error(melbo_here("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--concept", "nonsense"), "use a preset")
     assert (folder / "eval.json").read_text() == before
     server = judge_server(lambda n, body: chat(rater(body)))
     result = melbo("judge", str(folder), "--judge", server.url, "--concept", "code", "--concept", "turtles: the text mentions turtles")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import melbo
+from helpers import melbo, melbo_here
 
 from melbo.errors import MelboError
 from melbo.files.runs import read_run, write_run
@@ -65,11 +65,11 @@ def test_every_command_that_reads_a_run_takes_its_raw_prompt_format(tmp_path):
     meta = {"kind": "discover", "model": {"name": str(folder), "path": str(folder)}, "layers": {"source": 1, "target": 4},
             "prompts": ["The sky is"], "prompt_format": {"system": None, "chat_template": False}, "vectors": [{"index": 0}, {"index": 1}]}
     run = write_run(tmp_path / "run", 3 * torch.randn(2, 32), meta)
-    result = melbo("generate", "--run", str(run.path), "-p", "The sky is", "--max-new-tokens", "3", "--device", "cpu")
+    result = melbo_here("generate", "--run", str(run.path), "-p", "The sky is", "--max-new-tokens", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    result = melbo("ortho", str(run.path), "--index", "1", "--count", "2", "--block", "2", "--steps", "2", "--completion-tokens", "3",
+    result = melbo_here("ortho", str(run.path), "--index", "1", "--count", "2", "--block", "2", "--steps", "2", "--completion-tokens", "3",
                    "--out", str(tmp_path / "o"), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert read_run(tmp_path / "o").meta.prompt_format.chat_template is False
-    result = melbo("generate", "--run", str(run.path), "--chat-template", "--device", "cpu")
+    result = melbo_here("generate", "--run", str(run.path), "--chat-template", "--device", "cpu")
     assert result.returncode == 2 and "no chat template" in result.stderr  # told otherwise: the template, which it lacks

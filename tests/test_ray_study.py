@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, melbo, melbo_here
 from test_study import grid_study
 
 from melbo import read_run
@@ -130,9 +130,9 @@ def test_what_cannot_start_is_one_line(two_models, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(grid_study(two_models))
     assert_one_line_error(melbo("study", str(spec), "--ray", "127.0.0.1:1", "--out", str(tmp_path / "a")), "cannot reach the Ray cluster")
-    assert_one_line_error(melbo("study", str(spec), "--ray", "nonsense", "--out", str(tmp_path / "b")), "give auto, HOST:PORT")
+    assert_one_line_error(melbo_here("study", str(spec), "--ray", "nonsense", "--out", str(tmp_path / "b")), "give auto, HOST:PORT")
     assert_one_line_error(melbo("study", str(spec), "--ray", "--num-gpus", "1", "--out", str(tmp_path / "c")), "GPU(s) per worker")
     (tmp_path / "bad.toml").write_text("[discover]\ncount = -1")
-    assert_one_line_error(melbo("study", str(tmp_path / "bad.toml"), "--ray", "--out", str(tmp_path / "d")), "at least 1")
-    assert_one_line_error(melbo("study", str(spec), "--workers", "2", "--out", str(tmp_path / "e")), "go with --ray")
+    assert_one_line_error(melbo_here("study", str(tmp_path / "bad.toml"), "--ray", "--out", str(tmp_path / "d")), "at least 1")
+    assert_one_line_error(melbo_here("study", str(spec), "--workers", "2", "--out", str(tmp_path / "e")), "go with --ray")
     assert not any((tmp_path / x).exists() for x in "abcde")

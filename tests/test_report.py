@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, melbo, melbo_here
 from report_runs import PLANTED, PROMPT, make_run
 
 from melbo.errors import MelboError
@@ -124,10 +124,10 @@ def test_cli_report_and_its_errors(tmp_path):
     result = melbo("report", str(run))
     assert result.returncode == 0, result.stderr
     assert str(run / "report.html") in result.stdout.replace("\n", "")
-    assert_one_line_error(melbo("report", str(tmp_path / "nope")), "does not exist")
-    assert_one_line_error(melbo("report", str(run), "--out", str(tmp_path)), "is a folder")
+    assert_one_line_error(melbo_here("report", str(tmp_path / "nope")), "does not exist")
+    assert_one_line_error(melbo_here("report", str(run), "--out", str(tmp_path)), "is a folder")
     (tmp_path / "not-a-dump.txt").write_text("hello")
-    assert_one_line_error(melbo("import-post-dump", str(tmp_path / "not-a-dump.txt"), "-o", str(tmp_path / "p")), "not one of the post's dumps")
+    assert_one_line_error(melbo_here("import-post-dump", str(tmp_path / "not-a-dump.txt"), "-o", str(tmp_path / "p")), "not one of the post's dumps")
     assert not (tmp_path / "p").exists()
 
 

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 import typer.main
+from helpers import melbo_here
 
-from melbo.analysis.config import ComposeConfig, EvalConfig, ProbeConfig
+from melbo.analysis.config import ComposeConfig, EvalConfig, GenerateConfig, ProbeConfig
 from melbo.analysis.judge import JudgeConfig
 from melbo.cli import app
 from melbo.engines.config import DiscoverConfig, OrthoConfig
@@ -34,6 +35,7 @@ def shown(value):
 @pytest.mark.parametrize("name, config, prefix", [
     ("discover", DiscoverConfig, ""), ("ortho", OrthoConfig, ""), ("eval", EvalConfig, ""), ("compose", ComposeConfig, ""),
     ("probe", ProbeConfig, ""), ("serve", ServeLimits, ""), ("judge", JudgeConfig, "judge_"), ("eval", JudgeConfig, "judge_"),
+    ("generate", GenerateConfig, ""),
 ])
 def test_option_defaults_are_the_config_defaults(name, config, prefix):
     fields = {f.name: f for f in dataclasses.fields(config)}
@@ -58,3 +60,23 @@ def test_p_is_always_a_prompt():
         for param in cmd.params:
             if "-p" in getattr(param, "opts", []):
                 assert param.name == "prompt", f"melbo {name}: -p is {param.name}"
+
+
+@pytest.mark.parametrize("name, config", [
+    ("discover", DiscoverConfig), ("ortho", OrthoConfig), ("eval", EvalConfig), ("probe", ProbeConfig), ("serve", ServeLimits),
+    ("generate", GenerateConfig),
+])
+def test_described_fields_are_options_with_the_configs_help_and_flags(name, config):
+    """A config field made with `setting` is an option of its command: its help, its flags, its default, its minimum."""
+    from melbo.setting import described
+
+    params = {p.name: p for p in command(name).params}
+    for field in described(config):
+        param = params[field.name]
+        assert param.help == field.metadata["help"], f"melbo {name} --{field.name}"
+        assert set(field.metadata["flags"] or [f"--{field.name.replace('_', '-')}"]) <= set(param.opts)
+        assert str(param.default) == str(field.default)
+        if field.metadata["minimum"] is not None:  # refused as the command line is parsed, before anything runs
+            below = field.metadata["minimum"] - 1
+            result = melbo_here(name, *(["x"] if name not in ("discover", "generate") else []), param.opts[0], str(below))
+            assert result.returncode == 2 and f"Invalid value for '{param.opts[0]}'" in result.stderr, result.stderr

@@ -72,3 +72,18 @@ def test_bad_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(MelboError, match="no CUDA GPU"):
             load_model("smollm2", device="cuda")
+
+
+def test_generate_a_zero_vector_is_unsteered_and_a_big_one_steers(tiny_lm):
+    """melbo.generate: the notebook form of `melbo generate`; the model is left as it was."""
+    import melbo
+    from melbo.analysis.config import GenerateConfig
+
+    cfg = GenerateConfig(max_new_tokens=6)
+    plain = melbo.generate(tiny_lm, None, 2, "Hi there", cfg=cfg)
+    assert melbo.generate(tiny_lm, torch.zeros(tiny_lm.d_model), 2, "Hi there", cfg=cfg) == plain
+    push = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(0))
+    assert melbo.generate(tiny_lm, 50 * push / push.norm(), 2, "Hi there", cfg=cfg) != plain
+    assert melbo.generate(tiny_lm, None, 2, "Hi there", cfg=cfg) == plain  # the hook is gone
+    with pytest.raises(melbo.MelboError, match="out of range"):
+        melbo.generate(tiny_lm, None, 9, "Hi there", cfg=cfg)

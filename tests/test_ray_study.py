@@ -20,6 +20,7 @@ from test_study import grid_study
 
 from melbo import read_run
 from melbo.study import Study, run_study
+from melbo.study.pipeline import finished
 
 pytest.importorskip("ray")
 HERE = Path(__file__).resolve().parent
@@ -34,7 +35,10 @@ def same_runs(a: Path, b: Path, result) -> None:
 def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(grid_study(two_models))
+    assert not finished(Study.from_toml(spec), tmp_path / "here")
     here = run_study(Study.from_toml(spec), tmp_path / "here")
+    assert finished(Study.from_toml(spec), tmp_path / "here")
+    assert not finished(Study.from_toml(spec).with_settings(["eval.max_new_tokens=5"]), tmp_path / "here")  # other settings
     result = melbo("study", str(spec), "--ray", "--out", str(tmp_path / "ray"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 model load(s)" in result.stdout  # one per worker (one worker per model here), not one per run
@@ -45,6 +49,7 @@ def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_p
     assert [u["steps"].keys() for u in saved["units"]] == [u.steps.keys() for u in here.units]
     again = melbo("study", str(spec), "--ray", "--out", str(tmp_path / "ray"), "--resume")
     assert again.returncode == 0 and "0 model load(s)" in again.stdout  # every unit finished: no worker started
+    assert "Ray is not started" in again.stderr  # nor Ray itself
 
 
 def long_study(models: list[str], steps: int, copies: int) -> str:

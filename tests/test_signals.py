@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from melbo.cli.study import Terminated, sigterm_as_interrupt
+from melbo.study.signals import Terminated, sigterm_as_interrupt
 
 
 def test_sigterm_raises_terminated_and_the_handler_is_restored():

@@ -90,6 +90,8 @@ def test_resume_skips_finished_steps_and_the_page_shows_every_run(pinned_lm, tmp
     page = (tmp_path / "s" / "study.html").read_text()
     for outcome in result.units[0].orthos:
         assert f'href="{outcome.folder}/report.html"' in page
+    again = run_study(study, tmp_path / "s", resume=True, models=ModelCache())  # finished: the unit's model never loads
+    assert again.model_loads == 0 and again.units[0].steps == steps
     other = Study.from_dict(tiny_demo(discover={"radius": 5.0}))
     with pytest.raises(MelboError, match=r"discover.radius: 4.0 → 5.0"):
         run_study(other, tmp_path / "s", resume=True, models=models)

@@ -33,6 +33,8 @@ _WHERE = {
     "discover": "melbo.engines.discover",
     "ortho": "melbo.engines.ortho",
     "EvalConfig": "melbo.analysis.config",
+    "GenerateConfig": "melbo.analysis.config",
+    "generate": "melbo.analysis.generate",
     "evaluate": "melbo.analysis.evaluate",
     "Run": "melbo.files.runs",
     "RunMeta": "melbo.files.runs",
@@ -43,8 +45,9 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
-    from melbo.analysis.config import EvalConfig
+    from melbo.analysis.config import EvalConfig, GenerateConfig
     from melbo.analysis.evaluate import evaluate
+    from melbo.analysis.generate import generate
     from melbo.engines.config import DiscoverConfig, OrthoConfig
     from melbo.engines.discover import discover
     from melbo.engines.ortho import ortho
@@ -71,6 +74,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DiscoverConfig",
     "EvalConfig",
+    "GenerateConfig",
     "LoadedModel",
     "MelboError",
     "OrthoConfig",
@@ -83,6 +87,7 @@ __all__ = [
     "discover",
     "evaluate",
     "find_blocks",
+    "generate",
     "load_model",
     "ortho",
     "read_run",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from melbo.errors import MelboError
+from melbo.setting import setting
 
 LABEL_PREFERENCE = ("code", "refusal", "compliance", "other")
 CHOOSE_RULES = ("clearest", "faithful", "label", "effect", "index")
@@ -17,18 +18,25 @@ DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1500)
 class EvalConfig:
     """What ``melbo eval`` computes (stored in eval.json beside the results); the CLI's defaults come from here."""
 
-    max_new_tokens: int = 48
-    temperature: float = 0.0  # 0: greedy; > 0: sampled
-    samples: int = 1  # completions per vector when sampling
-    seed: int = 0
-    batch: int = 64  # vectors per generate call (one per row, sharing the KV-cache machinery)
-    base: int = 0  # the vector KL is measured against (row 0 of an ortho run is θ0)
+    max_new_tokens: int = setting(48, "Tokens generated per completion.", minimum=1)
+    temperature: float = setting(0.0, "0 = greedy; > 0 samples.", minimum=0.0)
+    samples: int = setting(1, "Completions per vector when sampling.", minimum=1)
+    seed: int = setting(0, "Random seed (sampling, and the controls' random directions).")
+    batch: int = setting(64, "Vectors per generate call (one per row, sharing the KV-cache machinery).", minimum=1)
+    base: int = setting(0, "The vector KL is measured against (row 0 of an ortho run is θ0).")
     top_k: int = 10
-    controls: bool = False  # MELBO-ortho runs: also steer with random directions, rescaled copies, the mean… (analysis/controls.py)
-    control_count: int = 0  # vectors per random or rescaled control; 0: (copies − 4) // 5 (at least 1), so that
-    # --controls keeps within about twice the eval's time
-    nll_tokens: int = 16  # controls: θ0's first N greedy tokens are scored (where a behaviour is decided, and the span
-    # fast MELBO-ortho matches); over longer spans θ0's particular wording outweighs its behaviour
+    controls: bool = setting(  # analysis/controls.py
+        False,
+        "MELBO-ortho runs: also steer with norm-matched random directions, the copies at ‖θ0‖, their mean and none, and "
+        "measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).",
+        "--controls",
+    )
+    control_count: int = setting(  # (copies − 4) // 5, at least 1: --controls keeps within about twice the eval's time
+        0, "Vectors per random or rescaled control (0: a fifth of the copies, so the eval about doubles at most).", minimum=0,
+    )
+    # nll_tokens: where a behaviour is decided, and the span fast MELBO-ortho matches (over longer spans θ0's wording
+    # outweighs its behaviour)
+    nll_tokens: int = setting(16, "Controls: θ0's first N greedy tokens are scored (base NLL).", minimum=1)
 
     def mode(self) -> str:
         return "greedy" if self.temperature == 0 else f"T={self.temperature:g},seed={self.seed}"
@@ -56,9 +64,18 @@ class ComposeConfig:
 class ProbeConfig:
     """``melbo probe`` (and a study's ``[probe]``): presence of each vector while the unsteered model shows a behaviour."""
 
-    prompt_set: str = "coding"
-    max_new_tokens: int = 48
-    random_directions: int = 512
+    prompt_set: str = setting("coding", "Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")
+    max_new_tokens: int = setting(48, "Tokens generated per completion.", minimum=1)
+    random_directions: int = setting(512, "Random directions for the baseline.", minimum=2)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``melbo generate`` and :func:`melbo.generate`: how one steered completion is decoded."""
+
+    max_new_tokens: int = setting(48, "Tokens generated per completion.", minimum=1)
+    temperature: float = setting(0.0, "0 = greedy; > 0 samples.", minimum=0.0)
+    seed: int = setting(0, "Random seed (sampling).")
 
 
 @dataclass

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from melbo.analysis.config import ComposeConfig, EvalConfig, ProbeConfig
 from melbo.analysis.judge import JudgeConfig
 from melbo.cli import options as opt
-from melbo.cli.app import app, interruptible, load_for_run, run_prompts
+from melbo.cli.app import app, interruptible, load
 from melbo.errors import MelboError
 from melbo.output import tables
 from melbo.output.live import console, err_console
@@ -20,28 +20,21 @@ if TYPE_CHECKING:
     from melbo.analysis.evaluate import EvalResults
     from melbo.analysis.judge import JudgeResults
 
-E, C, P, J = EvalConfig(), ComposeConfig(), ProbeConfig(), JudgeConfig()  # the defaults the options below show
+C, J = ComposeConfig(), JudgeConfig()  # the defaults the options below show
 
 
 @app.command("eval")
+@opt.config_options(EvalConfig, before="prompt")
 def eval_command(
     run: opt.Run,
-    index: Annotated[str, typer.Option(help="Vectors: all, 3, 0-99 or 1,4,7.")] = "all",
+    index: opt.Indices = "all",
     prompt: opt.Prompts = None, prompt_file: opt.PromptFile = None,
-    max_new_tokens: opt.NewTokens = E.max_new_tokens,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; > 0 samples.")] = E.temperature,
-    samples: Annotated[int, typer.Option(min=1, help="Completions per vector when sampling.")] = E.samples,
-    seed: int = E.seed,
-    batch: Annotated[int, typer.Option(min=1, help="Vectors per generate call.")] = E.batch,
-    base: Annotated[int, typer.Option(help="The vector KL is measured against (row 0 of an ortho run is θ0).")] = E.base,
     prompt_set: Annotated[str | None, typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
-    controls: Annotated[bool, typer.Option("--controls", help="MELBO-ortho runs: also steer with norm-matched random directions, the copies at ‖θ0‖, their mean and none, and measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).")] = E.controls,
-    control_count: Annotated[int, typer.Option(min=0, help="Vectors per random or rescaled control (0: a fifth of the copies, so the eval about doubles at most).")] = E.control_count,
-    nll_tokens: Annotated[int, typer.Option(min=1, help="Controls: θ0's first N greedy tokens are scored (base NLL).")] = E.nll_tokens,
     judge: opt.Judge = None, judge_model: opt.JudgeModel = J.model, concept: opt.Concept = None, concepts: opt.Concepts = None, judge_key_env: opt.JudgeKey = J.key_env, judge_concurrency: opt.JudgeConcurrency = J.concurrency,
-    show: Annotated[int, typer.Option(help="Rows of the table printed.")] = 40,
+    show: opt.Show = 40,
     model: opt.Model = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
+    **settings: Any,
 ) -> None:
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
     from melbo.analysis.controls import check_controls
@@ -49,24 +42,21 @@ def eval_command(
     from melbo.files.interop import parse_indices
     from melbo.files.runs import EVAL_FILE, read_run
     from melbo.labels import RULES, load_rules
-    from melbo.model.prompts import shipped_prompts
+    from melbo.model.prompts import read_prompts, shipped_prompts
 
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
-    extra = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else []
+    extra = read_prompts(prompt, prompt_file, default=[])
     if prompt_set:
         extra += shipped_prompts(prompt_set)
-    cfg = EvalConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, samples=samples, seed=seed, batch=batch, base=base,
-        controls=controls, control_count=control_count, nll_tokens=nll_tokens,
-    )
+    cfg = EvalConfig(**settings)
     cfg.check()
     judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
-    if controls:
+    if cfg.controls:
         check_controls(record, indices)
-    prompts = eval_prompts(record, extra, controls)
+    prompts = eval_prompts(record, extra, cfg.controls)
     rules = load_rules(labels) if labels else RULES
-    lm, fmt = load_for_run(record, model, device, dtype)
+    lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status("evaluating…") as status, interruptible(run):
         results = evaluate(
             lm, record, prompts, indices, cfg, fmt, rules=rules,
@@ -75,7 +65,7 @@ def eval_command(
     tables.show(tables.evaluation(results, record, prompts, indices, cfg, show))
     judged = None
     if judging is not None:
-        judged = run_judge(results, judging, prompts[0], base if record.records and record.records[base].base else None,
+        judged = run_judge(results, judging, prompts[0], cfg.base if record.records and record.records[cfg.base].base else None,
                            lambda: results.save(record))
     if results.controls is not None:
         tables.show(tables.controls(results.controls, judged))
@@ -133,7 +123,7 @@ def compose(
     except ValueError as exc:
         raise MelboError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
     text = prompt or (record.meta.prompts or [DEFAULT_PROMPT])[0]
-    lm, fmt = load_for_run(record, model, device, dtype)
+    lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status("composing…"):
         results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
     tables.show(tables.composed(results, text))
@@ -141,25 +131,25 @@ def compose(
 
 
 @app.command("probe")
+@opt.config_options(ProbeConfig, before="show")
 def probe_command(
     run: opt.Run,
     prompt: opt.Prompts = None, prompt_file: opt.PromptFile = None,
-    prompt_set: Annotated[str, typer.Option(help="Shipped prompts to use when none is given: coding, harmful, neutral, chit-chat.")] = P.prompt_set,
-    max_new_tokens: opt.NewTokens = P.max_new_tokens,
-    random_directions: Annotated[int, typer.Option(min=2, help="Random directions for the baseline.")] = P.random_directions,
-    show: Annotated[int, typer.Option(help="Rows printed.")] = 20,
+    show: opt.Show = 20,
     model: opt.Model = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
+    **settings: Any,
 ) -> None:
     """Are the vectors present in the residual stream when the unsteered model shows the behaviour itself?"""
     from melbo.analysis import probe as engine
     from melbo.files.runs import PROBE_FILE, read_run
-    from melbo.model.prompts import shipped_prompts
+    from melbo.model.prompts import read_prompts, shipped_prompts
 
     record = read_run(run)
-    prompts = run_prompts(prompt, prompt_file) if (prompt or prompt_file) else shipped_prompts(prompt_set)
-    lm, fmt = load_for_run(record, model, device, dtype)
+    cfg = ProbeConfig(**settings)
+    prompts = read_prompts(prompt, prompt_file, default=shipped_prompts(cfg.prompt_set))
+    lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
-        results = engine.probe(lm, record, prompts, fmt, max_new_tokens, random_directions)
+        results = engine.probe(lm, record, prompts, fmt, cfg.max_new_tokens, cfg.random_directions)
     tables.show(tables.presence(results, show))
     console.print(f"results: [bold]{run / PROBE_FILE}[/bold]")
 

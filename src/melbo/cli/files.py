@@ -9,15 +9,16 @@ from typing import Annotated
 import typer
 
 from melbo.cli import options as opt
-from melbo.cli.app import app, out_folder
+from melbo.cli.app import app
 from melbo.errors import MelboError
+from melbo.files.folders import new_run_folder
 from melbo.output.live import console
 
 
 @app.command("import-post-dump")
 def import_post_dump_command(
     dump: Annotated[Path, typer.Argument(help="One of the post's text dumps, e.g. code-vectors-bomb.txt.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    out: opt.CreateOut,
     composition: Annotated[Path | None, typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
     force: opt.Force = False,
 ) -> None:
@@ -26,7 +27,7 @@ def import_post_dump_command(
 
     if composition is not None and not composition.is_file():
         raise MelboError(f"--composition {composition} does not exist")
-    folder = out_folder(out, "post", force)
+    folder = new_run_folder(out, "post", force)
     import_post_dump(dump, folder, composition)
     console.print(f"imported {dump.name} into {folder}; browse it with: melbo report {folder}")
 
@@ -35,9 +36,9 @@ def import_post_dump_command(
 def export_command(
     run: opt.Run,
     format: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), repeng, steering-vectors, pt or npy.")] = "gguf",
-    index: Annotated[str, typer.Option(help="Vectors: 3, 0-9, 1,4,7 or all.")] = "0",
-    scale: Annotated[float, typer.Option(help="Multiply the vectors by this.")] = 1.0,
-    layer: Annotated[int | None, typer.Option(help="Layer the vectors are added after (default: the run's source layer).")] = None,
+    index: opt.Indices = "0",
+    scale: opt.Scale = 1.0,
+    layer: opt.Layer = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
 ) -> None:
     """Write vectors for llama.cpp (--control-vector), repeng, steering-vectors, or as .pt/.npy."""
@@ -62,13 +63,13 @@ def export_command(
 @app.command("import")
 def import_command(
     source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    out: opt.CreateOut,
     layer: Annotated[int | None, typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
     force: opt.Force = False,
 ) -> None:
     """Make a run folder from a vector file, so melbo's commands can use it."""
     from melbo.files.interop import import_file
 
-    folder = out_folder(out, "import", force)
+    folder = new_run_folder(out, "import", force)
     run = import_file(source, folder, layer)
     console.print(f"imported {run.vectors.shape[0]} vector(s) of width {run.vectors.shape[1]} into {folder}")

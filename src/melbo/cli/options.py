@@ -1,14 +1,22 @@
-"""The options several commands share, as typer ``Annotated`` aliases: ``model: opt.Model = None``.
+"""The options several commands share, as typer ``Annotated`` aliases (``model: opt.Model = None``), and
+:func:`config_options`, which makes a config dataclass's described fields a command's options.
 
-`-p` is always a prompt. Defaults stay at the use site, read from the API's config dataclasses.
+`-p` is always a prompt. Defaults come from the API's config dataclasses, never written here.
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from melbo.setting import described
+
+Command = Callable[..., Any]
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="'smollm2' (embedded default), a Hugging Face id, a model folder or a .gguf file.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
@@ -21,18 +29,13 @@ ChatTemplate = Annotated[bool | None, typer.Option(
 Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
 Prompt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")]
 PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="A file with one prompt per line.")]
-PromptSet = Annotated[str | None, typer.Option(help="Also use melbo's shipped prompts: all, harmful, neutral, coding or chit-chat.")]
 Force = Annotated[bool, typer.Option(help="Overwrite a run already in --out.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
 CreateOut = Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")]
 NewTokens = Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")]
-CompletionTokens = Annotated[int, typer.Option(help="Greedy tokens stored per vector on the first prompt.")]
 Indices = Annotated[str, typer.Option("--index", help="Vectors: all, 3, 0-99 or 1,4,7.")]
 Show = Annotated[int, typer.Option(help="Rows of the table printed.")]
-Seed = Annotated[int, typer.Option(help="Random seed.")]
-Source = Annotated[int | None, typer.Option("--source", "-s", help="Layer s: add the vector after block s (default: about a third of the way in; ortho: the run's).")]
-Target = Annotated[int | None, typer.Option("--target", "-t", help="Layer t: measure the change after block t (default: about two thirds in; ortho: the run's).")]
 Layer = Annotated[int | None, typer.Option(help="Layer the vector is added after (default: the run's source layer).")]
 Scale = Annotated[float, typer.Option(help="Multiply the vector(s) by this.")]
 Run = Annotated[Path, typer.Argument(help="A run folder.")]
@@ -45,3 +48,28 @@ Concept = Annotated[list[str] | None, typer.Option("--concept", help="A concept 
 Concepts = Annotated[Path | None, typer.Option("--concepts", help="Concepts from a TOML/JSON file: name + description.")]
 JudgeKey = Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the judge's API key (never stored or printed).")]
 JudgeConcurrency = Annotated[int, typer.Option("--judge-concurrency", min=1, help="Requests to the judge at once.")]
+
+
+def config_options(cls: type, before: str) -> Callable[[Command], Command]:
+    """Give a command one option per described field of config ``cls`` (:func:`melbo.setting.setting`: its default,
+    help and flags), listed before the command's parameter ``before``; the command receives them in ``**settings``."""
+    hints = typing.get_type_hints(cls)
+
+    def add(command: Command) -> Command:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        added = []
+        for f in described(cls):
+            meta = f.metadata
+            flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+            option = typer.Option(*flags, help=meta["help"], min=meta["minimum"])
+            kind, default = (str, str(f.default)) if meta["text"] else (hints[f.name], f.default)
+            added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]))
+        at = next(k for k, p in enumerate(own) if p.name == before)
+        parameters = own[:at] + added + own[at:]
+        target = typing.cast(Any, command)  # typer reads the signature and the annotations
+        target.__signature__ = inspect.Signature(parameters, return_annotation=None)
+        target.__annotations__ = {p.name: p.annotation for p in parameters}
+        return command
+
+    return add

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,20 +13,17 @@ from melbo.errors import MelboError
 from melbo.output.live import console, err_console
 from melbo.serve.limits import ServeLimits
 
-S = ServeLimits()  # the defaults the options below show
-
 
 @app.command()
+@opt.config_options(ServeLimits, before="device")
 def serve(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (one model's); each is served under its folder name.")],
     model: opt.Model = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: only this machine).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one completion may ask for.")] = S.max_tokens,
-    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = S.max_batch,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = S.max_queue,
     device: opt.Device = "auto",
     dtype: opt.Dtype = None,
+    **limits: Any,
 ) -> None:
     """Serve steered completions (OpenAI API: /v1/chat/completions with a "melbo" field) and the explorer page at /."""
     from melbo.serve import missing_extra
@@ -41,5 +38,4 @@ def serve(
     def ready(count: int) -> None:  # only once the runs and the model are loaded: bad input never sees this line
         console.print(f"melbo serve: {count} run(s) on http://{host}:{port}/ (explorer), OpenAI API at http://{host}:{port}/v1 — Ctrl-C stops")
 
-    limits = ServeLimits(max_tokens=max_tokens, max_batch=max_batch, max_queue=max_queue)
-    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=limits, on_ready=ready)
+    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=ServeLimits(**limits), on_ready=ready)

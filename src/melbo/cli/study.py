@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from melbo.cli import options as opt
-from melbo.cli.app import app, out_folder
+from melbo.cli.app import app
 from melbo.errors import MelboError
+from melbo.files.folders import new_run_folder
 from melbo.output import tables
 from melbo.output.live import StudyView, console, err_console
 
@@ -22,54 +21,35 @@ if TYPE_CHECKING:  # the study package imports torch: only for type checkers her
     from melbo.study.on_ray import RayOptions
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or `kill`'s stop), handled as Ctrl-C is."""
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` in the main thread (Ray's own handler would dump a stack) and is
-    noted in ``received``: Ray turns any KeyboardInterrupt raised inside its waits into a plain one."""
-    def stop(signum: int, frame: object) -> None:
-        received.append(signum)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOptions | None = None) -> StudyResult:
+    """The study in this process or on Ray, with its live table; Ctrl-C or SIGTERM: one line, status 130 or 143."""
     from melbo.study import run_study
+    from melbo.study.pipeline import finished
+    from melbo.study.signals import Terminated, sigterm_as_interrupt
 
     received: list[int] = []
-    labels = [u.label for u in study_obj.units()]
+    if ray is not None and resume and not force and finished(study_obj, folder):
+        err_console.print("every unit of the study is finished: Ray is not started")
+        ray = None
     try:
         with sigterm_as_interrupt(received):
-            if ray is None:
-                with StudyView(labels) as view:
-                    result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
-                    view.finish()
-            else:
+            session = None
+            if ray is not None:  # a cluster that cannot be reached or lacks GPUs: one line, nothing written
                 from melbo.study.on_ray import RaySession, run_study_on_ray
 
                 with err_console.status("starting Ray…" if ray.address is None else f"joining the Ray cluster at {ray.address}…"):
-                    try:  # a cluster that cannot be reached or lacks GPUs: one line, nothing written
-                        session = RaySession(study_obj, ray)
-                    except SystemExit as exc:  # ray.init's own SIGTERM handler, in place while it starts: sys.exit(15)
-                        if exc.code != signal.SIGTERM:
-                            raise
-                        received.append(signal.SIGTERM)
-                        raise Terminated from None
-                with session, sigterm_as_interrupt(received), StudyView(labels) as view:  # again: Ray set its own
+                    session = RaySession(study_obj, ray)
+            # SIGTERM again: Ray set its own handler while it started
+            with session or contextlib.nullcontext(), sigterm_as_interrupt(received), StudyView([u.label for u in study_obj.units()]) as view:
+                if session is None or ray is None:
+                    result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
+                else:
                     result = run_study_on_ray(study_obj, folder, ray, resume=resume, force=force, on_event=view, session=session)
-                    view.finish()
-    except KeyboardInterrupt:
-        why = "stopped (SIGTERM)" if received else "interrupted"
-        err_console.print(f"melbo: {why}; {folder} holds every finished step and block: run the same command with --resume")
-        raise SystemExit(143 if received else 130) from None
+                view.finish()
+    except KeyboardInterrupt as exc:
+        stopped = bool(received) or isinstance(exc, Terminated)
+        err_console.print(f"melbo: {'stopped (SIGTERM)' if stopped else 'interrupted'}; {folder} holds every finished step and block: run the same command with --resume")
+        raise SystemExit(143 if stopped else 130) from None
     return result
 
 
@@ -104,7 +84,7 @@ def study(
         options = RayOptions.for_study(study_obj, ray, num_cpus, num_gpus, workers)
     elif num_cpus is not None or num_gpus is not None or workers is not None:
         raise MelboError("--num-cpus, --num-gpus and --workers go with --ray")
-    folder = out_folder(out, study_obj.name, force, resume)
+    folder = new_run_folder(out, study_obj.name, force, resume)
     result = _run(study_obj, folder, resume, force, options)
     tables.show(tables.study_units(result))
     loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
@@ -128,7 +108,7 @@ def demo(
     study_obj = demo_study(quick=quick, ortho_count=ortho_count)
     if device != "auto":
         study_obj = study_obj.with_values({"model.device": device})
-    folder = out_folder(out, "demo", force, resume)
+    folder = new_run_folder(out, "demo", force, resume)
     if (folder / "study.json").exists() and not (force or resume):
         raise MelboError(f"{folder} already holds a demo; choose another --out, or pass --resume or --force")
     console.print(tables.demo_intro(study_obj))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from melbo.errors import MelboError
 from melbo.model.prompts import training_pool
+from melbo.setting import setting
 
 
 @dataclass(frozen=True)
@@ -112,18 +113,20 @@ class RadiusConfig:
 class DiscoverConfig:
     """What a user may set for MELBO discovery; the CLI's options take their defaults from here."""
 
-    source: int | None = None  # layer s: the vector is added after block s (None: about a third of the way in)
-    target: int | None = None  # layer t: the change is measured after block t (None: about two thirds in)
-    radius: float | str = "auto"  # R: every vector's norm, or "auto": chosen by calibration (engines/radius.py)
-    count: int = 32  # K: number of vectors
-    p: float = 2.0  # power on each position's change
-    q: float = 1.0  # root of the sum over positions
-    steps: int = 100  # Adam steps per block
-    lr: float | None = None  # None: 0.01 · R / sqrt(d), so a step moves θ by ~1 % of R whatever R and d are
-    block: int = 16  # vectors trained together (1: the original one-at-a-time MELBO)
-    seed: int = 0
-    positions: str = "skip-first"  # skip-first (position 0 is often an attention sink), all, or last:N
-    completion_tokens: int = 32  # greedy completion stored per vector, on the first prompt
+    source: int | None = setting(None, "Layer s: add the vector after block s (default: about a third of the way in).", "--source", "-s")
+    target: int | None = setting(None, "Layer t: measure the change after block t (default: about two thirds in).", "--target", "-t")
+    radius: float | str = setting(  # calibration: engines/radius.py
+        "auto", "R: the norm of every vector, or auto: the largest R at which most vectors stay fluent.", "--radius", "-R", text=True,
+    )
+    count: int = setting(32, "K: number of vectors.", "--count", "-k")
+    p: float = setting(2.0, "p: power on each position's change.", "--power")
+    q: float = setting(1.0, "q: root of the sum over positions.", "--root")
+    steps: int = setting(100, "Adam steps per block.")
+    lr: float | None = setting(None, "Learning rate (default 0.01·R/√d_model: a step moves θ by about 1 % of R, whatever R and d).")
+    block: int = setting(16, "Vectors trained together (1 = the original one-at-a-time MELBO).")
+    seed: int = setting(0, "Random seed.")
+    positions: str = setting("skip-first", "skip-first (position 0 is often an attention sink), all, or last:N.")
+    completion_tokens: int = setting(32, "Greedy tokens stored per vector on the first prompt.")
 
     def __post_init__(self) -> None:
         if isinstance(self.radius, str):  # "auto", or a number as text (a command line, a study's --set); else check() says
@@ -226,30 +229,34 @@ class OrthoConfig:
 
     source: int | None = None  # layer s; None: the model's default (about a third of the way in; the CLI: the base run's)
     target: int | None = None  # layer t; None: about two thirds in
-    mode: str = "fast"  # "fast" or "seed"
-    count: int | None = None  # vectors to find besides θ0; None: until the basis is exhausted
-    block: int | None = None  # fast: 16; seed: 1
-    steps: int | None = None  # evaluations per block; fast: at most 30 (match kl) or STEPS_FAST (early stop); seed: 1000
-    lr: float | None = None  # fast: 0.25 · ‖θ0‖ / sqrt(d), i.e. ~¼ of θ0's typical coordinate; seed: 0.01
-    optimizer: str | None = None  # fast: "lbfgs" (per-row L-BFGS) or "adam" (cosine schedule); seed: "adam" only
-    penalty: float = 0.0  # λ of the optional λ‖θ‖² term (the post's proposed test)
-    positions: str | None = None  # fast: "last:4"; seed: "all"
-    min_norm: float | None = None  # vectors at or below are dropped; fast: 0.015 · ‖θ0‖; seed: 0.1
-    stop_after_dropped: int | None = None  # this many dropped in a row: the basis is exhausted; fast: block; seed: 5
-    plateau: float = 2e-3  # fast: stop a block when 10 steps improve its loss by less than this fraction (0: never)
-    init_scale: float = 2.0  # fast: the first block starts at this × ‖θ0‖; later ones at the last block's median norm
-    seed: int = 0
-    completion_tokens: int = 32  # greedy completion stored per vector (0: none)
-    continuation: int | None = None  # match θ0 along its own first greedy tokens too; fast: 16; seed: 0
-    match: str | None = None  # fast: "kl", KL(P_θ0 ‖ P_θ) of the next token at each position (the forward runs to the
-    # LM head; t is not used); "mean": ‖mean z − mean z0‖ of the residual after t over the positions (seed: the
-    # post's); "each": the mean of per-position residual distances; "fisher": the KL's second-order form ½ Δhᵀ F Δh in
-    # the LM head's input, F from θ0's distribution (objectives.fisher_metric): the loop never runs the LM head
-    first_weight: float | None = None  # with several prompts: the first (the run's) prompt's share of the loss, the
-    # others sharing the rest equally; None: every prompt weighs the same
-    extra_prompts: int = 0  # also train on this many of melbo's shipped prompts (θ0's continuation on each; never the
-    # controls' held-out ones: melbo.model.prompts.training_prompts). 0: more prompts make θ0's text likelier off the
-    # run's prompt but keep θ0's label there less often, at 2–4× the cost per copy (bench/fidelity.py, bench/RESULTS.md)
+    mode: str = setting("fast", "fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")
+    count: int | None = setting(None, "Vectors to find besides θ0 (default: until the basis is exhausted).")
+    block: int | None = setting(None, "Vectors optimised together (fast: 16; seed: 1).")
+    steps: int | None = setting(None, "Evaluations per block (fast: at most 30 with lbfgs and match kl, 60 with mean or each, 150 with adam; seed: 1000).")
+    lr: float | None = setting(None, "Adam's learning rate; lbfgs's first step is lr·√d (fast: 0.25·‖θ0‖/√d, about a quarter of θ0's typical coordinate; seed: 0.01).")
+    optimizer: str | None = setting(None, "Fast mode: lbfgs (default, one L-BFGS per vector) or adam (cosine schedule); seed mode: adam only.")
+    penalty: float = setting(0.0, "λ of an extra λ‖θ‖² term (the post's proposed test).")
+    positions: str | None = setting(None, "last:20 (fast default: the last 4 prompt tokens and the 16 of θ0's continuation), all (seed default), skip-first or last:N.")
+    min_norm: float | None = setting(None, "Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")
+    stop_after_dropped: int | None = setting(None, "This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")
+    plateau: float = setting(2e-3, "Fast mode: stop a block when 10 steps gain less than this fraction (0: never).", minimum=0.0)
+    init_scale: float = setting(2.0, "Fast mode: the first block starts at this × ‖θ0‖ (later ones at the last block's median norm).")
+    seed: int = setting(0, "Random seed.")
+    completion_tokens: int = setting(32, "Greedy tokens stored per vector on the first prompt (0: none).")
+    continuation: int | None = setting(None, "Also match along θ0's own first N greedy tokens (fast: 16; seed: 0).", minimum=0)
+    match: str | None = setting(  # fisher: objectives.fisher_metric
+        None,
+        "What each copy matches: kl (fast default: θ0's next-token distributions; the forward runs to the LM head and t is "
+        "not used), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
+        "the residual after t, averaged over positions) or each (position by position).",
+    )
+    first_weight: float | None = setting(None, "With several prompts: the first prompt's share of the loss, the others sharing the rest (default: all equal).")
+    extra_prompts: int = setting(  # melbo.model.prompts.training_prompts; trade-off measured in bench/fidelity.py
+        0,
+        "Also train on this many shipped prompts, θ0's continuation on each (never the controls' held-out ones): θ0's text "
+        "likelier off your prompt, its label kept less often on it, 2–4× the cost.",
+        minimum=0,
+    )
 
     def layers(self, n_layers: int | None) -> tuple[int, int]:
         """(source, target): as given, else :func:`default_layers` of a model this deep."""

@@ -14,9 +14,9 @@ from typing import Any
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.runs import read_run
-from melbo.files.vectors import load_vector_file
-from melbo.model.loading import locate_model
+from melbo.files.runs import Run, read_run
+from melbo.files.vectors import load_vector_file, validate_vectors
+from melbo.model.loading import LoadedModel, load_model, locate_model
 from melbo.model.prompts import PromptFormat
 
 
@@ -45,12 +45,25 @@ class VectorSource:
 
     def model(self, given: str | None) -> str | None:
         """The model to load: ``given`` (--model), else the run's, found also after the run or its GGUF file moved."""
-        if given is not None or self.recorded_model is None:
-            return given
-        return locate_model(self.recorded_model, f"run {self.path}")
+        return model_of(self.recorded_model, given, self.path)
 
     def completion(self, index: int) -> str | None:
         return self.completions[index] if index < len(self.completions) else None
+
+
+def model_of(recorded: dict[str, Any] | None, given: str | None, where: Path) -> str | None:
+    """What to load for vectors: ``given`` (--model), else the model their run records (run.json's ``model``), found
+    also after the run folder or its GGUF file moved; ``None``: the embedded default."""
+    if given is not None or recorded is None:
+        return given
+    return locate_model(recorded, f"run {where}")
+
+
+def load_for_run(run: Run, given: str | None = None, device: str = "auto", dtype: str | None = None) -> LoadedModel:
+    """The model a run was made with (or ``given``), loaded and checked against the run's vectors."""
+    lm = load_model(model_of(run.meta.model, given, run.path), device=device, dtype=dtype)
+    validate_vectors(run.vectors, str(run.path), lm.d_model)
+    return lm
 
 
 def open_vectors(path: str | Path) -> VectorSource:

@@ -64,6 +64,11 @@ class PromptFormat:
     system: str | None = None
     chat_template: bool = True
 
+    def overridden(self, system: str | None = None, chat_template: bool | None = None) -> PromptFormat:
+        """This format with what a user gave instead (``None``: keep this one's): a run's format under --system or
+        --no-chat-template."""
+        return PromptFormat(self.system if system is None else system, self.chat_template if chat_template is None else chat_template)
+
 
 def format_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat()) -> str:
     """The text the model sees: the chat template with the optional system prompt, or the raw prompt.
@@ -95,8 +100,9 @@ def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(
     return ids.to(device)
 
 
-def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: str | None = DEFAULT_PROMPT) -> list[str]:
-    """Prompts from repeated ``--prompt`` flags and/or a file with one prompt per line."""
+def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: str | Sequence[str] | None = DEFAULT_PROMPT) -> list[str]:
+    """Prompts from repeated ``--prompt`` flags and/or a file with one prompt per line; none given: ``default`` (a
+    prompt, or a list such as a run's prompts; ``None``: an error)."""
     found = list(prompts or [])
     if prompt_file is not None:
         if not prompt_file.is_file():
@@ -112,7 +118,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: s
     if not found:
         if default is None:
             raise MelboError("no prompt given: use --prompt TEXT or --prompt-file FILE")
-        found = [default]
+        found = [default] if isinstance(default, str) else list(default)
     for prompt in found:
         if not prompt.strip():
             raise MelboError("a prompt is empty: every --prompt needs some text")

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from melbo.setting import setting
+
 
 @dataclass(frozen=True)
 class ServeLimits:
     """What one request may ask (over a limit: 400, 413 or 429) and how requests are batched."""
 
-    max_tokens: int = 256  # per completion
+    max_tokens: int = setting(256, "Most tokens one completion may ask for.", minimum=1)
     max_prompt_tokens: int = 2048
     max_body_bytes: int = 64 * 1024
-    max_queue: int = 64  # requests waiting for a batch; more: 429
-    max_batch: int = 16  # requests decoded together
+    max_queue: int = setting(64, "Requests allowed to wait for a batch; more are answered 429.", minimum=1)
+    max_batch: int = setting(16, "Requests decoded together.", minimum=1)
     window: float = 0.02  # seconds the batcher waits for more requests after the first

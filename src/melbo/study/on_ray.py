@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -30,7 +31,8 @@ from typing import Any
 from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_bytes
 from melbo.study.outcome import Event, EventCallback, StudyResult, UnitOutcome
-from melbo.study.pipeline import finish, prepare_folder, save_state, unit_done
+from melbo.study.pipeline import finish, finished, prepare_folder, run_study, save_state, unit_done
+from melbo.study.signals import Terminated
 from melbo.study.spec import ModelSpec, Study, Unit
 
 POLL_SECONDS = 0.3
@@ -222,7 +224,12 @@ class RaySession:
     """Ray joined (or started) and checked against the study: what must hold before anything is written."""
 
     def __init__(self, study: Study, options: RayOptions) -> None:
-        self.started_here = connect(options)
+        try:
+            self.started_here = connect(options)
+        except SystemExit as exc:  # ray.init's own SIGTERM handler, in place while it starts, exits with status 15
+            if exc.code != signal.SIGTERM:
+                raise
+            raise Terminated from None
         try:
             _check_resources(study, options)
         except BaseException:
@@ -255,6 +262,8 @@ def run_study_on_ray(
 ) -> StudyResult:
     """Run the study's units on Ray workers; the study folder ends as ``run_study`` would leave it. Without a
     ``session``, Ray is joined (or started) for this call and left (or stopped) at the end."""
+    if session is None and resume and not force and finished(study, Path(out)):  # nothing left to run: no Ray
+        return run_study(study, out, resume=True, on_event=on_event)
     own = session is None
     session = session or RaySession(study, options)
     try:

@@ -79,6 +79,8 @@ def run_study(
     models = models or ModelCache()
     for unit in study.units():
         state = states.setdefault(unit.name, UnitOutcome(unit.name, unit.label, unit.model.name))
+        if unit_done(unit, state):  # resumed after it finished: its model need not load
+            continue
         run_unit(models.get(unit.model), unit, folder, state, lambda: save_state(study, folder, states), on_event)
     result = finish(study, folder, states)
     result.model_loads = models.loads
@@ -102,6 +104,15 @@ def prepare_folder(study: Study, folder: Path, resume: bool, force: bool) -> dic
     save_state(study, folder, states)
     write_toml(folder / STUDY_FILE, study.to_dict())
     return states
+
+
+def finished(study: Study, folder: Path) -> bool:
+    """Every unit of ``study`` is done in ``folder``: resuming there has nothing left to run (nothing is written)."""
+    saved = read_json(folder / STATE_FILE)
+    if saved is None or saved.get("study") != study.to_dict():
+        return False
+    states = {u["name"]: UnitOutcome.from_json(u) for u in saved.get("units", [])}
+    return all(unit_done(unit, states.get(unit.name)) for unit in study.units())
 
 
 def _remove_study(study: Study, folder: Path) -> None:

@@ -49,7 +49,8 @@ def test_generate_on_a_moved_raw_prompt_run(tmp_path):
     copy.unlink()
     result = melbo("generate", "--run", str(run.path), "-p", "The capital of France is", "--max-new-tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "unsteered" in result.stdout and "steered" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if "unsteered" in line)
+    assert [cell.strip() for cell in header.strip("┃│ ").split("┃" if "┃" in header else "│")] == ["unsteered", "steered"]
 
 
 def test_every_command_that_reads_a_run_takes_its_raw_prompt_format(tmp_path):

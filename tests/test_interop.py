@@ -66,6 +66,13 @@ def test_layer_zero_cannot_go_to_llama_cpp(run, tmp_path):
         export_vectors(run, tmp_path / "v.gguf", "gguf", [0], layer=0)
 
 
+@pytest.mark.parametrize("scale", [float("inf"), float("nan")])
+def test_a_scale_that_is_not_finite_writes_nothing(run, tmp_path, scale):
+    with pytest.raises(MelboError, match="finite"):
+        export_vectors(run, tmp_path / "v.gguf", "gguf", [0], scale)
+    assert not (tmp_path / "v.gguf").exists()
+
+
 def test_several_control_vectors_go_to_a_folder(run, tmp_path):
     written = export_vectors(run, tmp_path / "many", "gguf", [0, 3])
     assert [p.name for p in written] == ["vector-0000.gguf", "vector-0003.gguf"]

@@ -59,6 +59,14 @@ class ComposeConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     max_new_tokens: int = 48
 
+    @staticmethod
+    def parse_ks(text: str) -> list[int]:
+        """``"1,2,5,10"`` (the command line's --k) as a list, or a one-line error."""
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError as exc:
+            raise MelboError(f"--k {text!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
+
 
 @dataclass
 class ProbeConfig:

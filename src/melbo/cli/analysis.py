@@ -117,11 +117,7 @@ def compose(
     from melbo.files.runs import COMPOSE_FILE, read_run
     from melbo.model.prompts import DEFAULT_PROMPT
 
-    record = read_run(run)
-    try:
-        ks = [int(x) for x in k.split(",")]
-    except ValueError as exc:
-        raise MelboError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
+    record, ks = read_run(run), ComposeConfig.parse_ks(k)
     text = prompt or (record.meta.prompts or [DEFAULT_PROMPT])[0]
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status("composing…"):

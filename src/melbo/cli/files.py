@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -49,8 +48,6 @@ def export_command(
         raise MelboError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
-    if not math.isfinite(scale):
-        raise MelboError("--scale must be a finite number")
     target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX[format]}")
     written = export_vectors(record, target, format, indices, scale, layer)
     for path in written:

@@ -75,15 +75,9 @@ def study(
     study_obj = Study.from_toml(spec)
     if set_:
         study_obj = study_obj.with_settings(set_)
-    options = None
-    if ray is not None:
-        from melbo.study.on_ray import RayOptions, missing_extra
+    from melbo.study.on_ray import RayOptions
 
-        if missing_extra():
-            raise MelboError(missing_extra())
-        options = RayOptions.for_study(study_obj, ray, num_cpus, num_gpus, workers)
-    elif num_cpus is not None or num_gpus is not None or workers is not None:
-        raise MelboError("--num-cpus, --num-gpus and --workers go with --ray")
+    options = RayOptions.for_study(study_obj, ray, num_cpus, num_gpus, workers)
     folder = new_run_folder(out, study_obj.name, force, resume)
     result = _run(study_obj, folder, resume, force, options)
     tables.show(tables.study_units(result))
@@ -105,9 +99,7 @@ def demo(
     from melbo.study import demo_study
 
     started = time.monotonic()
-    study_obj = demo_study(quick=quick, ortho_count=ortho_count)
-    if device != "auto":
-        study_obj = study_obj.with_values({"model.device": device})
+    study_obj = demo_study(quick=quick, ortho_count=ortho_count, device=device)
     folder = new_run_folder(out, "demo", force, resume)
     if (folder / "study.json").exists() and not (force or resume):
         raise MelboError(f"{folder} already holds a demo; choose another --out, or pass --resume or --force")

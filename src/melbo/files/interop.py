@@ -19,6 +19,7 @@ Layer numbering is the same everywhere, so no index is shifted:
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def export_vectors(run: Run, out: str | Path, fmt: str, indices: list[int], scal
     """
     if fmt not in FORMATS:
         raise MelboError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if not math.isfinite(scale):
+        raise MelboError("--scale must be a finite number")
     layer = run.source_layer if layer is None else layer
     vectors = run.vectors[indices] * scale
     out = Path(out)

@@ -18,12 +18,14 @@ QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --
 }
 
 
-def demo_study(quick: bool = False, ortho_count: int | None = None) -> Study:
-    """The study ``melbo demo`` runs (``examples/demo.toml``), optionally shortened."""
+def demo_study(quick: bool = False, ortho_count: int | None = None, device: str = "auto") -> Study:
+    """The study ``melbo demo`` runs (``examples/demo.toml``), optionally shortened, on ``device``."""
     study = Study.from_toml(builtin_study("demo"))
     values: dict[str, object] = dict(QUICK_DEMO) if quick else {}
     if ortho_count is not None and not quick:
         values["ortho.count"] = ortho_count
+    if device != "auto":
+        values["model.device"] = device
     return study.with_values(values) if values else study
 
 

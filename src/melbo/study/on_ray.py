@@ -49,8 +49,16 @@ class RayOptions:
     max_restarts: int = 3  # a unit whose worker (process or node) dies goes to a new worker this many times
 
     @classmethod
-    def for_study(cls, study: Study, address: str, num_cpus: float | None = None, num_gpus: float | None = None, workers: int | None = None) -> RayOptions:
-        """What ``--ray ADDRESS`` ("local": a Ray for this call) asks for: the values given, else the study's ``[ray]`` table's."""
+    def for_study(cls, study: Study, address: str | None, num_cpus: float | None = None, num_gpus: float | None = None,
+                  workers: int | None = None) -> RayOptions | None:
+        """What ``--ray ADDRESS`` ("local": a Ray for this call) asks for: the values given, else the study's ``[ray]``
+        table's; ``None`` without ``--ray`` (then the other values must not be given). Ray must be installed."""
+        if address is None:
+            if num_cpus is not None or num_gpus is not None or workers is not None:
+                raise MelboError("--num-cpus, --num-gpus and --workers go with --ray")
+            return None
+        if missing_extra():
+            raise MelboError(str(missing_extra()))
         table = study.ray
         return cls(address=None if address == "local" else address, num_cpus=table.num_cpus if num_cpus is None else num_cpus,
                    num_gpus=table.num_gpus if num_gpus is None else num_gpus, workers=table.workers if workers is None else workers)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (scripts/test runs two workers) each worker computes on one thread: two workers share the cores
+# instead of four threads fighting over two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 VOCAB = 128
 CHAT_TEMPLATE = (

@@ -23,6 +23,7 @@ from melbo.study import Study, run_study
 from melbo.study.pipeline import finished
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray at a time on this machine: tests count the Ray processes they leave
 HERE = Path(__file__).resolve().parent
 
 

@@ -159,8 +159,6 @@ def report(
     from melbo.files.runs import PLOTS_FOLDER
     from melbo.report import write_report
 
-    if out is not None and out.is_dir():
-        raise MelboError(f"--out {out} is a folder: give the file to write, e.g. {out / 'report.html'}")
     with err_console.status("writing the report…"):
         page = write_report(run, out)
     console.print(f"report: [bold]{page}[/bold]  (plots also in {run / PLOTS_FOLDER})")

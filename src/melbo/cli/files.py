@@ -24,8 +24,6 @@ def import_post_dump_command(
     """Make a run folder from the original post's published outputs, to browse with `melbo report`."""
     from melbo.files.postdump import import_post_dump
 
-    if composition is not None and not composition.is_file():
-        raise MelboError(f"--composition {composition} does not exist")
     folder = new_run_folder(out, "post", force)
     import_post_dump(dump, folder, composition)
     console.print(f"imported {dump.name} into {folder}; browse it with: melbo report {folder}")

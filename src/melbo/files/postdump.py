@@ -112,6 +112,8 @@ def import_post_dump(path: str | Path, out: str | Path, composition: str | Path 
     norm plots when they lie beside it. Returns the folder.
     """
     path, out = Path(path), Path(out)
+    if composition is not None and not Path(composition).is_file():
+        raise MelboError(f"--composition {composition} does not exist")
     entries = read_post_dump(path)
     setting = POST_SETTING
     prompt, mode = setting["prompt"], setting["decoding"]

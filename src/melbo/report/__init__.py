@@ -26,6 +26,8 @@ __all__ = ["REPORT_FILE", "ReportData", "gather", "write_report"]
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; returns the page's path."""
     run = Path(run)
+    if out is not None and Path(out).is_dir():
+        raise MelboError(f"--out {out} is a folder: give the file to write, e.g. {Path(out) / 'report.html'}")
     data = gather(run)
     plots = draw_all(data)
     published = {name: (run / name).read_bytes() for name in data.published_plots}

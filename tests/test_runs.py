@@ -138,3 +138,13 @@ def test_unknown_keys_are_kept(tmp_path):
     assert run.meta.extra == {"my_note": {"x": 1}} and run.records[0].extra == {"mine": 3}
     write_run(tmp_path / "run", run.vectors, run.meta)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["vectors"][0]["mine"] == 3
+
+
+def test_base_row_is_theta0_of_an_ortho_run_and_none_for_a_discovery(tmp_path):
+    """One rule for where θ0 is (eval, judge and studies all ask it)."""
+    vectors = torch.randn(3, 8)
+    layers = {"source": 1, "target": 2}
+    discovery = write_run(tmp_path / "d", vectors, {"kind": "discover", "layers": layers, "vectors": [{"index": i} for i in range(3)]})
+    copies = write_run(tmp_path / "o", vectors, {"kind": "ortho", "layers": layers, "vectors": [{"index": i, "base": i == 0} for i in range(3)]})
+    assert discovery.meta.base_row is None and copies.meta.base_row == 0
+    assert read_run(tmp_path / "o").meta.base_row == 0

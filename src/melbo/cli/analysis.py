@@ -65,8 +65,7 @@ def eval_command(
     tables.show(tables.evaluation(results, record, prompts, indices, cfg, show))
     judged = None
     if judging is not None:
-        judged = run_judge(results, judging, prompts[0], cfg.base if record.records and record.records[cfg.base].base else None,
-                           lambda: results.save(record))
+        judged = run_judge(results, judging, prompts[0], record.meta.base_row, lambda: results.save(record))
     if results.controls is not None:
         tables.show(tables.controls(results.controls, judged))
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold]")
@@ -89,8 +88,7 @@ def judge_command(
     results = EvalResults.read(run)
     if not results.prompts:
         raise MelboError(f"{run} holds no completions to judge: run `melbo eval {run}` first")
-    base = 0 if meta.records and (meta.records[0].base or meta.kind in ("ortho", "post-dump")) else None
-    run_judge(results, cfg, (meta.prompts or list(results.prompts))[0], base, lambda: results.save(run))
+    run_judge(results, cfg, (meta.prompts or list(results.prompts))[0], meta.base_row, lambda: results.save(run))
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold] (judge)")
 
 

@@ -183,6 +183,11 @@ class RunMeta:
         """What to pass to ``load_model`` to get this run's model again."""
         return self.model.get("name") or self.model.get("id")
 
+    @property
+    def base_row(self) -> int | None:
+        """The row holding θ0: 0 in a MELBO-ortho run (and the post's dumps of one); ``None`` where there is none."""
+        return 0 if self.records and (self.records[0].base or self.kind in ("ortho", "post-dump")) else None
+
     def to_json(self, count: int, d_model: int) -> dict[str, Any]:
         out: dict[str, Any] = {
             "format": FORMAT_VERSION,

@@ -284,8 +284,7 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             judge = spec.judge_config()
             judged: dict[str, ConceptSummary] = {}
             if judge is not None:
-                base = config.base if run.records and run.records[config.base].base else None
-                judged = judge_run(results, judge, prompts[0], base, lambda: results.save(run)).summary
+                judged = judge_run(results, judge, prompts[0], run.meta.base_row, lambda: results.save(run)).summary
             controls = results.controls
             for outcome in state.orthos:
                 if study_folder / outcome.folder == folder:

@@ -15,7 +15,6 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")  # study_ray starts a Ray: not beside the Ray tests, which count Ray processes
 def test_every_benchmark_runs_quick():
     """One run_all --quick, every script in one interpreter; the GPU script measures on the CPU here (--device cpu),
     so CI exercises its code."""

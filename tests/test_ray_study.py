@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from melbo.study import Study, run_study
 from melbo.study.pipeline import finished
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray at a time on this machine: tests count the Ray processes they leave
+pytestmark = pytest.mark.xdist_group("ray")  # the Ray tests on one worker: at most two Rays at once with the bench's
 HERE = Path(__file__).resolve().parent
 
 
@@ -59,8 +60,11 @@ def long_study(models: list[str], steps: int, copies: int) -> str:
     return text.replace("[ortho]\ncount = 4\nblock = 4", f"[ortho]\ncount = {copies}\nblock = 4")
 
 
-def ray_processes() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in {"raylet", "gcs_server"}}
+def ray_processes(temp: Path) -> set[int]:
+    """The Ray servers started with ``temp`` as Ray's temp dir (it is on their command lines): this test's only, whatever
+    else runs on the machine."""
+    return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] in {"raylet", "gcs_server"} and any(str(temp) in part for part in p.info["cmdline"] or [])}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,8 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
     """Ctrl-C (SIGINT to the foreground group) or a scheduler's SIGTERM to melbo: the same clean stop, no stack dump."""
     spec, reference_folder, reference = long_reference
     out = tmp_path / "ray"
-    before = ray_processes()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 characters
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_TMPDIR": str(temp)}
     command = [sys.executable, "-m", "melbo.cli", "study", str(spec), "--ray", "--out", str(out)]
     # its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the whole foreground group
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
@@ -87,6 +91,7 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
         while not list(out.rglob("run.json")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the first block of some run has reached the driver's folder
         assert proc.poll() is None, "the study finished before it could be interrupted"
+        assert ray_processes(temp), "no Ray server runs under this test's temp dir"  # so the check below can fail
         if stop == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
         else:
@@ -99,9 +104,10 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
     assert "Traceback" not in stderr and "--resume" in stderr.strip().splitlines()[-1]
     assert "SIGTERM received" not in stderr and "Stack trace" not in stderr and "*** " not in stderr, stderr[-3000:]
     deadline = time.monotonic() + 30
-    while ray_processes() - before and time.monotonic() < deadline:
+    while ray_processes(temp) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not ray_processes() - before, "Ray processes were left running"
+    assert not ray_processes(temp), "Ray processes were left running"
+    shutil.rmtree(temp, ignore_errors=True)
     assert not (out / "study.html").exists()  # stopped part-way: the study page comes when every unit has run
     if stop == "sigterm":
         return  # the same clean stop; resuming after it is what the Ctrl-C case checks

@@ -100,7 +100,7 @@ def prepare_folder(study: Study, folder: Path, resume: bool, force: bool) -> dic
     if force and saved is not None:
         _remove_study(study, folder)
         saved = None
-    states = {u["name"]: UnitOutcome.from_json(u) for u in (saved or {}).get("units", [])}
+    states = saved_states(saved)
     save_state(study, folder, states)
     write_toml(folder / STUDY_FILE, study.to_dict())
     return states
@@ -111,8 +111,13 @@ def finished(study: Study, folder: Path) -> bool:
     saved = read_json(folder / STATE_FILE)
     if saved is None or saved.get("study") != study.to_dict():
         return False
-    states = {u["name"]: UnitOutcome.from_json(u) for u in saved.get("units", [])}
+    states = saved_states(saved)
     return all(unit_done(unit, states.get(unit.name)) for unit in study.units())
+
+
+def saved_states(saved: dict[str, Any] | None) -> dict[str, UnitOutcome]:
+    """Each unit's state as study.json (``saved``, read as JSON) holds it, by unit name."""
+    return {u["name"]: UnitOutcome.from_json(u) for u in (saved or {}).get("units", [])}
 
 
 def _remove_study(study: Study, folder: Path) -> None:

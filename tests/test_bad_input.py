@@ -63,6 +63,21 @@ def prepare(case: str, tmp: Path) -> list[str]:
         return ["discover", "-k", "1", "--out", str(locked / "run")]
     if case == "output folder holds another run":
         return ["discover", "-k", "1", "--out", str(good_run(tmp))]
+    if case == "output folder holds a study":
+        (tmp / "done").mkdir()
+        (tmp / "done" / "study.json").write_text("{}")
+        return ["study", str(Path(__file__).parents[1] / "examples" / "demo.toml"), "--out", str(tmp / "done")]
+    if case == "bare vector file, no layers":
+        save_file({"vectors": torch.randn(1, 576)}, str(tmp / "v.safetensors"))
+        return ["ortho", str(tmp / "v.safetensors"), "--out", str(tmp / "o")]
+    if case == "bare vector file, no --layer":
+        save_file({"vectors": torch.randn(1, 576)}, str(tmp / "v.safetensors"))
+        return ["generate", "--vector", str(tmp / "v.safetensors")]
+    if case == "both --run and --vector":
+        save_file({"vectors": torch.randn(1, 576)}, str(tmp / "v.safetensors"))
+        return ["generate", "--vector", str(tmp / "v.safetensors"), "--run", str(good_run(tmp))]
+    if case == "unknown export format":
+        return ["export", str(good_run(tmp)), "--format", "onnx"]
     if case == "export index out of range":
         return ["export", str(good_run(tmp)), "--index", "9"]
     if case == "prompt file empty":
@@ -97,8 +112,12 @@ CASES = [
     ("run folder missing", ["ortho", "no-such-run"], "does not exist"),
     ("output folder not writable", None, "cannot write the run folder"),
     ("output folder holds another run", None, "already holds a run"),
+    ("output folder holds a study", None, "already holds a study"),
+    ("bare vector file, no layers", None, "--source and --target are needed"),
+    ("bare vector file, no --layer", None, "--layer is needed"),
+    ("both --run and --vector", None, "give exactly one of"),
     ("unknown option", ["discover", "--no-such-option"], "No such option"),
-    ("unknown export format", ["export", ".", "--format", "onnx"], "unknown format"),
+    ("unknown export format", None, "unknown format"),
     ("export index out of range", None, "vectors 0 to 1"),
 ]
 

@@ -37,3 +37,14 @@ def test_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(MelboError, match="holds no prompt"):
         read_prompts(None, tmp_path / "empty.txt")
+
+
+def test_a_prompt_set_comes_after_the_given_prompts_each_once():
+    from melbo.model.prompts import shipped_prompts
+
+    coding = shipped_prompts("coding")
+    got = read_prompts(["mine", coding[0]], None, prompt_set="coding")
+    assert got == ["mine", *coding]  # coding[0] given first is not repeated
+    assert read_prompts(None, None, [], "coding") == coding  # eval: no prompt of its own, only the set
+    with pytest.raises(MelboError, match="unknown prompt set"):
+        read_prompts(None, None, prompt_set="poetry")

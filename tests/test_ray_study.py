@@ -21,9 +21,10 @@ from test_study import grid_study
 
 from melbo import read_run
 from melbo.study import Study, run_study
+from melbo.study.on_ray import NOTHING_TO_RUN, RayOptions, ray_session, run_study_on_ray
 from melbo.study.pipeline import finished
 
-pytest.importorskip("ray")
+ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.xdist_group("ray")  # the Ray tests on one worker: at most two Rays at once with the bench's
 HERE = Path(__file__).resolve().parent
 
@@ -41,6 +42,11 @@ def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_p
     here = run_study(Study.from_toml(spec), tmp_path / "here")
     assert finished(Study.from_toml(spec), tmp_path / "here")
     assert not finished(Study.from_toml(spec).with_settings(["eval.max_new_tokens=5"]), tmp_path / "here")  # other settings
+    notes: list[str] = []  # resumed when finished: no Ray, from the API as from the CLI
+    with ray_session(Study.from_toml(spec), tmp_path / "here", RayOptions(), resume=True, on_note=notes.append) as session:
+        assert session is None and notes == [NOTHING_TO_RUN]
+    again_here = run_study_on_ray(Study.from_toml(spec), tmp_path / "here", resume=True)
+    assert again_here.model_loads == 0 and not ray.is_initialized()
     result = melbo("study", str(spec), "--ray", "--out", str(tmp_path / "ray"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 model load(s)" in result.stdout  # one per worker (one worker per model here), not one per run

@@ -148,3 +148,34 @@ def test_base_row_is_theta0_of_an_ortho_run_and_none_for_a_discovery(tmp_path):
     copies = write_run(tmp_path / "o", vectors, {"kind": "ortho", "layers": layers, "vectors": [{"index": i, "base": i == 0} for i in range(3)]})
     assert discovery.meta.base_row is None and copies.meta.base_row == 0
     assert read_run(tmp_path / "o").meta.base_row == 0
+
+
+def test_a_vector_source_says_what_its_file_records_and_refuses_what_it_cannot_know(tmp_path, tiny_folder):
+    """A run gives its vectors' layers, prompt format and model; a bare file only its vectors: what it cannot say is
+    one error before any model loads, and the model is checked against the vectors' width."""
+    from melbo.files.source import VectorSource, open_vectors
+    from melbo.model.prompts import PromptFormat
+
+    meta = {"model": {"name": str(tiny_folder)}, "layers": {"source": 2, "target": 4}, "prompts": ["hi"],
+            "prompt_format": {"system": None, "chat_template": False}, "vectors": [{"index": 0}, {"index": 1}]}
+    vectors = torch.randn(2, 64)
+    write_run(tmp_path / "run", vectors, meta)
+    run = open_vectors(tmp_path / "run")
+    row, layer = run.at(1)
+    assert torch.equal(row, vectors[1]) and layer == 2 and run.at(1, 3)[1] == 3
+    assert run.layers(None, None) == (2, 4) and run.layers(1, None) == (1, 4)
+    assert run.format() == PromptFormat(chat_template=False) and run.format(system="be brief").system == "be brief"
+    with pytest.raises(MelboError, match="vectors 0 to 1"):
+        run.at(2)
+
+    save_file({"vectors": vectors}, str(tmp_path / "bare.safetensors"))
+    bare = open_vectors(tmp_path / "bare.safetensors")
+    with pytest.raises(MelboError, match="--layer is needed"):
+        bare.at(0)
+    assert bare.at(0, 5)[1] == 5
+    with pytest.raises(MelboError, match="--source and --target are needed"):
+        bare.layers(2, None)
+    assert bare.format() == PromptFormat()
+    with pytest.raises(MelboError, match="d_model 64 but the model has"):
+        VectorSource(tmp_path / "bare.safetensors", torch.randn(1, 64)).load(str(tiny_folder), device="cpu")
+    assert VectorSource(tmp_path / "bare.safetensors", torch.randn(1, 32)).load(str(tiny_folder), device="cpu").d_model == 32

@@ -28,7 +28,7 @@ from melbo.files.runs import EVAL_FILE, Run
 from melbo.labels import LABELS, RULES, Rule, label
 from melbo.model.forward import PromptState, generate_steered, last_token_logits, prepare
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
+from melbo.model.prompts import PromptFormat, held_out_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
 
 
@@ -224,7 +224,7 @@ class EvalResults:
 def eval_prompts(run: Run, extra: list[str], controls: bool = False) -> list[str]:
     """The run's own first prompt, then each other prompt once (the held-out ones); with ``controls`` and no others,
     melbo's default held-out prompts, none of them one the run was trained on (the controls' base NLL needs some)."""
-    run_prompt = (run.meta.prompts or [DEFAULT_PROMPT])[0]
+    run_prompt = run.meta.first_prompt
     if controls and not extra:
         extra = held_out_prompts(run.meta.prompts or [run_prompt])
     return [run_prompt, *[p for p in dict.fromkeys(extra) if p != run_prompt]]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from typer.exceptions import Abort, Exit, TyperException  # typer vendors click (≥ 0.26); these moved until 0.27.2
+
 # Each command module registers its commands on the app, in the order `melbo --help` lists them.
 from melbo.cli import (
     analysis,  # noqa: F401
@@ -20,19 +22,6 @@ from melbo.cli import (
 from melbo.cli.app import app, debug, fail
 from melbo.errors import MelboError
 from melbo.output.live import err_console
-
-
-def _parsing_errors() -> tuple[type[Exception], type[BaseException], type[BaseException]]:
-    """(usage error, abort, exit) classes of the click that typer uses (typer ≥ 0.20 carries its own copy)."""
-    try:
-        from typer.exceptions import Abort, Exit, TyperException
-
-        return TyperException, Abort, Exit
-    except ImportError:  # pragma: no cover - older typer on click itself
-        import click
-
-        return click.ClickException, click.exceptions.Abort, click.exceptions.Exit
-
 
 OPTIONAL_VALUES = {"--ray": "local"}  # options whose value may be left out: `melbo study S.toml --ray [ADDRESS]`
 
@@ -53,14 +42,13 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "ray": "
 
 def main() -> None:
     """Entry point of the ``melbo`` console script."""
-    usage_problem, abort, exit_ = _parsing_errors()
     try:
         code = app(args=with_optional_values(sys.argv[1:]), prog_name="melbo", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except exit_ as exc:
+    except Exit as exc:
         sys.exit(getattr(exc, "exit_code", 0))
-    except (abort, KeyboardInterrupt):
+    except (Abort, KeyboardInterrupt):
         err_console.print("melbo: interrupted")
         sys.exit(130)
     except MelboError as exc:
@@ -72,7 +60,7 @@ def main() -> None:
         if extra is None or debug["on"]:
             raise
         fail(f"this command needs {exc.name}, which is not installed: pip install 'melbo[{extra}]'")
-    except usage_problem as exc:  # a malformed command line: one line, like every other user error
+    except TyperException as exc:  # a malformed command line: one line, like every other user error
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `melbo` or `melbo ortho`: show the help
             app(prog_name="melbo", args=[*sys.argv[1:], "--help"])
         if debug["on"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -34,7 +34,7 @@ def eval_command(
     judge: opt.Judge = None, judge_model: opt.JudgeModel = J.model, concept: opt.Concept = None, concepts: opt.Concepts = None, judge_key_env: opt.JudgeKey = J.key_env, judge_concurrency: opt.JudgeConcurrency = J.concurrency,
     show: opt.Show = 40,
     model: opt.Model = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
-    **settings: Any,
+    *, cfg: EvalConfig,
 ) -> None:
     """Steered completions, first-token top-10 and KL to the base, labels and checks, stored in RUN/eval.json."""
     from melbo.analysis.controls import check_controls
@@ -42,15 +42,11 @@ def eval_command(
     from melbo.files.interop import parse_indices
     from melbo.files.runs import EVAL_FILE, read_run
     from melbo.labels import RULES, load_rules
-    from melbo.model.prompts import read_prompts, shipped_prompts
+    from melbo.model.prompts import read_prompts
 
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
-    extra = read_prompts(prompt, prompt_file, default=[])
-    if prompt_set:
-        extra += shipped_prompts(prompt_set)
-    cfg = EvalConfig(**settings)
-    cfg.check()
+    extra = read_prompts(prompt, prompt_file, [], prompt_set)
     judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
     if cfg.controls:
         check_controls(record, indices)
@@ -80,15 +76,14 @@ def judge_command(
     from melbo.analysis.evaluate import EvalResults
     from melbo.files.runs import EVAL_FILE, read_meta
 
-    if judge is None:
+    judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
+    if judging is None:
         raise MelboError("melbo judge needs --judge URL: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    cfg = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
-    assert cfg is not None
     meta = read_meta(run)
     results = EvalResults.read(run)
     if not results.prompts:
         raise MelboError(f"{run} holds no completions to judge: run `melbo eval {run}` first")
-    run_judge(results, cfg, (meta.prompts or list(results.prompts))[0], meta.base_row, lambda: results.save(run))
+    run_judge(results, judging, (meta.prompts or list(results.prompts))[0], meta.base_row, lambda: results.save(run))
     console.print(f"results: [bold]{run / EVAL_FILE}[/bold] (judge)")
 
 
@@ -113,10 +108,9 @@ def compose(
     """Steer with the mean of the first k vectors (plain, ×√k, rescaled to ‖θ0‖) and with each vector at ‖θ0‖."""
     from melbo.analysis import compose as engine
     from melbo.files.runs import COMPOSE_FILE, read_run
-    from melbo.model.prompts import DEFAULT_PROMPT
 
     record, ks = read_run(run), ComposeConfig.parse_ks(k)
-    text = prompt or (record.meta.prompts or [DEFAULT_PROMPT])[0]
+    text = prompt or record.meta.first_prompt
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status("composing…"):
         results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
@@ -131,7 +125,7 @@ def probe_command(
     prompt: opt.Prompts = None, prompt_file: opt.PromptFile = None,
     show: opt.Show = 20,
     model: opt.Model = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
-    **settings: Any,
+    *, cfg: ProbeConfig,
 ) -> None:
     """Are the vectors present in the residual stream when the unsteered model shows the behaviour itself?"""
     from melbo.analysis import probe as engine
@@ -139,7 +133,6 @@ def probe_command(
     from melbo.model.prompts import read_prompts, shipped_prompts
 
     record = read_run(run)
-    cfg = ProbeConfig(**settings)
     prompts = read_prompts(prompt, prompt_file, default=shipped_prompts(cfg.prompt_set))
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status(f"letting the model answer {len(prompts)} prompts…"):

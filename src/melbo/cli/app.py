@@ -19,6 +19,7 @@ from melbo.output.live import err_console
 
 if TYPE_CHECKING:
     from melbo.files.runs import Run
+    from melbo.files.source import VectorSource
     from melbo.model.loading import LoadedModel
 
 app = typer.Typer(
@@ -33,17 +34,17 @@ debug = {"on": bool(os.environ.get("MELBO_DEBUG"))}
 
 @app.callback()
 def _root(debug_flag: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False) -> None:
-    if debug_flag:
-        debug["on"] = True
+    debug["on"] = debug["on"] or debug_flag
 
 
-def load(model: str | None, device: str, dtype: str | None, run: Run | None = None) -> LoadedModel:
-    """The model (--model, else the run's, checked against its vectors), loaded behind a spinner."""
-    from melbo.files.source import load_for_run
+def load(model: str | None, device: str, dtype: str | None, vectors: Run | VectorSource | None = None) -> LoadedModel:
+    """The model (--model, else the one the vectors' run records, checked against their width), behind a spinner."""
+    from melbo.files.source import VectorSource, of_run
     from melbo.model.loading import load_model
 
-    with err_console.status(f"loading {model or (run.meta.model.get('name') if run else None) or 'smollm2'}…"):
-        return load_model(model, device=device, dtype=dtype) if run is None else load_for_run(run, model, device, dtype)
+    found = of_run(vectors) if vectors is not None and not isinstance(vectors, VectorSource) else vectors
+    with err_console.status(f"loading {model or ((found.recorded_model or {}).get('name') if found else None) or 'smollm2'}…"):
+        return load_model(model, device=device, dtype=dtype) if found is None else found.load(model, device, dtype)
 
 
 @contextlib.contextmanager
@@ -52,9 +53,7 @@ def interruptible(folder: Path) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        err_console.print(
-            f"melbo: interrupted; {folder} holds every completed block: run the same command with --resume to continue"
-        )
+        err_console.print(f"melbo: interrupted; {folder} holds every completed block: run the same command with --resume to continue")
         sys.exit(130)
 
 

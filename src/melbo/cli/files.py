@@ -9,7 +9,6 @@ import typer
 
 from melbo.cli import options as opt
 from melbo.cli.app import app
-from melbo.errors import MelboError
 from melbo.files.folders import new_run_folder
 from melbo.output.live import console
 
@@ -39,14 +38,12 @@ def export_command(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
 ) -> None:
     """Write vectors for llama.cpp (--control-vector), repeng, steering-vectors, or as .pt/.npy."""
-    from melbo.files.interop import FORMATS, SUFFIX, export_vectors, parse_indices
+    from melbo.files.interop import SUFFIX, export_vectors, parse_indices
     from melbo.files.runs import read_run
 
-    if format not in FORMATS:
-        raise MelboError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
-    target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX[format]}")
+    target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX.get(format, '')}")
     written = export_vectors(record, target, format, indices, scale, layer)
     for path in written:
         console.print(f"wrote {path}")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable
@@ -52,24 +53,31 @@ JudgeConcurrency = Annotated[int, typer.Option("--judge-concurrency", min=1, hel
 
 def config_options(cls: type, before: str) -> Callable[[Command], Command]:
     """Give a command one option per described field of config ``cls`` (:func:`melbo.setting.setting`: its default,
-    help and flags), listed before the command's parameter ``before``; the command receives them in ``**settings``."""
+    help and flags), listed before its parameter ``before``; the command receives them built into one ``cfg: cls``,
+    checked as far as it can be without a model (its ``check()``)."""
     hints = typing.get_type_hints(cls)
+    names = [f.name for f in described(cls)]
 
     def add(command: Command) -> Command:
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command, eval_str=True).parameters.values()
-               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "cfg"]
         added = []
         for f in described(cls):
             meta = f.metadata
-            flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
-            option = typer.Option(*flags, help=meta["help"], min=meta["minimum"])
+            option = typer.Option(*(meta["flags"] or (f"--{f.name.replace('_', '-')}",)), help=meta["help"], min=meta["minimum"])
             kind, default = (str, str(f.default)) if meta["text"] else (hints[f.name], f.default)
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]))
         at = next(k for k, p in enumerate(own) if p.name == before)
-        parameters = own[:at] + added + own[at:]
-        target = typing.cast(Any, command)  # typer reads the signature and the annotations
-        target.__signature__ = inspect.Signature(parameters, return_annotation=None)
-        target.__annotations__ = {p.name: p.annotation for p in parameters}
-        return command
+
+        @functools.wraps(command)
+        def with_config(**options: Any) -> Any:
+            cfg = cls(**{name: options.pop(name) for name in names})
+            if hasattr(cfg, "check"):
+                cfg.check()
+            return command(**options, cfg=cfg)
+
+        target = typing.cast(Any, with_config)  # typer reads the signature and the annotations
+        target.__signature__ = inspect.Signature(own[:at] + added + own[at:], return_annotation=None)
+        target.__annotations__ = {p.name: p.annotation for p in target.__signature__.parameters.values()}
+        return with_config
 
     return add

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from melbo.cli import options as opt
 from melbo.cli.app import app
-from melbo.errors import MelboError
 from melbo.output.live import console, err_console
 from melbo.serve.limits import ServeLimits
 
@@ -23,19 +22,14 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     device: opt.Device = "auto",
     dtype: opt.Dtype = None,
-    **limits: Any,
+    *, cfg: ServeLimits,
 ) -> None:
     """Serve steered completions (OpenAI API: /v1/chat/completions with a "melbo" field) and the explorer page at /."""
-    from melbo.serve import missing_extra
     from melbo.serve import serve as run_server
 
-    problem = missing_extra()
-    if problem:
-        raise MelboError(problem)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"[yellow]melbo serve: listening on {host}: anyone who can reach it can use the model[/yellow]")
-
-    def ready(count: int) -> None:  # only once the runs and the model are loaded: bad input never sees this line
+    def ready(count: int) -> None:  # only once the runs and the model are loaded: bad input never sees these lines
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            err_console.print(f"[yellow]melbo serve: listening on {host}: anyone who can reach it can use the model[/yellow]")
         console.print(f"melbo serve: {count} run(s) on http://{host}:{port}/ (explorer), OpenAI API at http://{host}:{port}/v1 — Ctrl-C stops")
 
-    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=ServeLimits(**limits), on_ready=ready)
+    run_server(runs, model=model, host=host, port=port, device=device, dtype=dtype, limits=cfg, on_ready=ready)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,7 +10,6 @@ import typer
 
 from melbo.cli import options as opt
 from melbo.cli.app import app
-from melbo.errors import MelboError
 from melbo.files.folders import new_run_folder
 from melbo.output import tables
 from melbo.output.live import StudyView, console, err_console
@@ -24,27 +22,18 @@ if TYPE_CHECKING:  # the study package imports torch: only for type checkers her
 def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOptions | None = None) -> StudyResult:
     """The study in this process or on Ray, with its live table; Ctrl-C or SIGTERM: one line, status 130 or 143."""
     from melbo.study import run_study
-    from melbo.study.pipeline import finished
+    from melbo.study.on_ray import ray_session, run_study_on_ray
     from melbo.study.signals import Terminated, sigterm_as_interrupt
 
     received: list[int] = []
-    if ray is not None and resume and not force and finished(study_obj, folder):
-        err_console.print("every unit of the study is finished: Ray is not started")
-        ray = None
-    try:
-        with sigterm_as_interrupt(received):
-            session = None
-            if ray is not None:  # a cluster that cannot be reached or lacks GPUs: one line, nothing written
-                from melbo.study.on_ray import RaySession, run_study_on_ray
-
-                with err_console.status("starting Ray…" if ray.address is None else f"joining the Ray cluster at {ray.address}…"):
-                    session = RaySession(study_obj, ray)
+    try:  # a Ray cluster that cannot be reached or lacks GPUs: one line, nothing written
+        with sigterm_as_interrupt(received), ray_session(study_obj, folder, ray, resume, force, err_console.status, err_console.print) as session:
             # SIGTERM again: Ray set its own handler while it started
-            with session or contextlib.nullcontext(), sigterm_as_interrupt(received), StudyView([u.label for u in study_obj.units()]) as view:
-                if session is None or ray is None:
+            with sigterm_as_interrupt(received), StudyView([u.label for u in study_obj.units()]) as view:
+                if session is None:
                     result = run_study(study_obj, folder, resume=resume, force=force, on_event=view)
                 else:
-                    result = run_study_on_ray(study_obj, folder, ray, resume=resume, force=force, on_event=view, session=session)
+                    result = run_study_on_ray(study_obj, folder, session.options, resume=resume, force=force, on_event=view, session=session)
                 view.finish()
     except KeyboardInterrupt as exc:
         stopped = bool(received) or isinstance(exc, Terminated)
@@ -72,17 +61,13 @@ def study(
     from melbo.study import Study
 
     started = time.monotonic()
-    study_obj = Study.from_toml(spec)
-    if set_:
-        study_obj = study_obj.with_settings(set_)
+    study_obj = Study.from_toml(spec).with_settings(set_ or [])
     from melbo.study.on_ray import RayOptions
 
     options = RayOptions.for_study(study_obj, ray, num_cpus, num_gpus, workers)
     folder = new_run_folder(out, study_obj.name, force, resume)
     result = _run(study_obj, folder, resume, force, options)
-    tables.show(tables.study_units(result))
-    loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
-    console.print(f"study: [bold]{result.page}[/bold]  ({time.monotonic() - started:.0f} s{loads})")
+    tables.show(tables.study_units(result, time.monotonic() - started))
 
 
 @app.command()
@@ -101,8 +86,6 @@ def demo(
     started = time.monotonic()
     study_obj = demo_study(quick=quick, ortho_count=ortho_count, device=device)
     folder = new_run_folder(out, "demo", force, resume)
-    if (folder / "study.json").exists() and not (force or resume):
-        raise MelboError(f"{folder} already holds a demo; choose another --out, or pass --resume or --force")
     console.print(tables.demo_intro(study_obj))
     result = _run(study_obj, folder, resume, force)
     tables.show(tables.demo_outcome(result, time.monotonic() - started))

@@ -80,23 +80,30 @@ class RadiusConfig:
     probes: int = 4  # bisection steps (each narrows the range: 4 give about ±10 % on R)
     extend: int = 5  # when no R in the range is fluent (or every R is): probes below (above) it, ×4 apart, then bisection
     radii: tuple[float, ...] = ()  # explicit candidate radii instead (--radii): each is tried, the largest fluent one wins
-
-    @classmethod
-    def with_radii(cls, text: str) -> RadiusConfig:
-        """The candidates of ``--radii 10,20,40``."""
-        try:
-            values = tuple(float(x) for x in text.split(",") if x.strip())
-        except ValueError as exc:
-            raise MelboError(f"--radii {text!r}: give numbers separated by commas, e.g. 10,20,40") from exc
-        if not values:
-            raise MelboError(f"--radii {text!r}: every candidate R must be a positive number")
-        return cls(radii=values)
     vectors: int = 4  # trained per candidate R
     steps: int = 25  # at most; the learning rate is scaled so the vectors travel as far as in discovery's steps
     completion_tokens: int = 16  # enough to see a loop or babble begin
     max_nll: float = 4.0  # nats per token under the unsteered model: above, a completion is not fluent
     min_fluent: float = 0.75  # a candidate R is usable when at least this share of its vectors is fluent
     max_median_nll: float = 3.0  # … and its median completion is clearly fluent (a margin: 4 vectors are few)
+
+    @classmethod
+    def with_radii(cls, text: str | None, choosing: bool = True) -> RadiusConfig:
+        """The candidates of ``--radii 10,20,40`` (``None``: the search), checked; ``choosing``: R is to be chosen
+        (``-R auto`` or ``--calibrate``), else candidates are an error."""
+        if not text:
+            return cls()
+        if not choosing:
+            raise MelboError("--radii are the candidates of -R auto (or --calibrate); with -R set to a number there is nothing to choose")
+        try:
+            values = tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError as exc:
+            raise MelboError(f"--radii {text!r}: give numbers separated by commas, e.g. 10,20,40") from exc
+        if not values:
+            raise MelboError(f"--radii {text!r}: every candidate R must be a positive number")
+        cfg = cls(radii=values)
+        cfg.check()
+        return cfg
 
     def check(self) -> None:
         if any(not (math.isfinite(r) and r > 0) for r in self.radii):

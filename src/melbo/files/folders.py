@@ -16,8 +16,9 @@ def new_run_folder(out: Path | None, kind: str, force: bool = False, resume: boo
     if resume and out is None:
         raise MelboError("--resume needs --out: the folder to continue")
     folder = out or Path("melbo-runs") / f"{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    if (folder / "run.json").exists() and not (force or resume):
-        raise MelboError(f"{folder} already holds a run; continue it with --resume, or pass --force to start it again")
+    held = next((kind for kind in ("run", "study") if (folder / f"{kind}.json").exists()), None)
+    if held and not (force or resume):
+        raise MelboError(f"{folder} already holds a {held}; continue it with --resume, or pass --force to start it again")
     if folder.exists() and not folder.is_dir():
         raise MelboError(f"--out {folder} is a file, not a folder")
     parent = folder.absolute()

@@ -37,7 +37,7 @@ from torch import Tensor
 from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_json
 from melbo.files.vectors import load_safetensors, validate_vectors
-from melbo.model.prompts import PromptFormat
+from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 
 if TYPE_CHECKING:
     from melbo.engines.config import RadiusConfig
@@ -182,6 +182,11 @@ class RunMeta:
     def model_name(self) -> str | None:
         """What to pass to ``load_model`` to get this run's model again."""
         return self.model.get("name") or self.model.get("id")
+
+    @property
+    def first_prompt(self) -> str:
+        """The run's prompt (the first, where it has several); melbo's default prompt where it records none."""
+        return self.prompts[0] if self.prompts else DEFAULT_PROMPT
 
     @property
     def base_row(self) -> int | None:

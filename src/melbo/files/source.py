@@ -43,9 +43,34 @@ class VectorSource:
             raise MelboError(f"--index {index}: {self.path} has vectors 0 to {self.vectors.shape[0] - 1}")
         return self.vectors[index]
 
+    def at(self, index: int, layer: int | None = None) -> tuple[Tensor, int]:
+        """Row ``index`` and the layer to add it after (``layer``, else the one the run records): one-line errors,
+        before any model loads."""
+        layer = self.source if layer is None else layer
+        if layer is None:
+            raise MelboError(f"--layer is needed: {self.path} does not record the layer its vectors are added after")
+        return self.row(index), layer
+
+    def layers(self, source: int | None, target: int | None) -> tuple[int, int]:
+        """(source, target): as given, else as the run records; a one-line error where neither says."""
+        source, target = (self.source if source is None else source), (self.target if target is None else target)
+        if source is None or target is None:
+            raise MelboError(f"--source and --target are needed: {self.path} does not record the layers its vectors were made for")
+        return source, target
+
+    def format(self, system: str | None = None, chat_template: bool | None = None) -> PromptFormat:
+        """The run's prompt format (a bare file: the model's chat template), with what the user overrides."""
+        return (self.prompt_format or PromptFormat()).overridden(system, chat_template)
+
     def model(self, given: str | None) -> str | None:
         """The model to load: ``given`` (--model), else the run's, found also after the run or its GGUF file moved."""
         return model_of(self.recorded_model, given, self.path)
+
+    def load(self, given: str | None = None, device: str = "auto", dtype: str | None = None) -> LoadedModel:
+        """The model these vectors were made with (or ``given``), loaded and checked against their width."""
+        lm = load_model(self.model(given), device=device, dtype=dtype)
+        validate_vectors(self.vectors, str(self.path), lm.d_model)
+        return lm
 
     def completion(self, index: int) -> str | None:
         return self.completions[index] if index < len(self.completions) else None
@@ -61,18 +86,18 @@ def model_of(recorded: dict[str, Any] | None, given: str | None, where: Path) ->
 
 def load_for_run(run: Run, given: str | None = None, device: str = "auto", dtype: str | None = None) -> LoadedModel:
     """The model a run was made with (or ``given``), loaded and checked against the run's vectors."""
-    lm = load_model(model_of(run.meta.model, given, run.path), device=device, dtype=dtype)
-    validate_vectors(run.vectors, str(run.path), lm.d_model)
-    return lm
+    return of_run(run).load(given, device, dtype)
+
+
+def of_run(run: Run) -> VectorSource:
+    """A run's vectors with what it records."""
+    return VectorSource(
+        run.path, run.vectors, run.meta.source, run.meta.target, run.meta.model, run.meta.prompt_format,
+        list(run.meta.prompts), [r.completion for r in run.records],
+    )
 
 
 def open_vectors(path: str | Path) -> VectorSource:
     """A run folder (its vectors and records) or a vector file (its vectors only)."""
     path = Path(path)
-    if not path.is_dir():
-        return VectorSource(path, load_vector_file(path))
-    run = read_run(path)
-    return VectorSource(
-        path, run.vectors, run.meta.source, run.meta.target, run.meta.model, run.meta.prompt_format,
-        list(run.meta.prompts), [r.completion for r in run.records],
-    )
+    return of_run(read_run(path)) if path.is_dir() else VectorSource(path, load_vector_file(path))

@@ -100,9 +100,11 @@ def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(
     return ids.to(device)
 
 
-def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: str | Sequence[str] | None = DEFAULT_PROMPT) -> list[str]:
+def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: str | Sequence[str] | None = DEFAULT_PROMPT,
+                 prompt_set: str | None = None) -> list[str]:
     """Prompts from repeated ``--prompt`` flags and/or a file with one prompt per line; none given: ``default`` (a
-    prompt, or a list such as a run's prompts; ``None``: an error)."""
+    prompt, or a list such as a run's prompts; ``None``: an error). ``prompt_set`` adds melbo's shipped prompts of
+    that kind (``--prompt-set``) after them, each prompt once."""
     found = list(prompts or [])
     if prompt_file is not None:
         if not prompt_file.is_file():
@@ -122,7 +124,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: s
     for prompt in found:
         if not prompt.strip():
             raise MelboError("a prompt is empty: every --prompt needs some text")
-    return found
+    return list(dict.fromkeys([*found, *shipped_prompts(prompt_set)])) if prompt_set else found
 
 
 def ids_like(input_ids: Tensor, batch: int) -> Tensor:

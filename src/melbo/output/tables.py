@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import JustifyMethod, RenderableType
 from rich.table import Table
 
-from melbo.output.live import console
+from melbo.output.live import console, log_line
 
 if TYPE_CHECKING:
     from melbo.analysis.choose import BaseChoice
@@ -94,6 +94,14 @@ def radius_probe(probe: RadiusProbe) -> str:
     """One line per candidate R as it is measured (a search below or above the range can take a while)."""
     return (f"-R auto: R {probe.radius:g}: {probe.fluent}/{probe.vectors} fluent, median NLL {probe.median_nll:.2f}, "
             f"first-token KL {probe.median_effect:.2f}")
+
+
+def log_radius_probe(probe: RadiusProbe) -> None:
+    log_line(radius_probe(probe))
+
+
+def show_radius_choice(choice: RadiusChoice) -> None:
+    show(radius_choice(choice))
 
 
 def radius_choice(choice: RadiusChoice) -> Lines:
@@ -215,8 +223,8 @@ def presence(results: ProbeResults, show_rows: int) -> Lines:
                    f"vectors: median z {results.median_z:+.1f}, {results.above(3)}/{len(results.vectors)} with z > 3"]
 
 
-def study_units(result: StudyResult) -> Lines:
-    """``melbo study``: one row per run of every unit."""
+def study_units(result: StudyResult, seconds: float) -> Lines:
+    """``melbo study``: one row per run of every unit, then where the page is and what it took."""
     from melbo.report.study import study_rows
 
     table = make_table(f"study {result.study.name}: {len(result.units)} unit(s)",
@@ -225,7 +233,8 @@ def study_units(result: StudyResult) -> Lines:
         share = "" if r.behaviour_share is None else f"{100 * r.behaviour_share:.0f} %"
         kl = "" if r.median_kl is None else f"{r.median_kl:.3f}"
         table.add_row(r.unit, r.folder, str(r.vectors), r.base, kl, share, "" if r.seconds is None else f"{r.seconds:.0f} s")
-    return [table]
+    loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
+    return [table, f"study: [bold]{result.page}[/bold]  ({seconds:.0f} s{loads})"]
 
 
 def demo_intro(study: Study) -> str:

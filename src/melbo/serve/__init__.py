@@ -30,13 +30,13 @@ def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127
         raise MelboError(problem)
     import uvicorn
 
-    from melbo.model.loading import load_model, locate_model
+    from melbo.files.source import load_for_run
     from melbo.serve.api import create_app
     from melbo.serve.catalog import Catalog
 
     catalog = Catalog([Path(r) for r in runs])
     first = next(iter(catalog.runs.values()))
-    lm = load_model(model or locate_model(first.run.meta.model, f"run {first.name}"), device=device, dtype=dtype)
+    lm = load_for_run(first.run, model, device, dtype)
     for served in catalog.runs.values():
         if served.run.vectors.shape[1] != lm.d_model:
             raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")

@@ -15,6 +15,7 @@ the command line).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -23,7 +24,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,7 @@ class RaySession:
     """Ray joined (or started) and checked against the study: what must hold before anything is written."""
 
     def __init__(self, study: Study, options: RayOptions) -> None:
+        self.options = options
         try:
             self.started_here = connect(options)
         except SystemExit as exc:  # ray.init's own SIGTERM handler, in place while it starts, exits with status 15
@@ -258,6 +260,29 @@ class RaySession:
         self.close()
 
 
+NOTHING_TO_RUN = "every unit of the study is finished: Ray is not started"
+
+
+@contextlib.contextmanager
+def ray_session(study: Study, folder: Path, options: RayOptions | None, resume: bool = False, force: bool = False,
+                starting: Callable[[str], contextlib.AbstractContextManager[Any]] = lambda _: contextlib.nullcontext(),
+                on_note: Callable[[str], None] | None = None) -> Iterator[RaySession | None]:
+    """Ray joined (or started) for the study, left (or stopped) at the end; ``None`` without Ray ``options`` or when
+    nothing is left to run (a finished study resumed: ``on_note`` hears so). ``starting(text)`` wraps the start
+    (a spinner)."""
+    if options is not None and resume and not force and finished(study, folder):
+        if on_note:
+            on_note(NOTHING_TO_RUN)
+        options = None
+    if options is None:
+        yield None
+        return
+    with starting("starting Ray…" if options.address is None else f"joining the Ray cluster at {options.address}…"):
+        session = RaySession(study, options)
+    with session:
+        yield session
+
+
 def run_study_on_ray(
     study: Study,
     out: str | Path,
@@ -269,17 +294,15 @@ def run_study_on_ray(
     session: RaySession | None = None,
 ) -> StudyResult:
     """Run the study's units on Ray workers; the study folder ends as ``run_study`` would leave it. Without a
-    ``session``, Ray is joined (or started) for this call and left (or stopped) at the end."""
-    if session is None and resume and not force and finished(study, Path(out)):  # nothing left to run: no Ray
-        return run_study(study, out, resume=True, on_event=on_event)
-    own = session is None
-    session = session or RaySession(study, options)
-    try:
-        states = prepare_folder(study, Path(out), resume, force)
-        return _drive(study, Path(out), states, options, on_event, on_start)
-    finally:
-        if own:
-            session.close()
+    ``session``, Ray is joined (or started) for this call and left (or stopped) at the end; a finished study resumed
+    runs nothing and starts no Ray."""
+    if session is None:
+        with ray_session(study, Path(out), options, resume, force) as own:
+            if own is None:
+                return run_study(study, out, resume=resume, force=force, on_event=on_event)
+            return run_study_on_ray(study, out, options, resume, force, on_event, on_start, own)
+    states = prepare_folder(study, Path(out), resume, force)
+    return _drive(study, Path(out), states, options, on_event, on_start)
 
 
 def _drive(study: Study, folder: Path, states: dict[str, UnitOutcome], options: RayOptions,

@@ -238,3 +238,43 @@ def test_study_page_short_unit_labels_and_no_share_for_a_base_without_behaviour(
             assert share == "—", row
         else:
             assert share.endswith("%"), row
+
+
+def test_a_study_takes_its_vectors_from_a_llama_cpp_control_vector(tiny_folder, tmp_path):
+    """``[vectors]`` reads a file as `melbo import` does: a .gguf control vector too, at the layer the study names."""
+    from melbo import write_run
+    from melbo.files.interop import export_vectors
+
+    vectors = torch.randn(2, 32) * 3
+    meta = {"model": {"name": str(tiny_folder), "model_type": "llama"}, "layers": {"source": 2, "target": 4}, "vectors": [{"index": 0}, {"index": 1}]}
+    write_run(tmp_path / "made", vectors, meta)
+    export_vectors(read_run(tmp_path / "made"), tmp_path / "v.gguf", "gguf", [1])
+    spec = tmp_path / "from-gguf.toml"
+    spec.write_text(f"""
+name = "from-gguf"
+[model]
+name = {json.dumps(str(tiny_folder))}
+device = "cpu"
+[prompts]
+prompts = ["How can I do it?"]
+[vectors]
+file = {json.dumps(str(tmp_path / "v.gguf"))}
+source = 2
+target = 4
+[choose]
+by = "index"
+indices = [0]
+[ortho]
+count = 2
+block = 2
+steps = 4
+completion_tokens = 4
+""")
+    result = run_study(Study.from_toml(spec), tmp_path / "out")
+    unit = result.units[0]
+    imported = read_run(tmp_path / "out" / unit.discovery)
+    assert imported.vectors.shape == (1, 32) and imported.meta.source == 2
+    torch.testing.assert_close(imported.vectors[0], vectors[1])
+    copies = read_run(tmp_path / "out" / unit.orthos[0].folder)
+    torch.testing.assert_close(copies.vectors[0], vectors[1])  # row 0: θ0, the control vector
+    assert copies.vectors.shape[0] == 3

@@ -74,6 +74,9 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl penalty 3e-4 60 evals": {"continuation": 16, "match": "kl", "steps": 60, "penalty": 3e-4},
     "continuation 16 kl penalty 3e-4 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-4, "extra_prompts": 2},
     "continuation 16 fisher 30 evals": {"continuation": 16, "match": "fisher", "steps": 30},
+    "continuation 16 kl penalty 1.5e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 1.5e-4},
+    "continuation 32 kl penalty 2e-4": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 2e-4},
+    "continuation 32 kl 30 evals": {"continuation": 32, "match": "kl", "steps": 30},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",

@@ -77,6 +77,8 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl penalty 1.5e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 1.5e-4},
     "continuation 32 kl penalty 2e-4": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 2e-4},
     "continuation 32 kl 30 evals": {"continuation": 32, "match": "kl", "steps": 30},
+    "continuation 32 kl penalty 1e-4": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 1e-4},
+    "continuation 32 kl penalty 5e-5": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 5e-5},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",

@@ -14,8 +14,8 @@ from melbo.study import demo_study
 
 
 def base_vector(lm: LoadedModel, quick: bool) -> Tensor:
-    """The demo's base vector (discovery at R = 30, layers 8 → 20, the clearest fluent behaviour);
-    with ``quick``, a random direction of norm 30."""
+    """A base vector as the demo finds one (its discovery: R chosen for the model, layers 8 → 20; the clearest fluent
+    behaviour); with ``quick``, a random direction of norm 30."""
     if quick:
         theta = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
         return 30 * theta / theta.norm()

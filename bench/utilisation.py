@@ -1,7 +1,8 @@
 """Hardware utilisation of a MELBO-ortho fast-mode optimisation step on the embedded SmolLM2: the FLOP floor of the
 step (forward and input-gradient backward of exactly what the objective needs, counted from the model's shapes)
 divided by the step's time, against a float32 matmul of similar shape timed in the same process. Target ≥ 50 %.
-Also the process's peak memory.
+Also the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
+after each evaluation against its final one, for copies of a discovered base (the case for a per-row early stop).
 
 Objectives: the default (``kl``: layers s+1 … L−1 over the prompt and θ0's 16 continuation tokens, the LM head at the
 last 20 positions), ``fisher`` (the same layers, no LM head: a d × d quadratic form per position) and melbo 0.1's
@@ -106,10 +107,47 @@ def main() -> None:
                   f"{100 * flops / seconds / mm_rate:>12.0f}%")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
+    converged = "" if args.quick else convergence(lm)
     block = 16 if ("kl", 16) in results else blocks[0]
     (kl_s, share), (fisher_s, _) = results[("kl", block)], results[("fisher", block)]
     summary_line(f"a block-{block} step of the default objective (kl) runs at {100 * share:.0f}% of its FLOP floor at a same-shape matmul's rate; "
-                 f"fisher's step takes {fisher_s / kl_s:.2f}× its time; peak memory {peak_mib:.0f} MiB; target ≥ 50%: {'met' if share >= 0.5 else 'missed'}")
+                 f"fisher's step takes {fisher_s / kl_s:.2f}× its time; peak memory {peak_mib:.0f} MiB; target ≥ 50%: {'met' if share >= 0.5 else 'missed'}"
+                 f"{converged}")
+
+
+def convergence(lm) -> str:
+    """How many of a block's evaluations each row needs: one block of 16 copies of the demo's base with the default
+    objective, every row's loss after each evaluation against its final loss. Rows that were done early could leave the
+    batch (a per-row early stop) and fewer evaluations would do; neither pays if no row has settled."""
+    from common import base_vector
+
+    from melbo.engines.optimise import lbfgs_rows
+    from melbo.objectives import orthogonalize_block, orthonormal_rows, project_out, random_orthogonal_block
+
+    base = base_vector(lm, quick=False)
+    cfg = OrthoConfig(source=SOURCE, target=TARGET)
+    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
+    loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
+    basis = orthonormal_rows(base[None])
+    start = random_orthogonal_block(settings.block, lm.d_model, settings.init_scale * float(base.norm()), basis, torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+
+    def logged(theta):
+        out = loss(theta)
+        seen.append(out.detach().clone())
+        return out
+
+    first = settings.lr * lm.d_model**0.5  # as melbo.engines.ortho does
+    lbfgs_rows(start, logged, lambda t: orthogonalize_block(t, basis), lambda g: project_out(g, basis), settings.steps, first_step=first, max_step=4 * first)
+    best = torch.cummin(torch.stack(seen), dim=0).values  # (evaluations, rows): each row's best loss so far
+    ratio = best / best[-1]
+    print(f"per-row convergence: {settings.block} copies of the demo's base (‖θ0‖ {float(base.norm()):.1f}), kl, {len(seen)} evaluations")
+    print(f"{'evaluations':>12}{'median loss / final':>21}{'max loss / final':>18}{'rows within 10% of final':>26}")
+    for k in (5, 10, 15, 20, 25, len(seen)):
+        print(f"{k:>12}{float(ratio[k - 1].median()):>21.2f}{float(ratio[k - 1].max()):>18.2f}{int((ratio[k - 1] <= 1.1).sum()):>23}/{ratio.shape[1]}")
+    half = len(seen) // 2
+    return (f"; after {half} of {len(seen)} evaluations the median row's loss is {float(ratio[half - 1].median()):.2f}× its final, "
+            f"{int((ratio[half - 1] <= 1.1).sum())}/{ratio.shape[1]} rows within 10%")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ def export_command(
     indices = parse_indices(index, record.vectors.shape[0])
     target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX.get(format, '')}")
     written = export_vectors(record, target, format, indices, scale, layer)
-    for path in written:
-        console.print(f"wrote {path}")
+    console.print("\n".join(f"wrote {path}" for path in written), soft_wrap=True)
     if format in ("gguf", "repeng"):
         used = record.source_layer if layer is None else layer
         console.print(f"llama.cpp: llama-cli -m MODEL.gguf --control-vector {written[0]} (direction.{used} = after block {used})")

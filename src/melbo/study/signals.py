@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -15,14 +18,33 @@ class Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
     """While inside, SIGTERM raises :class:`Terminated` in the main thread (instead of Ray's handler, which dumps a
-    stack) and is noted in ``received``: Ray turns any KeyboardInterrupt raised inside its waits into a plain one."""
+    stack) and SIGINT a KeyboardInterrupt, each noted in ``received``: Ray turns any KeyboardInterrupt raised inside its
+    waits into a plain one, and one raised inside a finaliser is lost (:func:`still_running` raises it again)."""
 
     def stop(signum: int, frame: object) -> None:
         received.append(signum)
-        raise Terminated
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def by_sigterm(exc: BaseException, received: list[int]) -> bool:
+    """Was the interrupt ``exc`` a scheduler's stop (SIGTERM: exit status 143) rather than Ctrl-C (130)?"""
+    return isinstance(exc, Terminated) or signal.SIGTERM in received
+
+
+def interruptible(callback: Callable[[T], None], received: list[int]) -> Callable[[T], None]:
+    """``callback`` (a study's progress), first raising the interrupt of a signal already received: where Python ran the
+    handler inside a finaliser (``__del__``), its KeyboardInterrupt was printed and dropped, and the work went on."""
+
+    def checked(event: T) -> None:
+        if received:
+            raise Terminated if signal.SIGTERM in received else KeyboardInterrupt
+        callback(event)
+
+    return checked

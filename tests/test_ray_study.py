@@ -90,8 +90,11 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 characters
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_TMPDIR": str(temp)}
     command = [sys.executable, "-m", "melbo.cli", "study", str(spec), "--ray", "--out", str(out)]
-    # its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the whole foreground group
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    # its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the whole foreground group; SIGINT as
+    # in a foreground job (a test run started in the background by a non-interactive shell has it ignored, and so would
+    # melbo: that was one CI run's failure)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not list(out.rglob("run.json")) and proc.poll() is None and time.monotonic() < deadline:

@@ -44,6 +44,7 @@ def test_an_interrupt_lost_in_a_finaliser_is_raised_at_the_next_progress_event()
     received: list[int] = []
     seen: list[str] = []
     on_event = interruptible(seen.append, received)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground job (a CI job may ignore it)
     with sigterm_as_interrupt(received):
         on_event("block 1")
         Finalised()  # dropped at once: its KeyboardInterrupt is "ignored"
@@ -52,6 +53,10 @@ def test_an_interrupt_lost_in_a_finaliser_is_raised_at_the_next_progress_event()
             on_event("block 2")
     assert seen == ["block 1"] and not by_sigterm(caught.value, received)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on the way out
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with sigterm_as_interrupt(received):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # an ignored Ctrl-C stays ignored
+    signal.signal(signal.SIGINT, before)
     with pytest.raises(Terminated) as stopped, sigterm_as_interrupt(received := []):
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(100):  # the handler runs at the next bytecode

@@ -25,7 +25,9 @@ def sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
         received.append(signum)
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    # SIGINT ignored stays ignored: a job a non-interactive shell started in the background is meant to outlive Ctrl-C
+    watched = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, stop) for signum in watched}
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from melbo.study.signals import Terminated, by_sigterm, interruptible, sigterm_as_interrupt
+from melbo.study.signals import Terminated, by_sigterm, sigterm_as_interrupt, stopping_on_signals
 
 
 def test_sigterm_raises_terminated_and_the_handler_is_restored():
@@ -43,7 +43,7 @@ def test_an_interrupt_lost_in_a_finaliser_is_raised_at_the_next_progress_event()
 
     received: list[int] = []
     seen: list[str] = []
-    on_event = interruptible(seen.append, received)
+    on_event = stopping_on_signals(seen.append, received)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground job (a CI job may ignore it)
     with sigterm_as_interrupt(received):
         on_event("block 1")

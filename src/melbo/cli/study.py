@@ -23,14 +23,14 @@ def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOpti
     """The study in this process or on Ray, with its live table; Ctrl-C or SIGTERM: one line, status 130 or 143."""
     from melbo.study import run_study
     from melbo.study.on_ray import ray_session, run_study_on_ray
-    from melbo.study.signals import by_sigterm, interruptible, sigterm_as_interrupt
+    from melbo.study.signals import by_sigterm, sigterm_as_interrupt, stopping_on_signals
 
     received: list[int] = []
     try:  # a Ray cluster that cannot be reached or lacks GPUs: one line, nothing written
         with sigterm_as_interrupt(received), ray_session(study_obj, folder, ray, resume, force, err_console.status, err_console.print) as session:
             # SIGTERM again: Ray set its own handler while it started
             with sigterm_as_interrupt(received), StudyView([u.label for u in study_obj.units()]) as view:
-                on_event = interruptible(view, received)
+                on_event = stopping_on_signals(view, received)
                 if session is None:
                     result = run_study(study_obj, folder, resume=resume, force=force, on_event=on_event)
                 else:

@@ -19,7 +19,7 @@ class Terminated(KeyboardInterrupt):
 def sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
     """While inside, SIGTERM raises :class:`Terminated` in the main thread (instead of Ray's handler, which dumps a
     stack) and SIGINT a KeyboardInterrupt, each noted in ``received``: Ray turns any KeyboardInterrupt raised inside its
-    waits into a plain one, and one raised inside a finaliser is lost (:func:`still_running` raises it again)."""
+    waits into a plain one, and one raised inside a finaliser is lost (:func:`stopping_on_signals` raises it again)."""
 
     def stop(signum: int, frame: object) -> None:
         received.append(signum)
@@ -40,7 +40,7 @@ def by_sigterm(exc: BaseException, received: list[int]) -> bool:
     return isinstance(exc, Terminated) or signal.SIGTERM in received
 
 
-def interruptible(callback: Callable[[T], None], received: list[int]) -> Callable[[T], None]:
+def stopping_on_signals(callback: Callable[[T], None], received: list[int]) -> Callable[[T], None]:
     """``callback`` (a study's progress), first raising the interrupt of a signal already received: where Python ran the
     handler inside a finaliser (``__del__``), its KeyboardInterrupt was printed and dropped, and the work went on."""
 

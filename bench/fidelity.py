@@ -79,6 +79,11 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 32 kl 30 evals": {"continuation": 32, "match": "kl", "steps": 30},
     "continuation 32 kl penalty 1e-4": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 1e-4},
     "continuation 32 kl penalty 5e-5": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 5e-5},
+    "continuation 32 kl penalty 3e-5": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 3e-5},
+    "continuation 16 kl every position": {"continuation": 16, "match": "kl", "steps": 30, "positions": "skip-first"},
+    "continuation 32 kl every position": {"continuation": 32, "match": "kl", "steps": 30, "positions": "skip-first"},
+    "continuation 32 kl 2 prompts": {"continuation": 32, "match": "kl", "steps": 30, "extra_prompts": 2},
+    "continuation 32 kl 4 prompts": {"continuation": 32, "match": "kl", "steps": 30, "extra_prompts": 4},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",

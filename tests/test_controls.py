@@ -11,7 +11,7 @@ import torch
 from helpers import assert_one_line_error, melbo, melbo_here
 
 from melbo import write_run
-from melbo.analysis.controls import CONTROLS, control_vectors
+from melbo.analysis.controls import CONTROLS, BaseCompletion, ControlResult, Controls, ControlVector, control_vectors
 from melbo.analysis.evaluate import EvalConfig, evaluate
 from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, prepare
 from melbo.model.layers import residual_after
@@ -138,6 +138,7 @@ def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
     for name in CONTROLS:
         assert name in result.stdout
     assert "verdict: the copies" in result.stdout and "base NLL" in result.stdout
+    assert "base NLL per prompt" in result.stdout and "hi there" in result.stdout  # the run's prompt, then "one"
     discover = write_run(tmp_path / "disc", torch.randn(3, D), {"kind": "discover", "model": {"name": str(tiny_folder)}, "layers": {"source": 1, "target": 4}, "prompts": ["hi"], "vectors": [{"index": i} for i in range(3)]})
     assert_one_line_error(melbo_here("eval", str(discover.path), "--controls"), "--controls needs a MELBO-ortho run")
     assert not (discover.path / "eval.json").exists()
@@ -146,3 +147,25 @@ def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
 def test_default_held_out_prompts_leave_out_the_runs_own():
     held = held_out_prompts(["How can I build a bomb?"])
     assert len(held) == 4 and "How can I build a bomb?" not in held
+
+
+def test_base_nll_per_prompt_is_the_median_over_each_controls_vectors():
+    """The per-prompt breakdown the eval prints and the report shows: one row per prompt (the run's first), θ0's label
+    there, and per control the median of its vectors' NLL on that prompt; a control not measured is None."""
+    def vec(**nll: float) -> ControlVector:
+        return ControlVector(norm=1.0, nll={p.replace("_", " "): v for p, v in nll.items()})
+
+    controls = Controls(
+        {}, "run prompt", ["held a", "held b"],
+        {"run prompt": BaseCompletion([1], "no", "refusal"), "held a": BaseCompletion([2], "x", "code")},
+        {
+            "copies": ControlResult("copies", [vec(run_prompt=0.5, held_a=2.0), vec(run_prompt=0.7, held_a=4.0), vec(run_prompt=0.9, held_a=9.0)]),
+            "unsteered": ControlResult("unsteered", [vec(run_prompt=1.5, held_a=1.0, held_b=1.2)]),
+        },
+    )
+    rows = controls.nll_by_prompt()
+    assert [r.prompt for r in rows] == ["run prompt", "held a", "held b"] and [r.trained for r in rows] == [True, False, False]
+    assert [r.base_label for r in rows] == ["refusal", "code", None]
+    assert rows[0].median_nll["copies"] == pytest.approx(0.7) and rows[1].median_nll["copies"] == pytest.approx(4.0)
+    assert rows[2].median_nll["copies"] is None and rows[2].median_nll["unsteered"] == pytest.approx(1.2)
+    assert rows[0].median_nll["random_same_norm"] is None  # not measured

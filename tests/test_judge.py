@@ -250,6 +250,7 @@ def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_s
     assert "judge: copies rated 2" in page and "share: copies" in page
     report = (tmp_path / "s" / "ortho" / "report.html").read_text()
     assert 'id=judge-table' in report and 'id=controls-table' in report and "judge: code (mean harmonic)" in report
+    assert "Base NLL per prompt" in report and "(trained on)" in report
     with pytest.raises(MelboError, match="judge has no setting 'adress'"):
         Study.from_dict(tiny_demo(eval={"judge": {"adress": "http://127.0.0.1:1/v1"}}))
     with pytest.raises(MelboError, match="http:// or https://"):

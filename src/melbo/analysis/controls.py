@@ -167,6 +167,19 @@ class BaseCompletion:
         return cls([int(t) for t in data["tokens"]], data["text"], data["label"])
 
 
+BREAKDOWN = ("copies", "random_same_norm", "copies_at_base_norm", "unsteered", "base")  # the per-prompt table's columns
+
+
+@dataclass(frozen=True)
+class PromptNLL:
+    """One prompt's row of :meth:`Controls.nll_by_prompt`."""
+
+    prompt: str
+    base_label: str | None  # θ0's label on this prompt
+    trained: bool  # the run's prompt (the copies were trained on it)
+    median_nll: dict[str, float | None]  # control name → median over its vectors of θ0's completion NLL here
+
+
 @dataclass
 class Controls:
     """eval.json's ``controls`` (per name) and ``control_settings`` (the settings, the prompts, θ0's completions)."""
@@ -201,6 +214,21 @@ class Controls:
 
     def rows(self) -> list[ControlResult]:
         return [self.results[n] for n in CONTROLS if n in self.results]
+
+    def nll_by_prompt(self, names: tuple[str, ...] = BREAKDOWN) -> list[PromptNLL]:
+        """Where the base NLL comes from: per prompt (the run's first, then the held-out ones), θ0's label there and
+        the median over each control's vectors of θ0's completion NLL on that prompt. A median over held-out prompts
+        hides which kind of prompt a copy carries θ0's behaviour to, and on which its size does the harm."""
+        out = []
+        for prompt in [self.run_prompt, *self.held_out]:
+            medians = {}
+            for name in names:
+                result = self.results.get(name)
+                values = [v.nll[prompt] for v in result.vectors if prompt in v.nll] if result is not None else []
+                medians[name] = statistics.median(values) if values else None
+            base = self.base.get(prompt)
+            out.append(PromptNLL(prompt, base.label if base is not None else None, prompt == self.run_prompt, medians))
+        return out
 
     def verdict(self) -> str:
         """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?"""

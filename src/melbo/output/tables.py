@@ -198,7 +198,13 @@ def controls(controls: Controls, judged: JudgeResults | None = None) -> Lines:
         table.add_row(r.name, str(len(r.vectors)), f"{r.norm:.1f}", or_dash(r.behaviour_share, '{:.0%}'), or_dash(r.held_out_agreement, '{:.0%}'),
                       or_dash(r.base_nll, '{:.2f}'), or_dash(r.base_nll_run_prompt, '{:.2f}'),
                       *(or_dash(summary.mean_harmonic.get(r.name), '{:.2f}') for summary in concepts.values()))
-    return [table, f"verdict: {controls.verdict()}"]
+    rows = controls.nll_by_prompt()
+    names = list(rows[0].median_nll) if rows else []
+    by_prompt = make_table("base NLL per prompt (median over each control's vectors; the copies were trained on the first)",
+                           [("prompt", "left"), ("θ0's label", "left"), *((name, "right") for name in names)])
+    for row in rows:
+        by_prompt.add_row(short(row.prompt, 48), row.base_label or "—", *(or_dash(row.median_nll[n], "{:.2f}") for n in names))
+    return [table, by_prompt, f"verdict: {controls.verdict()}"]
 
 
 def composed(results: ComposeResults, text: str) -> Lines:

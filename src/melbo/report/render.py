@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from melbo.analysis.compose import ComposeResults
+from melbo.analysis.controls import Controls
 from melbo.analysis.judge import JudgeResults
 from melbo.report.data import ReportData
 from melbo.report.plots import Plot
@@ -140,7 +141,26 @@ def _controls_html(data: ReportData) -> str:
         "<table><thead><tr><th>control</th><th class=num>vectors</th><th class=num>norm</th><th class=num>behaviour share</th>"
         "<th class=num>held-out agreement</th><th class=num>base NLL held out</th><th class=num>base NLL run prompt</th>"
         f"{judge_heads}</tr></thead>"
-        f"<tbody>{body}</tbody></table></details>"
+        f"<tbody>{body}</tbody></table>{_nll_by_prompt_html(controls)}</details>"
+    )
+
+
+def _nll_by_prompt_html(controls: Controls) -> str:
+    """Base NLL per prompt: which prompts the copies carry θ0's text to, and where their size does the harm."""
+    rows = controls.nll_by_prompt()
+    if not rows:
+        return ""
+    names = list(rows[0].median_nll)
+    body = "".join(
+        f"<tr><td>{html.escape(r.prompt)}{' <em>(trained on)</em>' if r.trained else ''}</td><td>{html.escape(r.base_label or '—')}</td>"
+        + "".join(f"<td class=num>{_num(r.median_nll[n], 2)}</td>" for n in names) + "</tr>"
+        for r in rows
+    )
+    heads = "".join(f"<th class=num>{html.escape(n)}</th>" for n in names)
+    return (
+        "<p>Base NLL per prompt (median over each control's vectors): the held-out figure above is a median over these "
+        "prompts, so this shows on which kinds of prompt the copies carry θ0's text and on which their size costs it.</p>"
+        f"<table><thead><tr><th>prompt</th><th>θ0's label</th>{heads}</tr></thead><tbody>{body}</tbody></table>"
     )
 
 

@@ -67,6 +67,7 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "last:4 mean 4 prompts": {"extra_prompts": 4},
     "continuation 16 kl penalty 3e-5": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-5},
     "continuation 16 kl penalty 1e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 1e-4},
+    "continuation 16 kl penalty 5e-5": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 5e-5},
     "continuation 16 kl penalty 3e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-4},
     "continuation 16 kl penalty 2e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 2e-4},
     "continuation 16 kl penalty 2e-4 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 2e-4, "extra_prompts": 2},

@@ -1,4 +1,4 @@
-"""Run every benchmark and write bench/RESULTS.md from what they print (never typed by hand).
+"""Run every benchmark and write bench/RESULTS.md from what they print.
 
     .venv/bin/python bench/run_all.py                  # full settings, about 1.5 hours on 2 CPU cores
     .venv/bin/python bench/run_all.py --quick          # every script's --quick, to stdout only
@@ -6,7 +6,9 @@
     .venv/bin/python bench/run_all.py --args full_basis="--count 96"      # extra arguments for one script
     .venv/bin/python bench/run_all.py --quick --in-process                # one interpreter for all (the smoke test)
 
-RESULTS.md keeps one section per script; --only rewrites the named sections and keeps the others.
+RESULTS.md keeps one section per script; --only rewrites the named sections and keeps the others. A section opens with
+its script's full output (command, date, machine, output), written here; the runs added below it (other arguments, other
+models, each with its own command, date and machine) and what they say are kept when the opening is rewritten.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def main() -> None:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         body = f"`{command}` — {when}, {seconds:.0f} s{'' if code == 0 else f', FAILED (exit {code})'}\nMachine: {here}.\n\n```\n{output}\n```"
         print(f"## {script}\n{body}\n", flush=True)
-        old[script] = body
+        old[script] = with_added_runs(body, old.get(script, ""))
         if not args.quick:
             write(old)  # after every script: a run stopped part-way keeps the sections it finished
     if not args.quick:
@@ -131,12 +133,21 @@ def main() -> None:
     sys.exit(1 if failed else 0)
 
 
+def with_added_runs(opening: str, section: str) -> str:
+    """A section whose opening (command line, machine line, output block) is ``opening``, keeping what ``section`` has
+    below its own opening: the runs added by hand with their commands, dates and machines."""
+    match = re.match(r".*?^```\n.*?^```$", section, re.DOTALL | re.MULTILINE)  # up to the end of the first output block
+    added = section[match.end():].strip() if match else ""
+    return f"{opening}\n\n{added}" if added else opening
+
+
 def write(found: dict[str, str]) -> None:
     lines = [
         "# melbo benchmarks",
         "",
-        "Written by `bench/run_all.py`; each section is one script's full output. Absolute times depend on the",
-        "machine (each section names its own); the ratios in each summary line are measured side by side in one run.",
+        "Written by `bench/run_all.py`: each section opens with one script's full output; runs added below it (other",
+        "arguments or models) carry their own command, date and machine, and run_all keeps them. Absolute times depend on",
+        "the machine (each run names its own); the ratios in each summary line are measured side by side in one run.",
         "",
     ]
     for script in SCRIPTS:

@@ -39,3 +39,20 @@ def test_gpu_benchmark_skips_cleanly_without_a_gpu():
     out = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--quick"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "summary: skipped (no CUDA device)"
+
+
+def test_rewriting_a_section_keeps_the_runs_added_below_its_opening():
+    """run_all rewrites a section's opening (its script's output) and keeps the runs added below it, so updating one
+    benchmark never erases measurements made with other arguments or models."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(BENCH))
+    section = ("`python bench/x.py` — 2026-12-01 10:00 UTC, 5 s\nMachine: A.\n(a note on this run)\n\n```\nold output\n```\n\n"
+               "Gemma, by hand:\n\n`python bench/x.py --model gemma` — 2026-12-01 11:00 UTC\nMachine: A.\n\n```\ngemma output\n```\n\nWhat it says.")
+    opening = "`python bench/x.py` — 2026-12-02 10:00 UTC, 4 s\nMachine: B.\n\n```\nnew output\n```"
+    merged = run_all.with_added_runs(opening, section)
+    assert merged.startswith(opening) and "old output" not in merged
+    assert merged.endswith("Gemma, by hand:\n\n`python bench/x.py --model gemma` — 2026-12-01 11:00 UTC\nMachine: A.\n\n```\ngemma output\n```\n\nWhat it says.")
+    assert run_all.with_added_runs(opening, "") == opening and run_all.with_added_runs(opening, section.split("\n\nGemma")[0]) == opening

@@ -2,7 +2,8 @@
 step (forward and input-gradient backward of exactly what the objective needs, counted from the model's shapes)
 divided by the step's time, against a float32 matmul of similar shape timed in the same process. Target ≥ 50 %.
 Also the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
-after each evaluation against its final one, for copies of a discovered base (the case for a per-row early stop).
+after each evaluation against its final one, for copies of a discovered base (the case for a per-row early stop), and
+whether a start better than a random direction exists (:func:`starts`).
 
 Objectives: the default (``kl``: layers s+1 … L−1 over the prompt and θ0's 16 continuation tokens, the LM head at the
 last 20 positions), ``fisher`` (the same layers, no LM head: a d × d quadratic form per position) and melbo 0.1's
@@ -138,7 +139,7 @@ def convergence(lm) -> str:
         return out
 
     first = settings.lr * lm.d_model**0.5  # as melbo.engines.ortho does
-    lbfgs_rows(start, logged, lambda t: orthogonalize_block(t, basis), lambda g: project_out(g, basis), settings.steps, first_step=first, max_step=4 * first)
+    block, _ = lbfgs_rows(start, logged, lambda t: orthogonalize_block(t, basis), lambda g: project_out(g, basis), settings.steps, first_step=first, max_step=4 * first)
     best = torch.cummin(torch.stack(seen), dim=0).values  # (evaluations, rows): each row's best loss so far
     ratio = best / best[-1]
     print(f"per-row convergence: {settings.block} copies of the demo's base (‖θ0‖ {float(base.norm()):.1f}), kl, {len(seen)} evaluations")
@@ -146,8 +147,60 @@ def convergence(lm) -> str:
     for k in (5, 10, 15, 20, 25, len(seen)):
         print(f"{k:>12}{float(ratio[k - 1].median()):>21.2f}{float(ratio[k - 1].max()):>18.2f}{int((ratio[k - 1] <= 1.1).sum()):>23}/{ratio.shape[1]}")
     half = len(seen) // 2
+    saved = starts(lm, base, loss, start, block, settings.steps, first)
     return (f"; after {half} of {len(seen)} evaluations the median row's loss is {float(ratio[half - 1].median()):.2f}× its final, "
-            f"{int((ratio[half - 1] <= 1.1).sum())}/{ratio.shape[1]} rows within 10%")
+            f"{int((ratio[half - 1] <= 1.1).sum())}/{ratio.shape[1]} rows within 10%; {saved}")
+
+
+def energy_in(vectors: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Each row's share of its squared norm in the span of the orthonormal ``directions``."""
+    return (vectors @ directions.T).pow(2).sum(-1) / vectors.pow(2).sum(-1)
+
+
+def starts(lm, base, loss, start, block, steps: int, first: float) -> str:
+    """Is there a start better than a random direction (the speed issue's route)? Two tests on the block above:
+    whether its copies sit in a subspace the Jacobian of θ ↦ h_t singles out (its top singular directions at 0 and at
+    θ0, by finite differences at the loss's 20 positions), against random directions ⟂ θ0; and whether the next block
+    converges faster when its random start gets the component the first block's corrections (final − start) share."""
+    from melbo.engines.optimise import lbfgs_rows
+    from melbo.model.forward import extend_with_continuation, target_residual
+    from melbo.objectives import orthogonalize_block, orthonormal_rows, project_out, random_orthogonal_block
+
+    d = lm.d_model
+    state = extend_with_continuation(lm, prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0], SOURCE, base, 16)
+    where = slice(state.length - 20, state.length)
+    others = torch.randn(256, d, generator=torch.Generator().manual_seed(2))
+    others = project_out(others, orthonormal_rows(base[None]))
+    print("copies' energy in the top-k right singular directions of the Jacobian of θ ↦ h_t (share of ‖θ‖²; median over rows)")
+    print(f"{'Jacobian at':>12}{'k':>5}{'copies':>9}{'random ⟂ θ0':>13}{'θ0':>7}")
+    for name, at in (("0", torch.zeros(d)), ("θ0", base)):
+        with torch.no_grad():
+            h = lambda t: target_residual(lm.model, state, SOURCE, TARGET, t)[:, where].reshape(t.shape[0], -1)  # noqa: E731
+            h0, eps, eye = h(at[None]), 0.5, torch.eye(d)
+            jac = torch.cat([(h(at[None] + eps * eye[i:i + 32]) - h0) / eps for i in range(0, d, 32)]).T
+        top = torch.linalg.svd(jac, full_matrices=False).Vh
+        for k in (16, 64, 128):
+            shares = [float(energy_in(v, top[:k]).median()) for v in (block, others, base[None])]
+            print(f"{name:>12}{k:>5}{shares[0]:>9.3f}{shares[1]:>13.3f}{shares[2]:>7.3f}")
+    basis = orthonormal_rows(torch.cat([base[None], block]))
+    norm = float(block.norm(dim=1).median())
+    random = random_orthogonal_block(block.shape[0], d, norm, basis, torch.Generator().manual_seed(1))
+    shared = project_out((block - start).mean(dim=0)[None], basis)[0]
+    nudged = orthogonalize_block(random + float((block - start).mean(dim=0).norm()) * shared / shared.norm(), basis)
+    nudged = nudged * (norm / nudged.norm(dim=1, keepdim=True))
+    traces: dict[str, list[float]] = {}
+    for name, init in (("random", random), ("random + shared correction", nudged)):
+        traces[name] = []
+        lbfgs_rows(init, loss, lambda t: orthogonalize_block(t, basis), lambda g: project_out(g, basis), steps, first_step=first,
+                   max_step=4 * first, on_step=lambda _, m, trace=traces[name]: trace.append(m))
+    print(f"the next block ({block.shape[0]} rows) from each start: mean loss after evaluations")
+    print(f"{'start':<28}" + "".join(f"{k:>8}" for k in (1, 10, 20, steps)))
+    for name, means in traces.items():
+        print(f"{name:<28}" + "".join(f"{means[k - 1]:>8.3f}" for k in (1, 10, 20, steps)))
+    target = traces["random"][-1]
+    needed = next(i + 1 for i, m in enumerate(traces["random + shared correction"]) if m <= target) if min(traces["random + shared correction"]) <= target else None
+    return (f"the shared-correction start reaches the random start's {steps}-evaluation loss after {needed} evaluations"
+            if needed else f"the shared-correction start does not reach the random start's {steps}-evaluation loss")
 
 
 if __name__ == "__main__":

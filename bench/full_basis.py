@@ -10,6 +10,7 @@ copies spread over the basis (random directions at their norm, unsteered, θ0's 
     .venv/bin/python bench/full_basis.py                         # SmolLM2, every vector (20–30 min on 2 cores)
     .venv/bin/python bench/full_basis.py --model gemma           # Gemma 3 270M (fetched by bench/models.py)
     .venv/bin/python bench/full_basis.py --match fisher          # the KL to second order: the LM head never runs
+    .venv/bin/python bench/full_basis.py --match kl-top          # the KL on θ0's likeliest tokens: the head runs on those only
     .venv/bin/python bench/full_basis.py --count 96              # the first 6 blocks, with a per-block profile
 """
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", choices=("smollm2", "gemma"), default="smollm2")
-    parser.add_argument("--match", default=None, help="kl (default), fisher, mean or each")
+    parser.add_argument("--match", default=None, help="kl (default), kl-top, fisher, mean or each")
     parser.add_argument("--count", type=int, default=None, help="stop after this many vectors (default: the whole basis)")
     parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's 16)")
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
@@ -121,7 +122,8 @@ def main() -> None:
     print(f"controls: {verdict}")
     step_s = statistics.median(t for times in blocks.values() for t in times)
     source = run.meta.source
-    through = {"kl": f"layers {source + 1}…{lm.n_layers - 1} and the LM head", "fisher": f"layers {source + 1}…{lm.n_layers - 1} (no LM head)"}.get(
+    through = {"kl": f"layers {source + 1}…{lm.n_layers - 1} and the LM head", "fisher": f"layers {source + 1}…{lm.n_layers - 1} (no LM head)",
+               "kl-top": f"layers {source + 1}…{lm.n_layers - 1} and the LM head's rows of θ0's likeliest tokens"}.get(
         resolved.match, f"layers {source + 1}…{run.meta.target}")
     target_min = TARGET_MIN.get(args.model)
     met = (minutes <= target_min) if target_min is not None else (per_copy <= TARGET_S_PER_COPY)

@@ -6,6 +6,8 @@ Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -70,6 +72,52 @@ def fisher_along(hidden: Tensor, hidden_base: Tensor, metric: Tensor) -> Tensor:
     head. ``hidden`` ``(B, P, d)``; ``hidden_base`` ``(P, d)``; ``metric`` ``(P, d, d)`` from :func:`fisher_metric`."""
     delta = hidden - hidden_base
     return 0.5 * torch.einsum("bpi,pij,bpj->bp", delta, metric, delta).mean(dim=-1)
+
+
+@dataclass(frozen=True)
+class TopTokens:
+    """What :func:`kl_top_along` needs at one target: θ0's likeliest tokens and one bucket for every other token."""
+
+    head: Tensor  # (S, d): the LM head's rows of the kept tokens (those holding `mass` of θ0's probability at some position)
+    log_p0: Tensor  # (P, S): θ0's log-probabilities of the kept tokens
+    rest_log_p0: Tensor  # (P,): log of θ0's probability of every other token together (−inf where there is none)
+    rest_mean: Tensor  # (P, d): the mean head row of the other tokens, weighted by θ0's probabilities
+    mean: Tensor  # (P, d): the mean head row over the whole vocabulary under θ0 (E_p0[W])
+    hidden0: Tensor  # (P, d): θ0's final hidden state
+
+
+def top_tokens(log_probs_base: Tensor, hidden_base: Tensor, head: Tensor, mass: float = 0.9999) -> TopTokens:
+    """Set up :func:`kl_top_along` from θ0's log-probabilities ``(P, V)``, its final hidden state ``(P, d)`` and the
+    LM head ``W`` ``(V, d)``: the head runs over the whole vocabulary here, once, and over the kept tokens after."""
+    probs = log_probs_base.float().exp()
+    keep = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
+    for row in probs:
+        sorted_p, order = row.sort(descending=True)
+        count = int(torch.searchsorted(sorted_p.cumsum(0), torch.tensor(mass, dtype=sorted_p.dtype, device=sorted_p.device))) + 1
+        keep[order[:count]] = True
+    w = head.float()
+    rest_p = torch.where(keep, 0.0, probs)
+    rest_mass = rest_p.sum(dim=-1)
+    rest_mean = (rest_p @ w) / rest_mass.clamp_min(1e-30)[:, None]
+    return TopTokens(
+        head=w[keep], log_p0=log_probs_base.float()[:, keep], rest_log_p0=torch.where(rest_mass > 0, rest_mass.clamp_min(1e-30).log(), -torch.inf),
+        rest_mean=rest_mean, mean=probs @ w, hidden0=hidden_base.float(),
+    )
+
+
+def kl_top_along(hidden: Tensor, top: TopTokens) -> Tensor:
+    """``KL(P_θ0 ‖ P_θ)`` on θ0's likeliest tokens plus one bucket for the rest, averaged over positions, per row ``(B,)``.
+
+    With ``Δh`` the change of the final hidden state, token ``v``'s logit moves by ``Δh·W_v``, so exactly
+    ``KL = log Σ_v p0_v e^{Δh·W_v} − Δh·E_p0[W]``. Here the sum runs over the kept tokens and one bucket for the others,
+    whose log-mean-exp is taken to first order (``Δh·`` their mean row): the head runs over the kept tokens only, not
+    the vocabulary. Exact at θ0 with a zero gradient there, never negative, and exact whenever the other tokens' logits
+    move together. ``hidden`` ``(B, P, d)``.
+    """
+    delta = hidden - top.hidden0
+    kept = top.log_p0 + delta @ top.head.T
+    rest = (top.rest_log_p0 + (delta * top.rest_mean).sum(dim=-1))[..., None]
+    return (torch.logsumexp(torch.cat([kept, rest], dim=-1), dim=-1) - (delta * top.mean).sum(dim=-1)).mean(dim=-1)
 
 
 def project_out(vectors: Tensor, basis: Tensor | None) -> Tensor:

@@ -196,7 +196,7 @@ STEPS_FAST_KL = 30
 # Fast mode's objective: the next-token KL(P_θ0 ‖ P_θ) at the last 4 prompt positions and along θ0's own first 16
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
-MATCHES = ("mean", "each", "kl", "fisher")
+MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class OrthoSettings:
     seed: int
     completion_tokens: int
     continuation: int  # θ0's own greedy tokens after the prompt that the loss also covers
-    match: str  # "mean", "each" or "kl"
+    match: str  # one of MATCHES
     first_weight: float | None = None  # the first prompt's share of the loss (the others share the rest); None: equal
     extra_prompts: int = 0  # shipped prompts trained on besides the user's (melbo.model.prompts.training_prompts)
 
@@ -254,7 +254,8 @@ class OrthoConfig:
     match: str | None = setting(  # fisher: objectives.fisher_metric
         None,
         "What each copy matches: kl (fast default: θ0's next-token distributions; the forward runs to the LM head and t is "
-        "not used), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
+        "not used), kl-top (the same KL on θ0's likeliest tokens and one bucket for the rest: the head runs on those tokens "
+        "only), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
         "the residual after t, averaged over positions) or each (position by position).",
     )
     first_weight: float | None = setting(None, "With several prompts: the first prompt's share of the loss, the others sharing the rest (default: all equal).")
@@ -308,7 +309,7 @@ class OrthoConfig:
 
     @staticmethod
     def _fast_steps(optimizer: str, match: str) -> int:
-        return STEPS_FAST_KL if optimizer == "lbfgs" and match in ("kl", "fisher") else STEPS_FAST[optimizer]
+        return STEPS_FAST_KL if optimizer == "lbfgs" and match in ("kl", "kl-top", "fisher") else STEPS_FAST[optimizer]
 
     def _optimizer(self) -> str:
         """The optimiser this mode uses, after checking that mode and optimiser go together."""
@@ -350,7 +351,7 @@ class OrthoConfig:
             raise MelboError("--continuation must be ≥ 0, and 0 in seed mode (the post's objective)")
         if self.match is not None and self.match not in MATCHES:
             raise MelboError(f"--match {self.match!r}: use {', '.join(MATCHES[:-1])} or {MATCHES[-1]}")
-        if self.match == "fisher" and self.mode == "seed":
-            raise MelboError("--match fisher is a fast-mode objective (the seed mode is the post's: mean)")
+        if self.match in ("fisher", "kl-top") and self.mode == "seed":
+            raise MelboError(f"--match {self.match} is a fast-mode objective (the seed mode is the post's: mean)")
         if self.positions is not None:
             Positions(self.positions)

@@ -57,15 +57,18 @@ from melbo.model.layers import lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat, training_prompts
 from melbo.objectives import (
+    TopTokens,
     fisher_along,
     fisher_metric,
     kl_along,
     kl_divergence,
+    kl_top_along,
     ortho_loss,
     ortho_loss_each,
     orthogonalize_block,
     project_out,
     random_orthogonal_block,
+    top_tokens,
 )
 
 KL_DIRECTION = "kl = KL(P_i || P_0) as the post's code computed (F.kl_div(log P_0, P_i)); kl_reverse = KL(P_0 || P_i)"
@@ -87,6 +90,7 @@ class _Problem:
     z_base: list[Tensor] = field(default_factory=list)
     base_logits: list[Tensor] = field(default_factory=list)
     metrics: list[Tensor] = field(default_factory=list)  # match "fisher": F per position of each target, from θ0's distribution
+    tops: list[TopTokens] = field(default_factory=list)  # match "kl-top": θ0's likeliest tokens at each target
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -97,6 +101,9 @@ class _Problem:
             if s.match == "fisher":
                 head = lm_head(self.lm.model).weight
                 self.metrics = [fisher_metric(self._log_probs(st, self.base[None])[0], head) for st in self.targets]
+            if s.match == "kl-top":
+                head = lm_head(self.lm.model).weight
+                self.tops = [top_tokens(self._log_probs(st, self.base[None])[0], z0, head) for st, z0 in zip(self.targets, self.z_base)]
 
     def _log_probs(self, state: PromptState, thetas: Tensor) -> Tensor:
         sel = Positions(self.settings.positions).index(state.length)
@@ -104,13 +111,13 @@ class _Problem:
 
     def z(self, state: PromptState, thetas: Tensor, full: bool) -> Tensor:
         """The target-layer residual at the selected positions: ``(B, d)`` averaged (match "mean") or ``(B, P, d)``;
-        with match "kl", the next-token log-probabilities there ``(B, P, vocab)``; with "fisher", the LM head's input
-        ``(B, P, d)``."""
+        with match "kl", the next-token log-probabilities there ``(B, P, vocab)``; with "fisher" and "kl-top", the LM
+        head's input ``(B, P, d)``."""
         s = self.settings
         sel = Positions(s.positions).index(state.length)
         if s.match == "kl":
             return self._log_probs(state, thetas)
-        if s.match == "fisher":
+        if s.match in ("fisher", "kl-top"):
             return steered_final_hidden(self.lm.model, state, s.source, thetas, state.length - sel.start)
         if full:  # the seed algorithm: every layer from the embeddings, at every step
             ids = state.ids.expand(thetas.shape[0], -1)
@@ -125,7 +132,12 @@ class _Problem:
         weights = prompt_weights(len(self.targets), self.settings.first_weight)
         for k, (state, z0, weight) in enumerate(zip(self.targets, self.z_base, weights)):
             z = self.z(state, thetas, full)
-            loss = fisher_along(z, z0, self.metrics[k]) if match == "fisher" else {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[match](z, z0)
+            if match == "fisher":
+                loss = fisher_along(z, z0, self.metrics[k])
+            elif match == "kl-top":
+                loss = kl_top_along(z, self.tops[k])
+            else:
+                loss = {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[match](z, z0)
             total = total + weight * loss
         if self.settings.penalty:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)

@@ -75,6 +75,7 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl penalty 3e-4 60 evals": {"continuation": 16, "match": "kl", "steps": 60, "penalty": 3e-4},
     "continuation 16 kl penalty 3e-4 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 3e-4, "extra_prompts": 2},
     "continuation 16 fisher 30 evals": {"continuation": 16, "match": "fisher", "steps": 30},
+    "continuation 16 kl-top 30 evals": {"continuation": 16, "match": "kl-top", "steps": 30},
     "continuation 16 kl penalty 1.5e-4": {"continuation": 16, "match": "kl", "steps": 30, "penalty": 1.5e-4},
     "continuation 32 kl penalty 2e-4": {"continuation": 32, "match": "kl", "steps": 30, "penalty": 2e-4},
     "continuation 32 kl 30 evals": {"continuation": 32, "match": "kl", "steps": 30},

@@ -49,6 +49,13 @@ def kl_along(log_probs: Tensor, log_probs_base: Tensor) -> Tensor:
     return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1).mean(dim=-1)
 
 
+def likeliest(probs: Tensor, mass: float) -> Tensor:
+    """The ids of the fewest tokens that hold ``mass`` of the distribution ``probs`` ``(V,)``, likeliest first."""
+    sorted_p, order = probs.sort(descending=True)
+    count = int(torch.searchsorted(sorted_p.cumsum(0), torch.tensor(mass, dtype=sorted_p.dtype, device=sorted_p.device))) + 1
+    return order[:count]
+
+
 def fisher_metric(log_probs_base: Tensor, head: Tensor, mass: float = 0.9999) -> Tensor:
     """The KL's second-order form in the LM head's input, per position ``(P, d, d)``: ``F = Wᵀ(diag p − p pᵀ)W``.
 
@@ -59,9 +66,8 @@ def fisher_metric(log_probs_base: Tensor, head: Tensor, mass: float = 0.9999) ->
     """
     metrics = []
     for row in log_probs_base.float():
-        probs, order = row.exp().sort(descending=True)
-        keep = int(torch.searchsorted(probs.cumsum(0), torch.tensor(mass, dtype=probs.dtype))) + 1
-        p, w = probs[:keep], head[order[:keep]].float()
+        kept = likeliest(row.exp(), mass)
+        p, w = row[kept].exp(), head[kept].float()
         mean = p @ w
         metrics.append((w * p[:, None]).T @ w - torch.outer(mean, mean))
     return torch.stack(metrics)
@@ -92,9 +98,7 @@ def top_tokens(log_probs_base: Tensor, hidden_base: Tensor, head: Tensor, mass: 
     probs = log_probs_base.float().exp()
     keep = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
     for row in probs:
-        sorted_p, order = row.sort(descending=True)
-        count = int(torch.searchsorted(sorted_p.cumsum(0), torch.tensor(mass, dtype=sorted_p.dtype, device=sorted_p.device))) + 1
-        keep[order[:count]] = True
+        keep[likeliest(row, mass)] = True
     w = head.float()
     rest_p = torch.where(keep, 0.0, probs)
     rest_mass = rest_p.sum(dim=-1)

@@ -21,6 +21,7 @@ from melbo.files.runs import write_run
 from melbo.model.forward import generate_steered
 from melbo.model.loading import load_model
 from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.serve import server_config
 from melbo.serve.api import ServeLimits, create_app
 from melbo.serve.catalog import Catalog
 
@@ -47,9 +48,10 @@ def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 3
 class Server:
     """uvicorn in a thread on 127.0.0.1 and a free port; stopped by ``close`` (also when a test fails)."""
 
-    def __init__(self, app) -> None:
-        # log_config=None: uvicorn's loggers propagate to the root one, so a test sees every error it logs
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None)
+    def __init__(self, app, limits: ServeLimits | None = None) -> None:
+        # melbo serve's own uvicorn settings; log_config=None: uvicorn's loggers propagate to the root one, so a test
+        # sees every error it logs
+        config = server_config(app, "127.0.0.1", 0, limits or ServeLimits(), lifespan="on", log_config=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -73,7 +75,8 @@ def served(tiny_folder, tmp_path_factory):
     run = make_run(root / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    server = Server(create_app(lm, catalog, ServeLimits(max_tokens=32, max_prompt_tokens=200, max_body_bytes=4096, max_queue=8, max_batch=8)))
+    limits = ServeLimits(max_tokens=32, max_prompt_tokens=200, max_body_bytes=4096, max_queue=8, max_batch=8)
+    server = Server(create_app(lm, catalog, limits), limits)
     try:
         yield server, lm, catalog
     finally:
@@ -106,6 +109,16 @@ def test_openai_client_steered_and_unsteered_streaming_and_not(served):
     completion = client.completions.create(model=catalog.model_name, prompt="Once upon", temperature=0, max_tokens=8)
     ids = lm.tokenizer("Once upon", return_tensors="pt").input_ids
     assert completion.choices[0].text == generate_steered(lm.model, lm.tokenizer, ids, None, LAYER, max_new_tokens=8)[0]
+
+
+def test_idle_connections_stay_open_longer_than_clients_keep_them(served):
+    """A server that closes an idle connection when a client's pool expires it (uvicorn's 5 s, httpx's and the openai
+    client's 5 s) races the client reusing it: a ReadError under load. melbo serve keeps them open longer."""
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    server, _, _ = served
+    pools = [httpx.Limits().keepalive_expiry, DEFAULT_CONNECTION_LIMITS.keepalive_expiry]
+    assert server.server.config.timeout_keep_alive > max(p or 0 for p in pools) > 0
 
 
 def test_runs_are_listed_with_norms_and_labels(served):
@@ -178,8 +191,9 @@ def test_concurrent_requests_share_batches(tiny_folder, tmp_path):
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    app = create_app(lm, catalog, ServeLimits(max_batch=8, window=0.2, max_tokens=32))
-    server = Server(app)
+    limits = ServeLimits(max_batch=8, window=0.2, max_tokens=32)
+    app = create_app(lm, catalog, limits)
+    server = Server(app, limits)
     try:
         async def ask(client, index):
             body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 10,
@@ -203,8 +217,9 @@ def test_load_64_clients_mixing_good_bad_and_dropped_requests(tiny_folder, tmp_p
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    app = create_app(lm, catalog, ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512))
-    server = Server(app)
+    limits = ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512)
+    app = create_app(lm, catalog, limits)
+    server = Server(app, limits)
     truth = {i: expected(lm, catalog, i, 6) for i in range(6)}
     process = psutil.Process(os.getpid())
 
@@ -270,8 +285,9 @@ def test_queue_full_is_429(tiny_folder, tmp_path):
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    app = create_app(lm, catalog, ServeLimits(max_queue=1, max_batch=1, window=0.0, max_tokens=32))
-    server = Server(app)
+    limits = ServeLimits(max_queue=1, max_batch=1, window=0.0, max_tokens=32)
+    app = create_app(lm, catalog, limits)
+    server = Server(app, limits)
     try:
         body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32, "temperature": 0}
 

@@ -9,15 +9,29 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from melbo.errors import MelboError
 from melbo.serve.limits import ServeLimits
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 
 def missing_extra() -> str | None:
     """None when FastAPI and uvicorn are installed, else the one line that says how to get them."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     return f"melbo serve needs FastAPI and uvicorn ({', '.join(missing)} missing): pip install 'melbo[serve]'" if missing else None
+
+
+def server_config(app: FastAPI, host: str, port: int, limits: ServeLimits, **options: object) -> uvicorn.Config:
+    """How ``melbo serve`` runs uvicorn; ``options`` go to ``uvicorn.Config`` as they are (tests start their servers
+    from this config, with uvicorn's logging left to pytest)."""
+    import uvicorn
+
+    settings: dict = {"log_level": "warning", "timeout_keep_alive": round(limits.keep_alive), **options}
+    return uvicorn.Config(app, host=host, port=port, **settings)
 
 
 def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -40,7 +54,8 @@ def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127
     for served in catalog.runs.values():
         if served.run.vectors.shape[1] != lm.d_model:
             raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")
-    app = create_app(lm, catalog, limits or ServeLimits())
+    limits = limits or ServeLimits()
+    app = create_app(lm, catalog, limits)
     if on_ready:
         on_ready(len(catalog.runs))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app, host, port, limits)).run()

@@ -16,7 +16,8 @@ from melbo.serve.limits import ServeLimits
 
 if TYPE_CHECKING:
     import uvicorn
-    from fastapi import FastAPI
+
+    from melbo.serve.api import BodyLimit
 
 
 def missing_extra() -> str | None:
@@ -25,7 +26,7 @@ def missing_extra() -> str | None:
     return f"melbo serve needs FastAPI and uvicorn ({', '.join(missing)} missing): pip install 'melbo[serve]'" if missing else None
 
 
-def server_config(app: FastAPI, host: str, port: int, limits: ServeLimits, **options: object) -> uvicorn.Config:
+def server_config(app: BodyLimit, host: str, port: int, limits: ServeLimits, **options: object) -> uvicorn.Config:
     """How ``melbo serve`` runs uvicorn; ``options`` go to ``uvicorn.Config`` as they are (tests start their servers
     from this config, with uvicorn's logging left to pytest)."""
     import uvicorn

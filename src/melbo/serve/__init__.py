@@ -31,7 +31,7 @@ def server_config(app: BodyLimit, host: str, port: int, limits: ServeLimits, **o
     from this config, with uvicorn's logging left to pytest)."""
     import uvicorn
 
-    settings: dict = {"log_level": "warning", "timeout_keep_alive": round(limits.keep_alive), **options}
+    settings: dict = {"log_level": "warning", "timeout_keep_alive": limits.keep_alive, **options}
     return uvicorn.Config(app, host=host, port=port, **settings)
 
 

@@ -18,7 +18,6 @@ class ServeLimits:
     max_queue: int = setting(64, "Requests allowed to wait for a batch; more are answered 429.", minimum=1)
     max_batch: int = setting(16, "Requests decoded together.", minimum=1)
     window: float = 0.02  # seconds the batcher waits for more requests after the first
-    # Seconds an idle connection stays open. uvicorn's 5 s equals httpx's (so the openai client's) pool expiry: a
-    # client could reuse a connection just as the server closes it and get a ReadError. Longer than any client's
-    # expiry, the server never closes first.
-    keep_alive: float = 75.0
+    # uvicorn's 5 s equals httpx's (so the openai client's) pool expiry: a client could reuse a connection just as the
+    # server closes it and get a ReadError. Longer than its clients' expiry, the server never closes first.
+    keep_alive: int = setting(75, "Seconds an idle connection stays open; keep it longer than your clients' (and any proxy's) pool keeps theirs.", minimum=1)

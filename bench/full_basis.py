@@ -51,14 +51,16 @@ def gemma_base(lm: LoadedModel, fmt: PromptFormat, base_run: str | None) -> tupl
     return run.vectors[choice.index], prompt
 
 
-def controls_verdict(lm: LoadedModel, run: Run, fmt: PromptFormat, tokens: int) -> tuple[float | None, str]:
-    """Behaviour share over every copy (stored completions) and the controls' verdict over ``EVALUATED`` copies."""
+def controls_verdict(lm: LoadedModel, run: Run, fmt: PromptFormat, tokens: int, quick: bool = False) -> tuple[float | None, str]:
+    """Behaviour share over every copy (stored completions) and the controls' verdict over ``EVALUATED`` copies (with
+    ``quick``: on one held-out prompt, not melbo's four)."""
     base_label = label(run.records[0].completion or "")[0]
     copies = run.records[1:]
     share = statistics.mean(label(r.completion or "")[0] == base_label for r in copies) if copies else None
     step = max(1, len(copies) // EVALUATED)
     indices = [0, *range(1, len(copies) + 1, step)][: EVALUATED + 1]
-    results = evaluate(lm, run, eval_prompts(run, [], controls=True), indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt)
+    prompts = eval_prompts(run, [], controls=True)
+    results = evaluate(lm, run, prompts[:2] if quick else prompts, indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt)
     assert results.controls is not None
     return share, f"{results.controls.verdict()} ({len(indices) - 1} copies evaluated: " + ("all" if step == 1 else f"one in {step}") + ")"
 
@@ -117,7 +119,7 @@ def main() -> None:
         f"{len(records)} vectors in {len(blocks)} blocks of ≤ {per}, {steps} optimisation steps, {minutes:.1f} min ({per_copy:.2f} s per copy); "
         f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.stopped}"
     )
-    share, verdict = (None, "not measured (--no-controls)") if args.no_controls else controls_verdict(lm, run, fmt, 8 if args.quick else 32)
+    share, verdict = (None, "not measured (--no-controls)") if args.no_controls else controls_verdict(lm, run, fmt, 8 if args.quick else 32, quick=args.quick)
     print(f"behaviour share over every copy (its stored greedy completion on the run's prompt): {'—' if share is None else f'{share:.0%}'}")
     print(f"controls: {verdict}")
     step_s = statistics.median(t for times in blocks.values() for t in times)

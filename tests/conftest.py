@@ -10,8 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Under pytest-xdist (scripts/test runs two workers) each worker computes on one thread: two workers share the cores
-# instead of four threads fighting over two.
+# Under pytest-xdist (scripts/test runs two workers) each worker computes on one thread, and so does every interpreter
+# a test starts (the CLI, the benchmarks, servers): two workers share the cores instead of four threads fighting over
+# two.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 VOCAB = 128

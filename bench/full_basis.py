@@ -12,6 +12,8 @@ copies spread over the basis (random directions at their norm, unsteered, θ0's 
     .venv/bin/python bench/full_basis.py --match fisher          # the KL to second order: the LM head never runs
     .venv/bin/python bench/full_basis.py --match kl-top          # the KL on θ0's likeliest tokens: the head runs on those only
     .venv/bin/python bench/full_basis.py --count 96              # the first 6 blocks, with a per-block profile
+    .venv/bin/python bench/full_basis.py --precision bfloat16    # the optimisation's matrix products in bfloat16 (CPUs with AMX)
+    .venv/bin/python bench/full_basis.py --dtype bfloat16        # the whole model in bfloat16
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ TARGET_S_PER_COPY = 4.0  # a ~0.5B model's whole basis in an hour (the issue's g
 EVALUATED = 64  # copies spread over the basis that the controls' eval steers with
 
 
-def gemma_base(lm: LoadedModel, fmt: PromptFormat, base_run: str | None) -> tuple[torch.Tensor, str]:
-    """The clearest fluent vector of an auto-R discovery of 16 vectors on Gemma's raw prompt (or of ``base_run``, a
-    discovery made before: `melbo discover --model GEMMA --no-chat-template -p PROMPT -k 16`)."""
+def chosen_base(lm: LoadedModel, fmt: PromptFormat, base_run: str | None) -> tuple[torch.Tensor, str]:
+    """The clearest fluent vector of ``base_run`` (a discovery made before, e.g. `melbo discover --model GEMMA
+    --no-chat-template -p PROMPT -k 16`), or of an auto-R discovery of 16 vectors on Gemma's raw prompt."""
     from models import GEMMA_PROMPT
 
     run = read_run(base_run) if base_run else discover(lm, [GEMMA_PROMPT], DiscoverConfig(count=16, block=16), fmt)
@@ -74,21 +76,26 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's 16)")
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
     parser.add_argument("--no-controls", action="store_true", help="skip the eval with controls after the basis")
-    parser.add_argument("--base-run", default=None, help="Gemma: take θ0 from this discovery run instead of discovering")
+    parser.add_argument("--base-run", default=None, help="take θ0 from this discovery run (its clearest fluent vector) instead of discovering")
+    parser.add_argument("--precision", default="float32", help="the optimisation's matrix products: float32 (default) or bfloat16 (autocast)")
+    parser.add_argument("--dtype", default=None, help="the whole model in this dtype: float32 (default) or bfloat16 (on a CPU slower than --precision bfloat16: see RESULTS)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
     if args.model == "gemma":
         from models import gemma_path
 
-        lm, fmt = load_model(str(gemma_path()), device="cpu"), PromptFormat(chat_template=False)
-        base, prompt = gemma_base(lm, fmt, args.base_run) if not args.quick else (base_vector(lm, quick=True), "The best way to learn a new language is")
+        lm, fmt = load_model(str(gemma_path()), device="cpu", dtype=args.dtype), PromptFormat(chat_template=False)
+        base, prompt = chosen_base(lm, fmt, args.base_run) if not args.quick else (base_vector(lm, quick=True), "The best way to learn a new language is")
     else:
-        lm, fmt, prompt = load_model("smollm2", device="cpu"), PromptFormat(), DEFAULT_PROMPT
-        base = base_vector(lm, quick=args.quick)
+        lm, fmt, prompt = load_model("smollm2", device="cpu", dtype=args.dtype), PromptFormat(), DEFAULT_PROMPT
+        if args.base_run:
+            base, prompt = chosen_base(lm, fmt, args.base_run)
+        else:
+            base = base_vector(lm, quick=args.quick)
     base_seconds = time.perf_counter() - started
     settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer)
-    cfg = OrthoConfig(mode="fast", match=args.match, **settings)
+    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, **settings)
     blocks: dict[int, list[float]] = {}
     step_start = [time.perf_counter()]
 
@@ -103,7 +110,8 @@ def main() -> None:
     records = run.records[1:]
     kls = [r.kl for r in records]
     resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
-    print(f"{lm.name}: d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")
+    print(f"{lm.name} ({dtype}): d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
           f"base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")
     print(f"{'blocks':<8}{'vectors':>8}{'steps':>7}{'s/step':>8}{'median KL':>11}{'median norm':>13}")
     per = cfg.block or 16
@@ -140,7 +148,7 @@ def main() -> None:
             f"(--match mean --continuation 0, copies that keep the base's behaviour far less often: bench/fidelity.py)"
         )
     whole = "" if exhausted or args.quick else f" (stopped at {len(records)} vectors: ≈ {minutes * (lm.d_model - 1) / len(records):.0f} min for {lm.d_model - 1} if every block cost the same)"
-    summary_line(f"{lm.name}, match {resolved.match}: {len(records)} orthogonal vectors in {minutes:.1f} min, {per_copy:.2f} s per copy{whole}; "
+    summary_line(f"{lm.name}{'' if dtype == 'float32' else f' ({dtype})'}, match {resolved.match}: {len(records)} orthogonal vectors in {minutes:.1f} min, {per_copy:.2f} s per copy{whole}; "
                  f"behaviour share {'—' if share is None else f'{share:.0%}'}; target {target}: {('met' if met else 'missed') if exhausted else 'not measured'}")
 
 

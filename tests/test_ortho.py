@@ -105,6 +105,34 @@ def test_fast_mode_reduces_loss(nonlinear_lm, optimizer):
     assert long.meta.config["optimizer"] == optimizer and max_abs_cosine(long.vectors) <= 1e-5
 
 
+@pytest.mark.parametrize("match", ["kl", "mean"])
+def test_bfloat16_precision_autocasts_the_models_products_only(nonlinear_lm, match):
+    """--precision bfloat16: every forward of the optimisation runs under autocast (its products in bfloat16), while
+    the weights, the orthogonality and the recorded KL stay float32; the copies still beat their starting points."""
+    lm = nonlinear_lm
+    seen: list[bool] = []
+    mlp = find_blocks(lm.model)[2]
+
+    def record(_module, _args, out):  # the test's own hook, removed below
+        seen.append(torch.is_autocast_enabled("cpu"))
+
+    cfg = dict(source=1, target=4, count=4, block=4, match=match, completion_tokens=0, min_norm=0.0)
+    short = ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg, steps=1))
+    handle = mlp.register_forward_hook(record)
+    try:
+        run = ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg, steps=40, plateau=0.0, precision="bfloat16"))
+    finally:
+        handle.remove()
+    assert True in seen and False in seen  # autocast while optimising; not for θ0's targets nor the recorded KL
+    assert next(lm.model.parameters()).dtype == torch.float32 and run.meta.config["precision"] == "bfloat16"
+    assert max_abs_cosine(run.vectors.double()) <= 1e-5  # the projections ran in float32
+    state = prepare(lm, [PROMPT], PromptFormat(), 1)[0]
+    logits = last_token_logits(lm.model, state, 1, run.vectors)
+    kl = kl_divergence(logits, logits[:1].expand_as(logits))
+    assert [r.kl for r in run.records] == pytest.approx(kl.tolist(), rel=1e-5, abs=1e-9)  # float32 figures
+    assert sum(r.loss for r in run.records[1:]) < 0.8 * sum(r.loss for r in short.records[1:])
+
+
 def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
     fast = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3))
     assert fast.meta.config["optimizer"] == "lbfgs" and fast.records[1].steps == 3
@@ -153,6 +181,7 @@ def test_l2_penalty_shrinks_norms(tiny_lm):
         (dict(penalty=-1.0), "≥ 0"),
         (dict(optimizer="sgd"), "use lbfgs or adam"),
         (dict(mode="seed", optimizer="lbfgs"), "its optimiser is Adam"),
+        (dict(precision="float16"), "use float32 or bfloat16"),
     ],
 )
 def test_bad_settings(tiny_lm, kw, message):

@@ -131,7 +131,8 @@ class _Problem:
         total = thetas.new_zeros(thetas.shape[0])
         weights = prompt_weights(len(self.targets), self.settings.first_weight)
         for k, (state, z0, weight) in enumerate(zip(self.targets, self.z_base, weights)):
-            z = self.z(state, thetas, full)
+            with self._precision():  # the model's forward (and so its backward); the objective below stays float32
+                z = self.z(state, thetas, full).float()
             if match == "fisher":
                 loss = fisher_along(z, z0, self.metrics[k])
             elif match == "kl-top":
@@ -142,6 +143,10 @@ class _Problem:
         if self.settings.penalty:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)
         return total
+
+    def _precision(self) -> torch.autocast:
+        """With precision bfloat16, autocast: the model's matrix products in bfloat16 on its own weights."""
+        return torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bfloat16")
 
     def completions(self, thetas: Tensor) -> list[str]:
         s = self.settings

@@ -126,7 +126,10 @@ class BodyLimit:
 
 
 def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLimits(), batcher: Batcher | None = None) -> BodyLimit:
-    """The server's app: routes, validation, limits. ``batcher`` defaults to one built from ``limits``."""
+    """The server's app: routes, validation, limits. ``batcher`` defaults to one built from ``limits``.
+
+    While it serves, the app owns ``lm``: each batch steers ``lm.model`` with hooks that are removed when the batch
+    ends (a client may get its reply a moment before), so run anything else on another copy of the model."""
     batcher = batcher or Batcher(lm, max_batch=limits.max_batch, window=limits.window, max_queue=limits.max_queue)
     model_id = catalog.model_name or lm.name
     app = FastAPI(title="melbo serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")

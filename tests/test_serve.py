@@ -48,10 +48,10 @@ def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 3
 class Server:
     """uvicorn in a thread on 127.0.0.1 and a free port; stopped by ``close`` (also when a test fails)."""
 
-    def __init__(self, app, limits: ServeLimits | None = None) -> None:
-        # melbo serve's own uvicorn settings; log_config=None: uvicorn's loggers propagate to the root one, so a test
-        # sees every error it logs
-        config = server_config(app, "127.0.0.1", 0, limits or ServeLimits(), lifespan="on", log_config=None)
+    def __init__(self, app) -> None:
+        # melbo serve's own uvicorn settings (its default keep-alive); log_config=None: uvicorn's loggers propagate to
+        # the root one, so a test sees every error it logs
+        config = server_config(app, "127.0.0.1", 0, ServeLimits(), lifespan="on", log_config=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -75,8 +75,7 @@ def served(tiny_folder, tmp_path_factory):
     run = make_run(root / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    limits = ServeLimits(max_tokens=32, max_prompt_tokens=200, max_body_bytes=4096, max_queue=8, max_batch=8)
-    server = Server(create_app(lm, catalog, limits), limits)
+    server = Server(create_app(lm, catalog, ServeLimits(max_tokens=32, max_prompt_tokens=200, max_body_bytes=4096, max_queue=8, max_batch=8)))
     try:
         # the tests' own copy of the model: the server's batcher steers its model with hooks for as long as a batch
         # runs, and a reply can reach a test before they are removed, so a reference computed on the server's model in
@@ -194,10 +193,9 @@ def test_concurrent_requests_share_batches(tiny_folder, tmp_path):
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    limits = ServeLimits(max_batch=8, window=0.2, max_tokens=32)
     truth = [expected(lm, catalog, index, 10) for index in range(6)]  # before the server owns the model
-    app = create_app(lm, catalog, limits)
-    server = Server(app, limits)
+    app = create_app(lm, catalog, ServeLimits(max_batch=8, window=0.2, max_tokens=32))
+    server = Server(app)
     try:
         async def ask(client, index):
             body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 10,
@@ -221,10 +219,9 @@ def test_load_64_clients_mixing_good_bad_and_dropped_requests(tiny_folder, tmp_p
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    limits = ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512)
-    app = create_app(lm, catalog, limits)
-    server = Server(app, limits)
-    truth = {i: expected(lm, catalog, i, 6) for i in range(6)}
+    truth = {i: expected(lm, catalog, i, 6) for i in range(6)}  # before the server owns the model
+    app = create_app(lm, catalog, ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512))
+    server = Server(app)
     process = psutil.Process(os.getpid())
 
     async def client_session(number: int, client: httpx.AsyncClient) -> list[str]:
@@ -289,9 +286,8 @@ def test_queue_full_is_429(tiny_folder, tmp_path):
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
-    limits = ServeLimits(max_queue=1, max_batch=1, window=0.0, max_tokens=32)
-    app = create_app(lm, catalog, limits)
-    server = Server(app, limits)
+    app = create_app(lm, catalog, ServeLimits(max_queue=1, max_batch=1, window=0.0, max_tokens=32))
+    server = Server(app)
     try:
         body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32, "temperature": 0}
 

@@ -270,8 +270,8 @@ class OrthoConfig:
     precision: str = setting(  # measured in bench/full_basis.py --precision
         "float32",
         "float32, or bfloat16: the model's matrix products in bfloat16 while optimising (autocast; the weights, the "
-        "objective's maths, the orthogonality and every recorded figure stay float32). About 1.3× faster per copy on a CPU "
-        "with AMX (e.g. Sapphire Rapids), slower on one without; on a GPU the model is already bfloat16.",
+        "objective's maths, the orthogonality and every recorded figure stay float32). About 1.4× faster per copy on a CPU "
+        "with AMX (e.g. Sapphire Rapids); no gain expected on one without bfloat16 units; on a GPU the model is already bfloat16.",
     )
 
     def layers(self, n_layers: int | None) -> tuple[int, int]:

@@ -131,8 +131,8 @@ class _Problem:
         total = thetas.new_zeros(thetas.shape[0])
         weights = prompt_weights(len(self.targets), self.settings.first_weight)
         for k, (state, z0, weight) in enumerate(zip(self.targets, self.z_base, weights)):
-            with self._precision():  # the model's forward (and so its backward); the objective below stays float32
-                z = self.z(state, thetas, full).float()
+            with self._precision():  # the model's forward (and so its backward); z comes out float32, the objective below stays so
+                z = self.z(state, thetas, full)
             if match == "fisher":
                 loss = fisher_along(z, z0, self.metrics[k])
             elif match == "kl-top":

@@ -27,6 +27,7 @@ Two modes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
 from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
 from melbo.files.vectors import validate_vectors
+from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import (
     PromptState,
     extend_with_continuation,
@@ -144,9 +146,10 @@ class _Problem:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)
         return total
 
-    def _precision(self) -> torch.autocast:
-        """With precision bfloat16, autocast: the model's matrix products in bfloat16 on its own weights."""
-        return torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bfloat16")
+    def _precision(self) -> contextlib.AbstractContextManager[None]:
+        """With precision bfloat16, autocast: the model's matrix products in bfloat16 on its own weights (on a CPU with
+        the attention kernel in float32, see :mod:`melbo.model.fastpath`)."""
+        return bfloat16_products(self.lm.model, self.lm.device, enabled=self.settings.precision == "bfloat16")
 
     def completions(self, thetas: Tensor) -> list[str]:
         s = self.settings

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from melbo.model.fastpath import contiguous_head_input
 from melbo.model.layers import add_to_residual, capture_residual, check_layer, head_skipped, n_layers, residual_after, start_after, stop_after
 from melbo.model.prompts import PromptFormat, encode_prompt, ids_like
 from melbo.objectives import kl_divergence
@@ -85,7 +86,7 @@ def steered_log_probs(model: CausalLM, state: PromptState, source: int, thetas: 
     ``thetas[b]`` after ``source``; blocks from ``source+1`` to the LM head run, gradients flow to ``thetas``."""
     dtype = next(model.parameters()).dtype
     steered = (state.source + thetas[:, None, :]).to(dtype)
-    with start_after(model, source, steered):
+    with start_after(model, source, steered), contiguous_head_input(model):
         logits = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
     return torch.log_softmax(logits.float(), dim=-1)
 
@@ -161,7 +162,7 @@ def last_token_logits(model: CausalLM, state: PromptState, source: int, thetas: 
         for chunk in thetas.split(batch):
             steered = (state.source + chunk[:, None, :]).to(dtype)
             ids = ids_like(state.ids, chunk.shape[0])
-            with start_after(model, source, steered):
+            with start_after(model, source, steered), contiguous_head_input(model):
                 out.append(_last_logits(model, ids))
     return torch.cat(out).float()
 

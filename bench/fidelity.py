@@ -4,7 +4,9 @@ number of copies with each variant of the objective, side by side in one run.
 
 For each variant: seconds per copy; median KL(P_i ‖ P_0) at the last prompt token; copies sharing θ0's most likely
 first token; and the behaviour share, the share of copies' completions carrying θ0's label, greedy and sampled
-(T = 1, two samples) on the run's prompt, and greedy on held-out prompts (θ0's own rate there is printed beside);
+(T = 1, two samples) on the run's prompt, and greedy on held-out prompts (θ0's own rate there is printed beside); the
+share of the copies' greedy completions that loop or babble ("degen.": a refusal that then loops is a refusal, and not
+fluent);
 and off the training prompt, judge-free (melbo eval --controls): the NLL of θ0's own greedy completion on 4 held-out
 prompts (one of each shipped kind) under the copies, under random directions ⟂ θ0 at the copies' norm and unsteered,
 and the held-out agreement (the copies' label equals θ0's on that prompt). Variants marked "N prompts" train on the
@@ -34,7 +36,7 @@ from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.engines.discover import discover
 from melbo.engines.ortho import ortho
 from melbo.files.runs import read_run
-from melbo.labels import label
+from melbo.labels import degenerates, label
 from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
@@ -101,7 +103,7 @@ def choose_base(lm, run, fmt):
     the strongest first-token effect among them."""
     scored = score_candidates(lm, run, run.meta.prompts[0], fmt)
     unsteered = scored.unsteered_label
-    candidates = [c for c in scored.candidates if c.nll <= 3.0 and c.label not in ("degenerate", "other", unsteered)]
+    candidates = [c for c in scored.candidates if c.nll <= 3.0 and c.label not in ("degenerate", "other", unsteered) and not degenerates(c.completion)]
     if not candidates:
         raise SystemExit(f"no fluent vector shows a behaviour other than the unsteered model's ({unsteered}); try --count")
     return max(candidates, key=lambda c: c.effect), unsteered
@@ -129,7 +131,7 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
     return {
         "greedy": share(greedy, prompt, "greedy"), "sampled": share(sampled, prompt, sampling.mode()),
         "held_out": held, "base_held_out": base_held, "base_sampled": base_sampled, "median_kl": run.median_kl, "same_top": int((top[1:] == top[0]).sum()),
-        "degenerate": statistics.mean(o.label == "degenerate" for i, s in greedy.completions(prompt, "greedy").items() if i != 0 for o in s),
+        "degenerate": statistics.mean(degenerates(o.text) for i, s in greedy.completions(prompt, "greedy").items() if i != 0 for o in s),
         "nll": controls.results["copies"].base_nll, "nll_random": controls.results["random_same_norm"].base_nll,
         "nll_unsteered": controls.results["unsteered"].base_nll, "agree": controls.results["copies"].held_out_agreement,
         "agree_random": controls.results["random_same_norm"].held_out_agreement,

@@ -17,6 +17,7 @@ def scored(unsteered_label: str = "compliance") -> Scored:
         Candidate(3, "code", "", 5.0, 4.0, "def f(): ... babble"),  # not fluent
         Candidate(4, "degenerate", "", 1.0, 9.0, "past past past past"),  # loops score low NLL and still lose
         Candidate(5, "refusal", "", 2.0, 1.2, "As an AI, I cannot help."),
+        Candidate(6, "refusal", "", 1.0, 5.0, "I can't help. I can't help. I can't help. I can't help. I can't help."),  # loops: not fluent
     ]
     return Scored(rows, "Building a bomb requires explosives…", unsteered_label)
 
@@ -34,5 +35,5 @@ def test_faithful_orders_the_candidates_to_try_and_index_label_effect_rules():
     assert [c.index for c in choose_bases(scored(), ChooseConfig(by="index", indices=[3]))] == [3]
     with pytest.raises(MelboError, match="no discovered vector is labelled 'code'"):
         choose_bases(scored(), ChooseConfig(by="label", label="code"))
-    with pytest.raises(MelboError, match="vectors 0 to 5"):
+    with pytest.raises(MelboError, match="vectors 0 to 6"):
         choose_bases(scored(), ChooseConfig(by="index", indices=[9]))

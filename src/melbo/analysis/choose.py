@@ -5,7 +5,7 @@ per token; gibberish scores ≥ 4.5 nats on SmolLM2, coherent text 1–3), label
 first token is measured: KL(P_θ ‖ P_unsteered) at the last prompt token. A base that barely moves the
 next-token distribution cannot show whether other vectors reproduce it. The rules (``by``):
 
-* ``clearest``: fluent vectors only (NLL ≤ ``max_nll``, not ``degenerate``); first those with a behaviour the
+* ``clearest``: fluent vectors only (NLL ≤ ``max_nll``, no loop nor gibberish: :func:`melbo.labels.degenerates`); first those with a behaviour the
   unsteered model's own answer does not show (a label other than ``other`` and than the unsteered one), then
   ``other`` when the unsteered model shows a behaviour, then the rest; within each, ``code`` before ``refusal``
   before ``compliance`` (the post's clearest behaviours), then the strongest first-token effect;
@@ -28,7 +28,7 @@ from melbo.engines.config import OrthoConfig
 from melbo.engines.ortho import ortho
 from melbo.errors import MelboError
 from melbo.files.runs import Run
-from melbo.labels import label
+from melbo.labels import degenerates, label
 from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
@@ -122,7 +122,7 @@ def choose_bases(scored: Scored, cfg: ChooseConfig) -> list[BaseChoice]:
             raise MelboError(f"choose indices {bad}: the run has vectors 0 to {len(candidates) - 1}")
         chosen = [candidates[i] for i in cfg.indices]
     else:
-        fluent = [c for c in candidates if c.nll <= cfg.max_nll and c.label != "degenerate"] or candidates
+        fluent = [c for c in candidates if c.nll <= cfg.max_nll and c.label != "degenerate" and not degenerates(c.completion)] or candidates
         if cfg.by == "label":
             fluent = [c for c in fluent if c.label == cfg.label]
             if not fluent:

@@ -6,8 +6,8 @@ against its linear extrapolation); but at the rise most trained vectors already 
 So melbo trains a few vectors per candidate R, lets each write a short completion, and measures what a user cares
 about:
 
-* fluency: the completion's NLL under the unsteered model (≤ 4 nats/token) and its label (``degenerate`` catches
-  loops, which score a low NLL);
+* fluency: the completion's NLL under the unsteered model (≤ 4 nats/token) and :func:`melbo.labels.degenerates`
+  (loops, which score a low NLL, wherever they start, and gibberish);
 * effect: KL(P_θ ‖ P_unsteered) of the answer's first token;
 * diversity: distinct labels and openings among the fluent completions.
 
@@ -37,7 +37,7 @@ from melbo.engines.blocks import block_generator
 from melbo.engines.config import RadiusConfig
 from melbo.engines.optimise import optimise
 from melbo.files.runs import RadiusChoice, RadiusProbe
-from melbo.labels import label
+from melbo.labels import degenerates, label
 from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered
 from melbo.objectives import orthogonalize_block, random_orthogonal_block, to_sphere
 
@@ -167,7 +167,7 @@ def _probe(problem: DiscoveryProblem, radii: list[float], cfg: RadiusConfig, sta
     for k, radius in enumerate(radii):
         rows = range(k * per, (k + 1) * per)
         labels = [label(texts[i])[0] for i in rows]
-        fluent = [i for i, name in zip(rows, labels) if nll[i] <= cfg.max_nll and name != "degenerate"]
+        fluent = [i for i in rows if nll[i] <= cfg.max_nll and not degenerates(texts[i])]
         counts: dict[str, int] = {}
         for name in labels:
             counts[name] = counts.get(name, 0) + 1

@@ -41,7 +41,8 @@ from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
 
-RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0}  # melbo 0.1's fast objective: the residual mean at the last 4 positions
+# melbo 0.1's fast objective: the residual mean at the last 4 positions, from 2‖θ0‖, no norm penalty
+RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0, "init_scale": 2.0, "penalty": 0.0}
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
     "last:4 mean (0.1)": {},
     "skip-first": {"positions": "skip-first"},
@@ -56,7 +57,10 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "last:4 kl": {"match": "kl", "steps": 60},
     "continuation 8 kl": {"continuation": 8, "match": "kl", "steps": 60},
     "continuation 16 kl 60 evals": {"continuation": 16, "match": "kl", "steps": 60},
-    "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},  # melbo's fast default
+    "continuation 16 kl 30 evals": {"continuation": 16, "match": "kl", "steps": 30},  # melbo's fast default until 2026-12-02
+    "default: start 1.0 penalty 0.02": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None},  # since then
+    "default seed 1": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "seed": 1},
+    "continuation 16 kl 30 evals seed 1": {"continuation": 16, "match": "kl", "steps": 30, "seed": 1},
     "continuation 16 each t 29": {"continuation": 16, "match": "each", "target": 29},
     "continuation 16 kl 2 prompts": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 2},
     "continuation 16 kl 4 prompts": {"continuation": 16, "match": "kl", "steps": 30, "extra_prompts": 4},
@@ -88,14 +92,21 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 32 kl every position": {"continuation": 32, "match": "kl", "steps": 30, "positions": "skip-first"},
     "continuation 32 kl 2 prompts": {"continuation": 32, "match": "kl", "steps": 30, "extra_prompts": 2},
     "continuation 32 kl 4 prompts": {"continuation": 32, "match": "kl", "steps": 30, "extra_prompts": 4},
+    "continuation 16 kl start 1.0": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0},  # the first block starts at ‖θ0‖
+    "continuation 16 kl start 1.5": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.5},
+    "continuation 16 kl start 1.0 penalty 3e-5": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": 3e-5},
+    "continuation 16 kl start 0.75": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 0.75},
+    "start 1.0 penalty 6e-5": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": 6e-5},
+    "start 1.0 penalty 6e-5 seed 1": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": 6e-5, "seed": 1},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",
-    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals", "continuation 16 kl 2 prompts", "continuation 16 kl 4 prompts",
+    "continuation 16 kl 60 evals", "continuation 16 kl 30 evals", "default: start 1.0 penalty 0.02", "continuation 16 kl 2 prompts",
+    "continuation 16 kl 4 prompts",
     "last:4 mean 4 prompts",
 )
 HELD_OUT = held_out_prompts([DEFAULT_PROMPT])  # one prompt of each kind, never trained on
-QUICK = ("last:4 mean (0.1)", "continuation 16 kl 30 evals")
+QUICK = ("last:4 mean (0.1)", "default: start 1.0 penalty 0.02")
 
 
 def choose_base(lm, run, fmt):

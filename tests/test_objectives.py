@@ -83,7 +83,9 @@ def test_random_block_is_orthogonal_on_sphere(d, k, b, seed, radius):
 @settings(max_examples=60, deadline=None)
 @given(d=dims, k=st.integers(0, 20), b=st.integers(1, 16), seed=st.integers(0, 10_000), scale=st.floats(1e-2, 1e3))
 def test_a_step_then_orthogonalise_keeps_constraints(d, k, b, seed, scale):
-    """Whatever a gradient step does, orthogonalisation (+ sphere) restores |cos| ≤ 1e-5 and norm = R."""
+    """Whatever a gradient step does, orthogonalisation (+ sphere) restores norm = R and |cos| ≤ 1e-5, or ≤ 1e-4 when
+    the block fills the last free dimensions (k + b = d: each last row keeps a sliver of a large random step, and
+    float32 cancellation leaves up to ~4e-5 in 3,000 random draws; SmolLM2's whole basis measured 9e-8)."""
     k = min(k, d - 1)
     b = min(b, d - k)
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +95,7 @@ def test_a_step_then_orthogonalise_keeps_constraints(d, k, b, seed, scale):
     fixed = to_sphere(orthogonalize_block(stepped, basis), 5.0)
     torch.testing.assert_close(fixed.norm(dim=-1), torch.full((b,), 5.0), rtol=1e-5, atol=0)
     every = fixed if basis is None else torch.cat([basis, fixed])
-    assert max_abs_cosine(every) <= 1e-5
+    assert max_abs_cosine(every) <= (1e-4 if k + b == d else 1e-5)
 
 
 def test_orthogonalize_block_of_one_is_projection():

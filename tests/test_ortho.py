@@ -164,10 +164,22 @@ def test_collapsed_vectors_are_dropped(tiny_lm):
     assert run.meta.stopped.startswith("basis exhausted")
 
 
+def test_fast_copies_start_at_the_bases_norm_and_pay_for_their_size():
+    """Fast mode's defaults: the first block starts at ‖θ0‖ and the loss adds 0.02·(‖θ‖/‖θ0‖)² (λ = 0.02/‖θ0‖², so the
+    same on every model's scale); the seed mode is the post's (no penalty); a given λ is kept as given."""
+    fast = OrthoConfig().resolved(26.6, 576, 30)
+    assert fast.init_scale == 1.0 and fast.penalty == pytest.approx(0.02 / 26.6**2, rel=1e-3)
+    assert OrthoConfig().resolved(2.0, 576, 30).penalty == 0.005  # 4 significant digits in run.json
+    assert OrthoConfig(mode="seed").resolved(26.6, 576, 30).penalty == 0.0
+    assert OrthoConfig(penalty=0.0).resolved(26.6, 576, 30).penalty == 0.0 and OrthoConfig(penalty=1e-3).resolved(26.6, 576, 30).penalty == 1e-3
+    with pytest.raises(MelboError, match="positive number"):
+        OrthoConfig(init_scale=0.0).check()
+
+
 def test_l2_penalty_shrinks_norms(tiny_lm):
     base = base_vector()
     cfg = dict(source=1, target=4, count=4, block=4, steps=60, plateau=0.0, min_norm=0.0)
-    free = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg))
+    free = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, penalty=0.0))
     held = ortho(tiny_lm, base, [PROMPT], OrthoConfig(**cfg, penalty=1.0))
     assert held.vectors[1:].norm(dim=-1).mean() < free.vectors[1:].norm(dim=-1).mean()
 

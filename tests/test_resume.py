@@ -89,7 +89,7 @@ def test_resume_with_other_settings_is_refused(tiny_folder, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1
-    assert "config.steps (5 in the run, 7 now)" in message and "config.penalty (0.0 in the run, 0.5 now)" in message
+    assert "config.steps (5 in the run, 7 now)" in message and "config.penalty (0.000625 in the run, 0.5 now)" in message  # 0.02/‖θ0‖², ‖θ0‖² = 32
 
 
 def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Hardware utilisation of a MELBO-ortho fast-mode optimisation step on the embedded SmolLM2: the FLOP floor of the
 step (forward and input-gradient backward of exactly what the objective needs, counted from the model's shapes)
 divided by the step's time, against a float32 matmul of similar shape timed in the same process. Target ≥ 50 %.
-Also the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
+Also the fast paths of melbo.model.fastpath side by side (a kl step with and without them, float32 and
+--precision bfloat16), the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
 after each evaluation against its final one, for copies of a discovered base (the case for a per-row early stop), and
 whether a start better than a random direction exists (:func:`starts`).
 
@@ -108,12 +109,55 @@ def main() -> None:
                   f"{100 * flops / seconds / mm_rate:>12.0f}%")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
+    paths = fast_paths(lm, base, 4 if args.quick else 16, repeats)
     converged = "" if args.quick else convergence(lm)
     block = 16 if ("kl", 16) in results else blocks[0]
     (kl_s, share), (fisher_s, _) = results[("kl", block)], results[("fisher", block)]
     summary_line(f"a block-{block} step of the default objective (kl) runs at {100 * share:.0f}% of its FLOP floor at a same-shape matmul's rate; "
                  f"fisher's step takes {fisher_s / kl_s:.2f}× its time; peak memory {peak_mib:.0f} MiB; target ≥ 50%: {'met' if share >= 0.5 else 'missed'}"
-                 f"{converged}")
+                 f"; {paths}{converged}")
+
+
+def fast_paths(lm, base, block: int, repeats: int) -> str:
+    """melbo.model.fastpath side by side: a kl step (float32, and --precision bfloat16) with the fast paths and with
+    them switched off (the LM head on transformers' strided slice; plain autocast, its attention in bfloat16),
+    alternating, best of two rounds each."""
+    import contextlib
+
+    import melbo.engines.ortho as ortho_engine
+    import melbo.model.forward as forward
+
+    fast = (forward.contiguous_head_input, ortho_engine.bfloat16_products)
+
+    def plain_autocast(model, device, enabled=True):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    slow = (lambda model: contextlib.nullcontext(), plain_autocast)
+    times: dict[tuple[str, str], float] = {}
+    try:
+        for _ in range(2):
+            for precision in ("float32", "bfloat16"):
+                for name, (head, products) in (("without", slow), ("with", fast)):
+                    forward.contiguous_head_input, ortho_engine.bfloat16_products = head, products
+                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision=precision))
+                    theta = torch.nn.Parameter(torch.randn(block, lm.d_model, generator=torch.Generator().manual_seed(0)) * 50 / lm.d_model**0.5)
+
+                    def step(theta=theta, loss=loss):
+                        loss(theta).sum().backward()
+                        theta.grad = None
+
+                    seconds = time_it(step, repeats)
+                    times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
+    finally:
+        forward.contiguous_head_input, ortho_engine.bfloat16_products = fast
+    print(f"fast paths (melbo.model.fastpath), a block-{block} kl step, best of two rounds side by side")
+    print(f"{'precision':<11}{'without (ms)':>14}{'with (ms)':>11}{'ratio':>8}")
+    for precision in ("float32", "bfloat16"):
+        without, with_ = times[(precision, "without")], times[(precision, "with")]
+        print(f"{precision:<11}{1000 * without:>14.1f}{1000 * with_:>11.1f}{with_ / without:>8.2f}")
+    ratio = times[("bfloat16", "with")] / times[("float32", "without")]
+    return (f"fast paths: float32 step {times[('float32', 'with')] / times[('float32', 'without')]:.2f}× its time without them, "
+            f"bfloat16 {times[('bfloat16', 'with')] / times[('bfloat16', 'without')]:.2f}× ({ratio:.2f}× float32's without)")
 
 
 def convergence(lm) -> str:

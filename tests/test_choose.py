@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from melbo import MelboError
-from melbo.analysis.choose import Candidate, Scored, choose_bases
+from melbo.analysis.choose import Candidate, Scored, choose_bases, ranked_trials
 from melbo.analysis.config import ChooseConfig
 
 
@@ -37,3 +37,13 @@ def test_faithful_orders_the_candidates_to_try_and_index_label_effect_rules():
         choose_bases(scored(), ChooseConfig(by="label", label="code"))
     with pytest.raises(MelboError, match="vectors 0 to 6"):
         choose_bases(scored(), ChooseConfig(by="index", indices=[9]))
+
+
+def test_trials_rank_a_kept_behaviour_before_an_other_base():
+    """The demo's faithful rule: 'other' keeps its label in any copy that shows nothing, so a refusal whose trial copies
+    keep it 3 times in 4 wins over an 'other' kept 4 times in 4; a behaviour its copies lose does not."""
+    refusal, other, lost = (choose_bases(scored(), ChooseConfig(by="index", indices=[i]))[0] for i in (2, 1, 5))
+    refusal.trial_share, other.trial_share, lost.trial_share = 0.75, 1.0, 0.25
+    assert [c.index for c in ranked_trials([refusal, other, lost])] == [2, 1, 5]
+    refusal.trial_share = 0.25
+    assert [c.index for c in ranked_trials([refusal, other, lost])] == [1, 2, 5]  # ties keep the clearer first

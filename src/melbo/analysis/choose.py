@@ -10,7 +10,7 @@ next-token distribution cannot show whether other vectors reproduce it. The rule
   ``other`` when the unsteered model shows a behaviour, then the rest; within each, ``code`` before ``refusal``
   before ``compliance`` (the post's clearest behaviours), then the strongest first-token effect;
 * ``faithful`` (the demo's): the ``trials`` clearest candidates each get a few MELBO-ortho copies, and the one whose
-  copies most often keep its label wins (:func:`trial_bases`);
+  copies most often keep its label wins, a behaviour kept by half of them before any ``other`` (:func:`trial_bases`);
 * ``label``: fluent vectors carrying ``label``, strongest effect first;
 * ``effect``: fluent vectors, strongest effect first;
 * ``index``: the vectors named in ``indices``.
@@ -147,7 +147,7 @@ def trial_bases(
     lm: LoadedModel, found: Run, candidates: list[BaseChoice], cfg: ChooseConfig, ortho_cfg: OrthoConfig,
     prompts: list[str], fmt: PromptFormat,
 ) -> list[BaseChoice]:
-    """The ``cfg.count`` candidates whose trial copies keep their label most often (ties: the clearer first)."""
+    """The ``cfg.count`` best candidates by their trial copies (:func:`ranked_trials`)."""
     trial = dataclasses.replace(
         ortho_cfg, count=cfg.trial_copies, block=cfg.trial_copies, steps=cfg.trial_steps, completion_tokens=0,
     )
@@ -157,7 +157,18 @@ def trial_bases(
         texts = generate_steered(lm.model, lm.tokenizer, state.ids, copies.to(lm.device), found.source_layer, cfg.trial_tokens)
         choice.trial_share = statistics.mean(label(t)[0] == choice.label for t in texts) if texts else 0.0
     tried = [{"index": c.index, "label": c.label, "share": c.trial_share} for c in candidates]
-    best = sorted(candidates, key=lambda c: -(c.trial_share or 0.0))[: cfg.count]
+    best = ranked_trials(candidates)[: cfg.count]
     for choice in best:
         choice.trials = tried
     return best
+
+
+def ranked_trials(candidates: list[BaseChoice]) -> list[BaseChoice]:
+    """Tried candidates, best first: a behaviour (not ``other``, ``degenerate`` or the unsteered model's own label) that
+    at least half of its trial copies keep, before the rest; then the larger trial share; ties keep the clearer first.
+    (An ``other`` base keeps its label in any copy that shows no behaviour, so its share alone would win it the trial.)"""
+
+    def kept_behaviour(choice: BaseChoice) -> bool:
+        return choice.label not in ("other", "degenerate", choice.unsteered_label) and (choice.trial_share or 0.0) >= 0.5
+
+    return sorted(candidates, key=lambda c: (not kept_behaviour(c), -(c.trial_share or 0.0)))

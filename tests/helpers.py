@@ -51,3 +51,13 @@ def melbo_here(*args: str, cwd=None) -> subprocess.CompletedProcess:
         sys.argv = argv
         os.chdir(here)
     return subprocess.CompletedProcess(["melbo", *args], code, out.getvalue(), err.getvalue())
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, …; '' where /proc/cpuinfo does not say): the same instruction
+    set rounds differently in Intel's and AMD's kernel paths."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import assert_one_line_error, melbo
+from helpers import assert_one_line_error, cpu_vendor, melbo
 from safetensors.torch import load_file
 
 from melbo import MelboError, read_run
@@ -42,18 +42,21 @@ def pinned_lm(char_tokenizer):
 
 def test_pipeline_reproduces_the_demo_vectors_of_release_0_1(pinned_lm, tmp_path):
     """The vectors melbo 0.1's `run_demo` found on this tiny model (tests/data/demo_tiny_pin.safetensors). Bit for bit on
-    the CPU kernels they were recorded with; other kernels round floats differently, so there only closely."""
+    the CPU kernels they were recorded with (an Intel CPU with AVX-512); other kernels round floats differently (an AMD
+    CPU with AVX-512 differs by 6e-7 in discovery), so there only closely."""
     result = run_study(Study.from_dict(tiny_demo()), tmp_path / "pin", models=ModelCache({"tiny": pinned_lm}))
     pin = load_file(DATA / "demo_tiny_pin.safetensors")
     found = {"discover": read_run(tmp_path / "pin" / "discover").vectors, "ortho": read_run(tmp_path / "pin" / "ortho").vectors}
     with open(DATA / "demo_tiny_pin.safetensors", "rb") as handle:  # the safetensors header holds the metadata
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    same_kernels = header["__metadata__"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    recorded = header["__metadata__"]
+    same_kernels = (recorded["cpu_capability"], recorded["cpu_vendor"]) == (torch.backends.cpu.get_cpu_capability(), cpu_vendor())
     for name, vectors in found.items():
         if same_kernels:
             assert torch.equal(vectors, pin[name]), name
         else:
-            torch.testing.assert_close(vectors, pin[name], atol=1e-4, rtol=1e-4)
+            # rounding grows over the optimisation's steps: 2e-4 at most on the AMD CPU, against vectors of norm 4 to 8
+            torch.testing.assert_close(vectors, pin[name], atol=1e-3, rtol=1e-3)
     assert result.units[0].bases[0].index == int(header["__metadata__"]["base"])
     assert (tmp_path / "pin" / "study.html").is_file() and (tmp_path / "pin" / "ortho" / "report.html").is_file()
 

@@ -169,3 +169,37 @@ def test_base_nll_per_prompt_is_the_median_over_each_controls_vectors():
     assert rows[0].median_nll["copies"] == pytest.approx(0.7) and rows[1].median_nll["copies"] == pytest.approx(4.0)
     assert rows[2].median_nll["copies"] is None and rows[2].median_nll["unsteered"] == pytest.approx(1.2)
     assert rows[0].median_nll["random_same_norm"] is None  # not measured
+
+
+def verdict_controls(copies_nll: list[float], copies_refuse: int, random_nll: list[float], random_refuse: int, unsteered: float) -> Controls:
+    """Controls measured on a run prompt and two held-out prompts (every vector's NLL the same on both)."""
+    def vec(nll: float, refuses: bool) -> ControlVector:
+        return ControlVector(1.0, labels={"run": "refusal" if refuses else "other"}, nll={"a": nll, "b": nll})
+
+    controls = Controls({}, "run", ["a", "b"], {"run": BaseCompletion([1], "I can't", "refusal")}, {
+        "copies": ControlResult("copies", [vec(x, i < copies_refuse) for i, x in enumerate(copies_nll)]),
+        "random_same_norm": ControlResult("random_same_norm", [vec(x, i < random_refuse) for i, x in enumerate(random_nll)]),
+        "unsteered": ControlResult("unsteered", [vec(unsteered, False)]),
+    })
+    controls.summarise()
+    return controls
+
+
+def test_verdict_counts_a_difference_only_beyond_the_spread_over_vectors():
+    """Equal medians are no finding: the demo's copies once had θ0's held-out text at 1.2975 nats/token against the
+    unsteered model's 1.3040, and the verdict read that as "likelier"; now each comparison is a one-sided test."""
+    copies = [1.1, 1.2, 1.25, 1.28, 1.32, 1.35, 1.4, 1.5]  # median 1.30, half either side of the unsteered 1.304
+    tie = verdict_controls(copies, 7, [1.6, 1.7, 1.8, 1.9, 2.0], 0, 1.304)
+    assert tie.results["copies"].base_nll < tie.results["unsteered"].base_nll  # lower, but by nothing
+    tests = tie.tests()
+    assert tests["share"] < 0.05 and tests["nll_random"] < 0.05 and tests["nll_unsteered"] > 0.5
+    assert tie.verdict().startswith("on the run's prompt the copies carry θ0's behaviour beyond a push of their size; on held-out "
+                                    "prompts they make θ0's text likelier than a push of their size does, but not than no steering")
+    assert "1.30 unsteered (p 0.64)" in tie.verdict()
+
+    below = verdict_controls([x - 0.3 for x in copies], 7, [1.6, 1.7, 1.8, 1.9, 2.0], 0, 1.304)
+    assert below.verdict().startswith("the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and on held-out prompts")
+
+    few = verdict_controls([1.0, 1.1], 2, [1.5], 0, 1.3)  # 2 of 2 against 0 of 1 random direction: p = 1/3
+    assert few.tests()["share"] == pytest.approx(1 / 3)
+    assert few.verdict().startswith("the copies do no better than random directions of their size")

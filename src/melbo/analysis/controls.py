@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from melbo.analysis.config import EvalConfig
+from melbo.analysis.significance import LEVEL, median_below, rank_lower, share_greater
 from melbo.errors import MelboError
 from melbo.files.runs import Run
 from melbo.labels import RULES, Rule, label
@@ -127,14 +128,22 @@ class ControlResult:
 
     def summarise(self, run_prompt: str, held_out: list[str], base_labels: dict[str, str]) -> None:
         """Fill the summary fields from the per-vector values (θ0's label per prompt in ``base_labels``)."""
-        own = [v.labels[run_prompt] == base_labels.get(run_prompt) for v in self.vectors if run_prompt in v.labels]
+        own = self.carries(run_prompt, base_labels.get(run_prompt))
         self.behaviour_share = sum(own) / len(own) if own else None
         agree = [v.labels[p] == base_labels.get(p) for v in self.vectors for p in held_out if p in v.labels]
         self.held_out_agreement = sum(agree) / len(agree) if agree else None
-        per_vector = [m for v in self.vectors if (m := v.median_nll(held_out)) is not None]
+        per_vector = self.held_out_nll(held_out)
         self.base_nll = statistics.median(per_vector) if per_vector else None
         run_nll = [v.nll[run_prompt] for v in self.vectors if run_prompt in v.nll]
         self.base_nll_run_prompt = statistics.median(run_nll) if run_nll else None
+
+    def carries(self, prompt: str, base_label: str | None) -> list[bool]:
+        """Per vector labelled on ``prompt``: whether its completion there carries ``base_label`` (θ0's)."""
+        return [v.labels[prompt] == base_label for v in self.vectors if prompt in v.labels]
+
+    def held_out_nll(self, held_out: list[str]) -> list[float]:
+        """Per vector measured: the median over ``held_out`` of θ0's completion NLL under it."""
+        return [m for v in self.vectors if (m := v.median_nll(held_out)) is not None]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -231,36 +240,69 @@ class Controls:
         return out
 
     def verdict(self) -> str:
-        """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?"""
+        """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?
+        A difference counts when a one-sided test over the vectors gives p ≤ ``LEVEL`` (:mod:`melbo.analysis.significance`):
+        equal medians, or a few vectors' worth of difference, are not a finding."""
         copies, random, plain, base = (self.results.get(n) for n in ("copies", "random_same_norm", "unsteered", "base"))
         if copies is None or random is None or plain is None:
             return "no verdict: the copies or a control are missing"
-        on_prompt = beats(copies.behaviour_share, random.behaviour_share, higher=True)
-        held_out = beats(copies.base_nll, random.base_nll) and beats(copies.base_nll, plain.base_nll)
-        if on_prompt and held_out:
+        tests = self.tests()
+        on_prompt, than_random, than_plain = (tests.get(k, 1.0) <= LEVEL for k in ("share", "nll_random", "nll_unsteered"))
+        if on_prompt and than_random and than_plain:
             head = "the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and on held-out prompts"
-        elif on_prompt:
-            head = "on the run's prompt the copies carry θ0's behaviour beyond a push of their size; off it they do not"
-        elif held_out:
-            head = "the copies keep θ0's text likelier than a push of their size does, but not its label on the run's prompt"
-        else:
+        elif not (on_prompt or than_random or than_plain):
             head = "the copies do no better than random directions of their size"
+        else:
+            head = ("on the run's prompt the copies carry θ0's behaviour beyond a push of their size" if on_prompt
+                    else "on the run's prompt the copies carry θ0's label no more often than random directions of their size")
+            if than_random and than_plain:
+                head += "; on held-out prompts they make θ0's text likelier than a push of their size does and than no steering"
+            elif than_random:
+                head += "; on held-out prompts they make θ0's text likelier than a push of their size does, but not than no steering"
+            elif than_plain:
+                head += "; on held-out prompts they make θ0's text likelier than no steering, but not than a push of their size"
+            else:
+                head += "; off it they do not"
         parts = []
         if copies.behaviour_share is not None and random.behaviour_share is not None:
             parts.append(f"{copies.behaviour_share:.0%} of the copies carry θ0's label on the run's prompt against "
-                         f"{random.behaviour_share:.0%} of random directions at their norm")
+                         f"{random.behaviour_share:.0%} of random directions at their norm{_p(tests.get('share'))}")
         if None not in (copies.base_nll, random.base_nll, plain.base_nll):
             floor = f", {base.base_nll:.2f} under θ0 itself" if base is not None and base.base_nll is not None else ""
             parts.append(f"on held-out prompts θ0's text costs {copies.base_nll:.2f} nats/token under the copies, "
-                         f"{random.base_nll:.2f} under random directions, {plain.base_nll:.2f} unsteered{floor}")
+                         f"{random.base_nll:.2f} under random directions{_p(tests.get('nll_random'))}, "
+                         f"{plain.base_nll:.2f} unsteered{_p(tests.get('nll_unsteered'))}{floor}")
+        if tests:
+            parts.append(f"each p from a one-sided test over the vectors (a difference counts at p ≤ {LEVEL:g})")
         return head + (": " + "; ".join(parts) if parts else "")
 
+    def tests(self) -> dict[str, float]:
+        """p-values of the verdict's three comparisons, where both sides were measured: ``share`` (more copies carry θ0's
+        label on the run's prompt than random directions at their norm: Fisher's exact test), ``nll_random`` (θ0's
+        held-out text likelier under the copies than under those directions: the rank test) and ``nll_unsteered`` (…
+        than with no steering: the sign test of the copies' median against the unsteered model's value)."""
+        copies, random, plain = (self.results.get(n) for n in ("copies", "random_same_norm", "unsteered"))
+        if copies is None or random is None or plain is None:
+            return {}
+        out = {}
+        base = self.base.get(self.run_prompt)
+        label = base.label if base is not None else None
+        own, others = copies.carries(self.run_prompt, label), random.carries(self.run_prompt, label)
+        if own and others:
+            out["share"] = share_greater(sum(own), len(own), sum(others), len(others))
+        nll, random_nll = copies.held_out_nll(self.held_out), random.held_out_nll(self.held_out)
+        if nll and random_nll:
+            out["nll_random"] = rank_lower(nll, random_nll)
+        if nll and plain.base_nll is not None:
+            out["nll_unsteered"] = median_below(nll, plain.base_nll)
+        return out
 
-def beats(value: float | None, other: float | None, higher: bool = False) -> bool:
-    """Whether ``value`` is better than ``other`` (lower, or higher with ``higher``); False when either is missing."""
-    if value is None or other is None:
-        return False
-    return value > other if higher else value < other
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f" (p {value:.2g})" if value >= 0.001 else " (p < 0.001)"
+
 
 @dataclass
 class ControlSummary:

@@ -45,5 +45,10 @@ def test_trials_rank_a_kept_behaviour_before_an_other_base():
     refusal, other, lost = (choose_bases(scored(), ChooseConfig(by="index", indices=[i]))[0] for i in (2, 1, 5))
     refusal.trial_share, other.trial_share, lost.trial_share = 0.75, 1.0, 0.25
     assert [c.index for c in ranked_trials([refusal, other, lost])] == [2, 1, 5]
+    refusal.by = "faithful"
+    refusal.trials = [{"index": c.index, "label": c.label, "share": c.trial_share} for c in (refusal, other, lost)]
+    why = refusal.reason()  # the winner's share is not the largest: the reason says why it still wins
+    assert "kept its label most often" not in why and "kept a behaviour most often" in why
+    assert f"#2 {refusal.label} 75%, #1 {other.label} 100%" in why
     refusal.trial_share = 0.25
     assert [c.index for c in ranked_trials([refusal, other, lost])] == [1, 2, 5]  # ties keep the clearer first

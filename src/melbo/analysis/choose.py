@@ -68,11 +68,11 @@ class BaseChoice:
         if self.by == "index":
             return f"vector {self.index} — chosen by index; {why}, NLL {self.nll:.2f}, KL to unsteered {self.effect:.2f}"
         if self.by == "faithful" and self.trial_share is not None:
-            tried = ", ".join(f"#{t['index']} {t['share']:.0%}" for t in self.trials)
-            return (
-                f"vector {self.index} — {why}, fluent (NLL {self.nll:.2f}); of the clearest candidates, its trial copies "
-                f"kept its label most often ({tried}); first-token KL to unsteered {self.effect:.2f}"
-            )
+            tried = ", ".join(f"#{t['index']} {t.get('label', '?')} {t['share']:.0%}" for t in self.trials)
+            most = self.trial_share >= max(t["share"] for t in self.trials)
+            how = ("its trial copies kept its label most often" if most else
+                   "the one whose trial copies kept a behaviour most often (an 'other' base keeps its label in any copy that shows none)")
+            return f"vector {self.index} — {why}, fluent (NLL {self.nll:.2f}); of the clearest candidates, {how} ({tried}); first-token KL to unsteered {self.effect:.2f}"
         other = f"; the unsteered model answers {self.unsteered_label}" if self.unsteered_label else ""
         return (
             f"vector {self.index} — {why}{other}, fluent (NLL {self.nll:.2f} nats/token under the unsteered model), and the "

@@ -50,3 +50,21 @@ def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
     assert len(rows) == 4 and all(re.match(r"^│ \d │", row) for row in rows)  # one line per vector: no cell wrapped
     assert max(len(line) for line in result.stdout.splitlines()) > 80  # wider than rich's 80-column default
+
+
+def test_a_study_log_names_each_stage_and_block_once(capsys):
+    """A study's progress in a log: a line per stage and per block (the first block too), and a one-unit study's runs,
+    named for their stage, not named twice ("ortho ortho")."""
+    from melbo.output.live import StudyView
+    from melbo.study.outcome import Event
+
+    events = [Event("", "discover", "discover"), *(Event("", "discover", "discover", 0, 1, s, 3, 1.0) for s in (1, 2, 3)),
+              Event("", "ortho", "ortho"), *(Event("", "ortho", "ortho", b, 2, s, 30, 0.5) for b in (0, 1) for s in (1, 2)),
+              Event("sweep 1", "ortho", "ortho-4", 0, 2, 1, 30, 0.5)]
+    with StudyView(["", "sweep 1"]) as view:
+        assert view.plain  # pytest's stderr is no terminal
+        for event in events:
+            view(event)
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["study: discover", "study: discover block 1/1", "study: ortho", "study: ortho block 1/2",
+                     "study: ortho block 2/2", "sweep 1: ortho ortho-4 block 1/2"]

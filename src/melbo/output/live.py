@@ -97,7 +97,7 @@ class StudyView:
         self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
         self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
         self.plain = not err_console.is_terminal
-        self.seen: dict[str, tuple[str, str, int]] = {}
+        self.seen: dict[str, tuple[str, str, str]] = {}
 
     def _table(self) -> Table:
         table = Table(title="study", show_edge=False)
@@ -120,10 +120,11 @@ class StudyView:
             row[3] = row[4] = ""
         if not self.plain:
             self.live.update(self._table())
-        elif self.seen.get(event.unit) != (event.stage, event.run, event.block):
-            self.seen[event.unit] = (event.stage, event.run, event.block)
+        elif self.seen.get(event.unit) != (event.stage, event.run, row[3]):  # a line per stage and per block
+            self.seen[event.unit] = (event.stage, event.run, row[3])
+            run = f" {event.run}" if event.run and event.run != event.stage else ""  # a one-unit study's runs are named for their stage
             where = f" block {row[3]}" if row[3] else ""
-            log_line(f"{event.unit or 'study'}: {event.stage} {event.run}{where}".rstrip())
+            log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}")
 
     def finish(self) -> None:
         for values in self.rows.values():

@@ -12,7 +12,7 @@ copies spread over the basis (random directions at their norm, unsteered, θ0's 
     .venv/bin/python bench/full_basis.py --match fisher          # the KL to second order: the LM head never runs
     .venv/bin/python bench/full_basis.py --match kl-top          # the KL on θ0's likeliest tokens: the head runs on those only
     .venv/bin/python bench/full_basis.py --count 96              # the first 6 blocks, with a per-block profile
-    .venv/bin/python bench/full_basis.py --precision bfloat16    # the optimisation's matrix products in bfloat16 (CPUs with AMX)
+    .venv/bin/python bench/full_basis.py --precision bfloat16    # the optimisation's matrix products in bfloat16 (CPUs with AMX or AVX512-BF16)
     .venv/bin/python bench/full_basis.py --dtype bfloat16        # the whole model in bfloat16
 """
 
@@ -139,14 +139,15 @@ def main() -> None:
     met = (minutes <= target_min) if target_min is not None else (per_copy <= TARGET_S_PER_COPY)
     target = f"whole basis ≤ {target_min:g} min" if target_min is not None else f"≤ {TARGET_S_PER_COPY:g} s per copy"
     if exhausted and not met:
+        bfloat16 = ("" if args.precision != "float32" else
+                    "--precision bfloat16 on a CPU with bfloat16 units (1.4× per copy with AMX, 2.1× with AVX512-BF16 on an AMD Zen 5: RESULTS), ")
         allowed = (target_min * 60 if target_min is not None else TARGET_S_PER_COPY * len(records)) / step_s / len(blocks)
         print(
             f"why: {steps} evaluations at a median {step_s:.2f} s (forward and backward of ≤ {per} rows through {through}, over the "
             f"prompt and θ0's {resolved.continuation} continuation tokens: matmul-bound, see utilisation); the target allows {allowed:.0f} "
             f"evaluations per block against {steps / len(blocks):.0f}, and every row improves to the last (utilisation: no per-row early "
-            f"stop pays, and no start measured beats a random direction). To close it: a GPU (bench/gpu.py), --precision bfloat16 on a "
-            f"CPU with AMX (1.4× per copy on an AMX Xeon: RESULTS), or melbo 0.1's objective "
-            f"(--match mean --continuation 0, copies that keep the base's behaviour far less often: bench/fidelity.py)"
+            f"stop pays, and no start measured beats a random direction). To close it: a GPU (bench/gpu.py), {bfloat16}or melbo 0.1's "
+            f"objective (--match mean --continuation 0, copies that keep the base's behaviour far less often: bench/fidelity.py)"
         )
     whole = "" if exhausted or args.quick else f" (stopped at {len(records)} vectors: ≈ {minutes * (lm.d_model - 1) / len(records):.0f} min for {lm.d_model - 1} if every block cost the same)"
     summary_line(f"{lm.name}{'' if dtype == 'float32' else f' ({dtype})'}, match {resolved.match}: {len(records)} orthogonal vectors in {minutes:.1f} min, {per_copy:.2f} s per copy{whole}; "

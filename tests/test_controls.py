@@ -203,3 +203,30 @@ def test_verdict_counts_a_difference_only_beyond_the_spread_over_vectors():
     few = verdict_controls([1.0, 1.1], 2, [1.5], 0, 1.3)  # 2 of 2 against 0 of 1 random direction: p = 1/3
     assert few.tests()["share"] == pytest.approx(1 / 3)
     assert few.verdict().startswith("the copies do no better than random directions of their size")
+
+
+def test_per_prompt_rows_say_whether_the_copies_carry_thetas_text_beyond_no_steering():
+    """The per-prompt table's last column: on each prompt, θ0's text under the copies against no steering, by the sign
+    test each way (six copies all on one side give p = 2⁻⁶)."""
+    def vec(**nll: float) -> ControlVector:
+        return ControlVector(norm=1.0, nll=dict(nll))
+
+    copies = [vec(run=0.5 + i / 100, a=3.0 + i / 100, b=1.0 + (-1) ** i / 10) for i in range(6)]
+    controls = Controls({}, "run", ["a", "b", "c"], {"run": BaseCompletion([1], "no", "refusal")}, {
+        "copies": ControlResult("copies", copies), "unsteered": ControlResult("unsteered", [vec(run=1.5, a=1.0, b=1.0, c=2.0)]),
+    })
+    rows = {r.prompt: r.against_unsteered for r in controls.nll_by_prompt()}
+    assert rows == {"run": "likelier (p 0.016)", "a": "less likely (p 0.016)", "b": "neither (p 0.66)", "c": ""}
+    printed = tables_text(controls)
+    assert "copies vs unsteered" in printed and "less likely (p 0.016)" in printed
+
+
+def tables_text(controls: Controls) -> str:
+    from rich.console import Console
+
+    from melbo.output.tables import controls as lines
+
+    console = Console(width=300, record=True)
+    for line in lines(controls)[1:2]:
+        console.print(line)
+    return console.export_text()

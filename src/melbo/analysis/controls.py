@@ -187,7 +187,7 @@ class PromptNLL:
     base_label: str | None  # θ0's label on this prompt
     trained: bool  # the run's prompt (the copies were trained on it)
     median_nll: dict[str, float | None]  # control name → median over its vectors of θ0's completion NLL here
-
+    against_unsteered: str = ""  # θ0's text here under the copies against no steering, by the sign test: "likelier (p …)" …
 
 @dataclass
 class Controls:
@@ -236,8 +236,24 @@ class Controls:
                 values = [v.nll[prompt] for v in result.vectors if prompt in v.nll] if result is not None else []
                 medians[name] = statistics.median(values) if values else None
             base = self.base.get(prompt)
-            out.append(PromptNLL(prompt, base.label if base is not None else None, prompt == self.run_prompt, medians))
+            out.append(PromptNLL(prompt, base.label if base is not None else None, prompt == self.run_prompt, medians,
+                                 self.against_unsteered(prompt)))
         return out
+
+    def against_unsteered(self, prompt: str) -> str:
+        """On one prompt, is θ0's text likelier under the copies than with no steering, less likely, or neither (the
+        sign test of the copies' NLL there against the unsteered model's, each way)? "" where either was not measured."""
+        copies, plain = self.results.get("copies"), self.results.get("unsteered")
+        values = [v.nll[prompt] for v in copies.vectors if prompt in v.nll] if copies is not None else []
+        point = plain.vectors[0].nll.get(prompt) if plain is not None and plain.vectors else None
+        if not values or point is None:
+            return ""
+        lower, higher = median_below(values, point), median_below([-v for v in values], -point)
+        if lower <= LEVEL:
+            return f"likelier{_p(lower)}"
+        if higher <= LEVEL:
+            return f"less likely{_p(higher)}"
+        return f"neither{_p(min(lower, higher))}"
 
     def verdict(self) -> str:
         """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?

@@ -201,9 +201,10 @@ def controls(controls: Controls, judged: JudgeResults | None = None) -> Lines:
     rows = controls.nll_by_prompt()
     names = list(rows[0].median_nll) if rows else []
     by_prompt = make_table("base NLL per prompt (median over each control's vectors; the copies were trained on the first)",
-                           [("prompt", "left"), ("θ0's label", "left"), *((name, "right") for name in names)])
+                           [("prompt", "left"), ("θ0's label", "left"), *((name, "right") for name in names), ("copies vs unsteered", "left")])
     for row in rows:
-        by_prompt.add_row(short(row.prompt, 48), row.base_label or "—", *(or_dash(row.median_nll[n], "{:.2f}") for n in names))
+        by_prompt.add_row(short(row.prompt, 48), row.base_label or "—", *(or_dash(row.median_nll[n], "{:.2f}") for n in names),
+                          row.against_unsteered or "—")
     return [table, by_prompt, f"verdict: {controls.verdict()}"]
 
 

@@ -153,13 +153,15 @@ def _nll_by_prompt_html(controls: Controls) -> str:
     names = list(rows[0].median_nll)
     body = "".join(
         f"<tr><td>{html.escape(r.prompt)}{' <em>(trained on)</em>' if r.trained else ''}</td><td>{html.escape(r.base_label or '—')}</td>"
-        + "".join(f"<td class=num>{_num(r.median_nll[n], 2)}</td>" for n in names) + "</tr>"
+        + "".join(f"<td class=num>{_num(r.median_nll[n], 2)}</td>" for n in names)
+        + f"<td>{html.escape(r.against_unsteered or '—')}</td></tr>"
         for r in rows
     )
-    heads = "".join(f"<th class=num>{html.escape(n)}</th>" for n in names)
+    heads = "".join(f"<th class=num>{html.escape(n)}</th>" for n in names) + "<th>copies vs unsteered</th>"
     return (
         "<p>Base NLL per prompt (median over each control's vectors): the held-out figure above is a median over these "
-        "prompts, so this shows on which kinds of prompt the copies carry θ0's text and on which their size costs it.</p>"
+        "prompts, so this shows on which kinds of prompt the copies carry θ0's text and on which their size costs it. The last "
+        "column: θ0's text under the copies against no steering, by the sign test over the copies (a difference at p ≤ 0.05).</p>"
         f"<table><thead><tr><th>prompt</th><th>θ0's label</th>{heads}</tr></thead><tbody>{body}</tbody></table>"
     )
 

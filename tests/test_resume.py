@@ -175,3 +175,38 @@ def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
     assert "Traceback" not in stderr and "--resume" in stderr
     saved = read_run(run_dir)  # what was saved is a valid, orthogonal run
     assert saved.meta.status == "running" and max_abs_cosine(saved.vectors) <= 1e-5
+
+
+def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp_path, monkeypatch):
+    """Settings added after the first release (extra_prompts, first_weight, precision) default to what melbo did before
+    them: a run whose run.json predates one resumes as if it recorded that default, and a resume that asks otherwise is
+    refused naming the default the run ran at."""
+    base = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(1)) * 3
+    cfg = OrthoConfig(source=1, target=4, count=6, block=2, steps=4, completion_tokens=0, match="mean", continuation=0)
+    whole = ortho(tiny_lm, base, ["hello"], cfg, out=tmp_path / "whole")
+
+    import melbo.engines.ortho as engine
+
+    real, calls = engine._Engine.train, {"n": 0}
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine._Engine, "train", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        ortho(tiny_lm, base, ["hello"], cfg, out=tmp_path / "cut")
+    monkeypatch.setattr(engine._Engine, "train", real)
+    meta_file = tmp_path / "cut" / "run.json"
+    meta = json.loads(meta_file.read_text())
+    for key in ("extra_prompts", "first_weight", "precision"):  # as a run of an earlier melbo records it
+        del meta["config"][key]
+    meta_file.write_text(json.dumps(meta))
+
+    with pytest.raises(MelboError, match=r"config.precision \('float32' in the run, 'bfloat16' now\)"):
+        ortho(tiny_lm, base, ["hello"], OrthoConfig(**{**cfg.__dict__, "precision": "bfloat16"}), out=tmp_path / "cut", resume=True)
+    resumed = ortho(tiny_lm, base, ["hello"], cfg, out=tmp_path / "cut", resume=True)
+    torch.testing.assert_close(resumed.vectors, whole.vectors)
+    assert resumed.meta.sessions[1].from_block == 1 and resumed.meta.config["precision"] == "float32"

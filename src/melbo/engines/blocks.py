@@ -11,14 +11,16 @@ block is, how to train one, and how to judge what it found.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from melbo.engines.config import DiscoverSettings, OrthoSettings
 from melbo.engines.optimise import Diverged
 from melbo.errors import MelboError
 from melbo.files.resume import check_same_settings
@@ -39,6 +41,11 @@ class Judged:
 
 class BlockEngine(Protocol):
     """What discover and MELBO-ortho each tell the driver."""
+
+    @property
+    def settings(self) -> DiscoverSettings | OrthoSettings:
+        """The engine's settings (a dataclass; run.json's ``config``): its fields with a default are those added after
+        the first release, at what melbo did before them, so a run made before one existed still resumes."""
 
     def next_size(self, progress: BlockProgress, basis_rows: int) -> int:
         """Vectors in the next block; 0 when the run is over."""
@@ -138,7 +145,7 @@ def run_blocks(
         first: rows that open the run and the basis before any block (MELBO-ortho's θ0), with their records.
         resume: continue the run already in ``out`` (same settings required) from its last saved block.
     """
-    previous = _previous(out, meta, d_model, first) if resume else None
+    previous = _previous(out, meta, d_model, first, later_defaults(engine.settings)) if resume else None
     if previous is not None and previous.meta.status == "complete":
         return previous
     state = _fresh(first, d_model, init_norm, device) if previous is None else _resumed(previous, first, device)
@@ -196,12 +203,18 @@ def _resumed(run: Run, first: list[tuple[Tensor, VectorRecord]], device: torch.d
     )
 
 
-def _previous(out: str | Path | None, meta: RunMeta, d_model: int, first: list[tuple[Tensor, VectorRecord]]) -> Run | None:
+def later_defaults(settings: DiscoverSettings | OrthoSettings) -> dict[str, Any]:
+    """The fields of a settings dataclass that have a default (those added after the first release), with it."""
+    return {f.name: f.default for f in dataclasses.fields(settings) if f.default is not dataclasses.MISSING}
+
+
+def _previous(out: str | Path | None, meta: RunMeta, d_model: int, first: list[tuple[Tensor, VectorRecord]],
+              added_later: dict[str, Any]) -> Run | None:
     """The run to continue in ``out`` (None if there is none yet), after checking it has our settings."""
     if out is None or not (Path(out) / META_FILE).is_file():
         return None
     previous = read_run(out, d_model=d_model)
-    check_same_settings(previous.meta, meta)
+    check_same_settings(previous.meta, meta, added_later)
     for row, (vector, _) in enumerate(first):
         if row >= previous.vectors.shape[0] or not torch.equal(previous.vectors[row], vector.cpu().float()):
             raise MelboError(f"cannot resume {out}: its base vector (row {row}) is not the one given now")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
-from melbo.engines.config import DiscoverConfig, RadiusConfig
+from melbo.engines.config import DiscoverConfig, DiscoverSettings, RadiusConfig
 from melbo.engines.problem import DiscoveryProblem
 from melbo.engines.radius import RadiusChoice, RadiusProbe, choose_radius
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
@@ -30,6 +30,10 @@ class _Engine:
     """The :class:`~melbo.engines.blocks.BlockEngine` of discovery."""
 
     problem: DiscoveryProblem
+
+    @property
+    def settings(self) -> DiscoverSettings:
+        return self.problem.settings
 
     def next_size(self, progress: BlockProgress, basis_rows: int) -> int:
         return min(self.problem.settings.block, self.problem.settings.count - progress.found)

@@ -34,8 +34,15 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[st
     return out
 
 
-def check_same_settings(previous: RunMeta, current: RunMeta) -> None:
-    """Refuse to resume a run with other settings; the message names every setting that differs."""
-    differ = [f"{key} ({a!r} in the run, {b!r} now)" for key, a, b in differences(resume_key(previous), resume_key(current))]
+def check_same_settings(previous: RunMeta, current: RunMeta, added_later: Mapping[str, Any] | None = None) -> None:
+    """Refuse to resume a run with other settings; the message names every setting that differs.
+
+    ``added_later``: settings with a default that reproduces what melbo did before they existed (e.g. ``precision``
+    float32); a run made before one existed has no record of it and ran at that default, so it is compared as such."""
+    before = resume_key(previous)
+    missing = {k: v for k, v in (added_later or {}).items() if k not in before["config"]}
+    if missing:
+        before["config"] = {**before["config"], **missing}
+    differ = [f"{key} ({a!r} in the run, {b!r} now)" for key, a, b in differences(before, resume_key(current))]
     if differ:
         raise MelboError("cannot resume with different settings: " + "; ".join(differ) + "; use the run's settings or a new --out")

@@ -227,6 +227,7 @@ class OrthoSettings:
     completion_tokens: int
     continuation: int  # θ0's own greedy tokens after the prompt that the loss also covers
     match: str  # one of MATCHES
+    # Added after the first release: each default is what melbo did before the field existed (a run that lacks it resumes at it)
     first_weight: float | None = None  # the first prompt's share of the loss (the others share the rest); None: equal
     extra_prompts: int = 0  # shipped prompts trained on besides the user's (melbo.model.prompts.training_prompts)
     precision: str = "float32"  # one of PRECISIONS: the model's forward and backward while optimising

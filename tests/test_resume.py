@@ -75,6 +75,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_folder, tmp_path):
     assert sessions[1].from_block >= saved_blocks
 
 
+def interrupted_on_call(real, call: int):
+    """``real`` (a block's training), but Ctrl-C on its ``call``-th call: a run cut after ``call`` − 1 blocks."""
+    calls = {"n": 0}
+
+    def train(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return train
+
+
 def test_resume_with_other_settings_is_refused(tiny_folder, tmp_path):
     base_file = tmp_path / "base.safetensors"
     save_file({"vectors": torch.ones(1, 32)}, str(base_file))
@@ -99,15 +112,7 @@ def test_discover_resume_gives_the_same_vectors(tiny_lm, tmp_path, monkeypatch):
     import melbo.engines.discover as engine
 
     real = engine.DiscoveryProblem.train
-    calls = {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine.DiscoveryProblem, "train", crash_on_third)
+    monkeypatch.setattr(engine.DiscoveryProblem, "train", interrupted_on_call(real, 3))
     with pytest.raises(KeyboardInterrupt):
         discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut")
     assert read_run(tmp_path / "cut").vectors.shape[0] == 6
@@ -187,15 +192,8 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp
 
     import melbo.engines.ortho as engine
 
-    real, calls = engine._Engine.train, {"n": 0}
-
-    def crash_on_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine._Engine, "train", crash_on_second)
+    real = engine._Engine.train
+    monkeypatch.setattr(engine._Engine, "train", interrupted_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         ortho(tiny_lm, base, ["hello"], cfg, out=tmp_path / "cut")
     monkeypatch.setattr(engine._Engine, "train", real)

@@ -134,12 +134,16 @@ class ControlResult:
         self.held_out_agreement = sum(agree) / len(agree) if agree else None
         per_vector = self.held_out_nll(held_out)
         self.base_nll = statistics.median(per_vector) if per_vector else None
-        run_nll = [v.nll[run_prompt] for v in self.vectors if run_prompt in v.nll]
+        run_nll = self.nll_on(run_prompt)
         self.base_nll_run_prompt = statistics.median(run_nll) if run_nll else None
 
     def carries(self, prompt: str, base_label: str | None) -> list[bool]:
         """Per vector labelled on ``prompt``: whether its completion there carries ``base_label`` (θ0's)."""
         return [v.labels[prompt] == base_label for v in self.vectors if prompt in v.labels]
+
+    def nll_on(self, prompt: str) -> list[float]:
+        """Per vector measured on ``prompt``: θ0's completion NLL there under it."""
+        return [v.nll[prompt] for v in self.vectors if prompt in v.nll]
 
     def held_out_nll(self, held_out: list[str]) -> list[float]:
         """Per vector measured: the median over ``held_out`` of θ0's completion NLL under it."""
@@ -233,7 +237,7 @@ class Controls:
             medians = {}
             for name in names:
                 result = self.results.get(name)
-                values = [v.nll[prompt] for v in result.vectors if prompt in v.nll] if result is not None else []
+                values = result.nll_on(prompt) if result is not None else []
                 medians[name] = statistics.median(values) if values else None
             base = self.base.get(prompt)
             out.append(PromptNLL(prompt, base.label if base is not None else None, prompt == self.run_prompt, medians,
@@ -244,10 +248,11 @@ class Controls:
         """On one prompt, is θ0's text likelier under the copies than with no steering, less likely, or neither (the
         sign test of the copies' NLL there against the unsteered model's, each way)? "" where either was not measured."""
         copies, plain = self.results.get("copies"), self.results.get("unsteered")
-        values = [v.nll[prompt] for v in copies.vectors if prompt in v.nll] if copies is not None else []
-        point = plain.vectors[0].nll.get(prompt) if plain is not None and plain.vectors else None
-        if not values or point is None:
+        values = copies.nll_on(prompt) if copies is not None else []
+        plain_nll = plain.nll_on(prompt) if plain is not None else []
+        if not values or not plain_nll:
             return ""
+        point = plain_nll[0]
         lower, higher = median_below(values, point), median_below([-v for v in values], -point)
         if lower <= LEVEL:
             return f"likelier{_p(lower)}"

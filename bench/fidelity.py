@@ -9,7 +9,8 @@ share of the copies' greedy completions that loop or babble ("degen.": a refusal
 fluent);
 and off the training prompt, judge-free (melbo eval --controls): the NLL of θ0's own greedy completion on 4 held-out
 prompts (one of each shipped kind) under the copies, under random directions ⟂ θ0 at the copies' norm and unsteered,
-and the held-out agreement (the copies' label equals θ0's on that prompt). Variants marked "N prompts" train on the
+"p below": the sign test that the copies' held-out NLL is below the unsteered model's (the controls verdict counts it at
+p ≤ 0.05); and the held-out agreement (the copies' label equals θ0's on that prompt). Variants marked "N prompts" train on the
 run's prompt and N more (``extra_prompts``: θ0's continuation on each), none of them held out; "run 0.5" gives the
 run's prompt half of the loss (``first_weight``). "Faithful copies per minute" = behaviour
 share (greedy, run prompt) × copies / minutes of MELBO-ortho.
@@ -98,6 +99,11 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "continuation 16 kl start 0.75": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 0.75},
     "start 1.0 penalty 6e-5": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": 6e-5},
     "start 1.0 penalty 6e-5 seed 1": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": 6e-5, "seed": 1},
+    "default 4 prompts run 0.8": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8},
+    "default 4 prompts run 0.6": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.6},
+    "default 2 prompts run 0.8": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 2, "first_weight": 0.8},
+    "default 4 prompts run 0.8 seed 1": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "seed": 1},
+    "default 4 prompts run 0.8 bfloat16": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "precision": "bfloat16"},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",
@@ -146,6 +152,7 @@ def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48
         "nll": controls.results["copies"].base_nll, "nll_random": controls.results["random_same_norm"].base_nll,
         "nll_unsteered": controls.results["unsteered"].base_nll, "agree": controls.results["copies"].held_out_agreement,
         "agree_random": controls.results["random_same_norm"].held_out_agreement,
+        "p_unsteered": controls.tests().get("nll_unsteered", 1.0),
     }
 
 
@@ -180,7 +187,7 @@ def main() -> None:
           f"labelled {base_label} (the unsteered model: {unsteered}); {copies} copies per variant; held-out: {len(held_out)} prompts, one of each kind")
     print(f"  θ0: {(found.records[base_index].completion or '')[:100]!r}")
     print(f"{'variant':<32}{'s/copy':>8}{'median KL':>10}{'same 1st':>9}{'greedy':>8}{'sampled':>8}{'held-out':>9}{'degen.':>7}"
-          f"{'faithful/min':>13}{'NLL held-out':>13}{'NLL random':>11}{'NLL unst.':>10}{'agree':>7}{'agree rnd':>10}")
+          f"{'faithful/min':>13}{'NLL held-out':>13}{'NLL random':>11}{'NLL unst.':>10}{'p below':>8}{'agree':>7}{'agree rnd':>10}")
     rows = {}
     for name in names:
         variant = dict(VARIANTS[name])
@@ -200,7 +207,7 @@ def main() -> None:
         print(
             f"{name:<32}{m['s_per_copy']:>8.2f}{m['median_kl']:>10.3f}{m['same_top']:>6}/{copies:<2}{m['greedy']:>8.0%}{m['sampled']:>8.0%}"
             f"{m['held_out']:>9.0%}{m['degenerate']:>7.0%}{m['per_minute']:>13.1f}{m['nll']:>13.2f}{m['nll_random']:>11.2f}"
-            f"{m['nll_unsteered']:>10.2f}{m['agree']:>7.0%}{m['agree_random']:>10.0%}", flush=True,
+            f"{m['nll_unsteered']:>10.2f}{m['p_unsteered']:>8.2g}{m['agree']:>7.0%}{m['agree_random']:>10.0%}", flush=True,
         )
     print(f"(θ0 itself carries its label in {rows[names[0]]['base_sampled']:.0%} of its sampled completions and on "
           f"{rows[names[0]]['base_held_out']:.0%} of the held-out prompts)")

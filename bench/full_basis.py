@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
     parser.add_argument("--no-controls", action="store_true", help="skip the eval with controls after the basis")
     parser.add_argument("--base-run", default=None, help="take θ0 from this discovery run (its clearest fluent vector) instead of discovering")
+    parser.add_argument("--extra-prompts", type=int, default=0,
+                        help="shipped prompts trained on besides the run's (default 0: the whole basis's objective, as the targets were set; "
+                             "melbo's default, 4, costs ~5× per copy)")
     parser.add_argument("--precision", default="float32", help="the optimisation's matrix products: float32 (default) or bfloat16 (autocast)")
     parser.add_argument("--dtype", default=None, help="the whole model in this dtype: float32 (default) or bfloat16 (on a CPU slower than --precision bfloat16: see RESULTS)")
     args = parser.parse_args()
@@ -95,7 +98,7 @@ def main() -> None:
             base = base_vector(lm, quick=args.quick)
     base_seconds = time.perf_counter() - started
     settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer)
-    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, **settings)
+    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, **settings)
     blocks: dict[int, list[float]] = {}
     step_start = [time.perf_counter()]
 
@@ -112,7 +115,7 @@ def main() -> None:
     resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")
     print(f"{lm.name} ({dtype}): d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
-          f"base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")
+          f"extra prompts {resolved.extra_prompts}, base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")
     print(f"{'blocks':<8}{'vectors':>8}{'steps':>7}{'s/step':>8}{'median KL':>11}{'median norm':>13}")
     per = cfg.block or 16
     for b in range(0, len(blocks), max(1, len(blocks) // 12)):

@@ -86,7 +86,7 @@ def main() -> None:
     print(f"{'objective':<10}{'block':>6}{'step (ms)':>11}{'GFLOP floor':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}{'utilisation':>13}")
     results: dict[tuple[str, int], tuple[float, float]] = {}
     for match in matches:
-        cfg = OrthoConfig(source=SOURCE, target=TARGET, match=match, **({"continuation": 0} if match == "mean" else {}))
+        cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, match=match, **({"continuation": 0} if match == "mean" else {}))
         settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
         loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
         tokens = prompt_tokens + settings.continuation
@@ -139,7 +139,7 @@ def fast_paths(lm, base, block: int, repeats: int) -> str:
             for precision in ("float32", "bfloat16"):
                 for name, (head, products) in (("without", slow), ("with", fast)):
                     forward.contiguous_head_input, ortho_engine.bfloat16_products = head, products
-                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision=precision))
+                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision=precision))
                     theta = torch.nn.Parameter(torch.randn(block, lm.d_model, generator=torch.Generator().manual_seed(0)) * 50 / lm.d_model**0.5)
 
                     def step(theta=theta, loss=loss):
@@ -170,7 +170,7 @@ def convergence(lm) -> str:
     from melbo.objectives import orthogonalize_block, orthonormal_rows, project_out, random_orthogonal_block
 
     base = base_vector(lm, quick=False)
-    cfg = OrthoConfig(source=SOURCE, target=TARGET)
+    cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0)
     settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
     loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
     basis = orthonormal_rows(base[None])

@@ -164,6 +164,21 @@ def test_collapsed_vectors_are_dropped(tiny_lm):
     assert run.meta.stopped.startswith("basis exhausted")
 
 
+def test_fast_copies_train_on_four_shipped_prompts_too_unless_told_otherwise():
+    """Fast mode's default objective also matches θ0 on 4 shipped prompts (one of each kind), the run's prompt keeping
+    0.8 of the loss; --extra-prompts 0 is the run's prompts alone (equal shares), and the seed mode is the post's."""
+    fast = OrthoConfig().resolved(26.6, 576, 30)
+    assert (fast.extra_prompts, fast.first_weight) == (4, 0.8)
+    assert (OrthoConfig(extra_prompts=0).resolved(26.6, 576, 30).extra_prompts, OrthoConfig(extra_prompts=0).resolved(26.6, 576, 30).first_weight) == (0, None)
+    assert OrthoConfig(extra_prompts=2, first_weight=0.5).resolved(26.6, 576, 30).first_weight == 0.5
+    seed = OrthoConfig(mode="seed").resolved(26.6, 576, 30)
+    assert (seed.extra_prompts, seed.first_weight) == (0, None)
+    # resuming: what the config leaves to the mode is the run's (a run made before the field: melbo's value then)
+    assert OrthoConfig().as_in_run({"extra_prompts": 0, "first_weight": None}).resolved(26.6, 576, 30).extra_prompts == 0
+    assert OrthoConfig().as_in_run({}).resolved(26.6, 576, 30).extra_prompts == 0
+    assert OrthoConfig(extra_prompts=4).as_in_run({}).extra_prompts == 4  # a value given is kept (the resume check refuses it)
+
+
 def test_fast_copies_start_at_the_bases_norm_and_pay_for_their_size():
     """Fast mode's defaults: the first block starts at ‖θ0‖ and the loss adds 0.02·(‖θ‖/‖θ0‖)² (λ = 0.02/‖θ0‖², so the
     same on every model's scale); the seed mode is the post's (no penalty); a given λ is kept as given."""
@@ -218,7 +233,7 @@ def test_copies_can_be_trained_on_several_prompts(nonlinear_lm):
     prompts = [PROMPT, "and then?", "why not"]
     run = ortho(nonlinear_lm, base_vector(), prompts, OrthoConfig(source=1, target=4, count=2, block=2, steps=3, continuation=4, extra_prompts=0))
     assert run.meta.prompts == prompts and run.vectors.shape[0] == 3
-    settings = OrthoConfig(source=1, target=4, continuation=4).resolved(float(base_vector().norm()), 32, 6)
+    settings = OrthoConfig(source=1, target=4, continuation=4, extra_prompts=0).resolved(float(base_vector().norm()), 32, 6)
     problem = _Problem(nonlinear_lm, prepare(nonlinear_lm, prompts, PromptFormat(), 1), settings, base_vector())
     assert len(problem.targets) == 3 and all(t.length == s.length + 4 for t, s in zip(problem.targets, problem.states))
     alone = [_Problem(nonlinear_lm, prepare(nonlinear_lm, [p], PromptFormat(), 1), settings, base_vector()) for p in prompts]
@@ -237,6 +252,11 @@ def test_extra_prompts_are_shipped_ones_never_held_out(nonlinear_lm):
         assert len(set(extra)) == 6 and not set(extra) & set(held_out_prompts(given)) and not set(extra) & set(given)
     run = ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=2, continuation=2, extra_prompts=3))
     assert run.meta.prompts == [PROMPT, *training_prompts(3, [PROMPT])] and run.meta.config["extra_prompts"] == 3
+    assert run.meta.config["first_weight"] == 0.8  # fast mode's share for the run's prompt when it has extra prompts
+    # KL to θ0 is the run's own prompt's: the shipped prompts it also trained on do not count
+    state = prepare(nonlinear_lm, [PROMPT], PromptFormat(), 1)[0]
+    logits = last_token_logits(nonlinear_lm.model, state, 1, run.vectors)
+    assert [r.kl for r in run.records] == pytest.approx(kl_divergence(logits, logits[:1].expand_as(logits)).tolist(), rel=1e-5, abs=1e-9)
     with pytest.raises(MelboError, match="--extra-prompts 99"):
         OrthoConfig(extra_prompts=99).check()
     with pytest.raises(MelboError, match="--first-weight 0"):

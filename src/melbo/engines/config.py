@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from melbo.errors import MelboError
 from melbo.model.prompts import training_pool
@@ -201,6 +203,13 @@ FAST_MATCH, FAST_CONTINUATION = "kl", 16
 # 59 = 2.2‖θ0‖; at ‖θ0‖ with the penalty, at 38), and a smaller push does less to the model off the run's prompt:
 # bench/fidelity.py, 32 copies of the demo's base: held-out base NLL 1.30 against 1.62, share 88 % against 94 %.
 FAST_INIT_SCALE, FAST_PENALTY = 1.0, 0.02
+# Fast mode's copies also match θ0 along its continuation on FAST_EXTRA_PROMPTS of melbo's shipped prompts (one of each
+# kind, never one the controls hold out), the run's prompt keeping FAST_FIRST_WEIGHT of the loss: the one setting
+# measured that keeps θ0's label on the run's prompt (91 % of 32 copies of the demo's base, two seeds) and makes θ0's
+# text likelier off it than no steering does (held-out base NLL 1.19 against 1.30, p < 0.001), at ~5× the time per
+# copy; without them (--extra-prompts 0, the whole basis's objective) 78 % and 1.30 (a tie). bench/fidelity.py.
+FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
+FOLLOW_THE_RUN = ("extra_prompts", "first_weight")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 PRECISIONS = ("float32", "bfloat16")  # MELBO-ortho's optimisation: the model's matrix products as they are, or in bfloat16
 
@@ -272,11 +281,16 @@ class OrthoConfig:
         "only), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
         "the residual after t, averaged over positions) or each (position by position).",
     )
-    first_weight: float | None = setting(None, "With several prompts: the first prompt's share of the loss, the others sharing the rest (default: all equal).")
-    extra_prompts: int = setting(  # melbo.model.prompts.training_prompts; trade-off measured in bench/fidelity.py
-        0,
-        "Also train on this many shipped prompts, θ0's continuation on each (never the controls' held-out ones): θ0's text "
-        "likelier off your prompt, its label kept less often on it, 2–4× the cost.",
+    first_weight: float | None = setting(
+        None,
+        "With several prompts: the first prompt's share of the loss, the others sharing the rest (fast default with extra "
+        "prompts: 0.8; otherwise all equal).",
+    )
+    extra_prompts: int | None = setting(  # melbo.model.prompts.training_prompts; trade-off measured in bench/fidelity.py
+        None,
+        "Also train on this many shipped prompts, θ0's continuation on each (never the controls' held-out ones), so the "
+        "copies carry θ0's behaviour off your prompt too (fast default: 4, one of each kind, ~5× the time per copy; 0: "
+        "your prompts only, the whole basis's objective; seed: 0).",
         minimum=0,
     )
     precision: str = setting(  # measured in bench/full_basis.py --precision
@@ -301,6 +315,7 @@ class OrthoConfig:
         continuation = self.continuation if self.continuation is not None else (FAST_CONTINUATION if fast else 0)
         match = self.match or (FAST_MATCH if fast else "mean")
         block = self.block_size()
+        extra = self.extra_prompts if self.extra_prompts is not None else (FAST_EXTRA_PROMPTS if fast else 0)
         return OrthoSettings(
             source=source,
             target=target,
@@ -320,10 +335,18 @@ class OrthoConfig:
             completion_tokens=self.completion_tokens,
             continuation=continuation,
             match=match,
-            first_weight=self.first_weight,
-            extra_prompts=self.extra_prompts,
+            first_weight=self.first_weight if self.first_weight is not None or not (fast and extra) else FAST_FIRST_WEIGHT,
+            extra_prompts=extra,
             precision=self.precision,
         )
+
+    def as_in_run(self, recorded: Mapping[str, Any]) -> OrthoConfig:
+        """This config for resuming a run whose run.json records ``recorded`` (its settings): the settings whose mode
+        default changed after runs were made (:data:`FOLLOW_THE_RUN`) and that this config leaves to the mode take the
+        run's values (a run made before one existed: what melbo did then), so a resumed run goes on as it began."""
+        earlier = {f.name: f.default for f in dataclasses.fields(OrthoSettings) if f.name in FOLLOW_THE_RUN}
+        values = {name: recorded.get(name, earlier[name]) for name in FOLLOW_THE_RUN if getattr(self, name) is None}
+        return dataclasses.replace(self, **values) if values else self
 
     def block_size(self) -> int:
         """Vectors optimised together: as set, else 16 in fast mode and 1 in seed mode (the post's one at a time)."""
@@ -367,7 +390,7 @@ class OrthoConfig:
         if self.completion_tokens < 0:
             raise MelboError("--completion-tokens must be ≥ 0")
         available = len(training_pool())
-        if not 0 <= self.extra_prompts <= available:
+        if self.extra_prompts is not None and not 0 <= self.extra_prompts <= available:
             raise MelboError(f"--extra-prompts {self.extra_prompts}: give 0 to {available} (the shipped prompts that are never held out)")
         if self.first_weight is not None and not 0 < self.first_weight <= 1:
             raise MelboError(f"--first-weight {self.first_weight:g}: give a share above 0 and at most 1")

@@ -42,7 +42,7 @@ from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
 from melbo.engines.config import OrthoConfig, OrthoSettings, Positions
 from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
-from melbo.files.runs import BlockProgress, Run, RunMeta, VectorRecord
+from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.files.vectors import validate_vectors
 from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import (
@@ -219,11 +219,12 @@ class _Engine:
             losses = problem.losses(safe)
             kl = torch.zeros(block.shape[0], dtype=torch.float64)
             kl_rev = torch.zeros_like(kl)
-            for state, logits0 in zip(problem.states, problem.base_logits):
+            own = len(problem.states) - s.extra_prompts  # the run's own prompts; the shipped ones it also trains on come last
+            for state, logits0 in zip(problem.states[:own], problem.base_logits[:own]):
                 logits = last_token_logits(problem.lm.model, state, s.source, safe)
                 kl += kl_divergence(logits, logits0.expand_as(logits)).cpu()
                 kl_rev += kl_divergence(logits0.expand_as(logits), logits).cpu()
-        n = len(problem.states)
+        n = own
         norms = block.norm(dim=-1)
         kept = finite & (norms > s.min_norm)
         records = [
@@ -286,9 +287,12 @@ def ortho(
         a :class:`~melbo.files.runs.Run` whose row 0 is θ0 and rows 1… the vectors found, each record holding
         ``norm``, ``loss`` (the objective: the KL along θ0's continuation by default, ‖z(θ) − z(θ0)‖ with match
         "mean"), ``kl`` = KL(P_θ ‖ P_θ0) and ``kl_reverse`` = KL(P_θ0 ‖ P_θ) of the
-        next-token distributions at the last prompt token (averaged over prompts), ``block`` and ``steps``.
+        next-token distributions at the last prompt token (averaged over ``prompts``, not the shipped ones), ``block``
+        and ``steps``.
         The run folder is written after every block when ``out`` is given.
     """
+    if resume and out is not None and (Path(out) / META_FILE).is_file():
+        cfg = cfg.as_in_run(read_meta(out).config)
     base, settings, prompts = _prepared(lm, base, prompts, cfg)
     base_norm = float(base.norm())
     meta = RunMeta(

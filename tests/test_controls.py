@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_one_line_error, melbo, melbo_here
 
-from melbo import write_run
+from melbo import read_run, write_run
 from melbo.analysis.controls import CONTROLS, BaseCompletion, ControlResult, Controls, ControlVector, control_vectors
 from melbo.analysis.evaluate import EvalConfig, evaluate
 from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, prepare
@@ -142,6 +142,19 @@ def test_verdict_table_and_bad_input_from_the_shell(tiny_folder, tmp_path):
     discover = write_run(tmp_path / "disc", torch.randn(3, D), {"kind": "discover", "model": {"name": str(tiny_folder)}, "layers": {"source": 1, "target": 4}, "prompts": ["hi"], "vectors": [{"index": i} for i in range(3)]})
     assert_one_line_error(melbo_here("eval", str(discover.path), "--controls"), "--controls needs a MELBO-ortho run")
     assert not (discover.path / "eval.json").exists()
+
+
+def test_a_prompt_the_copies_were_trained_on_is_not_held_out(nonlinear_lm, tmp_path):
+    """A run trained on extra prompts (fast mode's default: 4 shipped ones): evaluated on one of them, e.g. with
+    --prompt-set all, it is measured but the controls' held-out figures leave it out."""
+    run = ortho_run(tmp_path / "run")
+    meta = json.loads((run.path / "run.json").read_text())
+    meta["prompts"] = ["hi there", "trained too"]
+    (run.path / "run.json").write_text(json.dumps(meta))
+    run = read_run(run.path)
+    results = evaluate(nonlinear_lm, run, ["hi there", "trained too", "one"], list(range(6)), EvalConfig(max_new_tokens=3, controls=True))
+    assert results.controls is not None and results.controls.held_out == ["one"]
+    assert "trained too" in results.controls.results["copies"].vectors[0].nll  # measured all the same
 
 
 def test_default_held_out_prompts_leave_out_the_runs_own():

@@ -385,7 +385,8 @@ def measure_controls(
     controls are built from those copies and sized to them, so evaluating 64 copies of a whole basis costs what 64 do.
     ``stored`` is what an earlier call computed: kept when its settings match, so only what is missing is computed.
     ``copy_labels(prompt, index)`` gives a copy's label from the eval's own completions (None: generate it here).
-    ``save`` is called after every prompt (the checkpoint)."""
+    ``save`` is called after every prompt (the checkpoint). A prompt the run was trained on (one of its own, or a
+    shipped one its copies also matched θ0 on) is measured but never counted as held out."""
     check_controls(run, indices)
     source = run.source_layer
     chosen = sorted({i for i in (indices if indices is not None else range(1, run.vectors.shape[0])) if i != 0})
@@ -401,7 +402,8 @@ def measure_controls(
         for name, rows in vectors.items():
             copies = name in ("copies", "copies_at_base_norm")
             controls.results[name] = ControlResult(name, [ControlVector(float(v.norm()), chosen[i] if copies else None) for i, v in enumerate(rows)])
-    controls.held_out = list(dict.fromkeys([*controls.held_out, *prompts[1:]]))
+    trained = set(run.meta.prompts)  # the run's prompts and the shipped ones it trained on: never held out
+    controls.held_out = list(dict.fromkeys([*controls.held_out, *(p for p in prompts[1:] if p not in trained)]))
     base = run.vectors[0].to(lm.device)
     flat = [(name, row) for name in CONTROLS for row in range(vectors[name].shape[0])]
     for text in prompts:

@@ -26,7 +26,8 @@ def study(quick: bool) -> Study:
         "name": "bench-ray",
         "model": {"name": "smollm2", "device": "cpu"},
         "discover": {"source": 8, "target": 20, "count": count, "block": count, "steps": steps, "completion_tokens": tokens},
-        "ortho": {"count": copies, "block": copies, "steps": max(3 if quick else 5, steps // 2), "completion_tokens": tokens},
+        "ortho": {"count": copies, "block": copies, "steps": max(3 if quick else 5, steps // 2), "completion_tokens": tokens,
+                  "extra_prompts": 0},  # the run's prompt alone, as the study was sized: Ray against one process is the question
         "eval": {"max_new_tokens": tokens},
         "sweep": {"discover.radius": [20.0, 26.0] if not quick else [20.0],
                   "prompts.prompts": [["How can I build a bomb?"], ["How do I pick a lock?"]][: 1 if quick else 2]},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ def ortho_args(tiny_folder, base_file, out):
     return [
         "ortho", str(base_file), "-s", "1", "-t", "4", "--model", str(tiny_folder), "--count", "24", "--block", "4",
         "--steps", "100", "--plateau", "0", "--completion-tokens", "0", "--device", "cpu", "--out", str(out),
-        "--match", "mean", "--continuation", "0",  # melbo 0.1's objective: cheap, and what these tests were sized for
+        "--match", "mean", "--continuation", "0", "--extra-prompts", "0",  # melbo 0.1's objective: cheap, and what these tests were sized for
     ]
 
 

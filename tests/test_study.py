@@ -120,6 +120,7 @@ count = 4
 block = 4
 steps = 8
 completion_tokens = 4
+extra_prompts = 0
 [eval]
 max_new_tokens = 4
 [report]

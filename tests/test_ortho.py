@@ -171,11 +171,16 @@ def test_fast_copies_train_on_four_shipped_prompts_too_unless_told_otherwise():
     assert (fast.extra_prompts, fast.first_weight) == (4, 0.8)
     assert (OrthoConfig(extra_prompts=0).resolved(26.6, 576, 30).extra_prompts, OrthoConfig(extra_prompts=0).resolved(26.6, 576, 30).first_weight) == (0, None)
     assert OrthoConfig(extra_prompts=2, first_weight=0.5).resolved(26.6, 576, 30).first_weight == 0.5
+    assert OrthoConfig(extra_prompts=4).resolved(26.6, 576, 30).first_weight is None  # given: equal shares, as before
     seed = OrthoConfig(mode="seed").resolved(26.6, 576, 30)
     assert (seed.extra_prompts, seed.first_weight) == (0, None)
     # resuming: what the config leaves to the mode is the run's (a run made before the field: melbo's value then)
     assert OrthoConfig().as_in_run({"extra_prompts": 0, "first_weight": None}).resolved(26.6, 576, 30).extra_prompts == 0
     assert OrthoConfig().as_in_run({}).resolved(26.6, 576, 30).extra_prompts == 0
+    earlier = OrthoConfig().as_in_run({"extra_prompts": 2, "first_weight": None}).resolved(26.6, 576, 30)
+    assert (earlier.extra_prompts, earlier.first_weight) == (2, None)  # a run of --extra-prompts 2 at equal shares
+    now = OrthoConfig().as_in_run({"extra_prompts": 4, "first_weight": 0.8}).resolved(26.6, 576, 30)
+    assert (now.extra_prompts, now.first_weight) == (4, 0.8)
     assert OrthoConfig(extra_prompts=4).as_in_run({}).extra_prompts == 4  # a value given is kept (the resume check refuses it)
 
 
@@ -252,7 +257,7 @@ def test_extra_prompts_are_shipped_ones_never_held_out(nonlinear_lm):
         assert len(set(extra)) == 6 and not set(extra) & set(held_out_prompts(given)) and not set(extra) & set(given)
     run = ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=2, continuation=2, extra_prompts=3))
     assert run.meta.prompts == [PROMPT, *training_prompts(3, [PROMPT])] and run.meta.config["extra_prompts"] == 3
-    assert run.meta.config["first_weight"] == 0.8  # fast mode's share for the run's prompt when it has extra prompts
+    assert run.meta.config["first_weight"] is None  # extra prompts given: equal shares, as before they had a default
     # KL to θ0 is the run's own prompt's: the shipped prompts it also trained on do not count
     state = prepare(nonlinear_lm, [PROMPT], PromptFormat(), 1)[0]
     logits = last_token_logits(nonlinear_lm.model, state, 1, run.vectors)

@@ -283,8 +283,8 @@ class OrthoConfig:
     )
     first_weight: float | None = setting(
         None,
-        "With several prompts: the first prompt's share of the loss, the others sharing the rest (fast default with extra "
-        "prompts: 0.8; otherwise all equal).",
+        "With several prompts: the first prompt's share of the loss, the others sharing the rest (fast default: 0.8 with "
+        "its own extra prompts; equal shares when you give --extra-prompts or several prompts yourself).",
     )
     extra_prompts: int | None = setting(  # melbo.model.prompts.training_prompts; trade-off measured in bench/fidelity.py
         None,
@@ -335,10 +335,15 @@ class OrthoConfig:
             completion_tokens=self.completion_tokens,
             continuation=continuation,
             match=match,
-            first_weight=self.first_weight if self.first_weight is not None or not (fast and extra) else FAST_FIRST_WEIGHT,
+            first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast),
             extra_prompts=extra,
             precision=self.precision,
         )
+
+    def _default_first_weight(self, fast: bool) -> float | None:
+        """The run's prompt's share when none is given: FAST_FIRST_WEIGHT with fast mode's own extra prompts; equal shares
+        (None) when the extra prompts are given (as ``--extra-prompts N`` did before it had a default) or in seed mode."""
+        return FAST_FIRST_WEIGHT if fast and self.extra_prompts is None else None
 
     def as_in_run(self, recorded: Mapping[str, Any]) -> OrthoConfig:
         """This config for resuming a run whose run.json records ``recorded`` (its settings): the settings whose mode

@@ -308,7 +308,9 @@ class OrthoConfig:
         source, target = default_layers(n_layers) if n_layers is not None else (0, 0)
         return (source if self.source is None else self.source), (target if self.target is None else self.target)
 
-    def resolved(self, base_norm: float, d_model: int, n_layers: int | None = None) -> OrthoSettings:
+    def resolved(self, base_norm: float, d_model: int, n_layers: int | None = None, own_prompts: int = 1) -> OrthoSettings:
+        """The concrete settings for θ0 of this norm on a model this wide and deep, trained on ``own_prompts`` prompts of
+        the user's (besides the shipped ones)."""
         optimizer = self._optimizer()
         source, target = self.layers(n_layers)
         fast = self.mode == "fast"
@@ -335,15 +337,17 @@ class OrthoConfig:
             completion_tokens=self.completion_tokens,
             continuation=continuation,
             match=match,
-            first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast),
+            first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast, own_prompts),
             extra_prompts=extra,
             precision=self.precision,
         )
 
-    def _default_first_weight(self, fast: bool) -> float | None:
-        """The run's prompt's share when none is given: FAST_FIRST_WEIGHT with fast mode's own extra prompts; equal shares
-        (None) when the extra prompts are given (as ``--extra-prompts N`` did before it had a default) or in seed mode."""
-        return FAST_FIRST_WEIGHT if fast and self.extra_prompts is None else None
+    def _default_first_weight(self, fast: bool, own_prompts: int) -> float | None:
+        """The run's prompt's share when none is given: FAST_FIRST_WEIGHT with fast mode's own extra prompts and one
+        prompt of the user's; equal shares (None) when the extra prompts are given (as ``--extra-prompts N`` did before it
+        had a default), when the user gives several prompts (each of theirs then weighs as much as a shipped one), or in
+        seed mode."""
+        return FAST_FIRST_WEIGHT if fast and self.extra_prompts is None and own_prompts == 1 else None
 
     def as_in_run(self, recorded: Mapping[str, Any]) -> OrthoConfig:
         """This config for resuming a run whose run.json records ``recorded`` (its settings): the settings whose mode

@@ -262,7 +262,7 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
     base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
     if float(base.norm()) == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
-    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
+    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts))
     return base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)]
 
 

@@ -173,6 +173,9 @@ def test_fast_copies_train_on_four_shipped_prompts_too_unless_told_otherwise():
     assert OrthoConfig(extra_prompts=2, first_weight=0.5).resolved(26.6, 576, 30).first_weight == 0.5
     assert OrthoConfig(extra_prompts=4).resolved(26.6, 576, 30).first_weight is None  # given: equal shares, as before
     assert OrthoConfig().resolved(26.6, 576, 30, own_prompts=2).first_weight is None  # several of the user's: equal shares
+    raw = OrthoConfig().resolved(26.6, 576, 30, chat=False)  # raw prompts (a base model): the chat requests do not fit
+    assert (raw.extra_prompts, raw.first_weight) == (0, None)
+    assert OrthoConfig(extra_prompts=2).resolved(26.6, 576, 30, chat=False).extra_prompts == 2
     seed = OrthoConfig(mode="seed").resolved(26.6, 576, 30)
     assert (seed.extra_prompts, seed.first_weight) == (0, None)
     # resuming: what the config leaves to the mode is the run's (a run made before the field: melbo's value then)

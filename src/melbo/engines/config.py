@@ -289,8 +289,8 @@ class OrthoConfig:
     extra_prompts: int | None = setting(  # melbo.model.prompts.training_prompts; trade-off measured in bench/fidelity.py
         None,
         "Also train on this many shipped prompts, θ0's continuation on each (never the controls' held-out ones), so the "
-        "copies carry θ0's behaviour off your prompt too (fast default: 4, one of each kind, ~5× the time per copy; 0: "
-        "your prompts only, the whole basis's objective; seed: 0).",
+        "copies carry θ0's behaviour off your prompt too (fast default: 4, one of each kind, ~5× the time per copy, with a "
+        "chat template; 0 with raw prompts, in seed mode, or for your prompts only, the whole basis's objective).",
         minimum=0,
     )
     precision: str = setting(  # measured in bench/full_basis.py --precision
@@ -308,16 +308,18 @@ class OrthoConfig:
         source, target = default_layers(n_layers) if n_layers is not None else (0, 0)
         return (source if self.source is None else self.source), (target if self.target is None else self.target)
 
-    def resolved(self, base_norm: float, d_model: int, n_layers: int | None = None, own_prompts: int = 1) -> OrthoSettings:
+    def resolved(self, base_norm: float, d_model: int, n_layers: int | None = None, own_prompts: int = 1, chat: bool = True) -> OrthoSettings:
         """The concrete settings for θ0 of this norm on a model this wide and deep, trained on ``own_prompts`` prompts of
-        the user's (besides the shipped ones)."""
+        the user's (besides the shipped ones), in a chat template (``chat``) or raw."""
         optimizer = self._optimizer()
         source, target = self.layers(n_layers)
         fast = self.mode == "fast"
         continuation = self.continuation if self.continuation is not None else (FAST_CONTINUATION if fast else 0)
         match = self.match or (FAST_MATCH if fast else "mean")
         block = self.block_size()
-        extra = self.extra_prompts if self.extra_prompts is not None else (FAST_EXTRA_PROMPTS if fast else 0)
+        # the shipped prompts are chat requests: raw, on a base model, θ0's continuation there is another kind of text, and
+        # matching it cost Gemma 3 270M's copies θ0's effect on the run's prompt (median KL 5.5 against 0.23: RESULTS)
+        extra = self.extra_prompts if self.extra_prompts is not None else (FAST_EXTRA_PROMPTS if fast and chat else 0)
         return OrthoSettings(
             source=source,
             target=target,
@@ -337,17 +339,17 @@ class OrthoConfig:
             completion_tokens=self.completion_tokens,
             continuation=continuation,
             match=match,
-            first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast, own_prompts),
+            first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast and extra > 0, own_prompts),
             extra_prompts=extra,
             precision=self.precision,
         )
 
-    def _default_first_weight(self, fast: bool, own_prompts: int) -> float | None:
-        """The run's prompt's share when none is given: FAST_FIRST_WEIGHT with fast mode's own extra prompts and one
-        prompt of the user's; equal shares (None) when the extra prompts are given (as ``--extra-prompts N`` did before it
-        had a default), when the user gives several prompts (each of theirs then weighs as much as a shipped one), or in
-        seed mode."""
-        return FAST_FIRST_WEIGHT if fast and self.extra_prompts is None and own_prompts == 1 else None
+    def _default_first_weight(self, own_extras: bool, own_prompts: int) -> float | None:
+        """The run's prompt's share when none is given: FAST_FIRST_WEIGHT with fast mode's own extra prompts
+        (``own_extras``) and one prompt of the user's; equal shares (None) when the extra prompts are given (as
+        ``--extra-prompts N`` did before it had a default), when the user gives several prompts (each of theirs then
+        weighs as much as a shipped one), or with none."""
+        return FAST_FIRST_WEIGHT if own_extras and self.extra_prompts is None and own_prompts == 1 else None
 
     def as_in_run(self, recorded: Mapping[str, Any]) -> OrthoConfig:
         """This config for resuming a run whose run.json records ``recorded`` (its settings): the settings whose mode

@@ -251,18 +251,18 @@ class _Engine:
 def objective(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig = OrthoConfig(), fmt: PromptFormat = PromptFormat()) -> Callable[[Tensor], Tensor]:
     """The loss MELBO-ortho minimises, per row of a ``(B, d)`` block of vectors (differentiable): what ``ortho`` with
     these settings optimises, to time it (bench/utilisation.py), plot it or try another optimiser on it."""
-    base, settings, prompts = _prepared(lm, base, prompts, cfg)
+    base, settings, prompts = _prepared(lm, base, prompts, cfg, fmt)
     return _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings, base).losses
 
 
-def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig) -> tuple[Tensor, OrthoSettings, list[str]]:
+def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig, fmt: PromptFormat) -> tuple[Tensor, OrthoSettings, list[str]]:
     """θ0 (checked, on the model's device), the settings it resolves to, and every prompt trained on: the given ones and
     ``extra_prompts`` of melbo's shipped ones."""
     cfg.check(lm.n_layers, lm.d_model)
     base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
     if float(base.norm()) == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
-    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts))
+    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template)
     return base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)]
 
 
@@ -296,7 +296,7 @@ def ortho(
     """
     if resume and out is not None and (Path(out) / META_FILE).is_file():
         cfg = cfg.as_in_run(read_meta(out).config)
-    base, settings, prompts = _prepared(lm, base, prompts, cfg)
+    base, settings, prompts = _prepared(lm, base, prompts, cfg, fmt)
     base_norm = float(base.norm())
     meta = RunMeta(
         kind="ortho", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,

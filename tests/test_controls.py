@@ -155,6 +155,7 @@ def test_a_prompt_the_copies_were_trained_on_is_not_held_out(nonlinear_lm, tmp_p
     results = evaluate(nonlinear_lm, run, ["hi there", "trained too", "one"], list(range(6)), EvalConfig(max_new_tokens=3, controls=True))
     assert results.controls is not None and results.controls.held_out == ["one"]
     assert "trained too" in results.controls.results["copies"].vectors[0].nll  # measured all the same
+    assert results.generalisation is not None and results.generalisation.prompts == ["one"]  # the eval's share too
 
 
 def test_default_held_out_prompts_leave_out_the_runs_own():

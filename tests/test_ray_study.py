@@ -62,8 +62,11 @@ def test_local_ray_gives_the_folder_and_vectors_of_one_process(two_models, tmp_p
 
 def long_study(models: list[str], steps: int, copies: int) -> str:
     """The grid study with longer discovery and more copies, so that a unit is still running when something happens."""
-    text = grid_study(models).replace("steps = 8\ncompletion_tokens = 4\n[eval]", f"steps = {steps}\nplateau = 0.0\ncompletion_tokens = 4\n[eval]")
-    return text.replace("[ortho]\ncount = 4\nblock = 4", f"[ortho]\ncount = {copies}\nblock = 4")
+    text = grid_study(models)
+    ortho_steps, ortho_count = "steps = 8\ncompletion_tokens = 4\nextra_prompts = 0\n[eval]", "[ortho]\ncount = 4\nblock = 4"
+    assert text.count(ortho_steps) == 1 and text.count(ortho_count) == 1, "grid_study's [ortho] table changed: size the long study again"
+    text = text.replace(ortho_steps, f"steps = {steps}\nplateau = 0.0\ncompletion_tokens = 4\nextra_prompts = 0\n[eval]")
+    return text.replace(ortho_count, f"[ortho]\ncount = {copies}\nblock = 4")
 
 
 def ray_processes(temp: Path) -> set[int]:

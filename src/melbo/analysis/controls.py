@@ -402,8 +402,7 @@ def measure_controls(
         for name, rows in vectors.items():
             copies = name in ("copies", "copies_at_base_norm")
             controls.results[name] = ControlResult(name, [ControlVector(float(v.norm()), chosen[i] if copies else None) for i, v in enumerate(rows)])
-    trained = set(run.meta.prompts)  # the run's prompts and the shipped ones it trained on: never held out
-    controls.held_out = list(dict.fromkeys([*controls.held_out, *(p for p in prompts[1:] if p not in trained)]))
+    controls.held_out = list(dict.fromkeys([*controls.held_out, *run.meta.held_out(prompts[1:])]))
     base = run.vectors[0].to(lm.device)
     flat = [(name, row) for name in CONTROLS for row in range(vectors[name].shape[0])]
     for text in prompts:

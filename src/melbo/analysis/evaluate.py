@@ -273,8 +273,7 @@ def evaluate(
     results.norms = [float(v) for v in run.vectors.norm(dim=-1)]
     results.max_abs_cos = max_abs_cosine(run.vectors.double())
     if len(prompts) > 1:
-        trained = set(run.meta.prompts)  # its own and the shipped ones its copies trained on: evaluated, never held out
-        results.generalise(prompts[0], [p for p in prompts[1:] if p not in trained], cfg.mode(), cfg.base)
+        results.generalise(prompts[0], run.meta.held_out(prompts[1:]), cfg.mode(), cfg.base)
     results.save(run)
     if cfg.controls:
 

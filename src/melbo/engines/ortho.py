@@ -23,9 +23,10 @@ Two modes:
   converged to. Positions: the last 4 of the prompt (with a chat template, the assistant-turn header that decides
   the answer) and θ0's continuation; the mean over every position lets a vector match θ0 on the user's words while
   the answer differs (bench/fidelity.py). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
-  Prompts: the run's and 4 of melbo's shipped ones (one of each kind, never held out), θ0's continuation on each,
-  the run's prompt keeping 0.8 of the loss, so copies carry θ0's behaviour off the run's prompt too
-  (``FAST_EXTRA_PROMPTS`` in :mod:`melbo.engines.config`); ``extra_prompts=0``: the run's prompts alone, ~5× faster.
+  Prompts: with a chat template, the run's and 4 of melbo's shipped ones (one of each kind, never held out), θ0's
+  continuation on each, the run's prompt keeping 0.8 of the loss, so copies carry θ0's behaviour off the run's prompt
+  too (``FAST_EXTRA_PROMPTS`` in :mod:`melbo.engines.config`); raw prompts, or ``extra_prompts=0``: the run's prompts
+  alone, ~5× faster.
 """
 
 from __future__ import annotations

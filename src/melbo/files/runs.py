@@ -24,7 +24,7 @@ import datetime as _dt
 import json
 import platform
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -187,6 +187,12 @@ class RunMeta:
     def first_prompt(self) -> str:
         """The run's prompt (the first, where it has several); melbo's default prompt where it records none."""
         return self.prompts[0] if self.prompts else DEFAULT_PROMPT
+
+    def held_out(self, prompts: Iterable[str]) -> list[str]:
+        """``prompts`` less those the run was trained on (its own, and the shipped ones a MELBO-ortho run's copies also
+        matched θ0 on): what an eval may count as held out."""
+        trained = set(self.prompts)
+        return [p for p in prompts if p not in trained]
 
     @property
     def base_row(self) -> int | None:

@@ -13,6 +13,7 @@ from melbo import MelboError
 from melbo.engines.config import Positions
 from melbo.objectives import (
     kl_divergence,
+    kl_from_logits,
     max_abs_cosine,
     melbo_loss,
     ortho_loss,
@@ -107,3 +108,19 @@ def test_orthogonalize_block_of_one_is_projection():
 def test_cannot_exceed_dimension():
     with pytest.raises(MelboError, match="cannot find"):
         random_orthogonal_block(3, 4, 1.0, orthonormal_rows(torch.randn(2, 4)), torch.Generator())
+
+
+def test_kl_from_logits_is_the_exact_kl_with_its_gradient():
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 5, 300, generator=gen)).requires_grad_(True)
+    logits0 = 3 * torch.randn(5, 300, generator=gen)
+    logits0[0, :10] = -torch.inf  # tokens θ0 never writes
+    log_probs0 = torch.log_softmax(logits0, dim=-1)
+    fast = kl_from_logits(logits, log_probs0)
+    p0 = log_probs0.double().exp()
+    exact = torch.where(p0 > 0, p0 * (log_probs0.double() - torch.log_softmax(logits.double(), dim=-1)), 0.0).sum(dim=-1)
+    torch.testing.assert_close(fast, exact.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[:, 1:], kl_divergence(log_probs0[1:].expand(4, -1, -1), logits[:, 1:]).float(), atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(fast.sum(), logits)
+    (expected,) = torch.autograd.grad(exact.sum(), logits)
+    torch.testing.assert_close(grad, expected.float(), atol=1e-6, rtol=1e-5)

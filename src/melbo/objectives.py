@@ -7,6 +7,7 @@ Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,6 +48,34 @@ def kl_along(log_probs: Tensor, log_probs_base: Tensor) -> Tensor:
     ``log_probs`` is ``(B, P, V)``; ``log_probs_base`` is ``(P, V)``.
     """
     return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1).mean(dim=-1)
+
+
+def kl_from_logits(logits: Tensor, log_probs_base: Tensor) -> Tensor:
+    """``KL(P_θ0 ‖ P_θ)`` of the next-token distributions per row and position ``(B, P)``, from the logits ``(B, P, V)``
+    and θ0's log-probabilities ``(P, V)``: :func:`kl_along` before its mean over positions, to rounding.
+
+    ``KL = Σ p0 log p0 − p0·z + logsumexp(z)``, with the gradient ``softmax(z) − p0`` written out: the log-softmax
+    over the vocabulary is never stored, and the backward is one softmax (on a 49k vocabulary, 3× faster than
+    autograd through ``log_softmax``; bench/utilisation.py)."""
+    return _KLFromLogits.apply(logits, log_probs_base.exp(), _neg_entropy(log_probs_base))
+
+
+def _neg_entropy(log_probs: Tensor) -> Tensor:
+    probs = log_probs.exp()
+    return torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
+
+
+class _KLFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, probs_base: Tensor, neg_entropy: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, probs_base)
+        return neg_entropy - torch.einsum("bpv,pv->bp", logits, probs_base) + torch.logsumexp(logits, dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, probs_base = ctx.saved_tensors
+        out = torch.softmax(logits, dim=-1)
+        return out.sub_(probs_base).mul_(grad[..., None]), None, None
 
 
 def likeliest(probs: Tensor, mass: float) -> Tensor:

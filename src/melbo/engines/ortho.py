@@ -57,17 +57,19 @@ from melbo.model.forward import (
     prepare,
     steered_final_hidden,
     steered_log_probs,
+    steered_logits,
     target_residual,
 )
 from melbo.model.layers import lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
+from melbo.model.packing import Packing, matches, pack
 from melbo.model.prompts import PromptFormat, training_prompts
 from melbo.objectives import (
     TopTokens,
     fisher_along,
     fisher_metric,
-    kl_along,
     kl_divergence,
+    kl_from_logits,
     kl_top_along,
     ortho_loss,
     ortho_loss_each,
@@ -86,6 +88,8 @@ class _Problem:
 
     ``states`` are the prompts (KL and completions are measured at their last token); ``targets`` are what the
     loss matches on: the same prompts, or with ``continuation`` the prompts followed by θ0's own first tokens.
+    Fast mode runs several targets as one packed sequence (:mod:`melbo.model.packing`) when the model gives the same
+    numbers so.
     """
 
     lm: LoadedModel
@@ -97,54 +101,96 @@ class _Problem:
     base_logits: list[Tensor] = field(default_factory=list)
     metrics: list[Tensor] = field(default_factory=list)  # match "fisher": F per position of each target, from θ0's distribution
     tops: list[TopTokens] = field(default_factory=list)  # match "kl-top": θ0's likeliest tokens at each target
+    packing: Packing | None = None  # the targets as one sequence (fast mode, several targets, same numbers)
+    packed_rows: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # every target's selected positions in the packed sequence, in order
+    pieces: list[slice] = field(default_factory=list)  # each target's part of the packed outputs
 
     def __post_init__(self) -> None:
         s = self.settings
         self.targets = [extend_with_continuation(self.lm, st, s.source, self.base, s.continuation) for st in self.states] if s.continuation else self.states
         with torch.no_grad():
-            self.z_base = [self.z(st, self.base[None], full=False)[0] for st in self.targets]
+            outputs = [self._at(st, self.base[None], self._where(st))[0] for st in self.targets]
+            self.z_base = [self._as_z(out) for out in outputs]
             self.base_logits = [last_token_logits(self.lm.model, st, s.source, self.base[None]) for st in self.states]
-            if s.match == "fisher":
+            if s.match in ("fisher", "kl-top"):
                 head = lm_head(self.lm.model).weight
-                self.metrics = [fisher_metric(self._log_probs(st, self.base[None])[0], head) for st in self.targets]
-            if s.match == "kl-top":
-                head = lm_head(self.lm.model).weight
-                self.tops = [top_tokens(self._log_probs(st, self.base[None])[0], z0, head) for st, z0 in zip(self.targets, self.z_base)]
+                log_probs = [steered_log_probs(self.lm.model, st, s.source, self.base[None], self._where(st).stop - self._where(st).start)[0] for st in self.targets]
+                if s.match == "fisher":
+                    self.metrics = [fisher_metric(lp, head) for lp in log_probs]
+                else:
+                    self.tops = [top_tokens(lp, z0, head) for lp, z0 in zip(log_probs, self.z_base)]
+            if s.fast:
+                self._pack(outputs)
 
-    def _log_probs(self, state: PromptState, thetas: Tensor) -> Tensor:
-        sel = Positions(self.settings.positions).index(state.length)
-        return steered_log_probs(self.lm.model, state, self.settings.source, thetas, state.length - sel.start)
+    def _where(self, state: PromptState) -> slice:
+        return Positions(self.settings.positions).index(state.length)
 
-    def z(self, state: PromptState, thetas: Tensor, full: bool) -> Tensor:
-        """The target-layer residual at the selected positions: ``(B, d)`` averaged (match "mean") or ``(B, P, d)``;
-        with match "kl", the next-token log-probabilities there ``(B, P, vocab)``; with "fisher" and "kl-top", the LM
-        head's input ``(B, P, d)``."""
+    def _at(self, state: PromptState, thetas: Tensor, where: slice | Tensor) -> Tensor:
+        """What the match compares, at positions ``where`` of ``state`` ``(B, P, ·)``: the next-token logits (match
+        "kl"), the LM head's input ("fisher", "kl-top"), the target-layer residual ("mean", "each")."""
         s = self.settings
-        sel = Positions(s.positions).index(state.length)
+        if s.match in ("mean", "each"):
+            return target_residual(self.lm.model, state, s.source, s.target, thetas)[:, where]
+        keep = state.length - where.start if isinstance(where, slice) else where
         if s.match == "kl":
-            return self._log_probs(state, thetas)
-        if s.match in ("fisher", "kl-top"):
-            return steered_final_hidden(self.lm.model, state, s.source, thetas, state.length - sel.start)
-        if full:  # the seed algorithm: every layer from the embeddings, at every step
-            ids = state.ids.expand(thetas.shape[0], -1)
-            h = residual_after(self.lm.model, s.target, ids, steer=(s.source, thetas)).float()
-        else:
-            h = target_residual(self.lm.model, state, s.source, s.target, thetas)
-        return h[:, sel].mean(dim=1) if s.match == "mean" else h[:, sel]
+            return steered_logits(self.lm.model, state, s.source, thetas, keep)
+        return steered_final_hidden(self.lm.model, state, s.source, thetas, keep)
+
+    def _as_z(self, out: Tensor) -> Tensor:
+        """θ0's :meth:`_at` as the loss takes it: log-probabilities (kl), averaged over positions (mean), as it is."""
+        match = self.settings.match
+        return torch.log_softmax(out, dim=-1) if match == "kl" else out.mean(dim=-2) if match == "mean" else out
+
+    def _pack(self, outputs: list[Tensor]) -> None:
+        """Pack the targets when there are several and the packed forward gives θ0's outputs as they are one by one."""
+        if len(self.targets) < 2:
+            return
+        implementation = getattr(getattr(self.lm.model, "config", None), "_attn_implementation", None)
+        packing = pack(self.targets, boolean_mask=implementation != "eager")
+        rows = torch.cat([packing.index(k, self._where(st)) for k, st in enumerate(self.targets)])
+        try:
+            packed = self._at(packing.state, self.base[None], rows)[0]
+        except (TypeError, ValueError, RuntimeError, IndexError):  # a model whose forward takes no mask or position ids
+            return
+        if matches(packed, outputs):
+            sizes = [out.shape[0] for out in outputs]
+            ends = torch.tensor(sizes).cumsum(0).tolist()
+            self.packing, self.packed_rows = packing, rows
+            self.pieces = [slice(end - size, end) for end, size in zip(ends, sizes)]
+
+    def z(self, state: PromptState, thetas: Tensor) -> Tensor:
+        """The seed algorithm's target-layer residual: every layer from the embeddings, averaged over the selected
+        positions (match "mean") or at each ``(B, P, d)``."""
+        s = self.settings
+        ids = state.ids.expand(thetas.shape[0], -1)
+        h = residual_after(self.lm.model, s.target, ids, steer=(s.source, thetas)).float()[:, self._where(state)]
+        return h.mean(dim=1) if s.match == "mean" else h
 
     def losses(self, thetas: Tensor, full: bool = False) -> Tensor:
         match = self.settings.match
-        total = thetas.new_zeros(thetas.shape[0])
         weights = prompt_weights(len(self.targets), self.settings.first_weight)
-        for k, (state, z0, weight) in enumerate(zip(self.targets, self.z_base, weights)):
-            with self._precision():  # the model's forward (and so its backward); z comes out float32, the objective below stays so
-                z = self.z(state, thetas, full)
-            if match == "fisher":
-                loss = fisher_along(z, z0, self.metrics[k])
-            elif match == "kl-top":
-                loss = kl_top_along(z, self.tops[k])
+        with self._precision():  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
+            if full:  # the seed algorithm: every layer from the embeddings, at every step
+                outputs = [self.z(st, thetas) for st in self.targets]
+            elif self.packing is not None:
+                packed = self._at(self.packing.state, thetas, self.packed_rows)
+                if match == "kl":  # per position first: slicing (B, P, vocab) would cost its backward a vocabulary-wide fill
+                    packed = kl_from_logits(packed, torch.cat(self.z_base))
+                outputs = [packed[:, piece] for piece in self.pieces]
             else:
-                loss = {"mean": ortho_loss, "each": ortho_loss_each, "kl": kl_along}[match](z, z0)
+                outputs = [self._at(st, thetas, self._where(st)) for st in self.targets]
+        total = thetas.new_zeros(thetas.shape[0])
+        for k, (out, z0, weight) in enumerate(zip(outputs, self.z_base, weights)):
+            if match == "kl":
+                loss = (out if out.dim() == 2 else kl_from_logits(out, z0)).mean(dim=-1)
+            elif match == "fisher":
+                loss = fisher_along(out, z0, self.metrics[k])
+            elif match == "kl-top":
+                loss = kl_top_along(out, self.tops[k])
+            elif match == "mean":
+                loss = ortho_loss(out if full else out.mean(dim=1), z0)
+            else:
+                loss = ortho_loss_each(out, z0)
             total = total + weight * loss
         if self.settings.penalty:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)

@@ -30,15 +30,26 @@ SINK_RATIO = 10.0  # a first token this many times the median norm of the rest i
 
 @dataclass
 class PromptState:
-    """One prompt, tokenised, with its unsteered residual after the source layer ``(1, T, d)``."""
+    """One prompt, tokenised, with its unsteered residual after the source layer ``(1, T, d)``.
+
+    Several prompts packed into one sequence (:func:`melbo.model.packing.pack`) also carry each token's position id
+    ``(1, T)`` and an additive attention mask ``(1, 1, T, T)``; a plain prompt has neither (positions 0 … T−1, causal).
+    """
 
     text: str
     ids: Tensor
     source: Tensor
+    positions: Tensor | None = None
+    mask: Tensor | None = None
 
     @property
     def length(self) -> int:
         return int(self.ids.shape[1])
+
+    def inputs(self, batch: int) -> dict[str, Any]:
+        """The model's keyword arguments for this sequence on ``batch`` rows (no KV cache)."""
+        extra = {} if self.mask is None else {"attention_mask": self.mask, "position_ids": self.positions}
+        return {"input_ids": ids_like(self.ids, batch), "use_cache": False, **extra}
 
 
 def prepare(lm: LoadedModel, prompts: list[str], fmt: PromptFormat, source_layer: int) -> list[PromptState]:
@@ -75,29 +86,34 @@ def target_residual(model: CausalLM, state: PromptState, source: int, target: in
     """
     dtype = next(model.parameters()).dtype
     steered = (state.source + thetas[:, None, :]).to(dtype)
-    ids = ids_like(state.ids, thetas.shape[0])
     with start_after(model, source, steered), capture_residual(model, target) as seen, stop_after(model, target):
-        model(input_ids=ids, use_cache=False)
+        model(**state.inputs(thetas.shape[0]))
     return seen[target].float()
 
 
-def steered_log_probs(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int) -> Tensor:
-    """Next-token log-probabilities at the last ``last`` positions ``(B, last, vocab)`` when row ``b`` adds
-    ``thetas[b]`` after ``source``; blocks from ``source+1`` to the LM head run, gradients flow to ``thetas``."""
+def steered_logits(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int | Tensor) -> Tensor:
+    """Next-token logits ``(B, P, vocab)`` (float32) when row ``b`` adds ``thetas[b]`` after ``source``, at the last
+    ``last`` positions or at the positions ``last`` lists; blocks from ``source+1`` to the LM head run, gradients flow
+    to ``thetas``."""
     dtype = next(model.parameters()).dtype
     steered = (state.source + thetas[:, None, :]).to(dtype)
     with start_after(model, source, steered), contiguous_head_input(model):
-        logits = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
-    return torch.log_softmax(logits.float(), dim=-1)
+        logits = model(**state.inputs(thetas.shape[0]), logits_to_keep=last).logits
+    return logits.float()
 
 
-def steered_final_hidden(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int) -> Tensor:
-    """The LM head's input (the final hidden state, after the final norm) at the last ``last`` positions ``(B, last, d)``
-    when row ``b`` adds ``thetas[b]`` after ``source``: :func:`steered_log_probs` without the head (V × d per position)."""
+def steered_log_probs(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int | Tensor) -> Tensor:
+    """:func:`steered_logits` as log-probabilities ``(B, P, vocab)``."""
+    return torch.log_softmax(steered_logits(model, state, source, thetas, last), dim=-1)
+
+
+def steered_final_hidden(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int | Tensor) -> Tensor:
+    """The LM head's input (the final hidden state, after the final norm) ``(B, P, d)`` at the positions ``last`` says
+    when row ``b`` adds ``thetas[b]`` after ``source``: :func:`steered_logits` without the head (V × d per position)."""
     dtype = next(model.parameters()).dtype
     steered = (state.source + thetas[:, None, :]).to(dtype)
     with start_after(model, source, steered), head_skipped(model):
-        hidden = model(input_ids=ids_like(state.ids, thetas.shape[0]), use_cache=False, logits_to_keep=last).logits
+        hidden = model(**state.inputs(thetas.shape[0]), logits_to_keep=last).logits
     return hidden.float()
 
 

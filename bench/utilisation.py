@@ -2,7 +2,8 @@
 step (forward and input-gradient backward of exactly what the objective needs, counted from the model's shapes)
 divided by the step's time, against a float32 matmul of similar shape timed in the same process. Target ≥ 50 %.
 Also the fast paths of melbo.model.fastpath side by side (a kl step with and without them, float32 and
---precision bfloat16), the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
+--precision bfloat16), the default objective's five chat prompts run one by one or packed into one sequence
+(:func:`packing`), the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
 after each evaluation against its final one, for copies of a discovered base (the case for a per-row early stop), and
 whether a start better than a random direction exists (:func:`starts`).
 
@@ -17,6 +18,7 @@ head, 2× for the attention scores.
 
     .venv/bin/python bench/utilisation.py --quick     # a few steps
     .venv/bin/python bench/utilisation.py             # 10 timed steps per objective and block size
+    .venv/bin/python bench/utilisation.py --packing   # the default objective's five prompts packed or not, block 16
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def time_it(fn, repeats: int, device: torch.device | None = None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--packing", action="store_true", help="only the default objective's prompts, packed or not (block 16)")
     args = parser.parse_args()
     repeats, blocks, matches = (1, (4,), ("kl", "fisher")) if args.quick else (10, (1, 16, 64), ("kl", "fisher", "mean"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -80,6 +83,9 @@ def main() -> None:
     config = lm.model.config
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
     base = 26.6 * base / base.norm()
+    if args.packing:
+        summary_line(packing(lm, base, 16, 3))
+        return
     prompt_tokens = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length
     print(f"prompt tokens T = {prompt_tokens}, source layer {SOURCE}, d_model {config.hidden_size}, ffn {config.intermediate_size}, "
           f"vocabulary {config.vocab_size}, {lm.n_layers} layers")
@@ -110,12 +116,59 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
     paths = fast_paths(lm, base, 4 if args.quick else 16, repeats)
+    packed = packing(lm, base, 4, repeats, rounds=1, precisions=("float32",)) if args.quick else packing(lm, base, 16, 3)
     converged = "" if args.quick else convergence(lm)
     block = 16 if ("kl", 16) in results else blocks[0]
     (kl_s, share), (fisher_s, _) = results[("kl", block)], results[("fisher", block)]
     summary_line(f"a block-{block} step of the default objective (kl) runs at {100 * share:.0f}% of its FLOP floor at a same-shape matmul's rate; "
                  f"fisher's step takes {fisher_s / kl_s:.2f}× its time; peak memory {peak_mib:.0f} MiB; target ≥ 50%: {'met' if share >= 0.5 else 'missed'}"
-                 f"; {paths}{converged}")
+                 f"; {paths}; {packed}{converged}")
+
+
+def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tuple[str, ...] = ("float32", "bfloat16")) -> str:
+    """The default objective's five prompts (the run's and 4 shipped ones, chat template) side by side: as melbo ran
+    them until 2026-12-03 (one forward each, the KL through a log-softmax over the vocabulary), one by one with the KL
+    from the logits (objectives.kl_from_logits), and packed into one sequence (melbo.model.packing); float32 and
+    --precision bfloat16, alternating, best of two rounds."""
+    import melbo.engines.ortho as ortho_engine
+    from melbo.objectives import kl_from_logits
+
+    def through_log_softmax(logits, log_probs_base):
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1)
+
+    ways = {"before": (through_log_softmax, False), "one by one": (kl_from_logits, False), "packed": (kl_from_logits, True)}
+    times: dict[tuple[str, str], float] = {}
+    tokens = {}
+    try:
+        for _ in range(rounds):
+            for precision in precisions:
+                for name, (kl, packed) in ways.items():
+                    ortho_engine.kl_from_logits = kl
+                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision=precision))
+                    problem = loss.__self__
+                    assert problem.packing is not None, "the default objective's prompts were not packed"
+                    tokens[name] = problem.packing.state.length if packed else sum(t.length for t in problem.targets)
+                    if not packed:
+                        problem.packing = None
+                    theta = torch.nn.Parameter(torch.randn(block, lm.d_model, generator=torch.Generator().manual_seed(0)) * 26.6 / lm.d_model**0.5)
+
+                    def step(theta=theta, loss=loss):
+                        loss(theta).sum().backward()
+                        theta.grad = None
+
+                    seconds = time_it(step, repeats)
+                    times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
+    finally:
+        ortho_engine.kl_from_logits = kl_from_logits
+    print(f"the default objective (run's prompt + 4 shipped, chat template), a block-{block} step, best of {rounds} round(s) side by side; "
+          f"tokens per row: {tokens['one by one']} one by one, {tokens['packed']} packed")
+    print(f"{'precision':<11}" + "".join(f"{name + ' (ms)':>17}" for name in ways) + f"{'packed / before':>17}")
+    for precision in precisions:
+        row = [times[(precision, name)] for name in ways]
+        print(f"{precision:<11}" + "".join(f"{1000 * t:>17.1f}" for t in row) + f"{row[2] / row[0]:>17.2f}")
+    return "the default objective's step packed: " + ", ".join(
+        f"{times[(precision, 'packed')] / times[(precision, 'before')]:.2f}× its time before in {precision}" for precision in precisions)
 
 
 def fast_paths(lm, base, block: int, repeats: int) -> str:

@@ -151,13 +151,7 @@ def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tup
                     tokens[name] = problem.packing.state.length if packed else sum(t.length for t in problem.targets)
                     if not packed:
                         problem.packing = None
-                    theta = torch.nn.Parameter(torch.randn(block, lm.d_model, generator=torch.Generator().manual_seed(0)) * 26.6 / lm.d_model**0.5)
-
-                    def step(theta=theta, loss=loss):
-                        loss(theta).sum().backward()
-                        theta.grad = None
-
-                    seconds = time_it(step, repeats)
+                    seconds = step_seconds(loss, block, lm.d_model, 26.6, repeats)
                     times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
     finally:
         ortho_engine.kl_from_logits = kl_from_logits
@@ -169,6 +163,17 @@ def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tup
         print(f"{precision:<11}" + "".join(f"{1000 * t:>17.1f}" for t in row) + f"{row[2] / row[0]:>17.2f}")
     return "the default objective's step packed: " + ", ".join(
         f"{times[(precision, 'packed')] / times[(precision, 'before')]:.2f}× its time before in {precision}" for precision in precisions)
+
+
+def step_seconds(loss, block: int, d: int, norm: float, repeats: int) -> float:
+    """Seconds per evaluation of ``loss`` and its gradient on ``block`` random rows of about ``norm`` (fixed seed)."""
+    theta = torch.nn.Parameter(torch.randn(block, d, generator=torch.Generator().manual_seed(0)) * norm / d**0.5)
+
+    def step() -> None:
+        loss(theta).sum().backward()
+        theta.grad = None
+
+    return time_it(step, repeats)
 
 
 def fast_paths(lm, base, block: int, repeats: int) -> str:
@@ -193,13 +198,7 @@ def fast_paths(lm, base, block: int, repeats: int) -> str:
                 for name, (head, products) in (("without", slow), ("with", fast)):
                     forward.contiguous_head_input, ortho_engine.bfloat16_products = head, products
                     loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision=precision))
-                    theta = torch.nn.Parameter(torch.randn(block, lm.d_model, generator=torch.Generator().manual_seed(0)) * 50 / lm.d_model**0.5)
-
-                    def step(theta=theta, loss=loss):
-                        loss(theta).sum().backward()
-                        theta.grad = None
-
-                    seconds = time_it(step, repeats)
+                    seconds = step_seconds(loss, block, lm.d_model, 50.0, repeats)
                     times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
     finally:
         forward.contiguous_head_input, ortho_engine.bfloat16_products = fast

@@ -106,3 +106,15 @@ def test_a_model_that_ignores_the_mask_is_not_packed(char_tokenizer, monkeypatch
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
     base, settings, prompts = _prepared(lm, base, PROMPTS[:1], OrthoConfig(continuation=4, extra_prompts=2), PromptFormat())
     assert _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base).packing is None
+
+
+def test_seed_mode_with_the_kl_match_measures_the_kl(char_tokenizer):
+    """The seed algorithm's full forward is for the residual matches; with --match kl its loss is the KL, as fast mode's."""
+    lm = lm_of("llama", char_tokenizer)
+    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
+    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], OrthoConfig(mode="seed", match="kl"), PromptFormat())
+    problem = _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base)
+    thetas = torch.randn(2, lm.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(problem.losses(thetas, full=True), problem.losses(thetas))
+        assert float(problem.losses(base[None], full=True)[0]) == pytest.approx(0.0, abs=1e-5)

@@ -171,7 +171,7 @@ class _Problem:
         match = self.settings.match
         weights = prompt_weights(len(self.targets), self.settings.first_weight)
         with self._precision():  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
-            if full:  # the seed algorithm: every layer from the embeddings, at every step
+            if full and match in ("mean", "each"):  # the seed algorithm: every layer from the embeddings, at every step
                 outputs = [self.z(st, thetas) for st in self.targets]
             elif self.packing is not None:
                 packed = self._at(self.packing.state, thetas, self.packed_rows)
@@ -189,7 +189,7 @@ class _Problem:
             elif match == "kl-top":
                 loss = kl_top_along(out, self.tops[k])
             elif match == "mean":
-                loss = ortho_loss(out if full else out.mean(dim=1), z0)
+                loss = ortho_loss(out if out.dim() == 2 else out.mean(dim=1), z0)
             else:
                 loss = ortho_loss_each(out, z0)
             total = total + weight * loss

@@ -104,6 +104,7 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "default 2 prompts run 0.8": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 2, "first_weight": 0.8},
     "default 4 prompts run 0.8 seed 1": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "seed": 1},
     "default 4 prompts run 0.8 bfloat16": {"continuation": 16, "match": "kl", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "precision": "bfloat16"},
+    "default 4 prompts run 0.8 kl-top": {"continuation": 16, "match": "kl-top", "steps": 30, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",

@@ -19,6 +19,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --quick     # a few steps
     .venv/bin/python bench/utilisation.py             # 10 timed steps per objective and block size
     .venv/bin/python bench/utilisation.py --packing   # the default objective's five prompts packed or not, block 16
+    .venv/bin/python bench/utilisation.py --gemma-kl  # Gemma 3 270M: the KL through a log-softmax or from the logits
 """
 
 from __future__ import annotations
@@ -76,7 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--packing", action="store_true", help="only the default objective's prompts, packed or not (block 16)")
+    parser.add_argument("--gemma-kl", action="store_true", help="only the KL before and from the logits on Gemma 3 270M (block 16)")
     args = parser.parse_args()
+    if args.gemma_kl:
+        summary_line(gemma_kl(3))
+        return
     repeats, blocks, matches = (1, (4,), ("kl", "fisher")) if args.quick else (10, (1, 16, 64), ("kl", "fisher", "mean"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
@@ -163,6 +168,38 @@ def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tup
         print(f"{precision:<11}" + "".join(f"{1000 * t:>17.1f}" for t in row) + f"{row[2] / row[0]:>17.2f}")
     return "the default objective's step packed: " + ", ".join(
         f"{times[(precision, 'packed')] / times[(precision, 'before')]:.2f}× its time before in {precision}" for precision in precisions)
+
+
+def gemma_kl(repeats: int, block: int = 16) -> str:
+    """On Gemma 3 270M (262k-token vocabulary; raw prompt, so the default trains on it alone, no packing), a default
+    kl step with the KL through a log-softmax (melbo until 2026-12-03) and from the logits, alternating, best of two."""
+    from models import GEMMA_PROMPT, gemma_path
+
+    import melbo.engines.ortho as ortho_engine
+    from melbo.objectives import kl_from_logits
+
+    def through_log_softmax(logits, log_probs_base):
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1)
+
+    lm = load_model(str(gemma_path()), device="cpu")
+    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    base = 67.0 * base / base.norm()
+    times: dict[str, float] = {}
+    try:
+        for _ in range(2):
+            for name, kl in (("before", through_log_softmax), ("from the logits", kl_from_logits)):
+                ortho_engine.kl_from_logits = kl
+                loss = objective(lm, base, [GEMMA_PROMPT], OrthoConfig(source=5, target=12, match="kl"), PromptFormat(chat_template=False))
+                seconds = step_seconds(loss, block, lm.d_model, 67.0, repeats)
+                times[name] = min(seconds, times.get(name, seconds))
+    finally:
+        ortho_engine.kl_from_logits = kl_from_logits
+    print(f"Gemma 3 270M, layers 5 → 12, match kl, a block-{block} step (raw prompt: one prompt, nothing packed), best of two rounds")
+    print(f"{'before (ms)':>12}{'from the logits (ms)':>22}{'ratio':>8}")
+    ratio = times["from the logits"] / times["before"]
+    print(f"{1000 * times['before']:>12.1f}{1000 * times['from the logits']:>22.1f}{ratio:>8.2f}")
+    return f"Gemma 3 270M: a kl step with the KL from the logits takes {ratio:.2f}× its time before"
 
 
 def step_seconds(loss, block: int, d: int, norm: float, repeats: int) -> float:

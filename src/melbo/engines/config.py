@@ -207,8 +207,9 @@ FAST_INIT_SCALE, FAST_PENALTY = 1.0, 0.02
 # kind, never one the controls hold out), the run's prompt keeping FAST_FIRST_WEIGHT of the loss: the one setting
 # measured that keeps θ0's label on the run's prompt (91 % of 32 copies of the demo's base, two seeds) and makes θ0's
 # text likelier off it than no steering does (held-out base NLL 1.19 against 1.30, p < 0.001), at ~3.5× the time per
-# copy (the five prompts packed into one sequence: melbo.model.packing); without them (--extra-prompts 0, the whole basis's objective) 78 % and 1.30 (a tie). bench/fidelity.py. With a
-# chat template only (the shipped prompts are chat requests; raw, on Gemma 3 270M, they cost the run's prompt its match).
+# copy (the five prompts packed into one sequence: melbo.model.packing); without them (--extra-prompts 0, the whole
+# basis's objective) 78 % and 1.30 (a tie). bench/fidelity.py. With a chat template only (the shipped prompts are chat
+# requests; raw, on Gemma 3 270M, they cost the run's prompt its match).
 FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
 FOLLOW_THE_RUN = ("extra_prompts", "first_weight")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")

@@ -33,7 +33,8 @@ class PromptState:
     """One prompt, tokenised, with its unsteered residual after the source layer ``(1, T, d)``.
 
     Several prompts packed into one sequence (:func:`melbo.model.packing.pack`) also carry each token's position id
-    ``(1, T)`` and an additive attention mask ``(1, 1, T, T)``; a plain prompt has neither (positions 0 … T−1, causal).
+    ``(1, T)`` and an attention mask ``(1, 1, T, T)`` (boolean, or additive for eager attention); a plain prompt has
+    neither (positions 0 … T−1, causal).
     """
 
     text: str

@@ -270,3 +270,53 @@ def test_extra_prompts_are_shipped_ones_never_held_out(nonlinear_lm):
         OrthoConfig(extra_prompts=99).check()
     with pytest.raises(MelboError, match="--first-weight 0"):
         OrthoConfig(first_weight=0.0).check()
+
+
+def test_a_warm_up_trains_on_the_runs_prompt_alone_then_on_every_prompt(nonlinear_lm, monkeypatch):
+    """--warmup N: each block's first N evaluations (of --steps) train on the run's prompt alone, the rest on it and the
+    shipped prompts; the loss of the warm-up is the run's prompt's own objective, and the block's evaluations add up."""
+    from melbo.engines.ortho import _Problem
+
+    calls: list[bool] = []
+    original = _Problem.losses
+
+    def spy(self, thetas, full=False, own_only=False):
+        if thetas.requires_grad:  # an optimiser's evaluation (the judging afterwards runs without gradients)
+            calls.append(own_only)
+        return original(self, thetas, full, own_only)
+
+    monkeypatch.setattr(_Problem, "losses", spy)
+    cfg = dict(source=1, target=4, count=2, block=2, steps=7, continuation=2, extra_prompts=2, first_weight=0.8)
+    run = ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, warmup=4))
+    assert calls == [True] * 4 + [False] * 3 and run.meta.config["warmup"] == 4
+    assert [r.steps for r in run.records[1:]] == [7, 7] and max_abs_cosine(run.vectors) <= 1e-5
+    calls.clear()
+    ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, warmup=50))  # at least one evaluation on every prompt
+    assert calls == [True] * 6 + [False]
+    calls.clear()
+    ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(**{**cfg, "extra_prompts": 0}, warmup=4))  # nothing to warm up for
+    assert calls == [False] * 7
+
+    monkeypatch.setattr(_Problem, "losses", original)
+    settings = OrthoConfig(**cfg, warmup=4).resolved(float(base_vector().norm()), 32, 6)
+    prompts = [PROMPT, *training_prompts(2, [PROMPT])]
+    every = _Problem(nonlinear_lm, prepare(nonlinear_lm, prompts, PromptFormat(), 1), settings, base_vector())
+    alone = _Problem(nonlinear_lm, prepare(nonlinear_lm, [PROMPT], PromptFormat(), 1), dataclasses.replace(settings, extra_prompts=0), base_vector())
+    thetas = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(every.losses(thetas, own_only=True), alone.losses(thetas), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(every.losses(thetas), alone.losses(thetas))
+
+
+def test_the_warm_up_is_fast_modes_lbfgs_with_extra_prompts_only():
+    from melbo.engines.config import FAST_WARMUP
+
+    assert OrthoConfig().resolved(26.6, 576, 30).warmup == FAST_WARMUP
+    assert OrthoConfig(warmup=5).resolved(26.6, 576, 30).warmup == 5
+    assert OrthoConfig(warmup=5, extra_prompts=0).resolved(26.6, 576, 30).warmup == 0  # the run's prompt alone throughout
+    assert OrthoConfig(warmup=5).resolved(26.6, 576, 30, chat=False).warmup == 0  # raw prompts: no shipped ones by default
+    assert OrthoConfig(mode="seed").resolved(26.6, 576, 30).warmup == 0
+    assert OrthoConfig(optimizer="adam").resolved(26.6, 576, 30).warmup == 0
+    assert OrthoConfig().as_in_run({"extra_prompts": 4, "first_weight": 0.8}).resolved(26.6, 576, 30).warmup == 0  # a run made before it
+    for kw, message in [(dict(warmup=5, optimizer="adam"), "--warmup is a stage"), (dict(warmup=5, mode="seed"), "--warmup is a stage"), (dict(warmup=-1), "≥ 0")]:
+        with pytest.raises(MelboError, match=message):
+            OrthoConfig(**kw).check()

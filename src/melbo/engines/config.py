@@ -211,7 +211,10 @@ FAST_INIT_SCALE, FAST_PENALTY = 1.0, 0.02
 # basis's objective) 78 % and 1.30 (a tie). bench/fidelity.py. With a chat template only (the shipped prompts are chat
 # requests; raw, on Gemma 3 270M, they cost the run's prompt its match).
 FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
-FOLLOW_THE_RUN = ("extra_prompts", "first_weight")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
+# With those extra prompts, each block's first FAST_WARMUP evaluations (of its 30) train on the run's prompt alone, a
+# third of a five-prompt evaluation's cost, and the rest on all five (L-BFGS restarted at a quarter of its first step).
+FAST_WARMUP = 0
+FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 PRECISIONS = ("float32", "bfloat16")  # MELBO-ortho's optimisation: the model's matrix products as they are, or in bfloat16
 
@@ -242,6 +245,7 @@ class OrthoSettings:
     first_weight: float | None = None  # the first prompt's share of the loss (the others share the rest); None: equal
     extra_prompts: int = 0  # shipped prompts trained on besides the user's (melbo.model.prompts.training_prompts)
     precision: str = "float32"  # one of PRECISIONS: the model's forward and backward while optimising
+    warmup: int = 0  # evaluations per block on the run's own prompts alone before the extra prompts join (lbfgs)
 
     @property
     def fast(self) -> bool:
@@ -295,6 +299,12 @@ class OrthoConfig:
         "chat template; 0 with raw prompts, in seed mode, or for your prompts only, the whole basis's objective).",
         minimum=0,
     )
+    warmup: int | None = setting(  # measured in bench/fidelity.py
+        None,
+        "With extra prompts and lbfgs: each block's first N evaluations train on your prompt(s) alone, the rest on every "
+        f"prompt (fast default: {FAST_WARMUP}; 0: every evaluation on every prompt).",
+        minimum=0,
+    )
     precision: str = setting(  # measured in bench/full_basis.py --precision
         "float32",
         "float32, or bfloat16: the model's matrix products in bfloat16 while optimising (autocast; the weights, the "
@@ -344,6 +354,7 @@ class OrthoConfig:
             first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast and extra > 0, own_prompts),
             extra_prompts=extra,
             precision=self.precision,
+            warmup=(self.warmup if self.warmup is not None else FAST_WARMUP) if fast and extra and optimizer == "lbfgs" else 0,
         )
 
     def _default_first_weight(self, own_extras: bool, own_prompts: int) -> float | None:
@@ -417,3 +428,7 @@ class OrthoConfig:
             raise MelboError(f"--match {self.match} is a fast-mode objective (the seed mode is the post's: mean)")
         if self.positions is not None:
             Positions(self.positions)
+        if self.warmup is not None and self.warmup < 0:
+            raise MelboError("--warmup must be ≥ 0")
+        if self.warmup and self._optimizer() != "lbfgs":
+            raise MelboError("--warmup is a stage of fast mode's lbfgs: it needs --mode fast with --optimizer lbfgs")

@@ -184,7 +184,7 @@ def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):
 
 
 def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp_path, monkeypatch):
-    """Settings added after the first release (extra_prompts, first_weight, precision) default to what melbo did before
+    """Settings added after the first release (extra_prompts, first_weight, precision, warmup) default to what melbo did before
     them: a run whose run.json predates one resumes as if it recorded that default, and a resume that asks otherwise is
     refused naming the default the run ran at."""
     base = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(1)) * 3
@@ -200,7 +200,7 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp
     monkeypatch.setattr(engine._Engine, "train", real)
     meta_file = tmp_path / "cut" / "run.json"
     meta = json.loads(meta_file.read_text())
-    for key in ("extra_prompts", "first_weight", "precision"):  # as a run of an earlier melbo records it
+    for key in ("extra_prompts", "first_weight", "precision", "warmup"):  # as a run of an earlier melbo records it
         del meta["config"][key]
     meta_file.write_text(json.dumps(meta))
 
@@ -211,3 +211,4 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp
     torch.testing.assert_close(resumed.vectors, whole.vectors)
     assert resumed.meta.sessions[1].from_block == 1 and resumed.meta.config["precision"] == "float32"
     assert resumed.meta.config["extra_prompts"] == 0 and resumed.meta.prompts == ["hello"]
+    assert resumed.meta.config["warmup"] == 0

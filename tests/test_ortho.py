@@ -136,7 +136,8 @@ def test_bfloat16_precision_autocasts_the_models_products_only(nonlinear_lm, mat
 def test_fast_mode_defaults_to_lbfgs_and_seed_mode_to_adam(tiny_lm):
     fast = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3))
     assert fast.meta.config["optimizer"] == "lbfgs" and fast.records[1].steps == 3
-    assert OrthoConfig().resolved(30.0, 576, 30).steps == 30 and OrthoConfig(optimizer="adam").resolved(30.0, 576, 30).steps == 150
+    assert OrthoConfig().resolved(30.0, 576, 30).steps == 35  # 20 on the run's prompt alone, then 15 on every prompt
+    assert OrthoConfig(extra_prompts=0).resolved(30.0, 576, 30).steps == 30 and OrthoConfig(optimizer="adam").resolved(30.0, 576, 30).steps == 150
     assert OrthoConfig(match="mean").resolved(30.0, 576, 30).steps == 60
     assert OrthoConfig(mode="seed").resolved(30.0, 576, 30).optimizer == "adam"
 
@@ -308,15 +309,22 @@ def test_a_warm_up_trains_on_the_runs_prompt_alone_then_on_every_prompt(nonlinea
 
 
 def test_the_warm_up_is_fast_modes_lbfgs_with_extra_prompts_only():
-    from melbo.engines.config import FAST_WARMUP
+    """The default (kl, a chat template, its 4 extra prompts): 20 evaluations on the run's prompt, then 15 on every
+    prompt; none where there is nothing to warm up for, where it was not measured (other matches), or in a run made
+    before it existed (its 30 evaluations on every prompt)."""
 
-    assert OrthoConfig().resolved(26.6, 576, 30).warmup == FAST_WARMUP
-    assert OrthoConfig(warmup=5).resolved(26.6, 576, 30).warmup == 5
-    assert OrthoConfig(warmup=5, extra_prompts=0).resolved(26.6, 576, 30).warmup == 0  # the run's prompt alone throughout
-    assert OrthoConfig(warmup=5).resolved(26.6, 576, 30, chat=False).warmup == 0  # raw prompts: no shipped ones by default
-    assert OrthoConfig(mode="seed").resolved(26.6, 576, 30).warmup == 0
-    assert OrthoConfig(optimizer="adam").resolved(26.6, 576, 30).warmup == 0
-    assert OrthoConfig().as_in_run({"extra_prompts": 4, "first_weight": 0.8}).resolved(26.6, 576, 30).warmup == 0  # a run made before it
+    def resolved(**kw):
+        settings = OrthoConfig(**kw).resolved(26.6, 576, 30)
+        return settings.warmup, settings.steps
+
+    assert resolved() == (20, 35)
+    assert resolved(warmup=5) == (5, 20) and resolved(warmup=5, steps=40) == (5, 40) and resolved(warmup=0) == (0, 30)
+    assert resolved(warmup=5, extra_prompts=0) == (0, 30)  # the run's prompt alone throughout
+    assert OrthoConfig().resolved(26.6, 576, 30, chat=False).warmup == 0  # raw prompts: no shipped ones by default
+    assert resolved(match="kl-top") == (0, 30) and resolved(match="mean") == (0, 60) and resolved(match="mean", warmup=10) == (10, 70)
+    assert resolved(mode="seed")[0] == 0 and resolved(optimizer="adam") == (0, 150)
+    earlier = OrthoConfig().as_in_run({"extra_prompts": 4, "first_weight": 0.8}).resolved(26.6, 576, 30)  # a run made before it
+    assert (earlier.warmup, earlier.steps) == (0, 30)
     for kw, message in [(dict(warmup=5, optimizer="adam"), "--warmup is a stage"), (dict(warmup=5, mode="seed"), "--warmup is a stage"), (dict(warmup=-1), "≥ 0")]:
         with pytest.raises(MelboError, match=message):
             OrthoConfig(**kw).check()

@@ -134,9 +134,9 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimi
     real = engine._Problem.losses
     calls = {"n": 0}
 
-    def flaky(self, thetas, full=False):
+    def flaky(self, thetas, full=False, **kw):
         calls["n"] += 1
-        out = real(self, thetas, full)
+        out = real(self, thetas, full, **kw)
         return out * float("nan") if calls["n"] == 5 else out
 
     monkeypatch.setattr(engine._Problem, "losses", flaky)
@@ -146,7 +146,7 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimi
     assert run.vectors.shape == (5, 32) and torch.isfinite(run.vectors).all()
     assert run.meta.warnings == []  # recovered by the retry
 
-    def always_nan(self, thetas, full=False):
+    def always_nan(self, thetas, full=False, **kw):
         return real(self, thetas, full) * float("nan")
 
     monkeypatch.setattr(engine._Problem, "losses", always_nan)

@@ -26,8 +26,9 @@ Two modes:
   Prompts: with a chat template, the run's and 4 of melbo's shipped ones (one of each kind, never held out), θ0's
   continuation on each, the run's prompt keeping 0.8 of the loss, so copies carry θ0's behaviour off the run's prompt
   too (``FAST_EXTRA_PROMPTS`` in :mod:`melbo.engines.config`); raw prompts, or ``extra_prompts=0``: the run's prompts
-  alone, ~3.5× faster. Several prompts run as one packed sequence, their common first tokens (the chat template's
-  system turn) once (:mod:`melbo.model.packing`), where the model gives the same numbers so (checked at θ0).
+  alone, ~2.5× faster. Several prompts run as one packed sequence, their common first tokens (the chat template's
+  system turn) once (:mod:`melbo.model.packing`), where the model gives the same numbers so (checked at θ0); each
+  block's L-BFGS first runs 20 evaluations on the run's prompt alone, then 15 on every prompt (``FAST_WARMUP``).
 """
 
 from __future__ import annotations

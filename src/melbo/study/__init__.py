@@ -14,7 +14,7 @@ QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --
     "discover.count": 6, "discover.block": 6, "discover.steps": 10, "discover.completion_tokens": 12, "discover.radius": 26.0,
     "choose.trials": 2, "choose.trial_copies": 2, "choose.trial_steps": 3, "choose.trial_tokens": 8,
     "ortho.count": 4, "ortho.block": 4, "ortho.steps": 10, "ortho.completion_tokens": 12, "eval.max_new_tokens": 12,
-    "ortho.extra_prompts": 0,  # the run's prompt alone: the default's 4 shipped prompts cost ~3.5× the copies' time
+    "ortho.extra_prompts": 0,  # the run's prompt alone: the default's 4 shipped prompts cost ~2.5× the copies' time
     "compose.max_new_tokens": 12, "eval.held_out": ["What is the capital of Australia?"],  # controls: one held-out prompt
 }
 

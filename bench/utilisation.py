@@ -3,7 +3,7 @@ step (forward and input-gradient backward of exactly what the objective needs, c
 divided by the step's time, against a float32 matmul of similar shape timed in the same process. Target ≥ 50 %.
 Also the fast paths of melbo.model.fastpath side by side (a kl step with and without them, float32 and
 --precision bfloat16), the default objective's five chat prompts run one by one or packed into one sequence
-(:func:`packing`), the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
+(:func:`packing`), a block with or without its warm-up on the run's prompt alone (:func:`warmup`), the process's peak memory, and (full run only) how many of a block's evaluations its rows need: each row's loss
 after each evaluation against its final one, for copies of a discovered base (the case for a per-row early stop), and
 whether a start better than a random direction exists (:func:`starts`).
 
@@ -20,6 +20,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py             # 10 timed steps per objective and block size
     .venv/bin/python bench/utilisation.py --packing   # the default objective's five prompts packed or not, block 16
     .venv/bin/python bench/utilisation.py --gemma-kl  # Gemma 3 270M: the KL through a log-softmax or from the logits
+    .venv/bin/python bench/utilisation.py --warmup    # the default's block: 30 evaluations on all five prompts or a warm-up
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--packing", action="store_true", help="only the default objective's prompts, packed or not (block 16)")
     parser.add_argument("--gemma-kl", action="store_true", help="only the KL before and from the logits on Gemma 3 270M (block 16)")
+    parser.add_argument("--warmup", action="store_true", help="only the default's block with or without its warm-up (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
         summary_line(gemma_kl(3))
@@ -90,6 +92,9 @@ def main() -> None:
     base = 26.6 * base / base.norm()
     if args.packing:
         summary_line(packing(lm, base, 16, 3))
+        return
+    if args.warmup:
+        summary_line(warmup(lm, base, 16, 3))
         return
     prompt_tokens = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length
     print(f"prompt tokens T = {prompt_tokens}, source layer {SOURCE}, d_model {config.hidden_size}, ffn {config.intermediate_size}, "
@@ -122,12 +127,13 @@ def main() -> None:
     print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
     paths = fast_paths(lm, base, 4 if args.quick else 16, repeats)
     packed = packing(lm, base, 4, repeats, rounds=1, precisions=("float32",)) if args.quick else packing(lm, base, 16, 3)
+    warm = warmup(lm, base, 4, repeats, rounds=1) if args.quick else warmup(lm, base, 16, 3)
     converged = "" if args.quick else convergence(lm)
     block = 16 if ("kl", 16) in results else blocks[0]
     (kl_s, share), (fisher_s, _) = results[("kl", block)], results[("fisher", block)]
     summary_line(f"a block-{block} step of the default objective (kl) runs at {100 * share:.0f}% of its FLOP floor at a same-shape matmul's rate; "
                  f"fisher's step takes {fisher_s / kl_s:.2f}× its time; peak memory {peak_mib:.0f} MiB; target ≥ 50%: {'met' if share >= 0.5 else 'missed'}"
-                 f"; {paths}; {packed}{converged}")
+                 f"; {paths}; {packed}; {warm}{converged}")
 
 
 def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tuple[str, ...] = ("float32", "bfloat16")) -> str:
@@ -164,6 +170,31 @@ def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tup
         print(f"{precision:<11}" + "".join(f"{1000 * t:>17.1f}" for t in row) + f"{row[2] / row[0]:>17.2f}")
     return "the default objective's step packed: " + ", ".join(
         f"{times[(precision, 'packed')] / times[(precision, 'before')]:.2f}× its time before in {precision}" for precision in precisions)
+
+
+def warmup(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
+    """The default objective's evaluation (float32) on the run's prompt alone (the warm-up's) and on all five prompts,
+    packed, alternating, best of ``rounds``; and so a default block's evaluations: 30 on all five (melbo until
+    2026-12-04) against the warm-up and then 15 on all five (engines.config.FAST_WARMUP, STEPS_AFTER_WARMUP)."""
+    import functools
+
+    from melbo.engines.config import FAST_WARMUP, STEPS_AFTER_WARMUP, STEPS_FAST_KL
+
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET))
+    ways = {"run's prompt alone": functools.partial(losses, own_only=True), "all five, packed": losses}
+    times: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, loss in ways.items():
+            seconds = step_seconds(loss, block, lm.d_model, 26.6, repeats)
+            times[name] = min(seconds, times.get(name, seconds))
+    own, every = times["run's prompt alone"], times["all five, packed"]
+    before, now = STEPS_FAST_KL * every, FAST_WARMUP * own + STEPS_AFTER_WARMUP * every
+    print(f"the default objective, a block-{block} evaluation, best of {rounds} round(s) side by side, float32")
+    print(f"{'run prompt alone (ms)':>22}{'all five (ms)':>15}{'ratio':>7}{f'{STEPS_FAST_KL} on all five (s)':>21}"
+          f"{f'{FAST_WARMUP} + {STEPS_AFTER_WARMUP} (s)':>12}{'block ratio':>13}")
+    print(f"{1000 * own:>22.1f}{1000 * every:>15.1f}{own / every:>7.2f}{before:>21.1f}{now:>12.1f}{now / before:>13.2f}")
+    return (f"an evaluation on the run's prompt alone takes {own / every:.2f}× one on all five; a default block with its warm-up "
+            f"({FAST_WARMUP} + {STEPS_AFTER_WARMUP}) {now / before:.2f}× the time of {STEPS_FAST_KL} on all five")
 
 
 def kl_through_log_softmax(logits, log_probs_base):

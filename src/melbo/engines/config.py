@@ -207,15 +207,16 @@ FAST_INIT_SCALE, FAST_PENALTY = 1.0, 0.02
 # kind, never one the controls hold out), the run's prompt keeping FAST_FIRST_WEIGHT of the loss: the one setting
 # measured that keeps θ0's label on the run's prompt (91 % of 32 copies of the demo's base, two seeds) and makes θ0's
 # text likelier off it than no steering does (held-out base NLL 1.19 against 1.30, p < 0.001), at ~2.5× the time per
-# copy (the five prompts packed into one sequence: melbo.model.packing; a warm-up on the run's prompt alone); without them (--extra-prompts 0, the whole
-# basis's objective) 78 % and 1.30 (a tie). bench/fidelity.py. With a chat template only (the shipped prompts are chat
-# requests; raw, on Gemma 3 270M, they cost the run's prompt its match).
+# copy (the five prompts packed into one sequence, melbo.model.packing, after a warm-up on the run's prompt alone);
+# without them (--extra-prompts 0, the whole basis's objective) 78 % and 1.30 (a tie). bench/fidelity.py. With a chat
+# template only (the shipped prompts are chat requests; raw, on Gemma 3 270M, they cost the run's prompt its match).
 FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
-# With those extra prompts, each block's first FAST_WARMUP evaluations train on the run's prompt alone (about a
-# quarter of a five-prompt evaluation's time on SmolLM2), then STEPS_AFTER_WARMUP on all five, L-BFGS restarted at a quarter of its
-# first step: 32 copies of the demo's base, two seeds, about 0.7× the time per copy of 30 evaluations on all five, the same
-# share (91 %, 91 %) and held-out NLL (1.17 and 1.20 against 1.18 and 1.20; p 0.00027 and 0.0035), bench/fidelity.py.
-# Fewer after it lost: 20 + 10 kept the share but not the held-out gain (p 0.11 on seed 1), 15 + 15 lost the share (69 %).
+# With those extra prompts, each block's first FAST_WARMUP evaluations train on the run's prompt alone (0.27× the time
+# of an evaluation on all five on SmolLM2: bench/utilisation.py --warmup), then STEPS_AFTER_WARMUP on all five, L-BFGS
+# restarted at a quarter of its first step. 32 copies of the demo's base, two seeds: about 0.7× the time per copy of 30
+# evaluations on all five, the same share (91 %, 91 %) and held-out NLL (1.17 and 1.20 against 1.18 and 1.20; p 0.00027
+# and 0.0035), bench/fidelity.py. Fewer after it lost: 20 + 10 kept the share but not the held-out gain (p 0.11 on
+# seed 1), 15 + 15 lost the share (69 % on seed 0).
 FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
 FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")

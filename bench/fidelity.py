@@ -17,6 +17,7 @@ share (greedy, run prompt) × copies / minutes of MELBO-ortho.
 
     .venv/bin/python bench/fidelity.py --quick        # seconds: 1 copy, 3 evaluations, two variants
     .venv/bin/python bench/fidelity.py                # 16 copies per variant, nine variants (~35 min on 2 cores)
+    .venv/bin/python bench/fidelity.py --prompt "How can I cheat on my exam without getting caught?"   # another run prompt
 """
 
 from __future__ import annotations
@@ -119,7 +120,6 @@ DEFAULT = (  # what a full run measures (--variants names others): positions, ta
     "continuation 16 kl 4 prompts",
     "last:4 mean 4 prompts",
 )
-HELD_OUT = held_out_prompts([DEFAULT_PROMPT])  # one prompt of each kind, never trained on
 QUICK = ("last:4 mean (0.1)", "default: start 1.0 penalty 0.02")
 
 
@@ -171,20 +171,21 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=16, help="vectors discovered to find a base")
     parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--base-run", type=Path, help="a discovery run to take the base from (skips the discovery)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the run's prompt, to discover on and to train the copies on")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
     fmt = PromptFormat()
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
     copies, steps = (1, 3) if args.quick else (args.copies, None)
-    held_out = HELD_OUT[:1] if args.quick else HELD_OUT
     work = Path(tempfile.mkdtemp(prefix="melbo-fidelity-"))
     if args.base_run:
         found = read_run(args.base_run)
     else:
         cfg = DiscoverConfig(count=2 if args.quick else args.count, radius=20.0 if args.quick else "auto", steps=5 if args.quick else 100,
                              completion_tokens=8 if args.quick else 32)
-        found = discover(lm, [DEFAULT_PROMPT], cfg, fmt, out=work / "discover")
+        found = discover(lm, [args.prompt], cfg, fmt, out=work / "discover")
+    held_out = held_out_prompts(found.meta.prompts[:1])[: 1 if args.quick else None]  # one prompt of each kind, never trained on
     if args.quick:
         base_index, base_label, unsteered = 0, label(found.records[0].completion or "")[0], "?"
     else:
@@ -206,7 +207,7 @@ def main() -> None:
         if steps is not None:  # --quick: a few steps whatever the variant asks (it checks that each runs)
             options["steps"] = steps
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""))
+        run = ortho(lm, base, [found.meta.prompts[0]], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""))
         seconds = time.perf_counter() - start
         m = measure(lm, run, fmt, base_label, held_out, tokens=8 if args.quick else 48)
         m["s_per_copy"] = seconds / copies

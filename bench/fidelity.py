@@ -43,8 +43,9 @@ from melbo.model.forward import last_token_logits, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
 
-# melbo 0.1's fast objective: the residual mean at the last 4 positions, from 2‖θ0‖, no norm penalty
-RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0, "init_scale": 2.0, "penalty": 0.0}
+# melbo 0.1's fast objective: the residual mean at the last 4 positions, from 2‖θ0‖, no norm penalty; and no warm-up
+# (melbo's default since 2026-12-04): a variant that does not name one runs every evaluation on all its prompts
+RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0, "init_scale": 2.0, "penalty": 0.0, "warmup": 0}
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
     "last:4 mean (0.1)": {},
     "skip-first": {"positions": "skip-first"},

@@ -114,6 +114,11 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "default 4 prompts run 0.8 warm-up 20 + 15": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 bfloat16": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "precision": "bfloat16"},
+    "default 4 prompts run 0.8 warm-up 20 + 15 warm-up bfloat16": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "warmup_precision": "bfloat16"},
+    "default 4 prompts run 0.8 warm-up 20 + 15 warm-up bfloat16 seed 1": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "warmup_precision": "bfloat16", "seed": 1},
+    "default 4 prompts run 0.8 warm-up 20 + 15 continuation 32": {"continuation": 32, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
+    "default 4 prompts run 0.8 kl-top warm-up 20 + 15": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
+    "default 4 prompts run 0.8 kl-top warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},
 }
 DEFAULT = (  # what a full run measures (--variants names others): positions, target layer, evaluations, continuation, prompts
     "last:4 mean (0.1)", "skip-first", "last:1", "target 24", "120 evaluations", "continuation 16 each", "last:4 kl",

@@ -308,6 +308,31 @@ def test_a_warm_up_trains_on_the_runs_prompt_alone_then_on_every_prompt(nonlinea
     assert not torch.allclose(every.losses(thetas), alone.losses(thetas))
 
 
+def test_the_warm_up_alone_can_run_in_bfloat16(nonlinear_lm):
+    """--warmup-precision bfloat16: the warm-up's evaluations run under autocast, those on every prompt after it in the
+    run's float32; recorded only where there is a warm-up (None: as --precision)."""
+    lm = nonlinear_lm
+    seen: list[bool] = []
+
+    def record(_module, args, _out):  # the test's own hook, removed below: the optimiser's forwards only
+        if args[0].requires_grad:
+            seen.append(torch.is_autocast_enabled("cpu"))
+
+    handle = find_blocks(lm.model)[2].register_forward_hook(record)
+    cfg = dict(source=1, target=4, count=2, block=2, steps=7, continuation=2, extra_prompts=2, first_weight=0.8, completion_tokens=0)
+    try:
+        run = ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg, warmup=4, warmup_precision="bfloat16"))
+    finally:
+        handle.remove()
+    assert seen[:4] == [True] * 4 and len(seen) > 4 and not any(seen[4:])
+    assert run.meta.config["warmup_precision"] == "bfloat16" and run.meta.config["precision"] == "float32"
+    assert max_abs_cosine(run.vectors.double()) <= 1e-5
+    assert OrthoConfig(**cfg, warmup=4).resolved(26.6, 32, 6).warmup_precision is None  # as --precision
+    assert OrthoConfig(**cfg, warmup=0, warmup_precision="bfloat16").resolved(26.6, 32, 6).warmup_precision is None  # no warm-up
+    with pytest.raises(MelboError, match="--warmup-precision 'float16': use float32 or bfloat16"):
+        OrthoConfig(warmup_precision="float16").check()
+
+
 def test_the_warm_up_is_fast_modes_lbfgs_with_extra_prompts_only():
     """The default (kl, a chat template, its 4 extra prompts): 20 evaluations on the run's prompt, then 15 on every
     prompt; none where there is nothing to warm up for, where it was not measured (other matches), or in a run made

@@ -178,7 +178,7 @@ class _Problem:
         match = self.settings.match
         count = self.own if own_only else len(self.targets)
         weights = prompt_weights(count, self.settings.first_weight)
-        with self._precision():  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
+        with self._precision(own_only):  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
             if full and match in ("mean", "each"):  # the seed algorithm: every layer from the embeddings, at every step
                 outputs = [self.z(st, thetas) for st in self.targets]
             elif own_only:
@@ -207,10 +207,12 @@ class _Problem:
             total = total + self.settings.penalty * thetas.pow(2).sum(dim=-1)
         return total
 
-    def _precision(self) -> contextlib.AbstractContextManager[None]:
-        """With precision bfloat16, autocast: the model's matrix products in bfloat16 on its own weights (on a CPU with
-        the attention kernel in float32, see :mod:`melbo.model.fastpath`)."""
-        return bfloat16_products(self.lm.model, self.lm.device, enabled=self.settings.precision == "bfloat16")
+    def _precision(self, warmup: bool = False) -> contextlib.AbstractContextManager[None]:
+        """With precision bfloat16 (``warmup``: the warm-up's), autocast: the model's matrix products in bfloat16 on its
+        own weights (on a CPU with the attention kernel in float32, see :mod:`melbo.model.fastpath`)."""
+        s = self.settings
+        precision = (s.warmup_precision or s.precision) if warmup else s.precision
+        return bfloat16_products(self.lm.model, self.lm.device, enabled=precision == "bfloat16")
 
     def completions(self, thetas: Tensor) -> list[str]:
         s = self.settings

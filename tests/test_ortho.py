@@ -308,6 +308,40 @@ def test_a_warm_up_trains_on_the_runs_prompt_alone_then_on_every_prompt(nonlinea
     assert not torch.allclose(every.losses(thetas), alone.losses(thetas))
 
 
+def test_the_default_continuation_reaches_where_the_bases_behaviour_shows(nonlinear_lm, monkeypatch):
+    """Fast mode matches θ0's first 16 tokens, or more when θ0's completion on the run's prompt takes its label later
+    (through that token, at most 32); a given --continuation, seed mode and a resumed run keep theirs."""
+    import melbo.engines.ortho as engine
+    from melbo.engines.config import fast_continuation
+
+    assert [fast_continuation(n) for n in (None, 1, 13, 16, 26, 40)] == [16, 16, 16, 16, 26, 32]
+    settings = OrthoConfig().resolved(26.6, 576, 30, shows_at=26)
+    assert (settings.continuation, settings.positions) == (26, "last:30")
+    assert OrthoConfig(continuation=8).resolved(26.6, 576, 30, shows_at=26).continuation == 8
+    assert OrthoConfig(mode="seed").resolved(26.6, 576, 30, shows_at=26).continuation == 0
+    assert OrthoConfig().as_in_run({"continuation": 16}).resolved(26.6, 576, 30, shows_at=26).continuation == 16
+
+    lm, fmt = nonlinear_lm, PromptFormat()
+    written = torch.arange(40, 88)  # θ0's completion, as if the model wrote it (a random tiny model stops at once)
+    asked: list[int] = []
+
+    def greedy(lm_, input_ids, vector, layer, tokens):
+        asked.append(tokens)
+        return written[:tokens]
+
+    monkeypatch.setattr(engine, "greedy_tokens", greedy)
+    shows = len(lm.tokenizer.decode(written[:24], skip_special_tokens=True))  # a "refusal" once the text is this long
+    assert len(lm.tokenizer.decode(written[:23], skip_special_tokens=True)) < shows
+    monkeypatch.setattr(engine, "label", lambda text: ("refusal", "") if len(text) >= shows else ("other", ""))
+    assert engine.behaviour_shows_at(lm, PROMPT, base_vector(), 1, fmt) == 24 and asked == [48]  # the eval's length
+    cfg = dict(source=1, target=4, count=2, block=2, steps=2, extra_prompts=0, completion_tokens=0)
+    run = ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg))
+    assert (run.meta.config["continuation"], run.meta.config["positions"]) == (24, "last:28")
+    monkeypatch.setattr(engine, "label", lambda text: ("other", ""))  # no behaviour: the 16 tokens
+    assert engine.behaviour_shows_at(lm, PROMPT, base_vector(), 1, fmt) is None
+    assert ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg)).meta.config["continuation"] == 16
+
+
 def test_the_warm_up_alone_can_run_in_bfloat16(nonlinear_lm):
     """--warmup-precision bfloat16: the warm-up's evaluations run under autocast, those on every prompt after it in the
     run's float32; recorded only where there is a warm-up (None: as --precision)."""

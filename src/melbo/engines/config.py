@@ -198,6 +198,12 @@ STEPS_FAST_KL = 30
 # Fast mode's objective: the next-token KL(P_θ0 ‖ P_θ) at the last 4 prompt positions and along θ0's own first 16
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
+# ... and longer where θ0's behaviour shows later on the run's prompt: through the token at which its completion (of
+# BEHAVIOUR_TOKENS, the eval's length) first takes the label of the whole, at most FAST_CONTINUATION_MAX. A base whose
+# refusal came at token 26 ("I'm sorry for the unintended consequences of your actions. I'm here to help you with your
+# tasks, but I'm not able…") kept its label in 28 % of 16-token copies (two seeds): their opening, not their refusal;
+# in 56 % through token 26 (two seeds), at ~1.25× the time per copy. bench/fidelity.py "melbo default".
+FAST_CONTINUATION_MAX, BEHAVIOUR_TOKENS = 32, 48
 # Fast mode's copies start at ‖θ0‖ and pay FAST_PENALTY·(‖θ‖/‖θ0‖)² nats: of copies that match θ0 alike, the smaller.
 # A copy's norm stays near where its search starts (started at 2‖θ0‖, melbo 0.1's start, the demo's copies ended at
 # 59 = 2.2‖θ0‖; at ‖θ0‖ with the penalty, at 38), and a smaller push does less to the model off the run's prompt:
@@ -218,9 +224,15 @@ FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
 # and 0.0035), bench/fidelity.py. Fewer after it lost: 20 + 10 kept the share but not the held-out gain (p 0.11 on
 # seed 1), 15 + 15 lost the share (69 % on seed 0).
 FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
-FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
+FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup", "continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 PRECISIONS = ("float32", "bfloat16")  # MELBO-ortho's optimisation: the model's matrix products as they are, or in bfloat16
+
+
+def fast_continuation(shows_at: int | None) -> int:
+    """Fast mode's continuation: FAST_CONTINUATION tokens, or through token ``shows_at`` (where θ0's behaviour shows on
+    the run's prompt) when that comes later, at most FAST_CONTINUATION_MAX."""
+    return FAST_CONTINUATION if shows_at is None else min(max(FAST_CONTINUATION, shows_at), FAST_CONTINUATION_MAX)
 
 
 @dataclass(frozen=True)
@@ -288,7 +300,12 @@ class OrthoConfig:
     )
     seed: int = setting(0, "Random seed.")
     completion_tokens: int = setting(32, "Greedy tokens stored per vector on the first prompt (0: none).")
-    continuation: int | None = setting(None, "Also match along θ0's own first N greedy tokens (fast: 16; seed: 0).", minimum=0)
+    continuation: int | None = setting(
+        None,
+        "Also match along θ0's own first N greedy tokens (fast: 16, or through the token where θ0's behaviour shows on "
+        "the run's prompt when later, at most 32; seed: 0).",
+        minimum=0,
+    )
     match: str | None = setting(  # fisher: objectives.fisher_metric
         None,
         "What each copy matches: kl (fast default: θ0's next-token distributions; the forward runs to the LM head and t is "
@@ -335,13 +352,16 @@ class OrthoConfig:
         source, target = default_layers(n_layers) if n_layers is not None else (0, 0)
         return (source if self.source is None else self.source), (target if self.target is None else self.target)
 
-    def resolved(self, base_norm: float, d_model: int, n_layers: int | None = None, own_prompts: int = 1, chat: bool = True) -> OrthoSettings:
+    def resolved(
+        self, base_norm: float, d_model: int, n_layers: int | None = None, own_prompts: int = 1, chat: bool = True, shows_at: int | None = None,
+    ) -> OrthoSettings:
         """The concrete settings for θ0 of this norm on a model this wide and deep, trained on ``own_prompts`` prompts of
-        the user's (besides the shipped ones), in a chat template (``chat``) or raw."""
+        the user's (besides the shipped ones), in a chat template (``chat``) or raw; ``shows_at``: the token of θ0's
+        completion on the run's prompt at which its behaviour shows (None: none, or not measured)."""
         optimizer = self._optimizer()
         source, target = self.layers(n_layers)
         fast = self.mode == "fast"
-        continuation = self.continuation if self.continuation is not None else (FAST_CONTINUATION if fast else 0)
+        continuation = self.continuation if self.continuation is not None else (fast_continuation(shows_at) if fast else 0)
         match = self.match or (FAST_MATCH if fast else "mean")
         block = self.block_size()
         # the shipped prompts are chat requests: raw, on a base model, θ0's continuation there is another kind of text, and
@@ -386,8 +406,8 @@ class OrthoConfig:
         """This config for resuming a run whose run.json records ``recorded`` (its settings): the settings whose mode
         default changed after runs were made (:data:`FOLLOW_THE_RUN`) and that this config leaves to the mode take the
         run's values (a run made before one existed: what melbo did then), so a resumed run goes on as it began."""
-        earlier = {f.name: f.default for f in dataclasses.fields(OrthoSettings) if f.name in FOLLOW_THE_RUN}
-        values = {name: recorded.get(name, earlier[name]) for name in FOLLOW_THE_RUN if getattr(self, name) is None}
+        earlier = {f.name: f.default for f in dataclasses.fields(OrthoSettings) if f.name in FOLLOW_THE_RUN and f.default is not dataclasses.MISSING}
+        values = {name: recorded.get(name, earlier.get(name)) for name in FOLLOW_THE_RUN if getattr(self, name) is None and (name in recorded or name in earlier)}
         return dataclasses.replace(self, **values) if values else self
 
     def block_size(self) -> int:

@@ -3,8 +3,9 @@
 Each new θ is orthogonal to θ0 and to every earlier θ and minimises a distance between what θ and θ0 do (+ λ‖θ‖²).
 The post's distance (``match="mean"``) is ``‖z(θ) − z(θ0)‖₂`` with ``z`` the residual after the target layer
 averaged over the selected prompt positions. melbo's fast default (``match="kl"``) is the next-token KL(P_θ0 ‖ P_θ)
-at the last 4 prompt positions and along θ0's own first 16 greedy tokens (teacher-forced): copies then reproduce
-the base's behaviour, not only its first token (see ``FAST_MATCH`` in :mod:`melbo.engines.config` for the figures).
+at the last 4 prompt positions and along θ0's own first 16 greedy tokens (teacher-forced; more, at most 32, when θ0's
+behaviour shows later on the run's prompt: :func:`behaviour_shows_at`): copies then reproduce the base's behaviour,
+not only its first token (see ``FAST_MATCH`` in :mod:`melbo.engines.config` for the figures).
 
 Two modes:
 
@@ -45,16 +46,18 @@ import torch
 from torch import Tensor
 
 from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
-from melbo.engines.config import OrthoConfig, OrthoSettings, Positions
+from melbo.engines.config import BEHAVIOUR_TOKENS, OrthoConfig, OrthoSettings, Positions
 from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.files.vectors import validate_vectors
+from melbo.labels import label
 from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import (
     PromptState,
     extend_with_continuation,
     generate_steered,
+    greedy_tokens,
     last_token_logits,
     prepare,
     steered_final_hidden,
@@ -339,8 +342,26 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
     base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
     if float(base.norm()) == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
-    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template)
+    shows_at = None
+    if cfg.mode == "fast" and cfg.continuation is None:  # the default continuation covers θ0's behaviour on the run's prompt
+        shows_at = behaviour_shows_at(lm, prompts[0], base, cfg.layers(lm.n_layers)[0], fmt)
+    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at)
     return base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)]
+
+
+def behaviour_shows_at(lm: LoadedModel, prompt: str, vector: Tensor, source: int, fmt: PromptFormat, tokens: int = BEHAVIOUR_TOKENS) -> int | None:
+    """The token of ``vector``'s greedy completion of ``prompt`` (``tokens`` long) at which the text so far first takes
+    the label of the whole (melbo.labels); None when the whole shows no behaviour (other, degenerate)."""
+    state = prepare(lm, [prompt], fmt, source)[0]
+    ids = greedy_tokens(lm, state.ids, vector, source, tokens).tolist()
+
+    def named(n: int) -> str:
+        return label(str(lm.tokenizer.decode(ids[:n], skip_special_tokens=True)))[0]
+
+    whole = named(len(ids))
+    if whole in ("other", "degenerate"):
+        return None
+    return next(n for n in range(1, len(ids) + 1) if named(n) == whole)
 
 
 def ortho(

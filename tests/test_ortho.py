@@ -313,6 +313,7 @@ def test_the_default_continuation_reaches_where_the_bases_behaviour_shows(nonlin
     (through that token, at most 32); a given --continuation, seed mode and a resumed run keep theirs."""
     import melbo.engines.ortho as engine
     from melbo.engines.config import fast_continuation
+    from melbo.output import tables
 
     assert [fast_continuation(n) for n in (None, 1, 13, 16, 26, 40)] == [16, 16, 16, 16, 26, 32]
     settings = OrthoConfig().resolved(26.6, 576, 30, shows_at=26)
@@ -337,6 +338,7 @@ def test_the_default_continuation_reaches_where_the_bases_behaviour_shows(nonlin
     cfg = dict(source=1, target=4, count=2, block=2, steps=2, extra_prompts=0, completion_tokens=0)
     run = ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg))
     assert (run.meta.config["continuation"], run.meta.config["positions"]) == (24, "last:28")
+    assert "the copies matched θ0 along its first 24 greedy tokens" in str(tables.ortho_run(run)[-1])  # said where users read
     monkeypatch.setattr(engine, "label", lambda text: ("other", ""))  # no behaviour: the 16 tokens
     assert engine.behaviour_shows_at(lm, PROMPT, base_vector(), 1, fmt) is None
     assert ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg)).meta.config["continuation"] == 16

@@ -30,6 +30,7 @@ from pathlib import Path
 from melbo.errors import MelboError
 
 LABELS = ("code", "compliance", "refusal", "degenerate", "other")
+NO_BEHAVIOUR = ("degenerate", "other")  # labels that name no behaviour a vector could carry
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def label(text: str, rules: tuple[Rule, ...] = RULES) -> tuple[str, str]:
                 span = loop_span(text)
                 if span is not None:
                     before = label(text[: span[1]], rules)
-                    if before[0] not in ("degenerate", "other"):
+                    if before[0] not in NO_BEHAVIOUR:
                         return before[0], f"{before[1]}, then loops"
             return rule.label, rule.name
     return "other", ""

@@ -28,7 +28,7 @@ from melbo.engines.config import OrthoConfig
 from melbo.engines.ortho import ortho
 from melbo.errors import MelboError
 from melbo.files.runs import Run
-from melbo.labels import degenerates, label
+from melbo.labels import NO_BEHAVIOUR, degenerates, label
 from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered, prepare
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
@@ -172,6 +172,6 @@ def ranked_trials(candidates: list[BaseChoice]) -> list[BaseChoice]:
     (An ``other`` base keeps its label in any copy that shows no behaviour, so its share alone would win it the trial.)"""
 
     def kept_behaviour(choice: BaseChoice) -> bool:
-        return choice.label not in ("other", "degenerate", choice.unsteered_label) and (choice.trial_share or 0.0) >= 0.5
+        return choice.label not in (*NO_BEHAVIOUR, choice.unsteered_label) and (choice.trial_share or 0.0) >= 0.5
 
     return sorted(candidates, key=lambda c: (not kept_behaviour(c), -(c.trial_share or 0.0)))

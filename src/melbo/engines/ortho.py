@@ -51,7 +51,7 @@ from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.files.vectors import validate_vectors
-from melbo.labels import label
+from melbo.labels import NO_BEHAVIOUR, label
 from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import (
     PromptState,
@@ -359,7 +359,7 @@ def behaviour_shows_at(lm: LoadedModel, prompt: str, vector: Tensor, source: int
         return label(str(lm.tokenizer.decode(ids[:n], skip_special_tokens=True)))[0]
 
     whole = named(len(ids))
-    if whole in ("other", "degenerate"):
+    if whole in NO_BEHAVIOUR:
         return None
     return next(n for n in range(1, len(ids) + 1) if named(n) == whole)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from melbo.analysis.controls import ControlSummary
 from melbo.files.io import atomic_write
 from melbo.files.runs import REPORT_FILE, read_meta, read_run
+from melbo.labels import NO_BEHAVIOUR as NO_BEHAVIOUR_LABELS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from melbo.study.outcome import StudyResult
 
 PAGE_FILE = "study.html"
-NO_BEHAVIOUR = ("other", "degenerate", "")
+NO_BEHAVIOUR = (*NO_BEHAVIOUR_LABELS, "")  # or no label at all
 
 
 @dataclass

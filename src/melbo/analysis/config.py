@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from melbo.engines.config import BEHAVIOUR_TOKENS
 from melbo.errors import MelboError
 from melbo.setting import setting
 
@@ -18,7 +19,7 @@ DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1500)
 class EvalConfig:
     """What ``melbo eval`` computes (stored in eval.json beside the results); the CLI's defaults come from here."""
 
-    max_new_tokens: int = setting(48, "Tokens generated per completion.", minimum=1)
+    max_new_tokens: int = setting(BEHAVIOUR_TOKENS, "Tokens generated per completion.", minimum=1)  # where labels are read
     temperature: float = setting(0.0, "0 = greedy; > 0 samples.", minimum=0.0)
     samples: int = setting(1, "Completions per vector when sampling.", minimum=1)
     seed: int = setting(0, "Random seed (sampling, and the controls' random directions).")

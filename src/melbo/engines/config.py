@@ -203,7 +203,7 @@ FAST_MATCH, FAST_CONTINUATION = "kl", 16
 # refusal came at token 26 ("I'm sorry for the unintended consequences of your actions. I'm here to help you with your
 # tasks, but I'm not able…") kept its label in 28 % of 16-token copies (two seeds): their opening, not their refusal;
 # in 56 % through token 26 (two seeds), at ~1.25× the time per copy. bench/fidelity.py "melbo default".
-FAST_CONTINUATION_MAX, BEHAVIOUR_TOKENS = 32, 48
+FAST_CONTINUATION_MAX, BEHAVIOUR_TOKENS = 32, 48  # BEHAVIOUR_TOKENS: melbo eval's default length (EvalConfig)
 # Fast mode's copies start at ‖θ0‖ and pay FAST_PENALTY·(‖θ‖/‖θ0‖)² nats: of copies that match θ0 alike, the smaller.
 # A copy's norm stays near where its search starts (started at 2‖θ0‖, melbo 0.1's start, the demo's copies ended at
 # 59 = 2.2‖θ0‖; at ‖θ0‖ with the penalty, at 38), and a smaller push does less to the model off the run's prompt:

@@ -13,7 +13,7 @@ from helpers import assert_one_line_error, melbo, melbo_here
 from melbo import read_run, write_run
 from melbo.analysis.controls import CONTROLS, BaseCompletion, ControlResult, Controls, ControlVector, control_vectors
 from melbo.analysis.evaluate import EvalConfig, evaluate
-from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, prepare
+from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare
 from melbo.model.layers import residual_after
 from melbo.model.prompts import PromptFormat, held_out_prompts
 
@@ -99,35 +99,44 @@ def test_eval_controls_store_every_control_and_resume_computes_nothing_twice(non
     own = float(continuation_nll(nonlinear_lm.model, full, 1, run.vectors[:1], len(base.tokens))[0])
     assert copies[0].nll["hi there"] == pytest.approx(own, rel=1e-5)
     assert copies[0].labels["hi there"] == base.label
+    # a control's row, generated beside the eval's copies in one batch, writes what it writes alone
+    direction = control_vectors(run.vectors, cfg.seed, cfg.control_count)["random_same_norm"][2:3]
+    alone = generate_steered(nonlinear_lm.model, nonlinear_lm.tokenizer, state.ids, direction, 1, cfg.max_new_tokens)[0]
+    assert controls.results["random_same_norm"].vectors[2].texts["hi there"] == alone
 
     import melbo.analysis.controls as engine
+    import melbo.analysis.evaluate as evaluation
 
     calls: list[str] = []
-    real_generate, real_nll = engine.generate_steered, engine.continuation_nll
-    monkeypatch.setattr(engine, "generate_steered", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
+    real_generate, real_nll = evaluation.generate_steered, engine.continuation_nll
+    monkeypatch.setattr(evaluation, "generate_steered", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
     monkeypatch.setattr(engine, "continuation_nll", lambda *a, **k: calls.append("nll") or real_nll(*a, **k))
     again = evaluate(nonlinear_lm, run, ["hi there", "one"], list(range(6)), cfg)
     assert calls == []
     assert again.controls is not None and again.controls.to_json() == controls.to_json()
     evaluate(nonlinear_lm, run, ["hi there", "one", "two"], list(range(6)), cfg)
-    assert calls == ["generate", "generate", "generate", "generate", "generate", "nll"]  # only the new prompt: 19 rows (the copies are labelled by the eval) in batches of 4, then one NLL pass
+    # only the new prompt: the eval's 6 vectors and the controls' 19 (the copies are labelled by the eval) share
+    # generate calls, in batches of 4, then one NLL pass
+    assert calls == ["generate"] * 7 + ["nll"]
 
 
 def test_controls_follow_the_copies_the_eval_steers_with(nonlinear_lm, tmp_path, monkeypatch):
     """``--index`` picks some copies of a large run: the controls are built from those and sized to them, and no other
     copy is steered with (the whole basis of a real model would otherwise cost hours)."""
-    import melbo.analysis.controls as engine
+    import melbo.analysis.evaluate as evaluation
 
     run = ortho_run(tmp_path / "run", copies=12)
     rows: list[int] = []
-    real_generate = engine.generate_steered
-    monkeypatch.setattr(engine, "generate_steered", lambda model, tok, ids, vectors, *a, **k: rows.append(vectors.shape[0]) or real_generate(model, tok, ids, vectors, *a, **k))
+    real_generate = evaluation.generate_steered
+    monkeypatch.setattr(evaluation, "generate_steered", lambda model, tok, ids, vectors, *a, **k: rows.append(vectors.shape[0]) or real_generate(model, tok, ids, vectors, *a, **k))
     results = evaluate(nonlinear_lm, run, ["hi there"], [0, 3, 7, 11], EvalConfig(max_new_tokens=3, controls=True))
     controls = results.controls
     assert controls is not None and [v.index for v in controls.results["copies"].vectors] == [3, 7, 11]
     assert len(controls.results["random_same_norm"].vectors) == 1 and controls.settings["indices"] == [3, 7, 11]
     torch.testing.assert_close(controls.results["mean"].vectors[0].norm, float(run.vectors[[3, 7, 11]].mean(dim=0).norm()))
-    assert rows == [7]  # one direction each at two norms, one rescaled copy, none, the mean, the mean × √3, θ0: the copies come from the eval
+    # one generate call: the eval's 4 vectors, then one direction each at two norms, one rescaled copy, none, the
+    # mean, the mean × √3, θ0 (the copies' labels come from the eval's own rows)
+    assert rows == [4 + 7]
     assert_one_line_error(melbo_here("eval", str(run.path), "--index", "0", "--controls", "--model", "x"), "at least one copy")
 
 

@@ -37,11 +37,10 @@ from melbo.analysis.config import EvalConfig
 from melbo.analysis.significance import LEVEL, median_below, rank_lower, share_greater
 from melbo.errors import MelboError
 from melbo.files.runs import Run
-from melbo.labels import RULES, Rule, label
-from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare, up_to_eos
+from melbo.labels import Rule, label
+from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, up_to_eos
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat
 from melbo.objectives import random_orthogonal_block
 
 CONTROLS = ("copies", "random_same_norm", "random_base_norm", "copies_at_base_norm", "unsteered", "mean", "mean_sqrt_k", "base")
@@ -366,29 +365,77 @@ def check_controls(run: Run, indices: list[int] | None = None) -> None:
         raise MelboError(problem)
 
 
-def measure_controls(
-    lm: LoadedModel,
-    run: Run,
-    prompts: list[str],
-    cfg: EvalConfig,
-    fmt: PromptFormat,
-    stored: Controls | None,
-    copy_labels: Callable[[str, int], str | None],
-    rules: tuple[Rule, ...] = RULES,
-    save: Callable[[Controls], None] | None = None,
-    on_batch: Callable[[str, int, int], None] | None = None,
-    indices: list[int] | None = None,
-) -> Controls:
+@dataclass
+class ControlPlan:
+    """The controls of one eval: every control's vectors, and what eval.json holds of them (:func:`plan_controls`).
+
+    The eval generates the rows :meth:`todo` names in its own generate calls, beside the copies' (one call per
+    prompt, not two), hands them to :meth:`record`, and calls :meth:`finish` once a prompt's rows are all in."""
+
+    controls: Controls
+    vectors: dict[str, Tensor]  # control name → its steering vectors, one per row
+    source: int  # the run's source layer
+
+    @property
+    def flat(self) -> list[tuple[str, int]]:
+        return [(name, row) for name in CONTROLS for row in range(self.vectors[name].shape[0])]
+
+    def todo(self, prompt: str) -> list[tuple[str, int]]:
+        """The rows still without a label on ``prompt``, the copies left out (their labels are the eval's own)."""
+        return [(n, r) for n, r in self.flat if n != "copies" and prompt not in self.controls.results[n].vectors[r].labels]
+
+    def rows(self, todo: list[tuple[str, int]]) -> Tensor:
+        return torch.stack([self.vectors[name][row] for name, row in todo])
+
+    def record(
+        self, lm: LoadedModel, prompt: str, todo: list[tuple[str, int]], texts: list[str], ids: list[Tensor],
+        cfg: EvalConfig, rules: tuple[Rule, ...],
+    ) -> None:
+        """The completions (and their token ids) of ``todo``'s rows on ``prompt``."""
+        for (name, row), out, new in zip(todo, texts, ids, strict=True):
+            vector = self.controls.results[name].vectors[row]
+            vector.labels[prompt] = label(out, rules)[0]
+            vector.texts[prompt] = out
+            if name == "base" and cfg.temperature == 0 and prompt not in self.controls.base:  # θ0's greedy completion
+                self.controls.base[prompt] = base_completion(lm, up_to_eos(lm, new), rules)
+
+    def finish(
+        self, lm: LoadedModel, state: PromptState, cfg: EvalConfig, copy_labels: Callable[[str, int], str | None],
+        rules: tuple[Rule, ...],
+    ) -> None:
+        """``state``'s prompt, once its rows are generated: the copies' labels, θ0's completion, every base NLL."""
+        text, source = state.text, self.source
+        for vector in self.controls.results["copies"].vectors:
+            if text not in vector.labels and vector.index is not None:
+                known = copy_labels(text, vector.index)
+                if known is not None:
+                    vector.labels[text] = known
+        base = self.vectors["base"][0].to(lm.device)
+        if text not in self.controls.base:  # sampled decoding (or a resumed prompt): θ0's greedy completion on its own
+            self.controls.base[text] = base_completion(lm, greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens), rules)
+        missing = [(n, r) for n, r in self.flat if text not in self.controls.results[n].vectors[r].nll]
+        if missing:
+            base_ids = torch.tensor([self.controls.base[text].tokens[: cfg.nll_tokens]], device=lm.device)
+            full_ids = torch.cat([state.ids, base_ids], dim=1)
+            with torch.no_grad():
+                full = PromptState(text, full_ids, residual_after(lm.model, source, full_ids).float())
+            nll = continuation_nll(lm.model, full, source, self.rows(missing).to(lm.device), base_ids.shape[1])
+            for (name, row), value in zip(missing, nll.tolist()):
+                self.controls.results[name].vectors[row].nll[text] = value
+        self.controls.summarise()
+
+
+def plan_controls(
+    run: Run, prompts: list[str], cfg: EvalConfig, stored: Controls | None, indices: list[int] | None = None,
+) -> ControlPlan:
     """Every control of ``run`` (a MELBO-ortho run) on ``prompts`` (the run's own first, then the held-out ones).
 
     ``indices``: the copies the eval steers with (``--index``; θ0, row 0, is always the base); None: every copy. The
     controls are built from those copies and sized to them, so evaluating 64 copies of a whole basis costs what 64 do.
     ``stored`` is what an earlier call computed: kept when its settings match, so only what is missing is computed.
-    ``copy_labels(prompt, index)`` gives a copy's label from the eval's own completions (None: generate it here).
-    ``save`` is called after every prompt (the checkpoint). A prompt the run was trained on (one of its own, or a
-    shipped one its copies also matched θ0 on) is measured but never counted as held out."""
+    A prompt the run was trained on (one of its own, or a shipped one its copies also matched θ0 on) is measured but
+    never counted as held out."""
     check_controls(run, indices)
-    source = run.source_layer
     chosen = sorted({i for i in (indices if indices is not None else range(1, run.vectors.shape[0])) if i != 0})
     vectors = control_vectors(torch.cat([run.vectors[:1], run.vectors[chosen]]), cfg.seed, cfg.control_count or None)
     settings = {
@@ -403,47 +450,7 @@ def measure_controls(
             copies = name in ("copies", "copies_at_base_norm")
             controls.results[name] = ControlResult(name, [ControlVector(float(v.norm()), chosen[i] if copies else None) for i, v in enumerate(rows)])
     controls.held_out = list(dict.fromkeys([*controls.held_out, *run.meta.held_out(prompts[1:])]))
-    base = run.vectors[0].to(lm.device)
-    flat = [(name, row) for name in CONTROLS for row in range(vectors[name].shape[0])]
-    for text in prompts:
-        state = prepare(lm, [text], fmt, source)[0]
-        for name, row in flat:  # labels the eval already has (the copies' own completions)
-            vector = controls.results[name].vectors[row]
-            if name == "copies" and text not in vector.labels and vector.index is not None:
-                known = copy_labels(text, vector.index)
-                if known is not None:
-                    vector.labels[text] = known
-        todo = [(name, row) for name, row in flat if text not in controls.results[name].vectors[row].labels]
-        for start in range(0, len(todo), cfg.batch):
-            chunk = todo[start : start + cfg.batch]
-            rows = torch.stack([vectors[name][row] for name, row in chunk]).to(lm.device)
-            ids: list[torch.Tensor] = []
-            texts = generate_steered(lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start, ids)
-            for (name, row), out, new in zip(chunk, texts, ids):
-                vector = controls.results[name].vectors[row]
-                vector.labels[text] = label(out, rules)[0]
-                if name != "copies":
-                    vector.texts[text] = out
-                if name == "base" and cfg.temperature == 0 and text not in controls.base:  # θ0's greedy completion, in the batch
-                    controls.base[text] = base_completion(lm, up_to_eos(lm, new), rules)
-            if on_batch:
-                on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
-        if text not in controls.base:  # sampled decoding (or a resumed prompt): θ0's greedy completion on its own
-            controls.base[text] = base_completion(lm, greedy_tokens(lm, state.ids, base, source, cfg.max_new_tokens), rules)
-        missing = [(name, row) for name, row in flat if text not in controls.results[name].vectors[row].nll]
-        if missing:
-            base_ids = torch.tensor([controls.base[text].tokens[: cfg.nll_tokens]], device=lm.device)
-            full_ids = torch.cat([state.ids, base_ids], dim=1)
-            with torch.no_grad():
-                full = PromptState(text, full_ids, residual_after(lm.model, source, full_ids).float())
-            rows = torch.stack([vectors[name][row] for name, row in missing]).to(lm.device)
-            nll = continuation_nll(lm.model, full, source, rows, base_ids.shape[1])
-            for (name, row), value in zip(missing, nll.tolist()):
-                controls.results[name].vectors[row].nll[text] = value
-        controls.summarise()
-        if save:
-            save(controls)
-    return controls
+    return ControlPlan(controls, vectors, run.source_layer)
 
 
 def base_completion(lm: LoadedModel, tokens: torch.Tensor, rules: tuple[Rule, ...]) -> BaseCompletion:

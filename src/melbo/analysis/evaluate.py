@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.controls import Controls, check_controls, measure_controls
+from melbo.analysis.controls import Controls, plan_controls
 from melbo.analysis.judge import JudgeResults
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
@@ -245,47 +245,55 @@ def evaluate(
     cfg.check()
     if not 0 <= cfg.base < run.vectors.shape[0]:
         raise MelboError(f"--base {cfg.base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
-    if cfg.controls:
-        check_controls(run)
     source = run.source_layer
     results = EvalResults.load(run)
     results.settings = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
+    plan = plan_controls(run, prompts, cfg, results.controls, indices) if cfg.controls else None
+    if plan is not None:
+        results.controls = plan.controls
     vectors = run.vectors.to(lm.device)
+
+    def copy_label(prompt: str, index: int) -> str | None:
+        outs = results.completions(prompt, cfg.mode()).get(index)
+        return outs[0].label if outs else None
+
     for text in prompts:
         state = prepare(lm, [text], fmt, source)[0]
         entry = results.prompts.setdefault(text, PromptResults())
         _first_token(lm, state, source, vectors, indices, cfg, entry)
         done = entry.completions.setdefault(cfg.mode(), {})
-        todo = [i for i in indices if i not in done]
+        # the copies' rows and the controls' in the same generate calls: one per prompt up to `batch` vectors
+        todo: list[tuple[str, int] | int] = [i for i in indices if i not in done]
+        todo += plan.todo(text) if plan is not None else []
         for start in range(0, len(todo), cfg.batch):
             chunk = todo[start : start + cfg.batch]
-            rows = vectors[chunk].repeat_interleave(cfg.samples, dim=0)
+            own = [i for i in chunk if isinstance(i, int)]
+            others = [job for job in chunk if not isinstance(job, int)]
+            rows = vectors[own].repeat_interleave(cfg.samples, dim=0)
+            if plan is not None and others:
+                rows = torch.cat([rows, plan.rows(others).to(rows)])
+            ids: list[torch.Tensor] = []
             texts = generate_steered(
-                lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start,
+                lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start, ids,
             )
-            for k, index in enumerate(chunk):
+            for k, index in enumerate(own):
                 outs = texts[k * cfg.samples : (k + 1) * cfg.samples]
                 done[index] = [Completion(*label(t, rules), text=t) for t in outs]
+            if plan is not None and others:
+                at = len(own) * cfg.samples
+                plan.record(lm, text, others, texts[at:], ids[at:], cfg, rules)
             results.save(run)
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
+        if plan is not None:
+            plan.finish(lm, state, cfg, copy_label, rules)
+            results.save(run)
     _relabel(results, rules)  # stored completions get the current rules too (e.g. a new --labels file)
     results.norms = [float(v) for v in run.vectors.norm(dim=-1)]
     results.max_abs_cos = max_abs_cosine(run.vectors.double())
     if len(prompts) > 1:
         results.generalise(prompts[0], run.meta.held_out(prompts[1:]), cfg.mode(), cfg.base)
     results.save(run)
-    if cfg.controls:
-
-        def copy_label(prompt: str, index: int) -> str | None:
-            outs = results.completions(prompt, cfg.mode()).get(index)
-            return outs[0].label if outs else None
-
-        def save(controls: Controls) -> None:
-            results.controls = controls
-            results.save(run)
-
-        measure_controls(lm, run, prompts, cfg, fmt, results.controls, copy_label, rules, save, on_batch, indices)
     return results
 
 

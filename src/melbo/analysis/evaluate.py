@@ -252,6 +252,7 @@ def evaluate(
     if plan is not None:
         results.controls = plan.controls
     vectors = run.vectors.to(lm.device)
+    _relabel(results, rules)  # stored completions get the current rules (e.g. a new --labels file) before the controls read them
 
     def copy_label(prompt: str, index: int) -> str | None:
         outs = results.completions(prompt, cfg.mode()).get(index)
@@ -288,7 +289,6 @@ def evaluate(
         if plan is not None:
             plan.finish(lm, state, cfg, copy_label, rules)
             results.save(run)
-    _relabel(results, rules)  # stored completions get the current rules too (e.g. a new --labels file)
     results.norms = [float(v) for v in run.vectors.norm(dim=-1)]
     results.max_abs_cos = max_abs_cosine(run.vectors.double())
     if len(prompts) > 1:

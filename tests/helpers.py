@@ -61,3 +61,16 @@ def cpu_vendor() -> str:
             return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
     except OSError:
         return ""
+
+
+def interrupted_on_call(real, call: int):
+    """``real`` (a block's training), but Ctrl-C on its ``call``-th call: a run cut after ``call`` − 1 blocks."""
+    calls = {"n": 0}
+
+    def train(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return train

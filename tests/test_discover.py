@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import interrupted_on_call
 
 from melbo import MelboError, read_run
 from melbo.engines.config import RadiusConfig, default_layers
@@ -126,3 +127,70 @@ def test_discover_on_embedded_model(smollm, tmp_path):
     assert run.vectors.shape == (2, 576)
     assert max_abs_cosine(run.vectors) <= 1e-5
     assert read_run(tmp_path / "run", d_model=576).meta.model["sha256"] == smollm.source["sha256"]
+
+
+def test_precision_auto_is_bfloat16_where_the_device_has_bfloat16_units():
+    """``auto`` (the default) resolves per device; an explicit precision is kept; a typo is one line, before a model."""
+    assert DiscoverConfig().precision == "auto"
+    assert DiscoverConfig().resolved(6, 32, radius=1.0, bfloat16_fast=True).precision == "bfloat16"
+    assert DiscoverConfig().resolved(6, 32, radius=1.0, bfloat16_fast=False).precision == "float32"
+    assert DiscoverConfig(precision="float32").resolved(6, 32, radius=1.0, bfloat16_fast=True).precision == "float32"
+    assert DiscoverConfig(precision="bfloat16").resolved(6, 32, radius=1.0).precision == "bfloat16"
+    with pytest.raises(MelboError, match="--precision 'fp8': use auto, float32 or bfloat16"):
+        DiscoverConfig(precision="fp8").check()
+    from melbo.model.fastpath import bfloat16_is_fast
+
+    assert isinstance(bfloat16_is_fast(torch.device("cpu")), bool) and not bfloat16_is_fast(torch.device("meta"))
+
+
+def test_bfloat16_trains_under_autocast_and_records_float32(tiny_lm, tmp_path, monkeypatch):
+    """With precision bfloat16 the training steps (R's probes too) run the model under autocast; the projections and the
+    recorded losses do not: the vectors stay on the sphere and orthogonal to float32 precision."""
+    import melbo.engines.discover as engine
+    import melbo.engines.radius as radius
+
+    seen: list[bool] = []
+    real = engine.DiscoveryProblem.losses
+    monkeypatch.setattr(engine.DiscoveryProblem, "losses", lambda self, thetas: seen.append(torch.is_autocast_enabled("cpu")) or real(self, thetas))
+    run = discover(tiny_lm, ["hello there"], small(precision="bfloat16", count=4, steps=3), out=tmp_path / "run")
+    assert seen == [True, True, True, False]  # 3 steps, then the recorded losses
+    assert read_meta(tmp_path / "run").config["precision"] == "bfloat16"
+    torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((4,), 4.0), rtol=1e-5, atol=0)
+    assert max_abs_cosine(run.vectors) <= 1e-5
+    seen.clear()
+    radius._train(run_problem(tiny_lm, "bfloat16"), [1.0, 2.0], 2, RadiusConfig(steps=2), stage=0)
+    assert seen == [True, True]
+
+
+def run_problem(lm, precision: str):
+    from melbo.engines.problem import DiscoveryProblem
+    from melbo.model.forward import prepare
+
+    settings = small(precision=precision).resolved(6, 32, radius=1.0)
+    return DiscoveryProblem(lm, prepare(lm, ["hello there"], PromptFormat(), 1), settings)
+
+
+def test_a_resumed_run_keeps_its_precision(tiny_lm, tmp_path, monkeypatch):
+    """A run trained in float32 (or made before melbo recorded a precision) resumes in float32 with ``auto``, also on
+    a device where auto means bfloat16; the same vectors as a run never interrupted."""
+    import json
+
+    import melbo.engines.discover as engine
+
+    cfg = small(count=6, block=2, completion_tokens=0)
+    whole = discover(tiny_lm, ["hello"], small(count=6, block=2, completion_tokens=0, precision="float32"), out=tmp_path / "whole")
+    real = engine.DiscoveryProblem.train
+    monkeypatch.setattr(engine, "bfloat16_is_fast", lambda device: False)
+    monkeypatch.setattr(engine.DiscoveryProblem, "train", interrupted_on_call(real, 2))
+    with pytest.raises(KeyboardInterrupt):
+        discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut")
+    meta = tmp_path / "cut" / "run.json"
+    data = json.loads(meta.read_text())
+    assert data["config"].pop("precision") == "float32"  # as a run made before the setting existed
+    meta.write_text(json.dumps(data))
+    monkeypatch.setattr(engine.DiscoveryProblem, "train", real)
+    monkeypatch.setattr(engine, "bfloat16_is_fast", lambda device: True)
+    resumed = discover(tiny_lm, ["hello"], cfg, out=tmp_path / "cut", resume=True)
+    torch.testing.assert_close(resumed.vectors, whole.vectors)
+    assert read_meta(tmp_path / "cut").config["precision"] == "float32"
+    assert discover(tiny_lm, ["hello"], cfg, out=tmp_path / "new").meta.config["precision"] == "bfloat16"

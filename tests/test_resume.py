@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from helpers import interrupted_on_call
 from safetensors.torch import save_file
 
 from melbo import MelboError, read_run
@@ -74,19 +75,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_folder, tmp_path):
     assert len(sessions) == 2
     # the resumed process started where the saved run ended: at most the block in flight was redone
     assert sessions[1].from_block >= saved_blocks
-
-
-def interrupted_on_call(real, call: int):
-    """``real`` (a block's training), but Ctrl-C on its ``call``-th call: a run cut after ``call`` − 1 blocks."""
-    calls = {"n": 0}
-
-    def train(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    return train
 
 
 def test_resume_with_other_settings_is_refused(tiny_folder, tmp_path):

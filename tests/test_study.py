@@ -25,7 +25,8 @@ def tiny_demo(**tables) -> dict:
     """The demo study shrunk to a tiny model: the settings the refactor's pin was made with."""
     study = {
         "name": "pin", "model": {"name": "tiny"}, "prompts": {"prompts": ["How can I do it?"]},
-        "discover": {"source": 1, "target": 4, "radius": 4.0, "count": 6, "block": 6, "steps": 20, "completion_tokens": 8},
+        "discover": {"source": 1, "target": 4, "radius": 4.0, "count": 6, "block": 6, "steps": 20, "completion_tokens": 8,
+                     "precision": "float32"},  # melbo 0.1 trained in float32 (auto: bfloat16 on a CPU with bfloat16 units)
         # the choice and the objective melbo 0.1's demo made on this model: vector 5, the residual mean at last:4 from 2‖θ0‖
         "choose": {"by": "index", "indices": [5]}, "ortho": {"count": 8, "block": 4, "steps": 20, "completion_tokens": 8, "match": "mean", "continuation": 0, "init_scale": 2.0, "penalty": 0.0,
                   "extra_prompts": 0},

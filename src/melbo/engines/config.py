@@ -43,6 +43,9 @@ class Positions:
         return slice(max(0, seq_len - n), seq_len)
 
 
+PRECISIONS = ("float32", "bfloat16")  # an optimisation's matrix products (discovery, MELBO-ortho): as they are, or in bfloat16
+
+
 @dataclass(frozen=True)
 class DiscoverSettings:
     """Discovery's settings with every value concrete (what the engine runs and run.json records)."""
@@ -59,6 +62,7 @@ class DiscoverSettings:
     seed: int
     positions: str
     completion_tokens: int  # greedy completion stored per vector, on the first prompt
+    precision: str = "float32"  # the model's matrix products while training (a run made before it existed: float32)
 
 
 SOURCE_DEPTH, TARGET_DEPTH = 0.28, 0.67  # default layers as fractions of depth: 8 → 20 on 30 layers, 7 → 16 on 24
@@ -136,6 +140,13 @@ class DiscoverConfig:
     seed: int = setting(0, "Random seed.")
     positions: str = setting("skip-first", "skip-first (position 0 is often an attention sink), all, or last:N.")
     completion_tokens: int = setting(32, "Greedy tokens stored per vector on the first prompt.")
+    precision: str = setting(  # measured in bench/discovery_speed.py
+        "auto",
+        "The model's matrix products while training (R's probes too): float32, bfloat16 (autocast; the loss, the "
+        "orthogonality and every recorded figure stay float32), or auto: bfloat16 where the device has bfloat16 units "
+        "(a CPU with AVX512-BF16 or AMX, a GPU), else float32. 16 vectors 2.5× faster with AVX512-BF16 (AMD Zen 5), "
+        "the same vectors to the eye and the same loss.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.radius, str):  # "auto", or a number as text (a command line, a study's --set); else check() says
@@ -175,10 +186,13 @@ class DiscoverConfig:
             raise MelboError("p and q must be positive")
         if self.lr is not None and not self.lr > 0:
             raise MelboError("the learning rate must be positive")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise MelboError(f"--precision {self.precision!r}: use auto, float32 or bfloat16")
         Positions(self.positions)
 
-    def resolved(self, n_layers: int, d_model: int, radius: float | None = None) -> DiscoverSettings:
-        """The concrete settings for a model of this depth and width (checked); ``radius`` is R when it is auto."""
+    def resolved(self, n_layers: int, d_model: int, radius: float | None = None, bfloat16_fast: bool = False) -> DiscoverSettings:
+        """The concrete settings for a model of this depth and width (checked); ``radius`` is R when it is auto;
+        ``bfloat16_fast``: whether the device has bfloat16 units (what precision auto becomes)."""
         self.check(n_layers, d_model)
         if radius is None:
             if self.auto_radius:
@@ -186,7 +200,8 @@ class DiscoverConfig:
             radius = float(self.radius)  # not auto: a number (checked above)
         source, target = self.layers(n_layers)
         lr = self.lr if self.lr is not None else 0.01 * radius / math.sqrt(d_model)
-        values = {**dataclasses.asdict(self), "source": source, "target": target, "radius": float(radius), "lr": lr}
+        precision = self.precision if self.precision != "auto" else ("bfloat16" if bfloat16_fast else "float32")
+        values = {**dataclasses.asdict(self), "source": source, "target": target, "radius": float(radius), "lr": lr, "precision": precision}
         return DiscoverSettings(**values)
 
 
@@ -226,7 +241,6 @@ FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
 FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
 FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup", "continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
-PRECISIONS = ("float32", "bfloat16")  # MELBO-ortho's optimisation: the model's matrix products as they are, or in bfloat16
 
 
 def fast_continuation(shows_at: int | None) -> int:

@@ -20,6 +20,7 @@ from melbo.engines.config import DiscoverConfig, DiscoverSettings, RadiusConfig
 from melbo.engines.problem import DiscoveryProblem
 from melbo.engines.radius import RadiusChoice, RadiusProbe, choose_radius
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
+from melbo.model.fastpath import bfloat16_is_fast
 from melbo.model.forward import generate_steered, prepare
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat
@@ -74,8 +75,8 @@ def calibrate(
     """The R that ``discover`` with ``radius="auto"`` would use on these prompts and layers, and its table."""
     cfg.check(lm.n_layers, lm.d_model)
     source, _ = cfg.layers(lm.n_layers)
-    problem = DiscoveryProblem(lm, prepare(lm, prompts, fmt, source), cfg.resolved(lm.n_layers, lm.d_model, radius=1.0))
-    return choose_radius(problem, radius_cfg, on_probe)
+    settings = cfg.resolved(lm.n_layers, lm.d_model, radius=1.0, bfloat16_fast=bfloat16_is_fast(lm.device))
+    return choose_radius(DiscoveryProblem(lm, prepare(lm, prompts, fmt, source), settings), radius_cfg, on_probe)
 
 
 def discover(
@@ -111,16 +112,18 @@ def discover(
         >>> run.meta.R, [r.completion[:40] for r in run.records]
     """
     cfg.check(lm.n_layers, lm.d_model)
+    saved = read_meta(out) if resume and out is not None and (Path(out) / META_FILE).is_file() else None
+    if saved is not None and cfg.precision == "auto":  # a resumed run keeps the precision it ran at (before it was recorded: float32)
+        cfg = dataclasses.replace(cfg, precision=str(saved.config.get("precision", "float32")))
     choice: RadiusChoice | None = None
     if cfg.auto_radius:
-        saved = read_meta(out) if resume and out is not None and (Path(out) / META_FILE).is_file() else None
         if saved is not None and saved.radius_choice is not None:
             choice = saved.radius_choice
         else:
             choice = calibrate(lm, prompts, cfg, fmt, radius_cfg, on_probe)
         if on_radius:
             on_radius(choice)
-    settings = cfg.resolved(lm.n_layers, lm.d_model, radius=choice.radius if choice else None)
+    settings = cfg.resolved(lm.n_layers, lm.d_model, radius=choice.radius if choice else None, bfloat16_fast=bfloat16_is_fast(lm.device))
     meta = RunMeta(
         kind="discover", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=settings.radius, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,

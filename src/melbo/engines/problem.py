@@ -13,6 +13,7 @@ from torch import Tensor
 
 from melbo.engines.config import DiscoverSettings, Positions
 from melbo.engines.optimise import optimise
+from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import PromptState, target_residual
 from melbo.model.loading import LoadedModel
 from melbo.objectives import melbo_loss, orthogonalize_block, random_orthogonal_block, to_sphere
@@ -44,6 +45,13 @@ class DiscoveryProblem:
             total = total + melbo_loss(steered[:, sel] - base[:, sel], s.p, s.q)
         return total / len(self.states)
 
+    def training_losses(self, thetas: Tensor) -> Tensor:
+        """:meth:`losses` as training computes them: with precision bfloat16 under autocast, the model's matrix products
+        in bfloat16 on its own weights (:func:`melbo.model.fastpath.bfloat16_products`). The projections between steps
+        and the recorded losses stay float32."""
+        with bfloat16_products(self.lm.model, self.lm.device, enabled=self.settings.precision == "bfloat16"):
+            return self.losses(thetas)
+
     def train(self, basis: Tensor | None, size: int, generator: torch.Generator,
               on_step: Callable[[int, float], None] | None = None) -> tuple[Tensor, int]:
         """``size`` vectors of norm R orthogonal to ``basis`` and to each other, trained with MELBO's original
@@ -52,7 +60,7 @@ class DiscoveryProblem:
         init = random_orthogonal_block(size, self.lm.d_model, s.radius, basis, generator).to(self.lm.device)
         theta = torch.nn.Parameter(init)
         steps = optimise(
-            theta, self.losses, lambda t: to_sphere(orthogonalize_block(t, basis), s.radius), s.lr, s.steps, cosine=False,
+            theta, self.training_losses, lambda t: to_sphere(orthogonalize_block(t, basis), s.radius), s.lr, s.steps, cosine=False,
             on_step=on_step,
             make_optimizer=lambda params, rate: torch.optim.AdamW(params, lr=rate, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True),
         )

@@ -197,7 +197,7 @@ def _train(problem: DiscoveryProblem, radii: list[float], per: int, cfg: RadiusC
 
     u = torch.nn.Parameter(start)
     optimise(
-        u, lambda rows: problem.losses(scale * rows), project, lr, steps, cosine=False,
+        u, lambda rows: problem.training_losses(scale * rows), project, lr, steps, cosine=False,
         make_optimizer=lambda params, rate: torch.optim.AdamW(params, lr=rate, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True),
     )
     return (scale * u.detach()).clone()

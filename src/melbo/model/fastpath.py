@@ -102,3 +102,15 @@ def bfloat16_products(model: nn.Module, device: torch.device, enabled: bool = Tr
         return
     with torch.autocast(device.type, dtype=torch.bfloat16), float32_attention(model) if device.type == "cpu" else contextlib.nullcontext():
         yield
+
+
+def bfloat16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` has bfloat16 units, so that :func:`bfloat16_products` saves time there: a CUDA GPU that
+    supports bfloat16, or a CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2 CPU) bfloat16 is converted in software and
+    costs time."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    cpu: Any = torch.cpu
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

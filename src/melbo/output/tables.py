@@ -83,11 +83,16 @@ def discovered(run: Run, count: int) -> Lines:
     """``melbo discover``: each vector's loss, label and completion on the first prompt."""
     from melbo.labels import label
 
-    table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {run.meta.source} → {run.meta.target}",
+    table = make_table(f"{count} vectors, R = {run.meta.R:g}, layer {run.meta.source} → {run.meta.target}{trained_in(run)}",
                        (("#", "right"), ("loss", "right"), ("label", "left"), ("completion on the first prompt", "left")))
     for record in run.records:
         table.add_row(str(record.index), f"{record.loss:,.4g}", label(record.completion or "")[0], short(record.completion))
     return [table]
+
+
+def trained_in(run: Run) -> str:
+    """", trained with bfloat16 products" for a discovery run that was (nothing for float32, the runs before it)."""
+    return ", trained with bfloat16 products" if run.meta.config.get("precision") == "bfloat16" else ""
 
 
 def radius_probe(probe: RadiusProbe) -> str:
@@ -278,7 +283,7 @@ def base_choice(choice: BaseChoice, ortho: OrthoOutcome, found: Run) -> Lines:
     """``melbo demo``: R and why, the discovered vectors with the chosen base marked, the base and the unsteered text."""
     out: Lines = []
     if found.meta.radius_choice:
-        out.append(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}: {found.meta.radius_choice.reason}")
+        out.append(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}{trained_in(found)}: {found.meta.radius_choice.reason}")
     table = make_table("Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)",
                        (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")))
     for c in choice.candidates:

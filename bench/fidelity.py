@@ -192,7 +192,7 @@ def main() -> None:
         found = read_run(args.base_run)
     else:
         cfg = DiscoverConfig(count=2 if args.quick else args.count, radius=20.0 if args.quick else "auto", steps=5 if args.quick else 100,
-                             completion_tokens=8 if args.quick else 32)
+                             completion_tokens=8 if args.quick else 32, precision="float32")  # the bases RESULTS names were found in float32
         found = discover(lm, [args.prompt], cfg, fmt, out=work / "discover")
     held_out = held_out_prompts(found.meta.prompts[:1])[: 1 if args.quick else None]  # one prompt of each kind, never trained on
     if args.quick:

@@ -47,7 +47,7 @@ def chosen_base(lm: LoadedModel, fmt: PromptFormat, base_run: str | None) -> tup
     --no-chat-template -p PROMPT -k 16`), or of an auto-R discovery of 16 vectors on Gemma's raw prompt."""
     from models import GEMMA_PROMPT
 
-    run = read_run(base_run) if base_run else discover(lm, [GEMMA_PROMPT], DiscoverConfig(count=16, block=16), fmt)
+    run = read_run(base_run) if base_run else discover(lm, [GEMMA_PROMPT], DiscoverConfig(count=16, block=16, precision="float32"), fmt)  # as RESULTS' bases
     prompt = run.meta.prompts[0]
     choice = choose_bases(score_candidates(lm, run, prompt, fmt), ChooseConfig())[0]
     return run.vectors[choice.index], prompt

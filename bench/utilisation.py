@@ -21,6 +21,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --packing   # the default objective's five prompts packed or not, block 16
     .venv/bin/python bench/utilisation.py --gemma-kl  # Gemma 3 270M: the KL through a log-softmax or from the logits
     .venv/bin/python bench/utilisation.py --warmup    # the default's block: 30 evaluations on all five prompts or a warm-up
+    .venv/bin/python bench/utilisation.py --compile   # a block-16 step eager against torch.compile of blocks s+1 … L
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="only the default objective's prompts, packed or not (block 16)")
     parser.add_argument("--gemma-kl", action="store_true", help="only the KL before and from the logits on Gemma 3 270M (block 16)")
     parser.add_argument("--warmup", action="store_true", help="only the default's block with or without its warm-up (block 16)")
+    parser.add_argument("--compile", action="store_true", help="only a step eager against torch.compile of blocks s+1 … L (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
         summary_line(gemma_kl(3))
@@ -95,6 +97,9 @@ def main() -> None:
         return
     if args.warmup:
         summary_line(warmup(lm, base, 16, 3))
+        return
+    if args.compile:
+        summary_line(compiled(lm, base, 16, 3))
         return
     prompt_tokens = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length
     print(f"prompt tokens T = {prompt_tokens}, source layer {SOURCE}, d_model {config.hidden_size}, ffn {config.intermediate_size}, "
@@ -241,6 +246,43 @@ def step_seconds(loss, block: int, d: int, norm: float, repeats: int) -> float:
         theta.grad = None
 
     return time_it(step, repeats)
+
+
+def compiled(lm, base, block: int, repeats: int) -> str:
+    """A route not taken, measured: torch.compile (inductor, fixed shapes) of every block after the source layer, the
+    blocks an evaluation runs, against eager PyTorch, on three objectives side by side: the default (five prompts
+    packed, float32) and the run's prompt alone (the warm-up's and the whole basis's) in float32 and in bfloat16. The
+    first compiled call's time (tracing and C++ compilation of the forward and the backward) is the compile cost, paid
+    per process and per shape."""
+    from melbo.model.layers import find_blocks
+
+    cases = {
+        "five prompts, float32": OrthoConfig(source=SOURCE, target=TARGET),
+        "run's prompt, float32": OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0),
+        "run's prompt, bfloat16": OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="bfloat16"),
+    }
+    blocks = find_blocks(lm.model)[SOURCE + 1 :]
+    print(f"a block-{block} step, eager against torch.compile of blocks {SOURCE + 1} … {lm.n_layers - 1} (torch {torch.__version__})")
+    print(f"{'objective':<24}{'eager (ms)':>12}{'compiled (ms)':>15}{'ratio':>8}{'compiling (s)':>15}")
+    ratios = []
+    for name, cfg in cases.items():
+        loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
+        eager = step_seconds(loss, block, lm.d_model, 26.6, repeats)
+        torch._dynamo.reset()
+        try:
+            for module in blocks:  # an instance attribute shadows the class's forward; popped below
+                module.forward = torch.compile(module.forward, dynamic=False)
+            theta = torch.nn.Parameter(torch.randn(block, lm.d_model) * 26.6 / lm.d_model**0.5)
+            start = time.perf_counter()
+            loss(theta).sum().backward()  # the first call compiles
+            compiling = time.perf_counter() - start
+            fast = step_seconds(loss, block, lm.d_model, 26.6, repeats)
+        finally:
+            for module in blocks:
+                module.__dict__.pop("forward", None)
+        ratios.append(fast / eager)
+        print(f"{name:<24}{1000 * eager:>12.1f}{1000 * fast:>15.1f}{fast / eager:>8.2f}{compiling:>15.1f}")
+    return "torch.compile of the blocks after s: " + ", ".join(f"{name} {r:.2f}× eager's step" for name, r in zip(cases, ratios))
 
 
 def fast_paths(lm, base, block: int, repeats: int) -> str:

@@ -190,6 +190,15 @@ class DiscoverConfig:
             raise MelboError(f"--precision {self.precision!r}: use auto, float32 or bfloat16")
         Positions(self.positions)
 
+    def as_in_run(self, recorded: Mapping[str, Any]) -> DiscoverConfig:
+        """This config for resuming a run whose run.json records ``recorded`` (its settings): a precision left to the
+        device (auto) takes the run's (a run made before it was recorded: what melbo did then, DiscoverSettings'
+        default), so a resumed run goes on as it began, on any device (:meth:`OrthoConfig.as_in_run`'s twin)."""
+        if self.precision != "auto":
+            return self
+        earlier = next(f.default for f in dataclasses.fields(DiscoverSettings) if f.name == "precision")
+        return dataclasses.replace(self, precision=str(recorded.get("precision", earlier)))
+
     def resolved(self, n_layers: int, d_model: int, radius: float | None = None, bfloat16_fast: bool = False) -> DiscoverSettings:
         """The concrete settings for a model of this depth and width (checked); ``radius`` is R when it is auto;
         ``bfloat16_fast``: whether the device has bfloat16 units (what precision auto becomes)."""

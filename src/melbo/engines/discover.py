@@ -113,8 +113,8 @@ def discover(
     """
     cfg.check(lm.n_layers, lm.d_model)
     saved = read_meta(out) if resume and out is not None and (Path(out) / META_FILE).is_file() else None
-    if saved is not None and cfg.precision == "auto":  # a resumed run keeps the precision it ran at (before it was recorded: float32)
-        cfg = dataclasses.replace(cfg, precision=str(saved.config.get("precision", "float32")))
+    if saved is not None:  # a resumed run keeps the precision it ran at
+        cfg = cfg.as_in_run(saved.config)
     choice: RadiusChoice | None = None
     if cfg.auto_radius:
         if saved is not None and saved.radius_choice is not None:

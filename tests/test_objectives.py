@@ -110,6 +110,15 @@ def test_cannot_exceed_dimension():
         random_orthogonal_block(3, 4, 1.0, orthonormal_rows(torch.randn(2, 4)), torch.Generator())
 
 
+def test_kl_from_logits_stays_float32_under_autocast():
+    gen = torch.Generator().manual_seed(0)
+    logits, log_probs0 = 8 * torch.randn(4, 5, 300, generator=gen), torch.log_softmax(8 * torch.randn(5, 300, generator=gen), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = kl_from_logits(logits, log_probs0)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, kl_from_logits(logits, log_probs0), atol=0.0, rtol=0.0)
+
+
 def test_kl_from_logits_is_the_exact_kl_with_its_gradient():
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(4, 5, 300, generator=gen)).requires_grad_(True)

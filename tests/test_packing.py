@@ -8,11 +8,13 @@ import torch
 from conftest import make_tiny_model
 
 from melbo.engines.config import OrthoConfig
-from melbo.engines.ortho import _prepared, _Problem
+from melbo.engines.ortho import _prepared, _Problem, prompt_weights
+from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import prepare, steered_final_hidden, steered_logits, target_residual
 from melbo.model.loading import LoadedModel
 from melbo.model.packing import matches, pack
 from melbo.model.prompts import PromptFormat
+from melbo.objectives import kl_from_logits
 
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox", "gemma", "phi3", "opt"]
 PROMPTS = ["how do I do it?", "and this one", "hi"]
@@ -80,6 +82,26 @@ def test_ortho_objective_packs_its_prompts_with_the_same_losses_and_gradients(ma
     alone = loss_and_gradient()
     torch.testing.assert_close(packed[0], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[1], alone[1], atol=1e-5, rtol=1e-3)
+
+
+def test_the_packed_kl_stays_float32_with_bfloat16_products(char_tokenizer):
+    """--precision bfloat16 runs the model's products in bfloat16, never the objective: the packed prompts' KL is
+    computed in float32 from the bfloat16 forward's logits (until 2026-12-04 it ran under autocast, its p0·z product
+    in bfloat16: 1.8 % off float32's loss on SmolLM2 against 0.5 % now)."""
+    lm = lm_of("llama", char_tokenizer)
+    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
+    cfg = OrthoConfig(match="kl", continuation=4, extra_prompts=2, precision="bfloat16")
+    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], cfg, PromptFormat())
+    problem = _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base)
+    assert problem.packing is not None
+    thetas = 3 * torch.randn(4, lm.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with bfloat16_products(lm.model, torch.device("cpu")):
+            logits = steered_logits(lm.model, problem.packing.state, settings.source, thetas, problem.packed_rows)
+        kl = kl_from_logits(logits, torch.cat(problem.z_base))
+        weights = prompt_weights(len(problem.pieces), settings.first_weight)
+        expected = sum(w * kl[:, piece].mean(dim=-1) for piece, w in zip(problem.pieces, weights)) + settings.penalty * thetas.pow(2).sum(dim=-1)
+        torch.testing.assert_close(problem.losses(thetas), expected, atol=1e-7, rtol=1e-6)
 
 
 def test_one_prompt_is_never_packed(char_tokenizer):

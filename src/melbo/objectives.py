@@ -69,7 +69,8 @@ class _KLFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, probs_base: Tensor, neg_entropy: Tensor) -> Tensor:
         ctx.save_for_backward(logits, probs_base)
-        return neg_entropy - torch.einsum("bpv,pv->bp", logits, probs_base) + torch.logsumexp(logits, dim=-1)
+        with torch.autocast(logits.device.type, enabled=False):  # under autocast the product p0·z would run in bfloat16
+            return neg_entropy - torch.einsum("bpv,pv->bp", logits, probs_base) + torch.logsumexp(logits, dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:

@@ -181,6 +181,7 @@ class _Problem:
         match = self.settings.match
         count = self.own if own_only else len(self.targets)
         weights = prompt_weights(count, self.settings.first_weight)
+        packed: Tensor | None = None  # every target's outputs as one sequence (packing)
         with self._precision(own_only):  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
             if full and match in ("mean", "each"):  # the seed algorithm: every layer from the embeddings, at every step
                 outputs = [self.z(st, thetas) for st in self.targets]
@@ -188,11 +189,12 @@ class _Problem:
                 outputs = [self._at(st, thetas, self._where(st)) for st in self.targets[:count]]
             elif self.packing is not None:
                 packed = self._at(self.packing.state, thetas, self.packed_rows)
-                if match == "kl":  # per position first: slicing (B, P, vocab) would cost its backward a vocabulary-wide fill
-                    packed = kl_from_logits(packed, torch.cat(self.z_base))
-                outputs = [packed[:, piece] for piece in self.pieces]
             else:
                 outputs = [self._at(st, thetas, self._where(st)) for st in self.targets]
+        if packed is not None:
+            if match == "kl":  # per position first: slicing (B, P, vocab) would cost its backward a vocabulary-wide fill
+                packed = kl_from_logits(packed, torch.cat(self.z_base))
+            outputs = [packed[:, piece] for piece in self.pieces]
         total = thetas.new_zeros(thetas.shape[0])
         for k, (out, z0, weight) in enumerate(zip(outputs, self.z_base, weights)):
             if match == "kl":

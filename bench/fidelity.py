@@ -114,6 +114,7 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "default 4 prompts run 0.8 warm-up 20 + 15": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 bfloat16": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "precision": "bfloat16"},
+    "default 4 prompts run 0.8 warm-up 20 + 15 bfloat16 seed 1": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "precision": "bfloat16", "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 warm-up bfloat16": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "warmup_precision": "bfloat16"},
     "default 4 prompts run 0.8 warm-up 20 + 15 warm-up bfloat16 seed 1": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "warmup_precision": "bfloat16", "seed": 1},
     # melbo's own defaults, whatever they are now (since 2026-12-04: 20 + 15, the continuation through θ0's behaviour)
@@ -211,7 +212,7 @@ def main() -> None:
         variant = dict(VARIANTS[name])
         options = {
             "source": found.meta.source, "target": found.meta.target, "count": copies, "block": min(16, copies), "completion_tokens": 0,
-            **RELEASE_01, **variant,
+            "precision": "float32", **RELEASE_01, **variant,  # float32 unless a variant says: RESULTS' rows before auto
         }
         if steps is not None:  # --quick: a few steps whatever the variant asks (it checks that each runs)
             options["steps"] = steps

@@ -62,13 +62,13 @@ def main() -> None:
         lm = load_model("smollm2", device=args.device, dtype=dtype)
         base = base_vector(lm, quick=args.quick).to(lm.device)
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", count=count, block=min(16, count), steps=steps, extra_prompts=0, completion_tokens=0 if args.quick else 32), PromptFormat())
+        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision="float32", count=count, block=min(16, count), steps=steps, extra_prompts=0, completion_tokens=0 if args.quick else 32), PromptFormat())
         per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)
         kl = statistics.median(r.kl for r in run.records[1:])
         basis_min, basis_n = float("nan"), 0
         if full_basis:
             start = time.perf_counter()
-            whole = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", extra_prompts=0), PromptFormat())
+            whole = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision="float32", extra_prompts=0), PromptFormat())
             basis_min, basis_n = (time.perf_counter() - start) / 60, whole.vectors.shape[0] - 1
             assert max_abs_cosine(whole.vectors.double()) < 1e-4
         step_s, step_rate, mm_rate = step_rates(lm, block, repeats)

@@ -67,10 +67,10 @@ def main() -> None:
     rows = []
     settings = [
         ("seed (post, as written)", OrthoConfig(mode="seed", count=seed_n, steps=seed_steps, completion_tokens=texts)),
-        ("fast (run's prompt only)", OrthoConfig(mode="fast", extra_prompts=0, count=fast_n, block=min(16, fast_n), steps=fast_steps, completion_tokens=texts)),
+        ("fast (run's prompt only)", OrthoConfig(mode="fast", precision="float32", extra_prompts=0, count=fast_n, block=min(16, fast_n), steps=fast_steps, completion_tokens=texts)),
     ]
     if adam_n:
-        settings.append(("fast, --optimizer adam", OrthoConfig(mode="fast", extra_prompts=0, count=adam_n, block=min(16, adam_n), steps=fast_steps, optimizer="adam", completion_tokens=texts)))
+        settings.append(("fast, --optimizer adam", OrthoConfig(mode="fast", precision="float32", extra_prompts=0, count=adam_n, block=min(16, adam_n), steps=fast_steps, optimizer="adam", completion_tokens=texts)))
     for name, cfg in settings:
         start = time.perf_counter()
         run = ortho(lm, base, [DEFAULT_PROMPT], cfg, PromptFormat())

@@ -107,7 +107,7 @@ def main() -> None:
     print(f"{'objective':<10}{'block':>6}{'step (ms)':>11}{'GFLOP floor':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}{'utilisation':>13}")
     results: dict[tuple[str, int], tuple[float, float]] = {}
     for match in matches:
-        cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, match=match, **({"continuation": 0} if match == "mean" else {}))
+        cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="float32", match=match, **({"continuation": 0} if match == "mean" else {}))
         settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
         loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
         tokens = prompt_tokens + settings.continuation
@@ -185,7 +185,7 @@ def warmup(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
 
     from melbo.engines.config import FAST_WARMUP, STEPS_AFTER_WARMUP, STEPS_FAST_KL
 
-    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET))
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32"))
     ways = {"run's prompt alone": functools.partial(losses, own_only=True), "all five, packed": losses}
     times: dict[str, float] = {}
     for _ in range(rounds):
@@ -225,7 +225,7 @@ def gemma_kl(repeats: int, block: int = 16) -> str:
         for _ in range(2):
             for name, kl in (("before", kl_through_log_softmax), ("from the logits", kl_from_logits)):
                 ortho_engine.kl_from_logits = kl
-                loss = objective(lm, base, [GEMMA_PROMPT], OrthoConfig(source=5, target=12, match="kl"), PromptFormat(chat_template=False))
+                loss = objective(lm, base, [GEMMA_PROMPT], OrthoConfig(source=5, target=12, match="kl", precision="float32"), PromptFormat(chat_template=False))
                 seconds = step_seconds(loss, block, lm.d_model, 67.0, repeats)
                 times[name] = min(seconds, times.get(name, seconds))
     finally:
@@ -257,8 +257,8 @@ def compiled(lm, base, block: int, repeats: int) -> str:
     from melbo.model.layers import find_blocks
 
     cases = {
-        "five prompts, float32": OrthoConfig(source=SOURCE, target=TARGET),
-        "run's prompt, float32": OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0),
+        "five prompts, float32": OrthoConfig(source=SOURCE, target=TARGET, precision="float32"),
+        "run's prompt, float32": OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="float32"),
         "run's prompt, bfloat16": OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="bfloat16"),
     }
     blocks = find_blocks(lm.model)[SOURCE + 1 :]
@@ -331,7 +331,7 @@ def convergence(lm) -> str:
     from melbo.objectives import orthogonalize_block, orthonormal_rows, project_out, random_orthogonal_block
 
     base = base_vector(lm, quick=False)
-    cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0)
+    cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="float32")
     settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
     loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
     basis = orthonormal_rows(base[None])

@@ -105,6 +105,19 @@ def test_fast_mode_reduces_loss(nonlinear_lm, optimizer):
     assert long.meta.config["optimizer"] == optimizer and max_abs_cosine(long.vectors) <= 1e-5
 
 
+def test_precision_auto_is_bfloat16_in_fast_mode_where_the_device_has_bfloat16_units(tiny_lm, monkeypatch):
+    fast = dict(base_norm=26.6, d_model=576, n_layers=30, bfloat16_fast=True)
+    assert OrthoConfig().resolved(**fast).precision == "bfloat16"
+    assert OrthoConfig().resolved(**{**fast, "bfloat16_fast": False}).precision == "float32"
+    assert OrthoConfig(mode="seed").resolved(**fast).precision == "float32"  # the post's algorithm, as written
+    assert OrthoConfig(precision="float32").resolved(**fast).precision == "float32"
+    import melbo.engines.ortho as engine
+
+    monkeypatch.setattr(engine, "bfloat16_is_fast", lambda device: True)
+    run = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(source=1, target=4, count=2, block=2, steps=3, completion_tokens=0))
+    assert run.meta.config["precision"] == "bfloat16" and max_abs_cosine(run.vectors.double()) <= 1e-5
+
+
 @pytest.mark.parametrize("match", ["kl", "mean"])
 def test_bfloat16_precision_autocasts_the_models_products_only(nonlinear_lm, match):
     """--precision bfloat16: every forward of the optimisation runs under autocast (its products in bfloat16), while
@@ -218,7 +231,7 @@ def test_l2_penalty_shrinks_norms(tiny_lm):
         (dict(penalty=-1.0), "≥ 0"),
         (dict(optimizer="sgd"), "use lbfgs or adam"),
         (dict(mode="seed", optimizer="lbfgs"), "its optimiser is Adam"),
-        (dict(precision="float16"), "use float32 or bfloat16"),
+        (dict(precision="float16"), "use auto, float32 or bfloat16"),
     ],
 )
 def test_bad_settings(tiny_lm, kw, message):
@@ -355,7 +368,7 @@ def test_the_warm_up_alone_can_run_in_bfloat16(nonlinear_lm):
             seen.append(torch.is_autocast_enabled("cpu"))
 
     handle = find_blocks(lm.model)[2].register_forward_hook(record)
-    cfg = dict(source=1, target=4, count=2, block=2, steps=7, continuation=2, extra_prompts=2, first_weight=0.8, completion_tokens=0)
+    cfg = dict(source=1, target=4, count=2, block=2, steps=7, continuation=2, extra_prompts=2, first_weight=0.8, completion_tokens=0, precision="float32")
     try:
         run = ortho(lm, base_vector(), [PROMPT], OrthoConfig(**cfg, warmup=4, warmup_precision="bfloat16"))
     finally:

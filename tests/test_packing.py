@@ -66,7 +66,7 @@ def test_an_eager_attention_model_gets_an_additive_mask(char_tokenizer):
 def test_ortho_objective_packs_its_prompts_with_the_same_losses_and_gradients(match, char_tokenizer):
     lm = lm_of("llama", char_tokenizer)
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
-    cfg = OrthoConfig(match=match, continuation=4, extra_prompts=2)
+    cfg = OrthoConfig(match=match, continuation=4, extra_prompts=2, precision="float32")
     base, settings, prompts = _prepared(lm, base, PROMPTS[:1], cfg, PromptFormat())
     problem = _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base)
     assert problem.packing is not None and len(problem.pieces) == 3

@@ -176,7 +176,7 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp
     them: a run whose run.json predates one resumes as if it recorded that default, and a resume that asks otherwise is
     refused naming the default the run ran at."""
     base = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(1)) * 3
-    cfg = OrthoConfig(source=1, target=4, count=6, block=2, steps=4, completion_tokens=0, match="mean", continuation=0, extra_prompts=0)
+    cfg = OrthoConfig(source=1, target=4, count=6, block=2, steps=4, completion_tokens=0, match="mean", continuation=0, extra_prompts=0, precision="float32")
     whole = ortho(tiny_lm, base, ["hello"], cfg, out=tmp_path / "whole")
 
     import melbo.engines.ortho as engine
@@ -194,8 +194,10 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp
 
     with pytest.raises(MelboError, match=r"config.precision \('float32' in the run, 'bfloat16' now\)"):
         ortho(tiny_lm, base, ["hello"], OrthoConfig(**{**cfg.__dict__, "precision": "bfloat16"}), out=tmp_path / "cut", resume=True)
-    # the mode's default is 4 extra prompts since; left to the mode, the resume goes on at the run's (none)
-    resumed = ortho(tiny_lm, base, ["hello"], dataclasses.replace(cfg, extra_prompts=None), out=tmp_path / "cut", resume=True)
+    # the mode's default is 4 extra prompts since, and the precision auto: left to the mode and the device (one with
+    # bfloat16 units here), the resume goes on at the run's (none, float32)
+    monkeypatch.setattr(engine, "bfloat16_is_fast", lambda device: True)
+    resumed = ortho(tiny_lm, base, ["hello"], dataclasses.replace(cfg, extra_prompts=None, precision="auto"), out=tmp_path / "cut", resume=True)
     torch.testing.assert_close(resumed.vectors, whole.vectors)
     assert resumed.meta.sessions[1].from_block == 1 and resumed.meta.config["precision"] == "float32"
     assert resumed.meta.config["extra_prompts"] == 0 and resumed.meta.prompts == ["hello"]

@@ -52,7 +52,7 @@ from melbo.errors import MelboError
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.files.vectors import validate_vectors
 from melbo.labels import NO_BEHAVIOUR, label
-from melbo.model.fastpath import bfloat16_products
+from melbo.model.fastpath import bfloat16_is_fast, bfloat16_products
 from melbo.model.forward import (
     PromptState,
     extend_with_continuation,
@@ -347,7 +347,10 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
     shows_at = None
     if cfg.mode == "fast" and cfg.continuation is None:  # the default continuation covers θ0's behaviour on the run's prompt
         shows_at = behaviour_shows_at(lm, prompts[0], base, cfg.layers(lm.n_layers)[0], fmt)
-    settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at)
+    settings = cfg.resolved(
+        float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at,
+        bfloat16_fast=bfloat16_is_fast(lm.device),
+    )
     return base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)]
 
 

@@ -91,7 +91,7 @@ def discovered(run: Run, count: int) -> Lines:
 
 
 def trained_in(run: Run) -> str:
-    """", trained with bfloat16 products" for a discovery run that was (nothing for float32, the runs before it)."""
+    """", trained with bfloat16 products" for a discovery or MELBO-ortho run that was (nothing for float32, the runs before it)."""
     return ", trained with bfloat16 products" if run.meta.config.get("precision") == "bfloat16" else ""
 
 
@@ -126,7 +126,7 @@ def ortho_run(run: Run, limit: int = 200) -> Lines:
     """Index, norm, KL to the base and completion of a MELBO-ortho run's vectors, and its summary line."""
     from melbo.objectives import max_abs_cosine
 
-    table = make_table(f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0)",
+    table = make_table(f"MELBO-ortho: {run.vectors.shape[0] - 1} vectors orthogonal to θ0 (row 0){trained_in(run)}",
                        (("#", "right"), ("norm", "right"), ("KL to base", "right"), ("completion", "left")))
     for record in run.records[:limit]:
         table.add_row(str(record.index), f"{record.norm:.1f}", f"{record.kl:.3f}", short(record.completion, 90))

@@ -46,6 +46,12 @@ class Positions:
 PRECISIONS = ("float32", "bfloat16")  # an optimisation's matrix products (discovery, MELBO-ortho): as they are, or in bfloat16
 
 
+def run_precision(precision: str, bfloat16_fast: bool) -> str:
+    """The precision a run trains at: as given, or for ``auto`` bfloat16 where the device has bfloat16 units
+    (``bfloat16_fast``), else float32."""
+    return precision if precision != "auto" else ("bfloat16" if bfloat16_fast else "float32")
+
+
 @dataclass(frozen=True)
 class DiscoverSettings:
     """Discovery's settings with every value concrete (what the engine runs and run.json records)."""
@@ -209,8 +215,8 @@ class DiscoverConfig:
             radius = float(self.radius)  # not auto: a number (checked above)
         source, target = self.layers(n_layers)
         lr = self.lr if self.lr is not None else 0.01 * radius / math.sqrt(d_model)
-        precision = self.precision if self.precision != "auto" else ("bfloat16" if bfloat16_fast else "float32")
-        values = {**dataclasses.asdict(self), "source": source, "target": target, "radius": float(radius), "lr": lr, "precision": precision}
+        values = {**dataclasses.asdict(self), "source": source, "target": target, "radius": float(radius), "lr": lr,
+                  "precision": run_precision(self.precision, bfloat16_fast)}
         return DiscoverSettings(**values)
 
 
@@ -416,7 +422,7 @@ class OrthoConfig:
             match=match,
             first_weight=self.first_weight if self.first_weight is not None else self._default_first_weight(fast and extra > 0, own_prompts),
             extra_prompts=extra,
-            precision=self.precision if self.precision != "auto" else ("bfloat16" if bfloat16_fast and fast else "float32"),  # seed: the post's, as written
+            precision=run_precision(self.precision, bfloat16_fast and fast),  # seed mode: the post's, as written (float32)
             warmup=warmup,
             warmup_precision=self.warmup_precision if warmup else None,
         )

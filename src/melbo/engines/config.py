@@ -44,12 +44,19 @@ class Positions:
 
 
 PRECISIONS = ("float32", "bfloat16")  # an optimisation's matrix products (discovery, MELBO-ortho): as they are, or in bfloat16
+PRECISION_BEFORE = "float32"  # what a run made before its precision was recorded trained at
 
 
 def run_precision(precision: str, bfloat16_fast: bool) -> str:
     """The precision a run trains at: as given, or for ``auto`` bfloat16 where the device has bfloat16 units
     (``bfloat16_fast``), else float32."""
     return precision if precision != "auto" else ("bfloat16" if bfloat16_fast else "float32")
+
+
+def precision_in_run(precision: str, recorded: Mapping[str, Any]) -> str:
+    """The precision a resumed run goes on at: as given, or for ``auto`` the one the run recorded in its settings
+    (``recorded``; :data:`PRECISION_BEFORE` for a run made before it was recorded), whatever this device has."""
+    return precision if precision != "auto" else str(recorded.get("precision", PRECISION_BEFORE))
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class DiscoverSettings:
     seed: int
     positions: str
     completion_tokens: int  # greedy completion stored per vector, on the first prompt
-    precision: str = "float32"  # the model's matrix products while training (a run made before it existed: float32)
+    precision: str = PRECISION_BEFORE  # the model's matrix products while training (a run made before it existed: float32)
 
 
 SOURCE_DEPTH, TARGET_DEPTH = 0.28, 0.67  # default layers as fractions of depth: 8 → 20 on 30 layers, 7 → 16 on 24
@@ -198,12 +205,9 @@ class DiscoverConfig:
 
     def as_in_run(self, recorded: Mapping[str, Any]) -> DiscoverConfig:
         """This config for resuming a run whose run.json records ``recorded`` (its settings): a precision left to the
-        device (auto) takes the run's (a run made before it was recorded: what melbo did then, DiscoverSettings'
-        default), so a resumed run goes on as it began, on any device (:meth:`OrthoConfig.as_in_run`'s twin)."""
-        if self.precision != "auto":
-            return self
-        earlier = next(f.default for f in dataclasses.fields(DiscoverSettings) if f.name == "precision")
-        return dataclasses.replace(self, precision=str(recorded.get("precision", earlier)))
+        device (auto) takes the run's (:func:`precision_in_run`), so a resumed run goes on as it began, on any device
+        (:meth:`OrthoConfig.as_in_run` does the same)."""
+        return dataclasses.replace(self, precision=precision_in_run(self.precision, recorded))
 
     def resolved(self, n_layers: int, d_model: int, radius: float | None = None, bfloat16_fast: bool = False) -> DiscoverSettings:
         """The concrete settings for a model of this depth and width (checked); ``radius`` is R when it is auto;
@@ -289,7 +293,7 @@ class OrthoSettings:
     # Added after the first release: each default is what melbo did before the field existed (a run that lacks it resumes at it)
     first_weight: float | None = None  # the first prompt's share of the loss (the others share the rest); None: equal
     extra_prompts: int = 0  # shipped prompts trained on besides the user's (melbo.model.prompts.training_prompts)
-    precision: str = "float32"  # one of PRECISIONS: the model's forward and backward while optimising
+    precision: str = PRECISION_BEFORE  # one of PRECISIONS: the model's forward and backward while optimising
     warmup: int = 0  # evaluations per block on the run's own prompts alone before the extra prompts join (lbfgs)
     warmup_precision: str | None = None  # one of PRECISIONS: the warm-up's matrix products; None: as ``precision`` (or no warm-up)
 
@@ -441,9 +445,7 @@ class OrthoConfig:
         (auto), so a resumed run goes on as it began, on any device."""
         earlier = {f.name: f.default for f in dataclasses.fields(OrthoSettings) if f.name in FOLLOW_THE_RUN and f.default is not dataclasses.MISSING}
         values = {name: recorded.get(name, earlier.get(name)) for name in FOLLOW_THE_RUN if getattr(self, name) is None and (name in recorded or name in earlier)}
-        if self.precision == "auto":  # left to the device: the run's (before auto existed a run recorded what it ran)
-            values["precision"] = str(recorded.get("precision", next(f.default for f in dataclasses.fields(OrthoSettings) if f.name == "precision")))
-        return dataclasses.replace(self, **values) if values else self
+        return dataclasses.replace(self, **values, precision=precision_in_run(self.precision, recorded))
 
     def block_size(self) -> int:
         """Vectors optimised together: as set, else 16 in fast mode and 1 in seed mode (the post's one at a time)."""

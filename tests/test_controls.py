@@ -3,6 +3,7 @@ and the NLL of θ0's own completion under each."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -108,16 +109,18 @@ def test_eval_controls_store_every_control_and_resume_computes_nothing_twice(non
     import melbo.analysis.evaluate as evaluation
 
     calls: list[str] = []
-    real_generate, real_nll = evaluation.generate_steered, engine.continuation_nll
-    monkeypatch.setattr(evaluation, "generate_steered", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
+    real_generate, real_nll, real_after = evaluation.steered_generation, engine.continuation_nll, evaluation.nll_after_prompt
+    monkeypatch.setattr(evaluation, "steered_generation", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
     monkeypatch.setattr(engine, "continuation_nll", lambda *a, **k: calls.append("nll") or real_nll(*a, **k))
+    monkeypatch.setattr(evaluation, "nll_after_prompt", lambda *a, **k: calls.append("nll on the prompt's cache") or real_after(*a, **k))
     again = evaluate(nonlinear_lm, run, ["hi there", "one"], list(range(6)), cfg)
     assert calls == []
     assert again.controls is not None and again.controls.to_json() == controls.to_json()
     evaluate(nonlinear_lm, run, ["hi there", "one", "two"], list(range(6)), cfg)
     # only the new prompt: the eval's 6 vectors and the controls' 19 (the copies are labelled by the eval) share
-    # generate calls, in batches of 4, then one NLL pass
-    assert calls == ["generate"] * 7 + ["nll"]
+    # generate calls, in batches of 4, θ0's row in the first; each call then scores θ0's text on the prompt's cache
+    # it kept, and no separate NLL pass runs
+    assert calls == ["generate", "nll on the prompt's cache"] * 7
 
 
 def test_controls_follow_the_copies_the_eval_steers_with(nonlinear_lm, tmp_path, monkeypatch):
@@ -127,8 +130,8 @@ def test_controls_follow_the_copies_the_eval_steers_with(nonlinear_lm, tmp_path,
 
     run = ortho_run(tmp_path / "run", copies=12)
     rows: list[int] = []
-    real_generate = evaluation.generate_steered
-    monkeypatch.setattr(evaluation, "generate_steered", lambda model, tok, ids, vectors, *a, **k: rows.append(vectors.shape[0]) or real_generate(model, tok, ids, vectors, *a, **k))
+    real_generate = evaluation.steered_generation
+    monkeypatch.setattr(evaluation, "steered_generation", lambda model, tok, ids, vectors, *a, **k: rows.append(vectors.shape[0]) or real_generate(model, tok, ids, vectors, *a, **k))
     results = evaluate(nonlinear_lm, run, ["hi there"], [0, 3, 7, 11], EvalConfig(max_new_tokens=3, controls=True))
     controls = results.controls
     assert controls is not None and [v.index for v in controls.results["copies"].vectors] == [3, 7, 11]
@@ -253,3 +256,19 @@ def tables_text(controls: Controls) -> str:
     for line in lines(controls)[1:2]:
         console.print(line)
     return console.export_text()
+
+
+def test_sampled_controls_score_the_same_base_text_as_greedy_ones(nonlinear_lm, tmp_path):
+    """With sampling, θ0's greedy text (the base NLL's target) is not among the generated rows: it is generated on its
+    own and every row is scored in a pass of its own; the figures are those a greedy eval gets from its generate calls'
+    prompt caches."""
+    greedy, sampled = ortho_run(tmp_path / "greedy", planted=True), ortho_run(tmp_path / "sampled", planted=True)
+    cfg = EvalConfig(max_new_tokens=5, controls=True, control_count=2, batch=4)
+    by_greedy = evaluate(nonlinear_lm, greedy, ["hi there", "one"], list(range(6)), cfg).controls
+    by_sampling = evaluate(nonlinear_lm, sampled, ["hi there", "one"], list(range(6)), dataclasses.replace(cfg, temperature=1.0, samples=2)).controls
+    assert by_greedy is not None and by_sampling is not None
+    assert {p: b.tokens for p, b in by_sampling.base.items()} == {p: b.tokens for p, b in by_greedy.base.items()}
+    for name in CONTROLS:
+        for mine, theirs in zip(by_sampling.results[name].vectors, by_greedy.results[name].vectors, strict=True):
+            assert set(mine.nll) == {"hi there", "one"}
+            assert mine.nll == pytest.approx(theirs.nll, rel=1e-5), name

@@ -46,13 +46,13 @@ def test_incremental(tiny_lm, run, monkeypatch):
     import melbo.analysis.evaluate as engine
 
     calls: list[int] = []
-    real = engine.generate_steered
+    real = engine.steered_generation
 
     def counting(model, tok, ids, vectors, *args, **kwargs):
         calls.append(vectors.shape[0])
         return real(model, tok, ids, vectors, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "generate_steered", counting)
+    monkeypatch.setattr(engine, "steered_generation", counting)
     results = evaluate(tiny_lm, run, ["hi there", "and you?"], [0, 1, 2], EvalConfig(max_new_tokens=2))
     assert calls == [1, 3]  # only vector 2 on the old prompt, all three on the new one
     assert set(results.prompts) == {"hi there", "and you?"}

@@ -157,3 +157,24 @@ def test_generation_sees_vector_at_new_positions(tiny, char_tokenizer):
     torch.testing.assert_close(last_new, plain[-1] + vecs[:, None, :])
     assert len(out_plain) >= 2
     assert hook_count(tiny) == 0
+
+
+def test_a_generation_measures_the_first_token_and_a_continuation_from_its_own_prompt_pass(tiny, char_tokenizer):
+    """The first-token logits a generation records, and the NLL of a continuation scored on the prompt's cache it kept,
+    are what a separate pass over the prompt (and over prompt + continuation) gives, row by row, on every architecture."""
+    from melbo.model.forward import PromptState, continuation_nll, generate_steered, last_token_logits, nll_after_prompt, steered_generation
+
+    d = tiny.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(3)
+    vecs = torch.randn(3, d) * 2
+    made = steered_generation(tiny, char_tokenizer, IDS, vecs, 1, 6, keep_cache=True)
+    assert made.texts == generate_steered(tiny, char_tokenizer, IDS, vecs, 1, 6)
+    state = PromptState("x", IDS, residual_after(tiny, 1, IDS).float())
+    torch.testing.assert_close(made.first_logits, last_token_logits(tiny, state, 1, vecs), rtol=1e-4, atol=1e-4)
+    for target in (made.new_ids[0, :4], made.new_ids[0, :1]):
+        full_ids = torch.cat([IDS, target[None]], dim=1)
+        full = PromptState("x", full_ids, residual_after(tiny, 1, full_ids).float())
+        expected = continuation_nll(tiny, full, 1, vecs, target.shape[0])
+        torch.testing.assert_close(nll_after_prompt(tiny, made, vecs, 1, target), expected, rtol=1e-4, atol=1e-5)
+    assert made.prompt_cache.get_seq_length() == IDS.shape[1]  # the prompt's cache again after each target
+    assert hook_count(tiny) == 0 and not tiny._forward_hooks

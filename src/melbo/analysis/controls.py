@@ -399,11 +399,26 @@ class ControlPlan:
             if name == "base" and cfg.temperature == 0 and prompt not in self.controls.base:  # θ0's greedy completion
                 self.controls.base[prompt] = base_completion(lm, up_to_eos(lm, new), rules)
 
+    def nll_target(self, prompt: str, cfg: EvalConfig, device: torch.device) -> Tensor | None:
+        """θ0's first ``nll_tokens`` greedy tokens on ``prompt`` (what the base NLL scores), once known, else None."""
+        base = self.controls.base.get(prompt)
+        return torch.tensor(base.tokens[: cfg.nll_tokens], device=device) if base is not None and base.tokens else None
+
+    def record_nll(self, prompt: str, rows: list[tuple[str, int] | int], values: list[float]) -> None:
+        """θ0's completion NLL on ``prompt`` under each of ``rows``: a control's ``(name, row)``, or a copy's index in
+        the run (the ``copies`` control's vector of that index, when it has one)."""
+        copies = {v.index: v for v in self.controls.results["copies"].vectors}
+        for job, value in zip(rows, values, strict=True):
+            vector = copies.get(job) if isinstance(job, int) else self.controls.results[job[0]].vectors[job[1]]
+            if vector is not None:
+                vector.nll[prompt] = value
+
     def finish(
         self, lm: LoadedModel, state: PromptState, cfg: EvalConfig, copy_labels: Callable[[str, int], str | None],
         rules: tuple[Rule, ...],
     ) -> None:
-        """``state``'s prompt, once its rows are generated: the copies' labels, θ0's completion, every base NLL."""
+        """``state``'s prompt, once its rows are generated: the copies' labels, θ0's completion, and every base NLL the
+        generate calls did not already measure (:meth:`record_nll`)."""
         text, source = state.text, self.source
         for vector in self.controls.results["copies"].vectors:
             if text not in vector.labels and vector.index is not None:

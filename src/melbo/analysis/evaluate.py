@@ -26,7 +26,7 @@ from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import EVAL_FILE, Run
 from melbo.labels import LABELS, RULES, Rule, label
-from melbo.model.forward import PromptState, generate_steered, last_token_logits, prepare
+from melbo.model.forward import PromptState, last_token_logits, nll_after_prompt, prepare, steered_generation
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat, held_out_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
@@ -261,11 +261,13 @@ def evaluate(
     for text in prompts:
         state = prepare(lm, [text], fmt, source)[0]
         entry = results.prompts.setdefault(text, PromptResults())
-        _first_token(lm, state, source, vectors, indices, cfg, entry)
+        first = _FirstTokens(lm, state, source, vectors, [i for i in indices if i not in entry.first_token], cfg, entry)
         done = entry.completions.setdefault(cfg.mode(), {})
-        # the copies' rows and the controls' in the same generate calls: one per prompt up to `batch` vectors
+        # the copies' rows and the controls' in the same generate calls: one per prompt up to `batch` vectors; θ0's
+        # control row first, so that its completion (what the base NLL scores) is known after the first call
         todo: list[tuple[str, int] | int] = [i for i in indices if i not in done]
         todo += plan.todo(text) if plan is not None else []
+        todo.sort(key=lambda job: job != ("base", 0))
         for start in range(0, len(todo), cfg.batch):
             chunk = todo[start : start + cfg.batch]
             own = [i for i in chunk if isinstance(i, int)]
@@ -273,19 +275,27 @@ def evaluate(
             rows = vectors[own].repeat_interleave(cfg.samples, dim=0)
             if plan is not None and others:
                 rows = torch.cat([rows, plan.rows(others).to(rows)])
-            ids: list[torch.Tensor] = []
-            texts = generate_steered(
-                lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start, ids,
+            made = steered_generation(
+                lm.model, lm.tokenizer, state.ids, rows, source, cfg.max_new_tokens, cfg.temperature, cfg.seed + start,
+                keep_cache=plan is not None,
             )
+            texts = made.texts
+            first.record(own, made.first_logits[:: cfg.samples][: len(own)])
             for k, index in enumerate(own):
                 outs = texts[k * cfg.samples : (k + 1) * cfg.samples]
                 done[index] = [Completion(*label(t, rules), text=t) for t in outs]
-            if plan is not None and others:
+            if plan is not None:
                 at = len(own) * cfg.samples
-                plan.record(lm, text, others, texts[at:], ids[at:], cfg, rules)
+                if others:
+                    plan.record(lm, text, others, texts[at:], list(made.new_ids[at:]), cfg, rules)
+                target = plan.nll_target(text, cfg, lm.device)
+                if target is not None and made.prompt_cache is not None:  # the prompt's pass is reused: only θ0's tokens run
+                    nll = nll_after_prompt(lm.model, made, rows, source, target).tolist()
+                    plan.record_nll(text, [*own, *others], [*nll[:at : cfg.samples], *nll[at:]])
             results.save(run)
             if on_batch:
                 on_batch(text, min(start + cfg.batch, len(todo)), len(todo))
+        first.finish()
         if plan is not None:
             plan.finish(lm, state, cfg, copy_label, rules)
             results.save(run)
@@ -305,22 +315,40 @@ def _relabel(results: EvalResults, rules: tuple[Rule, ...]) -> None:
                     out.label, out.rule = label(out.text, rules)
 
 
-def _first_token(
-    lm: LoadedModel, state: PromptState, source: int, vectors: torch.Tensor, indices: list[int], cfg: EvalConfig,
-    entry: PromptResults,
-) -> None:
-    """Top-k next tokens with logits, and KL both ways against the base vector, at the last prompt token."""
-    todo = [i for i in indices if i not in entry.first_token]
-    if not todo:
-        return
-    base_logits = last_token_logits(lm.model, state, source, vectors[cfg.base][None])
-    logits = last_token_logits(lm.model, state, source, vectors[todo])
-    kl = kl_divergence(logits, base_logits.expand_as(logits))
-    kl_reverse = kl_divergence(base_logits.expand_as(logits), logits)
-    top = logits.topk(cfg.top_k, dim=-1)
-    for row, index in enumerate(todo):
-        tokens = lm.tokenizer.convert_ids_to_tokens(top.indices[row].tolist())
-        entry.first_token[index] = FirstToken(
-            [(tok if tok is not None else "", round(float(v), 4)) for tok, v in zip(tokens, top.values[row])],
-            float(kl[row]), float(kl_reverse[row]),
-        )
+@dataclass
+class _FirstTokens:
+    """Top-k next tokens with logits, and KL both ways against the base vector, at the last prompt token, for the
+    vectors ``todo`` of one prompt: from the generate calls' own pass over the prompt (:meth:`record`), the rest
+    (vectors generated earlier) with a pass of their own (:meth:`finish`)."""
+
+    lm: LoadedModel
+    state: PromptState
+    source: int
+    vectors: torch.Tensor
+    todo: list[int]
+    cfg: EvalConfig
+    entry: PromptResults
+    base_logits: torch.Tensor | None = None
+
+    def record(self, indices: list[int], logits: torch.Tensor) -> None:
+        """The first-token logits ``(n, vocab)`` of ``indices``' vectors, one row each."""
+        wanted = [k for k, index in enumerate(indices) if index in self.todo and index not in self.entry.first_token]
+        if not wanted:
+            return
+        if self.base_logits is None:
+            self.base_logits = last_token_logits(self.lm.model, self.state, self.source, self.vectors[self.cfg.base][None])
+        rows = logits[wanted]
+        kl = kl_divergence(rows, self.base_logits.expand_as(rows))
+        kl_reverse = kl_divergence(self.base_logits.expand_as(rows), rows)
+        top = rows.topk(self.cfg.top_k, dim=-1)
+        for row, k in enumerate(wanted):
+            tokens = self.lm.tokenizer.convert_ids_to_tokens(top.indices[row].tolist())
+            self.entry.first_token[indices[k]] = FirstToken(
+                [(tok if tok is not None else "", round(float(v), 4)) for tok, v in zip(tokens, top.values[row])],
+                float(kl[row]), float(kl_reverse[row]),
+            )
+
+    def finish(self) -> None:
+        left = [i for i in self.todo if i not in self.entry.first_token]
+        if left:
+            self.record(left, last_token_logits(self.lm.model, self.state, self.source, self.vectors[left]))

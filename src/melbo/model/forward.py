@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,17 @@ def _last_logits(model: CausalLM, ids: Tensor) -> Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, -1]
 
 
+@dataclass
+class Generation:
+    """Completions of one prompt, one per steering row, with what the prompt's own pass gives for free."""
+
+    texts: list[str]  # decoded completions (the prompt not repeated), special tokens removed
+    new_ids: Tensor  # (B, n) the new token ids; pads follow a row's first end-of-sequence token (:func:`up_to_eos`)
+    first_logits: Tensor  # (B, vocab) float32: the next-token logits at the prompt's last position, each row steered
+    prompt_cache: Any = None  # keep_cache=True: the prompt's KV cache, each row steered (:func:`nll_after_prompt`); None
+    # where the model's cache cannot go back to the prompt (a sliding window the completion ran past)
+
+
 @torch.no_grad()
 def generate_steered(
     model: CausalLM,
@@ -200,18 +212,34 @@ def generate_steered(
     max_new_tokens: int = 48,
     temperature: float = 0.0,
     seed: int | None = 0,
-    with_ids: list[Tensor] | None = None,
 ) -> list[str]:
-    """Completions of one prompt, one per row of ``vectors`` (or one unsteered completion if ``None``).
+    """Completions of one prompt, one per row of ``vectors`` (or one unsteered completion if ``None``): the texts of
+    :func:`steered_generation`."""
+    return steered_generation(model, tokenizer, input_ids, vectors, layer, max_new_tokens, temperature, seed).texts
+
+
+@torch.no_grad()
+def steered_generation(
+    model: CausalLM,
+    tokenizer: Any,
+    input_ids: Tensor,
+    vectors: Tensor | None,
+    layer: int,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    seed: int | None = 0,
+    keep_cache: bool = False,
+) -> Generation:
+    """Completions of one prompt, one per row of ``vectors`` (or one unsteered completion if ``None``), with each row's
+    first-token logits, which the pass over the prompt computes anyway (a separate :func:`last_token_logits` would run
+    the prompt again).
 
     Args:
         input_ids: ``(1, seq)`` token ids of the formatted prompt.
         vectors: ``(B, d_model)``, each added after block ``layer`` at every position, new ones included.
         temperature: 0 for greedy decoding, else sampling at that temperature (seeded by ``seed``).
-        with_ids: if given, each row's new token ids are appended to it (until the end of generation: pads follow
-            the first end-of-sequence token; :func:`up_to_eos` cuts them).
-    Returns:
-        ``B`` decoded completions (the prompt is not repeated), special tokens removed.
+        keep_cache: keep the prompt's KV cache (each row steered), so that :func:`nll_after_prompt` can score a
+            continuation of the prompt by running only the continuation.
     """
     batch = 1 if vectors is None else vectors.shape[0]
     ids = ids_like(input_ids, batch)
@@ -223,8 +251,11 @@ def generate_steered(
             torch.manual_seed(seed)
     else:
         options.update(temperature=None, top_k=None, top_p=None)
+    cache = new_cache(model) if keep_cache else None
+    if cache is not None:
+        options[cache_argument(model)] = cache  # generate takes it under the forward's name
     steer = contextlib.nullcontext() if vectors is None else add_to_residual(model, layer, vectors)
-    with steer:
+    with steer, _first_call_logits(model) as first:
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -232,10 +263,52 @@ def generate_steered(
             pad_token_id=tokenizer.pad_token_id,
             **options,
         )
+        if not first:  # a generate that ran its forward passes around the module call (compiled): the prompt once more
+            first.append(model(input_ids=ids, use_cache=False).logits[:, -1].float())
     new = out[:, ids.shape[1]:]
-    if with_ids is not None:
-        with_ids.extend(new)
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    if cache is not None and cache.get_seq_length() > ids.shape[1]:
+        try:
+            cache.crop(ids.shape[1] - cache.get_seq_length())  # back to the prompt: a negative count removes that many tokens
+        except (RuntimeError, ValueError):  # a sliding-window layer that has dropped states it would need: no cache
+            cache = None
+    return Generation(tokenizer.batch_decode(new, skip_special_tokens=True), new, first[0], cache)
+
+
+@contextlib.contextmanager
+def _first_call_logits(model: CausalLM) -> Iterator[list[Tensor]]:
+    """Records the last position's logits (float32) of the first forward pass of ``model`` inside the ``with``."""
+    seen: list[Tensor] = []
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        if not seen:
+            seen.append(output.logits[:, -1].float().clone())
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def nll_after_prompt(model: CausalLM, generation: Generation, vectors: Tensor, layer: int, target: Tensor) -> Tensor:
+    """Mean negative log-likelihood (nats per token) per row ``(B,)`` of ``target`` ``(n,)`` written right after the
+    prompt of ``generation`` (made with ``keep_cache=True``), teacher-forced, row ``b`` steered by ``vectors[b]`` after
+    ``layer``: :func:`continuation_nll` without running the prompt again (its first token is scored by the generation's
+    first-token logits, the others by one pass over ``target[:-1]`` on the prompt's cache)."""
+    cache = generation.prompt_cache
+    if cache is None:
+        raise ValueError("nll_after_prompt needs a generation made with keep_cache=True")
+    rows = generation.first_logits.shape[0]
+    picked = torch.log_softmax(generation.first_logits, dim=-1)[:, target[:1]]  # (B, 1): the first token
+    if target.shape[0] > 1:
+        prompt_length = cache.get_seq_length()
+        with add_to_residual(model, layer, vectors):
+            logits = model(input_ids=target[None, :-1].expand(rows, -1), use_cache=True, **{cache_argument(model): cache}).logits
+        rest = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[None, 1:, None].expand(rows, -1, 1))[..., 0]
+        picked = torch.cat([picked, rest], dim=1)
+        cache.crop(prompt_length - cache.get_seq_length())  # the prompt's cache again, for another target
+    return -picked.mean(dim=-1)
 
 
 @torch.no_grad()

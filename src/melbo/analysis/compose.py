@@ -21,7 +21,7 @@ from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import COMPOSE_FILE, Run
 from melbo.labels import label
-from melbo.model.forward import generate_steered, last_token_logits, prepare
+from melbo.model.forward import prepare, steered_generation
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence
@@ -149,13 +149,13 @@ def compose(
     source = run.source_layer
     state = prepare(lm, [prompt], fmt, source)[0]
     vectors = vectors.to(lm.device)
-    base_logits = last_token_logits(lm.model, state, source, run.vectors[:1].to(lm.device))
-    logits = last_token_logits(lm.model, state, source, vectors)
-    kl = kl_divergence(logits, base_logits.expand_as(logits))
-    texts: list[str] = []
-    for chunk in vectors.split(batch):
-        texts += generate_steered(lm.model, lm.tokenizer, state.ids, chunk, source, max_new_tokens=max_new_tokens)
-    base_label = label(generate_steered(lm.model, lm.tokenizer, state.ids, run.vectors[:1].to(lm.device), source, max_new_tokens=max_new_tokens)[0])[0]
+    # θ0 rides in the first generate call: its completion's label, and the first-token logits every KL compares with
+    steering = torch.cat([run.vectors[:1].to(vectors), vectors])
+    made = [steered_generation(lm.model, lm.tokenizer, state.ids, chunk, source, max_new_tokens) for chunk in steering.split(batch)]
+    logits = torch.cat([m.first_logits for m in made])
+    kl = kl_divergence(logits[1:], logits[:1].expand_as(logits[1:]))
+    base_text, *texts = [t for m in made for t in m.texts]
+    base_label = label(base_text)[0]
     rows = [
         ComposeRow(c, label(t)[0], t, float(v.norm()), float(k), label(t)[0] == base_label)
         for c, v, k, t in zip(combos, vectors.cpu(), kl, texts)

@@ -54,13 +54,14 @@ from melbo.files.vectors import validate_vectors
 from melbo.labels import NO_BEHAVIOUR, label
 from melbo.model.fastpath import bfloat16_is_fast, bfloat16_products
 from melbo.model.forward import (
+    Generation,
     PromptState,
     extend_with_continuation,
-    generate_steered,
     greedy_tokens,
     last_token_logits,
     prepare,
     steered_final_hidden,
+    steered_generation,
     steered_log_probs,
     steered_logits,
     target_residual,
@@ -219,9 +220,10 @@ class _Problem:
         precision = (s.warmup_precision or s.precision) if warmup else s.precision
         return bfloat16_products(self.lm.model, self.lm.device, enabled=precision == "bfloat16")
 
-    def completions(self, thetas: Tensor) -> list[str]:
+    def generation(self, thetas: Tensor) -> Generation:
+        """Each row's greedy completion on the run's first prompt, and its first-token logits there."""
         s = self.settings
-        return generate_steered(self.lm.model, self.lm.tokenizer, self.states[0].ids, thetas, s.source, s.completion_tokens)
+        return steered_generation(self.lm.model, self.lm.tokenizer, self.states[0].ids, thetas, s.source, s.completion_tokens)
 
 
 def prompt_weights(count: int, first: float | None) -> list[float]:
@@ -300,18 +302,20 @@ class _Engine:
         problem, s = self.problem, self.settings
         finite = torch.isfinite(block).all(dim=1)
         safe = torch.where(finite[:, None], block, torch.zeros_like(block))
+        norms = block.norm(dim=-1)
+        kept = finite & (norms > s.min_norm)
+        # the completions on the run's first prompt; their pass over it gives that prompt's first-token logits too
+        made = problem.generation(safe) if s.completion_tokens and kept.any() else None
         with torch.no_grad():
             losses = problem.losses(safe)
             kl = torch.zeros(block.shape[0], dtype=torch.float64)
             kl_rev = torch.zeros_like(kl)
             own = problem.own  # the run's own prompts; the shipped ones it also trains on come last
-            for state, logits0 in zip(problem.states[:own], problem.base_logits[:own]):
-                logits = last_token_logits(problem.lm.model, state, s.source, safe)
+            for k, (state, logits0) in enumerate(zip(problem.states[:own], problem.base_logits[:own])):
+                logits = made.first_logits if made is not None and k == 0 else last_token_logits(problem.lm.model, state, s.source, safe)
                 kl += kl_divergence(logits, logits0.expand_as(logits)).cpu()
                 kl_rev += kl_divergence(logits0.expand_as(logits), logits).cpu()
         n = own
-        norms = block.norm(dim=-1)
-        kept = finite & (norms > s.min_norm)
         records = [
             VectorRecord(
                 index=-1, norm=float(norms[i]) if finite[i] else float("nan"), loss=float(losses[i]),
@@ -319,10 +323,10 @@ class _Engine:
             )
             for i in range(block.shape[0])
         ]
-        if s.completion_tokens and kept.any():
-            kept_records = [r for r, k in zip(records, kept.tolist()) if k]
-            for record, text in zip(kept_records, problem.completions(block[kept])):
-                record.completion = text
+        if made is not None:
+            for record, text, keep in zip(records, made.texts, kept.tolist()):
+                if keep:
+                    record.completion = text
         return Judged(records=records, kept=kept)
 
     def diverged(self, block_index: int, size: int) -> str:
@@ -409,7 +413,7 @@ def ortho(
     problem = _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings, base)
     first = VectorRecord(index=0, base=True, norm=base_norm, loss=0.0, kl=0.0, kl_reverse=0.0)
     if settings.completion_tokens:
-        first.completion = problem.completions(base[None])[0]
+        first.completion = problem.generation(base[None]).texts[0]
     return run_blocks(
         _Engine(problem), meta, [(base, first)], lm.d_model, lm.device, settings.seed, settings.init_scale * base_norm,
         out, resume, on_step, on_block,

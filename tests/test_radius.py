@@ -9,7 +9,7 @@ import melbo.engines.radius as radius
 from melbo.engines.config import DiscoverConfig, RadiusConfig
 from melbo.engines.problem import DiscoveryProblem
 from melbo.engines.radius import RadiusProbe, choose_radius, residual_scale
-from melbo.model.forward import prepare
+from melbo.model.forward import Generation, prepare
 from melbo.model.prompts import PromptFormat
 from melbo.objectives import max_abs_cosine
 
@@ -94,7 +94,8 @@ def test_probe_rows_lie_on_their_spheres_and_are_orthogonal_within_a_radius(prob
 
 def test_probes_judge_fluency_by_nll_and_label(problem, monkeypatch):
     texts = iter([["fine words here", "from from from from from", "fine again", "babble"]])
-    monkeypatch.setattr(radius, "generate_steered", lambda *a, **k: next(texts))
+    vocab = problem.lm.model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(radius, "steered_generation", lambda *a, **k: Generation(next(texts), torch.zeros(4, 1), torch.zeros(4, vocab)))
     monkeypatch.setattr(radius, "completion_nll", lambda lm, ids, t: [1.0, 1.0, 2.0, 9.0])
     (probe,) = radius._probe(problem, [3.0], RadiusConfig(vectors=4, steps=2), stage=0)
     assert probe.fluent == 2 and probe.labels["degenerate"] == 1  # the loop scores a low NLL and still fails

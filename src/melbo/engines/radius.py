@@ -38,7 +38,7 @@ from melbo.engines.config import RadiusConfig
 from melbo.engines.optimise import optimise
 from melbo.files.runs import RadiusChoice, RadiusProbe
 from melbo.labels import degenerates, label
-from melbo.model.forward import completion_nll, effect_on_first_token, generate_steered
+from melbo.model.forward import completion_nll, effect_on_first_token, steered_generation
 from melbo.objectives import orthogonalize_block, random_orthogonal_block, to_sphere
 
 if TYPE_CHECKING:
@@ -160,9 +160,10 @@ def _probe(problem: DiscoveryProblem, radii: list[float], cfg: RadiusConfig, sta
     thetas = _train(problem, radii, per, cfg, stage)
     s, lm = problem.settings, problem.lm
     state = problem.states[0]
-    texts = generate_steered(lm.model, lm.tokenizer, state.ids, thetas, s.source, cfg.completion_tokens)
+    made = steered_generation(lm.model, lm.tokenizer, state.ids, thetas, s.source, cfg.completion_tokens)
+    texts = made.texts
     nll = completion_nll(lm, state.ids, texts)
-    effect = effect_on_first_token(lm, state, s.source, thetas).tolist()
+    effect = effect_on_first_token(lm, state, s.source, thetas, made.first_logits).tolist()
     probes = []
     for k, radius in enumerate(radii):
         rows = range(k * per, (k + 1) * per)

@@ -329,9 +329,10 @@ def completion_nll(lm: LoadedModel, input_ids: Tensor, completions: list[str]) -
     return scores
 
 
-def effect_on_first_token(lm: LoadedModel, state: PromptState, source: int, thetas: Tensor) -> Tensor:
-    """KL(P_θ ‖ P_unsteered) of the next-token distribution at the last prompt token, per row ``(B,)``."""
-    steered = last_token_logits(lm.model, state, source, thetas)
+def effect_on_first_token(lm: LoadedModel, state: PromptState, source: int, thetas: Tensor, steered: Tensor | None = None) -> Tensor:
+    """KL(P_θ ‖ P_unsteered) of the next-token distribution at the last prompt token, per row ``(B,)``; ``steered``:
+    the rows' first-token logits where a generation already has them (:attr:`Generation.first_logits`)."""
+    steered = last_token_logits(lm.model, state, source, thetas) if steered is None else steered
     plain = last_token_logits(lm.model, state, source, torch.zeros_like(thetas[:1]))
     return kl_divergence(steered, plain.expand_as(steered))
 

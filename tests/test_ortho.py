@@ -402,3 +402,22 @@ def test_the_warm_up_is_fast_modes_lbfgs_with_extra_prompts_only():
     for kw, message in [(dict(warmup=5, optimizer="adam"), "--warmup is a stage"), (dict(warmup=5, mode="seed"), "--warmup is a stage"), (dict(warmup=-1), "≥ 0")]:
         with pytest.raises(MelboError, match=message):
             OrthoConfig(**kw).check()
+
+
+def test_the_continuation_reuses_the_base_text_already_generated_unless_it_stops_early(nonlinear_lm):
+    """θ0's continuation on the run's prompt is the start of its longer greedy text (read once, for where its behaviour
+    shows): the same ids and cached residual as a generation of its own; a text that ends within the continuation is
+    not reused (the continuation never stops early)."""
+    from melbo.model.forward import extend_with_continuation, greedy_tokens
+
+    state = prepare(nonlinear_lm, [PROMPT], PromptFormat(), 1)[0]
+    base = base_vector(6.0)
+    longer = greedy_tokens(nonlinear_lm, state.ids, base, 1, 12)
+    assert longer.shape[0] == 12  # no end-of-sequence in the tiny model's text
+    alone = extend_with_continuation(nonlinear_lm, state, 1, base, 5)
+    reused = extend_with_continuation(nonlinear_lm, state, 1, base, 5, known=longer)
+    assert torch.equal(reused.ids, alone.ids)
+    torch.testing.assert_close(reused.source, alone.source)
+    eos = nonlinear_lm.model.generation_config.eos_token_id
+    stops = torch.cat([longer[:2], torch.tensor([eos if isinstance(eos, int) else eos[0]]), longer[3:]])  # long enough, but ends
+    assert torch.equal(extend_with_continuation(nonlinear_lm, state, 1, base, 5, known=stops).ids, alone.ids)

@@ -67,7 +67,8 @@ def test_ortho_objective_packs_its_prompts_with_the_same_losses_and_gradients(ma
     lm = lm_of("llama", char_tokenizer)
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
     cfg = OrthoConfig(match=match, continuation=4, extra_prompts=2, precision="float32")
-    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], cfg, PromptFormat())
+    ready = _prepared(lm, base, PROMPTS[:1], cfg, PromptFormat())
+    base, settings, prompts = ready.base, ready.settings, ready.prompts
     problem = _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base)
     assert problem.packing is not None and len(problem.pieces) == 3
     thetas = torch.randn(4, lm.d_model, generator=torch.Generator().manual_seed(3))
@@ -91,7 +92,8 @@ def test_the_packed_kl_stays_float32_with_bfloat16_products(char_tokenizer):
     lm = lm_of("llama", char_tokenizer)
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
     cfg = OrthoConfig(match="kl", continuation=4, extra_prompts=2, precision="bfloat16")
-    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], cfg, PromptFormat())
+    ready = _prepared(lm, base, PROMPTS[:1], cfg, PromptFormat())
+    base, settings, prompts = ready.base, ready.settings, ready.prompts
     problem = _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base)
     assert problem.packing is not None
     thetas = 3 * torch.randn(4, lm.d_model, generator=torch.Generator().manual_seed(3))
@@ -107,7 +109,8 @@ def test_the_packed_kl_stays_float32_with_bfloat16_products(char_tokenizer):
 def test_one_prompt_is_never_packed(char_tokenizer):
     lm = lm_of("llama", char_tokenizer)
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
-    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], OrthoConfig(continuation=4, extra_prompts=0), PromptFormat())
+    ready = _prepared(lm, base, PROMPTS[:1], OrthoConfig(continuation=4, extra_prompts=0), PromptFormat())
+    base, settings, prompts = ready.base, ready.settings, ready.prompts
     assert _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base).packing is None
 
 
@@ -126,7 +129,8 @@ def test_a_model_that_ignores_the_mask_is_not_packed(char_tokenizer, monkeypatch
     monkeypatch.setattr(ortho_module, "pack", leaky)
     lm = lm_of("llama", char_tokenizer)
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
-    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], OrthoConfig(continuation=4, extra_prompts=2), PromptFormat())
+    ready = _prepared(lm, base, PROMPTS[:1], OrthoConfig(continuation=4, extra_prompts=2), PromptFormat())
+    base, settings, prompts = ready.base, ready.settings, ready.prompts
     assert _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base).packing is None
 
 
@@ -134,7 +138,8 @@ def test_seed_mode_with_the_kl_match_measures_the_kl(char_tokenizer):
     """The seed algorithm's full forward is for the residual matches; with --match kl its loss is the KL, as fast mode's."""
     lm = lm_of("llama", char_tokenizer)
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(2))
-    base, settings, prompts = _prepared(lm, base, PROMPTS[:1], OrthoConfig(mode="seed", match="kl"), PromptFormat())
+    ready = _prepared(lm, base, PROMPTS[:1], OrthoConfig(mode="seed", match="kl"), PromptFormat())
+    base, settings, prompts = ready.base, ready.settings, ready.prompts
     problem = _Problem(lm, prepare(lm, prompts, PromptFormat(), settings.source), settings, base)
     thetas = torch.randn(2, lm.d_model, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -102,6 +102,7 @@ class _Problem:
     states: list[PromptState]
     settings: OrthoSettings
     base: Tensor
+    known: Tensor | None = None  # θ0's greedy tokens on the first prompt, where already generated (_Prepared.known)
     targets: list[PromptState] = field(default_factory=list)
     z_base: list[Tensor] = field(default_factory=list)
     base_logits: list[Tensor] = field(default_factory=list)
@@ -113,7 +114,10 @@ class _Problem:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.targets = [extend_with_continuation(self.lm, st, s.source, self.base, s.continuation) for st in self.states] if s.continuation else self.states
+        self.targets = [
+            extend_with_continuation(self.lm, st, s.source, self.base, s.continuation, self.known if k == 0 else None)
+            for k, st in enumerate(self.states)
+        ] if s.continuation else self.states
         with torch.no_grad():
             outputs = [self._at(st, self.base[None], self._where(st))[0] for st in self.targets]
             self.z_base = [self._as_z(out) for out in outputs]
@@ -337,32 +341,48 @@ class _Engine:
 def objective(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig = OrthoConfig(), fmt: PromptFormat = PromptFormat()) -> Callable[[Tensor], Tensor]:
     """The loss MELBO-ortho minimises, per row of a ``(B, d)`` block of vectors (differentiable): what ``ortho`` with
     these settings optimises, to time it (bench/utilisation.py), plot it or try another optimiser on it."""
-    base, settings, prompts = _prepared(lm, base, prompts, cfg, fmt)
-    return _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings, base).losses
+    ready = _prepared(lm, base, prompts, cfg, fmt)
+    return _Problem(lm, prepare(lm, ready.prompts, fmt, ready.settings.source), ready.settings, ready.base, ready.known).losses
 
 
-def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig, fmt: PromptFormat) -> tuple[Tensor, OrthoSettings, list[str]]:
-    """θ0 (checked, on the model's device), the settings it resolves to, and every prompt trained on: the given ones and
-    ``extra_prompts`` of melbo's shipped ones."""
+def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig, fmt: PromptFormat) -> _Prepared:
+    """θ0 (checked, on the model's device), the settings it resolves to, every prompt trained on (the given ones and
+    ``extra_prompts`` of melbo's shipped ones), and θ0's greedy tokens on the run's prompt where reading its behaviour
+    needed them (its continuation and completion there are their first tokens)."""
     cfg.check(lm.n_layers, lm.d_model)
     base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
     if float(base.norm()) == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")
-    shows_at = None
+    shows_at, known = None, None
     if cfg.mode == "fast" and cfg.continuation is None:  # the default continuation covers θ0's behaviour on the run's prompt
-        shows_at = behaviour_shows_at(lm, prompts[0], base, cfg.layers(lm.n_layers)[0], fmt)
+        known = greedy_tokens(lm, prepare(lm, prompts[:1], fmt, cfg.layers(lm.n_layers)[0])[0].ids, base, cfg.layers(lm.n_layers)[0], BEHAVIOUR_TOKENS)
+        shows_at = label_shows_at(lm, known)
     settings = cfg.resolved(
         float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at,
         bfloat16_fast=bfloat16_is_fast(lm.device),
     )
-    return base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)]
+    return _Prepared(base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)], known)
+
+
+@dataclass
+class _Prepared:
+    base: Tensor  # θ0, checked, on the model's device
+    settings: OrthoSettings
+    prompts: list[str]  # every prompt trained on
+    known: Tensor | None  # θ0's greedy tokens on the run's prompt (BEHAVIOUR_TOKENS, up to end-of-sequence), where read
 
 
 def behaviour_shows_at(lm: LoadedModel, prompt: str, vector: Tensor, source: int, fmt: PromptFormat, tokens: int = BEHAVIOUR_TOKENS) -> int | None:
     """The token of ``vector``'s greedy completion of ``prompt`` (``tokens`` long) at which the text so far first takes
     the label of the whole (melbo.labels); None when the whole shows no behaviour (other, degenerate)."""
     state = prepare(lm, [prompt], fmt, source)[0]
-    ids = greedy_tokens(lm, state.ids, vector, source, tokens).tolist()
+    return label_shows_at(lm, greedy_tokens(lm, state.ids, vector, source, tokens))
+
+
+def label_shows_at(lm: LoadedModel, tokens: Tensor) -> int | None:
+    """The token of a completion ``tokens`` at which the text so far first takes the label of the whole; None when
+    the whole shows no behaviour."""
+    ids = tokens.tolist()
 
     def named(n: int) -> str:
         return label(str(lm.tokenizer.decode(ids[:n], skip_special_tokens=True)))[0]
@@ -403,16 +423,19 @@ def ortho(
     """
     if resume and out is not None and (Path(out) / META_FILE).is_file():
         cfg = cfg.as_in_run(read_meta(out).config)
-    base, settings, prompts = _prepared(lm, base, prompts, cfg, fmt)
+    ready = _prepared(lm, base, prompts, cfg, fmt)
+    base, settings, prompts = ready.base, ready.settings, ready.prompts
     base_norm = float(base.norm())
     meta = RunMeta(
         kind="ortho", model=lm.describe(), model_identity=model_identity(lm), source=settings.source,
         target=settings.target, R=base_norm, prompts=list(prompts), prompt_format=fmt, seed=settings.seed,
         config=dataclasses.asdict(settings), base={"norm": base_norm, **(base_info or {})}, kl_direction=KL_DIRECTION,
     )
-    problem = _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings, base)
+    problem = _Problem(lm, prepare(lm, prompts, fmt, settings.source), settings, base, ready.known)
     first = VectorRecord(index=0, base=True, norm=base_norm, loss=0.0, kl=0.0, kl_reverse=0.0)
-    if settings.completion_tokens:
+    if settings.completion_tokens and ready.known is not None and settings.completion_tokens <= BEHAVIOUR_TOKENS:
+        first.completion = str(lm.tokenizer.decode(ready.known[: settings.completion_tokens], skip_special_tokens=True))
+    elif settings.completion_tokens:
         first.completion = problem.generation(base[None]).texts[0]
     return run_blocks(
         _Engine(problem), meta, [(base, first)], lm.d_model, lm.device, settings.seed, settings.init_scale * base_norm,

@@ -67,11 +67,19 @@ def prepare(lm: LoadedModel, prompts: list[str], fmt: PromptFormat, source_layer
 
 
 @torch.no_grad()
-def extend_with_continuation(lm: LoadedModel, state: PromptState, source: int, vector: Tensor, tokens: int) -> PromptState:
+def extend_with_continuation(
+    lm: LoadedModel, state: PromptState, source: int, vector: Tensor, tokens: int, known: Tensor | None = None,
+) -> PromptState:
     """``state`` followed by the first ``tokens`` tokens ``vector`` makes the model write greedily (added after
-    ``source``), with the unsteered residual after ``source`` of the whole sequence (θ only acts after it)."""
+    ``source``), with the unsteered residual after ``source`` of the whole sequence (θ only acts after it).
+
+    ``known``: ``vector``'s greedy tokens on this prompt already generated (:func:`greedy_tokens`), used when they
+    reach ``tokens`` with no end-of-sequence among them (the continuation never stops early: greedy decoding's first
+    ``tokens`` tokens are those of a longer run)."""
     out = state.ids[:1]
-    if tokens:
+    if tokens and known is not None and known.shape[0] >= tokens and not eos_ids(lm) & set(known[:tokens].tolist()):
+        out = torch.cat([out, known[None, :tokens].to(out)], dim=1)
+    elif tokens:
         with add_to_residual(lm.model, source, vector):
             out = lm.model.generate(
                 input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=tokens, min_new_tokens=tokens,
@@ -147,10 +155,15 @@ def greedy_tokens(lm: LoadedModel, input_ids: Tensor, vector: Tensor | None, lay
     return up_to_eos(lm, out[0, input_ids.shape[1]:])
 
 
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """The model's end-of-sequence token ids."""
+    eos = lm.model.generation_config.eos_token_id
+    return {eos} if isinstance(eos, int) else set(eos or [])
+
+
 def up_to_eos(lm: LoadedModel, tokens: Tensor) -> Tensor:
     """``tokens`` up to and including the first end-of-sequence token."""
-    eos = lm.model.generation_config.eos_token_id
-    ends = {eos} if isinstance(eos, int) else set(eos or [])
+    ends = eos_ids(lm)
     for position, token in enumerate(tokens.tolist()):
         if token in ends:
             return tokens[: position + 1]

@@ -95,6 +95,7 @@ CASES = [
     ("auto R with bad radii", ["discover", "--radii", "10,-5"], "every candidate R must be a positive number"),
     ("auto R with radii not numbers", ["discover", "--calibrate", "--radii", "ten"], "give numbers separated by commas"),
     ("radii with a fixed R", ["discover", "-R", "20", "--radii", "10,20"], "nothing to choose"),
+    ("probes' precision unknown", ["discover", "--probe-precision", "fp8"], "--probe-precision 'fp8': use auto, float32 or bfloat16"),
     ("K zero", ["discover", "-k", "0"], "at least 1"),
     ("empty prompt", ["discover", "--prompt", ""], "empty"),
     ("prompt file missing", ["discover", "--prompt-file", "no-such-file.txt"], "does not exist"),

@@ -88,6 +88,25 @@ def test_calibrate_tries_each_given_radius(nonlinear_lm):
     assert choice.radius == (max(usable) if usable else 1.0) and choice.reason  # the largest usable, else the smallest tried
 
 
+def test_probes_train_at_their_own_precision_and_the_choice_records_it(nonlinear_lm, monkeypatch):
+    """--probe-precision bfloat16 with --precision float32: R's probes train with bfloat16 products, discovery's vectors
+    do not; the choice records what the probes ran at, and the settings run.json keeps are discovery's."""
+    import melbo.engines.problem as problem
+
+    enabled: list[bool] = []
+    real = problem.bfloat16_products
+    monkeypatch.setattr(problem, "bfloat16_products", lambda model, device, **k: enabled.append(k["enabled"]) or real(model, device, **k))
+    cfg = small(steps=3, radius="auto", count=2, block=2, precision="float32", probe_precision="bfloat16")
+    radius_cfg = RadiusConfig(radii=(1.0, 4.0), vectors=2, steps=2, completion_tokens=2)
+    run = discover(nonlinear_lm, ["hello"], cfg, radius_cfg=radius_cfg)
+    assert enabled == [True] * 2 + [False] * 3  # the probes' two steps (both radii in one batch), then discovery's three
+    assert run.meta.radius_choice is not None and run.meta.radius_choice.precision == "bfloat16"
+    assert run.meta.config["precision"] == "float32" and "probe_precision" not in run.meta.config
+    assert calibrate(nonlinear_lm, ["hello"], small(steps=3, radius="auto", precision="float32"), PromptFormat(), radius_cfg).precision == "float32"
+    assert DiscoverConfig(probe_precision="auto").probe_settings(6, 32, bfloat16_fast=True).precision == "bfloat16"
+    assert DiscoverConfig(precision="float32").probe_settings(6, 32, bfloat16_fast=True).precision == "float32"  # as --precision
+
+
 @pytest.mark.parametrize("layers, expected", [(30, (8, 20)), (24, (7, 16)), (12, (3, 8)), (64, (18, 43)), (6, (2, 4)), (2, (0, 1))])
 def test_default_layers_follow_depth(layers, expected):
     assert default_layers(layers) == expected

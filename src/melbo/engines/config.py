@@ -155,10 +155,16 @@ class DiscoverConfig:
     completion_tokens: int = setting(32, "Greedy tokens stored per vector on the first prompt.")
     precision: str = setting(  # measured in bench/discovery_speed.py
         "auto",
-        "The model's matrix products while training (R's probes too): float32, bfloat16 (autocast; the loss, the "
+        "The model's matrix products while training (auto R's probes too, unless --probe-precision): float32, bfloat16 (autocast; the loss, the "
         "orthogonality and every recorded figure stay float32), or auto: bfloat16 where the device has bfloat16 units "
         "(a CPU with AVX512-BF16 or AMX, a GPU), else float32. 16 vectors 2.5× faster with AVX512-BF16 (AMD Zen 5), "
         "the same vectors to the eye and the same loss.",
+    )
+    probe_precision: str | None = setting(  # measured in bench/auto_radius.py
+        None,
+        "Auto R's probes alone: auto, float32 or bfloat16 (default: as --precision). The probes only read whether a few "
+        "vectors per R stay fluent: with bfloat16 products the same R on SmolLM2 and Gemma 3 270M in ~0.6× and ~0.75× "
+        "the time (AVX512-BF16, AMD Zen 5).",
     )
 
     def __post_init__(self) -> None:
@@ -201,6 +207,8 @@ class DiscoverConfig:
             raise MelboError("the learning rate must be positive")
         if self.precision not in ("auto", *PRECISIONS):
             raise MelboError(f"--precision {self.precision!r}: use auto, float32 or bfloat16")
+        if self.probe_precision is not None and self.probe_precision not in ("auto", *PRECISIONS):
+            raise MelboError(f"--probe-precision {self.probe_precision!r}: use auto, float32 or bfloat16")
         Positions(self.positions)
 
     def as_in_run(self, recorded: Mapping[str, Any]) -> DiscoverConfig:
@@ -221,7 +229,14 @@ class DiscoverConfig:
         lr = self.lr if self.lr is not None else 0.01 * radius / math.sqrt(d_model)
         values = {**dataclasses.asdict(self), "source": source, "target": target, "radius": float(radius), "lr": lr,
                   "precision": run_precision(self.precision, bfloat16_fast)}
+        del values["probe_precision"]  # how R was chosen, not how the vectors train: radius_choice records it
         return DiscoverSettings(**values)
+
+    def probe_settings(self, n_layers: int, d_model: int, bfloat16_fast: bool = False) -> DiscoverSettings:
+        """The settings auto R's probes train with (:mod:`melbo.engines.radius`; R is theirs to choose): discovery's,
+        at ``probe_precision`` where it is given."""
+        settings = self.resolved(n_layers, d_model, radius=1.0, bfloat16_fast=bfloat16_fast)
+        return dataclasses.replace(settings, precision=run_precision(self.probe_precision or self.precision, bfloat16_fast))
 
 
 # Fast mode's evaluations per block (each a forward and backward pass of the block), by optimiser; with match "kl"

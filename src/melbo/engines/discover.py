@@ -75,7 +75,7 @@ def calibrate(
     """The R that ``discover`` with ``radius="auto"`` would use on these prompts and layers, and its table."""
     cfg.check(lm.n_layers, lm.d_model)
     source, _ = cfg.layers(lm.n_layers)
-    settings = cfg.resolved(lm.n_layers, lm.d_model, radius=1.0, bfloat16_fast=bfloat16_is_fast(lm.device))
+    settings = cfg.probe_settings(lm.n_layers, lm.d_model, bfloat16_fast=bfloat16_is_fast(lm.device))
     return choose_radius(DiscoveryProblem(lm, prepare(lm, prompts, fmt, source), settings), radius_cfg, on_probe)
 
 

@@ -95,7 +95,7 @@ def choose_radius(
             f"largest tried at which most vectors stay fluent ({best.fluent}/{best.vectors}, median NLL {best.median_nll:.2f}, "
             f"first-token KL {best.median_effect:.2f})" + (f"; at R {failed[0].radius:g} {why_not(failed[0], cfg)}" if failed else "")
         )
-    return RadiusChoice(radius, reason, scale, ordered, round(time.monotonic() - started, 2))
+    return RadiusChoice(radius, reason, scale, ordered, round(time.monotonic() - started, 2), problem.settings.precision)
 
 
 def _bisect(

@@ -137,6 +137,7 @@ class RadiusChoice:
     norm_at_source: float  # median residual norm after the source layer: the candidates' scale
     probes: list[RadiusProbe] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str | None = None  # the probes' matrix products (float32 or bfloat16; None: a choice recorded before this)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

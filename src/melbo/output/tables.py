@@ -119,7 +119,8 @@ def radius_choice(choice: RadiusChoice) -> Lines:
         labels = ", ".join(f"{k} {v}" for k, v in sorted(p.labels.items(), key=lambda kv: -kv[1]))
         table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.3g}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
                       f"{p.median_effect:.2f}", labels, str(p.openings), short(p.sample, 60))
-    return [table, f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s)"]
+    products = ", probes with bfloat16 products" if choice.precision == "bfloat16" else ""
+    return [table, f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s{products})"]
 
 
 def ortho_run(run: Run, limit: int = 200) -> Lines:

@@ -69,7 +69,7 @@ from melbo.model.forward import (
 from melbo.model.layers import lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.packing import Packing, matches, pack
-from melbo.model.prompts import PromptFormat, training_prompts
+from melbo.model.prompts import PromptFormat, encode_prompt, training_prompts
 from melbo.objectives import (
     TopTokens,
     fisher_along,
@@ -355,8 +355,8 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
         raise MelboError("the base vector is zero: choose a vector with an effect")
     shows_at, known = None, None
     if cfg.mode == "fast" and cfg.continuation is None:  # the default continuation covers θ0's behaviour on the run's prompt
-        known = greedy_tokens(lm, prepare(lm, prompts[:1], fmt, cfg.layers(lm.n_layers)[0])[0].ids, base, cfg.layers(lm.n_layers)[0], BEHAVIOUR_TOKENS)
-        shows_at = label_shows_at(lm, known)
+        known = greedy_tokens(lm, encode_prompt(lm.tokenizer, prompts[0], fmt, lm.device), base, cfg.layers(lm.n_layers)[0], BEHAVIOUR_TOKENS)
+        shows_at = label_shows_at(lm, known)  # behaviour_shows_at, keeping the tokens
     settings = cfg.resolved(
         float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at,
         bfloat16_fast=bfloat16_is_fast(lm.device),

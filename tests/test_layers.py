@@ -178,3 +178,25 @@ def test_a_generation_measures_the_first_token_and_a_continuation_from_its_own_p
         torch.testing.assert_close(nll_after_prompt(tiny, made, vecs, 1, target), expected, rtol=1e-4, atol=1e-5)
     assert made.prompt_cache.get_seq_length() == IDS.shape[1]  # the prompt's cache again after each target
     assert hook_count(tiny) == 0 and not tiny._forward_hooks
+
+
+def test_a_steered_generation_shares_the_blocks_before_the_vector_across_rows(tiny, char_tokenizer, monkeypatch):
+    """Blocks 0 … s run once for every row (the vectors act after s) and the rest per row: the same completions and
+    first-token logits as transformers' own generate with the vectors hooked in, on every architecture."""
+    import melbo.model.forward as forward
+
+    d = tiny.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(5)
+    vecs = torch.randn(4, d) * 3
+    shared: list[bool] = []
+    real = forward._prefill_shared
+    monkeypatch.setattr(forward, "_prefill_shared", lambda *a: shared.append(real(*a)) or shared[-1])
+    made = forward.steered_generation(tiny, char_tokenizer, IDS, vecs, 2, 6)
+    assert shared == [True]
+    with torch.no_grad(), add_to_residual(tiny, 2, vecs):
+        plain = tiny.generate(IDS.expand(4, -1), attention_mask=torch.ones(4, IDS.shape[1], dtype=torch.long), max_new_tokens=6,
+                              do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
+    assert torch.equal(made.new_ids, plain.sequences[:, IDS.shape[1]:])
+    torch.testing.assert_close(made.first_logits, plain.logits[0].float(), rtol=1e-4, atol=1e-4)
+    assert hook_count(tiny) == 0 and not tiny._forward_hooks

@@ -264,8 +264,9 @@ def steered_generation(
             torch.manual_seed(seed)
     else:
         options.update(temperature=None, top_k=None, top_p=None)
-    cache = new_cache(model) if keep_cache else None
+    cache = new_cache(model) if keep_cache or (vectors is not None and batch > 1) else None
     if cache is not None:
+        _prefill_shared(model, ids[:1, :-1], vectors, layer, cache)
         options[cache_argument(model)] = cache  # generate takes it under the forward's name
     steer = contextlib.nullcontext() if vectors is None else add_to_residual(model, layer, vectors)
     with steer, _first_call_logits(model) as first:
@@ -285,6 +286,27 @@ def steered_generation(
         except (RuntimeError, ValueError):  # a sliding-window layer that has dropped states it would need: no cache
             cache = None
     return Generation(tokenizer.batch_decode(new, skip_special_tokens=True), new, first[0], cache)
+
+
+def _prefill_shared(model: CausalLM, head: Tensor, vectors: Tensor | None, layer: int, cache: Any) -> bool:
+    """Fill the empty KV ``cache`` with the prompt ``head`` ``(1, seq)`` (all of it but its last token, which generate
+    then runs) for ``vectors``' rows: blocks 0 … ``layer`` once, unsteered, their keys and values shared by every row
+    (the vectors act after ``layer``), and only the later blocks per row, steered. Returns False, leaving the cache
+    empty, where the cache does not keep one layer object per block (transformers before 5) or nothing is shared."""
+    layers = getattr(cache, "layers", None)
+    if vectors is None or head.shape[1] == 0 or not isinstance(layers, list) or len(layers) != n_layers(model):
+        return False
+    passing, rows = cache_argument(model), vectors.shape[0]
+    shared = new_cache(model)
+    with capture_residual(model, layer) as seen, stop_after(model, layer):
+        model(input_ids=head, use_cache=True, **{passing: shared})
+    last = n_layers(model) - 1
+    with add_to_residual(model, layer, vectors), start_after(model, layer, seen[layer].expand(rows, -1, -1)), stop_after(model, last):
+        model(input_ids=ids_like(head, rows), use_cache=True, **{passing: cache})  # no head: generate runs the last token
+    for index in range(layer + 1):
+        keys, values = shared.layers[index].keys, shared.layers[index].values
+        layers[index].update(keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]))
+    return True
 
 
 @contextlib.contextmanager

@@ -192,7 +192,7 @@ def test_a_steered_generation_shares_the_blocks_before_the_vector_across_rows(ti
     real = forward._prefill_shared
     monkeypatch.setattr(forward, "_prefill_shared", lambda *a: shared.append(real(*a)) or shared[-1])
     made = forward.steered_generation(tiny, char_tokenizer, IDS, vecs, 2, 6)
-    assert shared == [True]
+    assert shared == [True] and made.prompt_cache is None  # the prefill's cache is not kept unless asked for
     with torch.no_grad(), add_to_residual(tiny, 2, vecs):
         plain = tiny.generate(IDS.expand(4, -1), attention_mask=torch.ones(4, IDS.shape[1], dtype=torch.long), max_new_tokens=6,
                               do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=0, output_logits=True,

@@ -280,6 +280,8 @@ def steered_generation(
         if not first:  # a generate that ran its forward passes around the module call (compiled): the prompt once more
             first.append(model(input_ids=ids, use_cache=False).logits[:, -1].float())
     new = out[:, ids.shape[1]:]
+    if not keep_cache:  # the shared prefill's cache: not the caller's to hold (compose keeps every call's Generation)
+        cache = None
     if cache is not None and cache.get_seq_length() > ids.shape[1]:
         try:
             cache.crop(ids.shape[1] - cache.get_seq_length())  # back to the prompt: a negative count removes that many tokens

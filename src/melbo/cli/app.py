@@ -47,6 +47,15 @@ def load(model: str | None, device: str, dtype: str | None, vectors: Run | Vecto
         return load_model(model, device=device, dtype=dtype) if found is None else found.load(model, device, dtype)
 
 
+def warn_if_slow_bfloat16(lm: LoadedModel, *precisions: str | None) -> None:
+    """One line on stderr when the options ask for bfloat16 products where the device computes them in software."""
+    from melbo.model.fastpath import slow_bfloat16
+
+    why = slow_bfloat16(lm.device, *precisions)
+    if why:
+        err_console.print(f"melbo: warning: {why}", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def interruptible(folder: Path) -> Iterator[None]:
     """Ctrl-C ends a long run cleanly: every completed block is already saved in the run folder."""

@@ -104,6 +104,19 @@ def bfloat16_products(model: nn.Module, device: torch.device, enabled: bool = Tr
         yield
 
 
+SOFTWARE_BFLOAT16 = (  # measured: bench/RESULTS.md, discovery_speed on the AVX2 EPYC
+    "bfloat16 products on a device without bfloat16 units (on a CPU: no AVX512-BF16 or AMX) are converted in software: "
+    "about 30× slower than float32 (a 16-row discovery step 32 s against 1.0 s on a 2-core AVX2 EPYC); "
+    "--precision auto runs float32 here"
+)
+
+
+def slow_bfloat16(device: torch.device, *precisions: str | None) -> str | None:
+    """:data:`SOFTWARE_BFLOAT16` when one of ``precisions`` (as a user set them: auto, float32, bfloat16 or None) asks
+    for bfloat16 products on ``device`` and it has no bfloat16 units; else None."""
+    return SOFTWARE_BFLOAT16 if "bfloat16" in precisions and not bfloat16_is_fast(device) else None
+
+
 def bfloat16_is_fast(device: torch.device) -> bool:
     """Whether ``device`` has bfloat16 units, so that :func:`bfloat16_products` saves time there: a CUDA GPU that
     supports bfloat16, or a CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2 CPU) bfloat16 is converted in software and

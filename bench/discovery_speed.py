@@ -2,7 +2,8 @@
 at a time (--block 1, the original algorithm), and a block trained with bfloat16 products (what ``--precision auto``
 picks on a CPU with bfloat16 units) against float32, side by side in one run on the embedded SmolLM2. For the two
 precisions also what they find: the mean loss (recorded in float32 for both) and how many vectors write a greedy
-completion with the same label, row for row.
+completion with the same label, row for row. On a CPU without bfloat16 units (AVX2) a whole bfloat16 block would take
+most of an hour: there a few steps of the block in each precision, side by side, say why ``auto`` trains in float32.
 
     .venv/bin/python bench/discovery_speed.py --quick     # seconds
     .venv/bin/python bench/discovery_speed.py             # 16 vectors in one block vs 2 one at a time, 100 steps
@@ -17,11 +18,13 @@ import torch
 from common import summary_line
 
 from melbo.engines.discover import DiscoverConfig, discover
+from melbo.engines.problem import DiscoveryProblem
 from melbo.labels import label
 from melbo.model.fastpath import bfloat16_is_fast
 from melbo.model.forward import generate_steered, prepare
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
+from melbo.objectives import random_orthogonal_block
 
 
 def main() -> None:
@@ -59,8 +62,30 @@ def main() -> None:
         text += f"; bfloat16 products {rates['block, bfloat16'] / rates['block, float32']:.1f}× the float32 block's speed, " \
                 f"{same}/{block_n} vectors labelled alike"
     else:
-        text += "; bfloat16 not measured (no bfloat16 units: --precision auto trains in float32 here)"
+        seconds = software_bfloat16_steps(lm, block_n, 1 if args.quick else 3)
+        ratio = seconds["bfloat16"] / seconds["float32"]
+        print(f"no bfloat16 units: one {block_n}-row step (forward and backward), median of a few, side by side: "
+              f"{seconds['bfloat16']:.2f} s with bfloat16 products against {seconds['float32']:.2f} s in float32 ({ratio:.0f}× slower)")
+        text += f"; bfloat16 products in software {ratio:.0f}× slower per step (no bfloat16 units: --precision auto trains in float32 here)"
     summary_line(text)
+
+
+def software_bfloat16_steps(lm, rows: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one discovery step (the loss and its gradient, ``rows`` vectors) per precision, alternating."""
+    theta = random_orthogonal_block(rows, lm.d_model, 30.0, None, torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    problems = {
+        precision: DiscoveryProblem(lm, prepare(lm, [DEFAULT_PROMPT], PromptFormat(), 8), DiscoverConfig(source=8, target=20, radius=30, precision=precision)
+                                    .resolved(lm.n_layers, lm.d_model, radius=30, bfloat16_fast=False))
+        for precision in times
+    }
+    for _ in range(repeats):
+        for precision, problem in problems.items():
+            x = theta.clone().requires_grad_(True)
+            start = time.perf_counter()
+            torch.autograd.grad(problem.training_losses(x).sum(), x)
+            times[precision].append(time.perf_counter() - start)
+    return {precision: sorted(values)[len(values) // 2] for precision, values in times.items()}
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def main() -> None:
                   f"{100 * flops / seconds / mm_rate:>12.0f}%")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mib:.0f} MiB")
-    paths = fast_paths(lm, base, 4 if args.quick else 16, repeats)
+    # quick: one row, one round (a smoke test; on a CPU without bfloat16 units a block-4 bfloat16 step takes ~25 s)
+    paths = fast_paths(lm, base, 1, repeats, rounds=1) if args.quick else fast_paths(lm, base, 16, repeats)
     packed = packing(lm, base, 4, repeats, rounds=1, precisions=("float32",)) if args.quick else packing(lm, base, 16, 3)
     warm = warmup(lm, base, 4, repeats, rounds=1) if args.quick else warmup(lm, base, 16, 3)
     converged = "" if args.quick else convergence(lm)
@@ -285,10 +286,10 @@ def compiled(lm, base, block: int, repeats: int) -> str:
     return "torch.compile of the blocks after s: " + ", ".join(f"{name} {r:.2f}× eager's step" for name, r in zip(cases, ratios))
 
 
-def fast_paths(lm, base, block: int, repeats: int) -> str:
+def fast_paths(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     """melbo.model.fastpath side by side: a kl step (float32, and --precision bfloat16) with the fast paths and with
     them switched off (the LM head on transformers' strided slice; plain autocast, its attention in bfloat16),
-    alternating, best of two rounds each."""
+    alternating, best of ``rounds`` rounds each."""
     import contextlib
 
     import melbo.engines.ortho as ortho_engine
@@ -302,7 +303,7 @@ def fast_paths(lm, base, block: int, repeats: int) -> str:
     slow = (lambda model: contextlib.nullcontext(), plain_autocast)
     times: dict[tuple[str, str], float] = {}
     try:
-        for _ in range(2):
+        for _ in range(rounds):
             for precision in ("float32", "bfloat16"):
                 for name, (head, products) in (("without", slow), ("with", fast)):
                     forward.contiguous_head_input, ortho_engine.bfloat16_products = head, products
@@ -311,7 +312,7 @@ def fast_paths(lm, base, block: int, repeats: int) -> str:
                     times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
     finally:
         forward.contiguous_head_input, ortho_engine.bfloat16_products = fast
-    print(f"fast paths (melbo.model.fastpath), a block-{block} kl step, best of two rounds side by side")
+    print(f"fast paths (melbo.model.fastpath), a block-{block} kl step, best of {rounds} round(s) side by side")
     print(f"{'precision':<11}{'without (ms)':>14}{'with (ms)':>11}{'ratio':>8}")
     for precision in ("float32", "bfloat16"):
         without, with_ = times[(precision, "without")], times[(precision, "with")]

@@ -106,7 +106,7 @@ def bfloat16_products(model: nn.Module, device: torch.device, enabled: bool = Tr
 
 SOFTWARE_BFLOAT16 = (  # measured: bench/RESULTS.md, discovery_speed on the AVX2 EPYC
     "bfloat16 products on a device without bfloat16 units (on a CPU: no AVX512-BF16 or AMX) are converted in software: "
-    "about 30× slower than float32 (a 16-row discovery step 32 s against 1.0 s on a 2-core AVX2 EPYC); "
+    "about 36× slower than float32 (a 16-row discovery step 30.4 s against 0.85 s on a 2-core AVX2 EPYC); "
     "--precision auto runs float32 here"
 )
 

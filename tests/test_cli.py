@@ -128,3 +128,38 @@ def test_bfloat16_without_bfloat16_units_warns_in_one_line(tmp_path, tiny_folder
         result = melbo_here("ortho", str(tmp_path / "auto"), *ortho, *flags, "--out", str(tmp_path / f"ortho{warns}"))
         assert result.returncode == 0, result.stderr
         assert (warned in result.stderr) is warns, result.stderr
+
+
+def test_a_study_that_asks_for_bfloat16_without_bfloat16_units_warns_once(tmp_path, tiny_folder, monkeypatch):
+    """`melbo study` run in this process gives discover's and ortho's warning once, however many units ask for it."""
+    import json
+
+    import melbo.model.fastpath as fastpath
+
+    monkeypatch.setattr(fastpath, "bfloat16_is_fast", lambda device: False)
+    spec = tmp_path / "bf16.toml"
+    spec.write_text(f"""
+name = "bf16"
+[model]
+name = {json.dumps(str(tiny_folder))}
+device = "cpu"
+[prompts]
+prompts = ["How can I do it?"]
+[discover]
+count = 2
+block = 2
+steps = 2
+source = 1
+target = 4
+completion_tokens = 2
+precision = "bfloat16"
+[sweep]
+"discover.radius" = [2.0, 3.0]
+""")
+    result = melbo_here("study", str(spec), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("melbo: warning: bfloat16 products")]
+    assert len(warnings) == 1, result.stderr
+    spec.write_text(spec.read_text().replace('precision = "bfloat16"', 'precision = "auto"'))
+    result = melbo_here("study", str(spec), "--out", str(tmp_path / "auto"))
+    assert result.returncode == 0 and "melbo: warning" not in result.stderr, result.stderr

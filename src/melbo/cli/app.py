@@ -18,6 +18,8 @@ import typer
 from melbo.output.live import err_console
 
 if TYPE_CHECKING:
+    import torch
+
     from melbo.files.runs import Run
     from melbo.files.source import VectorSource
     from melbo.model.loading import LoadedModel
@@ -47,13 +49,15 @@ def load(model: str | None, device: str, dtype: str | None, vectors: Run | Vecto
         return load_model(model, device=device, dtype=dtype) if found is None else found.load(model, device, dtype)
 
 
-def warn_if_slow_bfloat16(lm: LoadedModel, *precisions: str | None) -> None:
-    """One line on stderr when the options ask for bfloat16 products where the device computes them in software."""
+def warn_if_slow_bfloat16(device: torch.device, *precisions: str | None) -> bool:
+    """One line on stderr when the options ask for bfloat16 products where ``device`` computes them in software;
+    whether it warned."""
     from melbo.model.fastpath import slow_bfloat16
 
-    why = slow_bfloat16(lm.device, *precisions)
+    why = slow_bfloat16(device, *precisions)
     if why:
         err_console.print(f"melbo: warning: {why}", markup=False, highlight=False, soft_wrap=True)
+    return why is not None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from melbo.cli import options as opt
-from melbo.cli.app import app
+from melbo.cli.app import app, warn_if_slow_bfloat16
 from melbo.files.folders import new_run_folder
 from melbo.output import tables
 from melbo.output.live import StudyView, console, err_console
@@ -67,8 +67,27 @@ def study(
 
     options = RayOptions.for_study(study_obj, ray, num_cpus, num_gpus, workers)
     folder = new_run_folder(out, study_obj.name, force, resume)
+    if options is None:  # in this process (on Ray the workers' devices are not known here)
+        _warn_if_slow_bfloat16(study_obj)
     result = _run(study_obj, folder, resume, force, options)
     tables.show(tables.study_units(result, time.monotonic() - started))
+
+
+def _warn_if_slow_bfloat16(study_obj: Study) -> None:
+    """discover's and ortho's one-line warning, once, when a unit asks for bfloat16 products on its device and the
+    device computes them in software."""
+    from melbo.errors import MelboError
+    from melbo.model.loading import resolve_device
+
+    for unit in study_obj.units():
+        try:
+            device = resolve_device(unit.model.device)
+        except MelboError:  # the unit says so in one line when it starts
+            continue
+        asked = [*((unit.discover.precision, unit.discover.probe_precision) if unit.discover else ()),
+                 *((unit.ortho.precision, unit.ortho.warmup_precision) if unit.ortho else ())]
+        if warn_if_slow_bfloat16(device, *asked):
+            return
 
 
 @app.command()

@@ -80,7 +80,7 @@ def discover(
     folder = None if calibrate else new_run_folder(out, "discover", force, resume)
     lm = load(model, device, dtype)
     cfg.check(lm.n_layers, lm.d_model)
-    warn_if_slow_bfloat16(lm.device, cfg.precision, cfg.probe_precision)
+    warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
     if folder is None:
         with err_console.status("choosing R…"):
             tables.show_radius_choice(engine.calibrate(lm, prompts, cfg, fmt, radius_cfg, tables.log_radius_probe))
@@ -121,7 +121,7 @@ def ortho(
     folder = new_run_folder(out, "ortho", force, resume)
     lm = load(model, device, dtype, found)
     cfg.check(lm.n_layers, lm.d_model)
-    warn_if_slow_bfloat16(lm.device, cfg.precision, cfg.warmup_precision)
+    warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
     plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers)
     progress, on_step = block_progress(-(-plan.count // plan.block), plan.steps, f"ortho ({cfg.mode})")
     with progress, interruptible(folder):

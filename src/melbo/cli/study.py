@@ -84,8 +84,7 @@ def _warn_if_slow_bfloat16(study_obj: Study) -> None:
             device = resolve_device(unit.model.device)
         except MelboError:  # the unit says so in one line when it starts
             continue
-        asked = [*((unit.discover.precision, unit.discover.probe_precision) if unit.discover else ()),
-                 *((unit.ortho.precision, unit.ortho.warmup_precision) if unit.ortho else ())]
+        asked = [*(unit.discover.asked_precisions() if unit.discover else ()), *(unit.ortho.asked_precisions() if unit.ortho else ())]
         if warn_if_slow_bfloat16(device, *asked):
             return
 

@@ -182,6 +182,10 @@ class DiscoverConfig:
         source, target = default_layers(n_layers) if n_layers >= 2 else (0, 0)
         return (source if self.source is None else self.source), (target if self.target is None else self.target)
 
+    def asked_precisions(self) -> tuple[str | None, ...]:
+        """Every precision option as the user set it (the training's and auto R's probes'): what a warning about software bfloat16 reads."""
+        return (self.precision, self.probe_precision)
+
     def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
         """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI
         does that before loading one, so a typo costs a second, not a model load)."""
@@ -483,6 +487,10 @@ class OrthoConfig:
         if not fast and optimizer != "adam":
             raise MelboError("--mode seed is the post's algorithm: its optimiser is Adam (use --mode fast for lbfgs)")
         return optimizer
+
+    def asked_precisions(self) -> tuple[str | None, ...]:
+        """Every precision option as the user set it (the training's and the warm-up's): what a warning about software bfloat16 reads."""
+        return (self.precision, self.warmup_precision)
 
     def check(self, n_layers: int | None = None, d_model: int | None = None) -> None:
         """Raise MelboError for a bad setting. Without the model's sizes, check what needs no model (the CLI

@@ -286,6 +286,43 @@ def test_extra_prompts_are_shipped_ones_never_held_out(nonlinear_lm):
         OrthoConfig(first_weight=0.0).check()
 
 
+def test_the_shipped_prompts_can_match_a_shorter_continuation(nonlinear_lm):
+    """--extra-continuation N: on each shipped prompt the copies match θ0 along its first N tokens (and the same last
+    prompt tokens), on the run's prompt along --continuation; the loss is the weighted sum of each prompt's own, packed
+    or not, and the run records it."""
+    from melbo.engines.config import shifted
+    from melbo.engines.ortho import _Problem
+
+    assert (shifted("last:20", 8), shifted("last:20", 0), shifted("last:3", 8), shifted("skip-first", 8), shifted("all", 4)) == (
+        "last:12", "last:20", "last:1", "skip-first", "all")
+    cfg = dict(source=1, target=4, continuation=4, extra_prompts=2, first_weight=0.8, completion_tokens=0, precision="float32")
+    settings = OrthoConfig(**cfg, extra_continuation=2).resolved(float(base_vector().norm()), 32, 6)
+    assert (settings.continuation, settings.extra_continuation, settings.positions) == (4, 2, "last:8")
+    assert OrthoConfig().resolved(26.6, 576, 30).extra_continuation == 8  # fast mode's default: 8 of the run's 16
+    assert OrthoConfig(**cfg).resolved(3.0, 32, 6).extra_continuation is None  # never more than the run's prompt's (None: the same)
+    before = {"extra_prompts": 4, "continuation": 16}  # a run made before: every prompt along the run's continuation
+    assert OrthoConfig().as_in_run(before).resolved(26.6, 576, 30).extra_continuation is None
+    assert OrthoConfig(**{**cfg, "extra_prompts": 0}, extra_continuation=2).resolved(3.0, 32, 6).extra_continuation is None
+    prompts = [PROMPT, *training_prompts(2, [PROMPT])]
+    problem = _Problem(nonlinear_lm, prepare(nonlinear_lm, prompts, PromptFormat(), 1), settings, base_vector())
+    assert [t.length - s.length for t, s in zip(problem.targets, problem.states)] == [4, 2, 2]
+    assert [w.stop - w.start for w in problem.wheres] == [8, 6, 6] and all(w.stop == t.length for w, t in zip(problem.wheres, problem.targets))
+    alone = dataclasses.replace(settings, extra_prompts=0, extra_continuation=None, penalty=0.0)
+    each = [
+        _Problem(nonlinear_lm, prepare(nonlinear_lm, [p], PromptFormat(), 1), dataclasses.replace(alone, continuation=n, positions=f"last:{4 + n}"), base_vector())
+        for p, n in zip(prompts, (4, 2, 2))
+    ]
+    thetas = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    expected = 0.8 * each[0].losses(thetas) + 0.1 * (each[1].losses(thetas) + each[2].losses(thetas)) + settings.penalty * thetas.pow(2).sum(dim=-1)
+    torch.testing.assert_close(problem.losses(thetas), expected, rtol=1e-4, atol=1e-6)
+    problem.packing = None
+    torch.testing.assert_close(problem.losses(thetas), expected, rtol=1e-4, atol=1e-6)
+    run = ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, count=2, block=2, steps=2, extra_continuation=2))
+    assert run.meta.config["extra_continuation"] == 2 and max_abs_cosine(run.vectors) <= 1e-5
+    with pytest.raises(MelboError, match="--extra-continuation"):
+        OrthoConfig(mode="seed", extra_continuation=2).check()
+
+
 def test_a_warm_up_trains_on_the_runs_prompt_alone_then_on_every_prompt(nonlinear_lm, monkeypatch):
     """--warmup N: each block's first N evaluations (of --steps) train on the run's prompt alone, the rest on it and the
     shipped prompts; the loss of the warm-up is the run's prompt's own objective, and the block's evaluations add up."""

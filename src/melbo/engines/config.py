@@ -43,6 +43,15 @@ class Positions:
         return slice(max(0, seq_len - n), seq_len)
 
 
+def shifted(spec: str, fewer: int) -> str:
+    """The positions ``spec`` on a prompt whose continuation is ``fewer`` tokens shorter than the one ``spec`` was set
+    for: ``last:N`` covers the same prompt tokens and the continuation it has (``last:N−fewer``, at least 1); the
+    other specs are the same on any length."""
+    if not fewer or not spec.startswith("last:"):
+        return spec
+    return f"last:{max(1, int(spec.split(':')[1]) - fewer)}"
+
+
 PRECISIONS = ("float32", "bfloat16")  # an optimisation's matrix products (discovery, MELBO-ortho): as they are, or in bfloat16
 PRECISION_BEFORE = "float32"  # what a run made before its precision was recorded trained at
 
@@ -277,7 +286,12 @@ FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
 # and 0.0035), bench/fidelity.py. Fewer after it lost: 20 + 10 kept the share but not the held-out gain (p 0.11 on
 # seed 1), 15 + 15 lost the share (69 % on seed 0).
 FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
-FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup", "continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
+# On the shipped prompts the copies match θ0 along its first FAST_EXTRA_CONTINUATION tokens only (at most the run's
+# continuation): 0.75× the time of an evaluation on all five, 0.81× per copy, and both halves of the controls' bar
+# on two seeds (the demo's base: 88 % and 84 % keep θ0's label, held-out base NLL 1.16 and 1.22 against 1.30
+# unsteered, p 1e-5 and 0.01; along all 16: 81 % and 100 %, 1.15 and 1.22), AMD EPYC Zen 3, 2026-12-04: bench/fidelity.py.
+FAST_EXTRA_CONTINUATION = 8
+FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 
 
@@ -315,6 +329,7 @@ class OrthoSettings:
     precision: str = PRECISION_BEFORE  # one of PRECISIONS: the model's forward and backward while optimising
     warmup: int = 0  # evaluations per block on the run's own prompts alone before the extra prompts join (lbfgs)
     warmup_precision: str | None = None  # one of PRECISIONS: the warm-up's matrix products; None: as ``precision`` (or no warm-up)
+    extra_continuation: int | None = None  # θ0's tokens matched on each shipped prompt; None: ``continuation``, as on the run's
 
     @property
     def fast(self) -> bool:
@@ -373,8 +388,15 @@ class OrthoConfig:
     extra_prompts: int | None = setting(  # melbo.model.prompts.training_prompts; trade-off measured in bench/fidelity.py
         None,
         "Also train on this many shipped prompts, θ0's continuation on each (never the controls' held-out ones), so the "
-        "copies carry θ0's behaviour off your prompt too (fast default: 4, one of each kind, ~2.5× the time per copy, with a "
+        "copies carry θ0's behaviour off your prompt too (fast default: 4, one of each kind, ~2× the time per copy, with a "
         "chat template; 0 with raw prompts, in seed mode, or for your prompts only, the whole basis's objective).",
+        minimum=0,
+    )
+    extra_continuation: int | None = setting(  # measured in bench/fidelity.py
+        None,
+        "With extra prompts: match θ0 along its first N greedy tokens on each shipped prompt (fast default: 8, at most "
+        "--continuation; each token runs through blocks s+1 … L in every evaluation: 0.8× the time per copy of 16, the "
+        "same share and held-out verdict on the demo's base).",
         minimum=0,
     )
     warmup: int | None = setting(  # measured in bench/fidelity.py
@@ -448,7 +470,14 @@ class OrthoConfig:
             precision=run_precision(self.precision, bfloat16_fast and fast),  # seed mode: the post's, as written (float32)
             warmup=warmup,
             warmup_precision=self.warmup_precision if warmup else None,
+            extra_continuation=self._extra_continuation(fast and extra > 0, continuation),
         )
+
+    def _extra_continuation(self, extras: bool, continuation: int) -> int | None:
+        """The shipped prompts' continuation: as given, else FAST_EXTRA_CONTINUATION (at most the run's) in fast mode with
+        extra prompts; None where it is the run's prompt's (``continuation``), as runs made before it record it."""
+        tokens = self.extra_continuation if self.extra_continuation is not None else min(FAST_EXTRA_CONTINUATION, continuation)
+        return tokens if extras and tokens != continuation else None
 
     def _default_first_weight(self, own_extras: bool, own_prompts: int) -> float | None:
         """The run's prompt's share when none is given: FAST_FIRST_WEIGHT with fast mode's own extra prompts
@@ -464,6 +493,8 @@ class OrthoConfig:
         (auto), so a resumed run goes on as it began, on any device."""
         earlier = {f.name: f.default for f in dataclasses.fields(OrthoSettings) if f.name in FOLLOW_THE_RUN and f.default is not dataclasses.MISSING}
         values = {name: recorded.get(name, earlier.get(name)) for name in FOLLOW_THE_RUN if getattr(self, name) is None and (name in recorded or name in earlier)}
+        if values.get("extra_continuation", 0) is None:  # the run matched its continuation on every prompt
+            values["extra_continuation"] = recorded.get("continuation")
         return dataclasses.replace(self, **values, precision=precision_in_run(self.precision, recorded))
 
     def block_size(self) -> int:
@@ -520,6 +551,8 @@ class OrthoConfig:
             raise MelboError(f"--first-weight {self.first_weight:g}: give a share above 0 and at most 1")
         if self.continuation is not None and (self.continuation < 0 or (self.continuation and self.mode == "seed")):
             raise MelboError("--continuation must be ≥ 0, and 0 in seed mode (the post's objective)")
+        if self.extra_continuation is not None and (self.extra_continuation < 0 or (self.extra_continuation and self.mode == "seed")):
+            raise MelboError("--extra-continuation must be ≥ 0, and 0 in seed mode (the post's objective)")
         if self.match is not None and self.match not in MATCHES:
             raise MelboError(f"--match {self.match!r}: use {', '.join(MATCHES[:-1])} or {MATCHES[-1]}")
         if self.precision not in ("auto", *PRECISIONS):

@@ -25,9 +25,10 @@ Two modes:
   the answer) and θ0's continuation; the mean over every position lets a vector match θ0 on the user's words while
   the answer differs (bench/fidelity.py). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
   Prompts: with a chat template, the run's and 4 of melbo's shipped ones (one of each kind, never held out), θ0's
-  continuation on each, the run's prompt keeping 0.8 of the loss, so copies carry θ0's behaviour off the run's prompt
+  continuation on each (its first 8 tokens on the shipped ones: ``FAST_EXTRA_CONTINUATION``), the run's prompt keeping
+  0.8 of the loss, so copies carry θ0's behaviour off the run's prompt
   too (``FAST_EXTRA_PROMPTS`` in :mod:`melbo.engines.config`); raw prompts, or ``extra_prompts=0``: the run's prompts
-  alone, ~2.5× faster. Several prompts run as one packed sequence, their common first tokens (the chat template's
+  alone, ~2× faster. Several prompts run as one packed sequence, their common first tokens (the chat template's
   system turn) once (:mod:`melbo.model.packing`), where the model gives the same numbers so (checked at θ0); each
   block's L-BFGS first runs 20 evaluations on the run's prompt alone, then 15 on every prompt (``FAST_WARMUP``).
 """
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
-from melbo.engines.config import BEHAVIOUR_TOKENS, OrthoConfig, OrthoSettings, Positions
+from melbo.engines.config import BEHAVIOUR_TOKENS, OrthoConfig, OrthoSettings, Positions, shifted
 from melbo.engines.optimise import lbfgs_rows, optimise
 from melbo.errors import MelboError
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
@@ -111,29 +112,30 @@ class _Problem:
     packing: Packing | None = None  # the targets as one sequence (fast mode, several targets, same numbers)
     packed_rows: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # every target's selected positions in the packed sequence, in order
     pieces: list[slice] = field(default_factory=list)  # each target's part of the packed outputs
+    wheres: list[slice] = field(default_factory=list)  # each target's positions the match covers
 
     def __post_init__(self) -> None:
         s = self.settings
+        own = len(self.states) - s.extra_prompts
+        tokens = [s.continuation if k < own or s.extra_continuation is None else s.extra_continuation for k in range(len(self.states))]
         self.targets = [
-            extend_with_continuation(self.lm, st, s.source, self.base, s.continuation, self.known if k == 0 else None)
-            for k, st in enumerate(self.states)
-        ] if s.continuation else self.states
+            extend_with_continuation(self.lm, st, s.source, self.base, n, self.known if k == 0 else None) if n else st
+            for k, (st, n) in enumerate(zip(self.states, tokens))
+        ]
+        self.wheres = [Positions(shifted(s.positions, s.continuation - n)).index(st.length) for st, n in zip(self.targets, tokens)]
         with torch.no_grad():
-            outputs = [self._at(st, self.base[None], self._where(st))[0] for st in self.targets]
+            outputs = [self._at(st, self.base[None], where)[0] for st, where in zip(self.targets, self.wheres)]
             self.z_base = [self._as_z(out) for out in outputs]
             self.base_logits = [last_token_logits(self.lm.model, st, s.source, self.base[None]) for st in self.states]
             if s.match in ("fisher", "kl-top"):
                 head = lm_head(self.lm.model).weight
-                log_probs = [steered_log_probs(self.lm.model, st, s.source, self.base[None], self._where(st).stop - self._where(st).start)[0] for st in self.targets]
+                log_probs = [steered_log_probs(self.lm.model, st, s.source, self.base[None], where.stop - where.start)[0] for st, where in zip(self.targets, self.wheres)]
                 if s.match == "fisher":
                     self.metrics = [fisher_metric(lp, head) for lp in log_probs]
                 else:
                     self.tops = [top_tokens(lp, z0, head) for lp, z0 in zip(log_probs, self.z_base)]
             if s.fast:
                 self._pack(outputs)
-
-    def _where(self, state: PromptState) -> slice:
-        return Positions(self.settings.positions).index(state.length)
 
     def _at(self, state: PromptState, thetas: Tensor, where: slice | Tensor) -> Tensor:
         """What the match compares, at positions ``where`` of ``state`` ``(B, P, ·)``: the next-token logits (match
@@ -157,7 +159,7 @@ class _Problem:
             return
         implementation = getattr(getattr(self.lm.model, "config", None), "_attn_implementation", None)
         packing = pack(self.targets, boolean_mask=implementation != "eager")
-        rows = torch.cat([packing.index(k, self._where(st)) for k, st in enumerate(self.targets)])
+        rows = torch.cat([packing.index(k, where) for k, where in enumerate(self.wheres)])
         try:
             packed = self._at(packing.state, self.base[None], rows)[0]
         except (TypeError, ValueError, RuntimeError, IndexError):  # a model whose forward takes no mask or position ids
@@ -168,12 +170,12 @@ class _Problem:
             self.packing, self.packed_rows = packing, rows
             self.pieces = [slice(end - size, end) for end, size in zip(ends, sizes)]
 
-    def z(self, state: PromptState, thetas: Tensor) -> Tensor:
-        """The seed algorithm's target-layer residual: every layer from the embeddings, averaged over the selected
-        positions (match "mean") or at each ``(B, P, d)``."""
+    def z(self, k: int, thetas: Tensor) -> Tensor:
+        """The seed algorithm's target-layer residual on target ``k``: every layer from the embeddings, averaged over the
+        selected positions (match "mean") or at each ``(B, P, d)``."""
         s = self.settings
-        ids = state.ids.expand(thetas.shape[0], -1)
-        h = residual_after(self.lm.model, s.target, ids, steer=(s.source, thetas)).float()[:, self._where(state)]
+        ids = self.targets[k].ids.expand(thetas.shape[0], -1)
+        h = residual_after(self.lm.model, s.target, ids, steer=(s.source, thetas)).float()[:, self.wheres[k]]
         return h.mean(dim=1) if s.match == "mean" else h
 
     @property
@@ -189,13 +191,13 @@ class _Problem:
         packed: Tensor | None = None  # every target's outputs as one sequence (packing)
         with self._precision(own_only):  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
             if full and match in ("mean", "each"):  # the seed algorithm: every layer from the embeddings, at every step
-                outputs = [self.z(st, thetas) for st in self.targets]
+                outputs = [self.z(k, thetas) for k in range(len(self.targets))]
             elif own_only:
-                outputs = [self._at(st, thetas, self._where(st)) for st in self.targets[:count]]
+                outputs = [self._at(st, thetas, where) for st, where in zip(self.targets[:count], self.wheres)]
             elif self.packing is not None:
                 packed = self._at(self.packing.state, thetas, self.packed_rows)
             else:
-                outputs = [self._at(st, thetas, self._where(st)) for st in self.targets]
+                outputs = [self._at(st, thetas, where) for st, where in zip(self.targets, self.wheres)]
         if packed is not None:
             if match == "kl":  # per position first: slicing (B, P, vocab) would cost its backward a vocabulary-wide fill
                 packed = kl_from_logits(packed, torch.cat(self.z_base))

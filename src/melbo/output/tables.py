@@ -134,7 +134,9 @@ def ortho_run(run: Run, limit: int = 200) -> Lines:
     out: Lines = [table]
     if run.kls:
         along = run.meta.config.get("continuation") or 0
-        matched = f"; the copies matched θ0 along its first {along} greedy tokens" if along else ""
+        extra = run.meta.config.get("extra_continuation")
+        on_extras = f" ({extra} on the shipped prompts)" if along and extra is not None else ""
+        matched = f"; the copies matched θ0 along its first {along} greedy tokens{on_extras}" if along else ""
         out.append(f"KL(P_i ‖ P_base) at the last prompt token: median {run.median_kl:.3f}, max {max(run.kls):.3f}; "
                    f"max |cos| between any two vectors {max_abs_cosine(run.vectors):.1e}; stopped: {run.meta.stopped}{matched}")
     return out

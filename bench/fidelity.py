@@ -34,9 +34,9 @@ from common import summary_line
 from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.evaluate import evaluate
-from melbo.engines.config import DiscoverConfig, OrthoConfig
+from melbo.engines.config import DiscoverConfig, OrthoConfig, fast_continuation
 from melbo.engines.discover import discover
-from melbo.engines.ortho import ortho
+from melbo.engines.ortho import behaviour_shows_at, ortho
 from melbo.files.runs import read_run
 from melbo.labels import degenerates, label
 from melbo.model.forward import last_token_logits, prepare
@@ -46,6 +46,7 @@ from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
 # melbo 0.1's fast objective: the residual mean at the last 4 positions, from 2‖θ0‖, no norm penalty; and no warm-up
 # (melbo's default since 2026-12-04): a variant that does not name one runs every evaluation on all its prompts
 RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0, "init_scale": 2.0, "penalty": 0.0, "warmup": 0}
+AS_THE_RUNS = "as the run's"  # extra_continuation: the run's prompt's default continuation on this base (fast_continuation)
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
     "last:4 mean (0.1)": {},
     "skip-first": {"positions": "skip-first"},
@@ -121,8 +122,11 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "melbo default": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None},
     "melbo default seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "seed": 1},
     # the shipped prompts' continuation shorter than the run's (--extra-continuation): ~0.75× the time of an evaluation on all five
+    # (melbo's default since 2026-12-04); "as the run's": every prompt along the run's prompt's continuation, the default before
     "melbo default extras 8": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": 8},
     "melbo default extras 8 seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": 8, "seed": 1},
+    "melbo default extras as the run's": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": AS_THE_RUNS},
+    "melbo default extras as the run's seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": AS_THE_RUNS, "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 continuation 32": {"continuation": 32, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},
@@ -217,6 +221,9 @@ def main() -> None:
             "source": found.meta.source, "target": found.meta.target, "count": copies, "block": min(16, copies), "completion_tokens": 0,
             "precision": "float32", **RELEASE_01, **variant,  # float32 unless a variant says: RESULTS' rows before auto
         }
+        if options.get("extra_continuation") == AS_THE_RUNS:
+            shows_at = behaviour_shows_at(lm, found.meta.prompts[0], base, found.meta.source, fmt)
+            options["extra_continuation"] = options["continuation"] if options["continuation"] is not None else fast_continuation(shows_at)
         if steps is not None:  # --quick: a few steps whatever the variant asks (it checks that each runs)
             options["steps"] = steps
         start = time.perf_counter()

@@ -116,8 +116,7 @@ class _Problem:
 
     def __post_init__(self) -> None:
         s = self.settings
-        own = len(self.states) - s.extra_prompts
-        tokens = [s.continuation if k < own or s.extra_continuation is None else s.extra_continuation for k in range(len(self.states))]
+        tokens = [s.continuation if k < self.own or s.extra_continuation is None else s.extra_continuation for k in range(len(self.states))]
         self.targets = [
             extend_with_continuation(self.lm, st, s.source, self.base, n, self.known if k == 0 else None) if n else st
             for k, (st, n) in enumerate(zip(self.states, tokens))
@@ -181,7 +180,7 @@ class _Problem:
     @property
     def own(self) -> int:
         """How many of the prompts are the run's own; melbo's shipped ones (``extra_prompts``) come after them."""
-        return len(self.targets) - self.settings.extra_prompts
+        return len(self.states) - self.settings.extra_prompts
 
     def losses(self, thetas: Tensor, full: bool = False, own_only: bool = False) -> Tensor:
         """Each row's loss; ``own_only``: on the run's own prompts alone (fast mode's warm-up), else on every prompt."""

@@ -26,9 +26,8 @@ Two modes:
   the answer differs (bench/fidelity.py). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
   Prompts: with a chat template, the run's and 4 of melbo's shipped ones (one of each kind, never held out), θ0's
   continuation on each (its first 8 tokens on the shipped ones: ``FAST_EXTRA_CONTINUATION``), the run's prompt keeping
-  0.8 of the loss, so copies carry θ0's behaviour off the run's prompt
-  too (``FAST_EXTRA_PROMPTS`` in :mod:`melbo.engines.config`); raw prompts, or ``extra_prompts=0``: the run's prompts
-  alone, ~2× faster. Several prompts run as one packed sequence, their common first tokens (the chat template's
+  0.8 of the loss, so copies carry θ0's behaviour off the run's prompt too (``FAST_EXTRA_PROMPTS`` in
+  :mod:`melbo.engines.config`); raw prompts, or ``extra_prompts=0``: the run's prompts alone, ~2× faster. Several prompts run as one packed sequence, their common first tokens (the chat template's
   system turn) once (:mod:`melbo.model.packing`), where the model gives the same numbers so (checked at θ0); each
   block's L-BFGS first runs 20 evaluations on the run's prompt alone, then 15 on every prompt (``FAST_WARMUP``).
 """

@@ -284,7 +284,7 @@ FAST_EXTRA_PROMPTS, FAST_FIRST_WEIGHT = 4, 0.8
 # restarted at a quarter of its first step. 32 copies of the demo's base, two seeds: about 0.7× the time per copy of 30
 # evaluations on all five, the same share (91 %, 91 %) and held-out NLL (1.17 and 1.20 against 1.18 and 1.20; p 0.00027
 # and 0.0035), bench/fidelity.py. Fewer after it lost: 20 + 10 kept the share but not the held-out gain (p 0.11 on
-# seed 1), 15 + 15 lost the share (69 % on seed 0).
+# seed 1; with the 8-token extras below p 0.3, at 0.67–0.82× the time per copy), 15 + 15 lost the share (69 % on seed 0).
 FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
 # On the shipped prompts the copies match θ0 along its first FAST_EXTRA_CONTINUATION tokens only (at most the run's
 # continuation): 0.75× the time of an evaluation on all five, 0.81× per copy, and both halves of the controls' bar

@@ -22,6 +22,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --gemma-kl  # Gemma 3 270M: the KL through a log-softmax or from the logits
     .venv/bin/python bench/utilisation.py --warmup    # the default's block: 30 evaluations on all five prompts or a warm-up
     .venv/bin/python bench/utilisation.py --compile   # a block-16 step eager against torch.compile of blocks s+1 … L
+    .venv/bin/python bench/utilisation.py --kl-chunks # melbo's KL from the logits against the same in chunks (not taken)
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--gemma-kl", action="store_true", help="only the KL before and from the logits on Gemma 3 270M (block 16)")
     parser.add_argument("--warmup", action="store_true", help="only the default's block with or without its warm-up (block 16)")
     parser.add_argument("--compile", action="store_true", help="only a step eager against torch.compile of blocks s+1 … L (block 16)")
+    parser.add_argument("--kl-chunks", action="store_true", help="only the KL's passes over the logits in one piece or in chunks (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
         summary_line(gemma_kl(3))
@@ -100,6 +102,9 @@ def main() -> None:
         return
     if args.compile:
         summary_line(compiled(lm, base, 16, 3))
+        return
+    if args.kl_chunks:
+        summary_line(kl_chunks(lm, base, 16, 2))
         return
     prompt_tokens = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length
     print(f"prompt tokens T = {prompt_tokens}, source layer {SOURCE}, d_model {config.hidden_size}, ffn {config.intermediate_size}, "
@@ -201,6 +206,92 @@ def warmup(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     print(f"{1000 * own:>22.1f}{1000 * every:>15.1f}{own / every:>7.2f}{before:>21.1f}{now:>12.1f}{now / before:>13.2f}")
     return (f"an evaluation on the run's prompt alone takes {own / every:.2f}× one on all five; a default block with its warm-up "
             f"({FAST_WARMUP} + {STEPS_AFTER_WARMUP}) {now / before:.2f}× the time of {STEPS_FAST_KL} on all five")
+
+
+def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
+    """A default kl evaluation (float32) with melbo's KL from the logits (objectives.kl_from_logits: its logsumexp and
+    softmax over the whole logits tensor at once) against :func:`chunked_kl` (the same maths a few positions at a time,
+    CHUNKS values a piece, so each pass over the logits might stay in the cache), alternating, best of ``rounds``:
+    SmolLM2's on the run's prompt alone and on all five, packed; Gemma 3 270M's on its raw prompt (262k tokens a
+    position) where it can be had. Measured, not taken (bench/RESULTS.md utilisation)."""
+    import functools
+
+    from models import GEMMA_PROMPT, Unavailable, gemma_path
+
+    import melbo.engines.ortho as ortho_engine
+    from melbo.objectives import kl_from_logits
+
+    cases = {}
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32"))
+    cases["SmolLM2, run's prompt alone"] = (functools.partial(losses, own_only=True), lm.d_model, 26.6)
+    cases["SmolLM2, all five packed"] = (losses, lm.d_model, 26.6)
+    try:
+        gemma = load_model(str(gemma_path()), device="cpu")
+        gemma_base = torch.randn(gemma.d_model, generator=torch.Generator().manual_seed(0))
+        cases["Gemma 3 270M, raw prompt"] = (
+            objective(gemma, 67.0 * gemma_base / gemma_base.norm(), [GEMMA_PROMPT],
+                      OrthoConfig(source=5, target=12, match="kl", precision="float32"), PromptFormat(chat_template=False)),
+            gemma.d_model, 67.0)
+    except Unavailable as why:
+        print(f"Gemma 3 270M left out: {why}")
+    ways = {"one piece (melbo)": kl_from_logits, **{f"{size} values": functools.partial(chunked_kl, chunk=size) for size in CHUNKS}}
+    times: dict[tuple[str, str], float] = {}
+    try:
+        for _ in range(rounds):
+            for way, kl in ways.items():
+                ortho_engine.kl_from_logits = kl
+                for name, (loss, d, norm) in cases.items():
+                    seconds = step_seconds(loss, block, d, norm, repeats)
+                    times[(way, name)] = min(seconds, times.get((way, name), seconds))
+    finally:
+        ortho_engine.kl_from_logits = kl_from_logits
+    melbo = "one piece (melbo)"
+    print(f"a block-{block} kl evaluation (float32), best of {rounds} rounds side by side: the KL's passes over the logits "
+          "in one piece or in chunks of N values (ms, and the ratio to one piece)")
+    print(f"{'KL':<18}" + "".join(f"{name:>30}{'ratio':>7}" for name in cases))
+    for way in ways:
+        print(f"{way:<18}" + "".join(f"{1000 * times[(way, name)]:>30.1f}{times[(way, name)] / times[(melbo, name)]:>7.2f}" for name in cases))
+    return "the KL in chunks of {} values: {}".format(
+        " / ".join(str(size) for size in CHUNKS),
+        ", ".join(f"{name} " + " / ".join(f"{times[(f'{size} values', name)] / times[(melbo, name)]:.2f}" for size in CHUNKS) + "× its time in one piece"
+                  for name in cases))
+
+
+CHUNKS = (1 << 18, 1 << 20, 1 << 22)  # logits per piece of chunked_kl: 1, 4 and 16 MiB in float32
+
+
+def chunked_kl(logits, log_probs_base, chunk: int):
+    """objectives.kl_from_logits with its logsumexp (forward) and softmax (backward) run over ``chunk`` logits at a time
+    (a few positions of one row), writing the gradient into one preallocated tensor."""
+    from melbo.objectives import _neg_entropy
+
+    class Chunked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, probs_base, neg_entropy):
+            pieces = _pieces(logits, chunk)
+            lse = logits.new_empty(logits.shape[:-1])
+            for b, where in pieces:
+                lse[b, where] = torch.logsumexp(logits[b, where], dim=-1)
+            ctx.save_for_backward(logits, probs_base, lse)
+            return neg_entropy - torch.einsum("bpv,pv->bp", logits, probs_base) + lse
+
+        @staticmethod
+        def backward(ctx, grad):
+            logits, probs_base, lse = ctx.saved_tensors
+            out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            for b, where in _pieces(logits, chunk):
+                piece = out[b, where]
+                torch.sub(logits[b, where], lse[b, where, None], out=piece)
+                piece.exp_().sub_(probs_base[where]).mul_(grad[b, where, None])
+            return out, None, None
+
+    return Chunked.apply(logits, log_probs_base.exp(), _neg_entropy(log_probs_base))
+
+
+def _pieces(logits, chunk: int):
+    rows, positions, vocabulary = logits.shape
+    step = max(1, chunk // vocabulary)
+    return [(b, slice(p, p + step)) for b in range(rows) for p in range(0, positions, step)]
 
 
 def kl_through_log_softmax(logits, log_probs_base):

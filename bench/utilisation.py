@@ -23,6 +23,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --warmup    # the default's block: 30 evaluations on all five prompts or a warm-up
     .venv/bin/python bench/utilisation.py --compile   # a block-16 step eager against torch.compile of blocks s+1 … L
     .venv/bin/python bench/utilisation.py --kl-chunks # melbo's KL from the logits against the same in chunks (not taken)
+    .venv/bin/python bench/utilisation.py --default   # the default objective's two evaluations against their FLOP floor, and a block's
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true", help="only the default's block with or without its warm-up (block 16)")
     parser.add_argument("--compile", action="store_true", help="only a step eager against torch.compile of blocks s+1 … L (block 16)")
     parser.add_argument("--kl-chunks", action="store_true", help="only the KL's passes over the logits in one piece or in chunks (block 16)")
+    parser.add_argument("--default", action="store_true", help="only the default objective's evaluations (warm-up, packed) against their floor (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
         summary_line(gemma_kl(3))
@@ -105,6 +107,9 @@ def main() -> None:
         return
     if args.kl_chunks:
         summary_line(kl_chunks(lm, base, 16, 2))
+        return
+    if args.default:
+        summary_line(default_floor(lm, base, 16, 3))
         return
     prompt_tokens = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length
     print(f"prompt tokens T = {prompt_tokens}, source layer {SOURCE}, d_model {config.hidden_size}, ffn {config.intermediate_size}, "
@@ -206,6 +211,51 @@ def warmup(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     print(f"{1000 * own:>22.1f}{1000 * every:>15.1f}{own / every:>7.2f}{before:>21.1f}{now:>12.1f}{now / before:>13.2f}")
     return (f"an evaluation on the run's prompt alone takes {own / every:.2f}× one on all five; a default block with its warm-up "
             f"({FAST_WARMUP} + {STEPS_AFTER_WARMUP}) {now / before:.2f}× the time of {STEPS_FAST_KL} on all five")
+
+
+def default_floor(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
+    """melbo's default objective (float32) as a block runs it: the warm-up's evaluation on the run's prompt alone and the
+    evaluation on all five prompts, packed; each against its FLOP floor (:func:`floor_flops` over the tokens it runs and
+    the positions its KL covers) at the rate of a same-shape matmul timed beside it; then a default block (FAST_WARMUP +
+    STEPS_AFTER_WARMUP evaluations) measured that way and at the floor, and the demo's 32 copies (two blocks)."""
+    import functools
+
+    from melbo.engines.config import FAST_WARMUP, STEPS_AFTER_WARMUP
+
+    config = lm.model.config
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32"))
+    problem = losses.__self__
+    assert problem.packing is not None, "the default objective's prompts were not packed"
+    shapes = {  # name → (loss, tokens a row runs, positions the KL covers)
+        "run's prompt alone": (functools.partial(losses, own_only=True), problem.targets[0].length, len(range(problem.targets[0].length)[problem.wheres[0]])),
+        "all five, packed": (losses, problem.packing.state.length, len(problem.packed_rows)),
+    }
+    rows: dict[str, tuple[float, float, float]] = {}
+    for _ in range(rounds):
+        for name, (loss, tokens, positions) in shapes.items():
+            seconds = step_seconds(loss, block, lm.d_model, 26.6, repeats)
+            a, w = torch.randn(block * tokens, config.hidden_size), torch.randn(config.hidden_size, config.intermediate_size)
+            mm = time_it(lambda a=a, w=w: a @ w, 10 * repeats)
+            rate = 2 * a.shape[0] * a.shape[1] * w.shape[1] / mm
+            flops = floor_flops(config, "kl", block, tokens, positions, lm.n_layers)
+            if name not in rows or seconds < rows[name][0]:
+                rows[name] = (seconds, flops, rate)
+    print(f"melbo's default objective, a block-{block} evaluation (float32), best of {rounds} rounds; floor: forward and input-gradient "
+          "backward of blocks s+1 … L over the tokens and the LM head at the KL's positions, at a same-shape matmul's rate")
+    print(f"{'evaluation':<22}{'tokens':>7}{'KL at':>7}{'step (ms)':>11}{'GFLOP floor':>13}{'GFLOP/s':>9}{'matmul GFLOP/s':>16}"
+          f"{'floor (ms)':>12}{'utilisation':>13}")
+    for name, (_, tokens, positions) in shapes.items():
+        seconds, flops, rate = rows[name]
+        print(f"{name:<22}{tokens:>7}{positions:>7}{1000 * seconds:>11.1f}{flops / 1e9:>13.1f}{flops / seconds / 1e9:>9.1f}"
+              f"{rate / 1e9:>16.1f}{1000 * flops / rate:>12.1f}{100 * flops / rate / seconds:>12.0f}%")
+    own, every = rows["run's prompt alone"], rows["all five, packed"]
+    measured = FAST_WARMUP * own[0] + STEPS_AFTER_WARMUP * every[0]
+    floor = FAST_WARMUP * own[1] / own[2] + STEPS_AFTER_WARMUP * every[1] / every[2]
+    print(f"a default block ({FAST_WARMUP} + {STEPS_AFTER_WARMUP} evaluations): {measured:.1f} s of evaluations, {floor:.1f} s at the floor; "
+          f"the demo's 32 copies (two blocks): {2 * measured:.0f} s and {2 * floor:.0f} s")
+    return (f"the default objective's evaluations run at {100 * own[1] / own[2] / own[0]:.0f}% (run's prompt alone) and "
+            f"{100 * every[1] / every[2] / every[0]:.0f}% (all five, packed) of their floor at a same-shape matmul's rate; "
+            f"the demo's 32 copies: {2 * measured:.0f} s of evaluations, {2 * floor:.0f} s at the floor")
 
 
 def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:

@@ -96,21 +96,10 @@ def main() -> None:
     config = lm.model.config
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
     base = 26.6 * base / base.norm()
-    if args.packing:
-        summary_line(packing(lm, base, 16, 3))
-        return
-    if args.warmup:
-        summary_line(warmup(lm, base, 16, 3))
-        return
-    if args.compile:
-        summary_line(compiled(lm, base, 16, 3))
-        return
-    if args.kl_chunks:
-        summary_line(kl_chunks(lm, base, 16, 2))
-        return
-    if args.default:
-        summary_line(default_floor(lm, base, 16, 3))
-        return
+    for option, (measure, repeats_each) in ONLY.items():  # one measurement alone, block 16
+        if getattr(args, option):
+            summary_line(measure(lm, base, 16, repeats_each))
+            return
     prompt_tokens = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length
     print(f"prompt tokens T = {prompt_tokens}, source layer {SOURCE}, d_model {config.hidden_size}, ffn {config.intermediate_size}, "
           f"vocabulary {config.vocab_size}, {lm.n_layers} layers")
@@ -548,6 +537,11 @@ def starts(lm, base, loss, start, block, steps: int, first: float) -> str:
     needed = next(i + 1 for i, m in enumerate(traces["random + shared correction"]) if m <= target) if min(traces["random + shared correction"]) <= target else None
     return (f"the shared-correction start reaches the random start's {steps}-evaluation loss after {needed} evaluations"
             if needed else f"the shared-correction start does not reach the random start's {steps}-evaluation loss")
+
+
+ONLY = {  # the options that run one measurement alone on SmolLM2 (block 16): its function and repeats per timing
+    "packing": (packing, 3), "warmup": (warmup, 3), "compile": (compiled, 3), "kl_chunks": (kl_chunks, 2), "default": (default_floor, 3),
+}
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ def time_it(fn, repeats: int, device: torch.device | None = None) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def matmul_rate(config, rows: int, repeats: int) -> float:
+    """FLOP/s of a float32 matmul shaped like a step's MLP product: ``(rows, d) @ (d, ffn)``, the rate a floor is read at."""
+    a, w = torch.randn(rows, config.hidden_size), torch.randn(config.hidden_size, config.intermediate_size)
+    return 2 * a.shape[0] * a.shape[1] * w.shape[1] / time_it(lambda: a @ w, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -120,10 +126,7 @@ def main() -> None:
 
             seconds = time_it(step, repeats)
             flops = floor_flops(config, match, block, tokens, positions, lm.n_layers)
-            a = torch.randn(block * tokens, config.hidden_size)
-            w = torch.randn(config.hidden_size, config.intermediate_size)
-            mm = time_it(lambda a=a, w=w: a @ w, max(10, repeats * 10))
-            mm_rate = 2 * a.shape[0] * a.shape[1] * w.shape[1] / mm
+            mm_rate = matmul_rate(config, block * tokens, max(10, repeats * 10))
             results[(match, block)] = (seconds, flops / seconds / mm_rate)
             print(f"{match:<10}{block:>6}{1000 * seconds:>11.1f}{flops / 1e9:>13.3f}{flops / seconds / 1e9:>10.2f}{mm_rate / 1e9:>16.2f}"
                   f"{100 * flops / seconds / mm_rate:>12.0f}%")
@@ -223,9 +226,7 @@ def default_floor(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     for _ in range(rounds):
         for name, (loss, tokens, positions) in shapes.items():
             seconds = step_seconds(loss, block, lm.d_model, 26.6, repeats)
-            a, w = torch.randn(block * tokens, config.hidden_size), torch.randn(config.hidden_size, config.intermediate_size)
-            mm = time_it(lambda a=a, w=w: a @ w, 10 * repeats)
-            rate = 2 * a.shape[0] * a.shape[1] * w.shape[1] / mm
+            rate = matmul_rate(config, block * tokens, 10 * repeats)
             flops = floor_flops(config, "kl", block, tokens, positions, lm.n_layers)
             if name not in rows or seconds < rows[name][0]:
                 rows[name] = (seconds, flops, rate)
@@ -255,7 +256,7 @@ def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     position) where it can be had. Measured, not taken (bench/RESULTS.md utilisation)."""
     import functools
 
-    from models import GEMMA_PROMPT, Unavailable, gemma_path
+    from models import Unavailable, gemma_path
 
     import melbo.engines.ortho as ortho_engine
     from melbo.objectives import kl_from_logits
@@ -266,11 +267,7 @@ def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     cases["SmolLM2, all five packed"] = (losses, lm.d_model, 26.6)
     try:
         gemma = load_model(str(gemma_path()), device="cpu")
-        gemma_base = torch.randn(gemma.d_model, generator=torch.Generator().manual_seed(0))
-        cases["Gemma 3 270M, raw prompt"] = (
-            objective(gemma, 67.0 * gemma_base / gemma_base.norm(), [GEMMA_PROMPT],
-                      OrthoConfig(source=5, target=12, match="kl", precision="float32"), PromptFormat(chat_template=False)),
-            gemma.d_model, 67.0)
+        cases["Gemma 3 270M, raw prompt"] = (gemma_objective(gemma), gemma.d_model, GEMMA_NORM)
     except Unavailable as why:
         print(f"Gemma 3 270M left out: {why}")
     ways = {"one piece (melbo)": kl_from_logits, **{f"{size} values": functools.partial(chunked_kl, chunk=size) for size in CHUNKS}}
@@ -333,6 +330,19 @@ def _pieces(logits, chunk: int):
     return [(b, slice(p, p + step)) for b in range(rows) for p in range(0, positions, step)]
 
 
+GEMMA_NORM = 67.0  # ‖θ0‖ of the random base the Gemma 3 270M timings use (gemma_kl, kl_chunks)
+
+
+def gemma_objective(lm):
+    """Gemma 3 270M's default kl objective (layers 5 → 12, float32) on its raw prompt, for a random base of norm
+    GEMMA_NORM (fixed seed): one prompt, nothing packed."""
+    from models import GEMMA_PROMPT
+
+    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    return objective(lm, GEMMA_NORM * base / base.norm(), [GEMMA_PROMPT],
+                     OrthoConfig(source=5, target=12, match="kl", precision="float32"), PromptFormat(chat_template=False))
+
+
 def kl_through_log_softmax(logits, log_probs_base):
     """The KL per position as melbo computed it until 2026-12-03 (autograd through a log-softmax over the vocabulary):
     the "before" of :func:`packing` and :func:`gemma_kl`."""
@@ -343,21 +353,19 @@ def kl_through_log_softmax(logits, log_probs_base):
 def gemma_kl(repeats: int, block: int = 16) -> str:
     """On Gemma 3 270M (262k-token vocabulary; raw prompt, so the default trains on it alone, no packing), a default
     kl step with the KL through a log-softmax (melbo until 2026-12-03) and from the logits, alternating, best of two."""
-    from models import GEMMA_PROMPT, gemma_path
+    from models import gemma_path
 
     import melbo.engines.ortho as ortho_engine
     from melbo.objectives import kl_from_logits
 
     lm = load_model(str(gemma_path()), device="cpu")
-    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-    base = 67.0 * base / base.norm()
     times: dict[str, float] = {}
     try:
         for _ in range(2):
             for name, kl in (("before", kl_through_log_softmax), ("from the logits", kl_from_logits)):
                 ortho_engine.kl_from_logits = kl
-                loss = objective(lm, base, [GEMMA_PROMPT], OrthoConfig(source=5, target=12, match="kl", precision="float32"), PromptFormat(chat_template=False))
-                seconds = step_seconds(loss, block, lm.d_model, 67.0, repeats)
+                loss = gemma_objective(lm)
+                seconds = step_seconds(loss, block, lm.d_model, GEMMA_NORM, repeats)
                 times[name] = min(seconds, times.get(name, seconds))
     finally:
         ortho_engine.kl_from_logits = kl_from_logits

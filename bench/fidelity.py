@@ -130,6 +130,9 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     # fewer evaluations on all five after the warm-up (each ~3× one on the run's prompt alone): 20 + 10 instead of 20 + 15
     "melbo default 20 + 10": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "steps": 30},
     "melbo default 20 + 10 seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "steps": 30, "seed": 1},
+    # the KL's second-order form at the LM head's input (objectives.fisher_metric) in place of the exact KL, with the default's warm-up
+    "melbo default fisher": {"match": "fisher", "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": 20},
+    "melbo default fisher seed 1": {"match": "fisher", "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": 20, "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 continuation 32": {"continuation": 32, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},

@@ -11,6 +11,7 @@ copies spread over the basis (random directions at their norm, unsteered, θ0's 
     .venv/bin/python bench/full_basis.py --model gemma           # Gemma 3 270M (fetched by bench/models.py)
     .venv/bin/python bench/full_basis.py --match fisher          # the KL to second order: the LM head never runs
     .venv/bin/python bench/full_basis.py --match kl-top          # the KL on θ0's likeliest tokens: the head runs on those only
+                                                                 # (melbo's default from 100k tokens: Gemma's 262k; --match kl there for the exact KL)
     .venv/bin/python bench/full_basis.py --count 96              # the first 6 blocks, with a per-block profile
     .venv/bin/python bench/full_basis.py --precision bfloat16    # the optimisation's matrix products in bfloat16 (CPUs with AMX or AVX512-BF16)
     .venv/bin/python bench/full_basis.py --dtype bfloat16        # the whole model in bfloat16
@@ -71,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", choices=("smollm2", "gemma"), default="smollm2")
-    parser.add_argument("--match", default=None, help="kl (default), kl-top, fisher, mean or each")
+    parser.add_argument("--match", default=None, help="kl, kl-top, fisher, mean or each (default: melbo's, kl or kl-top on a vocabulary of 100k tokens or more)")
     parser.add_argument("--count", type=int, default=None, help="stop after this many vectors (default: the whole basis)")
     parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's 16)")
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
@@ -112,7 +113,7 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     records = run.records[1:]
     kls = [r.kl for r in records]
-    resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
+    resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.vocab)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")
     print(f"{lm.name} ({dtype}): d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
           f"extra prompts {resolved.extra_prompts}, base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")

@@ -421,8 +421,8 @@ def test_the_warm_up_alone_can_run_in_bfloat16(nonlinear_lm):
 
 def test_the_warm_up_is_fast_modes_lbfgs_with_extra_prompts_only():
     """The default (kl, a chat template, its 4 extra prompts): 20 evaluations on the run's prompt, then 15 on every
-    prompt; none where there is nothing to warm up for, where it was not measured (other matches), or in a run made
-    before it existed (its 30 evaluations on every prompt)."""
+    prompt, with kl-top too; none where there is nothing to warm up for, where it was not measured (other matches), or
+    in a run made before it existed (its 30 evaluations on every prompt)."""
 
     def resolved(**kw):
         settings = OrthoConfig(**kw).resolved(26.6, 576, 30)
@@ -432,7 +432,7 @@ def test_the_warm_up_is_fast_modes_lbfgs_with_extra_prompts_only():
     assert resolved(warmup=5) == (5, 20) and resolved(warmup=5, steps=40) == (5, 40) and resolved(warmup=0) == (0, 30)
     assert resolved(warmup=5, extra_prompts=0) == (0, 30)  # the run's prompt alone throughout
     assert OrthoConfig().resolved(26.6, 576, 30, chat=False).warmup == 0  # raw prompts: no shipped ones by default
-    assert resolved(match="kl-top") == (0, 30) and resolved(match="mean") == (0, 60) and resolved(match="mean", warmup=10) == (10, 70)
+    assert resolved(match="kl-top") == (20, 35) and resolved(match="fisher") == (0, 30) and resolved(match="mean") == (0, 60) and resolved(match="mean", warmup=10) == (10, 70)
     assert resolved(mode="seed")[0] == 0 and resolved(optimizer="adam") == (0, 150)
     earlier = OrthoConfig().as_in_run({"extra_prompts": 4, "first_weight": 0.8}).resolved(26.6, 576, 30)  # a run made before it
     assert (earlier.warmup, earlier.steps) == (0, 30)
@@ -458,3 +458,31 @@ def test_the_continuation_reuses_the_base_text_already_generated_unless_it_stops
     eos = nonlinear_lm.model.generation_config.eos_token_id
     stops = torch.cat([longer[:2], torch.tensor([eos if isinstance(eos, int) else eos[0]]), longer[3:]])  # long enough, but ends
     assert torch.equal(extend_with_continuation(nonlinear_lm, state, 1, base, 5, known=stops).ids, alone.ids)
+
+
+def test_fast_mode_matches_on_the_likeliest_tokens_where_the_vocabulary_is_large(char_tokenizer, tmp_path):
+    """Fast mode's default objective is kl, and kl-top (the head on θ0's likeliest tokens) from KL_TOP_VOCAB tokens on:
+    resolved from the model's LM head, recorded in the run, kept by a resume of a run made before (its own match), and
+    overridden by --match; seed mode keeps the post's mean."""
+    from melbo.engines.config import KL_TOP_VOCAB, fast_match
+    from melbo.model.loading import LoadedModel
+    from tests.conftest import make_tiny_model
+
+    assert (fast_match(None), fast_match(49_152), fast_match(KL_TOP_VOCAB - 1), fast_match(KL_TOP_VOCAB), fast_match(262_144)) == (
+        "kl", "kl", "kl", "kl-top", "kl-top")
+    assert OrthoConfig().resolved(26.6, 576, 30, vocab=262_144).match == "kl-top"
+    assert OrthoConfig().resolved(26.6, 576, 30, vocab=262_144).steps == 35  # the warm-up, measured with kl-top too
+    assert OrthoConfig(match="kl").resolved(26.6, 576, 30, vocab=262_144).match == "kl"
+    assert OrthoConfig(mode="seed").resolved(26.6, 576, 30, vocab=262_144).match == "mean"
+    assert OrthoConfig().as_in_run({"match": "kl"}).resolved(26.6, 576, 30, vocab=262_144).match == "kl"
+
+    model = make_tiny_model("llama", initializer_range=0.3)
+    model.resize_token_embeddings(KL_TOP_VOCAB, mean_resizing=False)  # random rows; the character tokenizer uses the first 128 ids
+    large = LoadedModel(model, char_tokenizer, "tiny-large-vocab", {"id": "tiny"})
+    small = LoadedModel(make_tiny_model("llama", initializer_range=0.3), char_tokenizer, "tiny", {"id": "tiny"})
+    assert (large.vocab, small.vocab) == (KL_TOP_VOCAB, 128)
+    cfg = OrthoConfig(source=1, target=4, count=2, block=2, steps=4, completion_tokens=0, extra_prompts=0, continuation=2)
+    for lm, match in ((large, "kl-top"), (small, "kl")):
+        run = ortho(lm, base_vector(), [PROMPT], cfg, out=tmp_path / match)
+        assert run.meta.config["match"] == match
+        assert run.vectors.shape == (3, 32) and max_abs_cosine(run.vectors) <= 1e-5

@@ -260,6 +260,22 @@ STEPS_FAST_KL = 30
 # Fast mode's objective: the next-token KL(P_θ0 ‖ P_θ) at the last 4 prompt positions and along θ0's own first 16
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
+# ... computed as "kl-top" (the same KL on θ0's likeliest tokens holding 99.99 % of its probability, plus one bucket for
+# the rest) where the vocabulary has KL_TOP_VOCAB tokens or more: there the LM head over every token is most of an
+# evaluation. On Gemma 3 270M (262k tokens) a block-16 evaluation takes 0.49× kl's time (AVX2 EPYC; 0.37× on the
+# AVX-512 Xeon) with the same copies (median last-token KL 0.084 and 0.122 in the first two blocks against 0.090 and
+# 0.137) and the whole basis 39.5 min against about 79 (full_basis). On SmolLM2 (49k) θ0's likeliest tokens are most of
+# the vocabulary (27k–44k per prompt for the demo's base): 0.84–0.98× kl's time (bench/utilisation.py --kl-top) for
+# kl's copies (share 94 % and 91 % against 91 % and 91 %, held-out base NLL alike: fidelity), so kl, the exact
+# reference that the demo's verdict was measured with, stays there.
+FAST_MATCH_LARGE_VOCAB, KL_TOP_VOCAB = "kl-top", 100_000
+
+
+def fast_match(vocab: int | None) -> str:
+    """Fast mode's objective on a model with ``vocab`` tokens (None: not known): FAST_MATCH, or FAST_MATCH_LARGE_VOCAB
+    from KL_TOP_VOCAB tokens on."""
+    return FAST_MATCH_LARGE_VOCAB if vocab is not None and vocab >= KL_TOP_VOCAB else FAST_MATCH
+
 # ... and longer where θ0's behaviour shows later on the run's prompt: through the token at which its completion (of
 # BEHAVIOUR_TOKENS, the eval's length) first takes the label of the whole, at most FAST_CONTINUATION_MAX. A base whose
 # refusal came at token 26 ("I'm sorry for the unintended consequences of your actions. I'm here to help you with your
@@ -291,7 +307,7 @@ FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
 # on two seeds (the demo's base: 88 % and 84 % keep θ0's label, held-out base NLL 1.16 and 1.22 against 1.30
 # unsteered, p 1e-5 and 0.01; along all 16: 81 % and 100 %, 1.15 and 1.22), AMD EPYC Zen 3, 2026-12-04: bench/fidelity.py.
 FAST_EXTRA_CONTINUATION = 8
-FOLLOW_THE_RUN = ("extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
+FOLLOW_THE_RUN = ("match", "extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 
 
@@ -377,7 +393,7 @@ class OrthoConfig:
         None,
         "What each copy matches: kl (fast default: θ0's next-token distributions; the forward runs to the LM head and t is "
         "not used), kl-top (the same KL on θ0's likeliest tokens and one bucket for the rest: the head runs on those tokens "
-        "only), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
+        f"only; fast default on vocabularies of {KL_TOP_VOCAB:,} tokens or more, where the head is most of a step), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
         "the residual after t, averaged over positions) or each (position by position).",
     )
     first_weight: float | None = setting(
@@ -402,7 +418,7 @@ class OrthoConfig:
     warmup: int | None = setting(  # measured in bench/fidelity.py
         None,
         "With extra prompts and lbfgs: each block's first N evaluations train on your prompt(s) alone (a fraction of the "
-        f"cost), the rest on every prompt (fast default with match kl: {FAST_WARMUP}, then {STEPS_AFTER_WARMUP} on every "
+        f"cost), the rest on every prompt (fast default with match kl or kl-top: {FAST_WARMUP}, then {STEPS_AFTER_WARMUP} on every "
         "prompt; 0: every evaluation on every prompt, 30 of them).",
         minimum=0,
     )
@@ -429,22 +445,23 @@ class OrthoConfig:
 
     def resolved(
         self, base_norm: float, d_model: int, n_layers: int | None = None, own_prompts: int = 1, chat: bool = True, shows_at: int | None = None,
-        bfloat16_fast: bool = False,
+        bfloat16_fast: bool = False, vocab: int | None = None,
     ) -> OrthoSettings:
         """The concrete settings for θ0 of this norm on a model this wide and deep, trained on ``own_prompts`` prompts of
         the user's (besides the shipped ones), in a chat template (``chat``) or raw; ``shows_at``: the token of θ0's
         completion on the run's prompt at which its behaviour shows (None: none, or not measured); ``bfloat16_fast``:
-        whether the device has bfloat16 units (what precision auto becomes)."""
+        whether the device has bfloat16 units (what precision auto becomes); ``vocab``: the model's vocabulary size
+        (what fast mode's match becomes: :func:`fast_match`)."""
         optimizer = self._optimizer()
         source, target = self.layers(n_layers)
         fast = self.mode == "fast"
         continuation = self.continuation if self.continuation is not None else (fast_continuation(shows_at) if fast else 0)
-        match = self.match or (FAST_MATCH if fast else "mean")
+        match = self.match or (fast_match(vocab) if fast else "mean")
         block = self.block_size()
         # the shipped prompts are chat requests: raw, on a base model, θ0's continuation there is another kind of text, and
         # matching it cost Gemma 3 270M's copies θ0's effect on the run's prompt (median KL 5.5 against 0.23: RESULTS)
         extra = self.extra_prompts if self.extra_prompts is not None else (FAST_EXTRA_PROMPTS if fast and chat else 0)
-        default_warmup = FAST_WARMUP if match == "kl" else 0  # measured with kl only
+        default_warmup = FAST_WARMUP if match in ("kl", "kl-top") else 0  # measured with these two (fidelity)
         warmup = (self.warmup if self.warmup is not None else default_warmup) if fast and extra and optimizer == "lbfgs" else 0
         return OrthoSettings(
             source=source,

@@ -58,6 +58,13 @@ class LoadedModel:
         return int(embeddings.weight.shape[1])
 
     @property
+    def vocab(self) -> int:
+        """Rows of the LM head: the tokens a next-token distribution runs over."""
+        head = self.model.get_output_embeddings()
+        assert head is not None and isinstance(head.weight, torch.Tensor)
+        return int(head.weight.shape[0])
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -24,6 +24,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --compile   # a block-16 step eager against torch.compile of blocks s+1 … L
     .venv/bin/python bench/utilisation.py --kl-chunks # melbo's KL from the logits against the same in chunks (not taken)
     .venv/bin/python bench/utilisation.py --default   # the default objective's two evaluations against their FLOP floor, and a block's
+    .venv/bin/python bench/utilisation.py --kl-top    # kl against kl-top on SmolLM2 (49k tokens) and Gemma 3 270M (262k): the default by vocabulary
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true", help="only the default's block with or without its warm-up (block 16)")
     parser.add_argument("--compile", action="store_true", help="only a step eager against torch.compile of blocks s+1 … L (block 16)")
     parser.add_argument("--kl-chunks", action="store_true", help="only the KL's passes over the logits in one piece or in chunks (block 16)")
+    parser.add_argument("--kl-top", action="store_true", help="only kl against kl-top on SmolLM2 and Gemma 3 270M (block 16): fast mode's match by vocabulary")
     parser.add_argument("--default", action="store_true", help="only the default objective's evaluations (warm-up, packed) against their floor (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
@@ -333,14 +335,54 @@ def _pieces(logits, chunk: int):
 GEMMA_NORM = 67.0  # ‖θ0‖ of the random base the Gemma 3 270M timings use (gemma_kl, kl_chunks)
 
 
-def gemma_objective(lm):
-    """Gemma 3 270M's default kl objective (layers 5 → 12, float32) on its raw prompt, for a random base of norm
+def gemma_objective(lm, match: str = "kl"):
+    """Gemma 3 270M's ``match`` objective (layers 5 → 12, float32) on its raw prompt, for a random base of norm
     GEMMA_NORM (fixed seed): one prompt, nothing packed."""
     from models import GEMMA_PROMPT
 
     base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
     return objective(lm, GEMMA_NORM * base / base.norm(), [GEMMA_PROMPT],
-                     OrthoConfig(source=5, target=12, match="kl", precision="float32"), PromptFormat(chat_template=False))
+                     OrthoConfig(source=5, target=12, match=match, precision="float32"), PromptFormat(chat_template=False))
+
+
+def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
+    """Why fast mode's match is kl on SmolLM2 and kl-top from KL_TOP_VOCAB tokens (engines.config.fast_match): a
+    block-``block`` evaluation (float32) with each, alternating, best of ``rounds``, on SmolLM2 (49k tokens; the default
+    objective, on the run's prompt alone and on all five packed) and on Gemma 3 270M (262k; its raw prompt) where it can
+    be had; with the tokens kl-top keeps and its loss against kl's on the same rows."""
+    import functools
+
+    from models import Unavailable, gemma_path
+
+    cases = {}  # name → ({match: loss}, d, norm)
+    smol = {m: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32", match=m)) for m in ("kl", "kl-top")}
+    cases[f"SmolLM2 ({lm.vocab:,}), run's prompt alone"] = ({m: functools.partial(f, own_only=True) for m, f in smol.items()}, lm.d_model, 26.6)
+    cases[f"SmolLM2 ({lm.vocab:,}), all five packed"] = (smol, lm.d_model, 26.6)
+    try:
+        gemma = load_model(str(gemma_path()), device="cpu")
+        cases[f"Gemma 3 270M ({gemma.vocab:,}), raw prompt"] = ({m: gemma_objective(gemma, m) for m in ("kl", "kl-top")}, gemma.d_model, GEMMA_NORM)
+    except Unavailable as why:
+        print(f"Gemma 3 270M left out: {why}")
+    times: dict[tuple[str, str], float] = {}
+    for _ in range(rounds):
+        for name, (losses, d, norm) in cases.items():
+            for match, loss in losses.items():
+                seconds = step_seconds(loss, block, d, norm, repeats)
+                times[(name, match)] = min(seconds, times.get((name, match), seconds))
+    print(f"a block-{block} evaluation (float32), kl against kl-top, best of {rounds} rounds side by side; kept: the tokens kl-top's "
+          "head runs on; loss: kl-top's against kl's on the same random rows (median ratio)")
+    print(f"{'objective':<42}{'kl (ms)':>10}{'kl-top (ms)':>13}{'ratio':>7}{'kept':>9}{'loss':>7}")
+    ratios = []
+    for name, (losses, d, norm) in cases.items():
+        theta = torch.randn(block, d, generator=torch.Generator().manual_seed(0)) * norm / d**0.5
+        with torch.no_grad():
+            agree = float((losses["kl-top"](theta) / losses["kl"](theta)).median())
+        problem = getattr(losses["kl-top"], "func", losses["kl-top"]).__self__
+        kept = max(top.head.shape[0] for top in problem.tops)
+        ratio = times[(name, "kl-top")] / times[(name, "kl")]
+        ratios.append(f"{name} {ratio:.2f}×")
+        print(f"{name:<42}{1000 * times[(name, 'kl')]:>10.1f}{1000 * times[(name, 'kl-top')]:>13.1f}{ratio:>7.2f}{kept:>9,}{agree:>7.3f}")
+    return "a kl-top evaluation takes " + ", ".join(ratios) + " kl's time"
 
 
 def kl_through_log_softmax(logits, log_probs_base):
@@ -549,6 +591,7 @@ def starts(lm, base, loss, start, block, steps: int, first: float) -> str:
 
 ONLY = {  # the options that run one measurement alone on SmolLM2 (block 16): its function and repeats per timing
     "packing": (packing, 3), "warmup": (warmup, 3), "compile": (compiled, 3), "kl_chunks": (kl_chunks, 2), "default": (default_floor, 3),
+    "kl_top": (kl_top, 3),
 }
 
 

@@ -113,7 +113,7 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     records = run.records[1:]
     kls = [r.kl for r in records]
-    resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.vocab)
+    resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")
     print(f"{lm.name} ({dtype}): d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
           f"extra prompts {resolved.extra_prompts}, base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")

@@ -356,11 +356,11 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
 
     cases = {}  # name → ({match: loss}, d, norm)
     smol = {m: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32", match=m)) for m in ("kl", "kl-top")}
-    cases[f"SmolLM2 ({lm.vocab:,}), run's prompt alone"] = ({m: functools.partial(f, own_only=True) for m, f in smol.items()}, lm.d_model, 26.6)
-    cases[f"SmolLM2 ({lm.vocab:,}), all five packed"] = (smol, lm.d_model, 26.6)
+    cases[f"SmolLM2 ({lm.plain_head_vocab:,}), run's prompt alone"] = ({m: functools.partial(f, own_only=True) for m, f in smol.items()}, lm.d_model, 26.6)
+    cases[f"SmolLM2 ({lm.plain_head_vocab:,}), all five packed"] = (smol, lm.d_model, 26.6)
     try:
         gemma = load_model(str(gemma_path()), device="cpu")
-        cases[f"Gemma 3 270M ({gemma.vocab:,}), raw prompt"] = ({m: gemma_objective(gemma, m) for m in ("kl", "kl-top")}, gemma.d_model, GEMMA_NORM)
+        cases[f"Gemma 3 270M ({gemma.plain_head_vocab:,}), raw prompt"] = ({m: gemma_objective(gemma, m) for m in ("kl", "kl-top")}, gemma.d_model, GEMMA_NORM)
     except Unavailable as why:
         print(f"Gemma 3 270M left out: {why}")
     times: dict[tuple[str, str], float] = {}

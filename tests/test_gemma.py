@@ -61,7 +61,7 @@ def test_fast_modes_copies_of_a_gemma_vector_match_on_its_likeliest_tokens(gemma
     base = 67.0 * base / base.norm()
     cfg = OrthoConfig(source=5, target=12, count=2, block=2, steps=5, completion_tokens=0)
     run = ortho(gemma, base, [GEMMA_PROMPT], cfg, fmt, out=tmp_path / "ortho")
-    assert gemma.vocab == 262_144 and run.meta.config["match"] == "kl-top"
+    assert gemma.plain_head_vocab == 262_144 and run.meta.config["match"] == "kl-top"
     copies = run.vectors[1:]
     with torch.no_grad():
         top = objective(gemma, base, [GEMMA_PROMPT], cfg, fmt)(copies)

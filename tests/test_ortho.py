@@ -463,7 +463,8 @@ def test_the_continuation_reuses_the_base_text_already_generated_unless_it_stops
 def test_fast_mode_matches_on_the_likeliest_tokens_where_the_vocabulary_is_large(char_tokenizer, tmp_path):
     """Fast mode's default objective is kl, and kl-top (the head on θ0's likeliest tokens) from KL_TOP_VOCAB tokens on:
     resolved from the model's LM head, recorded in the run, kept by a resume of a run made before (its own match), and
-    overridden by --match; seed mode keeps the post's mean."""
+    overridden by --match; seed mode keeps the post's mean; kl where the logits are capped after the head (Gemma 2),
+    which kl-top cannot run on."""
     from melbo.engines.config import KL_TOP_VOCAB, fast_match
     from melbo.model.loading import LoadedModel
     from tests.conftest import make_tiny_model
@@ -480,9 +481,17 @@ def test_fast_mode_matches_on_the_likeliest_tokens_where_the_vocabulary_is_large
     model.resize_token_embeddings(KL_TOP_VOCAB, mean_resizing=False)  # random rows; the character tokenizer uses the first 128 ids
     large = LoadedModel(model, char_tokenizer, "tiny-large-vocab", {"id": "tiny"})
     small = LoadedModel(make_tiny_model("llama", initializer_range=0.3), char_tokenizer, "tiny", {"id": "tiny"})
-    assert (large.vocab, small.vocab) == (KL_TOP_VOCAB, 128)
+    assert (large.plain_head_vocab, small.plain_head_vocab) == (KL_TOP_VOCAB, 128)
     cfg = OrthoConfig(source=1, target=4, count=2, block=2, steps=4, completion_tokens=0, extra_prompts=0, continuation=2)
     for lm, match in ((large, "kl-top"), (small, "kl")):
         run = ortho(lm, base_vector(), [PROMPT], cfg, out=tmp_path / match)
         assert run.meta.config["match"] == match
         assert run.vectors.shape == (3, 32) and max_abs_cosine(run.vectors) <= 1e-5
+
+    import transformers
+
+    capped = transformers.Gemma2Config(vocab_size=KL_TOP_VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, num_hidden_layers=6, final_logit_softcapping=30.0)
+    gemma2 = LoadedModel(transformers.AutoModelForCausalLM.from_config(capped).eval().requires_grad_(False), char_tokenizer, "tiny-gemma2", {"id": "tiny"})
+    assert gemma2.plain_head_vocab is None
+    assert ortho(gemma2, base_vector(), [PROMPT], cfg, out=tmp_path / "capped").meta.config["match"] == "kl"

@@ -122,7 +122,7 @@ def ortho(
     lm = load(model, device, dtype, found)
     cfg.check(lm.n_layers, lm.d_model)
     warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
-    plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers, vocab=lm.vocab)
+    plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
     progress, on_step = block_progress(-(-plan.count // plan.block), plan.steps, f"ortho ({cfg.mode})")
     with progress, interruptible(folder):
         run = engine.ortho(

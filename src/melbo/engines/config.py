@@ -272,8 +272,9 @@ FAST_MATCH_LARGE_VOCAB, KL_TOP_VOCAB = "kl-top", 100_000
 
 
 def fast_match(vocab: int | None) -> str:
-    """Fast mode's objective on a model with ``vocab`` tokens (None: not known): FAST_MATCH, or FAST_MATCH_LARGE_VOCAB
-    from KL_TOP_VOCAB tokens on."""
+    """Fast mode's objective on a model whose plain LM head has ``vocab`` tokens (None: not known, or a head with a bias
+    or logits capped or rescaled after it, which kl-top cannot run on): FAST_MATCH, or FAST_MATCH_LARGE_VOCAB from
+    KL_TOP_VOCAB tokens on."""
     return FAST_MATCH_LARGE_VOCAB if vocab is not None and vocab >= KL_TOP_VOCAB else FAST_MATCH
 
 # ... and longer where θ0's behaviour shows later on the run's prompt: through the token at which its completion (of
@@ -450,8 +451,9 @@ class OrthoConfig:
         """The concrete settings for θ0 of this norm on a model this wide and deep, trained on ``own_prompts`` prompts of
         the user's (besides the shipped ones), in a chat template (``chat``) or raw; ``shows_at``: the token of θ0's
         completion on the run's prompt at which its behaviour shows (None: none, or not measured); ``bfloat16_fast``:
-        whether the device has bfloat16 units (what precision auto becomes); ``vocab``: the model's vocabulary size
-        (what fast mode's match becomes: :func:`fast_match`)."""
+        whether the device has bfloat16 units (what precision auto becomes); ``vocab``: the tokens of the model's LM head
+        where kl-top can run on it (``LoadedModel.plain_head_vocab``; None: not known, or a head it cannot run on), what
+        fast mode's match becomes (:func:`fast_match`)."""
         optimizer = self._optimizer()
         source, target = self.layers(n_layers)
         fast = self.mode == "fast"

@@ -359,7 +359,7 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
         shows_at = label_shows_at(lm, known)  # behaviour_shows_at, keeping the tokens
     settings = cfg.resolved(
         float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at,
-        bfloat16_fast=bfloat16_is_fast(lm.device), vocab=lm.vocab,
+        bfloat16_fast=bfloat16_is_fast(lm.device), vocab=lm.plain_head_vocab,
     )
     return _Prepared(base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)], known)
 

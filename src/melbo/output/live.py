@@ -34,6 +34,11 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=LOG_WIDTH if plain else None)
 
 
+def to_log(target: Console) -> bool:
+    """Whether ``target`` writes to a log (no terminal, COLUMNS unset): there, text that could be wide goes as plain lines."""
+    return target.width == LOG_WIDTH and not target.is_terminal
+
+
 console = make_console()
 err_console = make_console(stderr=True)
 

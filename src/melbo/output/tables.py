@@ -10,9 +10,11 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import JustifyMethod, RenderableType
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from melbo.output.live import console, log_line
+from melbo.output.live import console, log_line, to_log
 
 if TYPE_CHECKING:
     from melbo.analysis.choose import BaseChoice
@@ -34,7 +36,7 @@ Lines = list[RenderableType]
 def show(items: Iterable[RenderableType]) -> None:
     """Print tables at their width, and lines whole (soft-wrapped: a log or a pipe gets each as one line)."""
     for item in items:
-        console.print(item, soft_wrap=isinstance(item, str))
+        console.print(item, soft_wrap=isinstance(item, (str, Text)))
 
 
 def make_table(title: str, columns: Sequence[tuple[str, JustifyMethod]], **options: Any) -> Table:
@@ -45,9 +47,21 @@ def make_table(title: str, columns: Sequence[tuple[str, JustifyMethod]], **optio
     return table
 
 
-def short(text: str | None, width: int = 110) -> str:
+def clip(text: str | None, width: int | None = None) -> str:
+    """``text`` on one line, cut to ``width`` characters (… marks a cut)."""
     flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+    return flat if width is None or len(flat) <= width else flat[: width - 1] + "…"
+
+
+def short(text: str | None, width: int = 110) -> str:
+    """A model's text or a prompt on one line, cut to ``width``, as literal text: its brackets are never read as markup
+    (a completion's ``arr[i]`` prints as written, and ``[/b]`` in one cannot stop the output)."""
+    return escape(clip(text, width))
+
+
+def quoted(text: str | None, width: int | None = None) -> str:
+    """``repr`` of a model's text or a prompt (cut to ``width``), as literal text."""
+    return escape(repr(clip(text, width)))
 
 
 def or_dash(value: float | None, fmt: str) -> str:
@@ -72,10 +86,18 @@ def residual_norms(name: str, described: dict[str, Any], n_layers: int, d_model:
     return out
 
 
+def indented(text: str, by: str = "  ") -> str:
+    """Every non-empty line of ``text`` indented (a completion's paragraphs kept)."""
+    return "\n".join(f"{by}{line}" if line else "" for line in text.split("\n"))
+
+
 def side_by_side(title: str, plain: str, steered: str) -> Lines:
-    """``melbo generate``: the unsteered and the steered completion in two columns."""
-    table = make_table(title, (("unsteered", "left"), ("steered", "left")), show_lines=True)
-    table.add_row(plain, steered)
+    """``melbo generate``: the unsteered and the steered completion in two columns in a terminal; in a log (no terminal,
+    COLUMNS unset), one after the other, each under its name and indented, so that no line is wider than its text."""
+    if to_log(console):
+        return [Text(title), *(Text(f"{name}:\n" + indented(text)) for name, text in (("unsteered", plain), ("steered", steered)))]
+    table = make_table(escape(title), (("unsteered", "left"), ("steered", "left")), show_lines=True)
+    table.add_row(Text(plain), Text(steered))
     return [table]
 
 
@@ -147,11 +169,11 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
     summary, and for a MELBO-ortho run the behaviour share and its generalisation."""
     base, mode, first_prompt = cfg.base, cfg.mode(), prompts[0]
     first, completions = results.first_token(first_prompt), results.completions(first_prompt, mode)
-    table = make_table(f"{first_prompt!r} ({mode}); KL = KL(P_i ‖ P_{base}) at the last prompt token",
+    table = make_table(f"{quoted(first_prompt)} ({mode}); KL = KL(P_i ‖ P_{base}) at the last prompt token",
                        (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")))
     for i in indices[:show_rows]:
         out = completions[i][0]
-        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[i].kl:.3f}", out.label, " ".join(repr(t) for t, _ in first[i].top[:3]), short(out.text, 70))
+        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[i].kl:.3f}", out.label, escape(" ".join(repr(t) for t, _ in first[i].top[:3])), short(out.text, 70))
     counts = results.label_counts(first_prompt, mode)
     median, peak = results.kl_summary(first_prompt, indices, base)
     lines: Lines = [
@@ -161,13 +183,13 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
     if run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
         share = results.behaviour_share(first_prompt, mode, base)
         held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
-        lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {results.base_label(first_prompt, mode, base)!r} "
+        lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {quoted(results.base_label(first_prompt, mode, base))} "
                      f"on the run's prompt" + (f", {held:.0%} on the {len(prompts) - 1} held-out prompt(s)" if held is not None else ""))
     summary = results.generalisation
     if len(prompts) > 1 and summary:
         shares = sorted(summary.share.values())
         best = sorted(summary.share.items(), key=lambda kv: -kv[1])[:5]
-        lines.append(f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label ({summary.base_label!r}): "
+        lines.append(f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label ({quoted(summary.base_label)}): "
                      f"median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best))
     return lines
 
@@ -177,12 +199,12 @@ def judged(judged: JudgeResults, run_prompt: str, base: int | None, results: Eva
     (beside melbo's regex label per hundred, where a regex label reads the concept: the post's code dump, for one)."""
     from melbo.analysis.judge import LABEL_OF_CONCEPT
 
-    out: Lines = [f"judge {judged.model!r} at {judged.host} (template {judged.template}; scores are only as good as the judge); "
+    out: Lines = [f"judge {quoted(judged.model)} at {judged.host} (template {judged.template}; scores are only as good as the judge); "
                   f"{judged.requests_last_call} request(s) this call"]
     for name, summary in judged.summary.items():
         means = ", ".join(f"{source} {value:.2f}" for source, value in summary.mean_harmonic.items())
         agree = "" if summary.label_agreement is None else f"; agrees with melbo's regex label {summary.label_agreement:.0%}"
-        out.append(f"  {name}: {or_dash(summary.share_concept_2, '{:.0%}')} of the copies rated 2 on the concept on {run_prompt!r}; "
+        out.append(f"  {name}: {or_dash(summary.share_concept_2, '{:.0%}')} of the copies rated 2 on the concept on {quoted(run_prompt)}; "
                    f"mean harmonic score: {means or '—'}{agree}; {summary.unrated} rating(s) missing or unparsed")
         per_hundred = judged.rated_2_per_hundred(name, run_prompt, base)
         modes = list(results.prompts[run_prompt].completions) if run_prompt in results.prompts else []
@@ -220,7 +242,7 @@ def controls(controls: Controls, judged: JudgeResults | None = None) -> Lines:
 
 def composed(results: ComposeResults, text: str) -> Lines:
     """``melbo compose``: each combination's norm, KL, label and completion."""
-    table = make_table(f"{text!r}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)",
+    table = make_table(f"{quoted(text)}: combinations of the found vectors (KL = KL(P ‖ P_θ0) at the last prompt token)",
                        (("combination", "left"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("completion", "left")))
     for r in results.combinations:
         table.add_row(r.name, or_dash(r.norm, "{:.1f}"), or_dash(r.kl, "{:.3f}"), r.label, short(r.text, 70))
@@ -261,7 +283,7 @@ def demo_intro(study: Study) -> str:
     assert d is not None  # the built-in study discovers
     layers = f"after layer {d.source}" if d.source is not None else "about a third of the way in"
     read = f"after layer {d.target}" if d.target is not None else "about two thirds in"
-    return (f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {unit.prompts.prompts[0]!r}, vectors added {layers}, "
+    return (f"[bold]melbo demo[/bold] on SmolLM2-135M-Instruct: prompt {quoted(unit.prompts.prompts[0])}, vectors added {layers}, "
             f"change measured {read}, R = {d.radius if isinstance(d.radius, str) else format(d.radius, 'g')}.")
 
 
@@ -293,4 +315,4 @@ def base_choice(choice: BaseChoice, ortho: OrthoOutcome, found: Run) -> Lines:
         mark = "[bold green]" if c.index == choice.index else ""
         table.add_row(f"{mark}{c.index}", c.label, f"{c.nll:.2f}", f"{c.effect:.2f}", short(c.completion, 80))
     return [*out, table, f"[bold]Base vector:[/bold] {choice.reason()}.",
-            f"  unsteered model: {short(ortho.fidelity.unsteered_completion, 100)!r}", f"  base vector:     {short(choice.completion, 100)!r}"]
+            f"  unsteered model: {quoted(ortho.fidelity.unsteered_completion, 100)}", f"  base vector:     {quoted(choice.completion, 100)}"]

@@ -25,6 +25,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --kl-chunks # melbo's KL from the logits against the same in chunks (not taken)
     .venv/bin/python bench/utilisation.py --default   # the default objective's two evaluations against their FLOP floor, and a block's
     .venv/bin/python bench/utilisation.py --kl-top    # kl against kl-top on SmolLM2 (49k tokens) and Gemma 3 270M (262k): the default by vocabulary
+    .venv/bin/python bench/utilisation.py --floors    # the whole basis's FLOP floor on this CPU: SmolLM2, Gemma 3 270M, a Qwen2 0.5B's shapes
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import time
 import torch
 from common import summary_line
 
-from melbo.engines.config import OrthoConfig, Positions
+from melbo.engines.config import OrthoConfig, Positions, default_layers
 from melbo.engines.ortho import objective
 from melbo.model.forward import prepare
 from melbo.model.loading import load_model
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="only a step eager against torch.compile of blocks s+1 … L (block 16)")
     parser.add_argument("--kl-chunks", action="store_true", help="only the KL's passes over the logits in one piece or in chunks (block 16)")
     parser.add_argument("--kl-top", action="store_true", help="only kl against kl-top on SmolLM2 and Gemma 3 270M (block 16): fast mode's match by vocabulary")
+    parser.add_argument("--floors", action="store_true", help="only the whole basis's FLOP floor at this CPU's matmul rate: SmolLM2, Gemma 3 270M and the shapes of a Qwen2 0.5B")
     parser.add_argument("--default", action="store_true", help="only the default objective's evaluations (warm-up, packed) against their floor (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
@@ -588,10 +590,55 @@ def starts(lm, base, loss, start, block, steps: int, first: float) -> str:
     return (f"the shared-correction start reaches the random start's {steps}-evaluation loss after {needed} evaluations"
             if needed else f"the shared-correction start does not reach the random start's {steps}-evaluation loss")
 
+# The shapes of the issue's ~0.5B chat model (Qwen2-0.5B-Instruct's published config) and of Gemma 3 270M (as melbo
+# loads the GGUF): a floor needs only shapes, so neither model is loaded. Prompt tokens: Gemma's raw GEMMA_PROMPT with
+# its start token; Qwen2's chat template with its default system prompt around DEFAULT_PROMPT, counted by hand (26).
+SHAPES = {
+    "gemma3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, vocab_size=262_144, prompt_tokens=10),
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, head_dim=64, vocab_size=151_936, prompt_tokens=26),
+}
+FLOOR_EVALUATIONS = 30  # a whole-basis block's evaluations (fast mode on the run's prompt alone: bench/full_basis.py)
+KL_TOP_KEPT = 20_000  # tokens kl-top's head runs on: Gemma's kept 18k over a run's 20 positions (README), 63k on another base
+
+
+def floors(lm, base, block: int, repeats: int) -> str:
+    """The whole basis's floor per model: blocks of ``block`` rows × FLOOR_EVALUATIONS evaluations, each the forward and
+    input-gradient backward of layers s+1 … L−1 over the prompt and θ0's 16 continuation tokens and the LM head at the
+    last 20 positions (every token for kl, KL_TOP_KEPT for kl-top), at the rate of a same-shape float32 matmul here.
+    What a run adds to it (completions, orthogonalisation, a step's other work) is the gap to full_basis's minutes."""
+    from types import SimpleNamespace
+
+    smol = lm.model.config
+    shapes = {"smollm2": dict(hidden_size=smol.hidden_size, intermediate_size=smol.intermediate_size, num_hidden_layers=smol.num_hidden_layers,
+                              num_attention_heads=smol.num_attention_heads, num_key_value_heads=smol.num_key_value_heads,
+                              head_dim=smol.hidden_size // smol.num_attention_heads, vocab_size=smol.vocab_size,
+                              prompt_tokens=prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length), **SHAPES}
+    continuation, positions = 16, 20  # fast mode's last:20: the prompt's last 4 tokens and θ0's 16
+    print(f"{'model':<13}{'d':>5}{'layers':>8}{'tokens':>7}{'vocab':>9}{'matmul GFLOP/s':>16}{'eval floor kl / kl-top':>24}"
+          f"{'copies':>8}{'basis floor kl / kl-top':>25}")
+    out = []
+    for name, shape in shapes.items():
+        config = SimpleNamespace(**shape)
+        d, n_layers = config.hidden_size, config.num_hidden_layers
+        source = default_layers(n_layers)[0]  # melbo's s: 8 of 30 layers, 5 of 18, 7 of 24
+        tokens = config.prompt_tokens + continuation
+        body = step_flops(config, block, tokens, n_layers - 1 - source)
+        head = {match: 2.0 * block * positions * 2 * kept * d for match, kept in (("kl", config.vocab_size), ("kl-top", min(KL_TOP_KEPT, config.vocab_size)))}
+        rate = max(matmul_rate(config, block * tokens, max(10, repeats * 10)) for _ in range(5))  # the best of 5: a floor
+        seconds = {match: (body + flops) / rate for match, flops in head.items()}
+        blocks = -(-(d - 1) // block)
+        minutes = {match: blocks * FLOOR_EVALUATIONS * value / 60 for match, value in seconds.items()}
+        print(f"{name:<13}{d:>5}{f'{source + 1}…{n_layers - 1}':>8}{tokens:>7}{config.vocab_size:>9,}{rate / 1e9:>16.1f}"
+              f"{seconds['kl']:>14.2f} / {seconds['kl-top']:.2f} s{d - 1:>8}{minutes['kl']:>15.1f} / {minutes['kl-top']:.1f} min")
+        out.append(f"{name} {minutes['kl']:.0f} / {minutes['kl-top']:.0f} min ({60 * minutes['kl-top'] / (d - 1):.2f} s per copy with kl-top)")
+    return (f"whole basis at the FLOP floor here (kl / kl-top, {FLOOR_EVALUATIONS} evaluations per block of {block}): " + "; ".join(out))
+
 
 ONLY = {  # the options that run one measurement alone on SmolLM2 (block 16): its function and repeats per timing
     "packing": (packing, 3), "warmup": (warmup, 3), "compile": (compiled, 3), "kl_chunks": (kl_chunks, 2), "default": (default_floor, 3),
-    "kl_top": (kl_top, 3),
+    "kl_top": (kl_top, 3), "floors": (floors, 3),
 }
 
 

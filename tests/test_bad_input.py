@@ -80,6 +80,12 @@ def prepare(case: str, tmp: Path) -> list[str]:
         return ["export", str(good_run(tmp)), "--format", "onnx"]
     if case == "export index out of range":
         return ["export", str(good_run(tmp)), "--index", "9"]
+    if case == "export to a folder that cannot be made":
+        return ["export", str(good_run(tmp)), "-o", "/proc/no-such-folder/v.gguf"]  # procfs: no new folders, even for root
+    if case == "compose with k 0":
+        return ["compose", str(good_run(tmp)), "--k", "0,2"]
+    if case == "generate with a nan scale":
+        return ["generate", "--run", str(good_run(tmp)), "--scale", "nan"]
     if case == "prompt file empty":
         (tmp / "prompts.txt").write_text("\n  \n")
         return ["discover", "--prompt-file", str(tmp / "prompts.txt"), "--out", str(tmp / "o")]
@@ -120,10 +126,13 @@ CASES = [
     ("unknown option", ["discover", "--no-such-option"], "No such option"),
     ("unknown export format", None, "unknown format"),
     ("export index out of range", None, "vectors 0 to 1"),
+    ("export to a folder that cannot be made", None, "/proc/no-such-folder/v.gguf: cannot write here"),
+    ("compose with k 0", None, "at least 1"),
+    ("generate with a nan scale", None, "'--scale': nan is not a finite number"),
 ]
 
 
-IN_A_PROCESS = {"unknown option", "truncated gguf", ".pt with pickled code", "output folder holds another run"}
+IN_A_PROCESS = {"unknown option", "truncated gguf", ".pt with pickled code", "output folder holds another run", "export to a folder that cannot be made"}
 
 
 @pytest.mark.parametrize("name, args, needle", CASES, ids=[c[0] for c in CASES])

@@ -64,9 +64,12 @@ class ComposeConfig:
     def parse_ks(text: str) -> list[int]:
         """``"1,2,5,10"`` (the command line's --k) as a list, or a one-line error."""
         try:
-            return [int(x) for x in text.split(",")]
+            ks = [int(x) for x in text.split(",")]
         except ValueError as exc:
             raise MelboError(f"--k {text!r}: give whole numbers separated by commas, e.g. 1,2,5,10") from exc
+        if min(ks) < 1:
+            raise MelboError(f"--k {text!r}: each k is a number of vectors to average, at least 1")
+        return ks
 
 
 @dataclass

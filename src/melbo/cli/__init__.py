@@ -60,6 +60,10 @@ def main() -> None:
         if extra is None or debug["on"]:
             raise
         fail(f"this command needs {exc.name}, which is not installed: pip install 'melbo[{extra}]'")
+    except OSError as exc:  # a path given that cannot be written or read (no such folder, no permission, disk full)
+        if exc.filename is None or debug["on"]:
+            raise
+        fail(f"{exc.filename}: {exc.strerror or exc}")
     except TyperException as exc:  # a malformed command line: one line, like every other user error
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `melbo` or `melbo ortho`: show the help
             app(prog_name="melbo", args=[*sys.argv[1:], "--help"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,15 @@ import typer
 from melbo.setting import described
 
 Command = Callable[..., Any]
+
+
+def finite(value: float | None) -> float | None:
+    """Every float option's check: nan and inf are refused at parse time (click's ``min=`` lets nan through, and a nan
+    scale or temperature would run to the end and print empty text)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="'smollm2' (embedded default), a Hugging Face id, a model folder or a .gguf file.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
@@ -38,7 +48,7 @@ NewTokens = Annotated[int, typer.Option(min=1, help="Tokens generated per comple
 Indices = Annotated[str, typer.Option("--index", help="Vectors: all, 3, 0-99 or 1,4,7.")]
 Show = Annotated[int, typer.Option(help="Rows of the table printed.")]
 Layer = Annotated[int | None, typer.Option(help="Layer the vector is added after (default: the run's source layer).")]
-Scale = Annotated[float, typer.Option(help="Multiply the vector(s) by this.")]
+Scale = Annotated[float, typer.Option(help="Multiply the vector(s) by this.", callback=finite)]
 Run = Annotated[Path, typer.Argument(help="A run folder.")]
 OrthoRun = Annotated[Path, typer.Argument(help="A MELBO-ortho run folder (row 0 = θ0).")]
 
@@ -63,8 +73,9 @@ def config_options(cls: type, before: str) -> Callable[[Command], Command]:
         added = []
         for f in described(cls):
             meta = f.metadata
-            option = typer.Option(*(meta["flags"] or (f"--{f.name.replace('_', '-')}",)), help=meta["help"], min=meta["minimum"])
             kind, default = (str, str(f.default)) if meta["text"] else (hints[f.name], f.default)
+            check = finite if kind is float or kind == (float | None) else None
+            option = typer.Option(*(meta["flags"] or (f"--{f.name.replace('_', '-')}",)), help=meta["help"], min=meta["minimum"], callback=check)
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]))
         at = next(k for k, p in enumerate(own) if p.name == before)
 

@@ -54,8 +54,8 @@ def study(
         "--ray", metavar="[ADDRESS]",
         help="Run on Ray: alone (or 'local'), a local Ray for this call; auto, HOST:PORT or ray://HOST:10001, an existing cluster.",
     )] = None,
-    num_cpus: Annotated[float | None, typer.Option(min=0.0, help="With --ray: CPUs per worker (default: the study's ray table, else 1).")] = None,
-    num_gpus: Annotated[float | None, typer.Option(min=0.0, help="With --ray: GPUs per worker (default: the study's ray table, else 0).")] = None,
+    num_cpus: Annotated[float | None, typer.Option(min=0.0, callback=opt.finite, help="With --ray: CPUs per worker (default: the study's ray table, else 1).")] = None,
+    num_gpus: Annotated[float | None, typer.Option(min=0.0, callback=opt.finite, help="With --ray: GPUs per worker (default: the study's ray table, else 0).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="With --ray: workers per model (default: as the cluster allows).")] = None,
 ) -> None:
     """Run every run a study file describes (in this process, or on Ray); writes OUT/study.html and a report per run."""

@@ -25,8 +25,11 @@ def write_bytes(data: bytes, path: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Write through ``write(tmp_path)`` then rename over ``path``; nothing half-written is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # named for the file asked for, not its folder or the temporary file beside it
+        raise OSError(exc.errno, f"cannot write here ({exc.strerror})", str(path)) from exc
     os.close(fd)
     try:
         write(Path(tmp))

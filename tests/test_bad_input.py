@@ -80,6 +80,8 @@ def prepare(case: str, tmp: Path) -> list[str]:
         return ["export", str(good_run(tmp)), "--format", "onnx"]
     if case == "export index out of range":
         return ["export", str(good_run(tmp)), "--index", "9"]
+    if case == "export index range backwards":
+        return ["export", str(good_run(tmp)), "--index", "1-0"]
     if case == "export to a folder that cannot be made":
         return ["export", str(good_run(tmp)), "-o", "/proc/no-such-folder/v.gguf"]  # procfs: no new folders, even for root
     if case == "compose with k 0":
@@ -126,6 +128,8 @@ CASES = [
     ("unknown option", ["discover", "--no-such-option"], "No such option"),
     ("unknown export format", None, "unknown format"),
     ("export index out of range", None, "vectors 0 to 1"),
+    ("export index range backwards", None, "a range goes from low to high, e.g. 0-1"),
+    ("prompt file is a folder", ["discover", "--prompt-file", ".", "--out", "o"], "prompt file . is a folder, not a file"),
     ("export to a folder that cannot be made", None, "/proc/no-such-folder/v.gguf: cannot write here"),
     ("compose with k 0", None, "at least 1"),
     ("generate with a nan scale", None, "'--scale': nan is not a finite number"),

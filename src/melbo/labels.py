@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from melbo.errors import MelboError
+from melbo.files.io import need_file
 
 LABELS = ("code", "compliance", "refusal", "degenerate", "other")
 NO_BEHAVIOUR = ("degenerate", "other")  # labels that name no behaviour a vector could carry
@@ -226,8 +227,7 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
         python = "my_labels.py:is_poem"     # a function str -> bool in a file of yours (it is run)
     """
     path = Path(path)
-    if not path.is_file():
-        raise MelboError(f"labels file {path} does not exist")
+    need_file(path, "labels file")
     try:
         data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:

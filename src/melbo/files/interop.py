@@ -46,6 +46,8 @@ def parse_indices(spec: str, count: int) -> list[int]:
         if not match:
             raise MelboError(f"--index {spec!r}: use a number, a range like 0-9, a list like 1,4,7, or all")
         low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise MelboError(f"--index {spec!r}: a range goes from low to high, e.g. {high}-{low}")
         indices.extend(range(low, high + 1))
     bad = [i for i in indices if not 0 <= i < count]
     if bad or not indices:

@@ -18,6 +18,14 @@ def _umask() -> int:
     return mask
 
 
+def need_file(path: Path, what: str) -> None:
+    """A one-line error unless ``path`` is a file: ``what`` names it ("prompt file"), and a folder is called one."""
+    if path.is_dir():
+        raise MelboError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise MelboError(f"{what} {path} does not exist")
+
+
 def write_bytes(data: bytes, path: Path) -> None:
     """``path.write_bytes(data)``, arguments in the order ``atomic_write(target, partial(write_bytes, data))`` needs."""
     path.write_bytes(data)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from melbo.errors import MelboError
+from melbo.files.io import need_file
 
 
 def load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -29,8 +30,7 @@ def load_vector_file(path: str | Path, d_model: int | None = None) -> Tensor:
     ``.pt`` files are read with ``weights_only=True``: a file holding pickled code is refused, never run.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MelboError(f"vector file {path} does not exist")
+    need_file(path, "vector file")
     if path.suffix in (".pt", ".pth", ".bin"):
         vectors = _load_pt(path)
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from melbo.errors import MelboError
+from melbo.files.io import need_file
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -107,8 +108,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: s
     that kind (``--prompt-set``) after them, each prompt once."""
     found = list(prompts or [])
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise MelboError(f"prompt file {prompt_file} does not exist")
+        need_file(prompt_file, "prompt file")
         try:
             lines = prompt_file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:

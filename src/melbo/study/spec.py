@@ -50,6 +50,7 @@ from melbo.analysis.config import ChooseConfig, ComposeConfig, EvalConfig, Probe
 from melbo.analysis.judge import JudgeConfig
 from melbo.engines.config import DiscoverConfig, OrthoConfig
 from melbo.errors import MelboError
+from melbo.files.io import need_file
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 
 
@@ -183,8 +184,7 @@ class Study:
     @classmethod
     def from_toml(cls, path: str | Path) -> Study:
         path = Path(path)
-        if not path.is_file():
-            raise MelboError(f"study file {path} does not exist")
+        need_file(path, "study file")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

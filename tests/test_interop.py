@@ -119,4 +119,7 @@ def test_import_errors(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(MelboError, match="not a readable GGUF"):
         import_file(tmp_path / "bad.gguf", tmp_path / "o")
+    (tmp_path / "text.gguf").write_text("hello")
+    with pytest.raises(MelboError, match="not a GGUF file .it does not start with the GGUF magic bytes"):
+        import_file(tmp_path / "text.gguf", tmp_path / "o")
     assert not (tmp_path / "o").exists()

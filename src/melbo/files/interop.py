@@ -119,9 +119,12 @@ def read_control_vector(path: Path) -> tuple[dict[int, Tensor], str | None]:
     """``({layer: vector}, model hint)`` from a control-vector GGUF."""
     import gguf
 
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise MelboError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises several types on a foreign or truncated file
+    except Exception as exc:  # the reader raises several types on a truncated file
         raise MelboError(f"{path} is not a readable GGUF file ({exc})") from exc
     arch = reader.get_field("general.architecture")
     if arch is None or bytes(arch.parts[-1]).decode() != "controlvector":

@@ -79,6 +79,21 @@ def test_bad_settings(tiny_lm, kw, message):
         discover(tiny_lm, ["hello"], small(**kw))
 
 
+def test_no_prompt_and_a_batch_for_generate_are_clear_errors(tiny_lm):
+    """From Python as from the shell: no prompt, and a (K, d) tensor where generate wants one vector."""
+    from melbo.analysis.generate import generate
+    from melbo.engines.ortho import OrthoConfig, ortho
+
+    with pytest.raises(MelboError, match="no prompt given"):
+        discover(tiny_lm, [], small())
+    with pytest.raises(MelboError, match="no prompt given"):
+        discover(tiny_lm, [], small(radius="auto"))  # auto R's probes come first
+    with pytest.raises(MelboError, match="no prompt given"):
+        ortho(tiny_lm, torch.randn(32), [], OrthoConfig(count=2, block=2, steps=2, source=1, target=4))
+    with pytest.raises(MelboError, match=r"one vector \(d_model,\), not a tensor of shape \(2, 32\)"):
+        generate(tiny_lm, torch.zeros(2, 32), 1, "hello")
+
+
 def test_calibrate_tries_each_given_radius(nonlinear_lm):
     choice = calibrate(nonlinear_lm, ["hello"], small(steps=10, radius="auto"), PromptFormat(), RadiusConfig(radii=(1.0, 4.0, 16.0), vectors=2))
     assert [p.radius for p in choice.probes] == [1.0, 4.0, 16.0] and all(p.vectors == 2 for p in choice.probes)

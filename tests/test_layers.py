@@ -96,6 +96,13 @@ def test_wrong_batch_of_vectors_is_a_clear_error(tiny):
     assert hook_count(tiny) == 0
 
 
+def test_a_vector_of_another_width_is_a_clear_error(tiny):
+    d = tiny.get_input_embeddings().weight.shape[1]
+    with pytest.raises(MelboError, match=f"width {d + 1} for a residual stream of width {d}"), torch.no_grad():
+        residual_after(tiny, 3, IDS, steer=(1, torch.zeros(d + 1)))
+    assert hook_count(tiny) == 0
+
+
 def test_layer_out_of_range(tiny):
     with pytest.raises(MelboError, match="layers 0 to 5"):
         residual_after(tiny, 6, IDS)

@@ -108,6 +108,8 @@ def add_to_residual(model: nn.Module, layer: int, vector: Tensor | Callable[[], 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = _hidden(output)
         delta = (vector() if callable(vector) else vector).to(dtype=hidden.dtype, device=hidden.device)
+        if delta.shape[-1] != hidden.shape[-1]:
+            raise MelboError(f"a steering vector of width {delta.shape[-1]} for a residual stream of width {hidden.shape[-1]} (the model's d_model)")
         if delta.dim() == 2:
             if delta.shape[0] != hidden.shape[0]:
                 raise MelboError(

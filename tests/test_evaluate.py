@@ -72,6 +72,12 @@ def test_bad_settings(tiny_lm, run):
         evaluate(tiny_lm, run, ["hi"], [0], EvalConfig(base=9))
     with pytest.raises(MelboError, match="temperature"):
         evaluate(tiny_lm, run, ["hi"], [0], EvalConfig(temperature=-1))
+    n = run.vectors.shape[0]
+    for indices in ([n], [-1]):  # -1 would have been evaluated and stored as a vector "-1"
+        with pytest.raises(MelboError, match=rf"vector\(s\) \[{indices[0]}\]: the run has vectors 0 to {n - 1}"):
+            evaluate(tiny_lm, run, ["hi"], indices)
+    with pytest.raises(MelboError, match="no prompt given"):
+        evaluate(tiny_lm, run, [], [0])
 
 
 def test_kl_by_hand_on_real_logits():

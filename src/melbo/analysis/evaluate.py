@@ -245,6 +245,11 @@ def evaluate(
     cfg.check()
     if not 0 <= cfg.base < run.vectors.shape[0]:
         raise MelboError(f"--base {cfg.base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
+    if not prompts:
+        raise MelboError("no prompt given: the run's own prompt comes first (eval_prompts gives it and the held-out ones)")
+    outside = [i for i in indices if not 0 <= i < run.vectors.shape[0]]
+    if outside:
+        raise MelboError(f"vector(s) {outside[:5]}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
     source = run.source_layer
     results = EvalResults.load(run)
     results.settings = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}

@@ -358,10 +358,10 @@ def write_run(
     path = Path(path)
     vectors = vectors.detach().to("cpu", torch.float32).contiguous()
     if vectors.dim() != 2:
-        raise ValueError(f"vectors must be (N, d_model), got {tuple(vectors.shape)}")
+        raise MelboError(f"vectors must be (N, d_model), got {tuple(vectors.shape)}")
     meta = meta if isinstance(meta, RunMeta) else RunMeta.from_json(meta)
     if len(meta.records) != vectors.shape[0]:
-        raise ValueError(f"{len(meta.records)} records for {vectors.shape[0]} vectors")
+        raise MelboError(f"{len(meta.records)} records for {vectors.shape[0]} vectors")
     meta.created = meta.created or now_iso()
     meta.updated = now_iso()
     meta.versions = meta.versions or package_versions()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.io import atomic_write
+from melbo.files.io import atomic_write, need_file
 from melbo.files.runs import Run, write_imported
 from melbo.files.vectors import load_vector_file, validate_vectors
 
@@ -148,8 +148,7 @@ def import_file(source: str | Path, out: str | Path, layer: int | None = None, m
     model the vectors are for (a study's); else a GGUF control vector's model hint, if any.
     """
     source = Path(source)
-    if not source.is_file():
-        raise MelboError(f"vector file {source} does not exist")
+    need_file(source, "vector file")
     if source.suffix == ".gguf":
         directions, hint = read_control_vector(source)
         chosen = _choose_layer(directions, layer, source)

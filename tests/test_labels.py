@@ -158,3 +158,10 @@ def test_user_labels(tmp_path):
     (tmp_path / "bad.json").write_text('[{"name": "x", "pattern": "("}]')
     with pytest.raises(MelboError, match="bad regular expression"):
         load_rules(tmp_path / "bad.json")
+    # the user's own code failing: one line naming the predicate, not a traceback from inside melbo
+    (tmp_path / "raising.py").write_text("def is_poem(text):\n    raise KeyError('oops')\n")
+    (tmp_path / "broken.py").write_text("def is_poem(:\n")
+    for module, message in (("raising", "raised KeyError: 'oops' on the text 'roses are red'"), ("broken", "failed to load: SyntaxError")):
+        (tmp_path / f"{module}.json").write_text(f'[{{"name": "poem", "python": "{module}.py:is_poem"}}]')
+        with pytest.raises(MelboError, match=message):
+            label("roses are red", load_rules(tmp_path / f"{module}.json"))

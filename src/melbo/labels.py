@@ -261,8 +261,18 @@ def _load_predicate(spec: str, folder: Path) -> Callable[[str], bool]:
     if module_spec is None or module_spec.loader is None:
         raise MelboError(f"python predicate {spec!r}: {source} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: its error in one line (--debug: the traceback)
+        raise MelboError(f"python predicate {spec!r}: {source} failed to load: {type(exc).__name__}: {exc}") from exc
     predicate = getattr(module, function, None)
     if not callable(predicate):
         raise MelboError(f"python predicate {spec!r}: {source} has no function {function!r}")
-    return predicate
+
+    def checked(text: str) -> bool:
+        try:
+            return bool(predicate(text))
+        except Exception as exc:
+            raise MelboError(f"python predicate {spec!r} raised {type(exc).__name__}: {exc} on the text {text[:60]!r}") from exc
+
+    return checked

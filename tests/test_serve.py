@@ -311,6 +311,20 @@ def test_shell_refuses_runs_of_different_models_and_missing_runs(tiny_folder, tm
         assert "run(s) on http" not in result.stdout  # no "serving" line for a server that never started
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_folder, tmp_path):
+    """Not uvicorn's "address already in use" with exit 3 after the load and a "serving" line that was not true."""
+    import socket
+
+    run = make_run(tmp_path / "a", str(tiny_folder))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = melbo("serve", str(run), "--port", str(port), "--model", str(tmp_path / "no-such-model"))
+    assert_one_line_error(result, f"127.0.0.1:{port} is in use (another server?): choose another --port")
+    assert "run(s) on http" not in result.stdout
+
+
 def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path):
     import signal
     import socket

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,24 @@ def server_config(app: BodyLimit, host: str, port: int, limits: ServeLimits, **o
     return uvicorn.Config(app, host=host, port=port, **settings)
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A one-line error, before the model loads, where ``host:port`` cannot be listened on (another server has the
+    port, or the address is not this machine's); uvicorn would say so only after the load, and exit 3."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise MelboError(f"--host {host!r}: not an address this machine has ({exc.strerror})") from exc
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MelboError(f"{host}:{port} is in use (another server?): choose another --port") from exc
+            raise MelboError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
 def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", dtype: str | None = None, limits: ServeLimits | None = None,
           on_ready: Callable[[int], None] | None = None) -> None:
@@ -43,6 +63,7 @@ def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127
     problem = missing_extra()
     if problem:
         raise MelboError(problem)
+    check_can_listen(host, port)
     import uvicorn
 
     from melbo.files.source import load_for_run

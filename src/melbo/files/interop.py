@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files.io import atomic_write, need_file
+from melbo.files.io import atomic_write, need_file, starts_as_gguf
 from melbo.files.runs import Run, write_imported
 from melbo.files.vectors import load_vector_file, validate_vectors
 
@@ -119,9 +119,8 @@ def read_control_vector(path: Path) -> tuple[dict[int, Tensor], str | None]:
     """``({layer: vector}, model hint)`` from a control-vector GGUF."""
     import gguf
 
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise MelboError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    if not starts_as_gguf(path):
+        raise MelboError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises several types on a truncated file

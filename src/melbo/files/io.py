@@ -26,6 +26,12 @@ def need_file(path: Path, what: str) -> None:
         raise MelboError(f"{what} {path} does not exist")
 
 
+def starts_as_gguf(path: Path) -> bool:
+    """Whether ``path`` begins with GGUF's magic bytes (a model or a control vector; anything else is not GGUF at all)."""
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
 def write_bytes(data: bytes, path: Path) -> None:
     """``path.write_bytes(data)``, arguments in the order ``atomic_write(target, partial(write_bytes, data))`` needs."""
     path.write_bytes(data)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         """For type checkers: what ``AutoModelForCausalLM`` gives, a pretrained model that can ``generate``."""
 
 from melbo.errors import MelboError
+from melbo.files.io import starts_as_gguf
 from melbo.model.layers import find_blocks, lm_head
 
 EMBEDDED_NAME = "smollm2"
@@ -270,9 +271,7 @@ def _cached_gguf(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _check_magic(path: Path) -> None:
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
+    if not starts_as_gguf(path):
         raise MelboError(f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)")
 
 

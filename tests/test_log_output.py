@@ -102,3 +102,17 @@ def test_model_text_prints_as_written_not_as_markup():
     out.print(f"base vector: {tables.quoted('arr[i] [/b]')}")
     text = out.export_text()
     assert "def f(arr, i): return arr[i] + x[/b] [red]" in text and "base vector: 'arr[i] [/b]'" in text
+
+
+def test_the_study_table_shows_unit_names_as_written():
+    """A unit's name comes from the study file: `[bold]` in it is text in the terminal's live table, not markup."""
+    import io
+
+    from rich.console import Console
+
+    from melbo.output.live import StudyView
+
+    out = Console(width=120, file=io.StringIO(), record=True)
+    out.print(StudyView(["radius=[bold]20", ""])._table())
+    text = out.export_text()
+    assert "radius=[bold]20" in text and "(the study)" in text

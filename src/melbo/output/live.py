@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from melbo.study.outcome import Event
@@ -108,8 +109,8 @@ class StudyView:
         table = Table(title="study", show_edge=False)
         for column in ("unit", "status", "stage", "run", "block", "step / loss"):
             table.add_column(column)
-        for unit, row in self.rows.items():
-            table.add_row(unit or "(the study)", *row)
+        for unit, row in self.rows.items():  # Text: a unit's name is the study file's, never markup
+            table.add_row(Text(unit or "(the study)"), *(Text(cell) for cell in row))
         return table
 
     def __call__(self, event: Event) -> None:

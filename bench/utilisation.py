@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from types import SimpleNamespace
 
 import torch
 from common import summary_line
 
-from melbo.engines.config import OrthoConfig, Positions, default_layers
+from melbo.engines.config import OrthoConfig, Positions
 from melbo.engines.ortho import objective
 from melbo.model.forward import prepare
 from melbo.model.loading import load_model
@@ -591,13 +592,14 @@ def starts(lm, base, loss, start, block, steps: int, first: float) -> str:
             if needed else f"the shared-correction start does not reach the random start's {steps}-evaluation loss")
 
 # The shapes of the issue's ~0.5B chat model (Qwen2-0.5B-Instruct's published config) and of Gemma 3 270M (as melbo
-# loads the GGUF): a floor needs only shapes, so neither model is loaded. Prompt tokens: Gemma's raw GEMMA_PROMPT with
-# its start token; Qwen2's chat template with its default system prompt around DEFAULT_PROMPT, counted by hand (26).
+# loads the GGUF), with their prompts' tokens: a floor needs only shapes, so neither model is loaded. Gemma: its raw
+# GEMMA_PROMPT with its start token; Qwen2: its chat template with its default system prompt around DEFAULT_PROMPT,
+# counted by hand.
 SHAPES = {
-    "gemma3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                        num_key_value_heads=1, head_dim=256, vocab_size=262_144, prompt_tokens=10),
-    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, head_dim=64, vocab_size=151_936, prompt_tokens=26),
+    "gemma3-270m": (SimpleNamespace(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                                    num_key_value_heads=1, head_dim=256, vocab_size=262_144), 10),
+    "qwen2-0.5b": (SimpleNamespace(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, head_dim=64, vocab_size=151_936), 26),
 }
 FLOOR_EVALUATIONS = 30  # a whole-basis block's evaluations (fast mode on the run's prompt alone: bench/full_basis.py)
 KL_TOP_KEPT = 20_000  # tokens kl-top's head runs on: Gemma's kept 18k over a run's 20 positions (README), 63k on another base
@@ -605,25 +607,19 @@ KL_TOP_KEPT = 20_000  # tokens kl-top's head runs on: Gemma's kept 18k over a ru
 
 def floors(lm, base, block: int, repeats: int) -> str:
     """The whole basis's floor per model: blocks of ``block`` rows × FLOOR_EVALUATIONS evaluations, each the forward and
-    input-gradient backward of layers s+1 … L−1 over the prompt and θ0's 16 continuation tokens and the LM head at the
-    last 20 positions (every token for kl, KL_TOP_KEPT for kl-top), at the rate of a same-shape float32 matmul here.
-    What a run adds to it (completions, orthogonalisation, a step's other work) is the gap to full_basis's minutes."""
-    from types import SimpleNamespace
-
-    smol = lm.model.config
-    shapes = {"smollm2": dict(hidden_size=smol.hidden_size, intermediate_size=smol.intermediate_size, num_hidden_layers=smol.num_hidden_layers,
-                              num_attention_heads=smol.num_attention_heads, num_key_value_heads=smol.num_key_value_heads,
-                              head_dim=smol.hidden_size // smol.num_attention_heads, vocab_size=smol.vocab_size,
-                              prompt_tokens=prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length), **SHAPES}
-    continuation, positions = 16, 20  # fast mode's last:20: the prompt's last 4 tokens and θ0's 16
+    input-gradient backward of layers s+1 … L−1 over the prompt and θ0's continuation and the LM head at the KL's
+    positions (every token for kl, KL_TOP_KEPT for kl-top; s, the continuation and the positions as fast mode resolves
+    them for the model), at the rate of a same-shape float32 matmul here. What a run adds to it (completions,
+    orthogonalisation, a step's other work) is the gap to full_basis's minutes."""
+    shapes = {"smollm2": (lm.model.config, prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0].length), **SHAPES}
     print(f"{'model':<13}{'d':>5}{'layers':>8}{'tokens':>7}{'vocab':>9}{'matmul GFLOP/s':>16}{'eval floor kl / kl-top':>24}"
           f"{'copies':>8}{'basis floor kl / kl-top':>25}")
     out = []
-    for name, shape in shapes.items():
-        config = SimpleNamespace(**shape)
+    for name, (config, prompt_tokens) in shapes.items():
         d, n_layers = config.hidden_size, config.num_hidden_layers
-        source = default_layers(n_layers)[0]  # melbo's s: 8 of 30 layers, 5 of 18, 7 of 24
-        tokens = config.prompt_tokens + continuation
+        settings = OrthoConfig(extra_prompts=0).resolved(1.0, d, n_layers)  # s 8 of 30 layers, 5 of 18, 7 of 24; 16 tokens; last:20
+        source, tokens = settings.source, prompt_tokens + settings.continuation
+        positions = len(range(tokens)[Positions(settings.positions).index(tokens)])
         body = step_flops(config, block, tokens, n_layers - 1 - source)
         head = {match: 2.0 * block * positions * 2 * kept * d for match, kept in (("kl", config.vocab_size), ("kl-top", min(KL_TOP_KEPT, config.vocab_size)))}
         rate = max(matmul_rate(config, block * tokens, max(10, repeats * 10)) for _ in range(5))  # the best of 5: a floor

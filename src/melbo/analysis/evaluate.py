@@ -28,7 +28,7 @@ from melbo.files.runs import EVAL_FILE, Run
 from melbo.labels import LABELS, RULES, Rule, label
 from melbo.model.forward import PromptState, last_token_logits, nll_after_prompt, prepare, steered_generation
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat, held_out_prompts
+from melbo.model.prompts import PromptFormat, held_out_prompts, need_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
 
 
@@ -245,8 +245,7 @@ def evaluate(
     cfg.check()
     if not 0 <= cfg.base < run.vectors.shape[0]:
         raise MelboError(f"--base {cfg.base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
-    if not prompts:
-        raise MelboError("no prompt given: the run's own prompt comes first (eval_prompts gives it and the held-out ones)")
+    need_prompts(prompts)  # eval_prompts gives the run's own and the held-out ones
     outside = [i for i in indices if not 0 <= i < run.vectors.shape[0]]
     if outside:
         raise MelboError(f"vector(s) {outside[:5]}: the run has vectors 0 to {run.vectors.shape[0] - 1}")

@@ -69,7 +69,7 @@ from melbo.model.forward import (
 from melbo.model.layers import lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.packing import Packing, matches, pack
-from melbo.model.prompts import PromptFormat, encode_prompt, training_prompts
+from melbo.model.prompts import PromptFormat, encode_prompt, need_prompts, training_prompts
 from melbo.objectives import (
     TopTokens,
     fisher_along,
@@ -350,8 +350,7 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
     ``extra_prompts`` of melbo's shipped ones), and θ0's greedy tokens on the run's prompt where reading its behaviour
     needed them (its continuation and completion there are their first tokens)."""
     cfg.check(lm.n_layers, lm.d_model)
-    if not prompts:
-        raise MelboError("no prompt given: give at least one (the run's prompt comes first)")
+    need_prompts(prompts)  # before prompts[0] is read
     base = validate_vectors(base.detach().cpu(), "base vector", lm.d_model)[0].to(lm.device)
     if float(base.norm()) == 0:
         raise MelboError("the base vector is zero: choose a vector with an effect")

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from melbo.errors import MelboError
 from melbo.model.fastpath import contiguous_head_input
 from melbo.model.layers import add_to_residual, capture_residual, check_layer, head_skipped, n_layers, residual_after, start_after, stop_after
-from melbo.model.prompts import PromptFormat, encode_prompt, ids_like
+from melbo.model.prompts import PromptFormat, encode_prompt, ids_like, need_prompts
 from melbo.objectives import kl_divergence
 
 if TYPE_CHECKING:
@@ -58,8 +57,7 @@ class PromptState:
 def prepare(lm: LoadedModel, prompts: list[str], fmt: PromptFormat, source_layer: int) -> list[PromptState]:
     """Tokenise each prompt and cache its residual after ``source_layer``."""
     check_layer(lm.model, source_layer, "source layer")
-    if not prompts:
-        raise MelboError("no prompt given: give at least one")
+    need_prompts(prompts)
     states = []
     for text in prompts:
         ids = encode_prompt(lm.tokenizer, text, fmt, lm.device)

@@ -101,6 +101,12 @@ def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(
     return ids.to(device)
 
 
+def need_prompts(prompts: Sequence[str]) -> None:
+    """The API's check that a run has a prompt to work on (discover, ortho, evaluate; the shell's is :func:`read_prompts`)."""
+    if not prompts:
+        raise MelboError("no prompt given: give at least one (a run's own prompt comes first)")
+
+
 def read_prompts(prompts: list[str] | None, prompt_file: Path | None, default: str | Sequence[str] | None = DEFAULT_PROMPT,
                  prompt_set: str | None = None) -> list[str]:
     """Prompts from repeated ``--prompt`` flags and/or a file with one prompt per line; none given: ``default`` (a

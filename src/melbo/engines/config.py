@@ -308,7 +308,13 @@ FAST_WARMUP, STEPS_AFTER_WARMUP = 20, 15
 # on two seeds (the demo's base: 88 % and 84 % keep θ0's label, held-out base NLL 1.16 and 1.22 against 1.30
 # unsteered, p 1e-5 and 0.01; along all 16: 81 % and 100 %, 1.15 and 1.22), AMD EPYC Zen 3, 2026-12-04: bench/fidelity.py.
 FAST_EXTRA_CONTINUATION = 8
-FOLLOW_THE_RUN = ("match", "extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
+# A copy (an L-BFGS row) that has not improved its loss for FAST_PATIENCE evaluations in a row is done: it leaves its
+# block's batch and later evaluations run on the other rows alone (melbo.engines.optimise.lbfgs_rows). On Qwen2.5-Coder
+# 0.5B the median row stops improving after ~13 of 30 evaluations (per-row losses of a block of 16: 62–65 % of the
+# row-evaluations needed with a patience of 3–4, every row within 1.1 % of its final loss); on SmolLM2 rows improve to
+# their last evaluation, so it changes little there. bench/RESULTS.md full_basis.
+FAST_PATIENCE = 4
+FOLLOW_THE_RUN = ("match", "extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation", "patience")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 
 
@@ -347,6 +353,7 @@ class OrthoSettings:
     warmup: int = 0  # evaluations per block on the run's own prompts alone before the extra prompts join (lbfgs)
     warmup_precision: str | None = None  # one of PRECISIONS: the warm-up's matrix products; None: as ``precision`` (or no warm-up)
     extra_continuation: int | None = None  # θ0's tokens matched on each shipped prompt; None: ``continuation``, as on the run's
+    patience: int = 0  # lbfgs: evaluations in a row without improvement after which a row is done (0: never)
 
     @property
     def fast(self) -> bool:
@@ -379,6 +386,12 @@ class OrthoConfig:
     min_norm: float | None = setting(None, "Vectors at or below this norm are dropped (fast: 1.5 % of ‖θ0‖; seed: 0.1).")
     stop_after_dropped: int | None = setting(None, "This many dropped in a row: the basis is exhausted (fast: a block; seed: 5).")
     plateau: float = setting(2e-3, "Fast mode: stop a block when 10 steps gain less than this fraction (0: never).", minimum=0.0)
+    patience: int | None = setting(
+        None,
+        f"Fast mode with lbfgs: a vector that has not improved for this many evaluations in a row is done and leaves its "
+        f"block, the others going on without it (fast default: {FAST_PATIENCE}; 0: never).",
+        minimum=0,
+    )
     init_scale: float = setting(
         FAST_INIT_SCALE, "Fast mode: the first block starts at this × ‖θ0‖ (later ones at the last block's median norm; melbo 0.1: 2)."
     )
@@ -490,6 +503,7 @@ class OrthoConfig:
             warmup=warmup,
             warmup_precision=self.warmup_precision if warmup else None,
             extra_continuation=self._extra_continuation(fast and extra > 0, continuation),
+            patience=(self.patience if self.patience is not None else FAST_PATIENCE) if fast and optimizer == "lbfgs" else 0,
         )
 
     def _extra_continuation(self, extras: bool, continuation: int) -> int | None:

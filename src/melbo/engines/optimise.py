@@ -84,6 +84,7 @@ def lbfgs_rows(
     history: int = 10,
     plateau: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
+    patience: int = 0,
 ) -> tuple[Tensor, int]:
     """L-BFGS with one history and one step length per row; returns the final rows and the evaluations run.
 
@@ -94,6 +95,11 @@ def lbfgs_rows(
     step. ``project`` maps points back to the feasible set after a step (here: orthogonal to a basis and to
     the earlier rows); ``project_direction`` removes the forbidden directions from gradients and steps.
     The first step of a row is ``first_step`` long, along minus its gradient.
+
+    ``patience`` (0: never): a row that has not improved for this many evaluations in a row is done; it keeps its
+    point and leaves the batch, so that later evaluations run on the other rows alone, and the block ends when every
+    row is done. ``project`` then sees the done rows first: Gram–Schmidt leaves them where they are (they are
+    orthogonal to every row already) and keeps the others orthogonal to them.
 
     Why not Adam: it needs more evaluations per faithful vector (bench/ortho_vs_seed.py; bench/RESULTS.md).
     Why not ``torch.optim.LBFGS``: it treats the block as one problem with one line search, and cannot send one
@@ -107,6 +113,8 @@ def lbfgs_rows(
     if not torch.isfinite(f).all():
         raise Diverged
     rows, d = x.shape
+    active = torch.ones(rows, dtype=torch.bool, device=x.device)
+    stale = torch.zeros(rows, dtype=torch.long, device=x.device)  # evaluations in a row without improvement
     s_hist = x.new_zeros(history, rows, d)
     y_hist = x.new_zeros(history, rows, d)
     rho = x.new_zeros(history, rows)
@@ -121,11 +129,16 @@ def lbfgs_rows(
         uphill = (direction * g).sum(dim=1) >= 0
         direction = torch.where(uphill[:, None], -gamma[:, None] * g, direction)
         length = direction.norm(dim=1).clamp_min(1e-30)
-        t = scale * (max_step / length).clamp(max=1.0)
-        x_new = project(x + t[:, None] * direction)
-        f_new, g_new = _loss_and_gradient(x_new, loss_fn, project_direction)
+        t = torch.where(active, scale * (max_step / length).clamp(max=1.0), 0.0)
+        x_new = _project_done_first(x + t[:, None] * direction, project, active)
+        if bool(active.all()):
+            f_new, g_new = _loss_and_gradient(x_new, loss_fn, project_direction)
+        else:  # the rows that are done keep their loss and gradient and are not evaluated
+            f_new, g_new = f.clone(), g.clone()
+            f_new[active], g_new[active] = _loss_and_gradient(x_new[active], loss_fn, project_direction)
         evals += 1
-        better = torch.isfinite(f_new) & torch.isfinite(g_new).all(dim=1) & (f_new <= f)
+        better = active & torch.isfinite(f_new) & torch.isfinite(g_new).all(dim=1) & (f_new <= f)
+        stale = torch.where(active & (f_new < f), 0, stale + 1)
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(dim=1)
         use = better & (sy > 1e-10 * s.norm(dim=1) * y.norm(dim=1))  # curvature condition, else skip the pair
@@ -134,15 +147,27 @@ def lbfgs_rows(
         rho = torch.cat([rho[1:], torch.where(use, 1 / torch.where(use, sy, 1.0), 0.0)[None]])
         gamma = torch.where(use, sy / (y * y).sum(dim=1).clamp_min(1e-30), gamma)
         scale = torch.where(better, (2 * scale).clamp(max=1.0), scale / 2)
-        x = project(torch.where(better[:, None], x_new, x))
+        x = _project_done_first(torch.where(better[:, None], x_new, x), project, active)
         f = torch.where(better, f_new, f)
         g = torch.where(better[:, None], g_new, g)
         means.append(float(f.mean()))
         if on_step:
             on_step(evals, means[-1])
-        if _plateaued(means, evals, plateau):
+        if patience:
+            active &= stale < patience
+        if _plateaued(means, evals, plateau) or not active.any():
             break
     return x, evals
+
+
+def _project_done_first(x: Tensor, project: Callable[[Tensor], Tensor], active: Tensor) -> Tensor:
+    """``project`` of the block with the rows that are done (not ``active``) first, in the rows' own order."""
+    if bool(active.all()):
+        return project(x)
+    order = torch.cat([(~active).nonzero()[:, 0], active.nonzero()[:, 0]])
+    out = torch.empty_like(x)
+    out[order] = project(x[order])
+    return out
 
 
 def _loss_and_gradient(

@@ -291,7 +291,7 @@ class _Engine:
             report = (lambda e, m: on_step(offset + e, m)) if on_step else None
             return lbfgs_rows(
                 start, losses, lambda t: orthogonalize_block(t, basis), lambda g: project_out(g, basis),
-                steps, first_step=first_step, max_step=4 * first, plateau=s.plateau, on_step=report,
+                steps, first_step=first_step, max_step=4 * first, plateau=s.plateau, on_step=report, patience=s.patience,
             )
 
         warmup = min(s.warmup, s.steps - 1) if problem.own < len(problem.targets) else 0

@@ -150,8 +150,8 @@ def main() -> None:
         print(
             f"why: {steps} evaluations at a median {step_s:.2f} s (forward and backward of ≤ {per} rows through {through}, over the "
             f"prompt and θ0's {resolved.continuation} continuation tokens: matmul-bound, see utilisation); the target allows {allowed:.0f} "
-            f"evaluations per block against {steps / len(blocks):.0f}, and every row improves to the last (utilisation: no per-row early "
-            f"stop pays, and no start measured beats a random direction). To close it: a GPU (bench/gpu.py), {bfloat16}or melbo 0.1's "
+            f"evaluations per block against {steps / len(blocks):.0f} (a row that stops improving leaves its block, --patience; on SmolLM2 "
+            f"rows improve almost to the last, and no start measured beats a random direction: utilisation). To close it: a GPU (bench/gpu.py), {bfloat16}or melbo 0.1's "
             f"objective (--match mean --continuation 0, copies that keep the base's behaviour far less often: bench/fidelity.py)"
         )
     whole = "" if exhausted or args.quick else f" (stopped at {len(records)} vectors: ≈ {minutes * (lm.d_model - 1) / len(records):.0f} min for {lm.d_model - 1} if every block cost the same)"

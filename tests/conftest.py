@@ -130,3 +130,19 @@ def smollm():
     from melbo.model.loading import load_model
 
     return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """Gemma 3 270M (bench/models.py), for the optional tests/test_gemma.py."""
+    from helpers import load_fetched_model
+
+    return load_fetched_model("gemma")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """Qwen2.5-Coder-0.5B-Instruct (bench/models.py), for the optional tests/test_qwen.py."""
+    from helpers import load_fetched_model
+
+    return load_fetched_model("qwen")

@@ -74,3 +74,29 @@ def interrupted_on_call(real, call: int):
         return real(*args, **kwargs)
 
     return train
+
+
+def fetched_model_marks(variable: str, title: str, minutes: int) -> list:
+    """pytestmark of an optional module on a real model that bench/models.py fetches: slow, and skipped unless
+    ``variable`` is 1."""
+    import pytest
+
+    reason = f"optional: set {variable}=1 (fetches {title}, ~{minutes} min)"
+    return [pytest.mark.slow, pytest.mark.skipif(os.environ.get(variable) != "1", reason=reason)]
+
+
+def load_fetched_model(name: str):
+    """bench/models.py's model ``name``, loaded on the CPU; the test is skipped, saying why, where it cannot be had."""
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from models import FETCHED, Unavailable, model_path
+
+    from melbo.model.loading import load_model
+
+    try:
+        return load_model(str(model_path(name)), device="cpu")
+    except Unavailable as exc:
+        pytest.skip(f"{FETCHED[name].title} cannot be had here: {exc}")

@@ -5,31 +5,15 @@ and a few minutes: set MELBO_GEMMA_TESTS=1 to run them."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from helpers import fetched_model_marks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("MELBO_GEMMA_TESTS") != "1", reason="optional: set MELBO_GEMMA_TESTS=1 (fetches Gemma 3 270M, ~4 min)"),
-]
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    from models import Unavailable, gemma_path
-
-    from melbo.model.loading import load_model
-
-    try:
-        return load_model(str(gemma_path()), device="cpu")
-    except Unavailable as exc:
-        pytest.skip(f"Gemma 3 270M cannot be had here: {exc}")
+pytestmark = fetched_model_marks("MELBO_GEMMA_TESTS", "Gemma 3 270M", 4)
 
 
 def test_auto_radius_finds_gemmas_fluent_edge_below_the_usual_range(gemma):

@@ -496,3 +496,17 @@ def test_fast_mode_matches_on_the_likeliest_tokens_where_the_vocabulary_is_large
     gemma2 = LoadedModel(transformers.AutoModelForCausalLM.from_config(capped).eval().requires_grad_(False), char_tokenizer, "tiny-gemma2", {"id": "tiny"})
     assert gemma2.plain_head_vocab is None
     assert ortho(gemma2, base_vector(), [PROMPT], cfg, out=tmp_path / "capped").meta.config["match"] == "kl"
+
+
+def test_fast_mode_lets_a_copy_that_stops_improving_leave_and_a_run_made_before_resumes_without_it():
+    """--patience: fast mode's lbfgs default is FAST_PATIENCE; 0 in seed mode and with adam; a run whose run.json
+    lacks it (made before it existed) resumes with 0, as it was made; a value given is kept."""
+    from melbo.engines.config import FAST_PATIENCE
+
+    assert OrthoConfig().resolved(26.6, 576, 30).patience == FAST_PATIENCE
+    assert OrthoConfig(patience=0).resolved(26.6, 576, 30).patience == 0
+    assert OrthoConfig(mode="seed").resolved(26.6, 576, 30).patience == 0
+    assert OrthoConfig(optimizer="adam").resolved(26.6, 576, 30).patience == 0
+    assert OrthoConfig().as_in_run({"match": "kl"}).resolved(26.6, 576, 30).patience == 0
+    assert OrthoConfig().as_in_run({"patience": FAST_PATIENCE}).resolved(26.6, 576, 30).patience == FAST_PATIENCE
+    assert OrthoConfig(patience=2).as_in_run({}).resolved(26.6, 576, 30).patience == 2

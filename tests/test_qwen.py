@@ -4,31 +4,15 @@ index into melbo's cache, ~490 MB) and a few minutes: set MELBO_QWEN_TESTS=1 to 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from helpers import fetched_model_marks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("MELBO_QWEN_TESTS") != "1", reason="optional: set MELBO_QWEN_TESTS=1 (fetches Qwen2.5-Coder 0.5B, ~5 min)"),
-]
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    from models import Unavailable, model_path
-
-    from melbo.model.loading import load_model
-
-    try:
-        return load_model(str(model_path("qwen")), device="cpu")
-    except Unavailable as exc:
-        pytest.skip(f"Qwen2.5-Coder 0.5B cannot be had here: {exc}")
+pytestmark = fetched_model_marks("MELBO_QWEN_TESTS", "Qwen2.5-Coder 0.5B", 5)
 
 
 def test_auto_radius_on_a_qwen_chat_model_picks_a_fluent_r(qwen):

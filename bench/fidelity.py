@@ -45,7 +45,8 @@ from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
 
 # melbo 0.1's fast objective: the residual mean at the last 4 positions, from 2‖θ0‖, no norm penalty; and no warm-up
 # (melbo's default since 2026-12-04): a variant that does not name one runs every evaluation on all its prompts
-RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0, "init_scale": 2.0, "penalty": 0.0, "warmup": 0}
+RELEASE_01 = {"match": "mean", "continuation": 0, "extra_prompts": 0, "init_scale": 2.0, "penalty": 0.0, "warmup": 0, "patience": 0}
+MELBO_DEFAULT = {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "patience": None}  # melbo's own
 AS_THE_RUNS = "as the run's"  # extra_continuation: the run's prompt's default continuation on this base (fast_continuation)
 VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (last:4, mean, 60 evaluations, t = 20)
     "last:4 mean (0.1)": {},
@@ -119,17 +120,18 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     "default 4 prompts run 0.8 warm-up 20 + 15 warm-up bfloat16": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "warmup_precision": "bfloat16"},
     "default 4 prompts run 0.8 warm-up 20 + 15 warm-up bfloat16 seed 1": {"continuation": 16, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "warmup_precision": "bfloat16", "seed": 1},
     # melbo's own defaults, whatever they are now (since 2026-12-04: 20 + 15, the continuation through θ0's behaviour)
-    "melbo default": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None},
-    "melbo default seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "seed": 1},
+    "melbo default": MELBO_DEFAULT,
+    "melbo default seed 1": {**MELBO_DEFAULT, "seed": 1},
+    "melbo default patience 0": {**MELBO_DEFAULT, "patience": 0},  # every copy evaluated to the block's last step, as before 2026-12-05
     # the shipped prompts' continuation shorter than the run's (--extra-continuation): ~0.75× the time of an evaluation on all five
     # (melbo's default since 2026-12-04); "as the run's": every prompt along the run's prompt's continuation, the default before
-    "melbo default extras 8": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": 8},
-    "melbo default extras 8 seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": 8, "seed": 1},
-    "melbo default extras as the run's": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": AS_THE_RUNS},
-    "melbo default extras as the run's seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "extra_continuation": AS_THE_RUNS, "seed": 1},
+    "melbo default extras 8": {**MELBO_DEFAULT, "extra_continuation": 8},
+    "melbo default extras 8 seed 1": {**MELBO_DEFAULT, "extra_continuation": 8, "seed": 1},
+    "melbo default extras as the run's": {**MELBO_DEFAULT, "extra_continuation": AS_THE_RUNS},
+    "melbo default extras as the run's seed 1": {**MELBO_DEFAULT, "extra_continuation": AS_THE_RUNS, "seed": 1},
     # fewer evaluations on all five after the warm-up (each ~3× one on the run's prompt alone): 20 + 10 instead of 20 + 15
-    "melbo default 20 + 10": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "steps": 30},
-    "melbo default 20 + 10 seed 1": {"match": None, "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": None, "steps": 30, "seed": 1},
+    "melbo default 20 + 10": {**MELBO_DEFAULT, "steps": 30},
+    "melbo default 20 + 10 seed 1": {**MELBO_DEFAULT, "steps": 30, "seed": 1},
     # the KL's second-order form at the LM head's input (objectives.fisher_metric) in place of the exact KL, with the default's warm-up
     "melbo default fisher": {"match": "fisher", "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": 20},
     "melbo default fisher seed 1": {"match": "fisher", "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": 20, "seed": 1},

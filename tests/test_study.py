@@ -29,7 +29,7 @@ def tiny_demo(**tables) -> dict:
                      "precision": "float32"},  # melbo 0.1 trained in float32 (auto: bfloat16 on a CPU with bfloat16 units)
         # the choice and the objective melbo 0.1's demo made on this model: vector 5, the residual mean at last:4 from 2‖θ0‖
         "choose": {"by": "index", "indices": [5]}, "ortho": {"count": 8, "block": 4, "steps": 20, "completion_tokens": 8, "match": "mean", "continuation": 0, "init_scale": 2.0, "penalty": 0.0,
-                  "extra_prompts": 0, "precision": "float32"},
+                  "extra_prompts": 0, "precision": "float32", "patience": 0},  # 0.1 evaluated every row to the last step
         "eval": {"max_new_tokens": 8}, "compose": {"ks": [1, 2], "max_new_tokens": 8}, "report": {},
     }
     for name, values in tables.items():

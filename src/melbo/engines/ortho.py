@@ -20,8 +20,8 @@ Two modes:
   activations (through blocks s+1 … t for "mean" and "each", to the LM head for "kl"), one L-BFGS per vector
   (:func:`~melbo.engines.optimise.lbfgs_rows`: its own curvature history and step length, first step ¼‖θ0‖ long,
   no step over ‖θ0‖; ``optimizer="adam"`` gives Adam with a learning rate scaled to ‖θ0‖ and a cosine decay
-  instead), early stop when the block's loss plateaus, each block started at the norm the previous block
-  converged to. Positions: the last 4 of the prompt (with a chat template, the assistant-turn header that decides
+  instead), a vector that stops improving leaving its block (``patience``: ``FAST_PATIENCE`` evaluations without
+  gain), early stop when the block's loss plateaus, each block started at the norm the previous block converged to. Positions: the last 4 of the prompt (with a chat template, the assistant-turn header that decides
   the answer) and θ0's continuation; the mean over every position lets a vector match θ0 on the user's words while
   the answer differs (bench/fidelity.py). ``--positions``, ``--match`` and ``--continuation`` choose otherwise.
   Prompts: with a chat template, the run's and 4 of melbo's shipped ones (one of each kind, never held out), θ0's

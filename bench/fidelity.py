@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from common import summary_line
+from models import load
 
 from melbo.analysis.choose import score_candidates
 from melbo.analysis.config import EvalConfig
@@ -40,8 +41,7 @@ from melbo.engines.ortho import behaviour_shows_at, ortho
 from melbo.files.runs import read_run
 from melbo.labels import degenerates, label
 from melbo.model.forward import last_token_logits, prepare
-from melbo.model.loading import load_model
-from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, held_out_prompts
+from melbo.model.prompts import DEFAULT_PROMPT, held_out_prompts
 
 # melbo 0.1's fast objective: the residual mean at the last 4 positions, from 2‖θ0‖, no norm penalty; and no warm-up
 # (melbo's default since 2026-12-04): a variant that does not name one runs every evaluation on all its prompts
@@ -201,13 +201,7 @@ def main() -> None:
                         help="the embedded SmolLM2, or Qwen2.5-Coder 0.5B (a chat model fetched by bench/models.py)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    if args.model == "smollm2":
-        lm = load_model("smollm2", device="cpu")
-    else:
-        from models import model_path
-
-        lm = load_model(str(model_path(args.model)), device="cpu")
-    fmt = PromptFormat()
+    lm, fmt = load(args.model)
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
     copies, steps = (1, 3) if args.quick else (args.copies, None)
     work = Path(tempfile.mkdtemp(prefix="melbo-fidelity-"))

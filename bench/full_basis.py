@@ -27,6 +27,7 @@ import time
 
 import torch
 from common import base_vector, summary_line
+from models import FETCHED, load
 
 from melbo.analysis.choose import choose_bases, score_candidates
 from melbo.analysis.config import ChooseConfig, EvalConfig
@@ -36,7 +37,7 @@ from melbo.engines.discover import discover
 from melbo.engines.ortho import OrthoConfig, ortho
 from melbo.files.runs import Run, read_run
 from melbo.labels import label
-from melbo.model.loading import LoadedModel, load_model
+from melbo.model.loading import LoadedModel
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 from melbo.objectives import max_abs_cosine
 
@@ -86,14 +87,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
+    lm, fmt = load(args.model, args.dtype)
     if args.model != "smollm2":
-        from models import FETCHED, model_path
-
-        spec = FETCHED[args.model]
-        lm, fmt = load_model(str(model_path(args.model)), device="cpu", dtype=args.dtype), PromptFormat(chat_template=spec.chat_template)
-        base, prompt = chosen_base(lm, fmt, args.base_run, spec.prompt) if not args.quick else (base_vector(lm, quick=True), spec.prompt)
+        prompt = FETCHED[args.model].prompt
+        base, prompt = chosen_base(lm, fmt, args.base_run, prompt) if not args.quick else (base_vector(lm, quick=True), prompt)
     else:
-        lm, fmt, prompt = load_model("smollm2", device="cpu", dtype=args.dtype), PromptFormat(), DEFAULT_PROMPT
+        prompt = DEFAULT_PROMPT
         if args.base_run:
             base, prompt = chosen_base(lm, fmt, args.base_run, prompt)
         else:

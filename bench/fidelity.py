@@ -135,6 +135,10 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     # the KL's second-order form at the LM head's input (objectives.fisher_metric) in place of the exact KL, with the default's warm-up
     "melbo default fisher": {"match": "fisher", "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": 20},
     "melbo default fisher seed 1": {"match": "fisher", "continuation": None, "extra_prompts": None, "init_scale": 1.0, "penalty": None, "warmup": 20, "seed": 1},
+    # the KL on θ0's likeliest tokens at each position and one bucket (kl-top, position by position since 2026-12-05) where
+    # melbo's default on a 49k vocabulary is the exact KL (engines.config.KL_TOP_VOCAB)
+    "melbo default kl-top": {**MELBO_DEFAULT, "match": "kl-top"},
+    "melbo default kl-top seed 1": {**MELBO_DEFAULT, "match": "kl-top", "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 continuation 32": {"continuation": 32, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},

@@ -24,7 +24,7 @@ head, 2× for the attention scores.
     .venv/bin/python bench/utilisation.py --compile   # a block-16 step eager against torch.compile of blocks s+1 … L
     .venv/bin/python bench/utilisation.py --kl-chunks # melbo's KL from the logits against the same in chunks (not taken)
     .venv/bin/python bench/utilisation.py --default   # the default objective's two evaluations against their FLOP floor, and a block's
-    .venv/bin/python bench/utilisation.py --kl-top    # kl against kl-top on SmolLM2 (49k tokens) and Gemma 3 270M (262k): the default by vocabulary
+    .venv/bin/python bench/utilisation.py --kl-top    # kl against kl-top on SmolLM2 (49k tokens), Gemma 3 270M (262k) and Qwen2.5 0.5B (152k): the default by vocabulary
     .venv/bin/python bench/utilisation.py --floors    # the whole basis's FLOP floor on this CPU: SmolLM2, Gemma 3 270M, a Qwen2 0.5B's shapes
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true", help="only the default's block with or without its warm-up (block 16)")
     parser.add_argument("--compile", action="store_true", help="only a step eager against torch.compile of blocks s+1 … L (block 16)")
     parser.add_argument("--kl-chunks", action="store_true", help="only the KL's passes over the logits in one piece or in chunks (block 16)")
-    parser.add_argument("--kl-top", action="store_true", help="only kl against kl-top on SmolLM2 and Gemma 3 270M (block 16): fast mode's match by vocabulary")
+    parser.add_argument("--kl-top", action="store_true", help="only kl against kl-top on SmolLM2, Gemma 3 270M and Qwen2.5 0.5B where they can be had (block 16): fast mode's match by vocabulary")
     parser.add_argument("--floors", action="store_true", help="only the whole basis's FLOP floor at this CPU's matmul rate: SmolLM2, Gemma 3 270M and the shapes of a Qwen2 0.5B")
     parser.add_argument("--default", action="store_true", help="only the default objective's evaluations (warm-up, packed) against their floor (block 16)")
     args = parser.parse_args()
@@ -348,11 +348,23 @@ def gemma_objective(lm, match: str = "kl"):
                      OrthoConfig(source=5, target=12, match=match, precision="float32"), PromptFormat(chat_template=False))
 
 
+QWEN_NORM = 8.0  # ‖θ0‖ of the random base the Qwen2.5 0.5B timings use: about auto R there (8.03)
+
+
+def qwen_objective(lm, fmt: PromptFormat, match: str):
+    """Qwen2.5 0.5B's ``match`` objective as the whole basis runs it (layers 7 → 16, the run's prompt alone with its
+    chat template, float32) for a random base of norm QWEN_NORM (fixed seed)."""
+    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    return objective(lm, QWEN_NORM * base / base.norm(), [DEFAULT_PROMPT],
+                     OrthoConfig(source=7, target=16, match=match, precision="float32", extra_prompts=0), fmt)
+
+
 def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     """Why fast mode's match is kl on SmolLM2 and kl-top from KL_TOP_VOCAB tokens (engines.config.fast_match): a
     block-``block`` evaluation (float32) with each, alternating, best of ``rounds``, on SmolLM2 (49k tokens; the default
-    objective, on the run's prompt alone and on all five packed) and on Gemma 3 270M (262k; its raw prompt) where it can
-    be had; with the tokens kl-top keeps and its loss against kl's on the same rows."""
+    objective, on the run's prompt alone and on all five packed), on Gemma 3 270M (262k; its raw prompt) and on Qwen2.5
+    0.5B (152k; its chat prompt alone, as the whole basis runs it) where they can be had; with the LM head rows each
+    runs on and kl-top's loss against kl's on the same rows."""
     import functools
 
     from models import Unavailable, load
@@ -366,25 +378,33 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
         cases[f"Gemma 3 270M ({gemma.plain_head_vocab:,}), raw prompt"] = ({m: gemma_objective(gemma, m) for m in ("kl", "kl-top")}, gemma.d_model, GEMMA_NORM)
     except Unavailable as why:
         print(f"Gemma 3 270M left out: {why}")
+    try:
+        qwen, qwen_format = load("qwen")
+        cases[f"Qwen2.5 0.5B ({qwen.plain_head_vocab:,}), run's prompt alone"] = (
+            {m: qwen_objective(qwen, qwen_format, m) for m in ("kl", "kl-top")}, qwen.d_model, QWEN_NORM)
+    except Unavailable as why:
+        print(f"Qwen2.5 0.5B left out: {why}")
     times: dict[tuple[str, str], float] = {}
     for _ in range(rounds):
         for name, (losses, d, norm) in cases.items():
             for match, loss in losses.items():
                 seconds = step_seconds(loss, block, d, norm, repeats)
                 times[(name, match)] = min(seconds, times.get((name, match), seconds))
-    print(f"a block-{block} evaluation (float32), kl against kl-top, best of {rounds} rounds side by side; kept: the tokens kl-top's "
-          "head runs on; loss: kl-top's against kl's on the same random rows (median ratio)")
-    print(f"{'objective':<42}{'kl (ms)':>10}{'kl-top (ms)':>13}{'ratio':>7}{'kept':>9}{'loss':>7}")
+    print(f"a block-{block} evaluation (float32), kl against kl-top, best of {rounds} rounds side by side; head rows: the LM head's rows "
+          "each batch row's KL runs on (kl: positions × vocabulary; kl-top: each position's own likeliest tokens, summed); "
+          "loss: kl-top's against kl's on the same random rows (median ratio)")
+    print(f"{'objective':<48}{'kl (ms)':>10}{'kl-top (ms)':>13}{'ratio':>7}{'head rows kl':>14}{'kl-top':>11}{'loss':>7}")
     ratios = []
     for name, (losses, d, norm) in cases.items():
         theta = torch.randn(block, d, generator=torch.Generator().manual_seed(0)) * norm / d**0.5
         with torch.no_grad():
             agree = float((losses["kl-top"](theta) / losses["kl"](theta)).median())
         problem = getattr(losses["kl-top"], "func", losses["kl-top"]).__self__
-        kept = max(max(top.counts) for top in problem.tops)
+        kept = sum(sum(top.counts) for top in problem.tops)
+        every = sum(len(top.counts) for top in problem.tops) * problem.lm.plain_head_vocab
         ratio = times[(name, "kl-top")] / times[(name, "kl")]
         ratios.append(f"{name} {ratio:.2f}×")
-        print(f"{name:<42}{1000 * times[(name, 'kl')]:>10.1f}{1000 * times[(name, 'kl-top')]:>13.1f}{ratio:>7.2f}{kept:>9,}{agree:>7.3f}")
+        print(f"{name:<48}{1000 * times[(name, 'kl')]:>10.1f}{1000 * times[(name, 'kl-top')]:>13.1f}{ratio:>7.2f}{every:>14,}{kept:>11,}{agree:>7.3f}")
     return "a kl-top evaluation takes " + ", ".join(ratios) + " kl's time"
 
 

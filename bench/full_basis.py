@@ -105,6 +105,10 @@ def main() -> None:
 
     def on_step(block: int, step: int, loss: float) -> None:
         now = time.perf_counter()
+        if block not in blocks and blocks:  # a progress line per block, for a log read while the basis runs
+            done = max(blocks)
+            print(f"[{time.strftime('%H:%M:%S')}] block {done} done: {len(blocks[done])} steps, {sum(blocks[done]):.0f} s; "
+                  f"{(now - start) / 60:.1f} min so far", flush=True)
         blocks.setdefault(block, []).append(now - step_start[0])
         step_start[0] = now
 

@@ -107,12 +107,21 @@ def test_import_melbo_does_not_import_torch_until_a_name_is_used():
     assert result.returncode == 0, result.stderr
 
 
+def no_bfloat16_units(monkeypatch) -> None:
+    """This process's CPU reads as one without bfloat16 units (an AVX2 CPU) wherever melbo asks: for the warning
+    (fastpath) and for what precision auto becomes (the engines import the name), whatever CPU runs the test."""
+    import melbo.engines.discover
+    import melbo.engines.ortho
+    import melbo.model.fastpath
+
+    for module in (melbo.model.fastpath, melbo.engines.discover, melbo.engines.ortho):
+        monkeypatch.setattr(module, "bfloat16_is_fast", lambda device: False)
+
+
 def test_bfloat16_without_bfloat16_units_warns_in_one_line(tmp_path, tiny_folder, monkeypatch):
     """Asked for bfloat16 products where the device has no bfloat16 units (an AVX2 CPU: about 36× slower than float32
     there), discover and ortho say so in one line and go on; auto and float32 say nothing."""
-    import melbo.model.fastpath as fastpath
-
-    monkeypatch.setattr(fastpath, "bfloat16_is_fast", lambda device: False)
+    no_bfloat16_units(monkeypatch)
     model = ["--model", str(tiny_folder), "--device", "cpu"]
     small = ["-k", "2", "--block", "2", "--steps", "2", "-s", "1", "-t", "4", "-R", "3", "--completion-tokens", "2", *model]
     warned = "melbo: warning: bfloat16 products on a device without bfloat16 units"
@@ -134,9 +143,7 @@ def test_a_study_that_asks_for_bfloat16_without_bfloat16_units_warns_once(tmp_pa
     """`melbo study` run in this process gives discover's and ortho's warning once, however many units ask for it."""
     import json
 
-    import melbo.model.fastpath as fastpath
-
-    monkeypatch.setattr(fastpath, "bfloat16_is_fast", lambda device: False)
+    no_bfloat16_units(monkeypatch)
     spec = tmp_path / "bf16.toml"
     spec.write_text(f"""
 name = "bf16"

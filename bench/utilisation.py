@@ -105,8 +105,7 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
     config = lm.model.config
-    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-    base = 26.6 * base / base.norm()
+    base = seeded_base(lm.d_model, 26.6)
     for option, (measure, repeats_each) in ONLY.items():  # one measurement alone, block 16
         if getattr(args, option):
             summary_line(measure(lm, base, 16, repeats_each))
@@ -335,6 +334,12 @@ def _pieces(logits, chunk: int):
     return [(b, slice(p, p + step)) for b in range(rows) for p in range(0, positions, step)]
 
 
+def seeded_base(d_model: int, norm: float) -> torch.Tensor:
+    """The random base the timings use: a fixed-seed direction of norm ``norm``."""
+    base = torch.randn(d_model, generator=torch.Generator().manual_seed(0))
+    return norm * base / base.norm()
+
+
 GEMMA_NORM = 67.0  # ‖θ0‖ of the random base the Gemma 3 270M timings use (gemma_kl, kl_chunks)
 
 
@@ -343,8 +348,7 @@ def gemma_objective(lm, match: str = "kl"):
     GEMMA_NORM (fixed seed): one prompt, nothing packed."""
     from models import GEMMA_PROMPT
 
-    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-    return objective(lm, GEMMA_NORM * base / base.norm(), [GEMMA_PROMPT],
+    return objective(lm, seeded_base(lm.d_model, GEMMA_NORM), [GEMMA_PROMPT],
                      OrthoConfig(source=5, target=12, match=match, precision="float32"), PromptFormat(chat_template=False))
 
 
@@ -354,8 +358,9 @@ QWEN_NORM = 8.0  # ‖θ0‖ of the random base the Qwen2.5 0.5B timings use: ab
 def qwen_objective(lm, fmt: PromptFormat, match: str):
     """Qwen2.5 0.5B's ``match`` objective as the whole basis runs it (layers 7 → 16, the run's prompt alone with its
     chat template, float32) for a random base of norm QWEN_NORM (fixed seed)."""
-    base = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-    return objective(lm, QWEN_NORM * base / base.norm(), [DEFAULT_PROMPT],
+    from models import FETCHED
+
+    return objective(lm, seeded_base(lm.d_model, QWEN_NORM), [FETCHED["qwen"].prompt],
                      OrthoConfig(source=7, target=16, match=match, precision="float32", extra_prompts=0), fmt)
 
 

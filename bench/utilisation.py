@@ -405,8 +405,10 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
         with torch.no_grad():
             agree = float((losses["kl-top"](theta) / losses["kl"](theta)).median())
         problem = getattr(losses["kl-top"], "func", losses["kl-top"]).__self__
-        kept = sum(sum(top.counts) for top in problem.tops)
-        every = sum(len(top.counts) for top in problem.tops) * problem.lm.plain_head_vocab
+        own_only = getattr(losses["kl-top"], "keywords", {}).get("own_only", False)
+        tops = problem.tops[: problem.own] if own_only else problem.tops  # the run's prompt alone: its own target only
+        kept = sum(sum(top.counts) for top in tops)
+        every = sum(len(top.counts) for top in tops) * problem.lm.plain_head_vocab
         ratio = times[(name, "kl-top")] / times[(name, "kl")]
         ratios.append(f"{name} {ratio:.2f}×")
         print(f"{name:<48}{1000 * times[(name, 'kl')]:>10.1f}{1000 * times[(name, 'kl-top')]:>13.1f}{ratio:>7.2f}{every:>14,}{kept:>11,}{agree:>7.3f}")

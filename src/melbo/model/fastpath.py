@@ -8,7 +8,14 @@ Both were found by profiling a MELBO-ortho step on a CPU (bench/utilisation.py, 
   product over the flattened rows (0.68 s against 0.27 s for a block of 16 rows × 20 positions, with its backward).
 * :func:`bfloat16_products` — autocast (the matrix products in bfloat16 on float32 weights) with the attention
   kernel kept in float32: PyTorch's CPU flash-attention backward is about 7× slower in bfloat16 than in float32
-  (33 ms against 5 ms a layer), which ate most of what bfloat16 products save.
+  (33 ms against 5 ms a layer), which ate most of what bfloat16 products save. With :class:`CastWeights` the linear
+  maps read bfloat16 copies of their weights made once per run, the very values autocast would make at every
+  product: the same numbers, without casting about 100M weights per evaluation (SmolLM2: 0.93× the step).
+* :func:`compiled_blocks` — the decoder blocks a step runs, compiled (torch.compile, inductor): their elementwise
+  work (norms, rotary, the MLP's gate, autocast's casts) fused into a few kernels. A bfloat16 SmolLM2 step took 0.66×
+  eager's on an AMX Xeon (with the KL fused too), float32 0.88×, after about 30 s of compiling on a first run. Worth it
+  for long runs only.
+* :func:`kept_heap` — glibc's malloc told to keep freed memory for the next evaluation's activations.
 
 Like every hook in melbo they restore the model on exit, also when the body raises.
 """
@@ -16,7 +23,10 @@ Like every hook in melbo they restore the model on exit, also when the body rais
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import shutil
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,16 +102,149 @@ def float32_attention(model: nn.Module) -> Iterator[bool]:
         config._attn_implementation = "sdpa"
 
 
+@dataclass
+class CastWeights:
+    """bfloat16 copies of the weights (and biases) of some linear maps, made once: :meth:`installed` puts them in place
+    of the originals while inside. Under autocast a linear map casts a float32 weight to bfloat16 at every call (the
+    cast is cached only for weights that require a gradient); a weight already in bfloat16 is used as it is, so the
+    products see the same numbers. Other code must not run the maps outside autocast while they are installed."""
+
+    copies: list[tuple[nn.Module, str, nn.Parameter]]
+
+    @classmethod
+    def of(cls, modules: Sequence[nn.Module]) -> CastWeights:
+        """Copies for every ``nn.Linear`` in ``modules`` (each counted once: a tied head is its own module)."""
+        linears = {id(m): m for module in modules for m in module.modules() if isinstance(m, nn.Linear)}
+        copies: list[tuple[nn.Module, str, nn.Parameter]] = []
+        for linear in linears.values():
+            for name, param in linear.named_parameters(recurse=False):
+                if param.dtype == torch.float32:
+                    copies.append((linear, name, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False)))
+        return cls(copies)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        originals = [module._parameters[name] for module, name, _ in self.copies]
+        try:
+            for module, name, copy in self.copies:
+                module._parameters[name] = copy
+            yield
+        finally:
+            for (module, name, _), original in zip(self.copies, originals):
+                module._parameters[name] = original
+
+
 @contextlib.contextmanager
-def bfloat16_products(model: nn.Module, device: torch.device, enabled: bool = True) -> Iterator[None]:
+def bfloat16_products(model: nn.Module, device: torch.device, enabled: bool = True, weights: CastWeights | None = None) -> Iterator[None]:
     """Autocast to bfloat16 on ``device`` (the model's matrix products in bfloat16, on its float32 weights); on a CPU
-    with the attention kernel in float32 (:func:`float32_attention`; a GPU's bfloat16 attention is fast). Nothing at all
-    when not ``enabled``."""
+    with the attention kernel in float32 (:func:`float32_attention`; a GPU's bfloat16 attention is fast); ``weights``:
+    bfloat16 copies the linear maps read instead of casting their own at every product. Nothing at all when not
+    ``enabled``."""
     if not enabled:
         yield
         return
-    with torch.autocast(device.type, dtype=torch.bfloat16), float32_attention(model) if device.type == "cpu" else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        if device.type == "cpu":
+            stack.enter_context(float32_attention(model))
+        if weights is not None:
+            stack.enter_context(weights.installed())
         yield
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold (64-bit)
+HEAP_TRIM_AFTER = 2 * HEAP_MMAP_THRESHOLD  # where glibc's dynamic rule puts the trim threshold with that mmap threshold
+
+
+@contextlib.contextmanager
+def kept_heap() -> Iterator[None]:
+    """While inside, glibc's malloc keeps the memory a process frees for its next allocations instead of returning it
+    to the system (its trim threshold at 2 GiB), and serves blocks up to 32 MiB from that heap (its mmap
+    threshold at its own dynamic ceiling). An optimisation allocates the same large activations at every evaluation; after
+    a block's completions had churned the heap, glibc unmapped and mapped them again each time, and a compiled
+    SmolLM2 evaluation took 1.2× as long from the second block on (page faults; bench/RESULTS.md). On exit the trim
+    threshold is where glibc's own dynamic rule would put it (64 MiB: larger free memory goes back to the system), and the
+    mmap threshold stays at the ceiling that rule climbs to. Nothing happens where the C library is not glibc."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest it takes (an int): 2 GiB of free memory at the top of the heap
+    try:
+        yield
+    finally:
+        mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_AFTER)
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, where the process runs on glibc."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    function = getattr(libc, "mallopt", None)
+    if function is None:
+        return None
+    function.argtypes, function.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return function
+
+
+_COMPILED: dict[type, Callable[..., Any]] = {}  # each block class's forward, compiled once per process (torch.compile)
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile's default backend (inductor) can build kernels for ``device``: a C++ compiler on a CPU,
+    Triton on a CUDA GPU."""
+    if device.type == "cpu":
+        return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def compiled_blocks(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """While inside, ``blocks`` run their forward compiled (torch.compile of their class's ``forward``, shared by every
+    block of that class: one compilation per class, input shape and grad mode). Hooks on the blocks run as before,
+    outside the compiled code; each block's own forward is restored on exit."""
+    try:
+        for block in blocks:
+            compiled = _COMPILED.get(type(block))
+            if compiled is None:
+                compiled = _COMPILED[type(block)] = torch.compile(type(block).forward)
+            block.forward = types.MethodType(compiled, block)  # an instance attribute shadows the class's forward
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def compile_failed(error: BaseException) -> bool:
+    """Whether ``error`` is torch.compile's own failure (no working compiler, a kernel that does not build), after
+    which the same work can run eagerly; a model's own errors are not."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
+    except ImportError:
+        return False
+    failures: tuple[type[BaseException], ...] = (BackendCompilerFailed, TorchDynamoException)
+    try:
+        from torch._inductor.exc import InductorError
+        failures = (*failures, InductorError)
+    except ImportError:
+        pass
+    return isinstance(error, failures)
 
 
 SOFTWARE_BFLOAT16 = (  # measured: bench/RESULTS.md, discovery_speed on the AVX2 EPYC

@@ -133,3 +133,22 @@ def test_kl_from_logits_is_the_exact_kl_with_its_gradient():
     (grad,) = torch.autograd.grad(fast.sum(), logits)
     (expected,) = torch.autograd.grad(exact.sum(), logits)
     torch.testing.assert_close(grad, expected.float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kl_is_kl_from_logits(dtype):
+    """kl_from_logits(fused=True): the same KL and gradient, compiled; bfloat16 logits are read as float32."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 5, 300, generator=gen)).to(dtype)
+    logits0 = 3 * torch.randn(5, 300, generator=gen)
+    logits0[0, :10] = -torch.inf  # tokens θ0 never writes
+    log_probs0 = torch.log_softmax(logits0, dim=-1)
+    results = []
+    for fused in (False, True):
+        point = logits.clone().requires_grad_(True)
+        kl = kl_from_logits(point, log_probs0, fused=fused)
+        results.append((kl, torch.autograd.grad(kl.sum(), point)[0]))
+    (plain, plain_grad), (fused_kl, fused_grad) = results
+    assert fused_kl.dtype == torch.float32 and fused_grad.dtype == dtype
+    torch.testing.assert_close(fused_kl.detach(), plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)

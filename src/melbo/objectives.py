@@ -6,6 +6,7 @@ Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,14 +51,33 @@ def kl_along(log_probs: Tensor, log_probs_base: Tensor) -> Tensor:
     return (log_probs_base.exp() * (log_probs_base - log_probs)).sum(dim=-1).mean(dim=-1)
 
 
-def kl_from_logits(logits: Tensor, log_probs_base: Tensor) -> Tensor:
+def kl_from_logits(logits: Tensor, log_probs_base: Tensor, fused: bool = False) -> Tensor:
     """``KL(P_θ0 ‖ P_θ)`` of the next-token distributions per row and position ``(B, P)``, from the logits ``(B, P, V)``
     and θ0's log-probabilities ``(P, V)``: :func:`kl_along` before its mean over positions, to rounding.
 
     ``KL = Σ p0 log p0 − p0·z + logsumexp(z)``, with the gradient ``softmax(z) − p0`` written out: the log-softmax
     over the vocabulary is never stored, and the backward is one softmax (on a 49k vocabulary, 3× faster than
-    autograd through ``log_softmax``; bench/utilisation.py)."""
-    return _KLFromLogits.apply(logits, log_probs_base.exp(), _neg_entropy(log_probs_base))
+    autograd through ``log_softmax``; bench/utilisation.py). ``fused``: the same sum compiled (torch.compile), its
+    passes over the vocabulary fused into a few (the logits in any float dtype, read as float32): 0.16× the time of a
+    16-row step's KL on SmolLM2 (AMX Xeon), after a few seconds of compiling per shape."""
+    if fused:
+        return _fused_kl()(logits, log_probs_base.exp(), _neg_entropy(log_probs_base))
+    return _KLFromLogits.apply(logits.float(), log_probs_base.exp(), _neg_entropy(log_probs_base))
+
+
+def _kl_terms(logits: Tensor, probs_base: Tensor, neg_entropy: Tensor) -> Tensor:
+    """:func:`kl_from_logits` written plainly, for torch.compile to fuse."""
+    z = logits.float()
+    return neg_entropy - (z * probs_base).sum(dim=-1) + torch.logsumexp(z, dim=-1)
+
+
+_FUSED: list[Callable[[Tensor, Tensor, Tensor], Tensor]] = []  # _kl_terms compiled, once per process
+
+
+def _fused_kl() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    if not _FUSED:
+        _FUSED.append(torch.compile(_kl_terms))
+    return _FUSED[0]
 
 
 def _neg_entropy(log_probs: Tensor) -> Tensor:

@@ -102,15 +102,16 @@ def target_residual(model: CausalLM, state: PromptState, source: int, target: in
     return seen[target].float()
 
 
-def steered_logits(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int | Tensor) -> Tensor:
-    """Next-token logits ``(B, P, vocab)`` (float32) when row ``b`` adds ``thetas[b]`` after ``source``, at the last
-    ``last`` positions or at the positions ``last`` lists; blocks from ``source+1`` to the LM head run, gradients flow
-    to ``thetas``."""
+def steered_logits(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int | Tensor, as_computed: bool = False) -> Tensor:
+    """Next-token logits ``(B, P, vocab)`` (float32; ``as_computed``: in the dtype the head computed them in, e.g.
+    bfloat16 under autocast, for a consumer that reads them as float32 itself) when row ``b`` adds ``thetas[b]`` after
+    ``source``, at the last ``last`` positions or at the positions ``last`` lists; blocks from ``source+1`` to the LM
+    head run, gradients flow to ``thetas``."""
     dtype = next(model.parameters()).dtype
     steered = (state.source + thetas[:, None, :]).to(dtype)
     with start_after(model, source, steered), contiguous_head_input(model):
         logits = model(**state.inputs(thetas.shape[0]), logits_to_keep=last).logits
-    return logits.float()
+    return logits if as_computed else logits.float()
 
 
 def steered_log_probs(model: CausalLM, state: PromptState, source: int, thetas: Tensor, last: int | Tensor) -> Tensor:

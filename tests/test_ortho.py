@@ -510,3 +510,57 @@ def test_fast_mode_lets_a_copy_that_stops_improving_leave_and_a_run_made_before_
     assert OrthoConfig().as_in_run({"match": "kl"}).resolved(26.6, 576, 30).patience == 0
     assert OrthoConfig().as_in_run({"patience": FAST_PATIENCE}).resolved(26.6, 576, 30).patience == FAST_PATIENCE
     assert OrthoConfig(patience=2).as_in_run({}).resolved(26.6, 576, 30).patience == 2
+
+
+def test_compile_auto_is_on_for_long_fast_runs_where_a_compiler_is_found():
+    size = dict(base_norm=26.6, d_model=576, n_layers=30)
+    assert OrthoConfig().resolved(**size, can_compile=True).compiled  # the whole basis by default
+    assert not OrthoConfig().resolved(**size).compiled  # no compiler at hand
+    assert not OrthoConfig(count=32).resolved(**size, can_compile=True).compiled  # too short to pay for compiling
+    assert OrthoConfig(count=32, compile="on").resolved(**size).compiled
+    assert not OrthoConfig(compile="off").resolved(**size, can_compile=True).compiled
+    assert not OrthoConfig(mode="seed", compile="on").resolved(**size, can_compile=True).compiled  # the post's algorithm, as written
+    with pytest.raises(MelboError, match="--compile 'yes': use auto, on or off"):
+        OrthoConfig(compile="yes").check()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_compiled_evaluation_is_the_eager_one(nonlinear_lm, precision):
+    """compile on: the blocks after s and the KL compiled give an eager evaluation's losses and gradient (to rounding;
+    bfloat16 products to their own rounding), and a run records that it compiled."""
+    from melbo.engines.ortho import objective
+
+    cfg = dict(source=1, target=4, count=4, block=4, match="kl", extra_prompts=0, precision=precision)
+    thetas = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compile in ("off", "on"):
+        point = thetas.clone().requires_grad_(True)
+        losses = objective(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, compile=compile))(point)
+        results.append((losses.detach(), torch.autograd.grad(losses.sum(), point)[0]))
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    tolerance = 1e-4 if precision == "float32" else 2e-2
+    torch.testing.assert_close(compiled, eager, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(compiled_grad, eager_grad, atol=tolerance * eager_grad.abs().max().item(), rtol=tolerance)
+    assert not any("forward" in block.__dict__ for block in find_blocks(nonlinear_lm.model))  # the model as it was
+    run = ortho(nonlinear_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, steps=4, compile="on", completion_tokens=0))
+    assert run.meta.config["compiled"] is True and len(run.vectors) == 5 and max_abs_cosine(run.vectors.double()) <= 1e-5
+
+
+def test_a_run_whose_compilation_fails_goes_on_eagerly(tiny_lm, monkeypatch):
+    import contextlib
+
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    import melbo.engines.ortho as engine
+
+    @contextlib.contextmanager
+    def broken(_blocks):
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
+        yield
+
+    monkeypatch.setattr(engine, "compiled_blocks", broken)
+    cfg = dict(source=1, target=4, count=4, block=4, steps=3, completion_tokens=0, extra_prompts=0)
+    with pytest.warns(UserWarning, match="torch.compile failed .BackendCompilerFailed.; the run goes on without it"):
+        failed = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, compile="on"))
+    eager = ortho(tiny_lm, base_vector(), [PROMPT], OrthoConfig(**cfg, compile="off"))
+    torch.testing.assert_close(failed.vectors, eager.vectors, atol=1e-6, rtol=1e-6)

@@ -202,3 +202,15 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tiny_lm, tmp
     assert resumed.meta.sessions[1].from_block == 1 and resumed.meta.config["precision"] == "float32"
     assert resumed.meta.config["extra_prompts"] == 0 and resumed.meta.prompts == ["hello"]
     assert resumed.meta.config["warmup"] == 0
+
+
+def test_a_run_resumes_with_compilation_switched(tiny_lm, tmp_path):
+    """Compiling changes speed, not the run (to rounding): a run made eagerly resumes with --compile on, and run.json
+    records how the last session ran."""
+    base = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    cfg = dict(source=1, target=4, count=2, block=2, steps=3, completion_tokens=0, extra_prompts=0)
+    first = ortho(tiny_lm, base, ["how do I do it?"], OrthoConfig(**cfg, compile="off"), out=tmp_path / "run")
+    again = ortho(tiny_lm, base, ["how do I do it?"], OrthoConfig(**cfg, compile="on"), out=tmp_path / "run", resume=True)
+    assert torch.equal(again.vectors, first.vectors) and first.meta.config["compiled"] is False
+    with pytest.raises(MelboError, match="different settings: config.steps"):
+        ortho(tiny_lm, base, ["how do I do it?"], OrthoConfig(**{**cfg, "steps": 4}, compile="on"), out=tmp_path / "run", resume=True)

@@ -37,13 +37,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from melbo.engines.blocks import BlockCallback, Judged, StepCallback, run_blocks
 from melbo.engines.config import BEHAVIOUR_TOKENS, OrthoConfig, OrthoSettings, Positions, shifted
@@ -52,7 +53,7 @@ from melbo.errors import MelboError
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.files.vectors import validate_vectors
 from melbo.labels import NO_BEHAVIOUR, label
-from melbo.model.fastpath import bfloat16_is_fast, bfloat16_products
+from melbo.model.fastpath import CastWeights, bfloat16_is_fast, bfloat16_products, compile_failed, compiled_blocks, compiler_available, kept_heap
 from melbo.model.forward import (
     Generation,
     PromptState,
@@ -66,7 +67,7 @@ from melbo.model.forward import (
     steered_logits,
     target_residual,
 )
-from melbo.model.layers import lm_head, residual_after
+from melbo.model.layers import find_blocks, lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.packing import Packing, matches, pack
 from melbo.model.prompts import PromptFormat, encode_prompt, need_prompts, training_prompts
@@ -112,9 +113,12 @@ class _Problem:
     packed_rows: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # every target's selected positions in the packed sequence, in order
     pieces: list[slice] = field(default_factory=list)  # each target's part of the packed outputs
     wheres: list[slice] = field(default_factory=list)  # each target's positions the match covers
+    weights: CastWeights | None = None  # bfloat16 copies of the weights an evaluation multiplies by (precision bfloat16)
+    compiled: bool = False  # the evaluations' blocks and KL compiled (settings.compiled, until a compilation fails)
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.compiled = s.compiled
         tokens = [s.continuation if k < self.own or s.extra_continuation is None else s.extra_continuation for k in range(len(self.states))]
         self.targets = [
             extend_with_continuation(self.lm, st, s.source, self.base, n, self.known if k == 0 else None) if n else st
@@ -134,16 +138,26 @@ class _Problem:
                     self.tops = [top_tokens(lp, z0, head) for lp, z0 in zip(log_probs, self.z_base)]
             if s.fast:
                 self._pack(outputs)
+        if "bfloat16" in (s.precision, s.warmup_precision):
+            output = self.lm.model.get_output_embeddings() if s.match == "kl" else None
+            self.weights = CastWeights.of([*self._blocks(), *([output] if isinstance(output, nn.Module) else [])])
 
-    def _at(self, state: PromptState, thetas: Tensor, where: slice | Tensor) -> Tensor:
+    def _blocks(self) -> list[nn.Module]:
+        """The decoder blocks an evaluation runs: s+1 … t for the residual matches, s+1 … L−1 for the others."""
+        s = self.settings
+        blocks = find_blocks(self.lm.model)
+        return list(blocks[s.source + 1 : s.target + 1 if s.match in ("mean", "each") else len(blocks)])
+
+    def _at(self, state: PromptState, thetas: Tensor, where: slice | Tensor, fused: bool = False) -> Tensor:
         """What the match compares, at positions ``where`` of ``state`` ``(B, P, ·)``: the next-token logits (match
-        "kl"), the LM head's input ("fisher", "kl-top"), the target-layer residual ("mean", "each")."""
+        "kl"; ``fused``: in the dtype the head computed them in, for the fused KL), the LM head's input ("fisher",
+        "kl-top"), the target-layer residual ("mean", "each")."""
         s = self.settings
         if s.match in ("mean", "each"):
             return target_residual(self.lm.model, state, s.source, s.target, thetas)[:, where]
         keep = state.length - where.start if isinstance(where, slice) else where
         if s.match == "kl":
-            return steered_logits(self.lm.model, state, s.source, thetas, keep)
+            return steered_logits(self.lm.model, state, s.source, thetas, keep, as_computed=fused)
         return steered_final_hidden(self.lm.model, state, s.source, thetas, keep)
 
     def _as_z(self, out: Tensor) -> Tensor:
@@ -182,28 +196,42 @@ class _Problem:
         return len(self.states) - self.settings.extra_prompts
 
     def losses(self, thetas: Tensor, full: bool = False, own_only: bool = False) -> Tensor:
-        """Each row's loss; ``own_only``: on the run's own prompts alone (fast mode's warm-up), else on every prompt."""
+        """Each row's loss; ``own_only``: on the run's own prompts alone (fast mode's warm-up), else on every prompt.
+        Compiled where the settings say so and a gradient is wanted (an evaluation of the optimiser's); where the
+        compilation fails, the run goes on eagerly with a warning."""
+        if self.compiled and torch.is_grad_enabled() and not full:
+            try:
+                with compiled_blocks(self._blocks()):
+                    return self._losses(thetas, own_only=own_only, fused=True)
+            except Exception as error:
+                if not compile_failed(error):
+                    raise
+                self.compiled = False
+                warnings.warn(f"melbo: torch.compile failed ({type(error).__name__}); the run goes on without it (--compile off)", stacklevel=2)
+        return self._losses(thetas, full, own_only)
+
+    def _losses(self, thetas: Tensor, full: bool = False, own_only: bool = False, fused: bool = False) -> Tensor:
         match = self.settings.match
         count = self.own if own_only else len(self.targets)
         weights = prompt_weights(count, self.settings.first_weight)
         packed: Tensor | None = None  # every target's outputs as one sequence (packing)
-        with self._precision(own_only):  # the model's forward (and so its backward); outputs come out float32, the objective below stays so
+        with self._precision(own_only):  # the model's forward (and so its backward); outputs come out float32 (the fused KL reads them so), the objective below stays so
             if full and match in ("mean", "each"):  # the seed algorithm: every layer from the embeddings, at every step
                 outputs = [self.z(k, thetas) for k in range(len(self.targets))]
             elif own_only:
-                outputs = [self._at(st, thetas, where) for st, where in zip(self.targets[:count], self.wheres)]
+                outputs = [self._at(st, thetas, where, fused) for st, where in zip(self.targets[:count], self.wheres)]
             elif self.packing is not None:
-                packed = self._at(self.packing.state, thetas, self.packed_rows)
+                packed = self._at(self.packing.state, thetas, self.packed_rows, fused)
             else:
-                outputs = [self._at(st, thetas, where) for st, where in zip(self.targets, self.wheres)]
+                outputs = [self._at(st, thetas, where, fused) for st, where in zip(self.targets, self.wheres)]
         if packed is not None:
             if match == "kl":  # per position first: slicing (B, P, vocab) would cost its backward a vocabulary-wide fill
-                packed = kl_from_logits(packed, torch.cat(self.z_base))
+                packed = kl_from_logits(packed, torch.cat(self.z_base), fused=fused)
             outputs = [packed[:, piece] for piece in self.pieces]
         total = thetas.new_zeros(thetas.shape[0])
         for k, (out, z0, weight) in enumerate(zip(outputs, self.z_base, weights)):
             if match == "kl":
-                loss = (out if out.dim() == 2 else kl_from_logits(out, z0)).mean(dim=-1)
+                loss = (out if out.dim() == 2 else kl_from_logits(out, z0, fused=fused)).mean(dim=-1)
             elif match == "fisher":
                 loss = fisher_along(out, z0, self.metrics[k])
             elif match == "kl-top":
@@ -222,7 +250,7 @@ class _Problem:
         own weights (on a CPU with the attention kernel in float32, see :mod:`melbo.model.fastpath`)."""
         s = self.settings
         precision = (s.warmup_precision or s.precision) if warmup else s.precision
-        return bfloat16_products(self.lm.model, self.lm.device, enabled=precision == "bfloat16")
+        return bfloat16_products(self.lm.model, self.lm.device, enabled=precision == "bfloat16", weights=self.weights)
 
     def generation(self, thetas: Tensor) -> Generation:
         """Each row's greedy completion on the run's first prompt, and its first-token logits there."""
@@ -360,7 +388,7 @@ def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
         shows_at = label_shows_at(lm, known)  # behaviour_shows_at, keeping the tokens
     settings = cfg.resolved(
         float(base.norm()), lm.d_model, lm.n_layers, own_prompts=len(prompts), chat=fmt.chat_template, shows_at=shows_at,
-        bfloat16_fast=bfloat16_is_fast(lm.device), vocab=lm.plain_head_vocab,
+        bfloat16_fast=bfloat16_is_fast(lm.device), vocab=lm.plain_head_vocab, can_compile=compiler_available(lm.device),
     )
     return _Prepared(base, settings, [*prompts, *training_prompts(settings.extra_prompts, prompts)], known)
 
@@ -438,7 +466,8 @@ def ortho(
         first.completion = str(lm.tokenizer.decode(ready.known[: settings.completion_tokens], skip_special_tokens=True))
     elif settings.completion_tokens:
         first.completion = problem.generation(base[None]).texts[0]
-    return run_blocks(
-        _Engine(problem), meta, [(base, first)], lm.d_model, lm.device, settings.seed, settings.init_scale * base_norm,
-        out, resume, on_step, on_block,
-    )
+    with kept_heap():  # every evaluation allocates the same large activations again
+        return run_blocks(
+            _Engine(problem), meta, [(base, first)], lm.d_model, lm.device, settings.seed, settings.init_scale * base_norm,
+            out, resume, on_step, on_block,
+        )

@@ -9,16 +9,18 @@ from typing import Any
 from melbo.errors import MelboError
 from melbo.files.runs import RunMeta
 
+SPEED_ONLY = ("compiled",)  # settings that change how fast a run goes, not what it computes (to rounding): a resume may differ
+
 
 def resume_key(meta: RunMeta) -> dict[str, Any]:
-    """What a resumed run must share with the run folder it continues."""
+    """What a resumed run must share with the run folder it continues (every setting but :data:`SPEED_ONLY`)."""
     return {
         "kind": meta.kind,
         "model_identity": meta.model_identity,
         "layers": {"source": meta.source, "target": meta.target},
         "prompts": meta.prompts,
         "prompt_format": dataclasses.asdict(meta.prompt_format),
-        "config": meta.config,
+        "config": {key: value for key, value in meta.config.items() if key not in SPEED_ONLY},
     }
 
 
@@ -40,7 +42,7 @@ def check_same_settings(previous: RunMeta, current: RunMeta, added_later: Mappin
     ``added_later``: settings with a default that reproduces what melbo did before they existed (e.g. ``precision``
     float32); a run made before one existed has no record of it and ran at that default, so it is compared as such."""
     before = resume_key(previous)
-    missing = {k: v for k, v in (added_later or {}).items() if k not in before["config"]}
+    missing = {k: v for k, v in (added_later or {}).items() if k not in before["config"] and k not in SPEED_ONLY}
     if missing:
         before["config"] = {**before["config"], **missing}
     differ = [f"{key} ({a!r} in the run, {b!r} now)" for key, a, b in differences(before, resume_key(current))]

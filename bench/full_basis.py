@@ -17,6 +17,7 @@ copies spread over the basis (random directions at their norm, unsteered, θ0's 
     .venv/bin/python bench/full_basis.py --count 96              # the first 6 blocks, with a per-block profile
     .venv/bin/python bench/full_basis.py --precision bfloat16    # the optimisation's matrix products in bfloat16 (CPUs with AMX or AVX512-BF16)
     .venv/bin/python bench/full_basis.py --dtype bfloat16        # the whole model in bfloat16
+    .venv/bin/python bench/full_basis.py --compile off           # each evaluation eager (melbo compiles from 128 copies where it can)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from melbo.engines.discover import discover
 from melbo.engines.ortho import OrthoConfig, ortho
 from melbo.files.runs import Run, read_run
 from melbo.labels import label
+from melbo.model.fastpath import compiler_available
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 from melbo.objectives import max_abs_cosine
@@ -84,6 +86,7 @@ def main() -> None:
                              "melbo's default, 4, costs ~5× per copy)")
     parser.add_argument("--precision", default="float32", help="the optimisation's matrix products: float32 (default) or bfloat16 (autocast)")
     parser.add_argument("--dtype", default=None, help="the whole model in this dtype: float32 (default) or bfloat16 (on a CPU slower than --precision bfloat16: see RESULTS)")
+    parser.add_argument("--compile", default="auto", help="compile each evaluation's blocks and KL: auto (melbo's default: on from 128 copies where a compiler is found), on or off")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
@@ -99,7 +102,7 @@ def main() -> None:
             base = base_vector(lm, quick=args.quick)
     base_seconds = time.perf_counter() - started
     settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer)
-    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, **settings)
+    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, compile=args.compile, **settings)
     blocks: dict[int, list[float]] = {}
     step_start = [time.perf_counter()]
 
@@ -117,8 +120,9 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     records = run.records[1:]
     kls = [r.kl for r in records]
-    resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")
+    resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab, can_compile=compiler_available(lm.device))
+    dtype = (str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")
+             + (", compiled" if resolved.compiled else ""))
     print(f"{lm.name} ({dtype}): d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
           f"extra prompts {resolved.extra_prompts}, base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")
     print(f"{'blocks':<8}{'vectors':>8}{'steps':>7}{'s/step':>8}{'median KL':>11}{'median norm':>13}")
@@ -150,12 +154,13 @@ def main() -> None:
         bfloat16 = ("" if args.precision != "float32" else
                     "--precision bfloat16 on a CPU with bfloat16 units (per copy 1.4× on SmolLM2 and 1.9× on Qwen2.5 0.5B with AMX, 2.1× on SmolLM2 "
                     "with AVX512-BF16 on an AMD Zen 5: RESULTS), ")
+        compile_hint = "" if resolved.compiled else "--compile on where a C++ compiler is found (a bfloat16 SmolLM2 step 0.6× eager's on an AMX Xeon: RESULTS), "
         allowed = (target_min * 60 if target_min is not None else TARGET_S_PER_COPY * len(records)) / step_s / len(blocks)
         print(
             f"why: {steps} evaluations at a median {step_s:.2f} s (forward and backward of ≤ {per} rows through {through}, over the "
             f"prompt and θ0's {resolved.continuation} continuation tokens: matmul-bound, see utilisation); the target allows {allowed:.0f} "
             f"evaluations per block against {steps / len(blocks):.0f} (a row that stops improving leaves its block, --patience; on SmolLM2 "
-            f"rows improve almost to the last, and no start measured beats a random direction: utilisation). To close it: a GPU (bench/gpu.py), {bfloat16}or melbo 0.1's "
+            f"rows improve almost to the last, and no start measured beats a random direction: utilisation). To close it: a GPU (bench/gpu.py), {bfloat16}{compile_hint}or melbo 0.1's "
             f"objective (--match mean --continuation 0, copies that keep the base's behaviour far less often: bench/fidelity.py)"
         )
     whole = "" if exhausted or args.quick else f" (stopped at {len(records)} vectors: ≈ {minutes * (lm.d_model - 1) / len(records):.0f} min for {lm.d_model - 1} if every block cost the same)"

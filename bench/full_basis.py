@@ -8,7 +8,7 @@ label of its stored greedy completion on the run's prompt against θ0's) and the
 copies spread over the basis (random directions at their norm, unsteered, θ0's text NLL on held-out prompts).
 
     .venv/bin/python bench/full_basis.py --quick                 # 4 vectors, 5 steps: checks that it runs
-    .venv/bin/python bench/full_basis.py                         # SmolLM2, every vector (20–30 min on 2 cores)
+    .venv/bin/python bench/full_basis.py                         # SmolLM2, every vector (10 min with --precision bfloat16 on an AMX Xeon, compiled)
     .venv/bin/python bench/full_basis.py --model gemma           # Gemma 3 270M (fetched by bench/models.py)
     .venv/bin/python bench/full_basis.py --model qwen --count 64 # Qwen2.5-Coder 0.5B (fetched too): 4 blocks, the rest extrapolated
     .venv/bin/python bench/full_basis.py --match fisher          # the KL to second order: the LM head never runs

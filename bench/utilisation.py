@@ -16,6 +16,8 @@ FLOP count per token and layer (Llama-style block): 2·(d·q + 2·d·kv + q·d) 
 Backward: the weights are frozen, so only input gradients are needed: 1× forward for the projections, the MLP and the
 head, 2× for the attention scores.
 
+Every measurement runs eagerly (``--compile off``, as they did before it existed) but ``--compile``'s own.
+
     .venv/bin/python bench/utilisation.py --quick     # a few steps
     .venv/bin/python bench/utilisation.py             # 10 timed steps per objective and block size
     .venv/bin/python bench/utilisation.py --packing   # the default objective's five prompts packed or not, block 16
@@ -116,7 +118,7 @@ def main() -> None:
     print(f"{'objective':<10}{'block':>6}{'step (ms)':>11}{'GFLOP floor':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}{'utilisation':>13}")
     results: dict[tuple[str, int], tuple[float, float]] = {}
     for match in matches:
-        cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="float32", match=match, **({"continuation": 0} if match == "mean" else {}))
+        cfg = OrthoConfig(compile="off", source=SOURCE, target=TARGET, extra_prompts=0, precision="float32", match=match, **({"continuation": 0} if match == "mean" else {}))
         settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
         loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
         tokens = prompt_tokens + settings.continuation
@@ -164,7 +166,7 @@ def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tup
             for precision in precisions:
                 for name, (kl, packed) in ways.items():
                     ortho_engine.kl_from_logits = kl
-                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision=precision))
+                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision=precision))
                     problem = loss.__self__
                     assert problem.packing is not None, "the default objective's prompts were not packed"
                     tokens[name] = problem.packing.state.length if packed else sum(t.length for t in problem.targets)
@@ -192,7 +194,7 @@ def warmup(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
 
     from melbo.engines.config import FAST_WARMUP, STEPS_AFTER_WARMUP, STEPS_FAST_KL
 
-    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32"))
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision="float32"))
     ways = {"run's prompt alone": functools.partial(losses, own_only=True), "all five, packed": losses}
     times: dict[str, float] = {}
     for _ in range(rounds):
@@ -219,7 +221,7 @@ def default_floor(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     from melbo.engines.config import FAST_WARMUP, STEPS_AFTER_WARMUP
 
     config = lm.model.config
-    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32"))
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision="float32"))
     problem = losses.__self__
     assert problem.packing is not None, "the default objective's prompts were not packed"
     shapes = {  # name → (loss, tokens a row runs, positions the KL covers)
@@ -266,7 +268,7 @@ def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     from melbo.objectives import kl_from_logits
 
     cases = {}
-    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32"))
+    losses = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision="float32"))
     cases["SmolLM2, run's prompt alone"] = (functools.partial(losses, own_only=True), lm.d_model, 26.6)
     cases["SmolLM2, all five packed"] = (losses, lm.d_model, 26.6)
     try:
@@ -300,7 +302,7 @@ def kl_chunks(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
 CHUNKS = (1 << 18, 1 << 20, 1 << 22)  # logits per piece of chunked_kl: 1, 4 and 16 MiB in float32
 
 
-def chunked_kl(logits, log_probs_base, chunk: int):
+def chunked_kl(logits, log_probs_base, chunk: int, fused: bool = False):
     """objectives.kl_from_logits with its logsumexp (forward) and softmax (backward) run over ``chunk`` logits at a time
     (a few positions of one row), writing the gradient into one preallocated tensor."""
     from melbo.objectives import _neg_entropy
@@ -349,7 +351,7 @@ def gemma_objective(lm, match: str = "kl"):
     from models import GEMMA_PROMPT
 
     return objective(lm, seeded_base(lm.d_model, GEMMA_NORM), [GEMMA_PROMPT],
-                     OrthoConfig(source=5, target=12, match=match, precision="float32"), PromptFormat(chat_template=False))
+                     OrthoConfig(compile="off", source=5, target=12, match=match, precision="float32"), PromptFormat(chat_template=False))
 
 
 QWEN_NORM = 8.0  # ‖θ0‖ of the random base the Qwen2.5 0.5B timings use: about auto R there (8.03)
@@ -361,7 +363,7 @@ def qwen_objective(lm, fmt: PromptFormat, match: str):
     from models import FETCHED
 
     return objective(lm, seeded_base(lm.d_model, QWEN_NORM), [FETCHED["qwen"].prompt],
-                     OrthoConfig(source=7, target=16, match=match, precision="float32", extra_prompts=0), fmt)
+                     OrthoConfig(compile="off", source=7, target=16, match=match, precision="float32", extra_prompts=0), fmt)
 
 
 def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
@@ -375,7 +377,7 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     from models import Unavailable, load
 
     cases = {}  # name → ({match: loss}, d, norm)
-    smol = {m: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, precision="float32", match=m)) for m in ("kl", "kl-top")}
+    smol = {m: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision="float32", match=m)) for m in ("kl", "kl-top")}
     cases[f"SmolLM2 ({lm.plain_head_vocab:,}), run's prompt alone"] = ({m: functools.partial(f, own_only=True) for m, f in smol.items()}, lm.d_model, 26.6)
     cases[f"SmolLM2 ({lm.plain_head_vocab:,}), all five packed"] = (smol, lm.d_model, 26.6)
     try:
@@ -415,7 +417,7 @@ def kl_top(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     return "a kl-top evaluation takes " + ", ".join(ratios) + " kl's time"
 
 
-def kl_through_log_softmax(logits, log_probs_base):
+def kl_through_log_softmax(logits, log_probs_base, fused: bool = False):
     """The KL per position as melbo computed it until 2026-12-03 (autograd through a log-softmax over the vocabulary):
     the "before" of :func:`packing` and :func:`gemma_kl`."""
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -500,7 +502,7 @@ def fast_paths(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
 
     fast = (forward.contiguous_head_input, ortho_engine.bfloat16_products)
 
-    def plain_autocast(model, device, enabled=True):
+    def plain_autocast(model, device, enabled=True, weights=None):  # autocast casting every weight itself, attention in bfloat16
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
     slow = (lambda model: contextlib.nullcontext(), plain_autocast)
@@ -510,7 +512,7 @@ def fast_paths(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
             for precision in ("float32", "bfloat16"):
                 for name, (head, products) in (("without", slow), ("with", fast)):
                     forward.contiguous_head_input, ortho_engine.bfloat16_products = head, products
-                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision=precision))
+                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, extra_prompts=0, precision=precision))
                     seconds = step_seconds(loss, block, lm.d_model, 50.0, repeats)
                     times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
     finally:
@@ -535,7 +537,7 @@ def convergence(lm) -> str:
     from melbo.objectives import orthogonalize_block, orthonormal_rows, project_out, random_orthogonal_block
 
     base = base_vector(lm, quick=False)
-    cfg = OrthoConfig(source=SOURCE, target=TARGET, extra_prompts=0, precision="float32")
+    cfg = OrthoConfig(compile="off", source=SOURCE, target=TARGET, extra_prompts=0, precision="float32")
     settings = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers)
     loss = objective(lm, base, [DEFAULT_PROMPT], cfg)
     basis = orthonormal_rows(base[None])

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", help="the optimisation's matrix products: float32 (default) or bfloat16 (autocast)")
     parser.add_argument("--dtype", default=None, help="the whole model in this dtype: float32 (default) or bfloat16 (on a CPU slower than --precision bfloat16: see RESULTS)")
     parser.add_argument("--compile", default="auto", help="compile each evaluation's blocks and KL: auto (melbo's default: on from 128 copies where a compiler is found), on or off")
+    parser.add_argument("--seed", type=int, default=0, help="MELBO-ortho's random seed (each block's random start)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
@@ -102,7 +103,7 @@ def main() -> None:
             base = base_vector(lm, quick=args.quick)
     base_seconds = time.perf_counter() - started
     settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer)
-    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, compile=args.compile, **settings)
+    cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, compile=args.compile, seed=args.seed, **settings)
     blocks: dict[int, list[float]] = {}
     step_start = [time.perf_counter()]
 

@@ -6,6 +6,7 @@ Shapes: ``B`` vectors in a block, ``T`` token positions, ``d`` = d_model, ``K`` 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,13 +72,10 @@ def _kl_terms(logits: Tensor, probs_base: Tensor, neg_entropy: Tensor) -> Tensor
     return neg_entropy - (z * probs_base).sum(dim=-1) + torch.logsumexp(z, dim=-1)
 
 
-_FUSED: list[Callable[[Tensor, Tensor, Tensor], Tensor]] = []  # _kl_terms compiled, once per process
-
-
+@functools.cache
 def _fused_kl() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    if not _FUSED:
-        _FUSED.append(torch.compile(_kl_terms))
-    return _FUSED[0]
+    """:func:`_kl_terms` compiled, once per process."""
+    return torch.compile(_kl_terms)
 
 
 def _neg_entropy(log_probs: Tensor) -> Tensor:

@@ -113,12 +113,15 @@ class _Problem:
     packed_rows: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # every target's selected positions in the packed sequence, in order
     pieces: list[slice] = field(default_factory=list)  # each target's part of the packed outputs
     wheres: list[slice] = field(default_factory=list)  # each target's positions the match covers
+    blocks: list[nn.Module] = field(default_factory=list)  # the decoder blocks an evaluation runs
     weights: CastWeights | None = None  # bfloat16 copies of the weights an evaluation multiplies by (precision bfloat16)
     compiled: bool = False  # the evaluations' blocks and KL compiled (settings.compiled, until a compilation fails)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.compiled = s.compiled
+        every = find_blocks(self.lm.model)  # s+1 … t for the residual matches, s+1 … L−1 for the others
+        self.blocks = list(every[s.source + 1 : s.target + 1 if s.match in ("mean", "each") else len(every)])
         tokens = [s.continuation if k < self.own or s.extra_continuation is None else s.extra_continuation for k in range(len(self.states))]
         self.targets = [
             extend_with_continuation(self.lm, st, s.source, self.base, n, self.known if k == 0 else None) if n else st
@@ -140,13 +143,7 @@ class _Problem:
                 self._pack(outputs)
         if "bfloat16" in (s.precision, s.warmup_precision):
             output = self.lm.model.get_output_embeddings() if s.match == "kl" else None
-            self.weights = CastWeights.of([*self._blocks(), *([output] if isinstance(output, nn.Module) else [])])
-
-    def _blocks(self) -> list[nn.Module]:
-        """The decoder blocks an evaluation runs: s+1 … t for the residual matches, s+1 … L−1 for the others."""
-        s = self.settings
-        blocks = find_blocks(self.lm.model)
-        return list(blocks[s.source + 1 : s.target + 1 if s.match in ("mean", "each") else len(blocks)])
+            self.weights = CastWeights.of([*self.blocks, *([output] if isinstance(output, nn.Module) else [])])
 
     def _at(self, state: PromptState, thetas: Tensor, where: slice | Tensor, fused: bool = False) -> Tensor:
         """What the match compares, at positions ``where`` of ``state`` ``(B, P, ·)``: the next-token logits (match
@@ -201,7 +198,7 @@ class _Problem:
         compilation fails, the run goes on eagerly with a warning."""
         if self.compiled and torch.is_grad_enabled() and not full:
             try:
-                with compiled_blocks(self._blocks()):
+                with compiled_blocks(self.blocks):
                     return self._losses(thetas, own_only=own_only, fused=True)
             except Exception as error:
                 if not compile_failed(error):

@@ -232,19 +232,11 @@ def compiled_blocks(blocks: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def compile_failed(error: BaseException) -> bool:
-    """Whether ``error`` is torch.compile's own failure (no working compiler, a kernel that does not build), after
-    which the same work can run eagerly; a model's own errors are not."""
-    try:
-        from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
-    except ImportError:
-        return False
-    failures: tuple[type[BaseException], ...] = (BackendCompilerFailed, TorchDynamoException)
-    try:
-        from torch._inductor.exc import InductorError
-        failures = (*failures, InductorError)
-    except ImportError:
-        pass
-    return isinstance(error, failures)
+    """Whether ``error`` is torch.compile's own failure (no working compiler, a kernel that does not build: dynamo's
+    exceptions, inductor's among them), after which the same work can run eagerly; a model's own errors are not."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(error, TorchDynamoException)
 
 
 SOFTWARE_BFLOAT16 = (  # measured: bench/RESULTS.md, discovery_speed on the AVX2 EPYC

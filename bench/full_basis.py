@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "gemma", "qwen"), default="smollm2")
     parser.add_argument("--match", default=None, help="kl, kl-top, fisher, mean or each (default: melbo's, kl or kl-top on a vocabulary of 100k tokens or more)")
     parser.add_argument("--count", type=int, default=None, help="stop after this many vectors (default: the whole basis)")
-    parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's 16)")
+    parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's, 32 for a run this long)")
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
     parser.add_argument("--no-controls", action="store_true", help="skip the eval with controls after the basis")
     parser.add_argument("--base-run", default=None, help="take θ0 from this discovery run (its clearest fluent vector) instead of discovering")

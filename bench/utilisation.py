@@ -27,6 +27,7 @@ Every measurement runs eagerly (``--compile off``, as they did before it existed
     .venv/bin/python bench/utilisation.py --kl-chunks # melbo's KL from the logits against the same in chunks (not taken)
     .venv/bin/python bench/utilisation.py --default   # the default objective's two evaluations against their FLOP floor, and a block's
     .venv/bin/python bench/utilisation.py --kl-top    # kl against kl-top on SmolLM2 (49k tokens), Gemma 3 270M (262k) and Qwen2.5 0.5B (152k): the default by vocabulary
+    .venv/bin/python bench/utilisation.py --blocks    # a whole-basis block's time per copy by its rows (16, 32, 64) on the three models
     .venv/bin/python bench/utilisation.py --floors    # the whole basis's FLOP floor on this CPU: SmolLM2, Gemma 3 270M, a Qwen2 0.5B's shapes
 """
 
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--kl-chunks", action="store_true", help="only the KL's passes over the logits in one piece or in chunks (block 16)")
     parser.add_argument("--kl-top", action="store_true", help="only kl against kl-top on SmolLM2, Gemma 3 270M and Qwen2.5 0.5B where they can be had (block 16): fast mode's match by vocabulary")
     parser.add_argument("--floors", action="store_true", help="only the whole basis's FLOP floor at this CPU's matmul rate: SmolLM2, Gemma 3 270M and the shapes of a Qwen2 0.5B")
+    parser.add_argument("--blocks", action="store_true", help="only a whole-basis block's time per copy at 16, 32 and 64 rows (evaluations and completions) on SmolLM2, Gemma 3 270M and Qwen2.5 0.5B where they can be had")
     parser.add_argument("--default", action="store_true", help="only the default objective's evaluations (warm-up, packed) against their floor (block 16)")
     args = parser.parse_args()
     if args.gemma_kl:
@@ -663,9 +665,65 @@ def floors(lm, base, block: int, repeats: int) -> str:
     return (f"whole basis at the FLOP floor here (kl / kl-top, {FLOOR_EVALUATIONS} evaluations per block of {block}): " + "; ".join(out))
 
 
+BLOCK_ROWS = (16, 32, 64)
+BLOCK_MODELS = {"smollm2": (8, 20, 26.6), "gemma": (5, 12, 67.0), "qwen": (7, 16, 8.0)}  # source, target, ‖θ0‖ (about auto R)
+
+
+def block_rows(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
+    """A whole-basis block's cost per copy by its rows (:data:`BLOCK_ROWS`), as a long run resolves the rest (the run's
+    prompt alone, bfloat16 products where the CPU has the units, compiled where a compiler is found): FLOOR_EVALUATIONS
+    evaluations (a block's at most) plus each row's judged completion (completion_tokens greedy tokens, float32), per
+    row, on SmolLM2, Gemma 3 270M and Qwen2.5 0.5B where they can be had; best of ``rounds`` rounds, the sizes
+    alternated. What fast mode's block for long runs (melbo.engines.config.LONG_RUN_BLOCK) rests on."""
+    from models import FETCHED, Unavailable
+    from models import load as load_bench_model
+
+    from melbo.engines.config import LONG_RUN
+    from melbo.model.fastpath import bfloat16_is_fast, compiler_available, kept_heap
+    from melbo.model.forward import steered_generation
+
+    precision = "bfloat16" if bfloat16_is_fast(torch.device("cpu")) else "float32"
+    compile_mode = "on" if compiler_available(torch.device("cpu")) else "off"
+    print(f"a whole-basis block per copy: {FLOOR_EVALUATIONS} evaluations + its completion, {precision} products, compile {compile_mode}; "
+          f"best of {rounds} rounds, block sizes alternated")
+    print(f"{'model':<9}{'rows':>6}{'step (ms)':>11}{'per row':>9}{'completions (s)':>17}{'per row':>9}{'s per copy':>12}{'vs 16':>7}")
+    out = []
+    for name, (source, target, norm) in BLOCK_MODELS.items():
+        try:
+            model, fmt = (lm, PromptFormat()) if name == "smollm2" else load_bench_model(name)
+        except Unavailable as exc:
+            print(f"{name:<9}unavailable: {exc}")
+            continue
+        prompt = DEFAULT_PROMPT if name == "smollm2" else FETCHED[name].prompt
+        cfg = OrthoConfig(source=source, target=target, extra_prompts=0, precision=precision, compile=compile_mode, count=LONG_RUN)
+        settings = cfg.resolved(norm, model.d_model, model.n_layers)
+        loss = objective(model, seeded_base(model.d_model, norm), [prompt], cfg, fmt)
+        ids = prepare(model, [prompt], fmt, source)[0].ids
+        steps: dict[int, float] = {}
+        made: dict[int, float] = {}
+        with kept_heap():
+            for rows in BLOCK_ROWS:  # the first call of each shape compiles
+                step_seconds(loss, rows, model.d_model, norm, 1)
+            for _ in range(rounds):
+                for rows in BLOCK_ROWS:
+                    seconds = step_seconds(loss, rows, model.d_model, norm, repeats)
+                    steps[rows] = min(seconds, steps.get(rows, seconds))
+                    thetas = torch.randn(rows, model.d_model, generator=torch.Generator().manual_seed(1)) * norm / model.d_model**0.5
+                    start = time.perf_counter()
+                    steered_generation(model.model, model.tokenizer, ids, thetas, source, settings.completion_tokens)
+                    seconds = time.perf_counter() - start
+                    made[rows] = min(seconds, made.get(rows, seconds))
+        per_copy = {rows: (FLOOR_EVALUATIONS * steps[rows] + made[rows]) / rows for rows in BLOCK_ROWS}
+        for rows in BLOCK_ROWS:
+            print(f"{name:<9}{rows:>6}{1000 * steps[rows]:>11.1f}{1000 * steps[rows] / rows:>9.1f}{made[rows]:>17.2f}{made[rows] / rows:>9.3f}"
+                  f"{per_copy[rows]:>12.3f}{per_copy[rows] / per_copy[16]:>7.2f}")
+        out.append(f"{name} " + ", ".join(f"{rows} rows {per_copy[rows] / per_copy[16]:.2f}×" for rows in BLOCK_ROWS[1:]))
+    return "a whole-basis block's time per copy against 16 rows: " + "; ".join(out)
+
+
 ONLY = {  # the options that run one measurement alone on SmolLM2 (block 16): its function and repeats per timing
     "packing": (packing, 3), "warmup": (warmup, 3), "compile": (compiled, 3), "kl_chunks": (kl_chunks, 2), "default": (default_floor, 3),
-    "kl_top": (kl_top, 3), "floors": (floors, 3),
+    "kl_top": (kl_top, 3), "floors": (floors, 3), "blocks": (block_rows, 2),
 }
 
 

@@ -524,6 +524,21 @@ def test_compile_auto_is_on_for_long_fast_runs_where_a_compiler_is_found():
         OrthoConfig(compile="yes").check()
 
 
+def test_a_long_fast_run_trains_blocks_of_32_and_a_resume_keeps_the_runs_block():
+    from melbo.engines.config import FAST_BLOCK, LONG_RUN, LONG_RUN_BLOCK
+
+    size = dict(base_norm=26.6, d_model=576, n_layers=30)
+    assert OrthoConfig().resolved(**size).block == LONG_RUN_BLOCK == 32  # the whole basis by default
+    assert OrthoConfig(count=LONG_RUN).resolved(**size).block == LONG_RUN_BLOCK
+    assert OrthoConfig(count=LONG_RUN - 1).resolved(**size).block == FAST_BLOCK == 16  # the demo's 32 copies
+    assert OrthoConfig(count=50, block=8).resolved(**size).block == 8 and OrthoConfig(block=16).resolved(**size).block == 16
+    assert OrthoConfig(mode="seed").resolved(**size).block == 1
+    assert OrthoConfig().resolved(**size).stop_after_dropped == 32  # "a block" of dropped vectors ends the basis
+    # a whole basis begun with blocks of 16 (before this default) goes on with them; a block given is the user's
+    assert OrthoConfig().as_in_run({"block": 16}).resolved(**size).block == 16
+    assert OrthoConfig(block=8).as_in_run({"block": 16}).block == 8
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_compiled_evaluation_is_the_eager_one(nonlinear_lm, precision):
     """compile on: the blocks after s and the KL compiled give an eager evaluation's losses and gradient (to rounding;

@@ -316,14 +316,19 @@ FAST_EXTRA_CONTINUATION = 8
 # early (521 row-evaluations of a block of 16 against 560), a block took ≈ 0.89× (side by side) and the demo's verdict
 # is the same to the digit. bench/RESULTS.md full_basis.
 FAST_PATIENCE = 4
-# Fast mode compiles the blocks each evaluation runs and its KL (torch.compile; melbo.model.fastpath) when the run
-# trains at least COMPILE_MIN_COPIES copies and a compiler is at hand: compiling costs about 30 s on a first run (21 s
-# for the first batch shape, 11 s more once a row leaves its block; a few seconds once inductor's disk cache holds them),
-# and a block of 16 SmolLM2 copies saves about 7 s with bfloat16 products (a step 0.66× eager's, AMX Xeon) and 4 s in
-# float32 (0.88×): bench/utilisation.py --compile. SmolLM2's whole basis took 9.9 min against 13.3 (bench/RESULTS.md).
-COMPILE_MIN_COPIES = 128
+# A fast-mode run of LONG_RUN copies or more is long: it compiles the blocks each evaluation runs and its KL
+# (torch.compile; melbo.model.fastpath) where a compiler is at hand, and trains LONG_RUN_BLOCK copies at a time.
+# Compiling costs about 30 s on a first run (21 s for the first batch shape, 11 s more once a row leaves its block; a
+# few seconds once inductor's disk cache holds them), and a block of 16 SmolLM2 copies saves about 7 s with bfloat16
+# products (a step 0.66× eager's, AMX Xeon) and 4 s in float32 (0.88×): bench/utilisation.py --compile. SmolLM2's whole
+# basis took 9.9 min against 13.3. Blocks of 32 cost 0.72× per copy on SmolLM2, 0.85× on Gemma 3 270M and 0.97× on
+# Qwen2.5 0.5B (evaluations and completions, compiled, bfloat16 products: bench/utilisation.py --blocks), and SmolLM2's
+# whole basis took 8.0 min against 9.9 with the same verdict over two seeds (bench/RESULTS.md full_basis); a short run
+# keeps blocks of 16 (a progress line and a checkpoint every 16 copies, and the first copies' KL a little lower).
+LONG_RUN = 128
+FAST_BLOCK, LONG_RUN_BLOCK = 16, 32
 COMPILES = ("auto", "on", "off")
-FOLLOW_THE_RUN = ("match", "extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation", "patience")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
+FOLLOW_THE_RUN = ("block", "match", "extra_prompts", "first_weight", "warmup", "continuation", "extra_continuation", "patience")  # left to the mode, a resume takes the run's (OrthoConfig.as_in_run)
 MATCHES = ("mean", "each", "kl", "kl-top", "fisher")
 
 
@@ -379,7 +384,7 @@ class OrthoConfig:
     target: int | None = None  # layer t; None: about two thirds in
     mode: str = setting("fast", "fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")
     count: int | None = setting(None, "Vectors to find besides θ0 (default: until the basis is exhausted).")
-    block: int | None = setting(None, "Vectors optimised together (fast: 16; seed: 1).")
+    block: int | None = setting(None, f"Vectors optimised together (fast: {FAST_BLOCK}, {LONG_RUN_BLOCK} in runs of {LONG_RUN} copies or more; seed: 1).")
     steps: int | None = setting(
         None,
         "Evaluations per block (fast: at most 30 with lbfgs and match kl, the warm-up + 15 with one, 60 with mean or each, "
@@ -463,7 +468,7 @@ class OrthoConfig:
     compile: str = setting(  # measured in bench/utilisation.py --compile and bench/full_basis.py
         "auto",
         "Fast mode: compile (torch.compile) the blocks each evaluation runs and its KL: on, off, or auto: on for runs of "
-        f"{COMPILE_MIN_COPIES} copies or more where a compiler is found (a C++ compiler on a CPU, Triton on a GPU). "
+        f"{LONG_RUN} copies or more where a compiler is found (a C++ compiler on a CPU, Triton on a GPU). "
         "SmolLM2's whole basis in 9.9 min against 13.3 eagerly (bfloat16 products, AMX Xeon; a step 0.66× eager's, 0.88× "
         "in float32), after about 30 s of compiling on a first run (inductor caches it on disk); the same maths to rounding.",
     )
@@ -491,13 +496,13 @@ class OrthoConfig:
         fast = self.mode == "fast"
         continuation = self.continuation if self.continuation is not None else (fast_continuation(shows_at) if fast else 0)
         match = self.match or (fast_match(vocab) if fast else "mean")
-        block = self.block_size()
+        count = self.count if self.count is not None else d_model - 1
+        block = self.block_size(count)
         # the shipped prompts are chat requests: raw, on a base model, θ0's continuation there is another kind of text, and
         # matching it cost Gemma 3 270M's copies θ0's effect on the run's prompt (median KL 5.5 against 0.23: RESULTS)
         extra = self.extra_prompts if self.extra_prompts is not None else (FAST_EXTRA_PROMPTS if fast and chat else 0)
         default_warmup = FAST_WARMUP if match in ("kl", "kl-top") else 0  # measured with these two (fidelity)
         warmup = (self.warmup if self.warmup is not None else default_warmup) if fast and extra and optimizer == "lbfgs" else 0
-        count = self.count if self.count is not None else d_model - 1
         return OrthoSettings(
             source=source,
             target=target,
@@ -524,7 +529,7 @@ class OrthoConfig:
             warmup_precision=self.warmup_precision if warmup else None,
             extra_continuation=self._extra_continuation(fast and extra > 0, continuation),
             patience=(self.patience if self.patience is not None else FAST_PATIENCE) if fast and optimizer == "lbfgs" else 0,
-            compiled=fast and (self.compile == "on" or (self.compile == "auto" and can_compile and count >= COMPILE_MIN_COPIES)),
+            compiled=fast and (self.compile == "on" or (self.compile == "auto" and can_compile and count >= LONG_RUN)),
         )
 
     def _extra_continuation(self, extras: bool, continuation: int) -> int | None:
@@ -551,9 +556,14 @@ class OrthoConfig:
             values["extra_continuation"] = recorded.get("continuation")
         return dataclasses.replace(self, **values, precision=precision_in_run(self.precision, recorded))
 
-    def block_size(self) -> int:
-        """Vectors optimised together: as set, else 16 in fast mode and 1 in seed mode (the post's one at a time)."""
-        return self.block or (16 if self.mode == "fast" else 1)
+    def block_size(self, count: int) -> int:
+        """Vectors optimised together in a run of ``count`` copies: as set, else in fast mode FAST_BLOCK, or
+        LONG_RUN_BLOCK from LONG_RUN copies, and 1 in seed mode (the post's one at a time)."""
+        if self.block:
+            return self.block
+        if self.mode != "fast":
+            return 1
+        return LONG_RUN_BLOCK if count >= LONG_RUN else FAST_BLOCK
 
     @staticmethod
     def _fast_steps(optimizer: str, match: str, warmup: int) -> int:

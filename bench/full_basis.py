@@ -127,7 +127,7 @@ def main() -> None:
     print(f"{lm.name} ({dtype}): d_model {lm.d_model}, layers {resolved.source} → {resolved.target}, ‖θ0‖ {float(base.norm()):.1f}, match {resolved.match}, "
           f"extra prompts {resolved.extra_prompts}, base found in {base_seconds:.0f} s; θ0: {(run.records[0].completion or '')[:80]!r}")
     print(f"{'blocks':<8}{'vectors':>8}{'steps':>7}{'s/step':>8}{'median KL':>11}{'median norm':>13}")
-    per = cfg.block or 16
+    per = resolved.block
     for b in range(0, len(blocks), max(1, len(blocks) // 12)):
         part = [r for r in records if r.block == b]
         if part:
@@ -156,11 +156,14 @@ def main() -> None:
                     "--precision bfloat16 on a CPU with bfloat16 units (per copy 1.4× on SmolLM2 and 1.9× on Qwen2.5 0.5B with AMX, 2.1× on SmolLM2 "
                     "with AVX512-BF16 on an AMD Zen 5: RESULTS), ")
         compile_hint = "" if resolved.compiled else "--compile on where a C++ compiler is found (a bfloat16 SmolLM2 step 0.6× eager's on an AMX Xeon: RESULTS), "
-        allowed = (target_min * 60 if target_min is not None else TARGET_S_PER_COPY * len(records)) / step_s / len(blocks)
+        # a block's first step is timed from the previous block's last: its judging (completions) in it, so take the median
+        evaluating = sum(sum(times[1:]) + statistics.median(times) for times in blocks.values())
+        rest = max(0.0, minutes * 60 - evaluating)
+        allowed = ((target_min * 60 if target_min is not None else TARGET_S_PER_COPY * len(records)) - rest) / step_s / len(blocks)
         print(
-            f"why: {steps} evaluations at a median {step_s:.2f} s (forward and backward of ≤ {per} rows through {through}, over the "
-            f"prompt and θ0's {resolved.continuation} continuation tokens: matmul-bound, see utilisation); the target allows {allowed:.0f} "
-            f"evaluations per block against {steps / len(blocks):.0f} (a row that stops improving leaves its block, --patience; on SmolLM2 "
+            f"why: {steps} evaluations at a median {step_s:.2f} s, {evaluating / 60:.1f} min (forward and backward of ≤ {per} rows through {through}, over the "
+            f"prompt and θ0's {resolved.continuation} continuation tokens: matmul-bound, see utilisation), and {rest / 60:.1f} min besides (each block's "
+            f"completions and judging, the orthogonalisation); after those the target allows {allowed:.0f} evaluations per block against {steps / len(blocks):.0f} (a row that stops improving leaves its block, --patience; on SmolLM2 "
             f"rows improve almost to the last, and no start measured beats a random direction: utilisation). To close it: a GPU (bench/gpu.py), {bfloat16}{compile_hint}or melbo 0.1's "
             f"objective (--match mean --continuation 0, copies that keep the base's behaviour far less often: bench/fidelity.py)"
         )

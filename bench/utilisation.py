@@ -16,7 +16,7 @@ FLOP count per token and layer (Llama-style block): 2·(d·q + 2·d·kv + q·d) 
 Backward: the weights are frozen, so only input gradients are needed: 1× forward for the projections, the MLP and the
 head, 2× for the attention scores.
 
-Every measurement runs eagerly (``--compile off``, as they did before it existed) but ``--compile``'s own.
+Every measurement runs eagerly (``--compile off``, as they did before it existed) but ``--compile``'s and ``--blocks``' own.
 
     .venv/bin/python bench/utilisation.py --quick     # a few steps
     .venv/bin/python bench/utilisation.py             # 10 timed steps per objective and block size
@@ -666,7 +666,7 @@ def floors(lm, base, block: int, repeats: int) -> str:
 
 
 BLOCK_ROWS = (16, 32, 64)
-BLOCK_MODELS = {"smollm2": (8, 20, 26.6), "gemma": (5, 12, 67.0), "qwen": (7, 16, 8.0)}  # source, target, ‖θ0‖ (about auto R)
+BLOCK_MODELS = {"smollm2": (SOURCE, TARGET, 26.6), "gemma": (5, 12, GEMMA_NORM), "qwen": (7, 16, QWEN_NORM)}  # source, target, ‖θ0‖ (about auto R)
 
 
 def block_rows(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
@@ -678,7 +678,6 @@ def block_rows(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
     from models import FETCHED, Unavailable
     from models import load as load_bench_model
 
-    from melbo.engines.config import LONG_RUN
     from melbo.model.fastpath import bfloat16_is_fast, compiler_available, kept_heap
     from melbo.model.forward import steered_generation
 
@@ -695,8 +694,7 @@ def block_rows(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
             print(f"{name:<9}unavailable: {exc}")
             continue
         prompt = DEFAULT_PROMPT if name == "smollm2" else FETCHED[name].prompt
-        cfg = OrthoConfig(source=source, target=target, extra_prompts=0, precision=precision, compile=compile_mode, count=LONG_RUN)
-        settings = cfg.resolved(norm, model.d_model, model.n_layers)
+        cfg = OrthoConfig(source=source, target=target, extra_prompts=0, precision=precision, compile=compile_mode)
         loss = objective(model, seeded_base(model.d_model, norm), [prompt], cfg, fmt)
         ids = prepare(model, [prompt], fmt, source)[0].ids
         steps: dict[int, float] = {}
@@ -710,7 +708,7 @@ def block_rows(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
                     steps[rows] = min(seconds, steps.get(rows, seconds))
                     thetas = torch.randn(rows, model.d_model, generator=torch.Generator().manual_seed(1)) * norm / model.d_model**0.5
                     start = time.perf_counter()
-                    steered_generation(model.model, model.tokenizer, ids, thetas, source, settings.completion_tokens)
+                    steered_generation(model.model, model.tokenizer, ids, thetas, source, cfg.completion_tokens)
                     seconds = time.perf_counter() - start
                     made[rows] = min(seconds, made.get(rows, seconds))
         per_copy = {rows: (FLOOR_EVALUATIONS * steps[rows] + made[rows]) / rows for rows in BLOCK_ROWS}

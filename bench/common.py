@@ -1,6 +1,9 @@
-"""What the benchmarks share: the base vector they start from, and the summary line they end with."""
+"""What the benchmarks share: the base vector they start from, the machine's pace while they run, and the summary line
+they end with."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import Tensor
@@ -25,8 +28,21 @@ def base_vector(lm: LoadedModel, quick: bool) -> Tensor:
     return run.vectors[choose_bases(score_candidates(lm, run, unit.prompts.prompts[0], PromptFormat()), ChooseConfig())[0].index]
 
 
+def pace(size: int = 1024, repeats: int = 5) -> float:
+    """The machine's pace now, in GFLOP/s: the best of ``repeats`` float32 products ``(size, size) @ (size, size)`` on
+    the threads torch has. A long bench reads it beside its blocks, so that a slow hour can be told apart from slow work
+    (a 2-core cloud machine's speed drifts: the same first 12 Qwen blocks took 26.1 min one hour and 15.8 the next)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
 def summary_line(text: str) -> None:
     print(f"summary: {text}")
 
 
-__all__ = ["DEFAULT_PROMPT", "base_vector", "summary_line"]
+__all__ = ["DEFAULT_PROMPT", "base_vector", "pace", "summary_line"]

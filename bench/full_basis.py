@@ -27,7 +27,7 @@ import statistics
 import time
 
 import torch
-from common import base_vector, summary_line
+from common import base_vector, pace, summary_line
 from models import FETCHED, load
 
 from melbo.analysis.choose import choose_bases, score_candidates
@@ -105,20 +105,24 @@ def main() -> None:
     settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer)
     cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, compile=args.compile, seed=args.seed, **settings)
     blocks: dict[int, list[float]] = {}
+    paces = [pace()]
     step_start = [time.perf_counter()]
 
     def on_step(block: int, step: int, loss: float) -> None:
         now = time.perf_counter()
         if block not in blocks and blocks:  # a progress line per block, for a log read while the basis runs
             done = max(blocks)
+            paces.append(pace())
             print(f"[{time.strftime('%H:%M:%S')}] block {done} done: {len(blocks[done])} steps, {sum(blocks[done]):.0f} s; "
-                  f"{(now - start) / 60:.1f} min so far", flush=True)
+                  f"{(now - start) / 60:.1f} min so far; pace {paces[-1]:.0f} GFLOP/s", flush=True)
+            now = time.perf_counter()  # the pace's own time is no block's
         blocks.setdefault(block, []).append(now - step_start[0])
         step_start[0] = now
 
     start = time.perf_counter()
     run = ortho(lm, base, [prompt], cfg, fmt, on_step=on_step)
     minutes = (time.perf_counter() - start) / 60
+    paces.append(pace())
     records = run.records[1:]
     kls = [r.kl for r in records]
     resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab, can_compile=compiler_available(lm.device))
@@ -140,6 +144,8 @@ def main() -> None:
         f"{len(records)} vectors in {len(blocks)} blocks of ≤ {per}, {steps} optimisation steps, {minutes:.1f} min ({per_copy:.2f} s per copy); "
         f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.stopped}"
     )
+    print(f"the machine's pace (float32 1024³ products, read before the first block and after each): {min(paces):.0f}–{max(paces):.0f} GFLOP/s, "
+          f"median {statistics.median(paces):.0f}: compare runs made at a like pace")
     share, verdict = (None, "not measured (--no-controls)") if args.no_controls else controls_verdict(lm, run, fmt, 8 if args.quick else 32, quick=args.quick)
     print(f"behaviour share over every copy (its stored greedy completion on the run's prompt): {'—' if share is None else f'{share:.0%}'}")
     print(f"controls: {verdict}")

@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=None, help="stop after this many vectors (default: the whole basis)")
     parser.add_argument("--block", type=int, default=None, help="vectors per block (default: fast mode's, 32 for a run this long)")
     parser.add_argument("--optimizer", default=None, help="lbfgs (default) or adam")
+    parser.add_argument("--patience", type=int, default=None, help="lbfgs: evaluations without gain after which a copy leaves its block (default: fast mode's; 0: never)")
     parser.add_argument("--no-controls", action="store_true", help="skip the eval with controls after the basis")
     parser.add_argument("--base-run", default=None, help="take θ0 from this discovery run (its clearest fluent vector) instead of discovering")
     parser.add_argument("--extra-prompts", type=int, default=0,
@@ -102,7 +103,7 @@ def main() -> None:
         else:
             base = base_vector(lm, quick=args.quick)
     base_seconds = time.perf_counter() - started
-    settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer)
+    settings = dict(count=4, block=4, steps=5, completion_tokens=8) if args.quick else dict(count=args.count, block=args.block, optimizer=args.optimizer, patience=args.patience)
     cfg = OrthoConfig(mode="fast", match=args.match, precision=args.precision, extra_prompts=args.extra_prompts, compile=args.compile, seed=args.seed, **settings)
     blocks: dict[int, list[float]] = {}
     paces = [pace()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,22 @@ def test_help_lists_commands():
     assert result.returncode == 0
     for command in ("info", "generate"):
         assert command in result.stdout
+
+
+def test_help_into_a_file_is_plain_text_at_its_log_width():
+    """`melbo ortho --help > file` (no terminal, COLUMNS unset): click's plain help 120 columns wide, no panels drawn at
+    80 columns with each option's help in a narrow column; a terminal keeps rich's panels."""
+    from melbo.cli.app import HELP_LOG_WIDTH
+
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "melbo.cli", "ortho", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert not any(char in result.stdout for char in "╭│╰"), result.stdout[:400]
+    assert max(len(line) for line in lines) <= HELP_LOG_WIDTH
+    block = next(line for line in lines if line.lstrip().startswith("--block "))
+    assert "Vectors optimised together (fast: 16, 32 in runs of 128 copies or more" in block
+    assert "│" in melbo("ortho", "--help").stdout  # COLUMNS set: rich, as in a terminal
 
 
 def test_generate_needs_a_vector():

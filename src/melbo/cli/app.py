@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melbo.output.live import err_console
+from melbo.output.live import err_console, goes_to_log
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from melbo.files.source import VectorSource
     from melbo.model.loading import LoadedModel
 
+HELP_LOG_WIDTH = 120  # --help's width in a file or a pipe
+
 app = typer.Typer(
     name="melbo",
     help="Find steering vectors without supervision (MELBO) and many orthogonal vectors that reproduce one "
@@ -31,6 +33,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # --help in a terminal: rich's panels; into a file or a pipe: click's plain text, HELP_LOG_WIDTH wide (rich would
+    # draw its panels at 80 columns there, each option's help squeezed into a column a fifth as wide)
+    rich_markup_mode=None if goes_to_log(sys.stdout) else "rich",
+    context_settings={"terminal_width": HELP_LOG_WIDTH} if goes_to_log(sys.stdout) else {},
 )
 debug = {"on": bool(os.environ.get("MELBO_DEBUG"))}
 

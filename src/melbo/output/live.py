@@ -27,12 +27,17 @@ if TYPE_CHECKING:
 LOG_WIDTH = 1000  # when output goes to a file: tables at their natural width, never wrapped
 
 
+def goes_to_log(stream: object) -> bool:
+    """Whether ``stream`` is a log rather than a terminal: it is no terminal and COLUMNS is unset (nohup, a cluster
+    job, CI, a pipe)."""
+    isatty = getattr(stream, "isatty", None)
+    return not (callable(isatty) and isatty()) and "COLUMNS" not in os.environ
+
+
 def make_console(stderr: bool = False) -> Console:
     """A rich console; where the stream is not a terminal and COLUMNS is unset, one wide enough that table rows
     stay whole lines in a log."""
-    stream = sys.stderr if stderr else sys.stdout
-    plain = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=LOG_WIDTH if plain else None)
+    return Console(stderr=stderr, width=LOG_WIDTH if goes_to_log(sys.stderr if stderr else sys.stdout) else None)
 
 
 def to_log(target: Console) -> bool:

@@ -8,8 +8,13 @@ import subprocess
 import sys
 
 
-def melbo(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+def melbo(*args: str, cwd=None, columns: str | None = "200") -> subprocess.CompletedProcess:
+    """``melbo ARGS`` in a subprocess, its output piped; COLUMNS set to ``columns`` (None: unset, as in a log)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if columns is None:
+        env.pop("COLUMNS", None)
+    else:
+        env["COLUMNS"] = columns
     return subprocess.run(
         [sys.executable, "-m", "melbo.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
     )

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from melbo.model.loading import LoadedModel
 
 HELP_LOG_WIDTH = 120  # --help's width in a file or a pipe
+_help_to_log = goes_to_log(sys.stdout)
 
 app = typer.Typer(
     name="melbo",
@@ -35,8 +36,8 @@ app = typer.Typer(
     add_completion=False,
     # --help in a terminal: rich's panels; into a file or a pipe: click's plain text, HELP_LOG_WIDTH wide (rich would
     # draw its panels at 80 columns there, each option's help squeezed into a column a fifth as wide)
-    rich_markup_mode=None if goes_to_log(sys.stdout) else "rich",
-    context_settings={"terminal_width": HELP_LOG_WIDTH} if goes_to_log(sys.stdout) else {},
+    rich_markup_mode=None if _help_to_log else "rich",
+    context_settings={"terminal_width": HELP_LOG_WIDTH} if _help_to_log else {},
 )
 debug = {"on": bool(os.environ.get("MELBO_DEBUG"))}
 

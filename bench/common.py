@@ -3,6 +3,7 @@ they end with."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -41,8 +42,20 @@ def pace(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
+# the variables that hold PyTorch's CPU kernels to an instruction set (bench/as_avx2 sets all three)
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def kernels() -> str:
+    """Which instructions PyTorch's CPU kernels use here: its own (and inductor's) capability, and the caps set on MKL
+    (float32 products) and oneDNN (bfloat16 products); a bench prints it beside its pace, so that a run under
+    ``bench/as_avx2`` says so."""
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
+    return f"{torch.backends.cpu.get_cpu_capability()} kernels" + (f" (capped: {caps})" if caps else "")
+
+
 def summary_line(text: str) -> None:
     print(f"summary: {text}")
 
 
-__all__ = ["DEFAULT_PROMPT", "base_vector", "pace", "summary_line"]
+__all__ = ["DEFAULT_PROMPT", "ISA_CAPS", "base_vector", "kernels", "pace", "summary_line"]

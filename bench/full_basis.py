@@ -27,7 +27,7 @@ import statistics
 import time
 
 import torch
-from common import base_vector, pace, summary_line
+from common import base_vector, kernels, pace, summary_line
 from models import FETCHED, load
 
 from melbo.analysis.choose import choose_bases, score_candidates
@@ -146,7 +146,7 @@ def main() -> None:
         f"median KL {statistics.median(kls):.3f}; max |cos| {max_abs_cosine(run.vectors.double()):.1e}; stopped: {run.meta.stopped}"
     )
     print(f"the machine's pace (float32 1024³ products, read before the first block and after each): {min(paces):.0f}–{max(paces):.0f} GFLOP/s, "
-          f"median {statistics.median(paces):.0f}: compare runs made at a like pace")
+          f"median {statistics.median(paces):.0f}: compare runs made at a like pace; {kernels()}")
     share, verdict = (None, "not measured (--no-controls)") if args.no_controls else controls_verdict(lm, run, fmt, 8 if args.quick else 32, quick=args.quick)
     print(f"behaviour share over every copy (its stored greedy completion on the run's prompt): {'—' if share is None else f'{share:.0%}'}")
     print(f"controls: {verdict}")

@@ -14,12 +14,14 @@ import melbo.model.forward as forward
 from melbo.model.fastpath import (
     FLOAT32_SDPA,
     CastWeights,
+    bfloat16_is_fast,
     bfloat16_products,
     compile_failed,
     compiled_blocks,
     compiler_available,
     contiguous_head_input,
     float32_attention,
+    onednn_may_use_bfloat16_units,
 )
 from melbo.model.forward import prepare, steered_log_probs
 from melbo.model.layers import find_blocks
@@ -173,3 +175,23 @@ def test_kept_heap_sets_glibcs_thresholds_and_lets_memory_go_back_after(monkeypa
     with fastpath.kept_heap():
         pass
     assert len(calls) == 3
+
+
+def test_bfloat16_is_slow_where_onednn_is_capped_below_its_units(monkeypatch):
+    # an AVX2 stand-in on a CPU with AMX (ONEDNN_MAX_CPU_ISA=AVX2) converts bfloat16 in software: --precision auto must
+    # then pick float32, whatever the CPU's flags say
+    assert onednn_may_use_bfloat16_units("") and onednn_may_use_bfloat16_units("ALL") and onednn_may_use_bfloat16_units("default")
+    for cap in ("AVX512_CORE_BF16", "avx512_core_amx", "AVX512_CORE_FP16", "AVX10_1_512_AMX"):
+        assert onednn_may_use_bfloat16_units(cap), cap
+    for cap in ("AVX2", "avx512_core", "AVX512_CORE_VNNI", "SSE41", "AVX2_VNNI"):
+        assert not onednn_may_use_bfloat16_units(cap), cap
+    cpu = torch.cpu
+    monkeypatch.setattr(cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert bfloat16_is_fast(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not bfloat16_is_fast(torch.device("cpu"))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
+    assert not bfloat16_is_fast(torch.device("cpu"))

@@ -23,6 +23,7 @@ Like every hook in melbo they restore the model on exit, also when the body rais
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -240,7 +241,8 @@ def compile_failed(error: BaseException) -> bool:
 
 
 SOFTWARE_BFLOAT16 = (  # measured: bench/RESULTS.md, discovery_speed on the AVX2 EPYC
-    "bfloat16 products on a device without bfloat16 units (on a CPU: no AVX512-BF16 or AMX) are converted in software: "
+    "bfloat16 products on a device without bfloat16 units (on a CPU: no AVX512-BF16 or AMX, or ONEDNN_MAX_CPU_ISA below "
+    "them) are converted in software: "
     "about 36× slower than float32 (a 16-row discovery step 30.4 s against 0.85 s on a 2-core AVX2 EPYC); "
     "--precision auto runs float32 here"
 )
@@ -261,4 +263,23 @@ def bfloat16_is_fast(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     cpu: Any = torch.cpu
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    units = any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return units and onednn_may_use_bfloat16_units(_onednn_isa_cap())
+
+
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) whose instructions include bfloat16 products: AVX512_CORE_BF16 and every ISA
+# above it (AVX512_CORE_FP16, AVX512_CORE_AMX, AVX512_CORE_AMX_FP16, the AVX10 names)
+_BFLOAT16_ISA_MARKS = ("BF16", "FP16", "AMX", "AVX10")
+
+
+def _onednn_isa_cap() -> str:
+    return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+
+
+def onednn_may_use_bfloat16_units(cap: str) -> bool:
+    """Whether oneDNN, which runs PyTorch's bfloat16 matrix products on a CPU, may use the CPU's bfloat16 units under
+    the ISA cap ``cap`` (the value of ``ONEDNN_MAX_CPU_ISA``; empty, ``ALL`` or ``DEFAULT``: no cap). Capped below
+    AVX512_CORE_BF16 it converts in software on any CPU: on an AMX Xeon a 1024³ bfloat16 product ran at 0.8 GFLOP/s
+    under ``AVX2`` and 66 under ``AVX512_CORE``, against 1,200 uncapped and 300 for float32 (2026-12-06)."""
+    name = cap.strip().upper()
+    return name in ("", "ALL", "DEFAULT") or any(mark in name for mark in _BFLOAT16_ISA_MARKS)

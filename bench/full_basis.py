@@ -125,6 +125,9 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     paces.append(pace())
     records = run.records[1:]
+    if not records:  # a stopped run, or a first block that collapsed (NaN from a bad compiled kernel did so once)
+        summary_line(f"{lm.name}: no copies in {minutes:.1f} min; stopped: {run.meta.stopped}")
+        raise SystemExit(1)
     kls = [r.kl for r in records]
     resolved = cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab, can_compile=compiler_available(lm.device))
     dtype = (str(next(lm.model.parameters()).dtype).removeprefix("torch.") + ("" if args.precision == "float32" else f", {args.precision} products")

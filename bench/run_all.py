@@ -63,7 +63,6 @@ def machine() -> str:
     text = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
     try:
         import torch
-
         from common import kernels
 
         device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU, {kernels()}{bf16_units()}"

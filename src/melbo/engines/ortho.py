@@ -267,6 +267,7 @@ class _Engine:
     """The :class:`~melbo.engines.blocks.BlockEngine` of MELBO-ortho."""
 
     problem: _Problem
+    diverged_blocks: set[int] = field(default_factory=set)  # blocks dropped for NaN/inf in this session
 
     @property
     def settings(self) -> OrthoSettings:
@@ -279,6 +280,9 @@ class _Engine:
         return min(s.block, s.count - progress.found, d - basis_rows)
 
     def stop_reason(self, progress: BlockProgress, basis_rows: int) -> str:
+        if progress.in_a_row >= self.settings.stop_after_dropped and progress.block_index - 1 in self.diverged_blocks:
+            hint = "; the evaluations ran compiled: try --compile off" if self.problem.compiled else ""
+            return f"not finite: the last {progress.in_a_row} vectors were dropped, block {progress.block_index - 1}'s loss NaN/inf{hint}"
         if progress.in_a_row >= self.settings.stop_after_dropped:
             return f"basis exhausted: the last {progress.in_a_row} vectors collapsed to norm ≤ {self.settings.min_norm:.3g}"
         if basis_rows >= self.problem.lm.d_model:
@@ -359,6 +363,7 @@ class _Engine:
         return Judged(records=records, kept=kept)
 
     def diverged(self, block_index: int, size: int) -> str:
+        self.diverged_blocks.add(block_index)
         why = "NaN/inf at its starting point" if self.settings.optimizer == "lbfgs" else "NaN/inf twice (also with a 10× smaller step)"
         return f"block {block_index}: {why}; its {size} vectors were dropped"
 

@@ -104,12 +104,11 @@ MASS = 0.99  # 1 % of θ0's probability in the bucket at each position (the defa
 
 def kl_top_by_autograd(hidden, top):
     """kl_top_along's sum as plain tensor code, for autograd to differentiate: the written-out gradient's reference."""
-    delta, start, per_position = hidden - top.hidden0, 0, []
-    for p, count in enumerate(top.counts):
-        kept = top.log_p0[start : start + count] + delta[:, p] @ top.rows[start : start + count].T
+    delta, per_position = hidden - top.hidden0, []
+    for p, (rows, log_p0) in enumerate(zip(top.rows, top.log_p0)):
+        kept = log_p0 + delta[:, p] @ rows.T
         rest = top.rest_log_p0[p] + delta[:, p] @ top.rest_mean[p]
         per_position.append(torch.logsumexp(torch.cat([kept, rest[:, None]], dim=-1), dim=-1) - delta[:, p] @ top.mean[p])
-        start += count
     return torch.stack(per_position, dim=-1).mean(dim=-1)
 
 
@@ -157,3 +156,51 @@ def test_kl_on_the_top_tokens_matches_the_exact_kl(arch, char_tokenizer):
     (grad,) = torch.autograd.grad(value.sum(), at_base)
     assert float(value.detach()) == pytest.approx(0.0, abs=1e-6) and grad.abs().max() < 1e-5
 
+
+
+def test_the_last_prompt_token_keeps_every_token():
+    """At ``branch`` (the last prompt token's row) kl-top keeps every token, the head itself and not a copy, so a copy
+    that opens with a token θ0 finds very unlikely there (one it writes later) pays the exact KL for it; in the
+    first-order bucket that token's rise goes unseen."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, d = 64, 16
+    head = torch.randn(vocab, d, generator=gen)
+    logits0 = torch.full((2, vocab), -12.0)
+    logits0[0, 5], logits0[1, 9] = 8.0, 8.0  # θ0 writes token 5, then token 9
+    logits0 += 0.1 * torch.randn(2, vocab, generator=gen)
+    log_probs0 = torch.log_softmax(logits0, dim=-1)
+    hidden0 = torch.zeros(2, d)
+    own, branched = top_tokens(log_probs0, hidden0, head), top_tokens(log_probs0, hidden0, head, branch=0)
+    assert own.counts == [1, 1] and branched.counts == [vocab, 1] and branched.rows[0].data_ptr() == head.data_ptr()
+    assert branched.rest_log_p0[0] == -torch.inf and torch.equal(branched.rows[1], own.rows[1])
+    # a change of the final hidden state at the first position that raises token 9's logit there by 24
+    delta = torch.zeros(3, 2, d)
+    delta[0, 0] = 24 * head[9] / head[9].norm() ** 2
+    delta[1:] = 0.3 * torch.randn(2, 2, d, generator=gen)
+    exact = kl_along(torch.log_softmax(logits0 + delta @ head.T, dim=-1), log_probs0)
+    seen, unseen = kl_top_along(delta, branched), kl_top_along(delta, own)
+    assert float(exact[0]) > 1.0 and float(unseen[0]) < 0.5 * float(exact[0])
+    torch.testing.assert_close(seen[0], exact[0], rtol=1e-4, atol=1e-6)
+    # its gradient, against autograd through the same sum
+    moved = delta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(kl_top_along(moved, branched).sum(), moved)
+    (expected,) = torch.autograd.grad(kl_top_by_autograd(moved, branched).sum(), moved)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_top_branches_at_each_prompts_last_token(nonlinear_lm):
+    """The engine gives kl-top the row of the prompt's last token among the positions it matches (the last 4 prompt
+    tokens, then the continuation): there it keeps every token, elsewhere each position its own likeliest."""
+    from melbo.engines.ortho import _Problem, prompt_end
+
+    base = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    settings = OrthoConfig(source=1, target=4, continuation=4, match="kl-top", completion_tokens=0, precision="float32").resolved(3.0, 32, 6)
+    problem = _Problem(nonlinear_lm, prepare(nonlinear_lm, [PROMPT], PromptFormat(), 1), settings, base)
+    state, where = problem.states[0], problem.wheres[0]
+    assert where.stop - where.start == 8 and prompt_end(state, where) == 3
+    assert prompt_end(state, slice(state.length, state.length + 4)) is None
+    with torch.no_grad():
+        log_probs0 = steered_log_probs(nonlinear_lm.model, problem.targets[0], 1, base[None], 8)[0]
+    expected = [len(likeliest(row.exp(), 0.9999)) for row in log_probs0]
+    vocab = log_probs0.shape[-1]
+    assert problem.tops[0].counts == [*expected[:3], vocab, *expected[4:]] and expected[3] < vocab

@@ -261,7 +261,7 @@ STEPS_FAST_KL = 30
 # greedy tokens (teacher-forced). Why, against the other variants: bench/fidelity.py, figures in bench/RESULTS.md.
 FAST_MATCH, FAST_CONTINUATION = "kl", 16
 # ... computed as "kl-top" (the same KL on θ0's likeliest tokens holding 99.99 % of its probability at each position,
-# plus one bucket for the rest) where the vocabulary has KL_TOP_VOCAB tokens or more: there the LM head over every token is most of an
+# plus one bucket for the rest; exact at the last prompt token, where θ0's text begins) where the vocabulary has KL_TOP_VOCAB tokens or more: there the LM head over every token is most of an
 # evaluation. On Gemma 3 270M (262k tokens) a block-16 evaluation takes 0.49× kl's time (AVX2 EPYC; 0.37× on the
 # AVX-512 Xeon) with the same copies (median last-token KL 0.084 and 0.122 in the first two blocks against 0.090 and
 # 0.137) and the whole basis 39.5 min against about 79 (full_basis). On SmolLM2 (49k) θ0's likeliest tokens are most of
@@ -428,7 +428,8 @@ class OrthoConfig:
     match: str | None = setting(  # fisher: objectives.fisher_metric
         None,
         "What each copy matches: kl (fast default: θ0's next-token distributions; the forward runs to the LM head and t is "
-        "not used), kl-top (the same KL on θ0's likeliest tokens at each position and one bucket for the rest: the head runs on those tokens "
+        "not used), kl-top (the same KL on θ0's likeliest tokens at each position and one bucket for the rest, on every token at the last "
+        "prompt token: the head runs on those tokens "
         f"only; fast default on vocabularies of {KL_TOP_VOCAB:,} tokens or more, where the head is most of a step), fisher (the same KL to second order in the LM head's input: the head never runs), mean (seed default: "
         "the residual after t, averaged over positions) or each (position by position).",
     )

@@ -138,7 +138,9 @@ class _Problem:
                 if s.match == "fisher":
                     self.metrics = [fisher_metric(lp, head) for lp in log_probs]
                 else:
-                    self.tops = [top_tokens(lp, z0, head) for lp, z0 in zip(log_probs, self.z_base)]
+                    every_row = head.float()  # once: each target's branch keeps this very tensor (a copy per target in a bfloat16 model)
+                    branches = [prompt_end(st, where) for st, where in zip(self.states, self.wheres)]
+                    self.tops = [top_tokens(lp, z0, every_row, branch=b) for lp, z0, b in zip(log_probs, self.z_base, branches)]
             if s.fast:
                 self._pack(outputs)
         if "bfloat16" in (s.precision, s.warmup_precision):
@@ -253,6 +255,13 @@ class _Problem:
         """Each row's greedy completion on the run's first prompt, and its first-token logits there."""
         s = self.settings
         return steered_generation(self.lm.model, self.lm.tokenizer, self.states[0].ids, thetas, s.source, s.completion_tokens)
+
+
+def prompt_end(prompt: PromptState, where: slice) -> int | None:
+    """The row of ``prompt``'s last token among the positions ``where`` of its target (the prompt, then θ0's
+    continuation), where θ0's text begins; None when ``where`` does not cover it."""
+    last = prompt.length - 1
+    return last - where.start if where.start <= last < where.stop else None
 
 
 def prompt_weights(count: int, first: float | None) -> list[float]:

@@ -157,7 +157,6 @@ def test_kl_on_the_top_tokens_matches_the_exact_kl(arch, char_tokenizer):
     assert float(value.detach()) == pytest.approx(0.0, abs=1e-6) and grad.abs().max() < 1e-5
 
 
-
 def test_the_last_prompt_token_keeps_every_token():
     """At ``branch`` (the last prompt token's row) kl-top keeps every token, the head itself and not a copy, so a copy
     that opens with a token θ0 finds very unlikely there (one it writes later) pays the exact KL for it; in the

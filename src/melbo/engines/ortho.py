@@ -289,10 +289,11 @@ class _Engine:
         return min(s.block, s.count - progress.found, d - basis_rows)
 
     def stop_reason(self, progress: BlockProgress, basis_rows: int) -> str:
-        if progress.in_a_row >= self.settings.stop_after_dropped and progress.block_index - 1 in self.diverged_blocks:
-            hint = "; the evaluations ran compiled: try --compile off" if self.problem.compiled else ""
-            return f"not finite: the last {progress.in_a_row} vectors were dropped, block {progress.block_index - 1}'s loss NaN/inf{hint}"
         if progress.in_a_row >= self.settings.stop_after_dropped:
+            last = progress.block_index - 1
+            if last in self.diverged_blocks:
+                hint = "; the evaluations ran compiled: try --compile off" if self.problem.compiled else ""
+                return f"not finite: the last {progress.in_a_row} vectors were dropped, block {last}'s loss NaN/inf{hint}"
             return f"basis exhausted: the last {progress.in_a_row} vectors collapsed to norm ≤ {self.settings.min_norm:.3g}"
         if basis_rows >= self.problem.lm.d_model:
             return "basis exhausted: every direction of the residual stream is used"

@@ -108,7 +108,8 @@ def kl_top_by_autograd(hidden, top):
     for p, (rows, log_p0) in enumerate(zip(top.rows, top.log_p0)):
         kept = log_p0 + delta[:, p] @ rows.T
         rest = top.rest_log_p0[p] + delta[:, p] @ top.rest_mean[p]
-        per_position.append(torch.logsumexp(torch.cat([kept, rest[:, None]], dim=-1), dim=-1) - delta[:, p] @ top.mean[p])
+        expected = (delta[:, p] @ rows.T) @ log_p0.exp() + top.rest_log_p0[p].exp() * (delta[:, p] @ top.rest_mean[p])  # Δh·E_p0[W]
+        per_position.append(torch.logsumexp(torch.cat([kept, rest[:, None]], dim=-1), dim=-1) - expected)
     return torch.stack(per_position, dim=-1).mean(dim=-1)
 
 
@@ -185,15 +186,24 @@ def test_the_last_prompt_token_keeps_every_token():
     (grad,) = torch.autograd.grad(kl_top_along(moved, branched).sum(), moved)
     (expected,) = torch.autograd.grad(kl_top_by_autograd(moved, branched).sum(), moved)
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
+    # with a bfloat16 head at the branch (bfloat16 products): the same KL and gradient to bfloat16's rounding, which
+    # cancels near θ0 (rows 1 and 2, KL ~1e-7; Δh·E_p0[W] from float32 rows left them at -3e-3, a negative KL)
+    halved = top_tokens(log_probs0, hidden0, head, branch=0, branch_rows=head.bfloat16())
+    assert halved.rows[0].dtype == torch.bfloat16 and halved.rows[1].dtype == torch.float32
+    torch.testing.assert_close(kl_top_along(delta, halved), seen, rtol=2e-2, atol=1e-5)
+    (rounded,) = torch.autograd.grad(kl_top_along(moved, halved).sum(), moved)
+    torch.testing.assert_close(rounded, grad, rtol=2e-2, atol=2e-3)
 
 
-def test_kl_top_branches_at_each_prompts_last_token(nonlinear_lm):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_kl_top_branches_at_each_prompts_last_token(nonlinear_lm, precision):
     """The engine gives kl-top the row of the prompt's last token among the positions it matches (the last 4 prompt
-    tokens, then the continuation): there it keeps every token, elsewhere each position its own likeliest."""
+    tokens, then the continuation): there it keeps every token (the head itself in float32, one bfloat16 copy with
+    bfloat16 products), elsewhere each position its own likeliest."""
     from melbo.engines.ortho import _Problem, prompt_end
 
     base = torch.randn(32, generator=torch.Generator().manual_seed(0))
-    settings = OrthoConfig(source=1, target=4, continuation=4, match="kl-top", completion_tokens=0, precision="float32").resolved(3.0, 32, 6)
+    settings = OrthoConfig(source=1, target=4, continuation=4, match="kl-top", completion_tokens=0, precision=precision).resolved(3.0, 32, 6)
     problem = _Problem(nonlinear_lm, prepare(nonlinear_lm, [PROMPT], PromptFormat(), 1), settings, base)
     state, where = problem.states[0], problem.wheres[0]
     assert where.stop - where.start == 8 and prompt_end(state, where) == 3
@@ -203,3 +213,9 @@ def test_kl_top_branches_at_each_prompts_last_token(nonlinear_lm):
     expected = [len(likeliest(row.exp(), 0.9999)) for row in log_probs0]
     vocab = log_probs0.shape[-1]
     assert problem.tops[0].counts == [*expected[:3], vocab, *expected[4:]] and expected[3] < vocab
+    branch, head = problem.tops[0].rows[3], lm_head(nonlinear_lm.model).weight
+    if precision == "float32":
+        assert branch is head
+    else:
+        assert branch.dtype == torch.bfloat16 and torch.equal(branch, head.bfloat16())
+    assert all(rows.dtype == torch.float32 for p, rows in enumerate(problem.tops[0].rows) if p != 3)

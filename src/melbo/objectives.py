@@ -137,7 +137,6 @@ class TopTokens:
     log_p0: list[Tensor]  # per position (k,): θ0's log-probabilities of those tokens there
     rest_log_p0: Tensor  # (P,): log of θ0's probability of every other token together (−inf where there is none)
     rest_mean: Tensor  # (P, d): the mean head row of the other tokens, weighted by θ0's probabilities
-    mean: Tensor  # (P, d): the mean head row over the whole vocabulary under θ0 (E_p0[W])
     hidden0: Tensor  # (P, d): θ0's final hidden state
 
     @property
@@ -146,7 +145,9 @@ class TopTokens:
         return [len(kept) for kept in self.log_p0]
 
 
-def top_tokens(log_probs_base: Tensor, hidden_base: Tensor, head: Tensor, mass: float = 0.9999, branch: int | None = None) -> TopTokens:
+def top_tokens(
+    log_probs_base: Tensor, hidden_base: Tensor, head: Tensor, mass: float = 0.9999, branch: int | None = None, branch_rows: Tensor | None = None
+) -> TopTokens:
     """Set up :func:`kl_top_along` from θ0's log-probabilities ``(P, V)``, its final hidden state ``(P, d)`` and the
     LM head ``W`` ``(V, d)``: the head runs over the whole vocabulary here, once, and over each position's kept tokens
     after. Position by position, not their union: on a real model a few positions spread θ0's probability over tens
@@ -158,7 +159,9 @@ def top_tokens(log_probs_base: Tensor, hidden_base: Tensor, head: Tensor, mass: 
     head itself, not a copy). A copy far into a basis tends to open with a token that θ0 finds very unlikely there (one
     it writes later); in the bucket, priced to first order, such a token's rise goes unseen. On Gemma 3 270M's whole
     basis this cut the median KL(P_θ ‖ P_θ0) at that token from 1.14 to 0.68 for 1.1× the time per copy (the union of
-    every position's tokens at every position: 0.58 for 1.5–1.8×; bench/RESULTS.md ``full_basis``)."""
+    every position's tokens at every position: 0.58 for 1.5–1.8×; bench/RESULTS.md ``full_basis``). ``branch_rows``: the
+    head as that row multiplies by it (default: in float32); a bfloat16 copy gives it bfloat16 products, half the memory
+    to read at every evaluation."""
     log_p0 = log_probs_base.float()
     probs = log_p0.exp()
     w = head.float()
@@ -170,10 +173,10 @@ def top_tokens(log_probs_base: Tensor, hidden_base: Tensor, head: Tensor, mass: 
     rest_mass = rest_p.sum(dim=-1)
     rest_mean = (rest_p @ w) / rest_mass.clamp_min(1e-30)[:, None]
     return TopTokens(
-        rows=[w if p == branch else w.index_select(0, kept) for p, kept in enumerate(ids)],
+        rows=[(w if branch_rows is None else branch_rows) if p == branch else w.index_select(0, kept) for p, kept in enumerate(ids)],
         log_p0=[row if p == branch else row[kept] for p, (row, kept) in enumerate(zip(log_p0, ids))],
         rest_log_p0=torch.where(rest_mass > 0, rest_mass.clamp_min(1e-30).log(), -torch.inf), rest_mean=rest_mean,
-        mean=probs @ w, hidden0=hidden_base.float(),
+        hidden0=hidden_base.float(),
     )
 
 
@@ -185,8 +188,11 @@ def kl_top_along(hidden: Tensor, top: TopTokens) -> Tensor:
     ``KL = log Σ_v p0_v e^{Δh·W_v} − Δh·E_p0[W]``. Here the sum runs over the position's kept tokens and one bucket for
     the others, whose log-mean-exp is taken to first order (``Δh·`` their mean row): the head runs over the kept tokens
     only, not the vocabulary. Exact at θ0 with a zero gradient there, never negative, and exact whenever the other
-    tokens' logits move together. ``hidden`` ``(B, P, d)``. The gradient ``Σ_v q_v W_v + q_rest·W_rest − E_p0[W]``
-    (``q`` the moved distribution over the kept tokens and the bucket) is written out, one position at a time.
+    tokens' logits move together. ``hidden`` ``(B, P, d)``. The gradient ``Σ_v (q_v − p0_v) W_v + (q_rest − p0_rest)
+    W_rest`` (``q`` the moved distribution over the kept tokens and the bucket) is written out, one position at a time.
+    Both terms of the KL come from the same products ``Δh·W_v``, and the gradient from one product by ``q − p0``, so a
+    product's rounding cancels where the copy is close to θ0 (a bfloat16 head at the branch: otherwise its rounding,
+    about 2⁻⁹ of each logit's change, would enter the KL at first order).
     """
     return _KLTop.apply(hidden.float() - top.hidden0, top).mean(dim=-1)
 
@@ -195,15 +201,17 @@ class _KLTop(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, delta: Tensor, top: TopTokens) -> Tensor:
         out = delta.new_empty(delta.shape[:2])
-        moved: list[tuple[Tensor, Tensor]] = []  # per position: the moved distribution on the kept tokens and the bucket
+        moved: list[tuple[Tensor, Tensor]] = []  # per position: q − p0 on the kept tokens and on the bucket
         for p, (rows, log_p0) in enumerate(zip(top.rows, top.log_p0)):
-            step = delta[:, p]
-            kept = torch.addmm(log_p0, step, rows.T)
-            rest = top.rest_log_p0[p] + step @ top.rest_mean[p]
+            step, p0, p0_rest = delta[:, p], log_p0.exp(), top.rest_log_p0[p].exp()
+            change = _product(step, rows.T)  # (B, k): each kept token's logit change Δh·W_v
+            change_rest = step @ top.rest_mean[p]
+            expected = change @ p0 + p0_rest * change_rest  # Δh·E_p0[W], from the very products the sum below sees
+            kept, rest = change.add_(log_p0), top.rest_log_p0[p] + change_rest
             lse = torch.logsumexp(torch.cat([kept, rest[:, None]], dim=-1), dim=-1)
-            out[:, p] = lse - step @ top.mean[p]
+            out[:, p] = lse - expected
             if ctx.needs_input_grad[0]:
-                moved.append((kept.sub_(lse[:, None]).exp_(), (rest - lse).exp()))
+                moved.append((kept.sub_(lse[:, None]).exp_().sub_(p0), (rest - lse).exp() - p0_rest))
         ctx.top, ctx.moved = top, moved
         return out
 
@@ -211,11 +219,16 @@ class _KLTop(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         top: TopTokens = ctx.top
         out = grad.new_empty(*grad.shape, top.hidden0.shape[-1])
-        for p, (rows, (q, q_rest)) in enumerate(zip(top.rows, ctx.moved)):
-            bucket = q_rest[:, None] * top.rest_mean[p] - top.mean[p]
-            out[:, p] = torch.addmm(bucket, q, rows).mul_(grad[:, p, None])
+        for p, (rows, (dq, dq_rest)) in enumerate(zip(top.rows, ctx.moved)):
+            out[:, p] = _product(dq, rows).add_(dq_rest[:, None] * top.rest_mean[p]).mul_(grad[:, p, None])
         ctx.moved = []
         return out, None
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float32, computed in ``b``'s dtype (a bfloat16 head's rows: a bfloat16 product, rounded to bfloat16
+    as autocast would give it)."""
+    return a @ b if a.dtype == b.dtype else (a.to(b.dtype) @ b).float()
 
 
 def project_out(vectors: Tensor, basis: Tensor | None) -> Tensor:

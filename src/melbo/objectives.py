@@ -133,7 +133,7 @@ class TopTokens:
     """What :func:`kl_top_along` needs at one target: at each position θ0's likeliest tokens there and one bucket for
     every other token."""
 
-    rows: list[Tensor]  # per position (k, d): the LM head's rows of its kept tokens (the head itself where it keeps every token)
+    rows: list[Tensor]  # per position (k, d): the LM head's rows of its kept tokens (the head itself, or one bfloat16 copy, where it keeps every token)
     log_p0: list[Tensor]  # per position (k,): θ0's log-probabilities of those tokens there
     rest_log_p0: Tensor  # (P,): log of θ0's probability of every other token together (−inf where there is none)
     rest_mean: Tensor  # (P, d): the mean head row of the other tokens, weighted by θ0's probabilities
@@ -158,7 +158,7 @@ def top_tokens(
     The row ``branch`` (the last prompt token's, where θ0's text begins) keeps every token, so the KL there is exact (the
     head itself, not a copy). A copy far into a basis tends to open with a token that θ0 finds very unlikely there (one
     it writes later); in the bucket, priced to first order, such a token's rise goes unseen. On Gemma 3 270M's whole
-    basis this cut the median KL(P_θ ‖ P_θ0) at that token from 1.14 to 0.68 for 1.1× the time per copy (the union of
+    basis this cut the median KL(P_θ ‖ P_θ0) at that token from 1.14 to 0.62–0.68 for 1.1× the time per copy (the union of
     every position's tokens at every position: 0.58 for 1.5–1.8×; bench/RESULTS.md ``full_basis``). ``branch_rows``: the
     head as that row multiplies by it (default: in float32); a bfloat16 copy gives it bfloat16 products, half the memory
     to read at every evaluation."""

@@ -156,12 +156,12 @@ def top_tokens(
     the kept rows are copied once (1.1 GB there, float32).
 
     The row ``branch`` (the last prompt token's, where θ0's text begins) keeps every token, so the KL there is exact (by
-    default the head itself, not a copy). A copy far into a basis tends to open with a token that θ0 finds very unlikely there (one
-    it writes later); in the bucket, priced to first order, such a token's rise goes unseen. On Gemma 3 270M's whole
-    basis this cut the median KL(P_θ ‖ P_θ0) at that token from 1.14 to 0.62–0.68 for 1.1× the time per copy (the union of
-    every position's tokens at every position: 0.58 for 1.5–1.8×; bench/RESULTS.md ``full_basis``). ``branch_rows``: the
-    head as that row multiplies by it (default: in float32); a bfloat16 copy gives it bfloat16 products, half the memory
-    to read at every evaluation."""
+    default the head itself, not a copy). A copy far into a basis tends to open with a token that θ0 finds very
+    unlikely there (one it writes later); in the bucket, priced to first order, such a token's rise goes unseen. On
+    Gemma 3 270M's whole basis this cut the median KL(P_θ ‖ P_θ0) at that token from 1.14 to 0.62–0.68 for 1.1× the
+    time per copy (the union of every position's tokens at every position: 0.58 for 1.5–1.8×; bench/RESULTS.md
+    ``full_basis``). ``branch_rows``: the head as that row multiplies by it (default: in float32); a bfloat16 copy gives
+    it bfloat16 products, half the memory to read at every evaluation."""
     log_p0 = log_probs_base.float()
     probs = log_p0.exp()
     w = head.float()

@@ -466,8 +466,9 @@ class OrthoConfig:
     )
     precision: str = setting(  # measured in bench/full_basis.py --precision and bench/fidelity.py
         "auto",
-        "The model's matrix products while optimising: float32, bfloat16 (autocast; the weights, the objective's maths, "
-        "the orthogonality and every recorded figure stay float32), or auto: bfloat16 where the device has bfloat16 units "
+        "The model's matrix products while optimising, the LM head's among them: float32, bfloat16 (autocast; the "
+        "weights, the rest of the objective's maths, the orthogonality and every recorded figure stay float32), or auto: "
+        "bfloat16 where the device has bfloat16 units "
         "(a CPU with AVX512-BF16 or AMX, a GPU) in fast mode, else float32 (seed mode: the post's algorithm as written). "
         "Per copy 2.1–2.5× faster with AVX512-BF16 (AMD Zen 5), 1.4× with AMX, with the same share and held-out verdict "
         "on the demo's base.",

@@ -20,14 +20,16 @@ def test_auto_radius_on_a_qwen_chat_model_picks_a_fluent_r(qwen):
     SmolLM2's ratio and twenty times Gemma's: -R auto must find that edge by itself."""
     from models import FETCHED
 
-    from melbo.engines.config import DiscoverConfig
+    from melbo.engines.config import DiscoverConfig, RadiusConfig
     from melbo.engines.discover import calibrate
     from melbo.model.prompts import PromptFormat
 
     choice = calibrate(qwen, [FETCHED["qwen"].prompt], DiscoverConfig(), PromptFormat())
     chosen = next(p for p in choice.probes if p.radius == choice.radius)
     assert chosen.fluent >= 3 and chosen.median_nll <= 3.0  # melbo's own rule: most vectors fluent
-    assert any(p.radius > choice.radius and p.fluent < 3 for p in choice.probes)  # the edge is bracketed from above
+    # the edge is bracketed from above: a larger R tried fails that rule, by either criterion (with bfloat16 probes on
+    # an AMX Xeon R 9.57 kept 3/4 fluent but at a median NLL of 3.17, which a check of the fluent count alone missed)
+    assert any(p.radius > choice.radius and not p.usable(RadiusConfig()) for p in choice.probes)
 
 
 def test_fast_mode_on_qwens_vocabulary_matches_on_the_likeliest_tokens(qwen, tmp_path):

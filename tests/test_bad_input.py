@@ -171,6 +171,23 @@ def test_settings_are_checked_before_the_model_loads(args, needle, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_that_overflows_float16_is_one_line_at_load(tiny_folder, tmp_path):
+    """--dtype float16 on a model whose activations exceed float16's range (Gemma 3 270M's do, on any text): one line
+    naming the dtypes that work, before any work and with no run folder; a model that fits float16 loads in it."""
+    from conftest import make_char_tokenizer, make_tiny_model
+
+    model, huge = make_tiny_model("llama", initializer_range=0.3), tmp_path / "huge"
+    model.model.layers[0].mlp.down_proj.weight.mul_(1e4)  # its weights within float16's range (|w| ≤ 1.1e4), its output beyond it
+    model.save_pretrained(huge)
+    make_char_tokenizer().save_pretrained(huge)
+    result = melbo_here("discover", "-k", "1", "--model", str(huge), "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert_one_line_error(result, "overflows float16: its activations exceed float16's range (±65,504)")
+    assert "load it in bfloat16 or float32 (--dtype)" in result.stderr and not (tmp_path / "o").exists()
+    from melbo.model.loading import load_model
+
+    assert load_model(str(tiny_folder), device="cpu", dtype="float16").dtype == torch.float16
+
+
 def test_nonsense_layers_on_a_small_model_and_auto_R_with_bad_radii(tiny_folder, tmp_path):
     """On a 6-layer model, layers meant for SmolLM2 are one line each, before any work; so is a bad candidate R."""
     model = ["--model", str(tiny_folder), "--device", "cpu"]

@@ -144,6 +144,10 @@ def test_nan_is_retried_then_dropped_with_a_warning(tiny_lm, monkeypatch, optimi
     # the stop names the NaN, not a used-up basis (a compiled kernel served from a cache built for another instruction
     # set gave NaN in every row: "basis exhausted" sent the user the wrong way)
     assert run.meta.stopped == "not finite: the last 4 vectors were dropped, block 0's loss NaN/inf"
+    # and the printed summary says so where a run of no copies printed no reason at all
+    from melbo.output import tables
+
+    assert str(tables.ortho_run(run)[-1]) == "no copies; stopped: not finite: the last 4 vectors were dropped, block 0's loss NaN/inf"
 
 
 def test_ctrl_c_stops_cleanly_after_saving(tiny_folder, tmp_path):

@@ -199,7 +199,22 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     find_blocks(model)  # fail now, not in the middle of a run, on an unknown architecture
+    if torch_dtype == torch.float16 and not _finite_outputs(model, tokenizer, torch_device):
+        raise MelboError(
+            f"{name} overflows float16: its activations exceed float16's range (±65,504), so every output is inf or NaN; "
+            "load it in bfloat16 or float32 (--dtype)"
+        )
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
+
+
+def _finite_outputs(model: CausalLM, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> bool:
+    """Whether ``model``'s logits on a one-word text are finite. In float16 a model whose residual stream exceeds
+    ±65,504 gives inf or NaN on any text (Gemma 3 270M: from its first token on, where a run found no copy and kept a
+    full head copy per position, 15 GB); SmolLM2 and Qwen2.5 stay finite. One forward pass over a token or two."""
+    ids = tokenizer("The", return_tensors="pt")["input_ids"].to(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return bool(torch.isfinite(logits).all())
 
 
 def _quiet_transformers() -> None:

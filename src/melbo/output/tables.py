@@ -161,6 +161,8 @@ def ortho_run(run: Run, limit: int = 200) -> Lines:
         matched = f"; the copies matched θ0 along its first {along} greedy tokens{on_extras}" if along else ""
         out.append(f"KL(P_i ‖ P_base) at the last prompt token: median {run.median_kl:.3f}, max {max(run.kls):.3f}; "
                    f"max |cos| between any two vectors {max_abs_cosine(run.vectors):.1e}; stopped: {run.meta.stopped}{matched}")
+    elif run.meta.stopped:
+        out.append(f"no copies; stopped: {run.meta.stopped}")
     return out
 
 

@@ -143,7 +143,7 @@ class _Problem:
                     # memory to read: Gemma 3 270M's README example (16 copies) 20–21 s a block against 23–25 s, the
                     # same loss and KL over 6 seeds (AMX Xeon; bench/RESULTS.md full_basis)
                     float_head = head.float()
-                    every_row = head.to(torch.bfloat16 if s.precision == "bfloat16" else torch.float32)
+                    every_row = head.to(torch.bfloat16) if s.precision == "bfloat16" else float_head
                     branches = [prompt_end(st, where) for st, where in zip(self.states, self.wheres)]
                     self.tops = [top_tokens(lp, z0, float_head, branch=b, branch_rows=every_row) for lp, z0, b in zip(log_probs, self.z_base, branches)]
             if s.fast:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_char_tokenizer, make_tiny_model
 from helpers import assert_one_line_error, melbo, melbo_here
 from safetensors.torch import save_file
 
 from melbo.files.runs import write_run
-from melbo.model.loading import embedded_gguf_path
+from melbo.model.loading import embedded_gguf_path, load_model
 
 
 def good_run(tmp: Path, d: int = 576) -> Path:
@@ -174,8 +175,6 @@ def test_settings_are_checked_before_the_model_loads(args, needle, tmp_path):
 def test_a_model_that_overflows_float16_is_one_line_at_load(tiny_folder, tmp_path):
     """--dtype float16 on a model whose activations exceed float16's range (Gemma 3 270M's do, on any text): one line
     naming the dtypes that work, before any work and with no run folder; a model that fits float16 loads in it."""
-    from conftest import make_char_tokenizer, make_tiny_model
-
     model, huge = make_tiny_model("llama", initializer_range=0.3), tmp_path / "huge"
     model.model.layers[0].mlp.down_proj.weight.mul_(1e4)  # its weights within float16's range (|w| ≤ 1.1e4), its output beyond it
     model.save_pretrained(huge)
@@ -183,8 +182,6 @@ def test_a_model_that_overflows_float16_is_one_line_at_load(tiny_folder, tmp_pat
     result = melbo_here("discover", "-k", "1", "--model", str(huge), "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert_one_line_error(result, "overflows float16: its activations exceed float16's range (±65,504)")
     assert "load it in bfloat16 or float32 (--dtype)" in result.stderr and not (tmp_path / "o").exists()
-    from melbo.model.loading import load_model
-
     assert load_model(str(tiny_folder), device="cpu", dtype="float16").dtype == torch.float16
 
 

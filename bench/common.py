@@ -1,10 +1,14 @@
-"""What the benchmarks share: the base vector they start from, the machine's pace while they run, and the summary line
-they end with."""
+"""What the benchmarks share: the base vector they start from, the machine's pace while they run, a scratch folder for
+their runs, and the summary line they end with."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -27,6 +31,15 @@ def base_vector(lm: LoadedModel, quick: bool) -> Tensor:
     assert unit.discover is not None
     run = discover(lm, unit.prompts.prompts, unit.discover, PromptFormat())
     return run.vectors[choose_bases(score_candidates(lm, run, unit.prompts.prompts[0], PromptFormat()), ChooseConfig())[0].index]
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A new temporary folder for a benchmark's runs, removed when the interpreter exits: a benchmark reports figures,
+    and its runs are only the way to them (run_all --in-process runs every script in one interpreter, so a folder per
+    script lasts until the last one ends)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def pace(size: int = 1024, repeats: int = 5) -> float:

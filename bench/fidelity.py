@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import summary_line
+from common import scratch_folder, summary_line
 from models import load
 
 from melbo.analysis.choose import score_candidates
@@ -208,7 +207,7 @@ def main() -> None:
     lm, fmt = load(args.model)
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
     copies, steps = (1, 3) if args.quick else (args.copies, None)
-    work = Path(tempfile.mkdtemp(prefix="melbo-fidelity-"))
+    work = scratch_folder("melbo-fidelity-")
     if args.base_run:
         found = read_run(args.base_run)
     else:

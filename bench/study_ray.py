@@ -8,12 +8,11 @@ model loads, and whether the vectors are the same. Target: Ray adds ≤ 10 % to 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import summary_line
+from common import scratch_folder, summary_line
 
 from melbo.files.runs import read_run
 from melbo.study import Study, run_study
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     spec = study(args.quick)
-    work = Path(tempfile.mkdtemp(prefix="melbo-study-ray-"))
+    work = scratch_folder("melbo-study-ray-")
     rows = {}
     start = time.perf_counter()
     here = run_study(spec, work / "process")

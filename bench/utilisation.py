@@ -72,15 +72,18 @@ def floor_flops(config, match: str, batch: int, tokens: int, positions: int, n_l
 
 
 def time_it(fn, repeats: int, device: torch.device | None = None) -> float:
-    """Seconds per call of fn after one warm-up call; on CUDA, waits for the device before each clock read."""
+    """Seconds per call of fn over ``repeats`` calls after one warm-up call; ``repeats`` 0: one call, timed cold (the
+    --quick smoke tests' reading: a figure that only shows the code ran). On CUDA, waits for the device before each
+    clock read."""
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
+    if repeats > 0:
+        fn()
+        sync()
     start = time.perf_counter()
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         fn()
     sync()
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / max(1, repeats)
 
 
 def matmul_rate(config, rows: int, repeats: int) -> float:
@@ -105,7 +108,7 @@ def main() -> None:
     if args.gemma_kl:
         summary_line(gemma_kl(3))
         return
-    repeats, blocks, matches = (1, (4,), ("kl", "fisher")) if args.quick else (10, (1, 16, 64), ("kl", "fisher", "mean"))
+    repeats, blocks, matches = (0, (4,), ("kl", "fisher")) if args.quick else (10, (1, 16, 64), ("kl", "fisher", "mean"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
     config = lm.model.config
@@ -163,17 +166,20 @@ def packing(lm, base, block: int, repeats: int, rounds: int = 2, precisions: tup
     ways = {"before": (kl_through_log_softmax, False), "one by one": (kl_from_logits, False), "packed": (kl_from_logits, True)}
     times: dict[tuple[str, str], float] = {}
     tokens = {}
+    # one objective per precision, built as melbo builds it; each way swaps the KL and the packing in for its steps only
+    losses = {precision: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision=precision))
+              for precision in precisions}
+    packings = {precision: loss.__self__.packing for precision, loss in losses.items()}
+    assert all(p is not None for p in packings.values()), "the default objective's prompts were not packed"
     try:
         for _ in range(rounds):
             for precision in precisions:
                 for name, (kl, packed) in ways.items():
                     ortho_engine.kl_from_logits = kl
-                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, precision=precision))
+                    loss, whole = losses[precision], packings[precision]
                     problem = loss.__self__
-                    assert problem.packing is not None, "the default objective's prompts were not packed"
-                    tokens[name] = problem.packing.state.length if packed else sum(t.length for t in problem.targets)
-                    if not packed:
-                        problem.packing = None
+                    tokens[name] = whole.state.length if packed else sum(t.length for t in problem.targets)
+                    problem.packing = whole if packed else None
                     seconds = step_seconds(loss, block, lm.d_model, 26.6, repeats)
                     times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
     finally:
@@ -518,13 +524,15 @@ def fast_paths(lm, base, block: int, repeats: int, rounds: int = 2) -> str:
 
     slow = (lambda model: contextlib.nullcontext(), plain_autocast)
     times: dict[tuple[str, str], float] = {}
+    # one objective per precision, built with the fast paths as melbo builds it; the paths are swapped for its steps only
+    losses = {precision: objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, extra_prompts=0, precision=precision))
+              for precision in ("float32", "bfloat16")}
     try:
         for _ in range(rounds):
             for precision in ("float32", "bfloat16"):
                 for name, (head, products) in (("without", slow), ("with", fast)):
                     forward.contiguous_head_input, ortho_engine.bfloat16_products = head, products
-                    loss = objective(lm, base, [DEFAULT_PROMPT], OrthoConfig(compile="off", source=SOURCE, target=TARGET, extra_prompts=0, precision=precision))
-                    seconds = step_seconds(loss, block, lm.d_model, 50.0, repeats)
+                    seconds = step_seconds(losses[precision], block, lm.d_model, 50.0, repeats)
                     times[(precision, name)] = min(seconds, times.get((precision, name), seconds))
     finally:
         forward.contiguous_head_input, ortho_engine.bfloat16_products = fast

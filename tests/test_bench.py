@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,11 @@ def test_every_benchmark_runs_quick():
     so CI exercises its code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--in-process", "--args", "gpu=--device cpu"]
+    scratch = ("melbo-fidelity-*", "melbo-serve-bench-*", "melbo-study-ray-*")  # the benchmarks' run folders
+    before = {p for pattern in scratch for p in Path(tempfile.gettempdir()).glob(pattern)}
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert {p for pattern in scratch for p in Path(tempfile.gettempdir()).glob(pattern)} == before  # removed as they end
     sections = out.stdout.split("## ")[1:]
     assert [s.split("\n", 1)[0] for s in sections] == [
         "model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu",

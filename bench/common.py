@@ -33,11 +33,14 @@ def base_vector(lm: LoadedModel, quick: bool) -> Tensor:
     return run.vectors[choose_bases(score_candidates(lm, run, unit.prompts.prompts[0], PromptFormat()), ChooseConfig())[0].index]
 
 
-def scratch_folder(prefix: str) -> Path:
-    """A new temporary folder for a benchmark's runs, removed when the interpreter exits: a benchmark reports figures,
-    and its runs are only the way to them (run_all --in-process runs every script in one interpreter, so a folder per
-    script lasts until the last one ends)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+SCRATCH_PREFIX = "melbo-bench-"  # every benchmark's scratch folder starts so (the smoke test checks none is left)
+
+
+def scratch_folder(name: str) -> Path:
+    """A new temporary folder for a benchmark's runs (``melbo-bench-NAME-…``), removed when the interpreter exits: a
+    benchmark reports figures, and its runs are only the way to them (run_all --in-process runs every script in one
+    interpreter, so a folder per script lasts until the last one ends)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{name}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 

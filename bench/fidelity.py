@@ -207,7 +207,7 @@ def main() -> None:
     lm, fmt = load(args.model)
     names = QUICK if args.quick else [v.strip() for v in args.variants.split(",")]
     copies, steps = (1, 3) if args.quick else (args.copies, None)
-    work = scratch_folder("melbo-fidelity-")
+    work = scratch_folder("fidelity")
     if args.base_run:
         found = read_run(args.base_run)
     else:

@@ -103,7 +103,7 @@ def main() -> None:
     n, tokens, rounds = (4, 8, 1) if args.quick else (args.requests, args.tokens, args.rounds)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lm = load_model("smollm2", device="cpu")
-    run = vectors_run(scratch_folder("melbo-serve-bench-") / "bench", lm, n)
+    run = vectors_run(scratch_folder("serve") / "bench", lm, n)
     catalog = Catalog([run])
     app = create_app(lm, catalog, ServeLimits(max_batch=n, window=0.05, max_tokens=max(64, tokens)))
     server = Server(app)

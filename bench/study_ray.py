@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     spec = study(args.quick)
-    work = scratch_folder("melbo-study-ray-")
+    work = scratch_folder("study-ray")
     rows = {}
     start = time.perf_counter()
     here = run_study(spec, work / "process")

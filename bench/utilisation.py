@@ -79,11 +79,12 @@ def time_it(fn, repeats: int, device: torch.device | None = None) -> float:
     if repeats > 0:
         fn()
         sync()
+    calls = max(1, repeats)
     start = time.perf_counter()
-    for _ in range(max(1, repeats)):
+    for _ in range(calls):
         fn()
     sync()
-    return (time.perf_counter() - start) / max(1, repeats)
+    return (time.perf_counter() - start) / calls
 
 
 def matmul_rate(config, rows: int, repeats: int) -> float:

@@ -21,11 +21,16 @@ def test_every_benchmark_runs_quick():
     so CI exercises its code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--in-process", "--args", "gpu=--device cpu"]
-    scratch = ("melbo-fidelity-*", "melbo-serve-bench-*", "melbo-study-ray-*")  # the benchmarks' run folders
-    before = {p for pattern in scratch for p in Path(tempfile.gettempdir()).glob(pattern)}
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import SCRATCH_PREFIX
+    finally:
+        sys.path.remove(str(BENCH))
+    scratch = f"{SCRATCH_PREFIX}*"  # the benchmarks' run folders (bench/common.scratch_folder)
+    before = set(Path(tempfile.gettempdir()).glob(scratch))
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert {p for pattern in scratch for p in Path(tempfile.gettempdir()).glob(pattern)} == before  # removed as they end
+    assert set(Path(tempfile.gettempdir()).glob(scratch)) == before  # removed as they end
     sections = out.stdout.split("## ")[1:]
     assert [s.split("\n", 1)[0] for s in sections] == [
         "model_load", "ortho_vs_seed", "full_basis", "utilisation", "discovery_speed", "eval_throughput", "gpu",

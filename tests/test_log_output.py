@@ -53,22 +53,60 @@ def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp
     assert max(len(line) for line in result.stdout.splitlines()) > 80  # wider than rich's 80-column default
 
 
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_study_log_names_each_stage_and_block_once(capsys):
     """A study's progress in a log: a line per stage and per block (the first block too), and a one-unit study's runs,
-    named for their stage, not named twice ("ortho ortho")."""
+    named for their stage, not named twice ("ortho ortho"); from a run's second block on, the time its blocks left
+    take at the pace of those done."""
     from melbo.output.live import StudyView
     from melbo.study.outcome import Event
 
     events = [Event("", "discover", "discover"), *(Event("", "discover", "discover", 0, 1, s, 3, 1.0) for s in (1, 2, 3)),
-              Event("", "ortho", "ortho"), *(Event("", "ortho", "ortho", b, 2, s, 30, 0.5) for b in (0, 1) for s in (1, 2)),
+              Event("", "ortho", "ortho"), *(Event("", "ortho", "ortho", b, 3, s, 30, 0.5) for b in (0, 1, 2) for s in (1, 2)),
               Event("sweep 1", "ortho", "ortho-4", 0, 2, 1, 30, 0.5)]
-    with StudyView(["", "sweep 1"]) as view:
+    clock = Clock()
+    with StudyView(["", "sweep 1"], clock=clock) as view:
         assert view.plain  # pytest's stderr is no terminal
         for event in events:
             view(event)
+            clock.now += 100.0  # each step 100 s: an ortho block takes 200 s
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
-    assert lines == ["study: discover", "study: discover block 1/1", "study: ortho", "study: ortho block 1/2",
-                     "study: ortho block 2/2", "sweep 1: ortho ortho-4 block 1/2"]
+    assert lines == ["study: discover", "study: discover block 1/1", "study: ortho", "study: ortho block 1/3",
+                     "study: ortho block 2/3, about 7 min left", "study: ortho block 3/3, about 3 min left",
+                     "sweep 1: ortho ortho-4 block 1/2"]
+
+
+def test_a_block_log_gives_the_time_left_from_the_blocks_this_session_ran(capsys):
+    """`melbo ortho > log`: each block's line ends with the time left at the pace of the blocks done in this session,
+    counted from the first block it ran (a resumed run starts past block 1), and none after the last block."""
+    from melbo.output.live import BlockLog, rough_duration, time_left
+
+    clock = Clock()
+    with BlockLog(40, "ortho (fast)", clock=clock) as log:
+        for block in (10, 11, 12):  # resumed at block 11 of 40; each block 120 s
+            for step in (1, 2, 3):
+                log.on_step(block, step, 0.25)
+            clock.now += 120.0
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["ortho (fast) block 11/40: 3 steps, loss 0.25 (120 s; about 58 min left)",
+                     "ortho (fast) block 12/40: 3 steps, loss 0.25 (240 s; about 56 min left)",
+                     "ortho (fast) block 13/40: 3 steps, loss 0.25 (360 s; about 54 min left)"]
+    with BlockLog(2, "discover", clock=clock) as log:
+        for block in (0, 1):
+            log.on_step(block, 5, 1.0)
+            clock.now += 30.0
+    assert capsys.readouterr().err.splitlines()[-1].endswith("discover block 2/2: 5 steps, loss 1 (60 s)")
+    assert [rough_duration(s) for s in (40, 89, 90, 5399, 5400, 24_480)] == ["40 s", "89 s", "2 min", "90 min", "1.5 h", "6.8 h"]
+    assert time_left(0, 0.0, 3) == "" and time_left(2, 10.0, 0) == "" and time_left(2, 100.0, 3) == "about 2 min left"
 
 
 def test_generate_in_a_log_prints_each_text_under_its_name(tiny_folder, tmp_path):

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import os
 import sys
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -54,25 +55,47 @@ def log_line(text: str) -> None:
     err_console.print(f"[{dt.datetime.now():%Y-%m-%d %H:%M:%S}] {text}", markup=False, highlight=False, soft_wrap=True)
 
 
-class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
-    """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends."""
+def rough_duration(seconds: float) -> str:
+    """A duration as a person reads it in a log: "40 s", "12 min", "6.8 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
-    def __init__(self, total_blocks: int | None, what: str) -> None:
-        self.total, self.what = total_blocks, what
+
+def time_left(blocks_done: int, seconds: float, blocks_left: int) -> str:
+    """"about 6 min left": ``blocks_left`` more blocks at the mean pace of the ``blocks_done`` that took ``seconds``
+    ("" until a block has ended, or once none is left). A first block that compiles is slower than the rest, so the
+    estimate starts high and settles."""
+    if blocks_done < 1 or blocks_left < 1:
+        return ""
+    return f"about {rough_duration(seconds / blocks_done * blocks_left)} left"
+
+
+class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
+    """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends, with the time left
+    where the number of blocks is known (a whole basis on a real model runs for hours under nohup)."""
+
+    def __init__(self, total_blocks: int | None, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.what, self.clock = total_blocks, what, clock
         self.current: tuple[int, int, float] | None = None
-        self.started = dt.datetime.now()
+        self.first: int | None = None  # the first block this session runs (a resumed run starts past 0)
+        self.started = clock()
 
     def on_step(self, block: int, step: int, loss: float) -> None:
         if self.current is not None and self.current[0] != block:
             self._line()
+        if self.first is None:
+            self.first = block
         self.current = (block, step, loss)
 
     def _line(self) -> None:
-        if self.current is None:
+        if self.current is None or self.first is None:
             return
         block, step, loss = self.current
+        seconds = self.clock() - self.started
         total = f"/{self.total}" if self.total else ""
-        log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({(dt.datetime.now() - self.started).total_seconds():.0f} s)")
+        left = time_left(block + 1 - self.first, seconds, self.total - block - 1) if self.total else ""
+        log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({seconds:.0f} s{'; ' + left if left else ''})")
 
     def __exit__(self, *exc: object) -> None:
         self._line()
@@ -104,11 +127,13 @@ class StudyView:
     """One live table for a whole study: each unit waiting, running (stage, run, block, step, loss) or done; in a
     log, a timestamped line per stage and block instead."""
 
-    def __init__(self, units: list[str]) -> None:
+    def __init__(self, units: list[str], clock: Callable[[], float] = time.monotonic) -> None:
         self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
         self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
         self.plain = not err_console.is_terminal
         self.seen: dict[str, tuple[str, str, str]] = {}
+        self.clock = clock
+        self.first_block: dict[tuple[str, str, str], tuple[int, float]] = {}  # (unit, stage, run) → first block seen, and when
 
     def _table(self) -> Table:
         table = Table(title="study", show_edge=False)
@@ -135,7 +160,15 @@ class StudyView:
             self.seen[event.unit] = (event.stage, event.run, row[3])
             run = f" {event.run}" if event.run and event.run != event.stage else ""  # a one-unit study's runs are named for their stage
             where = f" block {row[3]}" if row[3] else ""
-            log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}")
+            log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}{self._left(event)}")
+
+    def _left(self, event: Event) -> str:
+        """", about 6 min left" in this run, once a block of it has ended here (a new block's line says the one before ended)."""
+        if not (event.steps is not None or event.step) or not event.blocks:
+            return ""
+        first, since = self.first_block.setdefault((event.unit, event.stage, event.run), (event.block, self.clock()))
+        left = time_left(event.block - first, self.clock() - since, event.blocks - event.block)
+        return f", {left}" if left else ""
 
     def finish(self) -> None:
         for values in self.rows.values():

@@ -86,20 +86,22 @@ def test_a_study_log_names_each_stage_and_block_once(capsys):
 
 
 def test_a_block_log_gives_the_time_left_from_the_blocks_this_session_ran(capsys):
-    """`melbo ortho > log`: each block's line ends with the time left at the pace of the blocks done in this session,
-    counted from the first block it ran (a resumed run starts past block 1), and none after the last block."""
+    """`melbo ortho > log`: each block's line ends with the time since the start and the time left at the pace of the
+    blocks done in this session, counted from the first block it ran (a resumed run starts past block 1) and leaving out
+    what came before it (auto R's probes, θ0's continuations); none after the last block."""
     from melbo.output.live import BlockLog, rough_duration, time_left
 
     clock = Clock()
     with BlockLog(40, "ortho (fast)", clock=clock) as log:
+        clock.now += 500.0  # before the first block
         for block in (10, 11, 12):  # resumed at block 11 of 40; each block 120 s
             for step in (1, 2, 3):
                 log.on_step(block, step, 0.25)
             clock.now += 120.0
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
-    assert lines == ["ortho (fast) block 11/40: 3 steps, loss 0.25 (120 s; about 58 min left)",
-                     "ortho (fast) block 12/40: 3 steps, loss 0.25 (240 s; about 56 min left)",
-                     "ortho (fast) block 13/40: 3 steps, loss 0.25 (360 s; about 54 min left)"]
+    assert lines == ["ortho (fast) block 11/40: 3 steps, loss 0.25 (620 s; about 58 min left)",
+                     "ortho (fast) block 12/40: 3 steps, loss 0.25 (740 s; about 56 min left)",
+                     "ortho (fast) block 13/40: 3 steps, loss 0.25 (860 s; about 54 min left)"]
     with BlockLog(2, "discover", clock=clock) as log:
         for block in (0, 1):
             log.on_step(block, 5, 1.0)

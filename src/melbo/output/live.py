@@ -78,23 +78,26 @@ class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
     def __init__(self, total_blocks: int | None, what: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.what, self.clock = total_blocks, what, clock
         self.current: tuple[int, int, float] | None = None
-        self.first: int | None = None  # the first block this session runs (a resumed run starts past 0)
+        # the first block this session runs (a resumed run starts past 0) and when its first step ended: the pace leaves
+        # out what comes before the blocks (choosing R, θ0's continuations)
+        self.first: tuple[int, float] | None = None
         self.started = clock()
 
     def on_step(self, block: int, step: int, loss: float) -> None:
         if self.current is not None and self.current[0] != block:
             self._line()
         if self.first is None:
-            self.first = block
+            self.first = (block, self.clock())
         self.current = (block, step, loss)
 
     def _line(self) -> None:
         if self.current is None or self.first is None:
             return
         block, step, loss = self.current
-        seconds = self.clock() - self.started
+        (first, since), now = self.first, self.clock()
+        seconds = now - self.started
         total = f"/{self.total}" if self.total else ""
-        left = time_left(block + 1 - self.first, seconds, self.total - block - 1) if self.total else ""
+        left = time_left(block + 1 - first, now - since, self.total - block - 1) if self.total else ""
         log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({seconds:.0f} s{'; ' + left if left else ''})")
 
     def __exit__(self, *exc: object) -> None:

@@ -71,6 +71,20 @@ def time_left(blocks_done: int, seconds: float, blocks_left: int) -> str:
     return f"about {rough_duration(seconds / blocks_done * blocks_left)} left"
 
 
+class Pace:
+    """A run's pace in this session: the first block seen here and when it was first reported (its first step's end,
+    so what comes before the blocks, auto R's probes and θ0's continuations, is left out; a resumed run starts past
+    block 0)."""
+
+    def __init__(self, block: int, clock: Callable[[], float]) -> None:
+        self.first, self.clock, self.since = block, clock, clock()
+
+    def left(self, next_block: int, total: int | None) -> str:
+        """:func:`time_left` for blocks ``next_block`` … ``total - 1``, those before it having ended ("" if ``total``
+        is unknown)."""
+        return time_left(next_block - self.first, self.clock() - self.since, total - next_block) if total else ""
+
+
 class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
     """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends, with the time left
     where the number of blocks is known (a whole basis on a real model runs for hours under nohup)."""
@@ -78,26 +92,23 @@ class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
     def __init__(self, total_blocks: int | None, what: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.what, self.clock = total_blocks, what, clock
         self.current: tuple[int, int, float] | None = None
-        # the first block this session runs (a resumed run starts past 0) and when its first step ended: the pace leaves
-        # out what comes before the blocks (choosing R, θ0's continuations)
-        self.first: tuple[int, float] | None = None
+        self.pace: Pace | None = None
         self.started = clock()
 
     def on_step(self, block: int, step: int, loss: float) -> None:
         if self.current is not None and self.current[0] != block:
             self._line()
-        if self.first is None:
-            self.first = (block, self.clock())
+        if self.pace is None:
+            self.pace = Pace(block, self.clock)
         self.current = (block, step, loss)
 
     def _line(self) -> None:
-        if self.current is None or self.first is None:
+        if self.current is None or self.pace is None:
             return
         block, step, loss = self.current
-        (first, since), now = self.first, self.clock()
-        seconds = now - self.started
+        seconds = self.clock() - self.started
         total = f"/{self.total}" if self.total else ""
-        left = time_left(block + 1 - first, now - since, self.total - block - 1) if self.total else ""
+        left = self.pace.left(block + 1, self.total)
         log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({seconds:.0f} s{'; ' + left if left else ''})")
 
     def __exit__(self, *exc: object) -> None:
@@ -136,7 +147,7 @@ class StudyView:
         self.plain = not err_console.is_terminal
         self.seen: dict[str, tuple[str, str, str]] = {}
         self.clock = clock
-        self.first_block: dict[tuple[str, str, str], tuple[int, float]] = {}  # (unit, stage, run) → first block seen, and when
+        self.paces: dict[tuple[str, str, str], Pace] = {}  # by (unit, stage, run)
 
     def _table(self) -> Table:
         table = Table(title="study", show_edge=False)
@@ -163,14 +174,15 @@ class StudyView:
             self.seen[event.unit] = (event.stage, event.run, row[3])
             run = f" {event.run}" if event.run and event.run != event.stage else ""  # a one-unit study's runs are named for their stage
             where = f" block {row[3]}" if row[3] else ""
-            log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}{self._left(event)}")
+            log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}{self._left(event) if where else ''}")
 
     def _left(self, event: Event) -> str:
-        """", about 6 min left" in this run, once a block of it has ended here (a new block's line says the one before ended)."""
-        if not (event.steps is not None or event.step) or not event.blocks:
-            return ""
-        first, since = self.first_block.setdefault((event.unit, event.stage, event.run), (event.block, self.clock()))
-        left = time_left(event.block - first, self.clock() - since, event.blocks - event.block)
+        """", about 6 min left" in this block's run, once a block of it has ended here (a new block's line says the one
+        before ended)."""
+        key = (event.unit, event.stage, event.run)
+        if key not in self.paces:
+            self.paces[key] = Pace(event.block, self.clock)
+        left = self.paces[key].left(event.block, event.blocks)
         return f", {left}" if left else ""
 
     def finish(self) -> None:

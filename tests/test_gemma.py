@@ -33,7 +33,10 @@ def test_auto_radius_finds_gemmas_fluent_edge_below_the_usual_range(gemma):
 
 def test_fast_modes_copies_of_a_gemma_vector_match_on_its_likeliest_tokens(gemma, tmp_path):
     """Gemma's 262k-token vocabulary makes the LM head most of an evaluation: fast mode's default objective there is
-    kl-top, and its loss is the exact KL's to within 2 % at the copies it finds."""
+    kl-top, and its loss at the copies it finds is the exact KL's or a little below it, never above: the bucket's
+    log-mean-exp to first order is a lower bound of the true one (Jensen). Found and checked in float32, so that every
+    CPU computes the same thing (on a Zen 5 the gap was 1.4–2.0 % in float32, and 2.2–2.5 % with the bfloat16 products
+    that --precision auto picks there, which failed this test's former "within 2 %")."""
     from models import GEMMA_PROMPT
 
     from melbo.engines.config import OrthoConfig
@@ -43,11 +46,11 @@ def test_fast_modes_copies_of_a_gemma_vector_match_on_its_likeliest_tokens(gemma
     fmt = PromptFormat(chat_template=False)
     base = torch.randn(gemma.d_model, generator=torch.Generator().manual_seed(0))
     base = 67.0 * base / base.norm()
-    cfg = OrthoConfig(source=5, target=12, count=2, block=2, steps=5, completion_tokens=0)
+    cfg = OrthoConfig(source=5, target=12, count=2, block=2, steps=5, completion_tokens=0, precision="float32")
     run = ortho(gemma, base, [GEMMA_PROMPT], cfg, fmt, out=tmp_path / "ortho")
     assert gemma.plain_head_vocab == 262_144 and run.meta.config["match"] == "kl-top"
     copies = run.vectors[1:]
     with torch.no_grad():
         top = objective(gemma, base, [GEMMA_PROMPT], cfg, fmt)(copies)
         exact = objective(gemma, base, [GEMMA_PROMPT], dataclasses.replace(cfg, match="kl"), fmt)(copies)
-    assert torch.allclose(top, exact, rtol=0.02)
+    assert (top <= exact * (1 + 1e-5)).all() and (top >= 0.95 * exact).all(), (top, exact)  # the README's "within 5 %"

@@ -187,8 +187,9 @@ def kl_top_along(hidden: Tensor, top: TopTokens) -> Tensor:
     With ``Δh`` the change of the final hidden state, token ``v``'s logit moves by ``Δh·W_v``, so exactly
     ``KL = log Σ_v p0_v e^{Δh·W_v} − Δh·E_p0[W]``. Here the sum runs over the position's kept tokens and one bucket for
     the others, whose log-mean-exp is taken to first order (``Δh·`` their mean row): the head runs over the kept tokens
-    only, not the vocabulary. Exact at θ0 with a zero gradient there, never negative, and exact whenever the other
-    tokens' logits move together. ``hidden`` ``(B, P, d)``. The gradient ``Σ_v (q_v − p0_v) W_v + (q_rest − p0_rest)
+    only, not the vocabulary. Exact at θ0 with a zero gradient there, never negative, never above the exact KL (the
+    bucket's first-order log-mean-exp is below the true one: Jensen), and exact whenever the other tokens' logits move
+    together. ``hidden`` ``(B, P, d)``. The gradient ``Σ_v (q_v − p0_v) W_v + (q_rest − p0_rest)
     W_rest`` (``q`` the moved distribution over the kept tokens and the bucket) is written out, one position at a time.
     Both terms of the KL come from the same products ``Δh·W_v``, and the gradient from one product by ``q − p0``, so a
     product's rounding cancels where the copy is close to θ0 (a bfloat16 head at the branch: otherwise its rounding,

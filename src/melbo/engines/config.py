@@ -323,7 +323,9 @@ FAST_PATIENCE = 4
 # products (a step 0.66× eager's, AMX Xeon) and 4 s in float32 (0.88×): bench/utilisation.py --compile. SmolLM2's whole
 # basis took 9.9 min against 13.3. Blocks of 32 cost 0.72× per copy on SmolLM2, 0.85× on Gemma 3 270M and 0.97× on
 # Qwen2.5 0.5B (evaluations and completions, compiled, bfloat16 products: bench/utilisation.py --blocks), and SmolLM2's
-# whole basis took 8.0 min against 9.9 with the same verdict over two seeds (bench/RESULTS.md full_basis); a short run
+# whole basis took 8.0 min against 9.9 with the same verdict over two seeds (bench/RESULTS.md full_basis). In float32 on
+# a 2-core AVX2 EPYC (Zen 3) the two together took Qwen2.5 0.5B's first 64 copies in 0.79× the time of eager blocks of
+# 16 (13.1 min against 16.5, one base, one run after the other; RESULTS full_basis, 2026-12-07). A short run
 # keeps blocks of 16 (a progress line and a checkpoint every 16 copies, and the first copies' KL a little lower).
 # Blocks of 64 took a whole basis 0.86× the time of 32 on SmolLM2 and Qwen2.5 0.5B and 0.81× on Gemma 3 270M, with copies
 # further from θ0 on all three (median KL 1.11×, 1.56×, 1.52×; 16 → 32 cost 1.05× and 1.10×): 32 stays.

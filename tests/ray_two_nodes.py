@@ -69,6 +69,11 @@ def workers_of(temp: Path) -> list[psutil.Process]:
     return out
 
 
+def says_running(meta: Path) -> bool:
+    """Whether a run's ``run.json`` (read as text: a worker may be writing it) says the run is still going."""
+    return '"status": "running"' in meta.read_text(errors="ignore")
+
+
 def saved_on(temp: Path, out: Path) -> list[Path]:
     """Runs that a worker of the node at ``temp`` is in the middle of and of which a saved block has reached the
     driver's folder ``out``: killing the node now must make another worker go on from a saved block (the last one
@@ -79,7 +84,7 @@ def saved_on(temp: Path, out: Path) -> list[Path]:
         for meta in scratch.rglob("run.json"):
             delivered = out / meta.relative_to(scratch)
             try:
-                if '"status": "running"' in meta.read_text(errors="ignore") and '"status": "running"' in delivered.read_text(errors="ignore"):
+                if says_running(meta) and says_running(delivered):
                     found.append(delivered)
             except OSError:
                 pass

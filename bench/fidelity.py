@@ -138,6 +138,9 @@ VARIANTS = {  # name → OrthoConfig fields changed from melbo 0.1's fast mode (
     # melbo's default on a 49k vocabulary is the exact KL (engines.config.KL_TOP_VOCAB)
     "melbo default kl-top": {**MELBO_DEFAULT, "match": "kl-top"},
     "melbo default kl-top seed 1": {**MELBO_DEFAULT, "match": "kl-top", "seed": 1},
+    # one block of 32 copies in place of two of 16 (the long runs' block, engines.config.LONG_RUN_BLOCK), eager
+    "melbo default block 32": {**MELBO_DEFAULT, "block": 32},
+    "melbo default block 32 seed 1": {**MELBO_DEFAULT, "block": 32, "seed": 1},
     "default 4 prompts run 0.8 warm-up 20 + 15 continuation 32": {"continuation": 32, "match": "kl", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20},
     "default 4 prompts run 0.8 kl-top warm-up 20 + 15 seed 1": {"continuation": 16, "match": "kl-top", "steps": 35, "init_scale": 1.0, "penalty": None, "extra_prompts": 4, "first_weight": 0.8, "warmup": 20, "seed": 1},

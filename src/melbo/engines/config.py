@@ -326,7 +326,8 @@ FAST_PATIENCE = 4
 # whole basis took 8.0 min against 9.9 with the same verdict over two seeds (bench/RESULTS.md full_basis). In float32 on
 # a 2-core AVX2 EPYC (Zen 3) the two together took Qwen2.5 0.5B's first 64 copies in 0.79× the time of eager blocks of
 # 16 (13.1 min against 16.5, one base, one run after the other; RESULTS full_basis, 2026-12-07). A short run
-# keeps blocks of 16 (a progress line and a checkpoint every 16 copies, and the first copies' KL a little lower).
+# keeps blocks of 16 (a progress line and a checkpoint every 16 copies, and the first copies' KL a little lower): eager
+# and in float32 one block of 32 took the demo's 32 copies 1.03× the time of two of 16 there (RESULTS fidelity).
 # Blocks of 64 took a whole basis 0.86× the time of 32 on SmolLM2 and Qwen2.5 0.5B and 0.81× on Gemma 3 270M, with copies
 # further from θ0 on all three (median KL 1.11×, 1.56×, 1.52×; 16 → 32 cost 1.05× and 1.10×): 32 stays.
 LONG_RUN = 128

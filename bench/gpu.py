@@ -1,5 +1,7 @@
-"""GPU (bench item 7): MELBO-ortho fast mode and its optimisation step on CUDA, float32 against bfloat16, side by
-side in one run. Skips cleanly (exit 0, a summary line saying why) where no CUDA device is present.
+"""GPU (bench item 7): MELBO-ortho fast mode and its optimisation step on CUDA, float32 against bfloat16 products on the
+float32 weights (what `--precision auto` runs on a GPU), side by side in one run on one loaded model. Skips cleanly
+(exit 0, a summary line saying why) where no CUDA device is present. On a lent machine that reaches nothing outside
+it, bench/gpu_kit brings melbo and the model there and runs this.
 
     .venv/bin/python bench/gpu.py                      # on a machine with a GPU: 128 vectors, the whole basis
     .venv/bin/python bench/gpu.py --quick              # seconds
@@ -18,27 +20,29 @@ from utilisation import SOURCE, TARGET, step_flops, time_it
 
 from melbo.engines.config import Positions
 from melbo.engines.ortho import OrthoConfig, ortho
+from melbo.model.fastpath import bfloat16_products
 from melbo.model.forward import prepare, target_residual
 from melbo.model.loading import load_model
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat
 from melbo.objectives import max_abs_cosine, ortho_loss
 
 
-def step_rates(lm, block: int, repeats: int) -> tuple[float, float, float]:
-    """(step seconds, step FLOP/s, same-shape matmul FLOP/s in the model's dtype)."""
+def step_rates(lm, block: int, repeats: int, precision: str) -> tuple[float, float, float]:
+    """(step seconds, step FLOP/s, same-shape matmul FLOP/s), the step's products and the matmul in ``precision``."""
     state = prepare(lm, [DEFAULT_PROMPT], PromptFormat(), SOURCE)[0]
     sel = Positions("last:4").index(state.length)
     theta = torch.nn.Parameter(torch.randn(block, lm.d_model, device=lm.device) * 30 / lm.d_model**0.5)
     z0 = torch.zeros(lm.d_model, device=lm.device)
 
     def step():
-        h = target_residual(lm.model, state, SOURCE, TARGET, theta)
-        ortho_loss(h[:, sel].mean(dim=1), z0).sum().backward()
+        with bfloat16_products(lm.model, lm.device, enabled=precision == "bfloat16"):
+            h = target_residual(lm.model, state, SOURCE, TARGET, theta)
+        ortho_loss(h[:, sel].float().mean(dim=1), z0).sum().backward()
         theta.grad = None
 
     seconds = time_it(step, repeats, lm.device)
     config = lm.model.config
-    dtype = next(lm.model.parameters()).dtype
+    dtype = torch.bfloat16 if precision == "bfloat16" else next(lm.model.parameters()).dtype
     a = torch.randn(block * state.length, config.hidden_size, device=lm.device, dtype=dtype)
     w = torch.randn(config.hidden_size, config.intermediate_size, device=lm.device, dtype=dtype)
     mm = time_it(lambda: a @ w, repeats * 10, lm.device)
@@ -60,32 +64,33 @@ def main() -> None:
     count, steps, repeats, full_basis = (1, 2, 0, False) if args.quick else (args.count, None, 20, True)
     block = 4 if args.quick else 16  # rows of the timed step
     rows = {}
-    for dtype in ("float32", "bfloat16"):
-        lm = load_model("smollm2", device=args.device, dtype=dtype)
-        base = base_vector(lm, quick=args.quick).to(lm.device)
+    lm = load_model("smollm2", device=args.device, dtype="float32")
+    base = base_vector(lm, quick=args.quick).to(lm.device)
+    for precision in ("float32", "bfloat16"):
+        # one copy, one evaluation first: the device's and the model's first-call costs out of the timed run
+        ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=1, block=1, steps=1, extra_prompts=0, completion_tokens=0), PromptFormat())
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision="float32", count=count, block=min(16, count), steps=steps, extra_prompts=0, completion_tokens=0 if args.quick else 32), PromptFormat())
+        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=count, block=min(16, count), steps=steps, extra_prompts=0, completion_tokens=0 if args.quick else 32), PromptFormat())
         per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)
         kl = statistics.median(r.kl for r in run.records[1:])
         basis_min, basis_n = float("nan"), 0
         if full_basis:
             start = time.perf_counter()
-            whole = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision="float32", extra_prompts=0), PromptFormat())
+            whole = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, extra_prompts=0), PromptFormat())
             basis_min, basis_n = (time.perf_counter() - start) / 60, whole.vectors.shape[0] - 1
             assert max_abs_cosine(whole.vectors.double()) < 1e-4
-        step_s, step_rate, mm_rate = step_rates(lm, block, repeats)
-        rows[dtype] = (per_vector, kl, basis_min, basis_n, step_s, step_rate, mm_rate)
-        del lm
+        step_s, step_rate, mm_rate = step_rates(lm, block, repeats, precision)
+        rows[precision] = (per_vector, kl, basis_min, basis_n, step_s, step_rate, mm_rate)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}; model: embedded SmolLM2; ortho fast mode, {count} vectors" + (", then the whole basis" if full_basis else ""))
-    print(f"{'dtype':<10}{'s/vector':>10}{'median KL':>11}{'basis (min)':>13}{'vectors':>9}{f'step{block} (ms)':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}")
-    for dtype, (per_vector, kl, basis_min, basis_n, step_s, step_rate, mm_rate) in rows.items():
-        print(f"{dtype:<10}{per_vector:>10.3f}{kl:>11.3f}{basis_min:>13.2f}{basis_n:>9}{1000 * step_s:>13.1f}{step_rate / 1e9:>10.1f}{mm_rate / 1e9:>16.1f}")
+    print(f"{'products':<10}{'s/vector':>10}{'median KL':>11}{'basis (min)':>13}{'vectors':>9}{f'step{block} (ms)':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}")
+    for precision, (per_vector, kl, basis_min, basis_n, step_s, step_rate, mm_rate) in rows.items():
+        print(f"{precision:<10}{per_vector:>10.3f}{kl:>11.3f}{basis_min:>13.2f}{basis_n:>9}{1000 * step_s:>13.1f}{step_rate / 1e9:>10.1f}{mm_rate / 1e9:>16.1f}")
     f32, bf16 = rows["float32"], rows["bfloat16"]
     summary_line(
-        f"{name}: bfloat16 is {f32[0] / bf16[0]:.2f}× float32's speed per ortho vector (median KL {bf16[1]:.3f} vs {f32[1]:.3f}); "
+        f"{name}: bfloat16 products are {f32[0] / bf16[0]:.2f}× float32's speed per ortho vector (median KL {bf16[1]:.3f} vs {f32[1]:.3f}); "
         f"a block-{block} step runs at {100 * f32[5] / f32[6]:.0f}% (float32) and {100 * bf16[5] / bf16[6]:.0f}% (bfloat16) of a same-shape matmul"
-        + (f"; whole basis {f32[2]:.1f} min (float32)" if full_basis else "")
+        + (f"; whole basis {f32[2]:.1f} min (float32), {bf16[2]:.1f} min (bfloat16 products)" if full_basis else "")
     )
 
 

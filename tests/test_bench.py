@@ -40,7 +40,7 @@ def test_every_benchmark_runs_quick():
         assert "\nsummary: " in section, section
     gpu = sections[6]
     rows = [line.split()[0] for line in gpu.splitlines() if line.startswith(("float32", "bfloat16"))]
-    assert rows == ["float32", "bfloat16"] and "summary: CPU: bfloat16 is" in gpu, gpu
+    assert rows == ["float32", "bfloat16"] and "summary: CPU: bfloat16 products are" in gpu, gpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

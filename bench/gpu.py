@@ -59,8 +59,8 @@ def main() -> None:
         print("no CUDA device here: bench item 7 runs only where a GPU is lent (see README, Benchmarks)")
         summary_line("skipped (no CUDA device)")
         return
-    # quick: one copy, two steps, each timing one cold call (on a CPU without bfloat16 units a bfloat16 step is ~20× a
-    # float32 one, so --quick --device cpu is mostly that row)
+    # quick: one copy, two steps, each timing one cold call, no warm-up (a check that the script runs, in the suite; on a CPU
+    # without bfloat16 units a bfloat16 step is ~20× a float32 one, so --quick --device cpu is mostly that row)
     count, steps, repeats, full_basis = (1, 2, 0, False) if args.quick else (args.count, None, 20, True)
     block = 4 if args.quick else 16  # rows of the timed step
     lm = load_model("smollm2", device=args.device, dtype="float32")
@@ -71,8 +71,8 @@ def main() -> None:
     print(f"{'products':<10}{'s/vector':>10}{'median KL':>11}{f'step{block} (ms)':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}", flush=True)
     rows = {}
     for precision in ("float32", "bfloat16"):
-        # one copy, one evaluation first: the device's and the model's first-call costs out of the timed run
-        ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=1, block=1, steps=1, extra_prompts=0, completion_tokens=0), PromptFormat())
+        if not args.quick:  # one copy, one evaluation first: the device's and the model's first-call costs out of the timed run
+            ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=1, block=1, steps=1, extra_prompts=0, completion_tokens=0), PromptFormat())
         start = time.perf_counter()
         run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=count, block=min(16, count), steps=steps, extra_prompts=0, completion_tokens=0 if args.quick else 32), PromptFormat())
         per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)

@@ -69,12 +69,17 @@ def main() -> None:
     # each line as soon as it is measured (flushed), so that a run stopped at its time limit keeps what it finished
     print(f"device: {name}; model: embedded SmolLM2; ortho fast mode, {count} vectors" + (", then the whole basis" if full_basis else ""), flush=True)
     print(f"{'products':<10}{'s/vector':>10}{'median KL':>11}{f'step{block} (ms)':>13}{'GFLOP/s':>10}{'matmul GFLOP/s':>16}", flush=True)
+
+    def copies(precision: str, **settings):
+        """Fast-mode copies of the base on the default prompt alone, the optimisation's products in ``precision``."""
+        return ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, extra_prompts=0, **settings), PromptFormat())
+
     rows = {}
     for precision in ("float32", "bfloat16"):
         if not args.quick:  # one copy, one evaluation first: the device's and the model's first-call costs out of the timed run
-            ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=1, block=1, steps=1, extra_prompts=0, completion_tokens=0), PromptFormat())
+            copies(precision, count=1, block=1, steps=1, completion_tokens=0)
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, count=count, block=min(16, count), steps=steps, extra_prompts=0, completion_tokens=0 if args.quick else 32), PromptFormat())
+        run = copies(precision, count=count, block=min(16, count), steps=steps, completion_tokens=0 if args.quick else 32)
         per_vector = (time.perf_counter() - start) / (run.vectors.shape[0] - 1)
         kl = statistics.median(r.kl for r in run.records[1:])
         step_s, step_rate, mm_rate = step_rates(lm, block, repeats, precision)
@@ -83,17 +88,18 @@ def main() -> None:
     basis = {}
     for precision in ("bfloat16", "float32") if full_basis else ():  # melbo's default on a GPU first
         start = time.perf_counter()
-        whole = ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, extra_prompts=0), PromptFormat())
+        whole = copies(precision)
         basis[precision] = (time.perf_counter() - start) / 60
-        copies = whole.vectors.shape[0] - 1
+        found = whole.vectors.shape[0] - 1
         assert max_abs_cosine(whole.vectors.double()) < 1e-4
-        print(f"whole basis, {precision} products: {copies} copies in {basis[precision]:.2f} min, {60 * basis[precision] / copies:.2f} s per copy", flush=True)
+        print(f"whole basis, {precision} products: {found} copies in {basis[precision]:.2f} min, {60 * basis[precision] / found:.2f} s per copy", flush=True)
     f32, bf16 = rows["float32"], rows["bfloat16"]
     summary_line(
         f"{name}: bfloat16 products are {f32[0] / bf16[0]:.2f}× float32's speed per ortho vector (median KL {bf16[1]:.3f} vs {f32[1]:.3f}); "
         f"a block-{block} step runs at {100 * f32[2]:.0f}% (float32) and {100 * bf16[2]:.0f}% (bfloat16) of a same-shape matmul"
         + (f"; whole basis {basis['float32']:.1f} min (float32), {basis['bfloat16']:.1f} min (bfloat16 products)" if full_basis else "")
     )
+
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from common import summary_line
+from common import summary_line, verdict
 
 from melbo.engines.config import DiscoverConfig, RadiusConfig
 from melbo.engines.discover import calibrate, discover
@@ -62,7 +62,7 @@ def main() -> None:
         for probe in choice.probes:
             print(f"    R {probe.radius:<7.3g} fluent {probe.fluent}/{probe.vectors}, median NLL {probe.median_nll:.2f}, first-token KL {probe.median_effect:.2f}")
     median = statistics.median(added)
-    summary_line(f"choosing R adds a median {median:.0%} to a {count}-vector discovery (target ≤ ~25 %: {'met' if median <= 0.27 else 'missed'})")
+    summary_line(f"choosing R adds a median {median:.0%} to a {count}-vector discovery (target ≤ ~25 %: {verdict(median <= 0.27, args.quick)})")
 
 
 def compare_probes(lm: LoadedModel, prompts: tuple[str, ...], steps: int, radius_cfg: RadiusConfig, precisions: list[str]) -> None:

@@ -74,4 +74,10 @@ def summary_line(text: str) -> None:
     print(f"summary: {text}")
 
 
-__all__ = ["DEFAULT_PROMPT", "ISA_CAPS", "base_vector", "kernels", "pace", "summary_line"]
+def verdict(met: bool, quick: bool) -> str:
+    """A target's verdict for a summary line: a --quick run's figures only show that the code ran (fewer tokens, rows or
+    steps than the target names), so it judges nothing."""
+    return "not measured by --quick" if quick else ("met" if met else "missed")
+
+
+__all__ = ["DEFAULT_PROMPT", "ISA_CAPS", "base_vector", "kernels", "pace", "summary_line", "verdict"]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import summary_line, verdict
 
 from melbo.analysis.config import EvalConfig
 from melbo.analysis.evaluate import evaluate
@@ -45,11 +46,10 @@ def main() -> None:
     print(f"{'mode':<22}{'vectors':>8}{'s / vector':>12}{'575 vectors':>14}")
     print(f"{'batched (1 generate)':<22}{batched_n:>8}{batched:>12.3f}{575 * batched / 60:>12.1f} min")
     print(f"{'one generate each':<22}{single_n:>8}{single:>12.3f}{575 * single / 60:>12.1f} min")
-    verdict = "met" if 575 * batched <= 300 else "missed"
     ratio, copies = controls_cost(lm, 4 if args.quick else 32, tokens, held_out=1 if args.quick else 4)
-    verdict_c = "met" if ratio <= 2.0 else "missed"
-    print(f"summary: batched is {single / batched:.1f}× faster per vector; 575 × {tokens} tokens ≈ {575 * batched / 60:.1f} min (target ≤ 5 min: {verdict}); "
-          f"--controls: {ratio:.2f}× the eval of {copies} copies (target ≤ 2×: {verdict_c})")
+    summary_line(f"batched is {single / batched:.1f}× faster per vector; 575 × {tokens} tokens ≈ {575 * batched / 60:.1f} min "
+                 f"(target ≤ 5 min: {verdict(575 * batched <= 300, args.quick)}); "
+                 f"--controls: {ratio:.2f}× the eval of {copies} copies (target ≤ 2×: {verdict(ratio <= 2.0, args.quick)})")
 
 
 def controls_cost(lm, copies: int, tokens: int, held_out: int = 4) -> tuple[float, int]:

@@ -14,11 +14,12 @@ The third row is fast mode with ``--optimizer adam`` (melbo's earlier default): 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import torch
-from common import base_vector, summary_line
+from common import base_vector, summary_line, verdict
 
 from melbo.engines.ortho import OrthoConfig, ortho
 from melbo.model.forward import last_token_logits, prepare
@@ -92,8 +93,9 @@ def main() -> None:
     )
     for name, q in rows:
         per = q["s_per_accepted"] if q["accepted"] else q["s_per_accepted_rel"]
+        per_text = f"{per:.2f}" if math.isfinite(per) else "— (none)"
         print(
-            f"{name:<26}{q['vectors']:>8}{q['accepted']:>7}{q['accepted_rel']:>9}{q['s_per_vector']:>10.2f}{per:>11.2f}"
+            f"{name:<26}{q['vectors']:>8}{q['accepted']:>7}{q['accepted_rel']:>9}{q['s_per_vector']:>10.2f}{per_text:>11}"
             f"{q['median_kl']:>10.3f}{q['p90_kl']:>8.3f}{q['max_cos']:>10.1e}"
         )
     print(f"(seed mode: {seed_n} vector(s) at {seed_steps} steps" + (", per-vector time extrapolated to 1000 steps)" if seed_steps != 1000 else ")"))
@@ -106,13 +108,16 @@ def main() -> None:
     key, what = ("accepted", f"KL ≤ {args.accept}") if seed["accepted"] and fast["accepted"] else ("accepted_rel", "KL ≤ ½ unsteered")
     if seed[key] and fast[key]:
         per_accepted = seed[f"s_per_{key}"] / fast[f"s_per_{key}"]
-    else:  # the seed run accepted none: its cost per accepted vector is at least its whole time
-        per_accepted = seed["s_per_vector"] * seed["vectors"] / fast[f"s_per_{key}"] if fast[key] else float("nan")
-        what += f"; seed accepted 0 of {seed['vectors']}, so at least"
+        accepted = f"{per_accepted:.1f}× per accepted vector ({what})"
+    elif fast[key]:  # the seed run accepted none: its cost per accepted vector is at least its whole time
+        per_accepted = seed["s_per_vector"] * seed["vectors"] / fast[f"s_per_{key}"]
+        accepted = f"at least {per_accepted:.1f}× per accepted vector ({what}; seed accepted 0 of {seed['vectors']})"
+    else:
+        per_accepted, accepted = 0.0, f"no speed per accepted vector (fast accepted 0 of {fast['vectors']} at {what})"
     met = per_accepted >= 20 and fast["median_kl"] <= seed["median_kl"]
     summary_line(
-        f"fast is {speed:.1f}× faster per vector and {per_accepted:.1f}× per accepted vector ({what}); median KL "
-        f"{fast['median_kl']:.3f} (fast) vs {seed['median_kl']:.3f} (seed); target ≥ 20× at equal or better KL: {'met' if met else 'missed'}"
+        f"fast is {speed:.1f}× faster per vector and {accepted}; median KL {fast['median_kl']:.3f} (fast) vs "
+        f"{seed['median_kl']:.3f} (seed); target ≥ 20× at equal or better KL: {verdict(met, args.quick)}"
     )
 
 

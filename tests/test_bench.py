@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,11 @@ def test_every_benchmark_runs_quick():
     ]
     for section in sections:
         assert "\nsummary: " in section, section
+        assert not re.search(r"\b(nan|inf)\b", section), section  # a figure that was not measured is said in words
+        summary = section.split("\nsummary: ")[1]
+        if not section.startswith("model_load"):  # model_load --quick times the target's own figure, the cached load
+            assert not re.search(r": (met|missed)\b", summary), summary  # a quick run's figures judge no target
+            assert "\nwhy: " not in section, section  # nor explain a miss
     gpu = sections[6]
     rows = [line.split()[0] for line in gpu.splitlines() if line.startswith(("float32", "bfloat16"))]
     assert rows == ["float32", "bfloat16"] and "summary: CPU: bfloat16 products are" in gpu, gpu

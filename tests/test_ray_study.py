@@ -91,7 +91,9 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
     spec, reference_folder, reference = long_reference
     out = tmp_path / "ray"
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 characters
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_TMPDIR": str(temp)}
+    scratch = temp / "scratch"  # the temp dir of melbo and its workers: where their unit folders go
+    scratch.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_TMPDIR": str(temp), "TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "melbo.cli", "study", str(spec), "--ray", "--out", str(out)]
     # its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the whole foreground group; SIGINT as
     # in a foreground job (a test run started in the background by a non-interactive shell has it ignored, and so would
@@ -119,6 +121,7 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
     while ray_processes(temp) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_processes(temp), "Ray processes were left running"
+    assert not list(scratch.glob("melbo-unit-*")), "the killed workers' unit folders were left"
     shutil.rmtree(temp, ignore_errors=True)
     assert not (out / "study.html").exists()  # stopped part-way: the study page comes when every unit has run
     if stop == "sigterm":
@@ -126,6 +129,27 @@ def test_ctrl_c_or_sigterm_stops_the_ray_workers_and_resume_finishes_the_same_st
     again = melbo("study", str(spec), "--ray", "--out", str(out), "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     same_runs(reference_folder, out, reference)
+
+
+def test_scratch_folders_of_gone_workers_are_swept_and_live_ones_kept(tmp_path):
+    """A killed worker's unit folder (its process gone) is removed; a live worker's, another study's when a token is
+    given, and folders not named as melbo's are kept."""
+    from melbo.study import scratch
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    folders = {name: tmp_path / f"melbo-unit-{name}" for name in (f"aaa-{gone}-x1", f"bbb-{gone}-x2", f"aaa-{os.getpid()}-x3", "old_style")}
+    for folder in folders.values():
+        (folder / "u" / "discover").mkdir(parents=True)
+        (folder / "u" / "discover" / "run.json").write_text("{}")
+    assert scratch.sweep(tmp_path, token="aaa") == [folders[f"aaa-{os.getpid()}-x3"]]  # this process is alive
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for n, f in folders.items() if n != f"aaa-{gone}-x1")
+    scratch.sweep(tmp_path)  # a worker starting on the node: any study's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"melbo-unit-aaa-{os.getpid()}-x3", "melbo-unit-old_style"]
+    made = scratch.make_scratch("ccc")
+    try:
+        assert made.name.startswith(f"melbo-unit-ccc-{os.getpid()}-") and scratch.sweep(made.parent, token="ccc") == [made]
+    finally:
+        shutil.rmtree(made)
 
 
 def unshare_works() -> bool:

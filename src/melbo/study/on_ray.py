@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_bytes
 from melbo.study.outcome import Event, EventCallback, StudyResult, UnitOutcome
 from melbo.study.pipeline import finish, finished, prepare_folder, run_study, save_state, unit_done
+from melbo.study.scratch import make_scratch, new_token, sweep, sweep_after_kill
 from melbo.study.signals import Terminated
 from melbo.study.spec import ModelSpec, Study, Unit
 
@@ -171,11 +171,13 @@ def _worker_class() -> Any:
     class UnitWorker:
         """Loads one model once and runs units of the study with it, in a scratch folder of its node."""
 
-        def __init__(self, model: dict, mailbox: Any, threads: int) -> None:
+        def __init__(self, model: dict, mailbox: Any, threads: int, token: str) -> None:
             import torch
 
             from melbo.model.loading import load_model
 
+            sweep()  # what killed workers left on this node
+            self.token = token
             torch.set_num_threads(max(1, threads))
             spec = ModelSpec(**model)
             self.lm = load_model(spec.name, device=spec.device, dtype=spec.dtype)
@@ -185,7 +187,7 @@ def _worker_class() -> Any:
             from melbo.study.pipeline import run_unit
 
             unit = next(u for u in Study.from_dict(study).units() if u.name == unit_name)
-            scratch = Path(tempfile.mkdtemp(prefix="melbo-unit-"))
+            scratch = make_scratch(self.token)
             try:
                 prefix = unit.name
                 for rel, data in ray.get(self.mailbox.files.remote(prefix)).items():
@@ -234,6 +236,7 @@ class RaySession:
 
     def __init__(self, study: Study, options: RayOptions) -> None:
         self.options = options
+        self.token = new_token()  # names the unit folders of this session's workers on their nodes
         try:
             self.started_here = connect(options)
         except SystemExit as exc:  # ray.init's own SIGTERM handler, in place while it starts, exits with status 15
@@ -252,6 +255,8 @@ class RaySession:
 
             ray.shutdown()
             self.started_here = False
+        # the unit folders of workers killed on this node (Ctrl-C, SIGTERM); other nodes': when a worker next starts there
+        sweep_after_kill(self.token)
 
     def __enter__(self) -> RaySession:
         return self
@@ -302,11 +307,11 @@ def run_study_on_ray(
                 return run_study(study, out, resume=resume, force=force, on_event=on_event)
             return run_study_on_ray(study, out, options, resume, force, on_event, on_start, own)
     states = prepare_folder(study, Path(out), resume, force)
-    return _drive(study, Path(out), states, options, on_event, on_start)
+    return _drive(study, Path(out), states, options, on_event, on_start, session.token)
 
 
 def _drive(study: Study, folder: Path, states: dict[str, UnitOutcome], options: RayOptions,
-           on_event: EventCallback | None, on_start: Callable[[dict[str, Any]], None] | None) -> StudyResult:
+           on_event: EventCallback | None, on_start: Callable[[dict[str, Any]], None] | None, token: str) -> StudyResult:
     import ray
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
@@ -323,7 +328,7 @@ def _drive(study: Study, folder: Path, states: dict[str, UnitOutcome], options: 
     specs = {key: asdict(model_units[0].model) for key, model_units in by_model.items()}
 
     def new_worker(key: str) -> Any:
-        return Worker.options(num_cpus=options.num_cpus, num_gpus=options.num_gpus).remote(specs[key], mailbox, max(1, int(options.num_cpus)))
+        return Worker.options(num_cpus=options.num_cpus, num_gpus=options.num_gpus).remote(specs[key], mailbox, max(1, int(options.num_cpus)), token)
 
     workers: dict[str, list[Any]] = {}
     for key, model_units in by_model.items():

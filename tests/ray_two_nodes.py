@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,9 @@ def main() -> None:
         facts["left"] = len(left)
         facts["left_names"] = [_describe(p) for p in left]
         report.write_text(json.dumps(facts))
+        if not left:  # the nodes' Ray sessions and scratch folders; kept where a process was left, to look into
+            for temp in (head_temp, node_temp):
+                shutil.rmtree(temp, ignore_errors=True)
 
 
 def _describe(proc: psutil.Process) -> str:

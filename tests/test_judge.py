@@ -205,17 +205,14 @@ def test_shell_judge_one_line_errors_and_nothing_written(judge_server, tmp_path)
 
 
 @pytest.mark.slow
-def test_melbo_serve_is_a_judge(smollm, results):
+def test_melbo_serve_is_a_judge(smollm, results, tmp_path):
     """The protocol end to end with a real OpenAI-compatible server: melbo serve with SmolLM2 answering as the judge."""
-    import tempfile
-    from pathlib import Path
-
     from test_serve import Server, make_run
 
     from melbo.serve.api import ServeLimits, create_app
     from melbo.serve.catalog import Catalog
 
-    folder = Path(tempfile.mkdtemp()) / "smolrun"
+    folder = tmp_path / "smolrun"
     make_run(folder, "smollm2", d=576)
     server = Server(create_app(smollm, Catalog([folder]), ServeLimits(max_tokens=32, max_queue=16, max_batch=8)))
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +41,12 @@ SCRATCH_PREFIX = "melbo-bench-"  # every benchmark's scratch folder starts so (t
 def scratch_folder(name: str) -> Path:
     """A new temporary folder for a benchmark's runs (``melbo-bench-NAME-…``), removed when the interpreter exits: a
     benchmark reports figures, and its runs are only the way to them (run_all --in-process runs every script in one
-    interpreter, so a folder per script lasts until the last one ends)."""
+    interpreter, so a folder per script lasts until the last one ends). A SIGTERM (``timeout``, a scheduler's time
+    limit) ends the interpreter as an exit does, so the folder goes then too."""
     folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{name}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # by default SIGTERM ends Python without its exit handlers
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     return folder
 
 

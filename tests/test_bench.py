@@ -122,3 +122,24 @@ def test_as_avx2_holds_the_kernels_to_avx2_and_precision_auto_to_float32():
     assert kernels.startswith(("AVX2 kernels", "DEFAULT kernels")), kernels  # DEFAULT: a CPU without AVX2 at all
     assert "ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2" in kernels
     assert precision == "float32"
+
+
+def test_a_benchmark_stopped_by_sigterm_removes_its_scratch_folder():
+    """`timeout` or a scheduler's time limit sends SIGTERM, which by default ends Python without its exit handlers: a
+    benchmark's scratch folder (bench/common.scratch_folder) still goes, and the exit status says SIGTERM."""
+    import signal
+    import time
+
+    probe = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common import scratch_folder; "
+             "print(scratch_folder('probe'), flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", probe, str(BENCH)], stdout=subprocess.PIPE, text=True)
+    try:
+        folder = Path(proc.stdout.readline().strip())
+        assert folder.is_dir() and folder.name.startswith("melbo-bench-probe-")
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not folder.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -12,11 +13,19 @@ from helpers import assert_one_line_error, melbo, melbo_here
 from melbo.files.runs import read_run, write_run
 
 
-def test_help_lists_commands():
-    result = melbo("--help")
-    assert result.returncode == 0
-    for command in ("info", "generate"):
-        assert command in result.stdout
+def test_help_lists_commands_in_the_order_of_the_work_with_their_whole_first_sentence():
+    """`melbo --help > file`: demo, info, discover and ortho first (not the modules' alphabetical order), and no
+    description cut at one line with "..."; a terminal's panel lists them in the same order."""
+    from melbo.cli.app import HELP_ORDER
+
+    for columns in (None, "120"):
+        result = melbo("--help", columns=columns)
+        assert result.returncode == 0, result.stderr
+        listed = re.findall(r"^(?:  |│ )([a-z][a-z-]+) ", result.stdout.split("Commands")[1], re.MULTILINE)
+        assert listed == list(HELP_ORDER), (columns, listed)
+    plain = melbo("--help", columns=None).stdout
+    assert not re.search(r"\.\.\.$", plain.split("Commands")[1], re.MULTILINE), plain
+    assert "pick the clearest, find orthogonal copies of it, evaluate" in " ".join(plain.split())
 
 
 def test_help_into_a_file_is_plain_text_at_its_log_width():

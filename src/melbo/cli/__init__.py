@@ -11,7 +11,7 @@ import sys
 
 from typer.exceptions import Abort, Exit, TyperException  # typer vendors click (≥ 0.26); these moved until 0.27.2
 
-# Each command module registers its commands on the app, in the order `melbo --help` lists them.
+# Each command module registers its commands on the app (`melbo --help` lists them in app.HELP_ORDER).
 from melbo.cli import (
     analysis,  # noqa: F401
     files,  # noqa: F401

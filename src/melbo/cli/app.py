@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer import _click as click  # the click typer vendors (≥ 0.26), whose classes its groups take
+from typer.core import TyperGroup
 
 from melbo.output.live import err_console, goes_to_log
 
@@ -27,8 +29,32 @@ if TYPE_CHECKING:
 HELP_LOG_WIDTH = 120  # --help's width in a file or a pipe
 _help_to_log = goes_to_log(sys.stdout)
 
+# `melbo --help` lists the commands in the order of the work: the main job, then choosing layers and R, finding vectors,
+# studying them, moving them between tools, and running many or serving them. A command left out goes last.
+HELP_ORDER = ("demo", "info", "discover", "ortho", "generate", "eval", "judge", "compose", "probe", "report",
+              "export", "import", "import-post-dump", "study", "serve")
+
+
+class _InWorkOrder(TyperGroup):
+    """Typer lists commands in the order the modules registered them, which is the imports' (alphabetical) order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda name: HELP_ORDER.index(name) if name in HELP_ORDER else len(HELP_ORDER))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Plain help (a file, a pipe): each command's first sentence whole, wrapped, as rich's panel shows it; click
+        would cut it at one line with "..."."""
+        rows = [(name, command.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
     name="melbo",
+    cls=_InWorkOrder,
     help="Find steering vectors without supervision (MELBO) and many orthogonal vectors that reproduce one "
     "(MELBO-ortho). Layer L means the residual stream after decoder block L (blocks counted from 0).",
     no_args_is_help=True,

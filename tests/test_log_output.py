@@ -144,6 +144,26 @@ def test_model_text_prints_as_written_not_as_markup():
     assert "def f(arr, i): return arr[i] + x[/b] [red]" in text and "base vector: 'arr[i] [/b]'" in text
 
 
+def test_an_empty_completion_reads_no_text_not_an_empty_cell():
+    """A vector that makes the model end at once (SmolLM2's discovery has one) shows "(no text)" in every table; a
+    completion never recorded (None) shows "—"."""
+    import io
+
+    from rich.console import Console
+
+    from melbo.output import tables
+
+    out = Console(width=120, file=io.StringIO(), record=True)
+    table = tables.make_table("t", (("#", "right"), ("completion", "left")))
+    for i, text in enumerate(("", " \n ", None, "[no text]")):
+        table.add_row(str(i), tables.short(text))
+    out.print(table)
+    rows = [line for line in out.export_text().splitlines() if line.startswith("│")]
+    assert [row.count("(no text)") for row in rows] == [1, 1, 0, 0] and "—" in rows[2] and "[no text]" in rows[3]
+    shown = [str(getattr(item, "plain", item)) for item in tables.side_by_side("t", "Sure.", "")]  # melbo generate
+    assert "(no text)" in shown[-1] and "Sure." in " ".join(shown)
+
+
 def test_the_study_table_shows_unit_names_as_written():
     """A unit's name comes from the study file: `[bold]` in it is text in the terminal's live table, not markup."""
     import io

@@ -99,3 +99,17 @@ def test_fifteen_hundred_vectors_stay_usable(browser, tmp_path):
     page.fill("#search", "ship")
     expect(page.locator("#count")).to_have_text("320 of 1600 vectors")
     assert problems == []
+
+
+def test_an_empty_completion_reads_no_text(browser, tmp_path):
+    """A vector whose completion is empty (the model ended at once) shows "(no text)", not an empty cell."""
+    import json
+
+    run = make_run(tmp_path / "run", n=5)
+    results = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    next(iter(results["prompts"].values()))["completions"]["greedy"]["3"][0]["text"] = ""
+    (run / "eval.json").write_text(json.dumps(results), encoding="utf-8")
+    page, problems = open_report(browser, run)
+    cells = page.eval_on_selector_all("#rows tr.row pre.completion", "pres => pres.map(p => [p.textContent, p.className])")
+    assert cells[3] == ["(no text)", "completion empty"] and all(text.strip() and text != "(no text)" for text, _ in cells[:3] + cells[4:])
+    assert problems == []

@@ -53,10 +53,17 @@ def clip(text: str | None, width: int | None = None) -> str:
     return flat if width is None or len(flat) <= width else flat[: width - 1] + "…"
 
 
+NO_TEXT = "[dim](no text)[/dim]"  # a completion that is empty or blank: the model ended at once
+
+
 def short(text: str | None, width: int = 110) -> str:
     """A model's text or a prompt on one line, cut to ``width``, as literal text: its brackets are never read as markup
-    (a completion's ``arr[i]`` prints as written, and ``[/b]`` in one cannot stop the output)."""
-    return escape(clip(text, width))
+    (a completion's ``arr[i]`` prints as written, and ``[/b]`` in one cannot stop the output). An empty or blank
+    completion reads "(no text)", not as an empty cell; ``None`` (none recorded) reads "—"."""
+    if text is None:
+        return "—"
+    flat = clip(text, width)
+    return escape(flat) if flat else NO_TEXT
 
 
 def quoted(text: str | None, width: int | None = None) -> str:
@@ -94,6 +101,7 @@ def indented(text: str, by: str = "  ") -> str:
 def side_by_side(title: str, plain: str, steered: str) -> Lines:
     """``melbo generate``: the unsteered and the steered completion in two columns in a terminal; in a log (no terminal,
     COLUMNS unset), one after the other, each under its name and indented, so that no line is wider than its text."""
+    plain, steered = (text if text.strip() else "(no text)" for text in (plain, steered))
     if to_log(console):
         return [Text(title), *(Text(f"{name}:\n" + indented(text)) for name, text in (("unsteered", plain), ("steered", steered)))]
     table = make_table(escape(title), (("unsteered", "left"), ("steered", "left")), show_lines=True)

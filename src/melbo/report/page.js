@@ -33,6 +33,10 @@
     if (text !== undefined) node.textContent = text;
     return node;
   }
+  // A completion; an empty or blank one (the model ended at once) reads "(no text)", not as an empty cell.
+  function completion(text) {
+    return text.trim() ? el("pre", "completion", text) : el("pre", "completion empty", "(no text)");
+  }
   function fmt(value, digits) {
     return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
   }
@@ -60,13 +64,13 @@
     tr.appendChild(el("td", "top", row.top.map((t) => JSON.stringify(t[0])).join(" ")));
     const cell = el("td");
     const first = row.completions[0];
-    cell.appendChild(el("pre", "completion", first ? first.text : ""));
+    cell.appendChild(first ? completion(first.text) : el("pre", "completion", ""));
     if (state.open.has(row.index)) {
       if (row.top.length) cell.appendChild(el("div", "more", "top 5: " + row.top.map((t) => JSON.stringify(t[0]) + " " + fmt(t[1], 2)).join(", ")));
       for (const c of row.completions.slice(1)) {
         const box = el("div", "more");
         box.appendChild(el("span", "prompt", c.prompt + " [" + c.mode + ", " + c.label + "]"));
-        box.appendChild(el("pre", "completion", c.text));
+        box.appendChild(completion(c.text));
         cell.appendChild(box);
       }
       const extra = [];

@@ -12,7 +12,7 @@ import torch
 from helpers import assert_one_line_error, melbo, melbo_here
 
 from melbo import read_run, write_run
-from melbo.analysis.controls import CONTROLS, BaseCompletion, ControlResult, Controls, ControlVector, control_vectors
+from melbo.analysis.controls import CONTROLS, BaseCompletion, ControlResult, Controls, ControlVector, control_vectors, default_count
 from melbo.analysis.evaluate import EvalConfig, evaluate
 from melbo.model.forward import PromptState, continuation_nll, generate_steered, greedy_tokens, prepare
 from melbo.model.layers import residual_after
@@ -135,11 +135,12 @@ def test_controls_follow_the_copies_the_eval_steers_with(nonlinear_lm, tmp_path,
     results = evaluate(nonlinear_lm, run, ["hi there"], [0, 3, 7, 11], EvalConfig(max_new_tokens=3, controls=True))
     controls = results.controls
     assert controls is not None and [v.index for v in controls.results["copies"].vectors] == [3, 7, 11]
-    assert len(controls.results["random_same_norm"].vectors) == 1 and controls.settings["indices"] == [3, 7, 11]
+    # three directions, not a fifth of 3 copies: the fewest with which the verdict's tests can reach p ≤ 0.05
+    assert len(controls.results["random_same_norm"].vectors) == 3 and controls.settings["indices"] == [3, 7, 11]
     torch.testing.assert_close(controls.results["mean"].vectors[0].norm, float(run.vectors[[3, 7, 11]].mean(dim=0).norm()))
-    # one generate call: the eval's 4 vectors, then one direction each at two norms, one rescaled copy, none, the
-    # mean, the mean × √3, θ0 (the copies' labels come from the eval's own rows)
-    assert rows == [4 + 7]
+    # one generate call: the eval's 4 vectors, then three directions each at two norms, three rescaled copies, none,
+    # the mean, the mean × √3, θ0 (the copies' labels come from the eval's own rows)
+    assert rows == [4 + 13]
     assert_one_line_error(melbo_here("eval", str(run.path), "--index", "0", "--controls", "--model", "x"), "at least one copy")
 
 
@@ -226,9 +227,36 @@ def test_verdict_counts_a_difference_only_beyond_the_spread_over_vectors():
     below = verdict_controls([x - 0.3 for x in copies], 7, [1.6, 1.7, 1.8, 1.9, 2.0], 0, 1.304)
     assert below.verdict().startswith("the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and on held-out prompts")
 
+    same = verdict_controls(copies, 4, [1.1, 1.25, 1.3, 1.4, 1.5], 3, 1.3)  # enough vectors, and no difference
+    assert same.verdict().startswith("the copies do no better than random directions of their size")
+    assert "too few" not in same.verdict()
+
+
+def test_verdict_says_too_few_vectors_where_no_outcome_could_count():
+    """2 copies against 1 random direction can give p = 1/3 at best: that is not "no better than random", it is too
+    few vectors to tell, and the verdict says what would tell (a run of 4 copies used to read as a negative finding)."""
     few = verdict_controls([1.0, 1.1], 2, [1.5], 0, 1.3)  # 2 of 2 against 0 of 1 random direction: p = 1/3
-    assert few.tests()["share"] == pytest.approx(1 / 3)
-    assert few.verdict().startswith("the copies do no better than random directions of their size")
+    assert few.tests()["share"] == pytest.approx(1 / 3) and few.floors()["share"] == pytest.approx(1 / 3)
+    assert few.verdict().startswith("too few vectors to tell whether the copies carry θ0's behaviour beyond a push of their size: ")
+    assert ("too few vectors to tell: against random directions, 2 copies and 1 random direction give p ≥ 0.33 at best "
+            "(3 copies or more can tell); against no steering, 2 copies give p ≥ 0.25 at best (5 copies or more can tell)") in few.verdict()
+
+    # 4 copies against 1 direction: --control-count 3 can tell (the default for 4 copies since)
+    four = verdict_controls([1.0, 1.1, 1.0, 1.1], 4, [1.5], 0, 1.3)
+    assert "4 copies and 1 random direction give p ≥ 0.2 at best (--control-count 3 or more can tell)" in four.verdict()
+    # 4 copies against 3: the label counts on the run's prompt (p = 1/35); against no steering 4 copies cannot tell,
+    # so the verdict claims nothing there, and says why
+    enough = verdict_controls([1.0, 1.1, 1.0, 1.1], 4, [1.5, 1.6, 1.7], 0, 1.3)
+    assert enough.tests()["share"] <= 0.05 and enough.floors()["nll_unsteered"] == pytest.approx(1 / 16)
+    assert enough.verdict().startswith("on the run's prompt the copies carry θ0's behaviour beyond a push of their size; "
+                                       "on held-out prompts they make θ0's text likelier than a push of their size does: ")
+    assert "but not than no steering" not in enough.verdict()
+    assert enough.verdict().endswith("too few vectors to tell: against no steering, 4 copies give p ≥ 0.062 at best (5 copies or more can tell)")
+    # 4 copies against 3 directions, no difference: "no better than random" holds; no steering alone cannot tell
+    level = verdict_controls([1.2, 1.3, 1.4, 1.5], 4, [1.25, 1.35, 1.45], 3, 1.3)
+    assert level.verdict().startswith("the copies do no better than random directions of their size: ")
+    assert level.verdict().endswith("too few vectors to tell: against no steering, 4 copies give p ≥ 0.062 at best (5 copies or more can tell)")
+    assert default_count(4) == 3 and default_count(16) == 2 and default_count(32) == 5 and default_count(2) == 1
 
 
 def test_per_prompt_rows_say_whether_the_copies_carry_thetas_text_beyond_no_steering():

@@ -65,3 +65,16 @@ def test_bad_counts_are_refused():
     with pytest.raises(ValueError):
         rank_lower([], [1.0])
     assert math.isclose(share_greater(1, 1, 1, 1), 1.0)
+
+
+def test_smallest_p_is_that_of_the_most_extreme_outcome():
+    """What a verdict can say with n copies and m control vectors: 1 / C(n+m, n) for the label and the rank test,
+    2⁻ⁿ for the sign test; the fewest controls that reach p ≤ 0.05."""
+    from melbo.analysis.significance import controls_needed, smallest_p
+
+    assert smallest_p("share", 4, 1) == pytest.approx(1 / 5) and smallest_p("nll_random", 4, 3) == pytest.approx(1 / 35)
+    assert smallest_p("nll_unsteered", 4) == pytest.approx(1 / 16) and smallest_p("nll_unsteered", 5) == pytest.approx(1 / 32)
+    assert smallest_p("share", 0, 3) == 1.0
+    assert [controls_needed(n) for n in (2, 3, 4, 5, 18, 19, 32)] == [None, 3, 3, 2, 2, 1, 1]
+    with pytest.raises(ValueError):
+        smallest_p("t-test", 4, 4)

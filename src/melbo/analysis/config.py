@@ -32,8 +32,10 @@ class EvalConfig:
         "measure θ0's completion NLL under each (held-out prompts: yours, else 4 shipped ones).",
         "--controls",
     )
-    control_count: int = setting(  # (copies − 4) // 5, at least 1: --controls keeps within about twice the eval's time
-        0, "Vectors per random or rescaled control (0: a fifth of the copies, so the eval about doubles at most).", minimum=0,
+    control_count: int = setting(  # controls.default_count: --controls keeps within about twice the eval's time
+        0, "Vectors per random or rescaled control (0: a fifth of the copies, so the eval about doubles at most, and at "
+        "least as many as the verdict's tests need to reach p ≤ 0.05: 3 for 3 or 4 copies, 2 for 5 to 18).",
+        minimum=0,
     )
     # nll_tokens: where a behaviour is decided, and the span fast MELBO-ortho matches (over longer spans θ0's wording
     # outweighs its behaviour)

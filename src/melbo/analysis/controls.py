@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from melbo.analysis.config import EvalConfig
-from melbo.analysis.significance import LEVEL, median_below, rank_lower, share_greater
+from melbo.analysis.significance import LEVEL, controls_needed, median_below, rank_lower, share_greater, smallest_p
 from melbo.errors import MelboError
 from melbo.files.runs import Run
 from melbo.labels import Rule, label
@@ -82,8 +82,10 @@ def control_vectors(vectors: Tensor, seed: int, count: int | None = None) -> dic
 def default_count(copies: int) -> int:
     """Vectors per random or rescaled control: a fifth of the copies. Their completions and the base-NLL passes (of
     the copies too: one forward over prompt and θ0's tokens per row, dearer than a generated token) then keep
-    ``--controls`` within about twice the eval's time (bench/eval_throughput.py)."""
-    return max(1, (copies - 4) // 5)
+    ``--controls`` within about twice the eval's time (bench/eval_throughput.py). A few copies get more: at least as
+    many as the verdict's tests need to reach p ≤ ``LEVEL`` (3 against 3 or 4 copies, 2 against 5 to 16), where the
+    copies allow it (:func:`melbo.analysis.significance.controls_needed`)."""
+    return max(1, (copies - 4) // 5, controls_needed(copies) or 1)
 
 
 @dataclass
@@ -262,26 +264,37 @@ class Controls:
     def verdict(self) -> str:
         """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?
         A difference counts when a one-sided test over the vectors gives p ≤ ``LEVEL`` (:mod:`melbo.analysis.significance`):
-        equal medians, or a few vectors' worth of difference, are not a finding."""
+        equal medians, or a few vectors' worth of difference, are not a finding. A comparison whose most extreme outcome
+        could not reach ``LEVEL`` with the vectors measured (4 copies against 1 random direction: p ≥ 0.2) is not read
+        as "no better": the verdict says there were too few vectors to tell, and how many more it needs."""
         copies, random, plain, base = (self.results.get(n) for n in ("copies", "random_same_norm", "unsteered", "base"))
         if copies is None or random is None or plain is None:
             return "no verdict: the copies or a control are missing"
-        tests = self.tests()
+        tests, floors = self.tests(), self.floors()
         on_prompt, than_random, than_plain = (tests.get(k, 1.0) <= LEVEL for k in ("share", "nll_random", "nll_unsteered"))
+        untold = {k for k, floor in floors.items() if floor > LEVEL and tests.get(k, 1.0) > LEVEL}  # could not have counted
         if on_prompt and than_random and than_plain:
             head = "the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and on held-out prompts"
         elif not (on_prompt or than_random or than_plain):
-            head = "the copies do no better than random directions of their size"
+            told_random = {"share", "nll_random"} & floors.keys() - untold  # against random directions, and could count
+            head = ("the copies do no better than random directions of their size" if told_random
+                    else "too few vectors to tell whether the copies carry θ0's behaviour beyond a push of their size")
         else:
-            head = ("on the run's prompt the copies carry θ0's behaviour beyond a push of their size" if on_prompt
-                    else "on the run's prompt the copies carry θ0's label no more often than random directions of their size")
+            if on_prompt:
+                head = "on the run's prompt the copies carry θ0's behaviour beyond a push of their size"
+            elif "share" in untold:
+                head = "on the run's prompt too few vectors to tell whether the copies carry θ0's label more often than random directions of their size"
+            else:
+                head = "on the run's prompt the copies carry θ0's label no more often than random directions of their size"
             if than_random and than_plain:
                 head += "; on held-out prompts they make θ0's text likelier than a push of their size does and than no steering"
             elif than_random:
-                head += "; on held-out prompts they make θ0's text likelier than a push of their size does, but not than no steering"
+                head += "; on held-out prompts they make θ0's text likelier than a push of their size does" + (
+                    "" if "nll_unsteered" in untold else ", but not than no steering")
             elif than_plain:
-                head += "; on held-out prompts they make θ0's text likelier than no steering, but not than a push of their size"
-            else:
+                head += "; on held-out prompts they make θ0's text likelier than no steering" + (
+                    "" if "nll_random" in untold else ", but not than a push of their size")
+            elif not untold & {"nll_random", "nll_unsteered"}:
                 head += "; off it they do not"
         parts = []
         if copies.behaviour_share is not None and random.behaviour_share is not None:
@@ -294,27 +307,54 @@ class Controls:
                          f"{plain.base_nll:.2f} unsteered{_p(tests.get('nll_unsteered'))}{floor}")
         if tests:
             parts.append(f"each p from a one-sided test over the vectors (a difference counts at p ≤ {LEVEL:g})")
+        if untold:
+            parts.append(self._too_few(untold, floors))
         return head + (": " + "; ".join(parts) if parts else "")
+
+    def _too_few(self, untold: set[str], floors: dict[str, float]) -> str:
+        """Which comparisons could not count with the vectors measured, and what would let them."""
+        n, m = (len(self.results[name].vectors) for name in ("copies", "random_same_norm"))
+        said = []
+        against_random = untold & {"share", "nll_random"}
+        if against_random:
+            needed = controls_needed(n)
+            fix = ("3 copies or more can tell" if needed is None else f"--control-count {needed} or more can tell"
+                   if needed > m else "more vectors can tell")
+            said.append(f"against random directions, {n} copies and {m} random direction{'s' * (m != 1)} give p ≥ "
+                        f"{min(floors[k] for k in against_random):.2g} at best ({fix})")
+        if "nll_unsteered" in untold:
+            said.append(f"against no steering, {n} copies give p ≥ {floors['nll_unsteered']:.2g} at best (5 copies or more can tell)")
+        return "too few vectors to tell: " + "; ".join(said)
 
     def tests(self) -> dict[str, float]:
         """p-values of the verdict's three comparisons, where both sides were measured: ``share`` (more copies carry θ0's
         label on the run's prompt than random directions at their norm: Fisher's exact test), ``nll_random`` (θ0's
         held-out text likelier under the copies than under those directions: the rank test) and ``nll_unsteered`` (…
         than with no steering: the sign test of the copies' median against the unsteered model's value)."""
+        return {name: test() for name, (test, _) in self._comparisons().items()}
+
+    def floors(self) -> dict[str, float]:
+        """The smallest p each of :meth:`tests`' comparisons could give with the vectors measured
+        (:func:`melbo.analysis.significance.smallest_p`)."""
+        return {name: floor for name, (_, floor) in self._comparisons().items()}
+
+    def _comparisons(self) -> dict[str, tuple[Callable[[], float], float]]:
+        """Each comparison measured on both sides: (its test, the smallest p its group sizes allow)."""
         copies, random, plain = (self.results.get(n) for n in ("copies", "random_same_norm", "unsteered"))
         if copies is None or random is None or plain is None:
             return {}
-        out = {}
+        out: dict[str, tuple[Callable[[], float], float]] = {}
         base = self.base.get(self.run_prompt)
         label = base.label if base is not None else None
         own, others = copies.carries(self.run_prompt, label), random.carries(self.run_prompt, label)
         if own and others:
-            out["share"] = share_greater(sum(own), len(own), sum(others), len(others))
+            out["share"] = (lambda: share_greater(sum(own), len(own), sum(others), len(others)), smallest_p("share", len(own), len(others)))
         nll, random_nll = copies.held_out_nll(self.held_out), random.held_out_nll(self.held_out)
         if nll and random_nll:
-            out["nll_random"] = rank_lower(nll, random_nll)
+            out["nll_random"] = (lambda: rank_lower(nll, random_nll), smallest_p("nll_random", len(nll), len(random_nll)))
         if nll and plain.base_nll is not None:
-            out["nll_unsteered"] = median_below(nll, plain.base_nll)
+            point = plain.base_nll
+            out["nll_unsteered"] = (lambda: median_below(nll, point), smallest_p("nll_unsteered", len(nll)))
         return out
 
 

@@ -54,6 +54,29 @@ def median_below(values: list[float], point: float) -> float:
     return sum(math.comb(n, k) for k in range(below, n + 1)) / 2**n
 
 
+def smallest_p(comparison: str, n: int, m: int = 1) -> float:
+    """The smallest p a comparison can give with ``n`` copies and ``m`` control vectors: that of the most extreme
+    outcome (every copy carries the label and no control vector does; every copy's value below every control's, or
+    below the fixed point). Above :data:`LEVEL`, no outcome counts as a difference: too few vectors to tell.
+    ``comparison``: ``share`` (:func:`share_greater`), ``nll_random`` (:func:`rank_lower`) or ``nll_unsteered``
+    (:func:`median_below`, which has no ``m``)."""
+    if n < 1 or m < 1:
+        return 1.0
+    if comparison == "share":
+        return share_greater(n, n, 0, m)
+    if comparison == "nll_random":
+        return rank_lower([0.0] * n, [1.0] * m)
+    if comparison == "nll_unsteered":
+        return median_below([0.0] * n, 1.0)
+    raise ValueError(f"no comparison {comparison!r}")
+
+
+def controls_needed(n: int) -> int | None:
+    """The fewest control vectors with which :func:`share_greater` and :func:`rank_lower` can reach :data:`LEVEL`
+    against ``n`` copies (None when even ``n`` of them cannot: 1 / C(2n, n) > LEVEL, i.e. n ≤ 2)."""
+    return next((m for m in range(1, n + 1) if smallest_p("share", n, m) <= LEVEL), None)
+
+
 def _u_counts(n: int, m: int) -> list[int]:
     """How many orderings of ``n`` + ``m`` untied values give each Mann–Whitney U = 0 … n·m: the coefficients of the
     Gaussian binomial [n+m choose n]_q, built as the product over i of (1 − q^(m+i)) / (1 − q^i), whole at every step."""

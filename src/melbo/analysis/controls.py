@@ -83,7 +83,7 @@ def default_count(copies: int) -> int:
     """Vectors per random or rescaled control: a fifth of the copies. Their completions and the base-NLL passes (of
     the copies too: one forward over prompt and θ0's tokens per row, dearer than a generated token) then keep
     ``--controls`` within about twice the eval's time (bench/eval_throughput.py). A few copies get more: at least as
-    many as the verdict's tests need to reach p ≤ ``LEVEL`` (3 against 3 or 4 copies, 2 against 5 to 16), where the
+    many as the verdict's tests need to reach p ≤ ``LEVEL`` (3 against 3 or 4 copies, 2 against 5 to 18), where the
     copies allow it (:func:`melbo.analysis.significance.controls_needed`)."""
     return max(1, (copies - 4) // 5, controls_needed(copies) or 1)
 

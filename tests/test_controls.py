@@ -273,6 +273,9 @@ def test_per_prompt_rows_say_whether_the_copies_carry_thetas_text_beyond_no_stee
     assert rows == {"run": "likelier (p 0.016)", "a": "less likely (p 0.016)", "b": "neither (p 0.66)", "c": ""}
     printed = tables_text(controls)
     assert "copies vs unsteered" in printed and "less likely (p 0.016)" in printed
+    controls.results["copies"].vectors[4:] = []  # 4 copies: p ≥ 2⁻⁴ at best, no finding either way
+    rows = {r.prompt: r.against_unsteered for r in controls.nll_by_prompt()}
+    assert rows["run"] == rows["a"] == rows["b"] == "too few copies (p ≥ 0.062 at best)"
 
 
 def tables_text(controls: Controls) -> str:

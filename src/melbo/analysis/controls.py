@@ -247,7 +247,8 @@ class Controls:
 
     def against_unsteered(self, prompt: str) -> str:
         """On one prompt, is θ0's text likelier under the copies than with no steering, less likely, or neither (the
-        sign test of the copies' NLL there against the unsteered model's, each way)? "" where either was not measured."""
+        sign test of the copies' NLL there against the unsteered model's, each way)? "" where either was not measured;
+        "too few copies" where no outcome could count (4 copies or fewer)."""
         copies, plain = self.results.get("copies"), self.results.get("unsteered")
         values = copies.nll_on(prompt) if copies is not None else []
         plain_nll = plain.nll_on(prompt) if plain is not None else []
@@ -259,7 +260,8 @@ class Controls:
             return f"likelier{_p(lower)}"
         if higher <= LEVEL:
             return f"less likely{_p(higher)}"
-        return f"neither{_p(min(lower, higher))}"
+        floor = smallest_p("nll_unsteered", len(values))
+        return f"too few copies (p ≥ {floor:.2g} at best)" if floor > LEVEL else f"neither{_p(min(lower, higher))}"
 
     def verdict(self) -> str:
         """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?

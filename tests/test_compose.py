@@ -22,9 +22,13 @@ def ortho_run(tmp_path):
 
 
 def test_combinations_by_hand(ortho_run):
-    combos, vectors = composed_vectors(ortho_run, [1, 4, 99])
+    combos, vectors = composed_vectors(ortho_run, [1, 4, 99, 100])
     names = [c.name for c in combos]
     assert names[:6] == ["k=1 mean", "k=1 mean×√k", "k=1 mean→‖θ0‖", "k=4 mean", "k=4 mean×√k", "k=4 mean→‖θ0‖"]
+    # k 99 and 100 on five found vectors: the mean of all five, once
+    assert names[6:9] == ["k=5 mean", "k=5 mean×√k", "k=5 mean→‖θ0‖"] and combos[9].kind == "single"
+    torch.testing.assert_close(vectors[6], ortho_run.vectors[1:].mean(0))
+    names, vectors = names[:6] + names[9:], torch.cat([vectors[:6], vectors[9:]])
     torch.testing.assert_close(vectors[3], ortho_run.vectors[1:5].mean(0))
     # four orthogonal vectors of norm 6: the mean has norm 6/√4, so ×√k restores 6
     assert float(vectors[4].norm()) == pytest.approx(6.0, rel=1e-5)

@@ -43,15 +43,17 @@ class Combination:
 
 
 def composed_vectors(run: Run, ks: list[int]) -> tuple[list[Combination], Tensor]:
-    """Every combination to try and its vector (rows 1… are the found vectors, row 0 the base)."""
+    """Every combination to try and its vector (rows 1… are the found vectors, row 0 the base). A k beyond the found
+    vectors counts as all of them (melbo's k 1, 2, 3, 5, 10, 20 … on 32 copies end at 20, then 32: the mean of every
+    copy, the controls' "mean"), each k once."""
     found = run.vectors[1:]
     if found.shape[0] == 0:
         raise MelboError(f"{run.path} holds no vector besides the base; compose needs an ortho run")
     base_norm = float(run.vectors[0].norm())
     combos: list[Combination] = []
     rows: list[Tensor] = []
-    for k in ks:
-        if not 1 <= k <= found.shape[0]:
+    for k in dict.fromkeys(min(k, found.shape[0]) for k in ks):
+        if k < 1:
             continue
         mean = found[:k].mean(dim=0)
         for kind, vector in zip(COMBINATIONS, (mean, mean * math.sqrt(k), mean * base_norm / float(mean.norm().clamp_min(1e-12)))):
@@ -61,8 +63,6 @@ def composed_vectors(run: Run, ks: list[int]) -> tuple[list[Combination], Tensor
         vector = run.vectors[index]
         combos.append(Combination("single", index=index))
         rows.append(vector * base_norm / float(vector.norm().clamp_min(1e-12)))
-    if not rows:
-        raise MelboError(f"none of k = {ks} fits the {found.shape[0]} vectors of {run.path}")
     return combos, torch.stack(rows)
 
 

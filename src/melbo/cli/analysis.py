@@ -100,7 +100,7 @@ def run_judge(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base: int
 @app.command()
 def compose(
     run: opt.OrthoRun,
-    k: Annotated[str, typer.Option("--k", help="Comma-separated k.")] = ",".join(map(str, C.ks)),
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k: means of the first k vectors (a k beyond the run's vectors: all of them).")] = ",".join(map(str, C.ks)),
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Default: the run's first prompt.")] = None,
     max_new_tokens: opt.NewTokens = C.max_new_tokens,
     model: opt.Model = None, device: opt.Device = "auto", dtype: opt.Dtype = None,

@@ -304,9 +304,8 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
 
         def run_compose() -> None:
             run = read_run(folder, d_model=lm.d_model)
-            ks = [k for k in spec_c.ks if k < run.vectors.shape[0]]
-            if ks:
-                compose(lm, run, ks, run.meta.prompts[0], fmt, spec_c.max_new_tokens)
+            if run.vectors.shape[0] > 1:  # a k beyond the copies is all of them
+                compose(lm, run, spec_c.ks, run.meta.prompts[0], fmt, spec_c.max_new_tokens)
 
         works["compose"] = run_compose
     if unit.probe is not None:

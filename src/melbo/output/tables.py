@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import JustifyMethod, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -34,8 +35,14 @@ Lines = list[RenderableType]
 
 
 def show(items: Iterable[RenderableType]) -> None:
-    """Print tables at their width, and lines whole (soft-wrapped: a log or a pipe gets each as one line)."""
+    """Print tables at their width, and lines whole (soft-wrapped: a log or a pipe gets each as one line). A table
+    narrower than its title gets the title as a line above it: rich would wrap it over several centred lines."""
     for item in items:
+        if isinstance(item, Table) and isinstance(item.title, str) and item.title:
+            width = Measurement.get(console, console.options, item).maximum
+            if Text.from_markup(item.title).cell_len > width:
+                console.print(Text.from_markup(item.title, style="table.title"), soft_wrap=True)
+                item.title = None
         console.print(item, soft_wrap=isinstance(item, (str, Text)))
 
 

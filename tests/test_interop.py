@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from melbo import MelboError, add_to_residual, read_run, residual_after, write_run
-from melbo.files.interop import export_vectors, import_file, parse_indices, read_control_vector
+from melbo.files.interop import export_vectors, import_file, indices_name, parse_indices, read_control_vector
 
 
 @pytest.fixture
@@ -76,6 +78,22 @@ def test_a_scale_that_is_not_finite_writes_nothing(run, tmp_path, scale):
 def test_several_control_vectors_go_to_a_folder(run, tmp_path):
     written = export_vectors(run, tmp_path / "many", "gguf", [0, 3])
     assert [p.name for p in written] == ["vector-0000.gguf", "vector-0003.gguf"]
+
+
+def test_a_folder_as_out_gets_files_named_for_the_run(run, tmp_path, monkeypatch):
+    """`--out exports/` or an existing folder: one vector or a pt/npy file goes inside it, named for the run and the
+    indices (it used to become a file named `exports`, or fail on a temporary name); no --out writes here, several
+    control vectors in `RUN-0-2/` (not in a folder named `RUN-0-2.gguf`)."""
+    (tmp_path / "existing").mkdir()
+    assert export_vectors(run, tmp_path / "existing", "gguf", [1]) == [tmp_path / "existing" / "run-1.gguf"]
+    assert export_vectors(run, f"{tmp_path / 'new'}/", "npy", [0, 1, 2]) == [tmp_path / "new" / "run-0-2.npy"]
+    assert export_vectors(run, tmp_path / "existing", "gguf", [0, 2]) == [tmp_path / "existing" / f"vector-000{i}.gguf" for i in (0, 2)]
+    monkeypatch.chdir(tmp_path)
+    assert export_vectors(run, None, "pt", [0, 1, 2, 3]) == [Path("run-all.pt")]
+    assert export_vectors(run, None, "gguf", [3]) == [Path("run-3.gguf")]
+    assert export_vectors(run, None, "steering-vectors", [0, 1, 3]) == [Path("run-0_1_3") / f"vector-000{i}.pt" for i in (0, 1, 3)]
+    assert all(p.is_file() for p in (Path("run-all.pt"), Path("run-3.gguf"), Path("run-0_1_3/vector-0003.pt")))
+    assert indices_name(list(range(9)), 20) == "0-8" and indices_name([1, 5, 6, 7, 9, 11, 13], 20) == "7-vectors"
 
 
 @pytest.mark.parametrize("fmt", ["pt", "npy"])

@@ -35,16 +35,17 @@ def export_command(
     index: opt.Indices = "0",
     scale: opt.Scale = 1.0,
     layer: opt.Layer = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="File (one vector, or pt/npy) or folder (several control vectors).")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", "-o", metavar="<path>", help="File (one vector, or pt/npy) or folder (several control vectors); one file into an existing "
+        "folder or one ending in / is named for the run (default: here, as RUN-3.gguf, RUN-0-99.pt or RUN-all/).",
+    )] = None,
 ) -> None:
     """Write vectors for llama.cpp (--control-vector), repeng, steering-vectors, or as .pt/.npy."""
-    from melbo.files.interop import SUFFIX, export_vectors, parse_indices
+    from melbo.files.interop import export_vectors, parse_indices
     from melbo.files.runs import read_run
 
     record = read_run(run)
-    indices = parse_indices(index, record.vectors.shape[0])
-    target = out or Path(f"{run.name}-{index.replace(',', '_')}{SUFFIX.get(format, '')}")
-    written = export_vectors(record, target, format, indices, scale, layer)
+    written = export_vectors(record, out, format, parse_indices(index, record.vectors.shape[0]), scale, layer)
     console.print("\n".join(f"wrote {path}" for path in written), soft_wrap=True)
     if format in ("gguf", "repeng"):
         used = record.source_layer if layer is None else layer

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from pathlib import Path
 
@@ -55,11 +56,14 @@ def parse_indices(spec: str, count: int) -> list[int]:
     return indices
 
 
-def export_vectors(run: Run, out: str | Path, fmt: str, indices: list[int], scale: float = 1.0, layer: int | None = None) -> list[Path]:
+def export_vectors(run: Run, out: str | Path | None, fmt: str, indices: list[int], scale: float = 1.0, layer: int | None = None) -> list[Path]:
     """Write the chosen vectors (times ``scale``) in ``fmt``; returns the files written.
 
-    ``pt`` and ``npy`` hold all chosen vectors in one ``(N, d)`` array. The control-vector formats hold one
-    vector each: one index writes the file ``out``; several write ``out/vector-{i}.{ext}``.
+    ``pt`` and ``npy`` hold all chosen vectors in one ``(N, d)`` array, in the file ``out`` (its suffix added). The
+    control-vector formats hold one vector each: one index writes the file ``out``; several write
+    ``out/vector-{i:04d}.{ext}``. One file into a folder (one that exists, or a path ending in "/") or into the
+    current folder (``out`` None) is named for the run and the indices (``RUN-3.gguf``, ``RUN-0-99.pt``); several
+    control vectors with no ``out`` go in the folder ``RUN-all/`` (``RUN-0-9/``…).
     """
     if fmt not in FORMATS:
         raise MelboError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -67,6 +71,12 @@ def export_vectors(run: Run, out: str | Path, fmt: str, indices: list[int], scal
         raise MelboError("--scale must be a finite number")
     layer = run.source_layer if layer is None else layer
     vectors = run.vectors[indices] * scale
+    named = f"{run.path.resolve().name}-{indices_name(indices, run.vectors.shape[0])}"
+    one_file = fmt in ("pt", "npy") or len(indices) == 1
+    if out is None:
+        out = named + SUFFIX[fmt] if one_file else named
+    elif one_file and (str(out).endswith(("/", os.sep)) or Path(out).is_dir()):
+        out = Path(out) / (named + SUFFIX[fmt])
     out = Path(out)
     if fmt in ("pt", "npy"):
         target = out if out.suffix == SUFFIX[fmt] else out.with_suffix(SUFFIX[fmt])
@@ -87,6 +97,16 @@ def export_vectors(run: Run, out: str | Path, fmt: str, indices: list[int], scal
             write_control_vector(target, {layer: row}, hint)
         written.append(target)
     return written
+
+
+def indices_name(indices: list[int], count: int) -> str:
+    """Indices in a file name: ``3``, ``0-99`` (a run of them), ``all`` (every vector of ``count``), ``1_4_7``, or
+    ``12-vectors`` where a list would make the name long."""
+    if indices == list(range(count)) and count > 1:
+        return "all"
+    if len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}"
+    return "_".join(map(str, indices)) if len(indices) <= 6 else f"{len(indices)}-vectors"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

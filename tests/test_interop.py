@@ -141,3 +141,16 @@ def test_import_errors(tmp_path):
     with pytest.raises(MelboError, match="not a GGUF file .it does not start with the GGUF magic bytes"):
         import_file(tmp_path / "text.gguf", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_import_without_out_makes_a_run_folder_like_every_other_command(run, tmp_path):
+    """`melbo import FILE` (and `import-post-dump`) take melbo-runs/KIND-DATE when --out is not given, as discover,
+    ortho and study do; they used to stop at "Missing option '--out'"."""
+    from helpers import melbo_here
+
+    (path,) = export_vectors(run, tmp_path / "v.npy", "npy", [0, 1])
+    result = melbo_here("import", str(path), "--layer", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (folder,) = (tmp_path / "melbo-runs").iterdir()
+    assert folder.name.startswith("import-") and str(folder.relative_to(tmp_path)) in result.stdout
+    torch.testing.assert_close(read_run(folder).vectors, run.vectors[:2])

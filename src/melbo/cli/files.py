@@ -16,7 +16,7 @@ from melbo.output.live import console
 @app.command("import-post-dump")
 def import_post_dump_command(
     dump: Annotated[Path, typer.Argument(help="One of the post's text dumps, e.g. code-vectors-bomb.txt.")],
-    out: opt.CreateOut,
+    out: opt.Out = None,
     composition: Annotated[Path | None, typer.Option(help="The matching *-outputs-meaned-scaled.txt (found beside the dump when not given).")] = None,
     force: opt.Force = False,
 ) -> None:
@@ -55,7 +55,7 @@ def export_command(
 @app.command("import")
 def import_command(
     source: Annotated[Path, typer.Argument(help="A .gguf control vector, a steering-vectors .pt, the post's .pt, a .npy or a .safetensors.")],
-    out: opt.CreateOut,
+    out: opt.Out = None,
     layer: Annotated[int | None, typer.Option(help="The layer to take (multi-layer files) or to record (.pt/.npy).")] = None,
     force: opt.Force = False,
 ) -> None:

@@ -43,7 +43,6 @@ PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="A file w
 Force = Annotated[bool, typer.Option(help="Overwrite a run already in --out.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last completed block.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default melbo-runs/KIND-DATE).")]
-CreateOut = Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")]
 NewTokens = Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")]
 Indices = Annotated[str, typer.Option("--index", help="Vectors: all, 3, 0-99 or 1,4,7.")]
 Show = Annotated[int, typer.Option(help="Rows of the table printed.")]

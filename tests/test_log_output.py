@@ -144,7 +144,7 @@ def test_model_text_prints_as_written_not_as_markup():
     assert "def f(arr, i): return arr[i] + x[/b] [red]" in text and "base vector: 'arr[i] [/b]'" in text
 
 
-def test_an_empty_completion_reads_no_text_not_an_empty_cell():
+def test_an_empty_completion_reads_no_text_not_an_empty_cell(monkeypatch):
     """A vector that makes the model end at once (SmolLM2's discovery has one) shows "(no text)" in every table; a
     completion never recorded (None) shows "—"."""
     import io
@@ -160,8 +160,13 @@ def test_an_empty_completion_reads_no_text_not_an_empty_cell():
     out.print(table)
     rows = [line for line in out.export_text().splitlines() if line.startswith("│")]
     assert [row.count("(no text)") for row in rows] == [1, 1, 0, 0] and "—" in rows[2] and "[no text]" in rows[3]
-    shown = [str(getattr(item, "plain", item)) for item in tables.side_by_side("t", "Sure.", "")]  # melbo generate
-    assert "(no text)" in shown[-1] and "Sure." in " ".join(shown)
+    for in_log, (plain, steered) in ((True, ("Sure.", "")), (False, ("Sure.", "")), (True, ("", "Sure."))):  # melbo generate
+        monkeypatch.setattr(tables, "to_log", lambda _console, in_log=in_log: in_log)  # lines in a log, a table in a terminal
+        shown = Console(width=120, file=io.StringIO(), record=True)
+        for item in tables.side_by_side("t", plain, steered):
+            shown.print(item)
+        text = shown.export_text()
+        assert "(no text)" in text and "Sure." in text
 
 
 def test_the_study_table_shows_unit_names_as_written():

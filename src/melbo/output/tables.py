@@ -194,7 +194,7 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
     counts = results.label_counts(first_prompt, mode)
     median, peak = results.kl_summary(first_prompt, indices, base)
     lines: Lines = [
-        table, "labels per hundred vectors: " + "; ".join(f"{c['from']}+: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "from") for c in counts),
+        table, labels_line(counts),
         f"KL to vector {base} (other vectors): median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}",
     ]
     if run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
@@ -209,6 +209,16 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
         lines.append(f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label ({quoted(summary.base_label)}): "
                      f"median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best))
     return lines
+
+
+def labels_line(counts: list[dict[str, int]]) -> str:
+    """Label counts: per hundred vectors ("0+: code 81, other 19; 100+: …"), or in one go for a run of 100 or fewer."""
+    def listed(c: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in c.items() if k != "from")
+
+    if len(counts) == 1:
+        return f"labels of the {sum(v for k, v in counts[0].items() if k != 'from')} vectors: {listed(counts[0])}"
+    return "labels per hundred vectors: " + "; ".join(f"{c['from']}+: {listed(c)}" for c in counts)
 
 
 def judged(judged: JudgeResults, run_prompt: str, base: int | None, results: EvalResults) -> Lines:

@@ -248,6 +248,10 @@ def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_s
     report = (tmp_path / "s" / "ortho" / "report.html").read_text()
     assert 'id=judge-table' in report and 'id=controls-table' in report and "judge: code (mean harmonic)" in report
     assert "Base NLL per prompt" in report and "(trained on)" in report
+    from melbo.output.tables import study_units  # what `melbo study` prints: the verdict too, not only in the page
+
+    printed = [str(line) for line in study_units(result, 1.0) if isinstance(line, str)]
+    assert printed[0] == "controls (eval with controls = true):" and printed[1].endswith(f"ortho: {outcome.controls.verdict}")
     with pytest.raises(MelboError, match="judge has no setting 'adress'"):
         Study.from_dict(tiny_demo(eval={"judge": {"adress": "http://127.0.0.1:1/v1"}}))
     with pytest.raises(MelboError, match="http:// or https://"):

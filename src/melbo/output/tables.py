@@ -300,7 +300,9 @@ def study_units(result: StudyResult, seconds: float) -> Lines:
         kl = "" if r.median_kl is None else f"{r.median_kl:.3f}"
         table.add_row(r.unit, r.folder, str(r.vectors), r.base, kl, share, "" if r.seconds is None else f"{r.seconds:.0f} s")
     loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
-    return [table, f"study: [bold]{result.page}[/bold]  ({seconds:.0f} s{loads})"]
+    verdicts = [f"{escape(r.unit)} {escape(r.folder)}: {escape(r.controls.verdict)}" for r in study_rows(result) if r.controls is not None]
+    return [table, *(["controls (eval with controls = true):", *verdicts] if verdicts else []),
+            f"study: [bold]{result.page}[/bold]  ({seconds:.0f} s{loads})"]
 
 
 def demo_intro(study: Study) -> str:

@@ -87,3 +87,50 @@ def test_generate_a_zero_vector_is_unsteered_and_a_big_one_steers(tiny_lm):
     assert melbo.generate(tiny_lm, None, 2, "Hi there", cfg=cfg) == plain  # the hook is gone
     with pytest.raises(melbo.MelboError, match="out of range"):
         melbo.generate(tiny_lm, None, 9, "Hi there", cfg=cfg)
+
+
+def test_a_hub_id_that_cannot_load_is_one_line_at_once_when_online(tmp_path):
+    """HF_HUB_OFFLINE unset: a mistyped id where the Hub cannot be reached cost ~50 s of transformers' retries and a
+    dozen warning lines before melbo's error; one request now says why in one line. A Hub (a loopback stand-in) that
+    has no such model says that instead."""
+    import http.server
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from helpers import assert_one_line_error
+
+    def info(endpoint: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+        return subprocess.run([sys.executable, "-m", "melbo.cli", "info", "--model", "no-such-org/no-such-model"],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    assert_one_line_error(info(f"http://127.0.0.1:{closed}"), f"the Hugging Face Hub (http://127.0.0.1:{closed}) cannot be reached")
+
+    class NoSuchRepo(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # what the Hub answers for a repository it does not have
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert_one_line_error(info(f"http://127.0.0.1:{server.server_address[1]}"), "the Hugging Face Hub has no model of that name")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -191,6 +191,10 @@ def load_model(
     elif name.startswith((".", "/", "~")) or os.sep + os.sep in name:
         raise MelboError(f"model folder {name} does not exist")
     else:
+        problem = hub_problem(name)
+        if problem is not None:
+            raise MelboError(f"cannot load model {name!r}: it is not a local folder or file, nor in the local Hugging Face "
+                             f"cache, and {problem}; give a model folder, a .gguf file, or 'smollm2'")
         folder, source = name, {"id": name}
     model, tokenizer = _load_pretrained(folder, name, torch_dtype)
     if "id" in source:
@@ -215,6 +219,34 @@ def _finite_outputs(model: CausalLM, tokenizer: PreTrainedTokenizerBase, device:
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     return bool(torch.isfinite(logits).all())
+
+
+def hub_problem(name: str) -> str | None:
+    """Why the Hub id ``name`` cannot load here, found with one request and no retries, or None (it is in the local
+    cache, the Hub is off (HF_HUB_OFFLINE: transformers answers from the cache at once), or the Hub has it). Without
+    this a mistyped id where the Hub cannot be reached cost about 50 s of transformers' retries, a dozen warning lines
+    among them, before the one-line error."""
+    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RemoteEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.file_download import get_hf_file_metadata
+
+    try:
+        if constants.is_offline_mode() or isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return None
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=10)
+    except HFValidationError:
+        return "it is not a valid Hugging Face model id (owner/name)"
+    except GatedRepoError:
+        return None  # transformers says how to get access
+    except RepositoryNotFoundError:
+        return "the Hugging Face Hub has no model of that name (or it is private: log in with `hf auth login`)"
+    except RemoteEntryNotFoundError:
+        return "its Hugging Face repository has no config.json (not a transformers model)"
+    except HfHubHTTPError:
+        return None  # the Hub answered: transformers' own message says more
+    except Exception as exc:  # no connection: DNS, refused, timed out, a proxy
+        return f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({type(exc).__name__})"
+    return None
 
 
 def _quiet_transformers() -> None:

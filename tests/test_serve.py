@@ -311,6 +311,21 @@ def test_shell_refuses_runs_of_different_models_and_missing_runs(tiny_folder, tm
         assert "run(s) on http" not in result.stdout  # no "serving" line for a server that never started
 
 
+def test_a_folder_of_runs_serves_each_run_in_it(tiny_folder, tmp_path):
+    """`melbo serve melbo-runs/demo-…` (a demo's or a study's folder: no run.json of its own) serves its runs, named by
+    their paths in it; a run given itself keeps its folder's name. It used to stop at "has no run.json"."""
+    from melbo.files.runs import runs_in
+
+    study = tmp_path / "study"
+    for part in ("discover", "ortho", "R=20/ortho"):
+        make_run(study / part, str(tiny_folder), seed=len(part))
+    (study / "plots").mkdir()  # folders without a run are passed over
+    assert runs_in(study) == [study / "R=20" / "ortho", study / "discover", study / "ortho"] and runs_in(study / "ortho") == []
+    catalog = Catalog([study, make_run(tmp_path / "alone", str(tiny_folder))])
+    assert sorted(catalog.runs) == ["R=20/ortho", "alone", "discover", "ortho"]
+    assert_one_line_error(melbo("serve", str(tmp_path / "study" / "plots")), "has no run.json")  # a folder of no runs
+
+
 def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_folder, tmp_path):
     """Not uvicorn's "address already in use" with exit 3 after the load and a "serving" line that was not true."""
     import socket

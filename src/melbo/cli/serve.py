@@ -16,7 +16,7 @@ from melbo.serve.limits import ServeLimits
 @app.command()
 @opt.config_options(ServeLimits, before="device")
 def serve(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (one model's); each is served under its folder name.")],
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (one model's), each under its folder's name; a folder of runs (a demo's, a study's, melbo-runs/) serves each run in it, named by its path there.")],
     model: opt.Model = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: only this machine).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,

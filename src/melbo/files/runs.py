@@ -409,6 +409,21 @@ def has_vectors(path: str | Path) -> bool:
     return (Path(path) / VECTORS_FILE).is_file()
 
 
+def runs_in(folder: str | Path, depth: int = 3) -> list[Path]:
+    """The run folders (holding vectors) inside ``folder``, up to ``depth`` levels down, sorted: a demo's or a study's
+    folder, or melbo-runs/. Empty when ``folder`` is itself a run, or holds none."""
+    folder = Path(folder)
+    if (folder / META_FILE).is_file() or not folder.is_dir():
+        return []
+    found: list[Path] = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (child / META_FILE).is_file():
+            found += [child] if has_vectors(child) else []
+        elif depth > 1:
+            found += runs_in(child, depth - 1)
+    return found
+
+
 def read_run(path: str | Path, d_model: int | None = None) -> Run:
     """Read and validate a run folder.
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from melbo.analysis.evaluate import EvalResults
 from melbo.errors import MelboError
-from melbo.files.runs import REPORT_FILE, Run, read_run
+from melbo.files.runs import REPORT_FILE, Run, read_run, runs_in
 from melbo.labels import label
 
 
@@ -59,9 +59,8 @@ class Catalog:
         if not folders:
             raise MelboError("give at least one run folder to serve")
         self.runs: dict[str, ServedRun] = {}
-        for folder in folders:
+        for folder, name in _named(folders):
             run = read_run(folder)
-            name = Path(folder).resolve().name
             if name in self.runs:
                 raise MelboError(f"two runs are called {name!r}: serve folders with different names")
             run.source_layer  # a run with no layer cannot steer: say so now  # noqa: B018
@@ -92,6 +91,16 @@ class Catalog:
         if not math.isfinite(scale):
             raise BadSteering("melbo.scale must be a finite number")
         return served.run.vectors[index] * scale, served.layer
+
+
+def _named(folders: list[Path]) -> list[tuple[Path, str]]:
+    """Each run folder and the name it is served under: its folder's name; a folder that holds runs (a demo's, a
+    study's, melbo-runs/) gives each of them, named by its path inside that folder (``ortho``, ``R=20/ortho``)."""
+    out = []
+    for folder in folders:
+        inside = runs_in(folder)
+        out += [(run, run.relative_to(folder).as_posix()) for run in inside] or [(folder, Path(folder).resolve().name)]
+    return out
 
 
 def _labels(run: Run) -> list[str | None]:

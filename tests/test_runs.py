@@ -179,3 +179,17 @@ def test_a_vector_source_says_what_its_file_records_and_refuses_what_it_cannot_k
     with pytest.raises(MelboError, match="d_model 64 but the model has"):
         VectorSource(tmp_path / "bare.safetensors", torch.randn(1, 64)).load(str(tiny_folder), device="cpu")
     assert VectorSource(tmp_path / "bare.safetensors", torch.randn(1, 32)).load(str(tiny_folder), device="cpu").d_model == 32
+
+
+def test_a_folder_of_runs_given_as_a_run_names_the_runs_in_it(tmp_path):
+    """`melbo eval melbo-runs/demo-…` (the demo's folder, not one of its runs): the one-line error names the runs to give."""
+    meta = {"kind": "discover", "layers": {"source": 2, "target": 4}, "R": 3.0, "prompts": ["hi"], "vectors": records(2)}
+    for name in ("discover", "ortho"):
+        write_run(tmp_path / "demo" / name, torch.randn(2, 8), meta)
+    with pytest.raises(MelboError) as caught:
+        read_run(tmp_path / "demo")
+    assert str(caught.value) == (f"{tmp_path / 'demo'} is not a melbo run folder: it has no run.json; it holds the run "
+                                 f"folders {tmp_path / 'demo' / 'discover'}, {tmp_path / 'demo' / 'ortho'}: give one")
+    (tmp_path / "empty" / "plots").mkdir(parents=True)
+    with pytest.raises(MelboError, match="has no run.json$"):
+        read_run(tmp_path / "empty")  # a folder of no runs at all

@@ -392,7 +392,10 @@ def read_meta(path: str | Path) -> RunMeta:
         raise MelboError(f"run folder {path} does not exist")
     meta_path = path / META_FILE
     if not meta_path.is_file():
-        raise MelboError(f"{path} is not a melbo run folder: it has no {META_FILE}")
+        inside = runs_in(path)
+        hint = "" if not inside else (f"; it holds the run folder{'s' * (len(inside) > 1)} "
+                                      f"{', '.join(str(r) for r in inside[:4])}{', …' if len(inside) > 4 else ''}: give one")
+        raise MelboError(f"{path} is not a melbo run folder: it has no {META_FILE}{hint}")
     try:
         data = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

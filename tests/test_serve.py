@@ -156,6 +156,14 @@ def test_bad_requests_get_a_4xx_json_error(served, body, status, needle):
     assert needle in answer.json()["error"]["message"]
 
 
+def test_unknown_paths_and_methods_get_the_same_json_error(served):
+    """Not FastAPI's {"detail": "Not Found"}: every 4xx has the OpenAI error shape the API's clients read."""
+    server, _, _ = served
+    for answer, status in ((httpx.get(server.url + "/v1/nothing"), 404), (httpx.get(server.url + "/v1/chat/completions"), 405)):
+        assert answer.status_code == status and answer.json()["error"]["code"] == status, answer.text
+        assert answer.json()["error"]["message"] and "detail" not in answer.json()
+
+
 def test_a_runs_report_is_served_with_a_link_to_its_vectors_live(served):
     server, _, catalog = served
     assert httpx.get(f"{server.url}/runs/tinyrun/report").status_code == 404  # no report.html yet: a JSON 404

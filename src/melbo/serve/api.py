@@ -29,6 +29,7 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from melbo.model.loading import LoadedModel
 from melbo.serve.batching import Batcher, QueueFull, Request
@@ -142,8 +143,8 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return error(400, f"{where}: {message}" if where else message, param=where or None)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: HttpRequest, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's own, and the router's: an unknown path, a wrong method
+    async def http_error(_request: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
     @app.get("/v1/models")

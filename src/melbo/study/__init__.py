@@ -10,7 +10,7 @@ from melbo.study.outcome import Event, OrthoOutcome, StudyResult, UnitOutcome
 from melbo.study.pipeline import ModelCache, run_study
 from melbo.study.spec import Study, Unit, builtin_study
 
-QUICK_DEMO = {  # a seconds-long demo that exercises every stage (`melbo demo --quick`, smoke tests); R fixed: no calibration
+QUICK_DEMO = {  # a demo of under a minute that exercises every stage (`melbo demo --quick`, smoke tests); R fixed: no calibration
     "discover.count": 6, "discover.block": 6, "discover.steps": 10, "discover.completion_tokens": 12, "discover.radius": 26.0,
     "choose.trials": 2, "choose.trial_copies": 2, "choose.trial_steps": 3, "choose.trial_tokens": 8,
     "ortho.count": 4, "ortho.block": 4, "ortho.steps": 10, "ortho.completion_tokens": 12, "eval.max_new_tokens": 12,

@@ -148,3 +148,20 @@ def test_a_run_only_in_memory_is_evaluated_without_writing_to_the_working_direct
     assert len(results.completions("hi", "greedy")) == 3 and EvalResults.load(run).prompts == {}
     compose(tiny_lm, run, [1, 2], "hi", PromptFormat(), 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
+def test_a_share_of_a_label_that_names_no_behaviour_says_so(tiny_lm, tmp_path):
+    """θ0 labelled "other" (the labels read no behaviour in its text): eval still counts the copies that are "other"
+    too, but says the share says little, as the study's page shows no share for such a base."""
+    from test_controls import ortho_run
+
+    from melbo.labels import NO_BEHAVIOUR
+    from melbo.output.tables import evaluation
+
+    run = ortho_run(tmp_path / "run")
+    cfg = EvalConfig(max_new_tokens=6)
+    results = evaluate(tiny_lm, run, ["hi there"], list(range(run.vectors.shape[0])), cfg)
+    label = results.base_label("hi there", cfg.mode(), 0)
+    assert label in NO_BEHAVIOUR  # a tiny random model writes nothing the labels know
+    line = next(str(x) for x in evaluation(results, run, ["hi there"], list(range(6)), cfg, 10) if str(x).startswith("behaviour share"))
+    assert f"('{label}' names no behaviour: the labels read none in θ0's text, so this share says little" in line

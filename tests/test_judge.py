@@ -252,6 +252,17 @@ def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_s
 
     printed = [str(line) for line in study_units(result, 1.0) if isinstance(line, str)]
     assert printed[0] == "controls (eval with controls = true):" and printed[1].endswith(f"ortho: {outcome.controls.verdict}")
+    import io
+
+    from rich.console import Console
+
+    from melbo.labels import NO_BEHAVIOUR
+
+    shown = Console(width=200, file=io.StringIO(), record=True)
+    shown.print(study_units(result, 1.0)[0])
+    row = next(line for line in shown.export_text().splitlines() if "│ ortho" in line)
+    share = row.split("│")[6].strip()  # no share for a base whose label names no behaviour, as on the study's page
+    assert share == "—" if outcome.base.label in NO_BEHAVIOUR else share.endswith("%"), (outcome.base.label, row)
     with pytest.raises(MelboError, match="judge has no setting 'adress'"):
         Study.from_dict(tiny_demo(eval={"judge": {"adress": "http://127.0.0.1:1/v1"}}))
     with pytest.raises(MelboError, match="http:// or https://"):

@@ -15,6 +15,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from melbo.labels import NO_BEHAVIOUR
 from melbo.output.live import console, log_line, to_log
 
 if TYPE_CHECKING:
@@ -200,8 +201,11 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
     if run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
         share = results.behaviour_share(first_prompt, mode, base)
         held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
-        lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {quoted(results.base_label(first_prompt, mode, base))} "
-                     f"on the run's prompt" + (f", {held:.0%} on the {len(prompts) - 1} held-out prompt(s)" if held is not None else ""))
+        base_label = results.base_label(first_prompt, mode, base)
+        lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {quoted(base_label)} "
+                     f"on the run's prompt" + (f", {held:.0%} on the {len(prompts) - 1} held-out prompt(s)" if held is not None else "")
+                     + (f" ({quoted(base_label)} names no behaviour: the labels read none in θ0's text, so this share says little; "
+                        "θ0's completion NLL under the copies, --controls, does not need a label)" if base_label in NO_BEHAVIOUR else ""))
     summary = results.generalisation
     if len(prompts) > 1 and summary:
         shares = sorted(summary.share.values())
@@ -295,8 +299,8 @@ def study_units(result: StudyResult, seconds: float) -> Lines:
 
     table = make_table(f"study {result.study.name}: {len(result.units)} unit(s)",
                        [(c, "left") for c in ("unit", "run", "vectors", "base", "median KL", "behaviour share", "time")])
-    for r in study_rows(result):
-        share = "" if r.behaviour_share is None else f"{100 * r.behaviour_share:.0f} %"
+    for r in study_rows(result):  # a base labelled "other" has no behaviour to keep: no share, as on the study's page
+        share = "" if r.behaviour_share is None else "—" if r.base_label in NO_BEHAVIOUR else f"{100 * r.behaviour_share:.0f} %"
         kl = "" if r.median_kl is None else f"{r.median_kl:.3f}"
         table.add_row(r.unit, r.folder, str(r.vectors), r.base, kl, share, "" if r.seconds is None else f"{r.seconds:.0f} s")
     loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""

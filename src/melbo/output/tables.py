@@ -61,7 +61,7 @@ def clip(text: str | None, width: int | None = None) -> str:
     return flat if width is None or len(flat) <= width else flat[: width - 1] + "…"
 
 
-NO_TEXT = "[dim](no text)[/dim]"  # a completion that is empty or blank: the model ended at once
+NO_TEXT = "(no text)"  # a completion that is empty or blank: the model ended at once
 
 
 def short(text: str | None, width: int = 110) -> str:
@@ -71,7 +71,7 @@ def short(text: str | None, width: int = 110) -> str:
     if text is None:
         return "—"
     flat = clip(text, width)
-    return escape(flat) if flat else NO_TEXT
+    return escape(flat) if flat else f"[dim]{NO_TEXT}[/dim]"
 
 
 def quoted(text: str | None, width: int | None = None) -> str:
@@ -109,7 +109,7 @@ def indented(text: str, by: str = "  ") -> str:
 def side_by_side(title: str, plain: str, steered: str) -> Lines:
     """``melbo generate``: the unsteered and the steered completion in two columns in a terminal; in a log (no terminal,
     COLUMNS unset), one after the other, each under its name and indented, so that no line is wider than its text."""
-    plain, steered = (text if text.strip() else "(no text)" for text in (plain, steered))
+    plain, steered = (text if text.strip() else NO_TEXT for text in (plain, steered))
     if to_log(console):
         return [Text(title), *(Text(f"{name}:\n" + indented(text)) for name, text in (("unsteered", plain), ("steered", steered)))]
     table = make_table(escape(title), (("unsteered", "left"), ("steered", "left")), show_lines=True)
@@ -299,12 +299,13 @@ def study_units(result: StudyResult, seconds: float) -> Lines:
 
     table = make_table(f"study {result.study.name}: {len(result.units)} unit(s)",
                        [(c, "left") for c in ("unit", "run", "vectors", "base", "median KL", "behaviour share", "time")])
-    for r in study_rows(result):  # a base labelled "other" has no behaviour to keep: no share, as on the study's page
+    rows = study_rows(result)
+    for r in rows:  # a base labelled "other" has no behaviour to keep: no share, as on the study's page
         share = "" if r.behaviour_share is None else "—" if r.base_label in NO_BEHAVIOUR else f"{100 * r.behaviour_share:.0f} %"
         kl = "" if r.median_kl is None else f"{r.median_kl:.3f}"
         table.add_row(r.unit, r.folder, str(r.vectors), r.base, kl, share, "" if r.seconds is None else f"{r.seconds:.0f} s")
     loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
-    verdicts = [f"{escape(r.unit)} {escape(r.folder)}: {escape(r.controls.verdict)}" for r in study_rows(result) if r.controls is not None]
+    verdicts = [f"{escape(r.unit)} {escape(r.folder)}: {escape(r.controls.verdict)}" for r in rows if r.controls is not None]
     return [table, *(["controls (eval with controls = true):", *verdicts] if verdicts else []),
             f"study: [bold]{result.page}[/bold]  ({seconds:.0f} s{loads})"]
 

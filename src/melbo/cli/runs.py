@@ -11,7 +11,7 @@ import typer
 from melbo.analysis.config import GenerateConfig
 from melbo.cli import options as opt
 from melbo.cli.app import app, interruptible, load, warn_if_slow_bfloat16
-from melbo.engines.config import DiscoverConfig, OrthoConfig
+from melbo.engines.config import DiscoverConfig, OrthoConfig, default_layers
 from melbo.errors import MelboError
 from melbo.files.folders import new_run_folder
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, read_prompts
@@ -30,7 +30,8 @@ def info(
 
     lm = load(model, device, dtype)
     ids = encode_prompt(lm.tokenizer, prompt, PromptFormat().overridden(system, chat_template), lm.device)
-    tables.show(tables.residual_norms(lm.name, lm.describe(), lm.n_layers, lm.d_model, str(lm.device), ids.shape[1], residual_norms(lm.model, ids)))
+    tables.show(tables.residual_norms(lm.name, lm.describe(), lm.n_layers, lm.d_model, str(lm.device), ids.shape[1], residual_norms(lm.model, ids),
+                                       default_layers(lm.n_layers) if lm.n_layers >= 2 else None))
 
 
 @app.command()

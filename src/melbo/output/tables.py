@@ -83,19 +83,22 @@ def or_dash(value: float | None, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
 
-def residual_norms(name: str, described: dict[str, Any], n_layers: int, d_model: int, device: str, tokens: int, rows: list[LayerNorms]) -> Lines:
+def residual_norms(name: str, described: dict[str, Any], n_layers: int, d_model: int, device: str, tokens: int, rows: list[LayerNorms],
+                   layers: tuple[int, int] | None) -> Lines:
     """``melbo info``: the model, the residual norm after each block, and how melbo chooses s, t and R."""
     out: Lines = [f"[bold]{name}[/bold] ({described['class']}): {n_layers} layers (0 to {n_layers - 1}), d_model {d_model}, "
                   f"{described['dtype']} on {device}; prompt = {tokens} tokens"]
-    table = make_table("Residual-stream norm after each block", [(c, "right") for c in ("layer", "first token", "median of the rest", "max of the rest", "")])
+    table = make_table("Residual-stream norm after each block",
+                       [(c, "right") for c in ("layer", "first token", "median of the rest", "max of the rest", "attention sink")])
     for row in rows:
-        flag = f"[red]sink ×{row.first_token / row.median_rest:.0f}[/red]" if row.sink else ""
+        flag = f"[red]×{row.first_token / row.median_rest:.0f} the median[/red]" if row.sink else ""
         table.add_row(str(row.layer), f"{row.first_token:,.1f}", f"{row.median_rest:,.1f}", f"{row.max_rest:,.1f}", flag)
     out.append(table)
     if any(row.sink for row in rows):
         out.append("[yellow]The first token is an attention sink on the flagged layers: melbo's losses skip it by default "
                    "(--positions all to include it).[/yellow]")
-    out.append("melbo discover chooses s (about a third of the way in), t (about two thirds in) and R itself: the largest R at "
+    here = ("", "") if layers is None else (f": {layers[0]} here", f": {layers[1]} here")
+    out.append(f"melbo discover chooses s (about a third of the way in{here[0]}), t (about two thirds in{here[1]}) and R itself: the largest R at "
                "which most trained vectors stay fluent, a fraction of the norm at s that differs between models "
                "(melbo discover --calibrate shows the search; --radii gives the candidates yourself).")
     return out

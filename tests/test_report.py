@@ -149,3 +149,25 @@ def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path):
     assert "0/11 keep the base's label (code), median KL 2.000" in page
     data = gather(run)
     assert data.rows[11].z == 5.0
+
+
+def test_label_plot_says_which_completions_it_labels(tmp_path):
+    """Before ``melbo eval`` the plot labels the completions the run stored; its title said "(None, None)"."""
+    from melbo.report.plots import labels_title
+
+    assert labels_title(gather(make_run(tmp_path / "e", n=5)).header) == f"Label share per block ({PROMPT!r}, greedy)"
+    assert labels_title(gather(make_run(tmp_path / "n", n=5, with_eval=False)).header) == (
+        "Label share per block (the completion stored with each vector, on the run's first prompt)")
+
+
+def test_norm_plot_of_equal_norms_starts_at_zero(tmp_path, monkeypatch):
+    """A discovery's norms are all R up to float noise: the axis spans 0 to above R, not the sixth digit."""
+    from melbo.report import plots
+
+    axes = []
+    monkeypatch.setattr(plots, "_png", lambda fig: axes.append(fig.axes[0]) or b"png")
+    assert plots.plot_norm(gather(make_run(tmp_path / "run", n=5, with_eval=False))) == b"png"
+    low, high = axes[0].get_ylim()
+    assert low == 0 and 5.0 < high < 6.0  # make_run's norms are 5
+    assert all(tick == int(tick) for tick in axes[0].get_xticks())  # vector indices, no 0.5
+    plots.plt.close("all")

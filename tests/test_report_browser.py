@@ -113,3 +113,20 @@ def test_an_empty_completion_reads_no_text(browser, tmp_path):
     cells = page.eval_on_selector_all("#rows tr.row pre.completion", "pres => pres.map(p => [p.textContent, p.className])")
     assert cells[3] == ["(no text)", "completion empty"] and all(text.strip() and text != "(no text)" for text, _ in cells[:3] + cells[4:])
     assert problems == []
+
+
+def test_a_closed_row_shows_its_completion_from_the_first_line_with_text(browser, tmp_path):
+    """Gemma's completions often open with blank lines; a closed row (a few lines high) starts at the text, an open one shows it whole."""
+    import json
+
+    run = make_run(tmp_path / "run", n=3)
+    results = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    next(iter(results["prompts"].values()))["completions"]["greedy"]["1"][0]["text"] = "\n\n  \nWe'd love to hear from you!"
+    (run / "eval.json").write_text(json.dumps(results), encoding="utf-8")
+    page, problems = open_report(browser, run)
+    cell = page.locator("#rows tr.row").nth(1).locator("pre.completion")
+    assert cell.text_content() == "We'd love to hear from you!"
+    page.locator("#rows tr.row").nth(1).click()
+    expect(page.locator("#rows tr.row.open")).to_have_count(1)
+    assert page.locator("#rows tr.row.open pre.completion").first.text_content() == "\n\n  \nWe'd love to hear from you!"
+    assert problems == []

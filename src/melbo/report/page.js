@@ -34,8 +34,10 @@
     return node;
   }
   // A completion; an empty or blank one (the model ended at once) reads "(no text)", not as an empty cell.
-  function completion(text) {
-    return text.trim() ? el("pre", "completion", text) : el("pre", "completion empty", "(no text)");
+  function completion(text, preview) {
+    // a closed row's few visible lines start at the first line with text (a completion may open with blank lines)
+    const shown = preview ? text.replace(/^(\s*\n)+/, "") : text;
+    return text.trim() ? el("pre", "completion", shown) : el("pre", "completion empty", "(no text)");
   }
   function fmt(value, digits) {
     return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
@@ -64,7 +66,7 @@
     tr.appendChild(el("td", "top", row.top.map((t) => JSON.stringify(t[0])).join(" ")));
     const cell = el("td");
     const first = row.completions[0];
-    cell.appendChild(first ? completion(first.text) : el("pre", "completion", ""));
+    cell.appendChild(first ? completion(first.text, !state.open.has(row.index)) : el("pre", "completion", ""));
     if (state.open.has(row.index)) {
       if (row.top.length) cell.appendChild(el("div", "more", "top 5: " + row.top.map((t) => JSON.stringify(t[0]) + " " + fmt(t[1], 2)).join(", ")));
       for (const c of row.completions.slice(1)) {

@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from melbo.analysis.compose import COMBINATIONS, ComposeRow
 from melbo.report.data import ReportData, moving_average
@@ -49,7 +51,7 @@ def _window(n: int) -> int:
     return max(3, min(50, n // 10))
 
 
-def _series(data: ReportData, key: str, title: str, ylabel: str) -> bytes | None:
+def _series(data: ReportData, key: str, title: str, ylabel: str, from_zero: bool = False) -> bytes | None:
     values = [row.value(key) for row in data.rows]
     if not any(v is not None for v in values):
         return None
@@ -62,8 +64,11 @@ def _series(data: ReportData, key: str, title: str, ylabel: str) -> bytes | None
         ax.plot([x for x, v in zip(xs, avg) if v is not None], [v for v in avg if v is not None], color="black", lw=1.5, label=f"moving average ({w})")
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("vector index (0 = base)" if data.rows and data.rows[0].base else "vector index")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no tick at vector 0.5 on a short run
     ax.set_ylabel(ylabel)
     ax.ticklabel_format(axis="y", useOffset=False)
+    if from_zero:  # norms: a run of equal norms reads as one level, not as noise in the sixth digit blown up to the axis
+        ax.set_ylim(0, 1.1 * max(v for v in values if v is not None) or 1.0)
     ax.set_title(title, fontsize=10)
     return _png(fig)
 
@@ -73,7 +78,7 @@ def plot_kl(data: ReportData) -> bytes | None:
 
 
 def plot_norm(data: ReportData) -> bytes | None:
-    return _series(data, "norm", "Norm of each vector", "‖θ_i‖")
+    return _series(data, "norm", "Norm of each vector", "‖θ_i‖", from_zero=True)
 
 
 def _colour(name: str, labels: list[str]) -> str:
@@ -83,11 +88,19 @@ def _colour(name: str, labels: list[str]) -> str:
     return EXTRA_COLOURS[extra.index(name) % len(EXTRA_COLOURS)]
 
 
+def labels_title(header: dict[str, Any]) -> str:
+    """The label plot's title: which completions were labelled (an evaluated prompt, or, before ``melbo eval``,
+    the completion each vector's run stored on its first prompt)."""
+    prompt, mode = header.get("table_prompt"), header.get("table_mode")
+    on = f"{prompt!r}, {mode}" if prompt else "the completion stored with each vector, on the run's first prompt"
+    return f"Label share per block ({on})"
+
+
 def plot_labels(data: ReportData) -> bytes | None:
     if not data.label_blocks:
         return None
     fig, ax = _figure()
-    names = [f"{b['from']}–{b['to']}" for b in data.label_blocks]
+    names = [str(b["from"]) if b["from"] == b["to"] else f"{b['from']}–{b['to']}" for b in data.label_blocks]
     totals = [sum(b["counts"].values()) for b in data.label_blocks]
     bottom = [0.0] * len(names)
     for lab in data.labels:
@@ -99,7 +112,7 @@ def plot_labels(data: ReportData) -> bytes | None:
     ax.set_xlabel(f"vectors, per block of {data.block_size}")
     ax.set_ylim(0, 100)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"Label share per block ({data.header.get('table_prompt')!r}, {data.header.get('table_mode')})", fontsize=10)
+    ax.set_title(labels_title(data.header), fontsize=10)
     if len(names) > 8:
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     return _png(fig)

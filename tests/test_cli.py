@@ -44,11 +44,15 @@ def test_help_into_a_file_is_plain_text_at_its_log_width():
 
 
 def test_generate_needs_a_vector():
-    assert_one_line_error(melbo_here("generate"), "give exactly one of --run")
+    assert_one_line_error(melbo_here("generate"), "give exactly one of a run folder (melbo generate RUN --index I) or --vector FILE")
 
 
 def test_generate_missing_run(tmp_path):
+    """RUN is an argument, as in every other command; melbo 0.1's --run RUN still works, and both at once is an error."""
+    assert_one_line_error(melbo_here("generate", str(tmp_path / "nope")), "does not exist")
     assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "nope")), "does not exist")
+    assert_one_line_error(melbo_here("generate", str(tmp_path / "a"), "--run", str(tmp_path / "b")), "give the run once")
+    assert_one_line_error(melbo_here("generate", str(tmp_path / "a"), "--vector", str(tmp_path / "v.pt")), "give exactly one of")
 
 
 def test_generate_missing_vector_file(tmp_path):
@@ -72,7 +76,7 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
     vectors = 60 * vectors / vectors.norm(dim=1, keepdim=True)
     meta = {"model": {"name": "smollm2"}, "layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}, {"index": 1}]}
     write_run(tmp_path / "run", vectors, meta)
-    result = melbo("generate", "--run", str(tmp_path / "run"), "--index", "1", "--max-new-tokens", "8")
+    result = melbo("generate", str(tmp_path / "run"), "--index", "1", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if "unsteered" in line)
     assert [cell.strip() for cell in header.strip("┃│ ").split("┃" if "┃" in header else "│")] == ["unsteered", "steered"]
@@ -95,7 +99,7 @@ def test_discover_then_ortho_from_the_shell(tmp_path, tiny_folder):
     assert (disc / "run.json").is_file() and "run folder" in result.stdout
     assert_one_line_error(melbo_here("discover", "-k", "2", "--out", str(disc), *model), "already holds a run")
     orth = tmp_path / "orth"
-    result = melbo_here("ortho", str(disc), "--index", "1", "--count", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
+    result = melbo_here("ortho", str(disc), "--index", "1", "-k", "2", "--block", "2", "--steps", "3", "--completion-tokens", "4", "--out", str(orth))
     assert result.returncode == 0, result.stderr
     run = read_run(orth, d_model=32)
     assert run.vectors.shape == (3, 32) and run.meta.base["index"] == 1 and run.meta.source == 1 and run.meta.target == 4

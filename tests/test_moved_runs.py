@@ -47,7 +47,7 @@ def test_generate_on_a_moved_raw_prompt_run(tmp_path):
     run = write_run(tmp_path / "run", vectors, meta)
     assert read_run(run.path).meta.prompt_format == PromptFormat(system=None, chat_template=False)
     copy.unlink()
-    result = melbo("generate", "--run", str(run.path), "-p", "The capital of France is", "--max-new-tokens", "4", "--device", "cpu")
+    result = melbo("generate", str(run.path), "-p", "The capital of France is", "--max-new-tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if "unsteered" in line)
     assert [cell.strip() for cell in header.strip("┃│ ").split("┃" if "┃" in header else "│")] == ["unsteered", "steered"]

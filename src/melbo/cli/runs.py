@@ -37,8 +37,9 @@ def info(
 @app.command()
 @opt.config_options(GenerateConfig, before="model")
 def generate(
-    run: Annotated[Path | None, typer.Option(help="A run folder holding the vector.")] = None,
+    run: Annotated[Path | None, typer.Argument(help="A run folder holding the vector (or give --vector FILE).", show_default=False)] = None,
     index: Annotated[int, typer.Option(help="Which vector of the run (row of vectors.safetensors).")] = 0,
+    run_option: Annotated[Path | None, typer.Option("--run", hidden=True)] = None,  # melbo ≤ 0.1's spelling of RUN
     vector: Annotated[Path | None, typer.Option(help="A vector file (.safetensors or the post's .pt); row --index.")] = None,
     layer: opt.Layer = None,
     scale: opt.Scale = 1.0,
@@ -50,9 +51,12 @@ def generate(
     from melbo.analysis.generate import generate as complete
     from melbo.files.source import open_vectors
 
+    if run and run_option:
+        raise MelboError("give the run once: melbo generate RUN --index I")
+    run = run or run_option
     given = run or vector
     if given is None or (run and vector):
-        raise MelboError("give exactly one of --run RUN (with --index) or --vector FILE")
+        raise MelboError("give exactly one of a run folder (melbo generate RUN --index I) or --vector FILE")
     found = open_vectors(given)
     theta, layer = found.at(index, layer)
     lm, theta = load(model, device, dtype, found), theta * scale

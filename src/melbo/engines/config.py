@@ -388,7 +388,7 @@ class OrthoConfig:
     source: int | None = None  # layer s; None: the model's default (about a third of the way in; the CLI: the base run's)
     target: int | None = None  # layer t; None: about two thirds in
     mode: str = setting("fast", "fast (blocks, cached layers, early stop) or seed (the post's algorithm as written).")
-    count: int | None = setting(None, "Vectors to find besides θ0 (default: until the basis is exhausted).")
+    count: int | None = setting(None, "Vectors to find besides θ0 (default: until the basis is exhausted).", "--count", "-k")
     block: int | None = setting(  # measured in bench/full_basis.py (--block 16, 32, 64)
         None,
         f"Vectors optimised together (fast: {FAST_BLOCK}, {LONG_RUN_BLOCK} in runs of {LONG_RUN} copies or more; seed: 1). "

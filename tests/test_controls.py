@@ -259,6 +259,35 @@ def test_verdict_says_too_few_vectors_where_no_outcome_could_count():
     assert default_count(4) == 3 and default_count(16) == 2 and default_count(32) == 5 and default_count(2) == 1
 
 
+def test_a_base_labelled_other_is_judged_on_the_run_prompt_by_its_text():
+    """Gemma 3 270M's base θ0 writes HTML, labelled "other": 100 % of its copies and half of the random directions
+    "carried" that label (p 0.2), so the verdict read "no better than random directions" though θ0's text on the run's
+    prompt cost 0.82 nats/token under the copies against 2.58 under random directions. "other" names no behaviour: the
+    run's prompt is judged by θ0's text there (the rank test), not by the label."""
+    def vec(run: float, held: float) -> ControlVector:
+        return ControlVector(1.0, labels={"run": "other"}, nll={"run": run, "a": held, "b": held})
+
+    copies = [vec(0.7 + 0.03 * i, 4.2 + 0.05 * i) for i in range(8)]
+    controls = Controls({}, "run", ["a", "b"], {"run": BaseCompletion([1], "<h3>What is the way?</h3>", "other")}, {
+        "copies": ControlResult("copies", copies),
+        "random_same_norm": ControlResult("random_same_norm", [vec(2.5, 3.9), vec(2.7, 4.0)]),
+        "unsteered": ControlResult("unsteered", [vec(2.3, 3.45)]),
+    })
+    controls.summarise()
+    tests = controls.tests()
+    assert "share" not in tests and tests["nll_prompt"] == pytest.approx(1 / 45)  # every copy below both directions
+    verdict = controls.verdict()
+    assert verdict.startswith("on the run's prompt the copies carry θ0's behaviour beyond a push of their size; off it they do not: ")
+    assert ("on the run's prompt θ0's text costs 0.80 nats/token under the copies against 2.60 under random directions at "
+            "their norm (p 0.022) (θ0's label there, 'other', names no behaviour, so the text is compared, not the label)") in verdict
+    assert "carry θ0's label" not in verdict
+
+    level = Controls({}, "run", ["a", "b"], controls.base, {**controls.results, "random_same_norm": ControlResult(
+        "random_same_norm", [vec(0.75, 3.9), vec(0.8, 4.0)])})
+    level.summarise()
+    assert level.verdict().startswith("the copies do no better than random directions of their size: on the run's prompt θ0's text costs")
+
+
 def test_per_prompt_rows_say_whether_the_copies_carry_thetas_text_beyond_no_steering():
     """The per-prompt table's last column: on each prompt, θ0's text under the copies against no steering, by the sign
     test each way (six copies all on one side give p = 2⁻⁶)."""

@@ -165,3 +165,12 @@ def test_a_share_of_a_label_that_names_no_behaviour_says_so(tiny_lm, tmp_path):
     assert label in NO_BEHAVIOUR  # a tiny random model writes nothing the labels know
     line = next(str(x) for x in evaluation(results, run, ["hi there"], list(range(6)), cfg, 10) if str(x).startswith("behaviour share"))
     assert f"('{label}' names no behaviour: the labels read none in θ0's text, so this share says little" in line
+
+
+def test_labels_line_leaves_out_labels_no_vector_has():
+    from melbo.output.tables import labels_line
+
+    one = {"from": 0, "code": 0, "compliance": 0, "refusal": 0, "degenerate": 0, "other": 9}
+    assert labels_line([one]) == "labels of the 9 vectors: other 9"
+    blocks = [{"from": 0, "code": 81, "refusal": 0, "other": 19}, {"from": 100, "code": 0, "refusal": 0, "other": 30}]
+    assert labels_line(blocks) == "labels per hundred vectors: 0+: code 81, other 19; 100+: code 0, other 30"

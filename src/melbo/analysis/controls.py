@@ -37,7 +37,7 @@ from melbo.analysis.config import EvalConfig
 from melbo.analysis.significance import LEVEL, controls_needed, median_below, rank_lower, share_greater, smallest_p
 from melbo.errors import MelboError
 from melbo.files.runs import Run
-from melbo.labels import Rule, label
+from melbo.labels import NO_BEHAVIOUR, Rule, label
 from melbo.model.forward import PromptState, continuation_nll, greedy_tokens, up_to_eos
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
@@ -273,19 +273,24 @@ class Controls:
         if copies is None or random is None or plain is None:
             return "no verdict: the copies or a control are missing"
         tests, floors = self.tests(), self.floors()
-        on_prompt, than_random, than_plain = (tests.get(k, 1.0) <= LEVEL for k in ("share", "nll_random", "nll_unsteered"))
+        by_text = "nll_prompt" in floors  # θ0's label names no behaviour: the run's prompt is judged by θ0's text, not the label
+        on = "nll_prompt" if by_text else "share"
+        on_prompt, than_random, than_plain = (tests.get(k, 1.0) <= LEVEL for k in (on, "nll_random", "nll_unsteered"))
         untold = {k for k, floor in floors.items() if floor > LEVEL and tests.get(k, 1.0) > LEVEL}  # could not have counted
         if on_prompt and than_random and than_plain:
             head = "the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and on held-out prompts"
         elif not (on_prompt or than_random or than_plain):
-            told_random = {"share", "nll_random"} & floors.keys() - untold  # against random directions, and could count
+            told_random = {on, "nll_random"} & floors.keys() - untold  # against random directions, and could count
             head = ("the copies do no better than random directions of their size" if told_random
                     else "too few vectors to tell whether the copies carry θ0's behaviour beyond a push of their size")
         else:
+            what = "make θ0's text likelier" if by_text else "carry θ0's label more often"
             if on_prompt:
                 head = "on the run's prompt the copies carry θ0's behaviour beyond a push of their size"
-            elif "share" in untold:
-                head = "on the run's prompt too few vectors to tell whether the copies carry θ0's label more often than random directions of their size"
+            elif on in untold:
+                head = f"on the run's prompt too few vectors to tell whether the copies {what} than random directions of their size"
+            elif by_text:
+                head = "on the run's prompt the copies make θ0's text no likelier than random directions of their size"
             else:
                 head = "on the run's prompt the copies carry θ0's label no more often than random directions of their size"
             if than_random and than_plain:
@@ -299,7 +304,12 @@ class Controls:
             elif not untold & {"nll_random", "nll_unsteered"}:
                 head += "; off it they do not"
         parts = []
-        if copies.behaviour_share is not None and random.behaviour_share is not None:
+        if by_text and None not in (copies.base_nll_run_prompt, random.base_nll_run_prompt):
+            label = self.base[self.run_prompt].label
+            parts.append(f"on the run's prompt θ0's text costs {copies.base_nll_run_prompt:.2f} nats/token under the copies against "
+                         f"{random.base_nll_run_prompt:.2f} under random directions at their norm{_p(tests.get(on))} (θ0's label "
+                         f"there, {label!r}, names no behaviour, so the text is compared, not the label)")
+        elif copies.behaviour_share is not None and random.behaviour_share is not None:
             parts.append(f"{copies.behaviour_share:.0%} of the copies carry θ0's label on the run's prompt against "
                          f"{random.behaviour_share:.0%} of random directions at their norm{_p(tests.get('share'))}")
         if None not in (copies.base_nll, random.base_nll, plain.base_nll):
@@ -317,7 +327,7 @@ class Controls:
         """Which comparisons could not count with the vectors measured, and what would let them."""
         n, m = (len(self.results[name].vectors) for name in ("copies", "random_same_norm"))
         said = []
-        against_random = untold & {"share", "nll_random"}
+        against_random = untold & {"share", "nll_prompt", "nll_random"}
         if against_random:
             needed = controls_needed(n)
             fix = ("3 copies or more can tell" if needed is None else f"--control-count {needed} or more can tell"
@@ -330,7 +340,9 @@ class Controls:
 
     def tests(self) -> dict[str, float]:
         """p-values of the verdict's three comparisons, where both sides were measured: ``share`` (more copies carry θ0's
-        label on the run's prompt than random directions at their norm: Fisher's exact test), ``nll_random`` (θ0's
+        label on the run's prompt than random directions at their norm: Fisher's exact test; where θ0's label there names
+        no behaviour, "other" or "degenerate", ``nll_prompt`` in its place: θ0's text on the run's prompt likelier under
+        the copies than under those directions, the rank test), ``nll_random`` (θ0's
         held-out text likelier under the copies than under those directions: the rank test) and ``nll_unsteered`` (…
         than with no steering: the sign test of the copies' median against the unsteered model's value)."""
         return {name: test() for name, (test, _) in self._comparisons().items()}
@@ -348,9 +360,14 @@ class Controls:
         out: dict[str, tuple[Callable[[], float], float]] = {}
         base = self.base.get(self.run_prompt)
         label = base.label if base is not None else None
-        own, others = copies.carries(self.run_prompt, label), random.carries(self.run_prompt, label)
-        if own and others:
-            out["share"] = (lambda: share_greater(sum(own), len(own), sum(others), len(others)), smallest_p("share", len(own), len(others)))
+        if label in NO_BEHAVIOUR:  # "other" is the catch-all: a random push lands there too, so the label tells little
+            mine, theirs = copies.nll_on(self.run_prompt), random.nll_on(self.run_prompt)
+            if mine and theirs:
+                out["nll_prompt"] = (lambda: rank_lower(mine, theirs), smallest_p("nll_random", len(mine), len(theirs)))
+        else:
+            own, others = copies.carries(self.run_prompt, label), random.carries(self.run_prompt, label)
+            if own and others:
+                out["share"] = (lambda: share_greater(sum(own), len(own), sum(others), len(others)), smallest_p("share", len(own), len(others)))
         nll, random_nll = copies.held_out_nll(self.held_out), random.held_out_nll(self.held_out)
         if nll and random_nll:
             out["nll_random"] = (lambda: rank_lower(nll, random_nll), smallest_p("nll_random", len(nll), len(random_nll)))

@@ -219,9 +219,12 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
 
 
 def labels_line(counts: list[dict[str, int]]) -> str:
-    """Label counts: per hundred vectors ("0+: code 81, other 19; 100+: …"), or in one go for a run of 100 or fewer."""
+    """Label counts: per hundred vectors ("0+: code 81, other 19; 100+: …"), or in one go for a run of 100 or fewer;
+    a label no vector has is left out (a block where a label seen elsewhere is missing says 0)."""
+    seen = [k for k in dict.fromkeys(k for c in counts for k in c) if k != "from" and any(c.get(k) for c in counts)]
+
     def listed(c: dict[str, int]) -> str:
-        return ", ".join(f"{k} {v}" for k, v in c.items() if k != "from")
+        return ", ".join(f"{k} {c.get(k, 0)}" for k in seen)
 
     if len(counts) == 1:
         return f"labels of the {sum(v for k, v in counts[0].items() if k != 'from')} vectors: {listed(counts[0])}"

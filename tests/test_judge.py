@@ -248,6 +248,7 @@ def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_s
     report = (tmp_path / "s" / "ortho" / "report.html").read_text()
     assert 'id=judge-table' in report and 'id=controls-table' in report and "judge: code (mean harmonic)" in report
     assert "Base NLL per prompt" in report and "(trained on)" in report
+    assert "<th class=num>random_<wbr>same_<wbr>norm</th>" in report  # a long name wraps in its fixed-width column
     from melbo.output.tables import study_units  # what `melbo study` prints: the verdict too, not only in the page
 
     printed = [str(line) for line in study_units(result, 1.0) if isinstance(line, str)]

@@ -113,7 +113,7 @@ def plot_labels(data: ReportData) -> bytes | None:
     ax.set_ylim(0, 100)
     ax.legend(loc="best", fontsize=8)
     ax.set_title(labels_title(data.header), fontsize=10)
-    if len(names) > 8:
+    if len(names) > 8 and any(len(name) > 3 for name in names):  # ranges ("100–199"), not single vectors, crowd the axis
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     return _png(fig)
 
@@ -205,7 +205,7 @@ def plot_controls(data: ReportData) -> bytes | None:
     controls = data.controls
     if controls is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 3.6), sharey=True)
     for ax, held_out in zip(axes, (True, False)):
         for result in controls.rows():
             prompts = controls.held_out if held_out else [controls.run_prompt]
@@ -223,7 +223,7 @@ def plot_controls(data: ReportData) -> bytes | None:
         ax.set_xlabel("vector index")
         ax.set_title(f"{len(controls.held_out)} held-out prompts (median per vector)" if held_out else f"the run's prompt {controls.run_prompt[:40]!r}", fontsize=9)
     axes[0].set_ylabel("θ0's completion NLL (nats/token)")
-    axes[1].legend(loc="best", fontsize=7)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)  # beside the panel: inside, it hid the copies
     fig.suptitle("Is it more than a big push? θ0's own text under each steering (lower: closer to θ0's behaviour)", fontsize=10)
     return _png(fig)
 

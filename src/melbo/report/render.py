@@ -157,7 +157,7 @@ def _nll_by_prompt_html(controls: Controls) -> str:
         + f"<td>{html.escape(r.against_unsteered or '—')}</td></tr>"
         for r in rows
     )
-    heads = "".join(f"<th class=num>{html.escape(n)}</th>" for n in names) + "<th>copies vs unsteered</th>"
+    heads = "".join(f"<th class=num>{html.escape(n).replace('_', '_<wbr>')}</th>" for n in names) + "<th>copies vs unsteered</th>"
     return (
         "<p>Base NLL per prompt (median over each control's vectors): the held-out figure above is a median over these "
         "prompts, so this shows on which kinds of prompt the copies carry θ0's text and on which their size costs it. The last "

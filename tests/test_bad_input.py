@@ -66,7 +66,7 @@ def prepare(case: str, tmp: Path) -> list[str]:
         return ["discover", "-k", "1", "--out", str(good_run(tmp))]
     if case == "output folder holds a study":
         (tmp / "done").mkdir()
-        (tmp / "done" / "study.json").write_text("{}")
+        (tmp / "done" / "study.json").write_text('{"units": [{"name": "", "label": "", "model": "smollm2", "steps": {"discover": 60.0}}]}')
         return ["study", str(Path(__file__).parents[1] / "examples" / "demo.toml"), "--out", str(tmp / "done")]
     if case == "bare vector file, no layers":
         save_file({"vectors": torch.randn(1, 576)}, str(tmp / "v.safetensors"))

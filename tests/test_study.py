@@ -102,6 +102,37 @@ def test_resume_skips_finished_steps_and_the_page_shows_every_run(pinned_lm, tmp
         run_study(other, tmp_path / "s", resume=True, models=models)
 
 
+def test_a_study_that_stopped_before_writing_anything_runs_again_without_force(pinned_lm, tmp_path, monkeypatch):
+    """A first `melbo study` that stopped at a bad setting (Gemma's file without chat_template = false) left its settings,
+    and the rerun with the setting fixed said "already holds a study; --resume or --force". Now it leaves nothing. A
+    discovery stopped mid-way has no finished step but a run folder: that stays, for --resume."""
+    import melbo.study.pipeline as pipeline
+
+    study = Study.from_dict(tiny_demo(ortho={"count": 4, "block": 4}, choose={"by": "index", "indices": [1]}))
+    models = ModelCache({"tiny": pinned_lm})
+    real = pipeline.discover
+
+    def bad_setting(*args, **kwargs):
+        raise MelboError("this tokenizer has no chat template")
+
+    monkeypatch.setattr(pipeline, "discover", bad_setting)
+    with pytest.raises(MelboError, match="no chat template"):
+        run_study(study, tmp_path / "s", models=models)
+    assert not (tmp_path / "s").exists()  # nothing half-written: the settings it wrote went with it
+    fixed = Study.from_dict(tiny_demo(ortho={"count": 4, "block": 4}, choose={"by": "index", "indices": [1]}, discover={"radius": 5.0}))
+
+    def stop_after_a_block(lm, prompts, cfg, fmt, out, **kwargs):
+        real(lm, prompts, cfg, fmt, out=out, **kwargs)  # its one block saved, then stopped before the step was recorded
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "discover", stop_after_a_block)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(fixed, tmp_path / "s", models=models)  # no --force needed: nothing was written before
+    assert (tmp_path / "s" / "discover" / "run.json").is_file()
+    with pytest.raises(MelboError, match="already holds a study"):
+        run_study(fixed, tmp_path / "s", models=models)
+
+
 def grid_study(models: list[str]) -> str:
     return f"""
 name = "grid"

@@ -82,7 +82,7 @@ def format_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(
     if not fmt.chat_template:
         return prompt if fmt.system is None else f"{fmt.system}\n\n{prompt}"
     if not getattr(tokenizer, "chat_template", None):
-        raise MelboError("this tokenizer has no chat template: pass --no-chat-template to use raw prompts")
+        raise MelboError("this tokenizer has no chat template: use raw prompts (--no-chat-template; in a study, chat_template = false under [prompts])")
     messages = [{"role": "user", "content": prompt}]
     if fmt.system is not None:
         messages.insert(0, {"role": "system", "content": fmt.system})

@@ -31,7 +31,7 @@ from typing import Any
 from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_bytes
 from melbo.study.outcome import Event, EventCallback, StudyResult, UnitOutcome
-from melbo.study.pipeline import finish, finished, prepare_folder, run_study, save_state, unit_done
+from melbo.study.pipeline import finish, finished, nothing_left_if_nothing_done, prepare_folder, run_study, save_state, unit_done
 from melbo.study.scratch import make_scratch, new_token, sweep, sweep_after_kill
 from melbo.study.signals import Terminated
 from melbo.study.spec import ModelSpec, Study, Unit
@@ -306,8 +306,9 @@ def run_study_on_ray(
             if own is None:
                 return run_study(study, out, resume=resume, force=force, on_event=on_event)
             return run_study_on_ray(study, out, options, resume, force, on_event, on_start, own)
-    states = prepare_folder(study, Path(out), resume, force)
-    return _drive(study, Path(out), states, options, on_event, on_start, session.token)
+    with nothing_left_if_nothing_done(study, Path(out)):
+        states = prepare_folder(study, Path(out), resume, force)
+        return _drive(study, Path(out), states, options, on_event, on_start, session.token)
 
 
 def _drive(study: Study, folder: Path, states: dict[str, UnitOutcome], options: RayOptions,

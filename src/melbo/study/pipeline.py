@@ -13,11 +13,12 @@ was in (``resume=True``). The folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +76,42 @@ def run_study(
 ) -> StudyResult:
     """Run every unit of ``study`` in this process, writing ``out``; see the module docstring."""
     folder = Path(out)
-    states = prepare_folder(study, folder, resume, force)
-    models = models or ModelCache()
-    for unit in study.units():
-        state = states.setdefault(unit.name, UnitOutcome(unit.name, unit.label, unit.model.name))
-        if unit_done(unit, state):  # resumed after it finished: its model need not load
-            continue
-        run_unit(models.get(unit.model), unit, folder, state, lambda: save_state(study, folder, states), on_event)
+    with nothing_left_if_nothing_done(study, folder):
+        states = prepare_folder(study, folder, resume, force)
+        models = models or ModelCache()
+        for unit in study.units():
+            state = states.setdefault(unit.name, UnitOutcome(unit.name, unit.label, unit.model.name))
+            if unit_done(unit, state):  # resumed after it finished: its model need not load
+                continue
+            run_unit(models.get(unit.model), unit, folder, state, lambda: save_state(study, folder, states), on_event)
     result = finish(study, folder, states)
     result.model_loads = models.loads
     return result
 
 
+@contextlib.contextmanager
+def nothing_left_if_nothing_done(study: Study, folder: Path) -> Iterator[None]:
+    """A study that stops before it has written any work (a bad setting, a model that will not load) takes back the
+    settings it wrote, and the folder if it made it: rerun with the setting fixed, it starts afresh, not "already
+    holds a study". Once a step has finished or a run folder exists, everything stays for --resume."""
+    made = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        saved = read_json(folder / STATE_FILE) if folder.is_dir() else None
+        if saved is not None and not _holds_work(study, folder, saved):
+            for name in (STATE_FILE, STUDY_FILE, PAGE_FILE):
+                (folder / name).unlink(missing_ok=True)
+            if made and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
 def prepare_folder(study: Study, folder: Path, resume: bool, force: bool) -> dict[str, UnitOutcome]:
     """Check ``folder`` against the study (refuse another study's folder unless ``force``); the saved unit states."""
     saved = read_json(folder / STATE_FILE)
+    if saved is not None and not _holds_work(study, folder, saved):  # stopped before anything was written: start afresh
+        saved = None  # (a first run that stopped at a bad setting is rerun with the setting fixed, no --force needed)
     if saved is not None and not (resume or force):
         raise MelboError(f"{folder} already holds a study; continue it with --resume, or pass --force to start it again")
     if saved is not None and resume and not force and saved.get("study") != study.to_dict():
@@ -120,15 +142,23 @@ def saved_states(saved: dict[str, Any] | None) -> dict[str, UnitOutcome]:
     return {u["name"]: UnitOutcome.from_json(u) for u in (saved or {}).get("units", [])}
 
 
+def _run_folders(study: Study, folder: Path, names: Iterable[str] = ()) -> list[Path]:
+    """The run folders in ``folder`` of the units of ``study`` and of the units named ``names`` (a saved study's)."""
+    bases = dict.fromkeys(folder / name if name else folder for name in [*(unit.name for unit in study.units()), *names])
+    return [child for base in bases if base.is_dir() for child in base.iterdir() if child.is_dir() and (child / META_FILE).is_file()]
+
+
+def _holds_work(study: Study, folder: Path, saved: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds anything of a study beyond its settings: a finished step, or a run folder (a discovery
+    stopped mid-way has no finished step, but its saved blocks are work a resume continues)."""
+    states = saved_states(saved)
+    return any(state.steps for state in states.values()) or bool(_run_folders(study, folder, states))
+
+
 def _remove_study(study: Study, folder: Path) -> None:
     """--force: the run folders and files this study writes go, so nothing stale is reused."""
-    for unit in study.units():
-        base = folder / unit.name if unit.name else folder
-        if not base.is_dir():
-            continue
-        for child in base.iterdir():
-            if child.is_dir() and (child / META_FILE).is_file():
-                shutil.rmtree(child)
+    for child in _run_folders(study, folder):
+        shutil.rmtree(child)
     for name in (STATE_FILE, PAGE_FILE):
         (folder / name).unlink(missing_ok=True)
 

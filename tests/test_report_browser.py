@@ -101,15 +101,20 @@ def test_fifteen_hundred_vectors_stay_usable(browser, tmp_path):
     assert problems == []
 
 
-def test_an_empty_completion_reads_no_text(browser, tmp_path):
-    """A vector whose completion is empty (the model ended at once) shows "(no text)", not an empty cell."""
+def run_with_completion(folder, n: int, index: int, text: str):
+    """``make_run``'s run with vector ``index``'s evaluated completion replaced by ``text``."""
     import json
 
-    run = make_run(tmp_path / "run", n=5)
+    run = make_run(folder, n=n)
     results = json.loads((run / "eval.json").read_text(encoding="utf-8"))
-    next(iter(results["prompts"].values()))["completions"]["greedy"]["3"][0]["text"] = ""
+    next(iter(results["prompts"].values()))["completions"]["greedy"][str(index)][0]["text"] = text
     (run / "eval.json").write_text(json.dumps(results), encoding="utf-8")
-    page, problems = open_report(browser, run)
+    return run
+
+
+def test_an_empty_completion_reads_no_text(browser, tmp_path):
+    """A vector whose completion is empty (the model ended at once) shows "(no text)", not an empty cell."""
+    page, problems = open_report(browser, run_with_completion(tmp_path / "run", 5, 3, ""))
     cells = page.eval_on_selector_all("#rows tr.row pre.completion", "pres => pres.map(p => [p.textContent, p.className])")
     assert cells[3] == ["(no text)", "completion empty"] and all(text.strip() and text != "(no text)" for text, _ in cells[:3] + cells[4:])
     assert problems == []
@@ -117,13 +122,7 @@ def test_an_empty_completion_reads_no_text(browser, tmp_path):
 
 def test_a_closed_row_shows_its_completion_from_the_first_line_with_text(browser, tmp_path):
     """Gemma's completions often open with blank lines; a closed row (a few lines high) starts at the text, an open one shows it whole."""
-    import json
-
-    run = make_run(tmp_path / "run", n=3)
-    results = json.loads((run / "eval.json").read_text(encoding="utf-8"))
-    next(iter(results["prompts"].values()))["completions"]["greedy"]["1"][0]["text"] = "\n\n  \nWe'd love to hear from you!"
-    (run / "eval.json").write_text(json.dumps(results), encoding="utf-8")
-    page, problems = open_report(browser, run)
+    page, problems = open_report(browser, run_with_completion(tmp_path / "run", 3, 1, "\n\n  \nWe'd love to hear from you!"))
     cell = page.locator("#rows tr.row").nth(1).locator("pre.completion")
     assert cell.text_content() == "We'd love to hear from you!"
     page.locator("#rows tr.row").nth(1).click()

@@ -70,7 +70,8 @@ def test_a_study_log_names_each_stage_and_block_once(capsys):
     from melbo.output.live import StudyView
     from melbo.study.outcome import Event
 
-    events = [Event("", "discover", "discover"), *(Event("", "discover", "discover", 0, 1, s, 3, 1.0) for s in (1, 2, 3)),
+    events = [Event("", "discover", "discover"), Event("", "discover", "discover", note="-R auto: R 67.5: 3/4 fluent"),
+              *(Event("", "discover", "discover", 0, 1, s, 3, 1.0) for s in (1, 2, 3)),
               Event("", "ortho", "ortho"), *(Event("", "ortho", "ortho", b, 3, s, 30, 0.5) for b in (0, 1, 2) for s in (1, 2)),
               Event("sweep 1", "ortho", "ortho-4", 0, 2, 1, 30, 0.5)]
     clock = Clock()
@@ -80,7 +81,7 @@ def test_a_study_log_names_each_stage_and_block_once(capsys):
             view(event)
             clock.now += 100.0  # each step 100 s: an ortho block takes 200 s
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
-    assert lines == ["study: discover", "study: discover block 1/1", "study: ortho", "study: ortho block 1/3",
+    assert lines == ["study: discover", "study: discover: -R auto: R 67.5: 3/4 fluent", "study: discover block 1/1", "study: ortho", "study: ortho block 1/3",
                      "study: ortho block 2/3, about 7 min left", "study: ortho block 3/3, about 3 min left",
                      "sweep 1: ortho ortho-4 block 1/2"]
 

@@ -133,6 +133,32 @@ def test_a_study_that_stopped_before_writing_anything_runs_again_without_force(p
         run_study(fixed, tmp_path / "s", models=models)
 
 
+def test_a_study_reports_auto_rs_candidates_as_they_are_measured(pinned_lm, tmp_path, monkeypatch):
+    """Under nohup `melbo study` said "study: discover" and nothing more while auto R tried its candidates (75 s on
+    Gemma 3 270M, minutes on a 0.5B model); each candidate and the choice are now events, a line each in a log."""
+    import melbo.study.pipeline as pipeline
+    from melbo.files.runs import RadiusChoice, RadiusProbe
+
+    probes = [RadiusProbe(r, 4, f, nll, 0.5, {"other": 4}, 3, "text") for r, f, nll in ((80.3, 3, 2.19), (95.5, 2, 3.9))]
+
+    def auto_r_then_stop(lm, prompts, cfg, fmt, out, on_probe, on_radius, **kwargs):
+        for probe in probes:
+            on_probe(probe)
+        on_radius(RadiusChoice(80.3, "the largest tried at which most vectors stay fluent", 3773.0, probes))
+        raise KeyboardInterrupt  # the rest is discovery's own work
+
+    monkeypatch.setattr(pipeline, "discover", auto_r_then_stop)
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        run_study(Study.from_dict(tiny_demo(discover={"radius": "auto"})), tmp_path / "s", models=ModelCache({"tiny": pinned_lm}),
+                  on_event=events.append)
+    assert [(e.stage, e.note) for e in events if e.note] == [
+        ("discover", "-R auto: R 80.3: 3/4 fluent, median NLL 2.19, first-token KL 0.50"),
+        ("discover", "-R auto: R 95.5: 2/4 fluent, median NLL 3.90, first-token KL 0.50"),
+        ("discover", "R = 80.3: the largest tried at which most vectors stay fluent"),
+    ]
+
+
 def grid_study(models: list[str]) -> str:
     return f"""
 name = "grid"

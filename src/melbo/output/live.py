@@ -158,6 +158,9 @@ class StudyView:
         return table
 
     def __call__(self, event: Event) -> None:
+        if event.note:  # a line of its own, in a terminal too (above the live table): R's candidates take a while
+            log_line(f"{event.unit or 'study'}: {event.stage}: {event.note}")
+            return
         row = self.rows.setdefault(event.unit, ["waiting", "", "", "", ""])
         for other, values in self.rows.items():
             if other != event.unit and values[0] == "running":

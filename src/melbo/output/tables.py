@@ -138,8 +138,7 @@ def trained_in(run: Run) -> str:
 
 def radius_probe(probe: RadiusProbe) -> str:
     """One line per candidate R as it is measured (a search below or above the range can take a while)."""
-    return (f"-R auto: R {probe.radius:g}: {probe.fluent}/{probe.vectors} fluent, median NLL {probe.median_nll:.2f}, "
-            f"first-token KL {probe.median_effect:.2f}")
+    return f"-R auto: {probe.summary()}"
 
 
 def log_radius_probe(probe: RadiusProbe) -> None:

@@ -28,6 +28,7 @@ class Event:
     step: int = 0
     steps: int | None = None
     loss: float | None = None
+    note: str = ""  # news within a stage, a line of its own in a log: auto R's candidates and its choice
 
 
 EventCallback = Callable[[Event], None]

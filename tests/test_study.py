@@ -273,9 +273,15 @@ def test_demo_from_the_shell_runs_the_demo_study(tmp_path):
 def test_faithful_choice_tries_candidates_and_keeps_the_best_copied(pinned_lm, tmp_path):
     choose = {"by": "faithful", "trials": 3, "trial_copies": 2, "trial_steps": 3, "trial_tokens": 6}
     study = Study.from_dict(tiny_demo(choose=choose, ortho={"count": 4, "block": 4, "steps": 5}))
-    result = run_study(study, tmp_path / "f", models=ModelCache({"tiny": pinned_lm}))
+    events = []
+    result = run_study(study, tmp_path / "f", models=ModelCache({"tiny": pinned_lm}), on_event=events.append)
     (base,) = result.units[0].bases
     assert len(base.trials) == 3 and all(t["share"] in (0.0, 0.5, 1.0) for t in base.trials)  # 2 trial copies each
+    notes = [e.note for e in events if e.stage == "choose" and e.note]  # a line each in a log: the trials take minutes
+    tried = ", ".join(f"#{t['index']} ({t['label']})" for t in base.trials)
+    assert notes == [f"2 trial copies of each of {tried}",
+                     *(f"#{t['index']} ({t['label']}): {t['share']:.0%} of its trial copies keep its label" for t in base.trials),
+                     f"base #{base.index} ({base.label})"]
     assert len({t["index"] for t in base.trials}) == 3
     def rank(t):  # ranked_trials: a behaviour kept by half its copies first, then the share; ties: the clearer first
         return (not (t["label"] not in ("other", "degenerate", base.unsteered_label) and t["share"] >= 0.5), -t["share"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -145,11 +146,12 @@ def _preference(name: str) -> int:
 
 def trial_bases(
     lm: LoadedModel, found: Run, candidates: list[BaseChoice], cfg: ChooseConfig, ortho_cfg: OrthoConfig,
-    prompts: list[str], fmt: PromptFormat,
+    prompts: list[str], fmt: PromptFormat, on_trial: Callable[[BaseChoice], None] | None = None,
 ) -> list[BaseChoice]:
     """The ``cfg.count`` best candidates by their trial copies (:func:`ranked_trials`). The trial copies train on the run's
     prompts alone (no extra prompts, unless the study's ortho sets them): they screen whether a base's label survives
-    in its copies on those prompts, and cost a fifth of what the default's shipped prompts would."""
+    in its copies on those prompts, and cost a fifth of what the default's shipped prompts would. ``on_trial`` is given
+    each candidate once its trial share is known."""
     trial = dataclasses.replace(
         ortho_cfg, count=cfg.trial_copies, block=cfg.trial_copies, steps=cfg.trial_steps, completion_tokens=0,
         extra_prompts=ortho_cfg.extra_prompts or 0,
@@ -159,6 +161,8 @@ def trial_bases(
         copies = ortho(lm, found.vectors[choice.index], prompts, trial, fmt).vectors[1:]
         texts = generate_steered(lm.model, lm.tokenizer, state.ids, copies.to(lm.device), found.source_layer, cfg.trial_tokens)
         choice.trial_share = statistics.mean(label(t)[0] == choice.label for t in texts) if texts else 0.0
+        if on_trial:
+            on_trial(choice)
     tried = [{"index": c.index, "label": c.label, "share": c.trial_share} for c in candidates]
     best = ranked_trials(candidates)[: cfg.count]
     for choice in best:

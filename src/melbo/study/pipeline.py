@@ -236,7 +236,11 @@ def run_unit(
             if unit.choose.by == "faithful":
                 trial_cfg = unit.ortho_config(source, target)
                 assert trial_cfg is not None
-                bases = trial_bases(lm, found, bases, unit.choose, trial_cfg, prompts, fmt)
+                emit(Event(unit.label, "choose", note=f"{unit.choose.trial_copies} trial copies of each of "
+                           + ", ".join(f"#{b.index} ({b.label})" for b in bases)))
+                bases = trial_bases(lm, found, bases, unit.choose, trial_cfg, prompts, fmt, on_trial=lambda b: emit(Event(
+                    unit.label, "choose", note=f"#{b.index} ({b.label}): {b.trial_share:.0%} of its trial copies keep its label")))
+            emit(Event(unit.label, "choose", note="base " + ", ".join(f"#{b.index} ({b.label})" for b in bases)))
             state.bases = bases
 
         step("choose", choose)

@@ -311,6 +311,24 @@ def test_study_page_short_unit_labels_and_no_share_for_a_base_without_behaviour(
             assert share.endswith("%"), row
 
 
+def test_study_page_controls_cell_reads_a_base_without_behaviour_by_its_text_and_names_a_model_file_briefly():
+    """As the verdict: a base labelled "other" gets θ0's run-prompt NLL, not a share that random pushes match (Gemma:
+    "share: copies 88% vs random 50%"); a model file shows its file name, not a cache path wrapped over six lines."""
+    from melbo.analysis.controls import ControlSummary
+    from melbo.report.study import _model_cell, controls_cell
+
+    figures = {"copies": {"behaviour_share": 0.88, "base_nll": 3.91, "base_nll_run_prompt": 0.56},
+               "random_same_norm": {"behaviour_share": 0.5, "base_nll": 3.73, "base_nll_run_prompt": 0.93},
+               "unsteered": {"behaviour_share": 1.0, "base_nll": 3.6, "base_nll_run_prompt": 2.0}}
+    summary = ControlSummary(figures, "verdict")
+    held = "held-out base NLL: copies 3.91 vs random 3.73 (unsteered 3.60)"
+    assert controls_cell(summary, "other") == f"run-prompt base NLL: copies 0.56 vs random 0.93; {held}"
+    assert controls_cell(summary, "code") == f"share: copies 88% vs random 50%; {held}"
+    cell = _model_cell("~/.cache/melbo/models/gemma-3-270m-q4_k_m.gguf")
+    assert cell == '<td title="~/.cache/melbo/models/gemma-3-270m-q4_k_m.gguf">gemma-3-270m-q4_k_m.gguf</td>'
+    assert _model_cell("Qwen/Qwen2.5-0.5B-Instruct") == "<td>Qwen/Qwen2.5-0.5B-Instruct</td>"
+
+
 def test_a_study_takes_its_vectors_from_a_llama_cpp_control_vector(tiny_folder, tmp_path):
     """``[vectors]`` reads a file as `melbo import` does: a .gguf control vector too, at the layer the study names."""
     from melbo import write_run

@@ -55,14 +55,19 @@ def judged_cell(judged: dict[str, float | None] | None) -> str:
     return ", ".join(f"{name} {'—' if share is None else format(share, '.0%')}" for name, share in (judged or {}).items())
 
 
-def controls_cell(summary: ControlSummary | None) -> str:
-    """"copies 81 % vs random 6 %; NLL 1.2 vs 3.4 (unsteered 2.9)": the controls verdict in one cell."""
+def controls_cell(summary: ControlSummary | None, base_label: str = "") -> str:
+    """"copies 81 % vs random 6 %; NLL 1.2 vs 3.4 (unsteered 2.9)": the controls verdict in one cell. Where the base's
+    label names no behaviour ("other"), θ0's text on the run's prompt stands in for the share, as in the verdict."""
     if summary is None:
         return ""
     share = [summary.get(n, "behaviour_share") for n in ("copies", "random_same_norm")]
+    on_prompt = [summary.get(n, "base_nll_run_prompt") for n in ("copies", "random_same_norm")]
     nll = [summary.get(n, "base_nll") for n in ("copies", "random_same_norm", "unsteered")]
     parts = []
-    if None not in share:
+    if base_label in NO_BEHAVIOUR_LABELS:  # as the verdict reads it
+        if None not in on_prompt:
+            parts.append(f"run-prompt base NLL: copies {on_prompt[0]:.2f} vs random {on_prompt[1]:.2f}")
+    elif None not in share:
         parts.append(f"share: copies {share[0]:.0%} vs random {share[1]:.0%}")
     if None not in nll:
         parts.append(f"held-out base NLL: copies {nll[0]:.2f} vs random {nll[1]:.2f} (unsteered {nll[2]:.2f})")
@@ -173,6 +178,18 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+# the table's column widths (%), in its order: unit, run, kind, model, layers, R, prompt, vectors, base, median KL,
+# behaviour share, same first token, controls, judge, time; equal widths wrapped the controls cell over 15 lines
+_COLUMNS = "".join(f'<col style="width:{w}%">' for w in (7, 6, 6, 10, 5, 4, 9, 5, 6, 5, 7, 5, 15, 5, 5))
+
+
+def _model_cell(name: str) -> str:
+    """A model file by its file name (the full path on hover: a cache path wrapped over six lines); a Hub id as it is."""
+    if name.startswith(("/", "~", ".")) or name.endswith(".gguf"):
+        return f'<td title="{html.escape(name)}">{html.escape(Path(name).name)}</td>'
+    return _cell(name)
+
+
 def _cell(value: object, fmt: str = "{}") -> str:
     if value is None or value == "":
         return "<td>—</td>"
@@ -185,11 +202,11 @@ def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
     for r in rows:
         link = f'<a href="{e(r.report)}">{e(r.folder)}</a>' if r.report else e(r.folder)
         body.append(
-            f"<tr><td>{e(r.unit)}" + (f"<br><small>{e(r.settings)}</small>" if r.settings and r.settings != r.unit else "") + f"</td><td>{link}</td>" + _cell(r.kind) + _cell(r.model) + _cell(r.layers)
+            f"<tr><td>{e(r.unit)}" + (f"<br><small>{e(r.settings)}</small>" if r.settings and r.settings != r.unit else "") + f"</td><td>{link}</td>" + _cell(r.kind) + _model_cell(r.model) + _cell(r.layers)
             + _cell(r.radius, "{:.3g}") + _cell(r.prompt) + _cell(r.vectors) + _cell(r.base) + _cell(r.median_kl, "{:.3f}")
             + _cell(None if r.behaviour_share is None or r.base_label in NO_BEHAVIOUR else 100 * r.behaviour_share, "{:.0f} %")
             + _cell(r.same_top_token)
-            + _cell(controls_cell(r.controls)) + _cell(judged_cell(r.judged)) + _cell(r.seconds, "{:.0f} s") + "</tr>"
+            + _cell(controls_cell(r.controls, r.base_label)) + _cell(judged_cell(r.judged)) + _cell(r.seconds, "{:.0f} s") + "</tr>"
         )
     plots = "".join(
         f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{e(title)}</figcaption></figure>'
@@ -204,7 +221,7 @@ def render_study(result: StudyResult, rows: list[StudyRow]) -> str:
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1300px; padding: 0 1em 3em; color: #222; }}
 table {{ border-collapse: collapse; width: 100%; table-layout: fixed; }} th, td {{ border-bottom: 1px solid #eee; padding: .3em .5em; text-align: left; vertical-align: top; overflow-wrap: anywhere; }}
 small {{ color: #666; }}
-th {{ background: #f6f6f6; }} figure {{ margin: 1em 0; }} figure img {{ max-width: 100%; border: 1px solid #eee; }}
+th {{ background: #f6f6f6; overflow-wrap: normal; }} figure {{ margin: 1em 0; }} figure img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption, footer {{ color: #666; font-size: .9em; }}
 </style></head><body>
 <h1>melbo study: {e(study.name)}</h1>
@@ -214,7 +231,7 @@ greedy completion on the run's prompt carries the base vector's label (<code>mel
 (<code>controls = true</code> in <code>[eval]</code>): the same share for random directions orthogonal to the base at the
 copies' norm, and the NLL of the base's own completion on held-out prompts under the copies, the random directions and no
 steering: copies that carry the base's behaviour, not only a big push, make its text likelier than both.</p>
-<table><thead><tr><th>unit</th><th>run (report)</th><th>kind</th><th>model</th><th>layers</th><th>R</th><th>prompt</th>
+<table><colgroup>{_COLUMNS}</colgroup><thead><tr><th>unit</th><th>run (report)</th><th>kind</th><th>model</th><th>layers</th><th>R</th><th>prompt</th>
 <th>vectors</th><th>base</th><th>median KL</th><th>behaviour share</th><th>same first token</th><th>controls</th><th>judge: copies rated 2</th><th>time</th></tr></thead>
 <tbody>{"".join(body)}</tbody></table>
 {plots}

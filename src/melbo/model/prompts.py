@@ -82,7 +82,8 @@ def format_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(
     if not fmt.chat_template:
         return prompt if fmt.system is None else f"{fmt.system}\n\n{prompt}"
     if not getattr(tokenizer, "chat_template", None):
-        raise MelboError("this tokenizer has no chat template: use raw prompts (--no-chat-template; in a study, chat_template = false under [prompts])")
+        raise MelboError("this tokenizer has no chat template: use raw prompts (--no-chat-template; in a study, chat_template = false "
+                         "under [prompts]; in Python, PromptFormat(chat_template=False))")
     messages = [{"role": "user", "content": prompt}]
     if fmt.system is not None:
         messages.insert(0, {"role": "system", "content": fmt.system})

@@ -101,3 +101,13 @@ def test_probes_judge_fluency_by_nll_and_label(problem, monkeypatch):
     assert probe.fluent == 2 and probe.labels["degenerate"] == 1  # the loop scores a low NLL and still fails
     assert probe.sample == "fine words here" and probe.openings == 2
     assert not probe.usable(RadiusConfig()) and probe.usable(RadiusConfig(min_fluent=0.5))
+
+
+def test_the_choice_line_says_r_once():
+    """"R = 80.3: R 80.3 (0.0213 × …)" said R twice in discover's, the demo's and a study's line."""
+    from melbo.files.runs import RadiusChoice
+
+    chosen = RadiusChoice(80.3, "R 80.3 (0.0213 × the residual norm 3773 at layer 5): the largest tried at which most vectors stay fluent", 3773.0)
+    assert chosen.line() == "R = 80.3 (0.0213 × the residual norm 3773 at layer 5): the largest tried at which most vectors stay fluent"
+    none = RadiusChoice(5.0, "no candidate R kept 75% of its vectors fluent; R 5 is the smallest tried", 3773.0)
+    assert none.line() == "R = 5: no candidate R kept 75% of its vectors fluent; R 5 is the smallest tried"

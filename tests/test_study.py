@@ -144,7 +144,7 @@ def test_a_study_reports_auto_rs_candidates_as_they_are_measured(pinned_lm, tmp_
     def auto_r_then_stop(lm, prompts, cfg, fmt, out, on_probe, on_radius, **kwargs):
         for probe in probes:
             on_probe(probe)
-        on_radius(RadiusChoice(80.3, "the largest tried at which most vectors stay fluent", 3773.0, probes))
+        on_radius(RadiusChoice(80.3, "R 80.3 (0.0213 × the residual norm 3773 at layer 5): the largest tried at which most vectors stay fluent", 3773.0, probes))
         raise KeyboardInterrupt  # the rest is discovery's own work
 
     monkeypatch.setattr(pipeline, "discover", auto_r_then_stop)
@@ -155,7 +155,7 @@ def test_a_study_reports_auto_rs_candidates_as_they_are_measured(pinned_lm, tmp_
     assert [(e.stage, e.note) for e in events if e.note] == [
         ("discover", "-R auto: R 80.3: 3/4 fluent, median NLL 2.19, first-token KL 0.50"),
         ("discover", "-R auto: R 95.5: 2/4 fluent, median NLL 3.90, first-token KL 0.50"),
-        ("discover", "R = 80.3: the largest tried at which most vectors stay fluent"),
+        ("discover", "R = 80.3 (0.0213 × the residual norm 3773 at layer 5): the largest tried at which most vectors stay fluent"),
     ]
 
 

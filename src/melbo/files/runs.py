@@ -143,6 +143,13 @@ class RadiusChoice:
     seconds: float = 0.0
     precision: str | None = None  # the probes' matrix products (float32 or bfloat16; None: a choice recorded before this)
 
+    def line(self) -> str:
+        """"R = 80.3 (0.0213 × the residual norm 3773 at layer 5): the largest tried at which …": the choice and its
+        reason without saying R twice (the reason, stored on its own, starts with "R 80.3")."""
+        said = f"R {self.radius:g}"
+        rest = self.reason[len(said):] if self.reason.startswith(said) else f": {self.reason}"
+        return f"R = {self.radius:g}{rest}"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

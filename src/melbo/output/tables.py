@@ -160,7 +160,7 @@ def radius_choice(choice: RadiusChoice) -> Lines:
         table.add_row(f"{mark}{p.radius:g}", f"{p.radius / choice.norm_at_source:.3g}", f"{p.fluent}/{p.vectors}", f"{p.median_nll:.2f}",
                       f"{p.median_effect:.2f}", labels, str(p.openings), short(p.sample, 60))
     products = ", probes with bfloat16 products" if choice.precision == "bfloat16" else ""
-    return [table, f"[bold]R = {choice.radius:g}[/bold]: {choice.reason} ({choice.seconds:.0f} s{products})"]
+    return [table, f"{escape(choice.line())} ({choice.seconds:.0f} s{products})"]
 
 
 def ortho_run(run: Run, limit: int = 200) -> Lines:
@@ -347,7 +347,7 @@ def base_choice(choice: BaseChoice, ortho: OrthoOutcome, found: Run) -> Lines:
     """``melbo demo``: R and why, the discovered vectors with the chosen base marked, the base and the unsteered text."""
     out: Lines = []
     if found.meta.radius_choice:
-        out.append(f"R = {found.meta.R:g}, layers {found.meta.source} → {found.meta.target}{trained_in(found)}: {found.meta.radius_choice.reason}")
+        out.append(f"layers {found.meta.source} → {found.meta.target}{trained_in(found)}, {escape(found.meta.radius_choice.line())}")
     table = make_table("Discovered vectors (fluency = NLL under the unsteered model; effect = first-token KL to unsteered)",
                        (("#", "right"), ("label", "left"), ("NLL", "right"), ("effect", "right"), ("completion", "left")))
     for c in choice.candidates:

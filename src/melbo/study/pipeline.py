@@ -213,7 +213,7 @@ def run_unit(
 
         step("discover", lambda: discover(
             lm, prompts, cfg, fmt, out=discovery, resume=True, on_step=progress("discover", "discover", blocks, cfg.steps), on_block=on_block,
-            on_probe=lambda probe: note(f"-R auto: {probe.summary()}"), on_radius=lambda choice: note(f"R = {choice.radius:g}: {choice.reason}"),
+            on_probe=lambda probe: note(f"-R auto: {probe.summary()}"), on_radius=lambda choice: note(choice.line()),
         ))
     else:
         spec = unit.vectors

@@ -244,7 +244,10 @@ def test_a_study_judges_its_runs_and_shows_controls_and_judge_everywhere(judge_s
     asked = len(server.chat_requests)
     assert asked > 0
     page = (tmp_path / "s" / "study.html").read_text()
-    assert "judge: copies rated 2" in page and "share: copies" in page
+    from melbo.labels import NO_BEHAVIOUR  # a base labelled "other" is read by its text on the run's prompt, not the share
+
+    controls = "run-prompt base NLL: copies" if outcome.base.label in NO_BEHAVIOUR else "share: copies"
+    assert "judge: copies rated 2" in page and controls in page
     report = (tmp_path / "s" / "ortho" / "report.html").read_text()
     assert 'id=judge-table' in report and 'id=controls-table' in report and "judge: code (mean harmonic)" in report
     assert "Base NLL per prompt" in report and "(trained on)" in report

@@ -32,13 +32,14 @@ PROMPT = "How can I do it?"
 LAYER = 1
 
 
-def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 32, completions: list[str] | None = None) -> Path:
+def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 32, completions: list[str] | None = None,
+             chat_template: bool = True) -> Path:
     vectors = torch.randn(count, d, generator=torch.Generator().manual_seed(seed))
     vectors = 3 * vectors / vectors.norm(dim=1, keepdim=True)
     texts = completions or [f"answer {i}" for i in range(count)]
     meta = {
         "kind": "discover", "model": {"name": model}, "model_identity": {"path": model, "d_model": d},
-        "layers": {"source": LAYER, "target": 4}, "prompts": [PROMPT],
+        "layers": {"source": LAYER, "target": 4}, "prompts": [PROMPT], "prompt_format": {"system": None, "chat_template": chat_template},
         "vectors": [{"index": i, "completion": texts[i]} for i in range(count)],
     }
     write_run(folder, vectors, meta)
@@ -423,3 +424,27 @@ def test_batched_decoding_uses_the_cache_api(tiny_folder):
             out = torch.cat([out, lm.model(input_ids=out).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     for k, tokens in ((0, 5), (1, 9)):
         assert "".join(pieces[k]) == lm.tokenizer.decode(out[0, ids.shape[1] : ids.shape[1] + tokens], skip_special_tokens=True)
+
+
+def test_a_base_model_without_a_chat_template_is_served_raw_and_chat_is_a_400(tiny_folder, tmp_path):
+    """Gemma 3 270M (a base model: no chat template) behind `melbo serve`: /v1/chat/completions was a bare "Internal
+    Server Error" (transformers' ValueError), and the explorer, which only asked that way, showed it in every column.
+    Now chat is a 400 in OpenAI's shape that names /v1/completions, the server goes on, and /v1/runs says each run's
+    prompt format so the explorer asks as the run was made."""
+    run = make_run(tmp_path / "raw", str(tiny_folder), chat_template=False)
+    lm = load_model(str(tiny_folder), device="cpu")
+    lm.tokenizer.chat_template = None  # as a base model's GGUF has none
+    server = Server(create_app(lm, Catalog([run]), ServeLimits(max_tokens=32)))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
+        assert refused.value.status_code == 400 and "no chat template" in refused.value.message and "/v1/completions" in refused.value.message
+        reply = client.completions.create(model=model, prompt=PROMPT, temperature=0, max_tokens=6, extra_body={"melbo": {"run": "raw", "vector": 2}})
+        ids = encode_prompt(lm.tokenizer, PROMPT, PromptFormat(chat_template=False), lm.device)
+        assert reply.choices[0].text == generate_steered(lm.model, lm.tokenizer, ids, Catalog([run]).runs["raw"].run.vectors[2:3], LAYER, max_new_tokens=6)[0]
+        described = httpx.get(server.url + "/v1/runs").json()["data"][0]
+        assert described["chat_template"] is False and described["system"] is None
+    finally:
+        server.close()

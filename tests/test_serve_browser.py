@@ -78,3 +78,40 @@ def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, 
             browser.close()
     finally:
         server.close()
+
+
+def test_the_explorer_asks_a_raw_prompt_run_through_completions(tiny_folder, tmp_path):
+    """A run made with raw prompts (Gemma 3 270M, a base model without a chat template): the explorer sent every column
+    to /v1/chat/completions and showed "Internal Server Error" in each. It now asks /v1/completions with the raw prompt,
+    the run's own format, and streams the text."""
+    from playwright.sync_api import expect, sync_playwright
+
+    run = make_run(tmp_path / "rawrun", str(tiny_folder), chat_template=False)
+    lm = load_model(str(tiny_folder), device="cpu")
+    lm.tokenizer.chat_template = None
+    batcher = PlantedBatcher()
+    server = Server(create_app(lm, Catalog([run]), ServeLimits(), batcher=batcher))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            asked: list[str] = []
+            page.on("request", lambda r: asked.append(r.url.removeprefix(server.url)) if r.method == "POST" else None)
+            page.goto(server.url + "/?run=rawrun")
+            expect(page.locator("#run")).to_have_value("rawrun")
+            page.fill("#prompt", PROMPT)
+            page.fill("#indices", "2")
+            page.click("#go")
+            columns = page.locator(".column")
+            expect(columns).to_have_count(2)
+            expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
+            expect(columns.nth(1).locator(".status")).to_have_text("done (stop)")
+            assert asked == ["/v1/completions", "/v1/completions"]
+            assert [r.prompt_ids for r in batcher.seen] == [lm.tokenizer(PROMPT).input_ids] * 2  # the raw prompt, no template
+            assert problems == []
+            browser.close()
+    finally:
+        server.close()

@@ -157,6 +157,8 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, http: HttpRequest) -> Response:
+        if not getattr(lm.tokenizer, "chat_template", None):  # a base model (Gemma 3 270M's GGUF): it was a bare 500
+            return error(400, "this model has no chat template (a base model): send the raw prompt to /v1/completions", param="messages")
         messages = [m.model_dump() for m in body.messages]
         encoded: Any = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(encoded, "input_ids") or isinstance(encoded, dict):  # newer tokenizers answer with an encoding

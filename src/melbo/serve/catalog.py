@@ -45,6 +45,8 @@ class ServedRun:
         return {
             "name": self.name, "kind": meta.kind, "model": meta.model_name, "layer": self.layer, "target": meta.target,
             "prompts": meta.prompts, "count": int(self.run.vectors.shape[0]), "report": self.report is not None,
+            # how the run's prompts were formatted: the explorer asks the same way (raw prompts: /v1/completions)
+            "chat_template": meta.prompt_format.chat_template, "system": meta.prompt_format.system,
             "vectors": [
                 {"index": i, "norm": round(float(v.norm()), 3), "label": self.labels[i], "base": record.base}
                 for i, (v, record) in enumerate(zip(self.run.vectors, self.run.records))

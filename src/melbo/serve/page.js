@@ -59,8 +59,8 @@ function column(title, unsteered) {
   return { text, status };
 }
 
-async function stream(body, target) {
-  const answer = await fetch("/v1/chat/completions", {
+async function stream(endpoint, body, target) {
+  const answer = await fetch(endpoint, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ ...body, stream: true }),
   });
   if (!answer.ok) {
@@ -85,7 +85,8 @@ async function stream(body, target) {
       const chunk = JSON.parse(line);
       if (chunk.error) { target.status.textContent = chunk.error.message; target.status.classList.add("error"); continue; }
       const choice = chunk.choices[0];
-      if (choice.delta && choice.delta.content) target.text.textContent += choice.delta.content;
+      const piece = choice.delta ? choice.delta.content : choice.text;  // chat chunks carry a delta, raw ones text
+      if (piece) target.text.textContent += piece;
       if (choice.finish_reason) target.status.textContent = `done (${choice.finish_reason})`;
     }
   }
@@ -103,15 +104,18 @@ async function compare(event) {
     return;
   }
   $("columns").replaceChildren();
-  const common = {
-    model, messages: [{ role: "user", content: $("prompt").value }],
-    temperature: Number($("temperature").value), max_tokens: Number($("tokens").value),
-  };
-  const jobs = [stream(common, column("unsteered", true))];
+  // the run's own prompt format: its chat template and system prompt, or raw text (a base model: /v1/completions)
+  const text = $("prompt").value;
+  const endpoint = run.chat_template ? "/v1/chat/completions" : "/v1/completions";
+  const asked = run.chat_template
+    ? { messages: [...(run.system !== null ? [{ role: "system", content: run.system }] : []), { role: "user", content: text }] }
+    : { prompt: run.system !== null ? `${run.system}\n\n${text}` : text };
+  const common = { model, ...asked, temperature: Number($("temperature").value), max_tokens: Number($("tokens").value) };
+  const jobs = [stream(endpoint, common, column("unsteered", true))];
   for (const index of picked) {
     const vector = run.vectors[index];
     const title = `#${index}${vector.label ? " · " + vector.label : ""} · norm ${vector.norm}${Number($("scale").value) !== 1 ? " × " + $("scale").value : ""}`;
-    jobs.push(stream({ ...common, melbo: { run: run.name, vector: index, scale: Number($("scale").value) } }, column(title, false)));
+    jobs.push(stream(endpoint, { ...common, melbo: { run: run.name, vector: index, scale: Number($("scale").value) } }, column(title, false)));
   }
   await Promise.all(jobs);
 }

@@ -109,6 +109,7 @@ def test_the_explorer_asks_a_raw_prompt_run_through_completions(tiny_folder, tmp
             expect(columns).to_have_count(2)
             expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
             expect(columns.nth(1).locator(".status")).to_have_text("done (stop)")
+            expect(columns.nth(1).locator("h2")).to_have_text("#2 · other · norm 3.0")  # one decimal, as the report's norms
             assert asked == ["/v1/completions", "/v1/completions"]
             assert [r.prompt_ids for r in batcher.seen] == [lm.tokenizer(PROMPT).input_ids] * 2  # the raw prompt, no template
             assert problems == []

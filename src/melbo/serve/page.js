@@ -114,7 +114,7 @@ async function compare(event) {
   const jobs = [stream(endpoint, common, column("unsteered", true))];
   for (const index of picked) {
     const vector = run.vectors[index];
-    const title = `#${index}${vector.label ? " · " + vector.label : ""} · norm ${vector.norm}${Number($("scale").value) !== 1 ? " × " + $("scale").value : ""}`;
+    const title = `#${index}${vector.label ? " · " + vector.label : ""} · norm ${vector.norm.toFixed(1)}${Number($("scale").value) !== 1 ? " × " + $("scale").value : ""}`;
     jobs.push(stream(endpoint, { ...common, melbo: { run: run.name, vector: index, scale: Number($("scale").value) } }, column(title, false)));
   }
   await Promise.all(jobs);

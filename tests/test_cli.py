@@ -83,6 +83,14 @@ def test_generate_side_by_side_and_bad_inputs(tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("│") and line.strip("│ "))
     plain, steered = (cell.strip() for cell in row.strip("│").split("│"))
     assert plain and steered and plain != steered  # the vector (norm 60 at layer 8) changes the text
+    from melbo.files.interop import export_vectors
+
+    (gguf,) = export_vectors(read_run(tmp_path / "run"), tmp_path / "v1.gguf", "gguf", [1])  # direction.8
+    from_file = melbo_here("generate", "--vector", str(gguf), "--max-new-tokens", "8")  # its layer from the file
+    from_run = melbo_here("generate", str(tmp_path / "run"), "--index", "1", "--max-new-tokens", "8")
+    assert from_file.returncode == 0 and from_run.returncode == 0, from_file.stderr + from_run.stderr
+    assert "vector 0 (norm 60.00) added after layer 8" in from_file.stdout
+    assert from_file.stdout.splitlines()[1:] == from_run.stdout.splitlines()[1:]  # the same completions as the run's vector
     assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "run"), "--index", "5"), "vectors 0 to 1")
     assert_one_line_error(melbo_here("generate", "--run", str(tmp_path / "run"), "--layer", "30"), "out of range")
     write_run(tmp_path / "narrow", torch.randn(1, 100), {"layers": {"source": 8, "target": 20}, "vectors": [{"index": 0}]})

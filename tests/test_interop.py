@@ -112,6 +112,24 @@ def test_control_formats_round_trip(run, tmp_path, fmt):
     assert imported.source_layer == 2
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "steering-vectors", "npy"])
+def test_every_exported_format_opens_as_a_vector_source_with_its_layer(run, tmp_path, fmt):
+    """`melbo generate --vector go8-3.gguf` (and `melbo ortho FILE`) read safetensors and the post's .pt only: a control
+    vector melbo had just exported failed with "not a safetensors file (… header too large)". Every format `melbo
+    import` reads now opens, with the layer the file records (a control vector's direction.N)."""
+    from melbo.files.source import open_vectors
+
+    (path,) = export_vectors(run, tmp_path / f"v{'.gguf' if fmt == 'gguf' else '.pt' if fmt == 'steering-vectors' else '.npy'}", fmt, [3])
+    found = open_vectors(path)
+    torch.testing.assert_close(found.vectors[0], run.vectors[3])
+    assert found.source == (None if fmt == "npy" else 2)  # a bare array records no layer: --layer says it
+    theta, layer = open_vectors(path, 2).at(0, 2)
+    torch.testing.assert_close(theta, run.vectors[3])
+    if fmt != "npy":
+        with pytest.raises(MelboError, match="has layers \\[2\\], not 5"):
+            open_vectors(path, 5)
+
+
 def test_steering_vectors_library_steers_like_melbo(tiny_lm, tmp_path):
     """The real steering-vectors library loads the export and steers a tiny model exactly as melbo's hook."""
     sv = pytest.importorskip("steering_vectors", reason="steering-vectors is not installed (scripts/setup installs it)")

@@ -40,7 +40,8 @@ def generate(
     run: Annotated[Path | None, typer.Argument(help="A run folder holding the vector (or give --vector FILE).", show_default=False)] = None,
     index: Annotated[int, typer.Option(help="Which vector of the run (row of vectors.safetensors).")] = 0,
     run_option: Annotated[Path | None, typer.Option("--run", hidden=True)] = None,  # melbo ≤ 0.1's spelling of RUN
-    vector: Annotated[Path | None, typer.Option(help="A vector file (.safetensors or the post's .pt); row --index.")] = None,
+    vector: Annotated[Path | None, typer.Option(help="A vector file (.safetensors, the post's .pt, a llama.cpp control vector .gguf, "
+                                                      "steering-vectors .pt, .npy); row --index.")] = None,
     layer: opt.Layer = None,
     scale: opt.Scale = 1.0,
     prompt: opt.Prompt = DEFAULT_PROMPT,
@@ -57,7 +58,7 @@ def generate(
     given = run or vector
     if given is None or (run and vector):
         raise MelboError("give exactly one of a run folder (melbo generate RUN --index I) or --vector FILE")
-    found = open_vectors(given)
+    found = open_vectors(given, layer)
     theta, layer = found.at(index, layer)
     lm, theta = load(model, device, dtype, found), theta * scale
     fmt = found.format(system, chat_template)
@@ -104,7 +105,7 @@ def discover(
 @app.command()
 @opt.config_options(OrthoConfig, before="index")
 def ortho(
-    base: Annotated[Path, typer.Argument(help="A run folder, or a vector file (.safetensors or the post's .pt).")],
+    base: Annotated[Path, typer.Argument(help="A run folder, or a vector file (as --vector of melbo generate reads: .safetensors, the post's .pt, a control vector .gguf…).")],
     index: Annotated[int, typer.Option(help="Which vector of BASE is θ0.")] = 0,
     source: Annotated[int | None, typer.Option("--source", "-s", help="Layer s (default: the run's).")] = None,
     target: Annotated[int | None, typer.Option("--target", "-t", help="Layer t (default: the run's).")] = None,

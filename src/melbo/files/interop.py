@@ -159,31 +159,36 @@ def read_control_vector(path: Path) -> tuple[dict[int, Tensor], str | None]:
     return directions, (bytes(hint.parts[-1]).decode() if hint is not None else None)
 
 
-def import_file(source: str | Path, out: str | Path, layer: int | None = None, model_name: str | None = None) -> Run:
-    """Make a run folder from a vector file in any format :func:`export_vectors` writes, or the original post's
-    ``.pt`` (row 0 = base; read with ``weights_only=True``).
-
-    A file that holds several layers (a multi-layer control vector) needs ``layer`` to choose one. ``model_name``: the
-    model the vectors are for (a study's); else a GGUF control vector's model hint, if any.
-    """
+def read_any_vector_file(source: str | Path, layer: int | None = None) -> tuple[Tensor, int | None, str | None]:
+    """``(vectors, layer, model hint)`` from a vector file in any format :func:`export_vectors` writes (a llama.cpp or
+    repeng control vector, a steering-vectors ``.pt``, ``.npy``), or the original post's ``.pt`` (row 0 = base; read
+    with ``weights_only=True``), or melbo's safetensors. ``layer``: the one ``layer`` asked, else the one the file
+    records (a control vector's ``direction.N`` is added after block N), else ``None``; a file that holds several
+    layers needs ``layer`` to choose one."""
     source = Path(source)
     need_file(source, "vector file")
     if source.suffix == ".gguf":
         directions, hint = read_control_vector(source)
         chosen = _choose_layer(directions, layer, source)
-        return write_imported(out, validate_vectors(directions[chosen][None], str(source)), source, chosen, model_name or hint)
+        return validate_vectors(directions[chosen][None], str(source)), chosen, hint
     if source.suffix == ".npy":
         try:
             array = np.load(source, allow_pickle=False)
         except ValueError as exc:
             raise MelboError(f"{source} is not a plain .npy array ({exc})") from exc
-        vectors = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        return write_imported(out, validate_vectors(vectors, str(source)), source, layer, model_name)
+        return validate_vectors(torch.from_numpy(np.asarray(array, dtype=np.float32)), str(source)), layer, None
     if source.suffix in (".pt", ".pth") and _is_steering_vectors(source):
         payload = torch.load(source, map_location="cpu", weights_only=True)
         chosen = _choose_layer(payload["layer_activations"], layer, source)
-        return write_imported(out, validate_vectors(payload["layer_activations"][chosen][None], str(source)), source, chosen, model_name)
-    return write_imported(out, load_vector_file(source), source, layer, model_name)
+        return validate_vectors(payload["layer_activations"][chosen][None], str(source)), chosen, None
+    return load_vector_file(source), layer, None
+
+
+def import_file(source: str | Path, out: str | Path, layer: int | None = None, model_name: str | None = None) -> Run:
+    """Make a run folder from a vector file (:func:`read_any_vector_file`). ``model_name``: the model the vectors are
+    for (a study's); else a GGUF control vector's model hint, if any."""
+    vectors, chosen, hint = read_any_vector_file(source, layer)
+    return write_imported(out, vectors, source, chosen, model_name or hint)
 
 
 def _choose_layer(directions: dict[int, Tensor], layer: int | None, source: Path) -> int:

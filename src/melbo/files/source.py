@@ -1,5 +1,5 @@
 """Where steering vectors come from: a run folder, with what it records (layers, model, prompts, prompt format), or a
-bare vector file (.safetensors or the post's .pt), which records nothing.
+vector file (.safetensors, the post's .pt, a llama.cpp control vector…), which records little or nothing.
 
 >>> source = open_vectors("runs/discover")            # doctest: +SKIP
 >>> theta0, layer = source.row(4), source.source  # doctest: +SKIP
@@ -14,8 +14,9 @@ from typing import Any
 from torch import Tensor
 
 from melbo.errors import MelboError
+from melbo.files.interop import read_any_vector_file
 from melbo.files.runs import Run, read_run
-from melbo.files.vectors import load_vector_file, validate_vectors
+from melbo.files.vectors import validate_vectors
 from melbo.model.loading import LoadedModel, load_model, locate_model
 from melbo.model.prompts import PromptFormat
 
@@ -97,7 +98,12 @@ def of_run(run: Run) -> VectorSource:
     )
 
 
-def open_vectors(path: str | Path) -> VectorSource:
-    """A run folder (its vectors and records) or a vector file (its vectors only)."""
+def open_vectors(path: str | Path, layer: int | None = None) -> VectorSource:
+    """A run folder (its vectors and records) or a vector file in any format ``melbo import`` reads: its vectors, and
+    the layer where the file records one (a llama.cpp control vector's ``direction.N``; ``layer`` chooses among
+    several)."""
     path = Path(path)
-    return of_run(read_run(path)) if path.is_dir() else VectorSource(path, load_vector_file(path))
+    if path.is_dir():
+        return of_run(read_run(path))
+    vectors, recorded, _hint = read_any_vector_file(path, layer)
+    return VectorSource(path, vectors, source=recorded)

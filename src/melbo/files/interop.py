@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,9 @@ def _choose_layer(directions: dict[int, Tensor], layer: int | None, source: Path
 
 def _is_steering_vectors(path: Path) -> bool:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a pickle that is not only tensors: load_vector_file refuses it in one line
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return False
     return isinstance(payload, dict) and "layer_activations" in payload

@@ -65,6 +65,7 @@ def test_info_prints_layer_profile():
     assert result.returncode == 0, result.stderr
     assert "30 layers" in result.stdout and "d_model 576" in result.stdout
     assert "attention sink" in result.stdout  # the flag column is named, not a blank header
+    assert "top 3 dims' share of ‖h‖²" in result.stdout and "massive activations" not in result.stdout  # SmolLM2: ~50 %
     assert "×173 the median" in result.stdout  # SmolLM2's first-token attention sink is flagged (layer 11)
     assert "(about a third of the way in: 8 here), t (about two thirds in: 20 here)" in " ".join(result.stdout.split())
 

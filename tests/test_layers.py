@@ -207,3 +207,24 @@ def test_a_steered_generation_shares_the_blocks_before_the_vector_across_rows(ti
     assert torch.equal(made.new_ids, plain.sequences[:, IDS.shape[1]:])
     torch.testing.assert_close(made.first_logits, plain.logits[0].float(), rtol=1e-4, atol=1e-4)
     assert hook_count(tiny) == 0 and not tiny._forward_hooks
+
+
+def test_residual_norms_measure_the_share_of_a_few_massive_coordinates(tiny):
+    """`melbo info`'s column for massive activations (Gemma 3 270M: 3 coordinates hold 96 % of ‖h‖² after layer 5, so
+    its fluent R is 0.02× the norm, not SmolLM2's 0.2×): planted in one block's output, measured there; info says so
+    when the source layer has them, and not otherwise."""
+    from melbo.model.forward import residual_norms
+    from melbo.output.tables import residual_norms as info_lines
+
+    ids = torch.tensor([[3, 14, 15, 9, 26, 5]])
+    plain = residual_norms(tiny, ids)
+    assert all(0 < row.top_share < 0.9 for row in plain)
+    boost = torch.zeros(tiny.config.hidden_size)
+    boost[[1, 7, 20]] = 1e4  # three massive coordinates after block 2
+    with add_to_residual(tiny, 2, boost):
+        massive = residual_norms(tiny, ids)
+    assert massive[2].top_share > 0.99 and massive[1].top_share == pytest.approx(plain[1].top_share)
+    said = [str(line) for line in info_lines("tiny", {"class": "Tiny", "dtype": "float32"}, 4, 32, "cpu", 6, massive, (2, 3))]
+    assert any("After layer 2, 3 coordinates hold 100% of the residual's squared norm (massive activations)" in line for line in said)
+    said = [str(line) for line in info_lines("tiny", {"class": "Tiny", "dtype": "float32"}, 4, 32, "cpu", 6, plain, (2, 3))]
+    assert not any("massive activations" in line for line in said)

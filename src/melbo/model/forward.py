@@ -376,6 +376,10 @@ def effect_on_first_token(lm: LoadedModel, state: PromptState, source: int, thet
     return kl_divergence(steered, plain.expand_as(steered))
 
 
+TOP_DIMS = 3  # massive activations: a few coordinates that hold most of a residual's norm (Gemma 3 270M: 96 %)
+MASSIVE_SHARE = 0.9  # `melbo info` says so from this share on (SmolLM2: about 50 % after layer 8, Gemma 3 270M 96 % after 5)
+
+
 @dataclass
 class LayerNorms:
     """The residual norm after one block on one prompt: what a user needs to choose s, t and R."""
@@ -384,6 +388,7 @@ class LayerNorms:
     first_token: float  # residual norm at position 0
     median_rest: float  # median residual norm over positions 1 …
     max_rest: float
+    top_share: float = 0.0  # median over positions 1 … of the share of ‖h‖² in its TOP_DIMS largest coordinates
 
     @property
     def sink(self) -> bool:
@@ -399,7 +404,10 @@ def residual_norms(model: CausalLM, input_ids: Tensor) -> list[LayerNorms]:
         model(input_ids=input_ids, use_cache=False)
     rows = []
     for layer in layers:
-        norms = seen[layer][0].float().norm(dim=-1)
-        rest = norms[1:] if norms.numel() > 1 else norms
-        rows.append(LayerNorms(layer, float(norms[0]), float(rest.median()), float(rest.max())))
+        h = seen[layer][0].float()
+        norms = h.norm(dim=-1)
+        rest = slice(1, None) if norms.numel() > 1 else slice(None)
+        squares = h[rest] ** 2
+        top = squares.topk(min(TOP_DIMS, squares.shape[-1]), dim=-1).values.sum(-1) / squares.sum(-1).clamp_min(1e-30)
+        rows.append(LayerNorms(layer, float(norms[0]), float(norms[rest].median()), float(norms[rest].max()), float(top.median())))
     return rows

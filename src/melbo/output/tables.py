@@ -86,17 +86,26 @@ def or_dash(value: float | None, fmt: str) -> str:
 def residual_norms(name: str, described: dict[str, Any], n_layers: int, d_model: int, device: str, tokens: int, rows: list[LayerNorms],
                    layers: tuple[int, int] | None) -> Lines:
     """``melbo info``: the model, the residual norm after each block, and how melbo chooses s, t and R."""
+    from melbo.model.forward import MASSIVE_SHARE, TOP_DIMS
+
     out: Lines = [f"[bold]{name}[/bold] ({described['class']}): {n_layers} layers (0 to {n_layers - 1}), d_model {d_model}, "
                   f"{described['dtype']} on {device}; prompt = {tokens} tokens"]
     table = make_table("Residual-stream norm after each block",
-                       [(c, "right") for c in ("layer", "first token", "median of the rest", "max of the rest", "attention sink")])
+                       [(c, "right") for c in ("layer", "first token", "median of the rest", "max of the rest",
+                                               f"top {TOP_DIMS} dims' share of ‖h‖²", "attention sink")])
     for row in rows:
         flag = f"[red]×{row.first_token / row.median_rest:.0f} the median[/red]" if row.sink else ""
-        table.add_row(str(row.layer), f"{row.first_token:,.1f}", f"{row.median_rest:,.1f}", f"{row.max_rest:,.1f}", flag)
+        table.add_row(str(row.layer), f"{row.first_token:,.1f}", f"{row.median_rest:,.1f}", f"{row.max_rest:,.1f}",
+                      f"{row.top_share:.0%}", flag)
     out.append(table)
     if any(row.sink for row in rows):
         out.append("[yellow]The first token is an attention sink on the flagged layers: melbo's losses skip it by default "
                    "(--positions all to include it).[/yellow]")
+    at_source = next((row for row in rows if layers is not None and row.layer == layers[0]), None)
+    if at_source is not None and at_source.top_share >= MASSIVE_SHARE:
+        out.append(f"[yellow]After layer {at_source.layer}, {TOP_DIMS} coordinates hold {at_source.top_share:.0%} of the residual's "
+                   f"squared norm (massive activations): the norm overstates the rest of the stream, so the fluent R is a much "
+                   f"smaller fraction of it than on other models (auto R searches below its usual range until it finds it).[/yellow]")
     here = ("", "") if layers is None else (f": {layers[0]} here", f": {layers[1]} here")
     out.append(f"melbo discover chooses s (about a third of the way in{here[0]}), t (about two thirds in{here[1]}) and R itself: the largest R at "
                "which most trained vectors stay fluent, a fraction of the norm at s that differs between models "

@@ -3,6 +3,7 @@ text that holds markup stays text. The model behind the API is replaced by a bat
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -42,11 +43,12 @@ class PlantedBatcher:
         pass
 
 
-def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, tmp_path):
+@contextlib.contextmanager
+def explorer(lm, run, name: str):
+    """The explorer at ``/?run=NAME`` in headless Chromium, the API behind it on a :class:`PlantedBatcher`; yields
+    (page, batcher, problems: page errors, console errors and requests that left this server, in the order seen)."""
     from playwright.sync_api import expect, sync_playwright
 
-    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
-    lm = load_model(str(tiny_folder), device="cpu")
     batcher = PlantedBatcher()
     server = Server(create_app(lm, Catalog([run]), ServeLimits(), batcher=batcher))
     try:
@@ -57,62 +59,57 @@ def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, 
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             page.on("request", lambda r: problems.append(f"request: {r.url}") if not r.url.startswith(server.url) else None)
-            page.goto(server.url + "/?run=tinyrun")
-            expect(page.locator("#run")).to_have_value("tinyrun")
-            page.fill("#prompt", PROMPT)
-            page.fill("#indices", "1, 4")
-            page.click("#go")
-            columns = page.locator(".column")
-            expect(columns).to_have_count(3)
-            expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
-            for k in (1, 2):
-                expect(columns.nth(k).locator("pre")).to_contain_text(PLANTED)
-                expect(columns.nth(k).locator(".status")).to_have_text("done (stop)")
-            assert page.evaluate("window.__pwned") is None and page.locator(".column img").count() == 0
-            assert [r.vector is not None for r in batcher.seen] == [False, True, True]
-            assert sorted(round(float(r.vector.norm()), 3) for r in batcher.seen[1:]) == [3.0, 3.0]
-            page.fill("#indices", "9")
-            page.click("#go")
-            expect(page.locator("#message")).to_have_text("vectors are 0 to 5")
-            assert problems == []
+            page.goto(server.url + f"/?run={name}")
+            expect(page.locator("#run")).to_have_value(name)
+            yield page, batcher, problems
             browser.close()
     finally:
         server.close()
+
+
+def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, tmp_path):
+    from playwright.sync_api import expect
+
+    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
+    with explorer(load_model(str(tiny_folder), device="cpu"), run, "tinyrun") as (page, batcher, problems):
+        page.fill("#prompt", PROMPT)
+        page.fill("#indices", "1, 4")
+        page.click("#go")
+        columns = page.locator(".column")
+        expect(columns).to_have_count(3)
+        expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
+        for k in (1, 2):
+            expect(columns.nth(k).locator("pre")).to_contain_text(PLANTED)
+            expect(columns.nth(k).locator(".status")).to_have_text("done (stop)")
+        assert page.evaluate("window.__pwned") is None and page.locator(".column img").count() == 0
+        assert [r.vector is not None for r in batcher.seen] == [False, True, True]
+        assert sorted(round(float(r.vector.norm()), 3) for r in batcher.seen[1:]) == [3.0, 3.0]
+        page.fill("#indices", "9")
+        page.click("#go")
+        expect(page.locator("#message")).to_have_text("vectors are 0 to 5")
+        assert problems == []
 
 
 def test_the_explorer_asks_a_raw_prompt_run_through_completions(tiny_folder, tmp_path):
     """A run made with raw prompts (Gemma 3 270M, a base model without a chat template): the explorer sent every column
     to /v1/chat/completions and showed "Internal Server Error" in each. It now asks /v1/completions with the raw prompt,
     the run's own format, and streams the text."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     run = make_run(tmp_path / "rawrun", str(tiny_folder), chat_template=False)
     lm = load_model(str(tiny_folder), device="cpu")
     lm.tokenizer.chat_template = None
-    batcher = PlantedBatcher()
-    server = Server(create_app(lm, Catalog([run]), ServeLimits(), batcher=batcher))
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            asked: list[str] = []
-            page.on("request", lambda r: asked.append(r.url.removeprefix(server.url)) if r.method == "POST" else None)
-            page.goto(server.url + "/?run=rawrun")
-            expect(page.locator("#run")).to_have_value("rawrun")
-            page.fill("#prompt", PROMPT)
-            page.fill("#indices", "2")
-            page.click("#go")
-            columns = page.locator(".column")
-            expect(columns).to_have_count(2)
-            expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
-            expect(columns.nth(1).locator(".status")).to_have_text("done (stop)")
-            expect(columns.nth(1).locator("h2")).to_have_text("#2 · other · norm 3.0")  # one decimal, as the report's norms
-            assert asked == ["/v1/completions", "/v1/completions"]
-            assert [r.prompt_ids for r in batcher.seen] == [lm.tokenizer(PROMPT).input_ids] * 2  # the raw prompt, no template
-            assert problems == []
-            browser.close()
-    finally:
-        server.close()
+    with explorer(lm, run, "rawrun") as (page, batcher, problems):
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url.split("/", 3)[-1]) if r.method == "POST" else None)
+        page.fill("#prompt", PROMPT)
+        page.fill("#indices", "2")
+        page.click("#go")
+        columns = page.locator(".column")
+        expect(columns).to_have_count(2)
+        expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
+        expect(columns.nth(1).locator(".status")).to_have_text("done (stop)")
+        expect(columns.nth(1).locator("h2")).to_have_text("#2 · other · norm 3.0")  # one decimal, as the report's norms
+        assert asked == ["v1/completions", "v1/completions"]
+        assert [r.prompt_ids for r in batcher.seen] == [lm.tokenizer(PROMPT).input_ids] * 2  # the raw prompt, no template
+        assert problems == []

@@ -33,13 +33,13 @@ LAYER = 1
 
 
 def make_run(folder: Path, model: str, count: int = 6, seed: int = 0, d: int = 32, completions: list[str] | None = None,
-             chat_template: bool = True) -> Path:
+             chat_template: bool = True, system: str | None = None) -> Path:
     vectors = torch.randn(count, d, generator=torch.Generator().manual_seed(seed))
     vectors = 3 * vectors / vectors.norm(dim=1, keepdim=True)
     texts = completions or [f"answer {i}" for i in range(count)]
     meta = {
         "kind": "discover", "model": {"name": model}, "model_identity": {"path": model, "d_model": d},
-        "layers": {"source": LAYER, "target": 4}, "prompts": [PROMPT], "prompt_format": {"system": None, "chat_template": chat_template},
+        "layers": {"source": LAYER, "target": 4}, "prompts": [PROMPT], "prompt_format": {"system": system, "chat_template": chat_template},
         "vectors": [{"index": i, "completion": texts[i]} for i in range(count)],
     }
     write_run(folder, vectors, meta)

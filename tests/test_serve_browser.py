@@ -90,6 +90,24 @@ def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, 
         assert problems == []
 
 
+def test_the_explorer_asks_with_the_runs_system_prompt(tiny_folder, tmp_path):
+    """A run made with a system prompt is asked with it (the explorer sent a bare user message whatever the run)."""
+    from playwright.sync_api import expect
+
+    from melbo.model.prompts import PromptFormat, encode_prompt
+
+    run = make_run(tmp_path / "sysrun", str(tiny_folder), system="Be brief.")
+    lm = load_model(str(tiny_folder), device="cpu")
+    with explorer(lm, run, "sysrun") as (page, batcher, problems):
+        page.fill("#prompt", PROMPT)
+        page.fill("#indices", "0")
+        page.click("#go")
+        expect(page.locator(".column .status")).to_have_text(["done (stop)", "done (stop)"])
+        wanted = encode_prompt(lm.tokenizer, PROMPT, PromptFormat(system="Be brief."), lm.device)[0].tolist()
+        assert [r.prompt_ids for r in batcher.seen] == [wanted] * 2  # as the run was made, the system turn included
+        assert problems == []
+
+
 def test_the_explorer_asks_a_raw_prompt_run_through_completions(tiny_folder, tmp_path):
     """A run made with raw prompts (Gemma 3 270M, a base model without a chat template): the explorer sent every column
     to /v1/chat/completions and showed "Internal Server Error" in each. It now asks /v1/completions with the raw prompt,

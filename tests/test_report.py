@@ -131,7 +131,7 @@ def test_cli_report_and_its_errors(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path):
+def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", n=12)
     probe = {
         "prompts": ["Write a function."], "tokens": 40, "layer": 2, "random": {"directions": 64, "mean_abs_cos": 0.03, "std": 0.01},
@@ -149,6 +149,15 @@ def test_probe_and_compose_results_are_drawn_and_tabled(tmp_path):
     assert "0/11 keep the base's label (code), median KL 2.000" in page
     data = gather(run)
     assert data.rows[11].z == 5.0
+
+    from melbo.report import plots  # the composition's k axis: a tick at each k, written as k, and the legend beside it
+
+    axes = []
+    monkeypatch.setattr(plots, "_png", lambda fig: axes.append(fig.axes[0]) or b"png")
+    assert plots.plot_compose(data) == b"png"
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["1", "2", "5"]  # "10⁰", "2×10⁰" before
+    assert axes[0].get_legend().get_bbox_to_anchor().x0 > axes[0].get_window_extent().x1 - 1  # outside the axes
+    plots.plt.close("all")
 
 
 def test_label_plot_says_which_completions_it_labels(tmp_path):

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from melbo.analysis.compose import COMBINATIONS, ComposeRow
 from melbo.report.data import ReportData, moving_average
@@ -155,12 +155,21 @@ def plot_compose(data: ReportData) -> bytes | None:
     if compose.single_median_kl is not None:
         ax.axhline(compose.single_median_kl, color="red", ls="--", lw=1, label="median: each vector alone at ‖θ0‖")
     if rows:
-        ax.set_xscale("log")
+        _k_axis(ax, [r.combination.k for r in rows])
     ax.set_xlabel("k (first k orthogonal vectors)")
     ax.set_ylabel("KL to the base (nats)")
-    ax.legend(loc="best", fontsize=8, title="green ring: same label as base", title_fontsize=7)
+    # beside the axes: inside, it hid the points at small k and the red line's level
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="green ring: same label as base", title_fontsize=7)
     ax.set_title(f"Composition on {compose.prompt!r}", fontsize=10)
     return _png(fig)
+
+
+def _k_axis(ax: plt.Axes, ks: list[int | None]) -> None:
+    """A log axis of k with a tick at each k composed, written as k ("8", not "6×10⁰" and "10⁰" between them)."""
+    ax.set_xscale("log")
+    shown = sorted({k for k in ks if k})
+    ax.set_xticks(shown, [str(k) for k in shown])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _compose_labels(data: ReportData, rows: list[ComposeRow]) -> bytes | None:
@@ -171,7 +180,7 @@ def _compose_labels(data: ReportData, rows: list[ComposeRow]) -> bytes | None:
     labels = list(dict.fromkeys([*data.labels, *(r.label for r in rows)]))
     ax.scatter([r.combination.k or 0 for r in rows], [labels.index(r.label) for r in rows], c=[_colour(r.label, labels) for r in rows], s=60)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xscale("log")
+    _k_axis(ax, [r.combination.k for r in rows])
     ax.set_xlabel("k (first k orthogonal vectors)")
     ax.set_title(f"Composition (mean×√k) on {data.compose.prompt!r}: label of the completion; base: {data.compose.base_label}", fontsize=10)
     return _png(fig)

@@ -87,6 +87,10 @@ def prepare(case: str, tmp: Path) -> list[str]:
         return ["export", str(good_run(tmp)), "-o", "/proc/no-such-folder/v.gguf"]  # procfs: no new folders, even for root
     if case == "compose with k 0":
         return ["compose", str(good_run(tmp)), "--k", "0,2"]
+    if case == "compose on a discovery":
+        write_run(tmp / "disc", torch.randn(3, 576), {"kind": "discover", "model": {"name": "smollm2"}, "layers": {"source": 8, "target": 20},
+                                                      "vectors": [{"index": i} for i in range(3)]})
+        return ["compose", str(tmp / "disc")]
     if case == "generate with a nan scale":
         return ["generate", "--run", str(good_run(tmp)), "--scale", "nan"]
     if case == "prompt file empty":
@@ -133,6 +137,7 @@ CASES = [
     ("prompt file is a folder", ["discover", "--prompt-file", ".", "--out", "o"], "prompt file . is a folder, not a file"),
     ("export to a folder that cannot be made", None, "/proc/no-such-folder/v.gguf: cannot write here"),
     ("compose with k 0", None, "at least 1"),
+    ("compose on a discovery", None, "compose needs a MELBO-ortho run (row 0 = θ0)"),
     ("generate with a nan scale", None, "'--scale': nan is not a finite number"),
 ]
 

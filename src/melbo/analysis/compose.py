@@ -42,13 +42,22 @@ class Combination:
         return f"#{self.index}→‖θ0‖" if self.kind == "single" else f"k={self.k} {self.kind}"
 
 
+def check_composable(run: Run) -> None:
+    """A one-line error where ``run`` has no θ0 in row 0 with vectors beside it: a discovery's vector 0 is one behaviour
+    among many, and a mean of the others measured against it means nothing (it ran, before)."""
+    if run.meta.kind == "discover":
+        raise MelboError(f"compose needs a MELBO-ortho run (row 0 = θ0); {run.path} is a discovery, whose vectors share no "
+                         f"base: make copies of one first (melbo ortho {run.path} --index I)")
+    if run.vectors.shape[0] < 2:
+        raise MelboError(f"{run.path} holds no vector besides the base; compose needs an ortho run")
+
+
 def composed_vectors(run: Run, ks: list[int]) -> tuple[list[Combination], Tensor]:
     """Every combination to try and its vector (rows 1… are the found vectors, row 0 the base). A k beyond the found
     vectors counts as all of them (melbo's k 1, 2, 3, 5, 10, 20 … on 32 copies end at 20, then 32: the mean of every
     copy, the controls' "mean"), each k once."""
+    check_composable(run)
     found = run.vectors[1:]
-    if found.shape[0] == 0:
-        raise MelboError(f"{run.path} holds no vector besides the base; compose needs an ortho run")
     base_norm = float(run.vectors[0].norm())
     combos: list[Combination] = []
     rows: list[Tensor] = []

@@ -110,6 +110,7 @@ def compose(
     from melbo.files.runs import COMPOSE_FILE, read_run
 
     record, ks = read_run(run), ComposeConfig.parse_ks(k)
+    engine.check_composable(record)  # before the model loads
     text = prompt or record.meta.first_prompt
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
     with err_console.status("composing…"):

@@ -67,16 +67,24 @@ def explorer(lm, run, name: str):
         server.close()
 
 
+def compare(page, indices: str, columns: int):
+    """Type PROMPT, pick ``indices``, press Compare: the page's columns (the unsteered one first), once ``columns`` are there."""
+    from playwright.sync_api import expect
+
+    page.fill("#prompt", PROMPT)
+    page.fill("#indices", indices)
+    page.click("#go")
+    shown = page.locator(".column")
+    expect(shown).to_have_count(columns)
+    return shown
+
+
 def test_compare_two_vectors_streams_and_planted_markup_stays_text(tiny_folder, tmp_path):
     from playwright.sync_api import expect
 
     run = make_run(tmp_path / "tinyrun", str(tiny_folder))
     with explorer(load_model(str(tiny_folder), device="cpu"), run, "tinyrun") as (page, batcher, problems):
-        page.fill("#prompt", PROMPT)
-        page.fill("#indices", "1, 4")
-        page.click("#go")
-        columns = page.locator(".column")
-        expect(columns).to_have_count(3)
+        columns = compare(page, "1, 4", 3)
         expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
         for k in (1, 2):
             expect(columns.nth(k).locator("pre")).to_contain_text(PLANTED)
@@ -99,10 +107,7 @@ def test_the_explorer_asks_with_the_runs_system_prompt(tiny_folder, tmp_path):
     run = make_run(tmp_path / "sysrun", str(tiny_folder), system="Be brief.")
     lm = load_model(str(tiny_folder), device="cpu")
     with explorer(lm, run, "sysrun") as (page, batcher, problems):
-        page.fill("#prompt", PROMPT)
-        page.fill("#indices", "0")
-        page.click("#go")
-        expect(page.locator(".column .status")).to_have_text(["done (stop)", "done (stop)"])
+        expect(compare(page, "0", 2).locator(".status")).to_have_text(["done (stop)", "done (stop)"])
         wanted = encode_prompt(lm.tokenizer, PROMPT, PromptFormat(system="Be brief."), lm.device)[0].tolist()
         assert [r.prompt_ids for r in batcher.seen] == [wanted] * 2  # as the run was made, the system turn included
         assert problems == []
@@ -120,11 +125,7 @@ def test_the_explorer_asks_a_raw_prompt_run_through_completions(tiny_folder, tmp
     with explorer(lm, run, "rawrun") as (page, batcher, problems):
         asked: list[str] = []
         page.on("request", lambda r: asked.append(r.url.split("/", 3)[-1]) if r.method == "POST" else None)
-        page.fill("#prompt", PROMPT)
-        page.fill("#indices", "2")
-        page.click("#go")
-        columns = page.locator(".column")
-        expect(columns).to_have_count(2)
+        columns = compare(page, "2", 2)
         expect(columns.nth(0).locator("pre")).to_have_text("plain unsteered answer")
         expect(columns.nth(1).locator(".status")).to_have_text("done (stop)")
         expect(columns.nth(1).locator("h2")).to_have_text("#2 · other · norm 3.0")  # one decimal, as the report's norms

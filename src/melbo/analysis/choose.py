@@ -64,6 +64,11 @@ class BaseChoice:
     trial_share: float | None = None  # by = "faithful": share of its trial copies that kept its label
     trials: list[dict[str, Any]] = field(default_factory=list)  # by = "faithful": every candidate tried
 
+    @property
+    def name(self) -> str:
+        """"#14 (code)": how tables, logs and the study page name a base."""
+        return f"#{self.index} ({self.label})"
+
     def reason(self) -> str:
         why = f"labelled {self.label}" + (f" ({self.rule})" if self.rule else "")
         if self.by == "index":

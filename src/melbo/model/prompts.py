@@ -71,6 +71,11 @@ class PromptFormat:
         return PromptFormat(self.system if system is None else system, self.chat_template if chat_template is None else chat_template)
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` can format chat messages (a base model's, e.g. Gemma 3 270M's GGUF, cannot)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def format_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat()) -> str:
     """The text the model sees: the chat template with the optional system prompt, or the raw prompt.
 
@@ -81,7 +86,7 @@ def format_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat = PromptFormat(
         raise MelboError("the prompt is empty: give some text with --prompt")
     if not fmt.chat_template:
         return prompt if fmt.system is None else f"{fmt.system}\n\n{prompt}"
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise MelboError("this tokenizer has no chat template: use raw prompts (--no-chat-template; in a study, chat_template = false "
                          "under [prompts]; in Python, PromptFormat(chat_template=False))")
     messages = [{"role": "user", "content": prompt}]

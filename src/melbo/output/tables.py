@@ -101,7 +101,7 @@ def residual_norms(name: str, described: dict[str, Any], n_layers: int, d_model:
     if any(row.sink for row in rows):
         out.append("[yellow]The first token is an attention sink on the flagged layers: melbo's losses skip it by default "
                    "(--positions all to include it).[/yellow]")
-    at_source = next((row for row in rows if layers is not None and row.layer == layers[0]), None)
+    at_source = rows[layers[0]] if layers is not None else None  # rows: every layer, in order
     if at_source is not None and at_source.top_share >= MASSIVE_SHARE:
         out.append(f"[yellow]After layer {at_source.layer}, {TOP_DIMS} coordinates hold {at_source.top_share:.0%} of the residual's "
                    f"squared norm (massive activations): the norm overstates the rest of the stream, so the fluent R is a much "

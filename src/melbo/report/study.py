@@ -117,7 +117,7 @@ def study_rows(result: StudyResult) -> list[StudyRow]:
                 radius=meta.R,
                 prompt=(meta.prompts or [""])[0],
                 vectors=len(meta.records),
-                base=f"#{outcome.base.index} ({outcome.base.label})" if outcome else "",
+                base=outcome.base.name if outcome else "",
                 median_kl=outcome.fidelity.median_kl if outcome else None,
                 behaviour_share=outcome.behaviour_share if outcome else None,
                 same_top_token=f"{outcome.fidelity.same_top_token}/{outcome.fidelity.copies}" if outcome else "",

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from melbo.model.loading import LoadedModel
+from melbo.model.prompts import has_chat_template
 from melbo.serve.batching import Batcher, QueueFull, Request
 from melbo.serve.catalog import BadSteering, Catalog, NotFound
 from melbo.serve.limits import ServeLimits
@@ -157,7 +158,7 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, http: HttpRequest) -> Response:
-        if not getattr(lm.tokenizer, "chat_template", None):  # a base model (Gemma 3 270M's GGUF): it was a bare 500
+        if not has_chat_template(lm.tokenizer):  # a base model (Gemma 3 270M's GGUF): it was a bare 500
             return error(400, "this model has no chat template (a base model): send the raw prompt to /v1/completions", param="messages")
         messages = [m.model_dump() for m in body.messages]
         encoded: Any = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from melbo.errors import MelboError
 from melbo.files.interop import import_file
 from melbo.files.io import atomic_write, read_json, write_json
 from melbo.files.resume import differences
-from melbo.files.runs import META_FILE, Run, read_run
+from melbo.files.runs import META_FILE, Run, read_run, runs_in
 from melbo.model.loading import LoadedModel, load_model
 from melbo.model.prompts import shipped_prompts
 from melbo.report import write_report
@@ -99,7 +99,7 @@ def nothing_left_if_nothing_done(study: Study, folder: Path) -> Iterator[None]:
         yield
     except BaseException:
         saved = read_json(folder / STATE_FILE) if folder.is_dir() else None
-        if saved is not None and not _holds_work(study, folder, saved):
+        if saved is not None and not _holds_work(folder, saved):
             for name in (STATE_FILE, STUDY_FILE, PAGE_FILE):
                 (folder / name).unlink(missing_ok=True)
             if made and not any(folder.iterdir()):
@@ -110,7 +110,7 @@ def nothing_left_if_nothing_done(study: Study, folder: Path) -> Iterator[None]:
 def prepare_folder(study: Study, folder: Path, resume: bool, force: bool) -> dict[str, UnitOutcome]:
     """Check ``folder`` against the study (refuse another study's folder unless ``force``); the saved unit states."""
     saved = read_json(folder / STATE_FILE)
-    if saved is not None and not _holds_work(study, folder, saved):  # stopped before anything was written: start afresh
+    if saved is not None and not _holds_work(folder, saved):  # stopped before anything was written: start afresh
         saved = None  # (a first run that stopped at a bad setting is rerun with the setting fixed, no --force needed)
     if saved is not None and not (resume or force):
         raise MelboError(f"{folder} already holds a study; continue it with --resume, or pass --force to start it again")
@@ -142,23 +142,21 @@ def saved_states(saved: dict[str, Any] | None) -> dict[str, UnitOutcome]:
     return {u["name"]: UnitOutcome.from_json(u) for u in (saved or {}).get("units", [])}
 
 
-def _run_folders(study: Study, folder: Path, names: Iterable[str] = ()) -> list[Path]:
-    """The run folders in ``folder`` of the units of ``study`` and of the units named ``names`` (a saved study's)."""
-    bases = dict.fromkeys(folder / name if name else folder for name in [*(unit.name for unit in study.units()), *names])
-    return [child for base in bases if base.is_dir() for child in base.iterdir() if child.is_dir() and (child / META_FILE).is_file()]
-
-
-def _holds_work(study: Study, folder: Path, saved: dict[str, Any]) -> bool:
-    """Whether ``folder`` holds anything of a study beyond its settings: a finished step, or a run folder (a discovery
-    stopped mid-way has no finished step, but its saved blocks are work a resume continues)."""
-    states = saved_states(saved)
-    return any(state.steps for state in states.values()) or bool(_run_folders(study, folder, states))
+def _holds_work(folder: Path, saved: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds anything of a study beyond its settings: a finished step, or a run with vectors (a
+    discovery stopped mid-way has no finished step, but its saved blocks are work a resume continues)."""
+    return any(state.steps for state in saved_states(saved).values()) or bool(runs_in(folder))
 
 
 def _remove_study(study: Study, folder: Path) -> None:
     """--force: the run folders and files this study writes go, so nothing stale is reused."""
-    for child in _run_folders(study, folder):
-        shutil.rmtree(child)
+    for unit in study.units():
+        base = folder / unit.name if unit.name else folder
+        if not base.is_dir():
+            continue
+        for child in base.iterdir():
+            if child.is_dir() and (child / META_FILE).is_file():
+                shutil.rmtree(child)
     for name in (STATE_FILE, PAGE_FILE):
         (folder / name).unlink(missing_ok=True)
 
@@ -237,10 +235,10 @@ def run_unit(
                 trial_cfg = unit.ortho_config(source, target)
                 assert trial_cfg is not None
                 emit(Event(unit.label, "choose", note=f"{unit.choose.trial_copies} trial copies of each of "
-                           + ", ".join(f"#{b.index} ({b.label})" for b in bases)))
+                           + ", ".join(b.name for b in bases)))
                 bases = trial_bases(lm, found, bases, unit.choose, trial_cfg, prompts, fmt, on_trial=lambda b: emit(Event(
-                    unit.label, "choose", note=f"#{b.index} ({b.label}): {b.trial_share:.0%} of its trial copies keep its label")))
-            emit(Event(unit.label, "choose", note="base " + ", ".join(f"#{b.index} ({b.label})" for b in bases)))
+                    unit.label, "choose", note=f"{b.name}: {b.trial_share:.0%} of its trial copies keep its label")))
+            emit(Event(unit.label, "choose", note="base " + ", ".join(b.name for b in bases)))
             state.bases = bases
 
         step("choose", choose)

@@ -51,6 +51,13 @@ def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
     assert len(rows) == 4 and all(re.match(r"^│ \d │", row) for row in rows)  # one line per vector: no cell wrapped
     assert max(len(line) for line in result.stdout.splitlines()) > 80  # wider than rich's 80-column default
+    result = logged("ortho", str(tmp_path / "run"), "--index", "1", "-k", "4", "--block", "2", "--steps", "3", "--out", str(tmp_path / "o"),
+                    "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in result.stderr.splitlines()]
+    # before the first block's line: what it is doing (on a 0.5B model, minutes of θ0's continuations and compiling)
+    assert lines[0] == "ortho (fast): 4 copies of θ0 (norm 3, layer 1 → 4) in blocks of 2; θ0's continuations first, then the blocks"
+    assert [line.split(":")[0] for line in lines[1:]] == ["ortho (fast) block 1/2", "ortho (fast) block 2/2"]
 
 
 class Clock:
@@ -79,11 +86,41 @@ def test_a_study_log_names_each_stage_and_block_once(capsys):
         assert view.plain  # pytest's stderr is no terminal
         for event in events:
             view(event)
-            clock.now += 100.0  # each step 100 s: an ortho block takes 200 s
+            clock.now += 25.0  # each step 25 s: an ortho block takes 50 s, no block a minute
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
     assert lines == ["study: discover", "study: discover: -R auto: R 67.5: 3/4 fluent", "study: discover block 1/1", "study: ortho", "study: ortho block 1/3",
-                     "study: ortho block 2/3, about 7 min left", "study: ortho block 3/3, about 3 min left",
+                     "study: ortho block 2/3, about 2 min left", "study: ortho block 3/3, about 50 s left",
                      "sweep 1: ortho ortho-4 block 1/2"]
+
+
+def test_a_long_block_gets_a_line_each_minute_in_a_log(capsys):
+    """One discovery block on a 0.5B model takes 5 min on 2 cores: under nohup the log says which step it has reached
+    each minute it runs (a line per block alone left it silent that long), in `melbo discover > log` and in a study,
+    and a block shorter than that gets no such line."""
+    from melbo.output.live import BlockLog, StudyView
+    from melbo.study.outcome import Event
+
+    clock = Clock()
+    with BlockLog(2, "discover", clock=clock, steps=100) as log:
+        for block, steps in ((0, 100), (1, 5)):  # a long block, 3 s a step, then a short one
+            for step in range(1, steps + 1):
+                clock.now += 3.0
+                log.on_step(block, step, -1.5e4)
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["discover block 1/2: step 21/100, loss -1.5e+04 (63 s)", "discover block 1/2: step 41/100, loss -1.5e+04 (123 s)",
+                     "discover block 1/2: step 61/100, loss -1.5e+04 (183 s)", "discover block 1/2: step 81/100, loss -1.5e+04 (243 s)",
+                     "discover block 1/2: 100 steps, loss -1.5e+04 (303 s; about 5 min left)",
+                     "discover block 2/2: 5 steps, loss -1.5e+04 (315 s)"]
+    clock = Clock()
+    with StudyView([""], clock=clock) as view:
+        view(Event("", "ortho", "ortho"))
+        for step in range(1, 31):  # 5 s an evaluation: 150 s
+            clock.now += 5.0
+            view(Event("", "ortho", "ortho", 0, 2, step, 30, 0.25))
+        view(Event("", "ortho", "ortho", 1, 2, 1, 30, 0.5))
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["study: ortho", "study: ortho block 1/2", "study: ortho block 1/2: step 13/30, loss 0.25",
+                     "study: ortho block 1/2: step 25/30, loss 0.25", "study: ortho block 2/2, about 2 min left"]
 
 
 def test_a_block_log_gives_the_time_left_from_the_blocks_this_session_ran(capsys):

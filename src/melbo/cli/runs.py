@@ -16,7 +16,7 @@ from melbo.errors import MelboError
 from melbo.files.folders import new_run_folder
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, read_prompts
 from melbo.output import tables
-from melbo.output.live import block_progress, err_console
+from melbo.output.live import block_progress, err_console, log_line
 
 
 @app.command()
@@ -129,6 +129,9 @@ def ortho(
     cfg.check(lm.n_layers, lm.d_model)
     warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
     plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
+    copies = f"{plan.count} copies" if cfg.count is not None else f"copies until the basis is exhausted (at most {plan.count})"
+    log_line(f"ortho ({cfg.mode}): {copies} of θ0 (norm {float(theta0.norm()):.3g}, layer {source} → {target}) in blocks of {plan.block}; "
+             "θ0's continuations first, then the blocks")  # on a real model minutes pass before the first block's line
     progress, on_step = block_progress(-(-plan.count // plan.block), plan.steps, f"ortho ({cfg.mode})")
     with progress, interruptible(folder):
         run = engine.ortho(

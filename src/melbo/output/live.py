@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from melbo.study.outcome import Event
 
 LOG_WIDTH = 1000  # when output goes to a file: tables at their natural width, never wrapped
+HEARTBEAT_S = 60.0  # in a log, a block still running after this long gets a line for its step, and again each time as long
 
 
 def goes_to_log(stream: object) -> bool:
@@ -87,29 +88,43 @@ class Pace:
 
 class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
     """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends, with the time left
-    where the number of blocks is known (a whole basis on a real model runs for hours under nohup)."""
+    where the number of blocks is known (a whole basis on a real model runs for hours under nohup), and a line for the
+    step a block has reached each ``every`` seconds it runs (one block on a 0.5B model takes minutes)."""
 
-    def __init__(self, total_blocks: int | None, what: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.total, self.what, self.clock = total_blocks, what, clock
+    def __init__(self, total_blocks: int | None, what: str, clock: Callable[[], float] = time.monotonic,
+                 steps: int | None = None, every: float = HEARTBEAT_S) -> None:
+        self.total, self.what, self.clock, self.steps, self.every = total_blocks, what, clock, steps, every
         self.current: tuple[int, int, float] | None = None
         self.pace: Pace | None = None
         self.started = clock()
+        self.last_line = self.started  # when the last line was written, or the current block began
 
     def on_step(self, block: int, step: int, loss: float) -> None:
         if self.current is not None and self.current[0] != block:
             self._line()
         if self.pace is None:
             self.pace = Pace(block, self.clock)
+        if self.current is None or self.current[0] != block:
+            self.last_line = self.clock()
         self.current = (block, step, loss)
+        if self.clock() - self.last_line >= self.every:
+            steps = f"/{self.steps}" if self.steps else ""
+            self._write(f"{self._block(block)}: step {step}{steps}, loss {loss:,.4g} ({self.clock() - self.started:.0f} s)")
+
+    def _block(self, block: int) -> str:
+        return f"{self.what} block {block + 1}" + (f"/{self.total}" if self.total else "")
+
+    def _write(self, text: str) -> None:
+        log_line(text)
+        self.last_line = self.clock()
 
     def _line(self) -> None:
         if self.current is None or self.pace is None:
             return
         block, step, loss = self.current
         seconds = self.clock() - self.started
-        total = f"/{self.total}" if self.total else ""
         left = self.pace.left(block + 1, self.total)
-        log_line(f"{self.what} block {block + 1}{total}: {step} steps, loss {loss:,.4g} ({seconds:.0f} s{'; ' + left if left else ''})")
+        self._write(f"{self._block(block)}: {step} steps, loss {loss:,.4g} ({seconds:.0f} s{'; ' + left if left else ''})")
 
     def __exit__(self, *exc: object) -> None:
         self._line()
@@ -118,7 +133,7 @@ class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
 def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:
     """A rich progress bar fed by the engines' (block, step, loss) callback; a line per block in a log."""
     if not err_console.is_terminal:
-        log = BlockLog(total_blocks, what)
+        log = BlockLog(total_blocks, what, steps=steps)
         return log, log.on_step
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -148,6 +163,7 @@ class StudyView:
         self.seen: dict[str, tuple[str, str, str]] = {}
         self.clock = clock
         self.paces: dict[tuple[str, str, str], Pace] = {}  # by (unit, stage, run)
+        self.last_line: dict[str, float] = {}  # by unit: when its last line was written
 
     def _table(self) -> Table:
         table = Table(title="study", show_edge=False)
@@ -175,9 +191,17 @@ class StudyView:
             self.live.update(self._table())
         elif self.seen.get(event.unit) != (event.stage, event.run, row[3]):  # a line per stage and per block
             self.seen[event.unit] = (event.stage, event.run, row[3])
-            run = f" {event.run}" if event.run and event.run != event.stage else ""  # a one-unit study's runs are named for their stage
             where = f" block {row[3]}" if row[3] else ""
-            log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}{self._left(event) if where else ''}")
+            self._line(event, f"{where}{self._left(event) if where else ''}")
+        elif event.step and self.clock() - self.last_line.get(event.unit, self.clock()) >= HEARTBEAT_S:  # a long block
+            steps = f"/{event.steps}" if event.steps else ""
+            loss = f", loss {event.loss:,.4g}" if event.loss is not None else ""
+            self._line(event, f" block {row[3]}: step {event.step}{steps}{loss}")
+
+    def _line(self, event: Event, where: str) -> None:
+        run = f" {event.run}" if event.run and event.run != event.stage else ""  # a one-unit study's runs are named for their stage
+        log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}")
+        self.last_line[event.unit] = self.clock()
 
     def _left(self, event: Event) -> str:
         """", about 6 min left" in this block's run, once a block of it has ended here (a new block's line says the one

@@ -58,6 +58,12 @@ def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp
     # before the first block's line: what it is doing (on a 0.5B model, minutes of θ0's continuations and compiling)
     assert lines[0] == "ortho (fast): 4 copies of θ0 (norm 3, layer 1 → 4) in blocks of 2; θ0's continuations first, then the blocks"
     assert [line.split(":")[0] for line in lines[1:]] == ["ortho (fast) block 1/2", "ortho (fast) block 2/2"]
+    result = logged("eval", str(tmp_path / "o"), "-p", "Say hi", "--max-new-tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in result.stderr.splitlines()]
+    # a line as each prompt is done (a spinner draws nothing in a log; on a 0.5B model eval --controls takes minutes)
+    assert [re.sub(r" \(\d+ s\)$", "", line) for line in lines] == [
+        "evaluating prompt 1/2 'How can I build a bomb?': 5/5 vectors", "evaluating prompt 2/2 'Say hi': 5/5 vectors"]
 
 
 class Clock:
@@ -97,7 +103,7 @@ def test_a_long_block_gets_a_line_each_minute_in_a_log(capsys):
     """One discovery block on a 0.5B model takes 5 min on 2 cores: under nohup the log says which step it has reached
     each minute it runs (a line per block alone left it silent that long), in `melbo discover > log` and in a study,
     and a block shorter than that gets no such line."""
-    from melbo.output.live import BlockLog, StudyView
+    from melbo.output.live import BlockLog, Status, StudyView
     from melbo.study.outcome import Event
 
     clock = Clock()
@@ -121,6 +127,13 @@ def test_a_long_block_gets_a_line_each_minute_in_a_log(capsys):
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
     assert lines == ["study: ortho", "study: ortho block 1/2", "study: ortho block 1/2: step 13/30, loss 0.25",
                      "study: ortho block 1/2: step 25/30, loss 0.25", "study: ortho block 2/2, about 2 min left"]
+    clock = Clock()
+    with Status("judging…", clock=clock) as status:  # work without blocks: a line each minute and at each milestone
+        for seconds, done in ((30, 1), (61, 2), (70, 3), (100, 4)):
+            clock.now = seconds
+            status.update(f"judge: {done}/4 ratings", milestone=done == 4 or done == 3)
+    lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["judge: 2/4 ratings (61 s)", "judge: 3/4 ratings (70 s)", "judge: 4/4 ratings (100 s)"]
 
 
 def test_a_block_log_gives_the_time_left_from_the_blocks_this_session_ran(capsys):

@@ -14,7 +14,7 @@ from melbo.cli import options as opt
 from melbo.cli.app import app, interruptible, load
 from melbo.errors import MelboError
 from melbo.output import tables
-from melbo.output.live import console, err_console
+from melbo.output.live import Status, console, err_console
 
 if TYPE_CHECKING:
     from melbo.analysis.evaluate import EvalResults
@@ -53,10 +53,11 @@ def eval_command(
     prompts = eval_prompts(record, extra, cfg.controls)
     rules = load_rules(labels) if labels else RULES
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    with err_console.status("evaluating…") as status, interruptible(run):
+    with Status("evaluating…") as status, interruptible(run):
         results = evaluate(
             lm, record, prompts, indices, cfg, fmt, rules=rules,
-            on_batch=lambda p, done, total: status.update(f"evaluating {p[:30]!r}: {done}/{total} vectors"),
+            on_batch=lambda p, done, total: status.update(f"evaluating prompt {prompts.index(p) + 1}/{len(prompts)} {p[:30]!r}: {done}/{total} vectors",
+                                                          milestone=done == total),
         )
     tables.show(tables.evaluation(results, record, prompts, indices, cfg, show))
     judged = None
@@ -91,8 +92,9 @@ def run_judge(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base: int
     """Judge, with a progress line, and print what the judge says per concept."""
     from melbo.analysis.judge import judge_run
 
-    with err_console.status(f"asking the judge at {cfg.host}…") as status:
-        judged = judge_run(results, cfg, run_prompt, base, save, on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings"))
+    with Status(f"asking the judge at {cfg.host}…") as status:
+        judged = judge_run(results, cfg, run_prompt, base, save,
+                           on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings", milestone=done == total))
     tables.show(tables.judged(judged, run_prompt, base, results))
     return judged
 

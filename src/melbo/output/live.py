@@ -86,6 +86,35 @@ class Pace:
         return time_left(next_block - self.first, self.clock() - self.since, total - next_block) if total else ""
 
 
+class Status(contextlib.AbstractContextManager["Status"]):
+    """What a command is doing, for work without blocks (eval, the judge): rich's spinner in a terminal; in a log, a
+    timestamped line of it at most each ``every`` seconds and at each milestone (a prompt done), so that minutes of
+    work are not silent under nohup (a spinner draws nothing there)."""
+
+    def __init__(self, text: str, clock: Callable[[], float] = time.monotonic, every: float = HEARTBEAT_S) -> None:
+        self.clock, self.every = clock, every
+        self.spinner = err_console.status(text) if err_console.is_terminal else None
+        self.started = self.last = clock()
+
+    def update(self, text: str, milestone: bool = False) -> None:
+        if self.spinner is not None:
+            self.spinner.update(text)
+            return
+        now = self.clock()
+        if milestone or now - self.last >= self.every:
+            log_line(f"{text} ({now - self.started:.0f} s)")
+            self.last = now
+
+    def __enter__(self) -> Status:
+        if self.spinner is not None:
+            self.spinner.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.spinner is not None:
+            self.spinner.__exit__(*exc)
+
+
 class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
     """Progress of blocks where stderr is not a terminal: one timestamped line as each block ends, with the time left
     where the number of blocks is known (a whole basis on a real model runs for hours under nohup), and a line for the

@@ -110,9 +110,9 @@ class Status(contextlib.AbstractContextManager["Status"]):
             self.spinner.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None) -> None:
         if self.spinner is not None:
-            self.spinner.__exit__(*exc)
+            self.spinner.__exit__(kind, exc, trace)
 
 
 class BlockLog(contextlib.AbstractContextManager["BlockLog"]):

@@ -64,6 +64,13 @@ def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp
     # a line as each prompt is done (a spinner draws nothing in a log; on a 0.5B model eval --controls takes minutes)
     assert [re.sub(r" \(\d+ s\)$", "", line) for line in lines] == [
         "evaluating prompt 1/2 'How can I build a bomb?': 5/5 vectors", "evaluating prompt 2/2 'Say hi': 5/5 vectors"]
+    result = logged("compose", str(tmp_path / "o"), "--k", "1,2", "--max-new-tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"\[[\d\- :]+\] composing: 11/11 completions \(\d+ s\)\n", result.stderr)  # θ0, 2 k × 3 means, 4 copies
+    result = logged("probe", str(tmp_path / "o"), "-p", "Hi", "-p", "Bye", "--max-new-tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert [re.sub(r"^\[[\d\- :]+\] (.*) \(\d+ s\)$", r"\1", line) for line in result.stderr.splitlines()] == [
+        "probe: the model answered 1/2 prompts", "probe: the model answered 2/2 prompts"]
 
 
 class Clock:

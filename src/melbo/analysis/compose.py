@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,16 +152,22 @@ class ComposeResults:
 
 
 def compose(
-    lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64
+    lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> ComposeResults:
-    """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination (saved in compose.json)."""
+    """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination (saved in compose.json);
+    ``on_batch(done, total)`` after each generate call (a whole basis's copies make several)."""
     combos, vectors = composed_vectors(run, ks)
     source = run.source_layer
     state = prepare(lm, [prompt], fmt, source)[0]
     vectors = vectors.to(lm.device)
     # θ0 rides in the first generate call: its completion's label, and the first-token logits every KL compares with
     steering = torch.cat([run.vectors[:1].to(vectors), vectors])
-    made = [steered_generation(lm.model, lm.tokenizer, state.ids, chunk, source, max_new_tokens) for chunk in steering.split(batch)]
+    made = []
+    for chunk in steering.split(batch):
+        made.append(steered_generation(lm.model, lm.tokenizer, state.ids, chunk, source, max_new_tokens))
+        if on_batch:
+            on_batch(sum(m.first_logits.shape[0] for m in made), steering.shape[0])
     logits = torch.cat([m.first_logits for m in made])
     kl = kl_divergence(logits[1:], logits[:1].expand_as(logits[1:]))
     base_text, *texts = [t for m in made for t in m.texts]

@@ -11,6 +11,7 @@ directions it never writes along look like random ones (z ≈ 0).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,10 @@ class ProbeResults:
 
 def probe(
     lm: LoadedModel, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int = 48, random_directions: int = 512,
-    seed: int = 0,
+    seed: int = 0, on_prompt: Callable[[int, int], None] | None = None,
 ) -> ProbeResults:
-    """Presence of each vector of ``run`` in the unsteered model's own residuals while it answers ``prompts``."""
+    """Presence of each vector of ``run`` in the unsteered model's own residuals while it answers ``prompts``
+    (``on_prompt(done, total)`` as each is answered)."""
     source = run.source_layer
     residuals = []
     for text in prompts:
@@ -98,6 +100,8 @@ def probe(
         with torch.no_grad():
             h = residual_after(lm.model, source, full)[0, ids.shape[1] :]
         residuals.append(h.float().cpu())
+        if on_prompt:
+            on_prompt(len(residuals), len(prompts))
     states = torch.cat(residuals)
     mean, peak = presence(states, run.vectors)
     generator = torch.Generator().manual_seed(seed)

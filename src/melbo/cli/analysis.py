@@ -115,8 +115,9 @@ def compose(
     engine.check_composable(record)  # before the model loads
     text = prompt or record.meta.first_prompt
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    with err_console.status("composing…"):
-        results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
+    with Status("composing…") as status:
+        results = engine.compose(lm, record, ks, text, fmt, max_new_tokens,
+                                 on_batch=lambda done, total: status.update(f"composing: {done}/{total} completions", milestone=True))
     tables.show(tables.composed(results, text))
     console.print(f"results: [bold]{run / COMPOSE_FILE}[/bold]")
 
@@ -138,8 +139,9 @@ def probe_command(
     record = read_run(run)
     prompts = read_prompts(prompt, prompt_file, default=shipped_prompts(cfg.prompt_set))
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    with err_console.status(f"letting the model answer {len(prompts)} prompts…"):
-        results = engine.probe(lm, record, prompts, fmt, cfg.max_new_tokens, cfg.random_directions)
+    with Status(f"letting the model answer {len(prompts)} prompts…") as status:
+        results = engine.probe(lm, record, prompts, fmt, cfg.max_new_tokens, cfg.random_directions,
+                               on_prompt=lambda done, total: status.update(f"probe: the model answered {done}/{total} prompts", milestone=True))
     tables.show(tables.presence(results, show))
     console.print(f"results: [bold]{run / PROBE_FILE}[/bold]")
 

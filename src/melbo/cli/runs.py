@@ -130,7 +130,7 @@ def ortho(
     warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
     plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
     copies = f"{plan.count} copies" if cfg.count is not None else f"copies until the basis is exhausted (at most {plan.count})"
-    log_line(f"ortho ({cfg.mode}): {copies} of θ0 (norm {float(theta0.norm()):.3g}, layer {source} → {target}) in blocks of {plan.block}; "
+    log_line(f"ortho ({cfg.mode}): {copies} of θ0 (norm {float(theta0.norm()):.3g}, layer {source} → {target}) in blocks of {min(plan.block, plan.count)}; "
              "θ0's continuations first, then the blocks")  # on a real model minutes pass before the first block's line
     progress, on_step = block_progress(-(-plan.count // plan.block), plan.steps, f"ortho ({cfg.mode})")
     with progress, interruptible(folder):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from melbo.study.outcome import Event
 
 LOG_WIDTH = 1000  # when output goes to a file: tables at their natural width, never wrapped
-HEARTBEAT_S = 60.0  # in a log, a block still running after this long gets a line for its step, and again each time as long
+HEARTBEAT_S = 60.0  # in a log, work still running this many seconds after its last line gets a line saying how far it is
 
 
 def goes_to_log(stream: object) -> bool:

@@ -129,3 +129,37 @@ def test_a_closed_row_shows_its_completion_from_the_first_line_with_text(browser
     expect(page.locator("#rows tr.row.open")).to_have_count(1)
     assert page.locator("#rows tr.row.open pre.completion").first.text_content() == "\n\n  \nWe'd love to hear from you!"
     assert problems == []
+
+
+def test_an_open_row_shows_what_the_judge_said_of_each_completion(browser, tmp_path):
+    """"Check a sample of answers before trusting a share": an open row gives each completion's three ratings and,
+    a click away, the judge's own words on the concept (a 0.5B judge rated "The capital of Australia is Sydney." code
+    2 on Qwen's copies, which the summary's 62% agreement only hinted at); a closed row shows none of it."""
+    from report_runs import PLANTED, PROMPT
+
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.analysis.judge import PRESETS, TEMPLATE_VERSION, ConceptSummary, Item, JudgeResults, Rating, Score, Scored, rating_key
+
+    run = make_run(tmp_path / "run", n=3)
+    results = EvalResults.read(run)
+    judge = JudgeResults("127.0.0.1:1", "fake-judge", TEMPLATE_VERSION, {"code": PRESETS["code"]})
+    scored = []
+    for i in range(3):
+        text = f"{PLANTED[i]} #{i}"
+        judge.ratings[rating_key("fake-judge", "concept", PRESETS["code"], PROMPT, text)] = Rating(2 * (i == 0), f"Vector {i}: <b>why</b>. Rating: [[{2 * (i == 0)}]]")
+        scored.append(Scored(Item(PROMPT, text, "copies", i, "greedy"), Score(2 * (i == 0), 1, None if i == 2 else 2)))
+    judge.scores, judge.summary = {"code": scored}, {"code": ConceptSummary(PRESETS["code"], 0.0, {"copies": 0.0}, 1, 1.0)}
+    results.judge = judge
+    results.save(run)
+    page, problems = open_report(browser, run)
+    assert page.locator("#rows .judge").count() == 0  # closed rows
+    page.locator("#rows tr.row").nth(2).click()
+    line = page.locator("#rows tr.row.open .judge")
+    expect(line).to_have_count(1)
+    assert line.locator("span, div").count() == 0 and line.text_content().startswith("judge · code: concept 0, instruction 1, fluency —")
+    line.locator("summary").click()  # opens the answer; the row stays open
+    expect(line.locator("details[open] pre")).to_have_text("Vector 2: <b>why</b>. Rating: [[0]]")  # as text, never markup
+    expect(page.locator("#rows tr.row.open")).to_have_count(1)
+    page.locator("#rows tr.row").nth(0).click()
+    assert page.locator("#rows tr.row.open .judge").first.text_content().startswith("judge · code: concept 2, instruction 1, fluency 2")
+    assert problems == []

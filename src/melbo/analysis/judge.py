@@ -387,6 +387,22 @@ class JudgeResults:
             {c: ConceptSummary(**s) for c, s in data.get("summary", {}).items()}, int(data.get("requests_last_call", 0)),
         )
 
+    def of_copies(self) -> dict[tuple[str, str, int, int], dict[str, Score]]:
+        """The eval's own completions' scores, by (prompt, mode, vector index, sample), then by concept."""
+        out: dict[tuple[str, str, int, int], dict[str, Score]] = {}
+        for name, scored in self.scores.items():
+            for s in scored:
+                if s.item.source == "copies":
+                    out.setdefault((s.item.prompt, s.item.mode, s.item.index, s.item.sample), {})[name] = s.score
+        return out
+
+    def answer(self, kind: str, concept: str, prompt: str, completion: str) -> str | None:
+        """The judge's own words for one rating (None where it was not asked, or asked with another template)."""
+        if self.template != TEMPLATE_VERSION or concept not in self.concepts:
+            return None
+        rating = self.ratings.get(rating_key(self.model, kind, self.concepts[concept], prompt, completion))
+        return rating.raw if rating else None
+
     def rated_2_per_hundred(self, concept: str, run_prompt: str, base: int | None) -> list[tuple[int, float]]:
         """Share of vectors whose (first) completion on the run's prompt is rated 2 on ``concept``, per hundred vectors."""
         rows = [s for s in self.scores.get(concept, []) if s.item.source == "copies" and s.item.prompt == run_prompt and s.item.sample == 0]

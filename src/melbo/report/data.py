@@ -107,6 +107,7 @@ class RowCompletion:
     mode: str
     label: str
     text: str
+    judge: dict[str, dict[str, Any]] = field(default_factory=dict)  # concept → its 3 ratings and the judge's words on the concept
 
 
 @dataclass
@@ -149,12 +150,22 @@ def gather(path: str | Path) -> ReportData:
     z = {r.index: r.z for r in probe.vectors} if probe else {}
     gen = results.generalisation.share if results.generalisation else {}
 
+    judge = results.judge if results.judge is not None and results.judge.summary else None
+    judged = judge.of_copies() if judge is not None else {}
+
+    def rated(prompt: str, mode: str, index: int, sample: int, text: str) -> dict[str, dict[str, Any]]:
+        if judge is None:
+            return {}
+        return {name: {**asdict(score), "answer": judge.answer("concept", name, prompt, text)}
+                for name, score in judged.get((prompt, mode, index, sample), {}).items()}
+
     rows = []
     for position, record in enumerate(records):
         i = record.index
         completions = [
-            RowCompletion(text, m, out.label, out.text)
-            for text, entry in results.prompts.items() for m, by_index in entry.completions.items() for out in by_index.get(i, [])
+            RowCompletion(text, m, out.label, out.text, rated(text, m, i, k, out.text))
+            for text, entry in results.prompts.items() for m, by_index in entry.completions.items()
+            for k, out in enumerate(by_index.get(i, []))
         ]
         completions.sort(key=lambda c: (c.prompt != prompt, c.mode != mode))
         if not completions and record.completion is not None:
@@ -202,7 +213,7 @@ def gather(path: str | Path) -> ReportData:
         cosine=cosine_check(vectors) if vectors is not None else None,
         published_plots=sorted(p.name for p in path.glob("published-*.png")),
         controls=results.controls,
-        judge=results.judge if results.judge is not None and results.judge.summary else None,
+        judge=judge,
     )
 
 

@@ -54,6 +54,20 @@
     const out = rows.filter((r) => (!state.label || r.label === state.label) && (!q || r._haystack.includes(q)));
     return out.sort(compare);
   }
+  // The concept judge's ratings of one completion, and its own words on the concept (the sample to check it by).
+  function judged(parent, c) {
+    for (const [name, r] of Object.entries(c.judge || {})) {
+      const rating = (v) => (v === null || v === undefined ? "—" : String(v));
+      const line = el("div", "judge", "judge · " + name + ": concept " + rating(r.concept) + ", instruction " + rating(r.instruction) + ", fluency " + rating(r.fluency));
+      if (r.answer) {
+        const why = el("details", "why");
+        why.appendChild(el("summary", "", "the judge's answer"));
+        why.appendChild(el("pre", "completion", r.answer));
+        line.appendChild(why);
+      }
+      parent.appendChild(line);
+    }
+  }
   function rowNodes(row) {
     const tr = el("tr", "row" + (row.base ? " base" : "") + (state.open.has(row.index) ? " open" : ""));
     tr.dataset.index = row.index;
@@ -68,11 +82,13 @@
     const first = row.completions[0];
     cell.appendChild(first ? completion(first.text, !state.open.has(row.index)) : el("pre", "completion", ""));
     if (state.open.has(row.index)) {
+      if (first) judged(cell, first);
       if (row.top.length) cell.appendChild(el("div", "more", "top 5: " + row.top.map((t) => JSON.stringify(t[0]) + " " + fmt(t[1], 2)).join(", ")));
       for (const c of row.completions.slice(1)) {
         const box = el("div", "more");
         box.appendChild(el("span", "prompt", c.prompt + " [" + c.mode + ", " + c.label + "]"));
         box.appendChild(completion(c.text));
+        judged(box, c);
         cell.appendChild(box);
       }
       const extra = [];
@@ -124,7 +140,7 @@
   }
   body.addEventListener("click", (event) => {
     const tr = event.target.closest("tr.row");
-    if (!tr) return;
+    if (!tr || event.target.closest("details")) return;  // the judge's answer opens by itself, the row stays open
     const index = Number(tr.dataset.index);
     if (state.open.has(index)) state.open.delete(index); else state.open.add(index);
     tr.replaceWith(rowNodes(rows.find((r) => r.index === index)));

@@ -26,10 +26,11 @@ def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOpti
     from melbo.study.signals import by_sigterm, sigterm_as_interrupt, stopping_on_signals
 
     received: list[int] = []
+    units, short = study_obj.units(), study_obj.short_labels()
     try:  # a Ray cluster that cannot be reached or lacks GPUs: one line, nothing written
         with sigterm_as_interrupt(received), ray_session(study_obj, folder, ray, resume, force, err_console.status, err_console.print) as session:
             # SIGTERM again: Ray set its own handler while it started
-            with sigterm_as_interrupt(received), StudyView([u.label for u in study_obj.units()]) as view:
+            with sigterm_as_interrupt(received), StudyView([u.label for u in units], names={u.label: short[u.name] for u in units}) as view:
                 on_event = stopping_on_signals(view, received)
                 if session is None:
                     result = run_study(study_obj, folder, resume=resume, force=force, on_event=on_event)

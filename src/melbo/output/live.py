@@ -183,9 +183,11 @@ def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tu
 
 class StudyView:
     """One live table for a whole study: each unit waiting, running (stage, run, block, step, loss) or done; in a
-    log, a timestamped line per stage and block instead."""
+    log, a timestamped line per stage and block instead. Units are named as ``names`` says (unit label → short name,
+    "R 20 · prompt 1", as the study's table and page name them); a log first says what each short name stands for."""
 
-    def __init__(self, units: list[str], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, units: list[str], clock: Callable[[], float] = time.monotonic, names: dict[str, str] | None = None) -> None:
+        self.names = {u: n for u, n in (names or {}).items() if n}
         self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
         self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
         self.plain = not err_console.is_terminal
@@ -199,12 +201,12 @@ class StudyView:
         for column in ("unit", "status", "stage", "run", "block", "step / loss"):
             table.add_column(column)
         for unit, row in self.rows.items():  # Text: a unit's name is the study file's, never markup
-            table.add_row(Text(unit or "(the study)"), *(Text(cell) for cell in row))
+            table.add_row(Text(self.names.get(unit, unit) or "(the study)"), *(Text(cell) for cell in row))
         return table
 
     def __call__(self, event: Event) -> None:
         if event.note:  # a line of its own, in a terminal too (above the live table): R's candidates take a while
-            log_line(f"{event.unit or 'study'}: {event.stage}: {event.note}")
+            log_line(f"{self._unit(event.unit)}: {event.stage}: {event.note}")
             return
         row = self.rows.setdefault(event.unit, ["waiting", "", "", "", ""])
         for other, values in self.rows.items():
@@ -229,8 +231,11 @@ class StudyView:
 
     def _line(self, event: Event, where: str) -> None:
         run = f" {event.run}" if event.run and event.run != event.stage else ""  # a one-unit study's runs are named for their stage
-        log_line(f"{event.unit or 'study'}: {event.stage}{run}{where}")
+        log_line(f"{self._unit(event.unit)}: {event.stage}{run}{where}")
         self.last_line[event.unit] = self.clock()
+
+    def _unit(self, unit: str) -> str:
+        return self.names.get(unit, unit) or "study"
 
     def _left(self, event: Event) -> str:
         """", about 6 min left" in this block's run, once a block of it has ended here (a new block's line says the one
@@ -248,6 +253,8 @@ class StudyView:
             self.live.update(self._table())
 
     def __enter__(self) -> StudyView:
+        for unit, name in self.names.items():
+            log_line(f"{name} is {unit}")
         if not self.plain:
             self.live.__enter__()
         return self

@@ -74,28 +74,9 @@ def controls_cell(summary: ControlSummary | None, base_label: str = "") -> str:
     return "; ".join(parts)
 
 
-SHORT_NAMES = {"radius": "R", "prompts": "prompt", "name": "model", "count": "k", "source": "s", "target": "t"}
-
-
-def short_labels(result: StudyResult) -> dict[str, str]:
-    """Per unit name, a short label for plots and tables: numbers as they are ("R 20"), other values by their place
-    in the sweep ("prompt 2", "model 1")."""
-    sweep = result.study.sweep
-    out = {}
-    for unit in result.study.units():
-        parts = []
-        for key, value in unit.values.items():
-            field_name = key.partition(".")[2]
-            name = SHORT_NAMES.get(field_name, field_name)
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            parts.append(f"{name} {value:g}" if numeric else f"{name} {sweep[key].index(value) + 1}")
-        out[unit.name] = " · ".join(parts)
-    return out
-
-
 def study_rows(result: StudyResult) -> list[StudyRow]:
     rows = []
-    labels = short_labels(result)
+    labels = result.study.short_labels()
     for unit in result.units:
         orthos = {o.folder: o for o in unit.orthos}
         for folder in [unit.discovery, *orthos]:

@@ -139,6 +139,9 @@ TABLES: dict[str, type] = {
 OPTIONAL = ("vectors", "discover", "ortho", "eval", "compose", "probe", "report", "ray")  # absent: the step is skipped
 
 
+SHORT_NAMES = {"radius": "R", "prompts": "prompt", "name": "model", "count": "k", "source": "s", "target": "t"}  # a sweep's fields, shortly
+
+
 @dataclass
 class Unit:
     """One point of a study's grid: a complete description of a discovery and what follows it."""
@@ -255,6 +258,20 @@ class Study:
             except tomllib.TOMLDecodeError:
                 values[key.strip()] = text
         return self.with_values(values)
+
+    def short_labels(self) -> dict[str, str]:
+        """Per unit name, a short label for logs, tables and plots: numbers as they are ("R 20"), other values by their
+        place in the sweep ("prompt 2", "model 1")."""
+        out = {}
+        for unit in self.units():
+            parts = []
+            for key, value in unit.values.items():
+                field_name = key.partition(".")[2]
+                name = SHORT_NAMES.get(field_name, field_name)
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                parts.append(f"{name} {value:g}" if numeric else f"{name} {self.sweep[key].index(value) + 1}")
+            out[unit.name] = " · ".join(parts)
+        return out
 
     def units(self) -> list[Unit]:
         """One unit per combination of the sweep's values (one unit when there is no sweep)."""

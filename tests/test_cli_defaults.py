@@ -47,7 +47,7 @@ def test_option_defaults_are_the_config_defaults(name, config, prefix):
             assert shown(param.default) == getattr(defaults, field), f"melbo {name} --{param.name}"
             checked.add(field)
     if config is JudgeConfig:  # the options the judge's command line offers, each with the config's default
-        assert checked == {"model", "key_env", "concurrency"}, checked
+        assert checked == {"model", "key_env", "concurrency", "timeout"}, checked
         return
     settable = set(fields) - NOT_SETTABLE.get(name, set())
     missing = settable - checked - ({"source", "target"} if name == "ortho" else set())

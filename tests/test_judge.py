@@ -196,10 +196,13 @@ def test_shell_judge_one_line_errors_and_nothing_written(judge_server, tmp_path)
     assert_one_line_error(melbo_here("judge", str(folder), "--judge", "ftp://example.org/v1"), "give an http:// or https:// URL")
     assert_one_line_error(melbo_here("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--judge-model", "m"), "cannot get an answer from the judge")
     assert_one_line_error(melbo_here("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--concept", "nonsense"), "use a preset")
+    assert_one_line_error(melbo_here("judge", str(folder), "--judge", "http://127.0.0.1:9/v1", "--judge-timeout", "0"), "--judge-timeout positive")
     assert (folder / "eval.json").read_text() == before
-    server = judge_server(lambda n, body: chat(rater(body)))
-    result = melbo("judge", str(folder), "--judge", server.url, "--concept", "code", "--concept", "turtles: the text mentions turtles")
+    server = judge_server(lambda n, body: (time.sleep(1.5) if n == 1 else None) or chat(rater(body)))
+    result = melbo("judge", str(folder), "--judge", server.url, "--concept", "code", "--concept", "turtles: the text mentions turtles",
+                   "--judge-timeout", "0.5", "--judge-concurrency", "1")
     assert result.returncode == 0, result.stderr
+    assert len(server.chat_requests) == 3 * 4 + 1  # 3 completions × (2 concepts + instruction + fluency), the slow first one again
     assert "code: 50% of the copies rated 2" in result.stdout and "turtles:" in result.stdout
     assert set(read_json(folder / "eval.json")["judge"]["summary"]) == {"code", "turtles"}
 

@@ -57,21 +57,23 @@ class JudgeConfig:
     concepts_file: str | None = None  # TOML or JSON: [{name, description}, …] or {name: description}
     key_env: str = "OPENAI_API_KEY"  # the environment variable holding the API key (may be unset for local servers)
     concurrency: int = 8
-    timeout: float = 60.0  # seconds per request
+    # seconds per request, as the openai client's: a judge on CPUs answers its requests together (Qwen2.5 0.5B behind
+    # melbo serve on 2 cores: 8 answers of up to 256 tokens in about 36 s, over 60 s while other work shared the cores)
+    timeout: float = 600.0
     retries: int = 4  # more tries after a 429, a 5xx or a connection error
     backoff: float = 1.0  # seconds before the first retry; doubled each time (a Retry-After header is obeyed, ≤ 30 s)
     max_tokens: int = 256  # the judge's answer: a short explanation, then "Rating: [[n]]" (melbo serve allows 256)
 
     @classmethod
     def from_options(cls, url: str | None, model: str | None, concept: list[str] | None, concepts: str | Path | None, key_env: str,
-                     concurrency: int) -> JudgeConfig | None:
+                     concurrency: int, timeout: float) -> JudgeConfig | None:
         """The settings of ``--judge URL`` and its companions (checked); None without ``--judge``."""
         if url is None:
             if concept or concepts or model:
                 raise MelboError("--concept, --concepts and --judge-model go with --judge URL")
             return None
         cfg = cls(url=url, model=model, concepts=list(concept) if concept else ([] if concepts else list(cls().concepts)),
-                  concepts_file=str(concepts) if concepts else None, key_env=key_env, concurrency=concurrency)
+                  concepts_file=str(concepts) if concepts else None, key_env=key_env, concurrency=concurrency, timeout=timeout)
         cfg.check()
         return cfg
 
@@ -80,7 +82,7 @@ class JudgeConfig:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise MelboError(f"--judge {self.url!r}: give an http:// or https:// URL of an OpenAI-compatible endpoint")
         if self.concurrency < 1 or self.retries < 0 or not self.timeout > 0 or self.backoff < 0:
-            raise MelboError("--judge-concurrency must be at least 1, the timeout positive, retries and backoff ≥ 0")
+            raise MelboError("--judge-concurrency must be at least 1 and --judge-timeout positive (retries and backoff ≥ 0)")
         self.concept_texts()
 
     def concept_texts(self) -> dict[str, str]:

@@ -31,7 +31,7 @@ def eval_command(
     prompt: opt.Prompts = None, prompt_file: opt.PromptFile = None,
     prompt_set: Annotated[str | None, typer.Option(help="Also evaluate melbo's shipped prompts: all, harmful, neutral, coding, chit-chat.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Your own labels (JSON or TOML: name + pattern, or name + python FILE:FUNCTION).")] = None,
-    judge: opt.Judge = None, judge_model: opt.JudgeModel = J.model, concept: opt.Concept = None, concepts: opt.Concepts = None, judge_key_env: opt.JudgeKey = J.key_env, judge_concurrency: opt.JudgeConcurrency = J.concurrency,
+    judge: opt.Judge = None, judge_model: opt.JudgeModel = J.model, concept: opt.Concept = None, concepts: opt.Concepts = None, judge_key_env: opt.JudgeKey = J.key_env, judge_concurrency: opt.JudgeConcurrency = J.concurrency, judge_timeout: opt.JudgeTimeout = J.timeout,
     show: opt.Show = 40,
     model: opt.Model = None, device: opt.Device = "auto", dtype: opt.Dtype = None,
     *, cfg: EvalConfig,
@@ -47,7 +47,7 @@ def eval_command(
     record = read_run(run)
     indices = parse_indices(index, record.vectors.shape[0])
     extra = read_prompts(prompt, prompt_file, [], prompt_set)
-    judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
+    judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency, judge_timeout)
     if cfg.controls:
         check_controls(record, indices)
     prompts = eval_prompts(record, extra, cfg.controls)
@@ -71,13 +71,13 @@ def eval_command(
 @app.command("judge")
 def judge_command(
     run: Annotated[Path, typer.Argument(help="A run folder with an eval.json (melbo eval, or melbo import-post-dump).")],
-    judge: opt.Judge = None, judge_model: opt.JudgeModel = J.model, concept: opt.Concept = None, concepts: opt.Concepts = None, judge_key_env: opt.JudgeKey = J.key_env, judge_concurrency: opt.JudgeConcurrency = J.concurrency,
+    judge: opt.Judge = None, judge_model: opt.JudgeModel = J.model, concept: opt.Concept = None, concepts: opt.Concepts = None, judge_key_env: opt.JudgeKey = J.key_env, judge_concurrency: opt.JudgeConcurrency = J.concurrency, judge_timeout: opt.JudgeTimeout = J.timeout,
 ) -> None:
     """Rate the completions a run's eval holds with an LLM judge (concept, instruction, fluency: 0–2 each); no model loads."""
     from melbo.analysis.evaluate import EvalResults
     from melbo.files.runs import EVAL_FILE, read_meta
 
-    judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency)
+    judging = JudgeConfig.from_options(judge, judge_model, concept, concepts, judge_key_env, judge_concurrency, judge_timeout)
     if judging is None:
         raise MelboError("melbo judge needs --judge URL: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     meta = read_meta(run)

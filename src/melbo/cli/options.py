@@ -58,6 +58,7 @@ Concept = Annotated[list[str] | None, typer.Option("--concept", help="A concept 
 Concepts = Annotated[Path | None, typer.Option("--concepts", help="Concepts from a TOML/JSON file: name + description.")]
 JudgeKey = Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the judge's API key (never stored or printed).")]
 JudgeConcurrency = Annotated[int, typer.Option("--judge-concurrency", min=1, help="Requests to the judge at once.")]
+JudgeTimeout = Annotated[float, typer.Option("--judge-timeout", help="Seconds one judge request may take before it is retried (a judge on CPUs answers its requests together: minutes).")]
 
 
 def config_options(cls: type, before: str) -> Callable[[Command], Command]:

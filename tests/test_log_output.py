@@ -55,8 +55,8 @@ def test_a_log_gets_whole_rows_and_a_timestamped_line_per_block(tiny_folder, tmp
                     "--device", "cpu")
     assert result.returncode == 0, result.stderr
     lines = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in result.stderr.splitlines()]
-    # before the first block's line: what it is doing (on a 0.5B model, minutes of θ0's continuations and compiling)
-    assert lines[0] == "ortho (fast): 4 copies of θ0 (norm 3, layer 1 → 4) in blocks of 2; θ0's continuations first, then the blocks"
+    # before the first block's line, once every check has passed: what runs (on a 0.5B model a block takes minutes)
+    assert lines[0] == "ortho (fast): 4 copies of θ0 (norm 3, layer 1 → 4) in blocks of 2; block 1/2 starts"
     assert [line.split(":")[0] for line in lines[1:]] == ["ortho (fast) block 1/2", "ortho (fast) block 2/2"]
     result = logged("eval", str(tmp_path / "o"), "-p", "Say hi", "--max-new-tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr

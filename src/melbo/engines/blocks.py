@@ -137,6 +137,7 @@ def run_blocks(
     resume: bool = False,
     on_step: StepCallback | None = None,
     on_block: BlockCallback | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Run:
     """Run ``engine`` block by block; save after every block when ``out`` is given; return the run.
 
@@ -144,6 +145,7 @@ def run_blocks(
         meta: the run's settings (records and progress are filled in here).
         first: rows that open the run and the basis before any block (MELBO-ortho's θ0), with their records.
         resume: continue the run already in ``out`` (same settings required) from its last saved block.
+        on_start: called with the first block's index once every check has passed, before that block runs.
     """
     previous = _previous(out, meta, d_model, first, later_defaults(engine.settings)) if resume else None
     if previous is not None and previous.meta.status == "complete":
@@ -151,6 +153,8 @@ def run_blocks(
     state = _fresh(first, d_model, init_norm, device) if previous is None else _resumed(previous, first, device)
     meta.sessions = (previous.meta.sessions if previous is not None else []) + [Session(now_iso(), state.progress.block_index)]
     run = _snapshot(meta, state, out, "running", save=False)
+    if on_start:
+        on_start(state.progress.block_index)
     while (size := engine.next_size(state.progress, state.basis_rows)) > 0:
         index = state.progress.block_index
         step_cb = (lambda step, loss, b=index: on_step(b, step, loss)) if on_step else None

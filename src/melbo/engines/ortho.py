@@ -450,6 +450,7 @@ def ortho(
     base_info: dict[str, Any] | None = None,
     resume: bool = False,
     on_block: BlockCallback | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Run:
     """Find vectors orthogonal to ``base`` and to each other that reproduce its effect on every prompt: ``prompts``
     and ``cfg.extra_prompts`` of melbo's shipped ones (all recorded in run.json; KL and completions are measured on
@@ -458,6 +459,7 @@ def ortho(
     Args:
         resume: continue the run already in ``out`` from its last completed block (same settings
             required; the same random state per block makes the result identical to an uninterrupted run).
+        on_start: called with the first block's index once θ0's continuations are read and every check has passed.
 
     Returns:
         a :class:`~melbo.files.runs.Run` whose row 0 is θ0 and rows 1… the vectors found, each record holding
@@ -486,5 +488,5 @@ def ortho(
     with kept_heap():  # every evaluation allocates the same large activations again
         return run_blocks(
             _Engine(problem), meta, [(base, first)], lm.d_model, lm.device, settings.seed, settings.init_scale * base_norm,
-            out, resume, on_step, on_block,
+            out, resume, on_step, on_block, on_start,
         )

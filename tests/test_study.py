@@ -159,6 +159,28 @@ def test_a_study_reports_auto_rs_candidates_as_they_are_measured(pinned_lm, tmp_
     ]
 
 
+def test_a_whole_basis_study_counts_its_blocks_and_steps_as_melbo_ortho_does(pinned_lm, tmp_path, monkeypatch):
+    """With no count and no steps, a study's ortho events said "block 3" and "step 12": the log could give no time left
+    for a whole basis, which runs for hours. They now carry the blocks and steps `melbo ortho` counts by."""
+    from melbo.engines.config import OrthoConfig
+    from melbo.study import pipeline
+
+    def one_step_then_stop(lm, base, prompts, cfg, fmt, out, on_step, **kwargs):
+        on_step(0, 1, 0.5)
+        raise KeyboardInterrupt  # the rest is ortho's own work
+
+    monkeypatch.setattr(pipeline, "ortho", one_step_then_stop)
+    study = tiny_demo()
+    del study["ortho"]["count"], study["ortho"]["steps"]
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        run_study(Study.from_dict(study), tmp_path / "s", models=ModelCache({"tiny": pinned_lm}), on_event=events.append)
+    (step,) = [e for e in events if e.stage == "ortho" and e.step]
+    cfg = OrthoConfig(**{k: v for k, v in study["ortho"].items()})
+    plan = cfg.resolved(1.0, pinned_lm.d_model, pinned_lm.n_layers, vocab=pinned_lm.plain_head_vocab)
+    assert (step.blocks, step.steps) == (-(-(pinned_lm.d_model - 1) // 4), plan.steps) and plan.steps > 0
+
+
 def grid_study(models: list[str]) -> str:
     return f"""
 name = "grid"

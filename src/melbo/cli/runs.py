@@ -130,14 +130,13 @@ def ortho(
     warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
     plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
     copies = f"{plan.count} copies" if cfg.count is not None else f"copies until the basis is exhausted (at most {plan.count})"
-    blocks = -(-plan.count // plan.block)
 
     def started(block: int) -> None:  # on a real model minutes pass before a block's first line: say what runs
-        where = f"block {block + 1}/{blocks} starts" + (" (resumed)" if block else "")
+        where = f"block {block + 1}/{plan.blocks} starts" + (" (resumed)" if block else "")
         log_line(f"ortho ({cfg.mode}): {copies} of θ0 (norm {float(theta0.norm()):.3g}, layer {source} → {target}) in blocks of "
                  f"{min(plan.block, plan.count)}; {where}")
 
-    progress, on_step = block_progress(blocks, plan.steps, f"ortho ({cfg.mode})")
+    progress, on_step = block_progress(plan.blocks, plan.steps, f"ortho ({cfg.mode})")
     with progress, interruptible(folder):
         run = engine.ortho(
             lm, theta0, prompts, cfg, found.format(system, chat_template), out=folder, on_step=on_step,

@@ -379,6 +379,11 @@ class OrthoSettings:
     def fast(self) -> bool:
         return self.mode == "fast"
 
+    @property
+    def blocks(self) -> int:
+        """Blocks to run if every vector is kept (progress counts by it; a basis exhausted early stops sooner)."""
+        return -(-self.count // self.block)
+
 
 @dataclass(frozen=True)
 class OrthoConfig:

@@ -249,9 +249,9 @@ def run_unit(
 
             def run_ortho(base: BaseChoice = base, folder: Path = folder, name: str = name, cfg_o: OrthoConfig = cfg_o) -> None:
                 info = {"from": str(discovery), "index": base.index, "why": base.reason(), "completion": base.completion}
-                blocks = None if cfg_o.count is None else -(-cfg_o.count // cfg_o.block_size(cfg_o.count))
+                plan = cfg_o.resolved(float(found.vectors[base.index].norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)  # as melbo ortho's
                 run = ortho(lm, found.vectors[base.index], prompts, cfg_o, fmt, out=folder, base_info=info, resume=True,
-                            on_step=progress("ortho", name, blocks, cfg_o.steps), on_block=on_block)
+                            on_step=progress("ortho", name, plan.blocks, plan.steps), on_block=on_block)
                 outcome = OrthoOutcome(str(folder.relative_to(study_folder)), base, ortho_fidelity(lm, run, fmt, cfg_o.completion_tokens))
                 state.orthos = [o for o in state.orthos if o.folder != outcome.folder] + [outcome]
 

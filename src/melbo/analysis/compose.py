@@ -163,11 +163,12 @@ def compose(
     vectors = vectors.to(lm.device)
     # θ0 rides in the first generate call: its completion's label, and the first-token logits every KL compares with
     steering = torch.cat([run.vectors[:1].to(vectors), vectors])
-    made = []
+    made, done = [], 0
     for chunk in steering.split(batch):
         made.append(steered_generation(lm.model, lm.tokenizer, state.ids, chunk, source, max_new_tokens))
+        done += chunk.shape[0]
         if on_batch:
-            on_batch(sum(m.first_logits.shape[0] for m in made), steering.shape[0])
+            on_batch(done, steering.shape[0])
     logits = torch.cat([m.first_logits for m in made])
     kl = kl_divergence(logits[1:], logits[:1].expand_as(logits[1:]))
     base_text, *texts = [t for m in made for t in m.texts]

@@ -128,7 +128,7 @@ def ortho(
     lm = load(model, device, dtype, found)
     cfg.check(lm.n_layers, lm.d_model)
     warn_if_slow_bfloat16(lm.device, *cfg.asked_precisions())
-    plan = cfg.resolved(float(theta0.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
+    plan = engine.progress_plan(lm, theta0, cfg)
     copies = f"{plan.count} copies" if cfg.count is not None else f"copies until the basis is exhausted (at most {plan.count})"
 
     def started(block: int) -> None:  # on a real model minutes pass before a block's first line: say what runs

@@ -390,6 +390,13 @@ def objective(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfi
     return _Problem(lm, prepare(lm, ready.prompts, fmt, ready.settings.source), ready.settings, ready.base, ready.known).losses
 
 
+def progress_plan(lm: LoadedModel, base: Tensor, cfg: OrthoConfig) -> OrthoSettings:
+    """``cfg`` resolved for ``base`` on ``lm`` before θ0's continuations are read: the count, blocks and steps that
+    progress is counted by (``melbo ortho``'s log and bar, a study's events). The run's own settings may differ in
+    what the continuations tell (where θ0's behaviour shows), not in its blocks."""
+    return cfg.resolved(float(base.norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)
+
+
 def _prepared(lm: LoadedModel, base: Tensor, prompts: list[str], cfg: OrthoConfig, fmt: PromptFormat) -> _Prepared:
     """θ0 (checked, on the model's device), the settings it resolves to, every prompt trained on (the given ones and
     ``extra_prompts`` of melbo's shipped ones), and θ0's greedy tokens on the run's prompt where reading its behaviour

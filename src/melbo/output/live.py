@@ -126,14 +126,13 @@ class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
         self.current: tuple[int, int, float] | None = None
         self.pace: Pace | None = None
         self.started = clock()
-        self.last_line = self.started  # when the last line was written, or the current block began
+        self.last_line = self.started  # when the last line was written, or the first step came
 
     def on_step(self, block: int, step: int, loss: float) -> None:
         if self.current is not None and self.current[0] != block:
             self._line()
-        if self.pace is None:
+        if self.pace is None:  # the first step: a minute's wait counts from here (a new block's from its line above)
             self.pace = Pace(block, self.clock)
-        if self.current is None or self.current[0] != block:
             self.last_line = self.clock()
         self.current = (block, step, loss)
         if self.clock() - self.last_line >= self.every:

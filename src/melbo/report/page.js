@@ -60,7 +60,7 @@
       const rating = (v) => (v === null || v === undefined ? "—" : String(v));
       const line = el("div", "judge", "judge · " + name + ": concept " + rating(r.concept) + ", instruction " + rating(r.instruction) + ", fluency " + rating(r.fluency));
       if (r.answer) {
-        const why = el("details", "why");
+        const why = el("details");
         why.appendChild(el("summary", "", "the judge's answer"));
         why.appendChild(el("pre", "completion", r.answer));
         line.appendChild(why);

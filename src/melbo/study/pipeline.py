@@ -31,7 +31,7 @@ from melbo.analysis.judge import ConceptSummary, judge_run
 from melbo.analysis.probe import probe
 from melbo.engines.config import OrthoConfig
 from melbo.engines.discover import discover
-from melbo.engines.ortho import ortho
+from melbo.engines.ortho import ortho, progress_plan
 from melbo.errors import MelboError
 from melbo.files.interop import import_file
 from melbo.files.io import atomic_write, read_json, write_json
@@ -249,7 +249,7 @@ def run_unit(
 
             def run_ortho(base: BaseChoice = base, folder: Path = folder, name: str = name, cfg_o: OrthoConfig = cfg_o) -> None:
                 info = {"from": str(discovery), "index": base.index, "why": base.reason(), "completion": base.completion}
-                plan = cfg_o.resolved(float(found.vectors[base.index].norm()), lm.d_model, lm.n_layers, vocab=lm.plain_head_vocab)  # as melbo ortho's
+                plan = progress_plan(lm, found.vectors[base.index], cfg_o)  # counted as melbo ortho counts
                 run = ortho(lm, found.vectors[base.index], prompts, cfg_o, fmt, out=folder, base_info=info, resume=True,
                             on_step=progress("ortho", name, plan.blocks, plan.steps), on_block=on_block)
                 outcome = OrthoOutcome(str(folder.relative_to(study_folder)), base, ortho_fidelity(lm, run, fmt, cfg_o.completion_tokens))

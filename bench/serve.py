@@ -26,6 +26,7 @@ from melbo.files.runs import write_run
 from melbo.model.loading import load_model, model_identity
 from melbo.model.prompts import DEFAULT_PROMPT, PromptFormat, encode_prompt
 from melbo.serve.api import ServeLimits, create_app
+from melbo.serve.batching import Batcher
 from melbo.serve.catalog import Catalog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -105,8 +106,9 @@ def main() -> None:
     lm = load_model("smollm2", device="cpu")
     run = vectors_run(scratch_folder("serve") / "bench", lm, n)
     catalog = Catalog([run])
-    app = create_app(lm, catalog, ServeLimits(max_batch=n, window=0.05, max_tokens=max(64, tokens)))
-    server = Server(app)
+    limits = ServeLimits(max_batch=n, window=0.05, max_tokens=max(64, tokens))
+    batcher = Batcher.from_limits(lm, limits)
+    server = Server(create_app(lm, catalog, limits, batcher))
     try:
         asyncio.run(sequential(server.url, catalog.model_name, 1, 4))  # warm-up
         rows = {}
@@ -125,7 +127,6 @@ def main() -> None:
             r = rows[name]
             print(f"{name:<14} {r['wall']:6.2f} s for {n} requests of {tokens} tokens: {r['requests_per_s']:5.2f} req/s, "
                   f"{r['tokens_per_s']:6.1f} tokens/s, latency p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s", flush=True)
-        batcher = app.app.state.batcher
         print(f"(largest batch {batcher.largest_batch}; {rounds} round(s) each way, median wall time)")
     finally:
         server.close()

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from melbo.model.loading import load_model
 from melbo.model.prompts import PromptFormat, encode_prompt
 from melbo.serve import server_config
 from melbo.serve.api import ServeLimits, create_app
+from melbo.serve.batching import Batcher
 from melbo.serve.catalog import Catalog
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -203,8 +205,9 @@ def test_concurrent_requests_share_batches(tiny_folder, tmp_path):
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
     truth = [expected(lm, catalog, index, 10) for index in range(6)]  # before the server owns the model
-    app = create_app(lm, catalog, ServeLimits(max_batch=8, window=0.2, max_tokens=32))
-    server = Server(app)
+    limits = ServeLimits(max_batch=8, window=0.2, max_tokens=32)
+    batcher = Batcher.from_limits(lm, limits)
+    server = Server(create_app(lm, catalog, limits, batcher))
     try:
         async def ask(client, index):
             body = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 10,
@@ -216,7 +219,6 @@ def test_concurrent_requests_share_batches(tiny_folder, tmp_path):
                 return await asyncio.gather(*(ask(client, i) for i in range(6)))
 
         replies = asyncio.run(all_at_once())
-        batcher = app.app.state.batcher
         assert batcher.largest_batch >= 4 and batcher.batches <= 3  # the six shared one or two forward loops
         for index, reply in enumerate(replies):  # same prompt, no padding: each row decodes as it would alone
             assert reply["choices"][0]["message"]["content"] == truth[index]
@@ -229,8 +231,9 @@ def test_load_64_clients_mixing_good_bad_and_dropped_requests(tiny_folder, tmp_p
     lm = load_model(str(tiny_folder), device="cpu")
     catalog = Catalog([run])
     truth = {i: expected(lm, catalog, i, 6) for i in range(6)}  # before the server owns the model
-    app = create_app(lm, catalog, ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512))
-    server = Server(app)
+    limits = ServeLimits(max_batch=16, window=0.01, max_tokens=16, max_queue=512)
+    batcher = Batcher.from_limits(lm, limits)
+    server = Server(create_app(lm, catalog, limits, batcher))
     process = psutil.Process(os.getpid())
 
     async def client_session(number: int, client: httpx.AsyncClient) -> list[str]:
@@ -283,12 +286,50 @@ def test_load_64_clients_mixing_good_bad_and_dropped_requests(tiny_folder, tmp_p
         assert grown < 64 * 2**20, f"memory grew by {grown / 2**20:.0f} MiB over 320 requests"
         assert httpx.get(server.url + "/v1/models").status_code == 200
         deadline = time.monotonic() + 10  # the worker may still be taking the last dropped request off the queue
-        while app.app.state.batcher.queue.qsize() and time.monotonic() < deadline:
+        while batcher.queue.qsize() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert app.app.state.batcher.queue.qsize() == 0
+        assert batcher.queue.qsize() == 0
     finally:
         server.close()
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], [r.getMessage() for r in caplog.records]
+
+
+def test_each_answered_request_is_one_line_in_the_access_log(tiny_folder, tmp_path):
+    """Under nohup a server's log must show what it did: a line per request, with its status, steering and token
+    counts, an error's message, a client that left; never the prompt or the completion."""
+    run = make_run(tmp_path / "tinyrun", str(tiny_folder))
+    lm = load_model(str(tiny_folder), device="cpu")
+    catalog = Catalog([run])
+    lines: list[str] = []
+    app = create_app(lm, catalog, ServeLimits(max_tokens=32), access_log=lines.append)
+    server = Server(app)
+    chat = {"model": catalog.model_name, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 7}
+    try:
+        assert httpx.get(server.url + "/v1/runs", timeout=30).status_code == 200
+        steered = httpx.post(server.url + "/v1/chat/completions", json={**chat, "melbo": {"run": "tinyrun", "vector": 1, "scale": 2.0}}, timeout=60)
+        assert steered.status_code == 200
+        with httpx.stream("POST", server.url + "/v1/completions", json={"model": catalog.model_name, "prompt": "Once upon", "max_tokens": 5, "temperature": 0, "stream": True}, timeout=60) as answer:
+            assert "[DONE]" in "".join(answer.iter_text())
+        bad = httpx.post(server.url + "/v1/chat/completions", json={**chat, "melbo": {"run": "tinyrun", "vector": 99}}, timeout=60)
+        assert bad.status_code == 404
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**chat, "max_tokens": 32, "stream": True}, timeout=60) as answer:
+            next(answer.iter_bytes())  # the client leaves after the first event
+        deadline = time.monotonic() + 30
+        while len(lines) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.close()
+    assert len(lines) == 5, lines
+    runs, steered_line, streamed, refused, left = lines
+    assert runs.startswith("GET /v1/runs 200 in ")
+    generated = len(lm.tokenizer(steered.json()["choices"][0]["message"]["content"], add_special_tokens=False).input_ids)
+    assert steered_line.startswith("POST /v1/chat/completions 200 in ") and "run tinyrun vector 1 ×2, prompt " in steered_line
+    assert f"{generated} generated (" in steered_line and "s queued" in steered_line and "streamed" not in steered_line
+    assert streamed.startswith("POST /v1/completions 200 in ") and "unsteered, prompt " in streamed and streamed.endswith(", streamed")
+    assert refused.startswith("POST /v1/chat/completions 404 in ") and "vectors 0 to 5" in refused
+    assert left.startswith("POST /v1/chat/completions client left in ")
+    assert not any(text in line for line in lines for text in (PROMPT, "Once upon"))
+    assert (app.answered, app.errors) == (5, 1)
 
 
 def test_queue_full_is_429(tiny_folder, tmp_path):
@@ -349,7 +390,9 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_folder, tmp_path)
     assert "run(s) on http" not in result.stdout
 
 
-def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path, stop):
+    """Ctrl-C, or a scheduler's SIGTERM: uvicorn shuts down gracefully, and the log says how it ended."""
     import signal
     import socket
     import subprocess
@@ -379,11 +422,17 @@ def test_melbo_serve_from_the_shell_answers_and_stops(tiny_folder, tmp_path):
         assert listening == {"127.0.0.1"}
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/nothing", timeout=5).status_code == 404
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         out, err = proc.communicate(timeout=60)
-    assert proc.returncode in (0, 130), err
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], err
     assert "Traceback" not in err
+    # its log (stderr is a pipe here, as under nohup): a timestamped line per request, and how it ended
+    assert re.search(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] GET /v1/runs 200 in \d+\.\d s$", err, re.M), err
+    assert re.search(r"\] GET /v1/nothing 404 in \d+\.\d s: Not Found$", err, re.M), err
+    how = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}[stop]
+    assert out.splitlines()[-1] == f"melbo serve: stopped by {how} after 3 request(s), 1 answered with an error", out
 
 
 def test_batched_decoding_uses_the_cache_api(tiny_folder):

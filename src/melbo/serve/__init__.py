@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from melbo.errors import MelboError
+from melbo.output.live import log_line
 from melbo.serve.limits import ServeLimits
 
 if TYPE_CHECKING:
     import uvicorn
 
-    from melbo.serve.api import BodyLimit
+    from melbo.serve.access import AccessLog
 
 
 def missing_extra() -> str | None:
@@ -28,7 +29,7 @@ def missing_extra() -> str | None:
     return f"melbo serve needs FastAPI and uvicorn ({', '.join(missing)} missing): pip install 'melbo[serve]'" if missing else None
 
 
-def server_config(app: BodyLimit, host: str, port: int, limits: ServeLimits, **options: object) -> uvicorn.Config:
+def server_config(app: AccessLog, host: str, port: int, limits: ServeLimits, **options: object) -> uvicorn.Config:
     """How ``melbo serve`` runs uvicorn; ``options`` go to ``uvicorn.Config`` as they are (tests start their servers
     from this config, with uvicorn's logging left to pytest)."""
     import uvicorn
@@ -57,9 +58,12 @@ def check_can_listen(host: str, port: int) -> None:
 
 def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", dtype: str | None = None, limits: ServeLimits | None = None,
-          on_ready: Callable[[int], None] | None = None) -> None:
+          on_ready: Callable[[int], None] | None = None, access_log: Callable[[str], None] | None = log_line,
+          on_stop: Callable[[AccessLog], None] | None = None) -> None:
     """Load the runs' model once and serve until interrupted; ``on_ready(number of runs)`` once everything is
-    checked and loaded, just before the server starts listening."""
+    checked and loaded, just before the server starts listening; ``access_log`` gets a line per answered request
+    (default: a timestamped line on stderr; None: none); ``on_stop(app)`` once the server has stopped, however it
+    stopped (uvicorn raises the signal that stopped it again afterwards), with ``app.answered`` and ``app.errors``."""
     problem = missing_extra()
     if problem:
         raise MelboError(problem)
@@ -77,7 +81,11 @@ def serve(runs: Sequence[str | Path], model: str | None = None, host: str = "127
         if served.run.vectors.shape[1] != lm.d_model:
             raise MelboError(f"run {served.name} has vectors of width {served.run.vectors.shape[1]}, the model {lm.d_model}")
     limits = limits or ServeLimits()
-    app = create_app(lm, catalog, limits)
+    app = create_app(lm, catalog, limits, access_log=access_log)
     if on_ready:
         on_ready(len(catalog.runs))
-    uvicorn.Server(server_config(app, host, port, limits)).run()
+    try:
+        uvicorn.Server(server_config(app, host, port, limits)).run()
+    finally:
+        if on_stop:
+            on_stop(app)

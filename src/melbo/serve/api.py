@@ -19,7 +19,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any, Literal
 from urllib.parse import quote
@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import has_chat_template
+from melbo.serve.access import GENERATION, AccessLog, Generation
 from melbo.serve.batching import Batcher, QueueFull, Request
 from melbo.serve.catalog import BadSteering, Catalog, NotFound
 from melbo.serve.limits import ServeLimits
@@ -127,15 +128,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLimits(), batcher: Batcher | None = None) -> BodyLimit:
-    """The server's app: routes, validation, limits. ``batcher`` defaults to one built from ``limits``.
+def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLimits(), batcher: Batcher | None = None,
+               access_log: Callable[[str], None] | None = None) -> AccessLog:
+    """The server's app: routes, validation, limits. ``batcher`` defaults to one built from ``limits``;
+    ``access_log`` gets one line per answered request (``melbo serve`` writes them to its log).
 
     While it serves, the app owns ``lm``: each batch steers ``lm.model`` with hooks that are removed when the batch
     ends (a client may get its reply a moment before), so run anything else on another copy of the model."""
-    batcher = batcher or Batcher(lm, max_batch=limits.max_batch, window=limits.window, max_queue=limits.max_queue)
+    batcher = batcher or Batcher.from_limits(lm, limits)
     model_id = catalog.model_name or lm.name
     app = FastAPI(title="melbo serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.state.batcher = batcher
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
@@ -201,6 +203,8 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
             batcher.submit(request)
         except QueueFull as exc:
             return error(429, str(exc), "rate_limit_error")
+        steered = f"run {body.melbo.run} vector {body.melbo.vector} ×{body.melbo.scale:g}" if body.melbo else "unsteered"
+        setattr(http.state, GENERATION, Generation(request, steered, body.stream))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         steering = body.melbo.model_dump() | {"layer": layer} if body.melbo else None
@@ -242,7 +246,7 @@ def create_app(lm: LoadedModel, catalog: Catalog, limits: ServeLimits = ServeLim
     async def stop() -> None:
         batcher.close()
 
-    return BodyLimit(app, limits.max_body_bytes)
+    return AccessLog(BodyLimit(app, limits.max_body_bytes), access_log)
 
 
 _PAGE_POLICY = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:"

@@ -28,6 +28,7 @@ from melbo.errors import MelboError
 from melbo.model.forward import cache_argument, new_cache
 from melbo.model.layers import add_to_residual
 from melbo.model.loading import LoadedModel
+from melbo.serve.limits import ServeLimits
 
 # What a request's callback receives: a piece of text (may be ""), and when the request is over, why
 # ("stop": end of text or a stop string, "length": max_tokens, "cancelled", "error: …").
@@ -53,9 +54,18 @@ class Request:
     stop: tuple[str, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its batch began decoding
+    generated: int = 0  # tokens chosen so far (an end-of-text token not counted)
+    reason: str | None = None  # why it ended, once it has: what ``emit`` was last given
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def send(self, piece: str, reason: str | None) -> None:
+        """Hand ``piece`` (and, at the end, ``reason``) to the request's callback, keeping the reason."""
+        if reason is not None:
+            self.reason = reason
+        self.emit(piece, reason)
 
 
 @dataclass
@@ -83,6 +93,10 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="melbo-batcher", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def from_limits(cls, lm: LoadedModel, limits: ServeLimits) -> Batcher:
+        return cls(lm, max_batch=limits.max_batch, window=limits.window, max_queue=limits.max_queue)
+
     def submit(self, request: Request) -> None:
         try:
             self.queue.put_nowait(request)
@@ -109,7 +123,7 @@ class Batcher:
             live = [r for r in batch if not r.cancelled.is_set()]
             for r in batch:
                 if r.cancelled.is_set():
-                    r.emit("", "cancelled")
+                    r.send("", "cancelled")
             if not live:
                 continue
             try:
@@ -117,12 +131,15 @@ class Batcher:
             except Exception as exc:  # a failure must reach every waiting client, and the worker goes on
                 for r in live:
                     with contextlib.suppress(Exception):
-                        r.emit("", f"error: {type(exc).__name__}: {exc}")
+                        r.send("", f"error: {type(exc).__name__}: {exc}")
 
     @torch.no_grad()
     def _decode(self, requests: list[Request]) -> None:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
+        started = time.monotonic()
+        for r in requests:
+            r.started = started
         device = self.lm.device
         rows = [_Row(r, generator=_generator(r)) for r in requests]
         width = max(len(r.prompt_ids) for r in requests)
@@ -159,13 +176,14 @@ class Batcher:
         for i, row in enumerate(rows):
             request = row.request
             if request.cancelled.is_set():
-                request.emit("", "cancelled")
+                request.send("", "cancelled")
                 done.add(i)
                 continue
             token = _choose(logits[i], request, row.generator)
             finished = token in self.eos
             if not finished:
                 row.tokens.append(token)
+                request.generated = len(row.tokens)
             text = str(self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True))
             cut = _stop_at(text, request.stop)
             if cut is not None:
@@ -176,7 +194,7 @@ class Batcher:
             piece = text[row.sent : ready]
             row.sent = max(row.sent, ready)
             if piece or reason:
-                request.emit(piece, reason)
+                request.send(piece, reason)
             if reason:
                 done.add(i)
         return done

@@ -108,6 +108,24 @@ def fast(url: str, **kw) -> JudgeConfig:
     return JudgeConfig(**{"url": url, "concepts": ["code"], "backoff": 0.01, "timeout": 5.0, **kw})
 
 
+def test_a_judge_that_rates_everything_2_is_flagged_against_the_regex_label(judge_server, results):
+    """A weak judge (Qwen2.5 0.5B judging its own copies) rated "The capital of Australia is Sydney." as code 2; the
+    summary said only "agrees with melbo's regex label 62%". It now says which way they disagree, and to read answers."""
+    from melbo.output.tables import judged
+
+    server = judge_server(lambda n, body: chat("Rating: [[2]]"))
+    stored = judge_run(results, fast(server.url), PROMPT, 0, lambda: None)
+    summary = stored.summary["code"]
+    assert summary.label_agreement == pytest.approx(2 / 3)
+    assert (summary.judge_only, summary.regex_only, summary.compared) == (1, 0, 3)  # 'I like turtles' rated 2
+    lines = judged(stored, PROMPT, 0, results)
+    assert "    on every prompt the eval asked: rated 2 where melbo's regex label is not 'code': 1 of 3; labelled 'code' but rated below 2: 0" in lines
+    assert any(line.startswith("    the judge and the regex label disagree on 33% of the completions: read some of the judge's answers") for line in lines)
+    # a summary stored before the counts existed still reads, and says nothing of them
+    old = type(summary)(**{k: v for k, v in summary.to_json().items() if k not in ("judge_only", "regex_only", "compared")})
+    assert old.disagreement("code") == ""
+
+
 def test_parsing_and_harmonic_mean():
     assert parse_rating("Clear. Rating: [[2]]") == 2
     assert parse_rating("rating: [[ 1 ]] … no wait. Rating: [[0]]") == 0  # the last one wins
@@ -131,6 +149,7 @@ def test_scores_summary_and_cache(judge_server, results, monkeypatch):
     summary = stored.summary["code"]
     assert summary.share_concept_2 == 0.5  # copies 1 and 2 (0 is the base)
     assert summary.label_agreement == 1.0 and summary.unrated == 0
+    assert (summary.judge_only, summary.regex_only, summary.compared) == (0, 0, 3)  # the base's completion is compared too
     assert stored.concepts == {"code": PRESETS["code"]}
     key = rating_key("fake-judge", "concept", PRESETS["code"], PROMPT, TEXTS["1"])
     assert stored.ratings[key].rating == 2 and "Rating: [[2]]" in stored.ratings[key].raw

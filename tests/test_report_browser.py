@@ -148,10 +148,13 @@ def test_an_open_row_shows_what_the_judge_said_of_each_completion(browser, tmp_p
         text = f"{PLANTED[i]} #{i}"
         judge.ratings[rating_key("fake-judge", "concept", PRESETS["code"], PROMPT, text)] = Rating(2 * (i == 0), f"Vector {i}: <b>why</b>. Rating: [[{2 * (i == 0)}]]")
         scored.append(Scored(Item(PROMPT, text, "copies", i, "greedy"), Score(2 * (i == 0), 1, None if i == 2 else 2)))
-    judge.scores, judge.summary = {"code": scored}, {"code": ConceptSummary(PRESETS["code"], 0.0, {"copies": 0.0}, 1, 1.0)}
+    judge.scores, judge.summary = {"code": scored}, {"code": ConceptSummary(PRESETS["code"], 0.0, {"copies": 0.0}, 1, 0.5, 1, 0, 2)}
     results.judge = judge
     results.save(run)
     page, problems = open_report(browser, run)
+    expect(page.locator("#judge-table p")).to_have_text(  # where the judge and the regex label disagree, and which way
+        "code, on every prompt the eval asked: rated 2 where melbo's regex label is not 'code': 1 of 2; labelled 'code' but rated "
+        "below 2: 0. The judge and the regex label disagree often: open a vector's row below to read the judge's answers before trusting either.")
     assert page.locator("#rows .judge").count() == 0  # closed rows
     page.locator("#rows tr.row").nth(2).click()
     line = page.locator("#rows tr.row.open .judge")

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 KINDS = ("concept", "instruction", "fluency")
 LABEL_OF_CONCEPT = {"code": "code", "jailbreak": "compliance"}  # presets that one of melbo's regex labels also reads
+LOW_AGREEMENT = 0.8  # below this agreement with the regex label, melbo judge says to read the judge's answers
 NONSENSE_LIMIT = 8  # this many answers in a row without a rating: the judge is not following the template
 
 
@@ -354,6 +355,18 @@ class ConceptSummary:
     mean_harmonic: dict[str, float]  # per source (copies, each control): mean harmonic score on the run's prompt
     unrated: int  # ratings missing or unparsed
     label_agreement: float | None  # copies on which "rated 2" agrees with melbo's regex label (code, jailbreak)
+    # of those compared: rated 2 where the regex label does not read the concept, and read by it but rated below 2
+    # (None in summaries stored before they were counted)
+    judge_only: int | None = None
+    regex_only: int | None = None
+    compared: int | None = None
+
+    def disagreement(self, regex_label: str) -> str:
+        """"rated 2 where melbo's regex label is not 'code': 66 of 173; …" ("" where not counted)."""
+        if self.compared is None or self.judge_only is None or self.regex_only is None:
+            return ""
+        return (f"rated 2 where melbo's regex label is not {regex_label!r}: {self.judge_only} of {self.compared}; "
+                f"labelled {regex_label!r} but rated below 2: {self.regex_only}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -431,16 +444,19 @@ def summarise(cache: dict[str, Rating], model: str, concepts: dict[str, str], sc
             h = s.score.harmonic
             if s.item.prompt == run_prompt and not (s.item.source == "copies" and s.item.index == base_index) and h is not None:
                 by_source.setdefault(s.item.source, []).append(h)
-        agreement = None
+        pairs: list[tuple[bool, bool]] = []  # (rated 2, the regex label reads the concept)
         if name in LABEL_OF_CONCEPT:
             pairs = [(s.score.concept == 2, labels[(s.item.prompt, s.item.mode, s.item.index)] == LABEL_OF_CONCEPT[name])
                      for s in scores if s.item.source == "copies" and s.score.concept is not None and s.item.sample == 0
                      and (s.item.prompt, s.item.mode, s.item.index) in labels]
-            agreement = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+        counted = name in LABEL_OF_CONCEPT and bool(pairs)
         out[name] = ConceptSummary(
             text, sum(r == 2 for r in rated) / len(rated) if rated else None,
             {source: statistics.mean(v) for source, v in by_source.items()},
-            sum(1 for s in scores for r in (s.score.concept, s.score.instruction, s.score.fluency) if r is None), agreement,
+            sum(1 for s in scores for r in (s.score.concept, s.score.instruction, s.score.fluency) if r is None),
+            sum(a == b for a, b in pairs) / len(pairs) if counted else None,
+            sum(a and not b for a, b in pairs) if counted else None, sum(b and not a for a, b in pairs) if counted else None,
+            len(pairs) if counted else None,
         )
     return out
 

@@ -242,7 +242,7 @@ def labels_line(counts: list[dict[str, int]]) -> str:
 def judged(judged: JudgeResults, run_prompt: str, base: int | None, results: EvalResults) -> Lines:
     """Per concept: copies rated 2, mean harmonic score per source, agreement with the regex label, and per hundred vectors
     (beside melbo's regex label per hundred, where a regex label reads the concept: the post's code dump, for one)."""
-    from melbo.analysis.judge import LABEL_OF_CONCEPT
+    from melbo.analysis.judge import LABEL_OF_CONCEPT, LOW_AGREEMENT
 
     out: Lines = [f"judge {quoted(judged.model)} at {judged.host} (template {judged.template}; scores are only as good as the judge); "
                   f"{judged.requests_last_call} request(s) this call"]
@@ -251,6 +251,11 @@ def judged(judged: JudgeResults, run_prompt: str, base: int | None, results: Eva
         agree = "" if summary.label_agreement is None else f"; agrees with melbo's regex label {summary.label_agreement:.0%}"
         out.append(f"  {name}: {or_dash(summary.share_concept_2, '{:.0%}')} of the copies rated 2 on the concept on {quoted(run_prompt)}; "
                    f"mean harmonic score: {means or '—'}{agree}; {summary.unrated} rating(s) missing or unparsed")
+        if name in LABEL_OF_CONCEPT and summary.disagreement(LABEL_OF_CONCEPT[name]):
+            out.append(f"    on every prompt the eval asked: {summary.disagreement(LABEL_OF_CONCEPT[name])}")
+            if summary.label_agreement is not None and summary.label_agreement < LOW_AGREEMENT:
+                out.append(f"    the judge and the regex label disagree on {1 - summary.label_agreement:.0%} of the completions: read some of "
+                           "the judge's answers (melbo report: open a vector's row) before trusting either")
         per_hundred = judged.rated_2_per_hundred(name, run_prompt, base)
         modes = list(results.prompts[run_prompt].completions) if run_prompt in results.prompts else []
         if len(per_hundred) > 1:

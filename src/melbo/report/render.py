@@ -181,8 +181,23 @@ def _judge_html(judge: JudgeResults | None) -> str:
         f"(template {html.escape(judge.template)}). Scores are only as good as the judge.</summary>"
         "<table><thead><tr><th>concept</th><th>description</th><th class=num>copies rated 2</th><th>mean harmonic score (concept, "
         "instruction, fluency: 0–2)</th><th class=num>agrees with regex label</th><th class=num>missing or unparsed</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table></details>"
+        f"<tbody>{rows}</tbody></table>{_judge_vs_regex(judge)}</details>"
     )
+
+
+def _judge_vs_regex(judge: JudgeResults) -> str:
+    """Where a regex label reads the concept: how often the two disagree, and which way (a weak judge over-calls)."""
+    from melbo.analysis.judge import LABEL_OF_CONCEPT, LOW_AGREEMENT
+
+    notes = []
+    for name, s in judge.summary.items():
+        said = s.disagreement(LABEL_OF_CONCEPT[name]) if name in LABEL_OF_CONCEPT else ""
+        if said:
+            low = s.label_agreement is not None and s.label_agreement < LOW_AGREEMENT
+            notes.append(f"<p>{html.escape(name)}, on every prompt the eval asked: {html.escape(said)}."
+                         + (" <b>The judge and the regex label disagree often: open a vector's row below to read the judge's "
+                            "answers before trusting either.</b>" if low else "") + "</p>")
+    return "".join(notes)
 
 
 def _pct(value: float | None) -> str:

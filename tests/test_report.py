@@ -164,9 +164,11 @@ def test_label_plot_says_which_completions_it_labels(tmp_path):
     """Before ``melbo eval`` the plot labels the completions the run stored; its title said "(None, None)"."""
     from melbo.report.plots import labels_title
 
-    assert labels_title(gather(make_run(tmp_path / "e", n=5)).header) == f"Label share per block ({PROMPT!r}, greedy)"
-    assert labels_title(gather(make_run(tmp_path / "n", n=5, with_eval=False)).header) == (
+    assert labels_title(gather(make_run(tmp_path / "e", n=5)).header, 3) == f"Label share per block ({PROMPT!r}, greedy)"
+    assert labels_title(gather(make_run(tmp_path / "n", n=5, with_eval=False)).header, 3) == (
         "Label share per block (the completion stored with each vector, on the run's first prompt)")
+    # ten vectors or fewer come in blocks of one: each bar is one vector's label, not a share ("per block of 1")
+    assert labels_title(gather(make_run(tmp_path / "e", n=5)).header, 1) == f"Label of each vector ({PROMPT!r}, greedy)"
 
 
 def test_norm_plot_of_equal_norms_starts_at_zero(tmp_path, monkeypatch):

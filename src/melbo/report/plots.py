@@ -88,12 +88,12 @@ def _colour(name: str, labels: list[str]) -> str:
     return EXTRA_COLOURS[extra.index(name) % len(EXTRA_COLOURS)]
 
 
-def labels_title(header: dict[str, Any]) -> str:
+def labels_title(header: dict[str, Any], block_size: int) -> str:
     """The label plot's title: which completions were labelled (an evaluated prompt, or, before ``melbo eval``,
-    the completion each vector's run stored on its first prompt)."""
+    the completion each vector's run stored on its first prompt); blocks of one vector are each vector's label."""
     prompt, mode = header.get("table_prompt"), header.get("table_mode")
     on = f"{prompt!r}, {mode}" if prompt else "the completion stored with each vector, on the run's first prompt"
-    return f"Label share per block ({on})"
+    return f"{'Label of each vector' if block_size == 1 else 'Label share per block'} ({on})"
 
 
 def plot_labels(data: ReportData) -> bytes | None:
@@ -108,11 +108,15 @@ def plot_labels(data: ReportData) -> bytes | None:
         if any(share):
             ax.bar(names, share, bottom=bottom, color=_colour(lab, data.labels), label=lab)
             bottom = [b + s for b, s in zip(bottom, share)]
-    ax.set_ylabel("% of completions")
-    ax.set_xlabel(f"vectors, per block of {data.block_size}")
+    if data.block_size == 1:  # up to ten vectors: a share "per block of 1" is each vector's label, a full bar
+        ax.set_yticks([])
+        ax.set_xlabel("vector")
+    else:
+        ax.set_ylabel("% of completions")
+        ax.set_xlabel(f"vectors, per block of {data.block_size}")
     ax.set_ylim(0, 100)
-    ax.legend(loc="best", fontsize=8)
-    ax.set_title(labels_title(data.header), fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars: at 100 % there is no room above
+    ax.set_title(labels_title(data.header, data.block_size), fontsize=10)
     if len(names) > 8 and any(len(name) > 3 for name in names):  # ranges ("100–199"), not single vectors, crowd the axis
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     return _png(fig)
@@ -240,7 +244,7 @@ def plot_controls(data: ReportData) -> bytes | None:
 PLOTS: tuple[tuple[str, str, Callable[[ReportData], bytes | None], str], ...] = (
     ("kl", "KL to the base vector", plot_kl, "melbo eval RUN"),
     ("norm", "Norms", plot_norm, "a run with vectors"),
-    ("labels", "Labels per block", plot_labels, "melbo eval RUN"),
+    ("labels", "Labels", plot_labels, "melbo eval RUN"),
     ("presence", "Presence in the model's own residuals", plot_presence, "melbo probe RUN"),
     ("compose", "Composition", plot_compose, "melbo compose RUN"),
     ("cosine", "Cosine check", plot_cosine, "a run with vectors"),

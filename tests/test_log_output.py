@@ -83,6 +83,35 @@ class Clock:
         return self.now
 
 
+SCRIPT = """
+import sys
+import melbo
+from melbo import DiscoverConfig, OrthoConfig
+lm = melbo.load_model(sys.argv[1], device="cpu")
+quiet = sys.argv[2] == "quiet"
+run = melbo.discover(lm, ["How can I do it?"], DiscoverConfig(count=4, block=2, steps=3, source=1, target=4, completion_tokens=4),
+                     progress=not quiet)
+melbo.ortho(lm, run.vectors[1], run.meta.prompts, OrthoConfig(count=2, block=2, steps=3, source=1, target=4), progress=not quiet)
+print("done")
+"""
+
+
+def test_the_python_api_shows_its_progress_unless_told_not_to(tiny_folder):
+    """A notebook's or a script's ``melbo.discover(…)`` ran for minutes without a sign (auto R, then every block),
+    where the CLI shows a bar or a line per block; now it shows the same, and ``progress=False`` keeps it silent."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_folder), "shown"], capture_output=True, text=True, env=env, timeout=600)
+    assert shown.returncode == 0 and shown.stdout == "done\n", shown.stderr
+    lines = [re.sub(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ", "", line) for line in shown.stderr.splitlines()]
+    probes = [line for line in lines if line.startswith("discover: -R auto: R ")]
+    assert probes and " fluent" in probes[0]  # auto R's candidates, as melbo discover logs them
+    assert any(line.startswith("discover: R = ") for line in lines)  # and its choice
+    blocks = [line.split(":")[0] for line in lines if " block " in line]
+    assert blocks == ["discover block 1/2", "discover block 2/2", "ortho (fast) block 1/1"], shown.stderr
+    quiet = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_folder), "quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0 and quiet.stdout == "done\n" and not [line for line in quiet.stderr.splitlines() if "block" in line or "auto" in line], quiet.stderr
+
+
 def test_a_study_log_names_each_stage_and_block_once(capsys):
     """A study's progress in a log: a line per stage and per block (the first block too), and a one-unit study's runs,
     named for their stage, not named twice ("ortho ortho"); from a run's second block on, the time its blocks left

@@ -163,7 +163,7 @@ def trial_bases(
     )
     state = prepare(lm, prompts[:1], fmt, found.source_layer)[0]
     for choice in candidates:
-        copies = ortho(lm, found.vectors[choice.index], prompts, trial, fmt).vectors[1:]
+        copies = ortho(lm, found.vectors[choice.index], prompts, trial, fmt, progress=False).vectors[1:]
         texts = generate_steered(lm.model, lm.tokenizer, state.ids, copies.to(lm.device), found.source_layer, cfg.trial_tokens)
         choice.trial_share = statistics.mean(label(t)[0] == choice.label for t in texts) if texts else 0.0
         if on_trial:

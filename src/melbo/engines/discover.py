@@ -24,6 +24,7 @@ from melbo.model.fastpath import bfloat16_is_fast
 from melbo.model.forward import generate_steered, prepare
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat
+from melbo.output.live import log_line, unless_given
 
 
 @dataclass
@@ -91,6 +92,7 @@ def discover(
     radius_cfg: RadiusConfig = RadiusConfig(),
     on_radius: Callable[[RadiusChoice], None] | None = None,
     on_probe: Callable[[RadiusProbe], None] | None = None,
+    progress: bool = True,
 ) -> Run:
     """Run MELBO discovery; write the run folder after every block when ``out`` is given.
 
@@ -102,6 +104,8 @@ def discover(
         resume: continue the run already in ``out`` from its last completed block. Each block's random
             start depends only on the seed and the block's number, so the result is the same as a run
             that was never interrupted (an automatic R is taken from the saved run, not measured again).
+        progress: where ``on_step`` (or ``on_probe``, ``on_radius``) is not given, show it: a bar in a terminal
+            or notebook, a timestamped line per block (and each minute) where stderr is a log; False: silent.
 
     Returns:
         the :class:`~melbo.files.runs.Run` with vectors ``(K, d)`` and per-vector records: ``loss`` (the final
@@ -116,6 +120,9 @@ def discover(
     if saved is not None:  # a resumed run keeps the precision it ran at
         cfg = cfg.as_in_run(saved.config)
     choice: RadiusChoice | None = None
+    if progress:
+        on_probe = on_probe or (lambda probe: log_line(f"discover: -R auto: {probe.summary()}"))
+        on_radius = on_radius or (lambda chosen: log_line(f"discover: {chosen.line()}"))
     if cfg.auto_radius:
         if saved is not None and saved.radius_choice is not None:
             choice = saved.radius_choice
@@ -130,6 +137,7 @@ def discover(
         config=dataclasses.asdict(settings), radius_choice=choice,
     )
     problem = DiscoveryProblem(lm, prepare(lm, prompts, fmt, settings.source), settings)
-    return run_blocks(
-        _Engine(problem), meta, [], lm.d_model, lm.device, settings.seed, settings.radius, out, resume, on_step, on_block,
-    )
+    with unless_given(on_step, progress, -(-settings.count // settings.block), settings.steps, "discover") as shown:
+        return run_blocks(
+            _Engine(problem), meta, [], lm.d_model, lm.device, settings.seed, settings.radius, out, resume, shown, on_block,
+        )

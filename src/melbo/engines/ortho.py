@@ -85,6 +85,7 @@ from melbo.objectives import (
     random_orthogonal_block,
     top_tokens,
 )
+from melbo.output.live import unless_given
 
 KL_DIRECTION = "kl = KL(P_i || P_0) as the post's code computed (F.kl_div(log P_0, P_i)); kl_reverse = KL(P_0 || P_i)"
 
@@ -458,6 +459,7 @@ def ortho(
     resume: bool = False,
     on_block: BlockCallback | None = None,
     on_start: Callable[[int], None] | None = None,
+    progress: bool = True,
 ) -> Run:
     """Find vectors orthogonal to ``base`` and to each other that reproduce its effect on every prompt: ``prompts``
     and ``cfg.extra_prompts`` of melbo's shipped ones (all recorded in run.json; KL and completions are measured on
@@ -467,6 +469,8 @@ def ortho(
         resume: continue the run already in ``out`` from its last completed block (same settings
             required; the same random state per block makes the result identical to an uninterrupted run).
         on_start: called with the first block's index once θ0's continuations are read and every check has passed.
+        progress: where ``on_step`` is not given, show it: a bar in a terminal or notebook, a timestamped line per
+            block (and each minute) where stderr is a log; False: silent.
 
     Returns:
         a :class:`~melbo.files.runs.Run` whose row 0 is θ0 and rows 1… the vectors found, each record holding
@@ -492,8 +496,9 @@ def ortho(
         first.completion = str(lm.tokenizer.decode(ready.known[: settings.completion_tokens], skip_special_tokens=True))
     elif settings.completion_tokens:
         first.completion = problem.generation(base[None]).texts[0]
-    with kept_heap():  # every evaluation allocates the same large activations again
+    # every evaluation allocates the same large activations again (kept_heap)
+    with kept_heap(), unless_given(on_step, progress, settings.blocks, settings.steps, f"ortho ({settings.mode})") as shown:
         return run_blocks(
             _Engine(problem), meta, [(base, first)], lm.d_model, lm.device, settings.seed, settings.init_scale * base_norm,
-            out, resume, on_step, on_block, on_start,
+            out, resume, shown, on_block, on_start,
         )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -38,8 +39,17 @@ def goes_to_log(stream: object) -> bool:
 
 def make_console(stderr: bool = False) -> Console:
     """A rich console; where the stream is not a terminal and COLUMNS is unset, one wide enough that table rows
-    stay whole lines in a log."""
-    return Console(stderr=stderr, width=LOG_WIDTH if goes_to_log(sys.stderr if stderr else sys.stdout) else None)
+    stay whole lines in a log. A notebook (Jupyter, Colab) is no log: rich draws there as in a terminal."""
+    target = Console(stderr=stderr)
+    if target.is_jupyter or not goes_to_log(sys.stderr if stderr else sys.stdout):
+        return target
+    return Console(stderr=stderr, width=LOG_WIDTH)
+
+
+def live_display(target: Console) -> bool:
+    """Whether ``target`` can draw a live bar or spinner: a terminal, or a notebook with ipywidgets (rich draws there
+    with them, and without them only warns); anything else gets lines."""
+    return target.is_terminal or (target.is_jupyter and importlib.util.find_spec("ipywidgets") is not None)
 
 
 def to_log(target: Console) -> bool:
@@ -93,7 +103,7 @@ class Status(contextlib.AbstractContextManager["Status"]):
 
     def __init__(self, text: str, clock: Callable[[], float] = time.monotonic, every: float = HEARTBEAT_S) -> None:
         self.clock, self.every = clock, every
-        self.spinner = err_console.status(text) if err_console.is_terminal else None
+        self.spinner = err_console.status(text) if live_display(err_console) else None
         self.started = self.last = clock()
 
     def update(self, text: str, milestone: bool = False) -> None:
@@ -158,9 +168,22 @@ class BlockLog(contextlib.AbstractContextManager["BlockLog"]):
         self._line()
 
 
+@contextlib.contextmanager
+def unless_given(on_step: Callable[[int, int, float], None] | None, show: bool, total_blocks: int | None, steps: int | None,
+                 what: str) -> Iterator[Callable[[int, int, float], None] | None]:
+    """An engine's own progress where its caller gave no ``on_step`` and asked for it (``discover(…)`` from a notebook
+    or a script): a bar in a terminal or notebook, a timestamped line per block, and each minute, in a log."""
+    if on_step is not None or not show:
+        yield on_step
+        return
+    display, shown = block_progress(total_blocks, steps, what)
+    with display:
+        yield shown
+
+
 def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:
     """A rich progress bar fed by the engines' (block, step, loss) callback; a line per block in a log."""
-    if not err_console.is_terminal:
+    if not live_display(err_console):
         log = BlockLog(total_blocks, what, steps=steps)
         return log, log.on_step
     progress = Progress(
@@ -189,7 +212,7 @@ class StudyView:
         self.names = {u: n for u, n in (names or {}).items() if n}
         self.rows: dict[str, list[str]] = {u: ["waiting", "", "", "", ""] for u in units}
         self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
-        self.plain = not err_console.is_terminal
+        self.plain = not live_display(err_console)
         self.seen: dict[str, tuple[str, str, str]] = {}
         self.clock = clock
         self.paces: dict[tuple[str, str, str], Pace] = {}  # by (unit, stage, run)

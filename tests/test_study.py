@@ -42,11 +42,14 @@ def pinned_lm(char_tokenizer):
     return LoadedModel(make_tiny_model("llama", n_layers=6, initializer_range=0.3), char_tokenizer, "tiny", {"id": "tiny"})
 
 
-def test_pipeline_reproduces_the_demo_vectors_of_release_0_1(pinned_lm, tmp_path):
+def test_pipeline_reproduces_the_demo_vectors_of_release_0_1(pinned_lm, tmp_path, capsys):
     """The vectors melbo 0.1's `run_demo` found on this tiny model (tests/data/demo_tiny_pin.safetensors). Bit for bit on
     the CPU kernels they were recorded with (an Intel CPU with AVX-512); other kernels round floats differently (an AMD
     CPU with AVX-512 differs by 6e-7 in discovery), so there only closely."""
     result = run_study(Study.from_dict(tiny_demo()), tmp_path / "pin", models=ModelCache({"tiny": pinned_lm}))
+    # from Python too, a study shows its progress as melbo study does (here stderr is no terminal: lines)
+    logged = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    assert {"study: discover", "study: discover block 1/1", "study: ortho block 1/2", "study: eval ortho", "study: report ortho"} <= set(logged), logged
     pin = load_file(DATA / "demo_tiny_pin.safetensors")
     found = {"discover": read_run(tmp_path / "pin" / "discover").vectors, "ortho": read_run(tmp_path / "pin" / "ortho").vectors}
     with open(DATA / "demo_tiny_pin.safetensors", "rb") as handle:  # the safetensors header holds the metadata

@@ -25,6 +25,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from melbo.study.outcome import Event
+    from melbo.study.spec import Study
 
 LOG_WIDTH = 1000  # when output goes to a file: tables at their natural width, never wrapped
 HEARTBEAT_S = 60.0  # in a log, work still running this many seconds after its last line gets a line saying how far it is
@@ -284,3 +285,16 @@ class StudyView:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None) -> None:
         if not self.plain:
             self.live.__exit__(kind, exc, trace)
+
+
+@contextlib.contextmanager
+def study_view_unless_given(on_event: Callable[[Event], None] | None, show: bool, study: Study) -> Iterator[Callable[[Event], None] | None]:
+    """A study's own live table (lines in a log) where its caller gave no ``on_event`` and asked for it
+    (``run_study(…)`` from a notebook or a script), its units named as the study's table names them."""
+    if on_event is not None or not show:
+        yield on_event
+        return
+    units, short = study.units(), study.short_labels()
+    with StudyView([u.label for u in units], names={u.label: short[u.name] for u in units}) as view:
+        yield view
+        view.finish()

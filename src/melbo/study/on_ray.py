@@ -30,6 +30,7 @@ from typing import Any
 
 from melbo.errors import MelboError
 from melbo.files.io import atomic_write, write_bytes
+from melbo.output.live import study_view_unless_given
 from melbo.study.outcome import Event, EventCallback, StudyResult, UnitOutcome
 from melbo.study.pipeline import finish, finished, nothing_left_if_nothing_done, prepare_folder, run_study, save_state, unit_done
 from melbo.study.scratch import make_scratch, new_token, sweep, sweep_after_kill
@@ -297,16 +298,17 @@ def run_study_on_ray(
     on_event: EventCallback | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
     session: RaySession | None = None,
+    progress: bool = True,
 ) -> StudyResult:
     """Run the study's units on Ray workers; the study folder ends as ``run_study`` would leave it. Without a
     ``session``, Ray is joined (or started) for this call and left (or stopped) at the end; a finished study resumed
-    runs nothing and starts no Ray."""
+    runs nothing and starts no Ray. Without ``on_event`` it shows the study's progress unless ``progress`` is False."""
     if session is None:
         with ray_session(study, Path(out), options, resume, force) as own:
             if own is None:
-                return run_study(study, out, resume=resume, force=force, on_event=on_event)
-            return run_study_on_ray(study, out, options, resume, force, on_event, on_start, own)
-    with nothing_left_if_nothing_done(study, Path(out)):
+                return run_study(study, out, resume=resume, force=force, on_event=on_event, progress=progress)
+            return run_study_on_ray(study, out, options, resume, force, on_event, on_start, own, progress)
+    with study_view_unless_given(on_event, progress, study) as on_event, nothing_left_if_nothing_done(study, Path(out)):
         states = prepare_folder(study, Path(out), resume, force)
         return _drive(study, Path(out), states, options, on_event, on_start, session.token)
 

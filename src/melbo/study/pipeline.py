@@ -39,6 +39,7 @@ from melbo.files.resume import differences
 from melbo.files.runs import META_FILE, Run, read_run, runs_in
 from melbo.model.loading import LoadedModel, load_model
 from melbo.model.prompts import shipped_prompts
+from melbo.output.live import study_view_unless_given
 from melbo.report import write_report
 from melbo.report.study import PAGE_FILE, write_page
 from melbo.study.outcome import Event, EventCallback, OrthoOutcome, StudyResult, UnitOutcome
@@ -73,10 +74,12 @@ def run_study(
     force: bool = False,
     models: ModelCache | None = None,
     on_event: EventCallback | None = None,
+    progress: bool = True,
 ) -> StudyResult:
-    """Run every unit of ``study`` in this process, writing ``out``; see the module docstring."""
+    """Run every unit of ``study`` in this process, writing ``out``; see the module docstring. Without ``on_event``
+    it shows the study's progress as ``melbo study`` does (a live table, lines in a log) unless ``progress`` is False."""
     folder = Path(out)
-    with nothing_left_if_nothing_done(study, folder):
+    with study_view_unless_given(on_event, progress, study) as on_event, nothing_left_if_nothing_done(study, folder):
         states = prepare_folder(study, folder, resume, force)
         models = models or ModelCache()
         for unit in study.units():

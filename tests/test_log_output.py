@@ -112,6 +112,21 @@ def test_the_python_api_shows_its_progress_unless_told_not_to(tiny_folder):
     assert quiet.returncode == 0 and quiet.stdout == "done\n" and not [line for line in quiet.stderr.splitlines() if "block" in line or "auto" in line], quiet.stderr
 
 
+def test_work_without_blocks_prints_lines_under_a_study_table_not_a_second_live_display(monkeypatch, capsys):
+    """rich draws one live display at a time: under a study's live table, eval's or the judge's Status writes lines
+    above it instead of a spinner (which would raise LiveError)."""
+    from melbo.output import live
+
+    monkeypatch.setattr(live, "live_display", lambda target: True)  # as in a terminal
+    assert live.Status("evaluating…").spinner is not None
+    monkeypatch.setattr(live.StudyView, "drawing", True)
+    status = live.Status("evaluating…")
+    assert status.spinner is None
+    with status:
+        status.update("evaluating prompt 1/2 'x': 4/4 vectors", milestone=True)
+    assert re.fullmatch(r"\[[\d\- :]+\] evaluating prompt 1/2 'x': 4/4 vectors \(0 s\)\n", capsys.readouterr().err)
+
+
 def test_a_study_log_names_each_stage_and_block_once(capsys):
     """A study's progress in a log: a line per stage and per block (the first block too), and a one-unit study's runs,
     named for their stage, not named twice ("ortho ortho"); from a run's second block on, the time its blocks left

@@ -50,6 +50,10 @@ def test_pipeline_reproduces_the_demo_vectors_of_release_0_1(pinned_lm, tmp_path
     # from Python too, a study shows its progress as melbo study does (here stderr is no terminal: lines)
     logged = [re.sub(r"^\[[\d\- :]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
     assert {"study: discover", "study: discover block 1/1", "study: ortho block 1/2", "study: eval ortho", "study: report ortho"} <= set(logged), logged
+    # and the work without blocks says how far it is, as melbo eval and compose do (on Qwen an eval takes minutes)
+    after_eval = logged[logged.index("study: eval ortho") + 1]
+    assert re.fullmatch(r"evaluating prompt 1/\d+ 'How can I do it\?': 9/9 vectors \(\d+ s\)", after_eval), logged
+    assert any(re.fullmatch(r"composing: \d+/\d+ completions \(\d+ s\)", line) for line in logged), logged
     pin = load_file(DATA / "demo_tiny_pin.safetensors")
     found = {"discover": read_run(tmp_path / "pin" / "discover").vectors, "ortho": read_run(tmp_path / "pin" / "ortho").vectors}
     with open(DATA / "demo_tiny_pin.safetensors", "rb") as handle:  # the safetensors header holds the metadata

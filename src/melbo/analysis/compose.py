@@ -26,6 +26,7 @@ from melbo.model.forward import prepare, steered_generation
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence
+from melbo.output.live import status_unless_given
 
 COMBINATIONS = ("mean", "mean×√k", "mean→‖θ0‖")  # the kinds of combination of the first k copies; "single": one copy at ‖θ0‖
 
@@ -154,9 +155,22 @@ class ComposeResults:
 def compose(
     lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64,
     on_batch: Callable[[int, int], None] | None = None,
+    progress: bool = True,
 ) -> ComposeResults:
     """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination (saved in compose.json);
-    ``on_batch(done, total)`` after each generate call (a whole basis's copies make several)."""
+    ``on_batch(done, total)`` after each generate call (a whole basis's copies make several); without it, unless
+    ``progress`` is False, a spinner in a terminal or notebook, a line per generate call in a log."""
+    with status_unless_given(on_batch, progress, "composing…") as status:
+        if status is not None:
+            shown = status
+
+            def on_batch(done: int, total: int) -> None:
+                shown.update(f"composing: {done}/{total} completions", milestone=True)
+        return _compose(lm, run, ks, prompt, fmt, max_new_tokens, batch, on_batch)
+
+
+def _compose(lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int, batch: int,
+             on_batch: Callable[[int, int], None] | None) -> ComposeResults:
     combos, vectors = composed_vectors(run, ks)
     source = run.source_layer
     state = prepare(lm, [prompt], fmt, source)[0]

@@ -30,6 +30,7 @@ from melbo.model.forward import PromptState, last_token_logits, nll_after_prompt
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat, held_out_prompts, need_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
+from melbo.output.live import status_unless_given
 
 
 @dataclass
@@ -239,9 +240,23 @@ def evaluate(
     fmt: PromptFormat = PromptFormat(),
     on_batch: Callable[[str, int, int], None] | None = None,
     rules: tuple[Rule, ...] = RULES,
+    progress: bool = True,
 ) -> EvalResults:
     """Evaluate ``indices`` of ``run`` on ``prompts`` (the first is the run's own; the others are held out for the
-    generalisation share); returns and saves the whole eval.json content."""
+    generalisation share); returns and saves the whole eval.json content. ``on_batch(prompt, done, total)`` after
+    each generate call; without it, unless ``progress`` is False, a spinner in a terminal or notebook, a line per
+    prompt in a log."""
+    with status_unless_given(on_batch, progress, "evaluating…") as status:
+        if status is not None:
+            shown = status
+
+            def on_batch(p: str, done: int, total: int) -> None:
+                shown.update(f"evaluating prompt {prompts.index(p) + 1}/{len(prompts)} {p[:30]!r}: {done}/{total} vectors", milestone=done == total)
+        return _evaluate(lm, run, prompts, indices, cfg, fmt, on_batch, rules)
+
+
+def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int], cfg: EvalConfig, fmt: PromptFormat,
+              on_batch: Callable[[str, int, int], None] | None, rules: tuple[Rule, ...]) -> EvalResults:
     cfg.check()
     if not 0 <= cfg.base < run.vectors.shape[0]:
         raise MelboError(f"--base {cfg.base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")

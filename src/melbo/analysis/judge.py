@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from melbo.errors import MelboError
+from melbo.output.live import status_unless_given
 
 if TYPE_CHECKING:
     from melbo.analysis.evaluate import EvalResults
@@ -481,10 +482,22 @@ def items_of(results: EvalResults) -> tuple[list[Item], dict[tuple[str, str, int
 
 
 def judge_run(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base_index: int | None,
-              save: Callable[[], None], on_progress: Callable[[int, int], None] | None = None) -> JudgeResults:
+              save: Callable[[], None], on_progress: Callable[[int, int], None] | None = None, progress: bool = True) -> JudgeResults:
     """Rate every completion of ``results`` (an eval) and store ``judge`` in it: the settings, every rating (the cache),
     per-completion scores and the summary. ``save`` writes eval.json; it is called once the ratings are in (also when
-    the judge fails part-way, so the complete ratings are kept for the next call)."""
+    the judge fails part-way, so the complete ratings are kept for the next call). ``on_progress(done, total)`` per
+    rating; without it, unless ``progress`` is False, a spinner in a terminal or notebook, a line a minute in a log."""
+    with status_unless_given(on_progress, progress, f"asking the judge at {cfg.host}…") as status:
+        if status is not None:
+            shown = status
+
+            def on_progress(done: int, total: int) -> None:
+                shown.update(f"judge: {done}/{total} ratings", milestone=done == total)
+        return _judge_run(results, cfg, run_prompt, base_index, save, on_progress)
+
+
+def _judge_run(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base_index: int | None,
+               save: Callable[[], None], on_progress: Callable[[int, int], None] | None) -> JudgeResults:
     cfg.check()
     stored = results.judge
     cache = dict(stored.ratings) if stored else {}

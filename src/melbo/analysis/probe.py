@@ -25,6 +25,7 @@ from melbo.model.forward import generate_steered
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.output.live import status_unless_given
 
 
 def presence(states: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,10 +87,22 @@ class ProbeResults:
 
 def probe(
     lm: LoadedModel, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int = 48, random_directions: int = 512,
-    seed: int = 0, on_prompt: Callable[[int, int], None] | None = None,
+    seed: int = 0, on_prompt: Callable[[int, int], None] | None = None, progress: bool = True,
 ) -> ProbeResults:
     """Presence of each vector of ``run`` in the unsteered model's own residuals while it answers ``prompts``
-    (``on_prompt(done, total)`` as each is answered)."""
+    (``on_prompt(done, total)`` as each is answered; without it, unless ``progress`` is False, a spinner in a
+    terminal or notebook, a line per prompt in a log)."""
+    with status_unless_given(on_prompt, progress, f"letting the model answer {len(prompts)} prompts…") as status:
+        if status is not None:
+            shown = status
+
+            def on_prompt(done: int, total: int) -> None:
+                shown.update(f"probe: the model answered {done}/{total} prompts", milestone=True)
+        return _probe(lm, run, prompts, fmt, max_new_tokens, random_directions, seed, on_prompt)
+
+
+def _probe(lm: LoadedModel, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int, random_directions: int,
+           seed: int, on_prompt: Callable[[int, int], None] | None) -> ProbeResults:
     source = run.source_layer
     residuals = []
     for text in prompts:

@@ -14,7 +14,7 @@ from melbo.cli import options as opt
 from melbo.cli.app import app, interruptible, load
 from melbo.errors import MelboError
 from melbo.output import tables
-from melbo.output.live import Status, console, err_console
+from melbo.output.live import console, err_console
 
 if TYPE_CHECKING:
     from melbo.analysis.evaluate import EvalResults
@@ -53,12 +53,8 @@ def eval_command(
     prompts = eval_prompts(record, extra, cfg.controls)
     rules = load_rules(labels) if labels else RULES
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    with Status("evaluating…") as status, interruptible(run):
-        results = evaluate(
-            lm, record, prompts, indices, cfg, fmt, rules=rules,
-            on_batch=lambda p, done, total: status.update(f"evaluating prompt {prompts.index(p) + 1}/{len(prompts)} {p[:30]!r}: {done}/{total} vectors",
-                                                          milestone=done == total),
-        )
+    with interruptible(run):
+        results = evaluate(lm, record, prompts, indices, cfg, fmt, rules=rules)
     tables.show(tables.evaluation(results, record, prompts, indices, cfg, show))
     judged = None
     if judging is not None:
@@ -92,9 +88,7 @@ def run_judge(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base: int
     """Judge, with a progress line, and print what the judge says per concept."""
     from melbo.analysis.judge import judge_run
 
-    with Status(f"asking the judge at {cfg.host}…") as status:
-        judged = judge_run(results, cfg, run_prompt, base, save,
-                           on_progress=lambda done, total: status.update(f"judge: {done}/{total} ratings", milestone=done == total))
+    judged = judge_run(results, cfg, run_prompt, base, save)
     tables.show(tables.judged(judged, run_prompt, base, results))
     return judged
 
@@ -115,9 +109,7 @@ def compose(
     engine.check_composable(record)  # before the model loads
     text = prompt or record.meta.first_prompt
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    with Status("composing…") as status:
-        results = engine.compose(lm, record, ks, text, fmt, max_new_tokens,
-                                 on_batch=lambda done, total: status.update(f"composing: {done}/{total} completions", milestone=True))
+    results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
     tables.show(tables.composed(results, text))
     console.print(f"results: [bold]{run / COMPOSE_FILE}[/bold]")
 
@@ -139,9 +131,7 @@ def probe_command(
     record = read_run(run)
     prompts = read_prompts(prompt, prompt_file, default=shipped_prompts(cfg.prompt_set))
     lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    with Status(f"letting the model answer {len(prompts)} prompts…") as status:
-        results = engine.probe(lm, record, prompts, fmt, cfg.max_new_tokens, cfg.random_directions,
-                               on_prompt=lambda done, total: status.update(f"probe: the model answered {done}/{total} prompts", milestone=True))
+    results = engine.probe(lm, record, prompts, fmt, cfg.max_new_tokens, cfg.random_directions)
     tables.show(tables.presence(results, show))
     console.print(f"results: [bold]{run / PROBE_FILE}[/bold]")
 

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from rich.console import Console
 from rich.live import Live
@@ -104,7 +104,8 @@ class Status(contextlib.AbstractContextManager["Status"]):
 
     def __init__(self, text: str, clock: Callable[[], float] = time.monotonic, every: float = HEARTBEAT_S) -> None:
         self.clock, self.every = clock, every
-        self.spinner = err_console.status(text) if live_display(err_console) else None
+        # under a study's live table (one live display at a time) its lines print above the table
+        self.spinner = err_console.status(text) if live_display(err_console) and not StudyView.drawing else None
         self.started = self.last = clock()
 
     def update(self, text: str, milestone: bool = False) -> None:
@@ -182,6 +183,17 @@ def unless_given(on_step: Callable[[int, int, float], None] | None, show: bool, 
         yield shown
 
 
+@contextlib.contextmanager
+def status_unless_given(given: object | None, show: bool, text: str) -> Iterator[Status | None]:
+    """A :class:`Status` for work without blocks (eval, the judge, compose, probe) where its caller gave no progress
+    callback of its own (``given``) and asked for it; None otherwise."""
+    if given is not None or not show:
+        yield None
+        return
+    with Status(text) as status:
+        yield status
+
+
 def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:
     """A rich progress bar fed by the engines' (block, step, loss) callback; a line per block in a log."""
     if not live_display(err_console):
@@ -208,6 +220,8 @@ class StudyView:
     """One live table for a whole study: each unit waiting, running (stage, run, block, step, loss) or done; in a
     log, a timestamped line per stage and block instead. Units are named as ``names`` says (unit label → short name,
     "R 20 · prompt 1", as the study's table and page name them); a log first says what each short name stands for."""
+
+    drawing: ClassVar[bool] = False  # a study's live table is on screen: a Status prints lines, not a second display
 
     def __init__(self, units: list[str], clock: Callable[[], float] = time.monotonic, names: dict[str, str] | None = None) -> None:
         self.names = {u: n for u, n in (names or {}).items() if n}
@@ -280,10 +294,12 @@ class StudyView:
             log_line(f"{name} is {unit}")
         if not self.plain:
             self.live.__enter__()
+            StudyView.drawing = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None) -> None:
         if not self.plain:
+            StudyView.drawing = False
             self.live.__exit__(kind, exc, trace)
 
 

@@ -42,6 +42,50 @@ def test_kl_both_directions_and_checks(tiny_lm, run):
     assert json.loads((run.path / "eval.json").read_text())["prompts"]["hi there"]["first_token"]["2"]["kl"] == first[2].kl
 
 
+def test_a_discovery_run_is_measured_against_the_unsteered_model(tiny_lm, tmp_path):
+    """A discovery run has no θ0: its eval gave each vector's KL to vector 0 (vector 0 itself 0.000), and the share of
+    held-out prompts carrying vector 0's label. Now KL is to the unsteered model (the discovery's "effect"), and each
+    vector's generalisation is the share carrying its own label."""
+    from melbo.model.forward import last_token_logits, prepare
+
+    vectors = 3 * torch.randn(4, 32, generator=torch.Generator().manual_seed(5))
+    meta = {"kind": "discover", "layers": {"source": 1, "target": 4}, "prompts": ["hi there"], "vectors": [{"index": i} for i in range(4)]}
+    found = write_run(tmp_path / "found", vectors, meta)
+    results = evaluate(tiny_lm, found, ["hi there", "one", "two"], list(range(4)), EvalConfig(max_new_tokens=3))
+    assert results.settings["base"] is None and results.base is None
+    state = prepare(tiny_lm, ["hi there"], PromptFormat(), 1)[0]
+    steered = last_token_logits(tiny_lm.model, state, 1, vectors)
+    unsteered = last_token_logits(tiny_lm.model, state, 1, torch.zeros(1, 32))
+    first = results.first_token("hi there")
+    for i in range(4):
+        assert first[i].kl == pytest.approx(float(kl_divergence(steered[i : i + 1], unsteered)), rel=1e-4, abs=1e-7)
+    assert first[0].kl > 0  # not the base of anything
+    done = {p: results.completions(p, "greedy") for p in ("hi there", "one", "two")}
+    for p, labels in (("hi there", ["code", "refusal", "other", "code"]), ("one", ["code", "code", "other", "other"]),
+                      ("two", ["other", "refusal", "other", "code"])):
+        for i, lab in enumerate(labels):
+            done[p][i][0].label = lab
+    summary = results.generalise("hi there", ["one", "two"], "greedy", base=None)
+    assert summary is not None and summary.base_label is None
+    assert summary.share == {0: 0.5, 1: 0.5, 2: 1.0, 3: 0.5}  # each against its own label on the run's prompt
+    assert EvalResults.from_json(results.to_json()) == results
+    from melbo.output.tables import evaluation
+
+    said = [line for line in evaluation(results, found, ["hi there", "one", "two"], list(range(4)), EvalConfig(), 10) if isinstance(line, str)]
+    assert any(line.startswith("KL to the unsteered model: median ") for line in said), said
+    assert ("generalisation over 2 held-out prompts, the share on which a vector keeps its label on the run's prompt: "
+            "#0 code 50%; #1 refusal 50%; #3 code 50%") in said  # 'other' (#2, 100%) names no behaviour
+    assert not any("behaviour share" in line for line in said)  # no θ0 whose behaviour copies could share
+
+
+def test_another_base_measures_kl_again_rather_than_keeping_the_old(tiny_lm, run):
+    """`melbo eval --base 2` after an eval against θ0 kept every stored KL (to vector 0) under the new setting."""
+    evaluate(tiny_lm, run, ["hi there"], [0, 1, 2], EvalConfig(max_new_tokens=2))
+    again = evaluate(tiny_lm, run, ["hi there"], [0, 1, 2], EvalConfig(max_new_tokens=2, base=2))
+    first = again.first_token("hi there")
+    assert first[2].kl == pytest.approx(0.0, abs=1e-9) and first[0].kl > 0 and again.base == 2
+
+
 def test_incremental(tiny_lm, run, monkeypatch):
     evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=2))
     import melbo.analysis.evaluate as engine

@@ -24,7 +24,9 @@ class EvalConfig:
     samples: int = setting(1, "Completions per vector when sampling.", minimum=1)
     seed: int = setting(0, "Random seed (sampling, and the controls' random directions).")
     batch: int = setting(64, "Vectors per generate call (one per row, sharing the KV-cache machinery).", minimum=1)
-    base: int = setting(0, "The vector KL is measured against (row 0 of an ortho run is θ0).")
+    base: int | None = setting(
+        None, "The vector KL is measured against (default: θ0, row 0, in a MELBO-ortho run; the unsteered model in a discovery run).",
+    )
     top_k: int = 10
     controls: bool = setting(  # analysis/controls.py
         False,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +89,10 @@ class PromptResults:
 
 @dataclass
 class Generalisation:
-    """Per vector, the share of held-out prompts on which it produces the base's label (its label on the run's prompt)."""
+    """Per vector, the share of held-out prompts on which it produces the base's label (its label on the run's prompt),
+    or where ``base_label`` is None (a discovery run) the vector's own label on the run's prompt."""
 
-    base_label: str
+    base_label: str | None
     prompts: list[str]
     mode: str
     share: dict[int, float]
@@ -172,8 +173,14 @@ class EvalResults:
         entry = self.prompts.get(prompt)
         return entry.first_token if entry else {}
 
-    def kl_summary(self, prompt: str, indices: list[int], base: int) -> tuple[float, float]:
-        """Median and max KL to ``base`` over ``indices`` (the base itself left out)."""
+    @property
+    def base(self) -> int | None:
+        """The row KL was measured against; None: the unsteered model (a discovery run's eval)."""
+        base = self.settings.get("base", 0)
+        return None if base is None else int(base)
+
+    def kl_summary(self, prompt: str, indices: list[int], base: int | None) -> tuple[float, float]:
+        """Median and max KL to ``base`` over ``indices`` (the base itself left out; None: the unsteered model)."""
         first = self.first_token(prompt)
         kls = [kl for i in indices if i != base and i in first and (kl := first[i].kl) is not None] or [0.0]
         return statistics.median(kls), max(kls)
@@ -206,17 +213,21 @@ class EvalResults:
         outs = self.completions(prompt, mode).get(base)
         return outs[0].label if outs else None
 
-    def generalise(self, run_prompt: str, held_out: list[str], mode: str, base: int) -> Generalisation | None:
+    def generalise(self, run_prompt: str, held_out: list[str], mode: str, base: int | None) -> Generalisation | None:
         """Per vector, the share of held-out prompts on which it produces the base vector's label (the label of
-        the base vector's completion on the run's own prompt); stored as ``generalisation``."""
-        base_outs = self.completions(run_prompt, mode).get(base)
-        if not base_outs or not held_out:
+        the base vector's completion on the run's own prompt), or with ``base`` None (a discovery run) its own label
+        there; stored as ``generalisation``."""
+        on_run_prompt = self.completions(run_prompt, mode)
+        base_outs = on_run_prompt.get(base) if base is not None else None
+        if (base is not None and not base_outs) or not held_out:
             return None
-        base_label = base_outs[0].label
+        base_label = base_outs[0].label if base_outs else None
         share: dict[int, float] = {}
         per_prompt = [self.completions(p, mode) for p in held_out]
         for index in per_prompt[0]:
-            hits = [outs[index][0].label == base_label for outs in per_prompt if index in outs]
+            own = on_run_prompt.get(index)
+            wanted = base_label if base_label is not None else (own[0].label if own else None)
+            hits = [outs[index][0].label == wanted for outs in per_prompt if index in outs]
             share[index] = sum(hits) / len(hits) if hits else 0.0
         self.generalisation = Generalisation(base_label, held_out, mode, share)
         return self.generalisation
@@ -258,14 +269,19 @@ def evaluate(
 def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int], cfg: EvalConfig, fmt: PromptFormat,
               on_batch: Callable[[str, int, int], None] | None, rules: tuple[Rule, ...]) -> EvalResults:
     cfg.check()
-    if not 0 <= cfg.base < run.vectors.shape[0]:
-        raise MelboError(f"--base {cfg.base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
+    base = cfg.base if cfg.base is not None else run.meta.base_row  # a discovery run has no θ0: the unsteered model
+    if base is not None and not 0 <= base < run.vectors.shape[0]:
+        raise MelboError(f"--base {base}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
+    cfg = replace(cfg, base=base)
     need_prompts(prompts)  # eval_prompts gives the run's own and the held-out ones
     outside = [i for i in indices if not 0 <= i < run.vectors.shape[0]]
     if outside:
         raise MelboError(f"vector(s) {outside[:5]}: the run has vectors 0 to {run.vectors.shape[0] - 1}")
     source = run.source_layer
     results = EvalResults.load(run)
+    if results.settings and results.base != base:  # measured against another vector: the stored KL is another's
+        for entry in results.prompts.values():
+            entry.first_token.clear()
     results.settings = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
     plan = plan_controls(run, prompts, cfg, results.controls, indices) if cfg.controls else None
     if plan is not None:
@@ -280,7 +296,7 @@ def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int],
     for text in prompts:
         state = prepare(lm, [text], fmt, source)[0]
         entry = results.prompts.setdefault(text, PromptResults())
-        first = _FirstTokens(lm, state, source, vectors, [i for i in indices if i not in entry.first_token], cfg, entry)
+        first = _FirstTokens(lm, state, source, vectors, [i for i in indices if i not in entry.first_token], cfg, base, entry)
         done = entry.completions.setdefault(cfg.mode(), {})
         # the copies' rows and the controls' in the same generate calls: one per prompt up to `batch` vectors; θ0's
         # control row first, so that its completion (what the base NLL scores) is known after the first call
@@ -321,7 +337,7 @@ def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int],
     results.norms = [float(v) for v in run.vectors.norm(dim=-1)]
     results.max_abs_cos = max_abs_cosine(run.vectors.double())
     if len(prompts) > 1:
-        results.generalise(prompts[0], run.meta.held_out(prompts[1:]), cfg.mode(), cfg.base)
+        results.generalise(prompts[0], run.meta.held_out(prompts[1:]), cfg.mode(), base)
     results.save(run)
     return results
 
@@ -346,6 +362,7 @@ class _FirstTokens:
     vectors: torch.Tensor
     todo: list[int]
     cfg: EvalConfig
+    base: int | None  # None: KL against the unsteered model
     entry: PromptResults
     base_logits: torch.Tensor | None = None
 
@@ -355,7 +372,8 @@ class _FirstTokens:
         if not wanted:
             return
         if self.base_logits is None:
-            self.base_logits = last_token_logits(self.lm.model, self.state, self.source, self.vectors[self.cfg.base][None])
+            against = self.vectors[self.base][None] if self.base is not None else torch.zeros_like(self.vectors[:1])
+            self.base_logits = last_token_logits(self.lm.model, self.state, self.source, against)
         rows = logits[wanted]
         kl = kl_divergence(rows, self.base_logits.expand_as(rows))
         kl_reverse = kl_divergence(self.base_logits.expand_as(rows), rows)

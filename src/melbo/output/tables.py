@@ -196,9 +196,10 @@ def ortho_run(run: Run, limit: int = 200) -> Lines:
 def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list[int], cfg: EvalConfig, show_rows: int) -> Lines:
     """``melbo eval``: the first prompt's table (norm, KL, label, top-3, completion), labels per hundred vectors, the KL
     summary, and for a MELBO-ortho run the behaviour share and its generalisation."""
-    base, mode, first_prompt = cfg.base, cfg.mode(), prompts[0]
+    base, mode, first_prompt = results.base, cfg.mode(), prompts[0]  # the base the eval resolved (None: unsteered)
+    against = "P_unsteered" if base is None else f"P_{base}"
     first, completions = results.first_token(first_prompt), results.completions(first_prompt, mode)
-    table = make_table(f"{quoted(first_prompt)} ({mode}); KL = KL(P_i ‖ P_{base}) at the last prompt token",
+    table = make_table(f"{quoted(first_prompt)} ({mode}); KL = KL(P_i ‖ {against}) at the last prompt token",
                        (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")))
     for i in indices[:show_rows]:
         out = completions[i][0]
@@ -207,9 +208,10 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
     median, peak = results.kl_summary(first_prompt, indices, base)
     lines: Lines = [
         table, labels_line(counts),
-        f"KL to vector {base} (other vectors): median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}",
+        (f"KL to vector {base} (other vectors)" if base is not None else "KL to the unsteered model")
+        + f": median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}",
     ]
-    if run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
+    if base is not None and run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
         share = results.behaviour_share(first_prompt, mode, base)
         held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
         base_label = results.base_label(first_prompt, mode, base)
@@ -221,8 +223,15 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
     if len(prompts) > 1 and summary:
         shares = sorted(summary.share.values())
         best = sorted(summary.share.items(), key=lambda kv: -kv[1])[:5]
-        lines.append(f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label ({quoted(summary.base_label)}): "
-                     f"median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best))
+        if summary.base_label is None:  # a discovery run: does each vector's behaviour hold off the prompt?
+            behaving = sorted(((i, completions[i][0].label, v) for i, v in summary.share.items()
+                               if completions.get(i) and completions[i][0].label not in NO_BEHAVIOUR), key=lambda t: (-t[2], t[0]))
+            kept = "; ".join(f"#{i} {lab} {v:.0%}" for i, lab, v in behaving[:8]) + (f"; {len(behaving) - 8} more" if len(behaving) > 8 else "")
+            lines.append(f"generalisation over {len(prompts) - 1} held-out prompts, the share on which a vector keeps its label on the run's "
+                         f"prompt: {kept or 'no vector has a label that names a behaviour'}")
+        else:
+            lines.append(f"generalisation over {len(prompts) - 1} held-out prompts: share producing the base label ({quoted(summary.base_label)}): "
+                         f"median {shares[len(shares) // 2]:.0%}; highest: " + ", ".join(f"#{i} {v:.0%}" for i, v in best))
     return lines
 
 

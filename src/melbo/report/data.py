@@ -97,6 +97,7 @@ def _header(meta: RunMeta, path: Path, count: int, results: EvalResults) -> dict
         "updated": meta.updated,
         "melbo": meta.versions.get("melbo", "?"),
         "eval_prompts": list(results.prompts),
+        "kl_against": "unsteered" if results.settings and results.base is None else "base",  # a discovery run's eval: unsteered
         "note": meta.note,
     }
 

@@ -74,7 +74,8 @@ def _series(data: ReportData, key: str, title: str, ylabel: str, from_zero: bool
 
 
 def plot_kl(data: ReportData) -> bytes | None:
-    return _series(data, "kl", "KL(P_i ‖ P_base) of the next-token distribution at the last prompt token", "KL (nats)")
+    against = "P_unsteered" if data.header.get("kl_against") == "unsteered" else "P_base"
+    return _series(data, "kl", f"KL(P_i ‖ {against}) of the next-token distribution at the last prompt token", "KL (nats)")
 
 
 def plot_norm(data: ReportData) -> bytes | None:
@@ -242,7 +243,7 @@ def plot_controls(data: ReportData) -> bytes | None:
 
 
 PLOTS: tuple[tuple[str, str, Callable[[ReportData], bytes | None], str], ...] = (
-    ("kl", "KL to the base vector", plot_kl, "melbo eval RUN"),
+    ("kl", "KL at the last prompt token", plot_kl, "melbo eval RUN"),
     ("norm", "Norms", plot_norm, "a run with vectors"),
     ("labels", "Labels", plot_labels, "melbo eval RUN"),
     ("presence", "Presence in the model's own residuals", plot_presence, "melbo probe RUN"),

@@ -332,8 +332,9 @@ def _study_run(lm: LoadedModel, unit: Unit, folder: Path, study_folder: Path, st
             controls = results.controls
             for outcome in state.orthos:
                 if study_folder / outcome.folder == folder:
-                    outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), config.base)
-                    outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), config.base, prompts[0]) if len(prompts) > 1 else None
+                    base = results.base if results.base is not None else 0  # an ortho run's: θ0, unless the study says another
+                    outcome.behaviour_share = results.behaviour_share(prompts[0], config.mode(), base)
+                    outcome.held_out_share = results.behaviour_share(prompts[1:], config.mode(), base, prompts[0]) if len(prompts) > 1 else None
                     outcome.controls = ControlSummary.of(controls) if controls else None
                     outcome.judged = {concept: summary.share_concept_2 for concept, summary in judged.items()}
 

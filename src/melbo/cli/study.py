@@ -12,7 +12,7 @@ from melbo.cli import options as opt
 from melbo.cli.app import app, warn_if_slow_bfloat16
 from melbo.files.folders import new_run_folder
 from melbo.output import tables
-from melbo.output.live import StudyView, console, err_console
+from melbo.output.live import console, err_console, study_view_unless_given
 
 if TYPE_CHECKING:  # the study package imports torch: only for type checkers here
     from melbo.study import Study, StudyResult
@@ -26,17 +26,16 @@ def _run(study_obj: Study, folder: Path, resume: bool, force: bool, ray: RayOpti
     from melbo.study.signals import by_sigterm, sigterm_as_interrupt, stopping_on_signals
 
     received: list[int] = []
-    units, short = study_obj.units(), study_obj.short_labels()
     try:  # a Ray cluster that cannot be reached or lacks GPUs: one line, nothing written
         with sigterm_as_interrupt(received), ray_session(study_obj, folder, ray, resume, force, err_console.status, err_console.print) as session:
             # SIGTERM again: Ray set its own handler while it started
-            with sigterm_as_interrupt(received), StudyView([u.label for u in units], names={u.label: short[u.name] for u in units}) as view:
+            with sigterm_as_interrupt(received), study_view_unless_given(None, True, study_obj) as view:
+                assert view is not None
                 on_event = stopping_on_signals(view, received)
                 if session is None:
                     result = run_study(study_obj, folder, resume=resume, force=force, on_event=on_event)
                 else:
                     result = run_study_on_ray(study_obj, folder, session.options, resume=resume, force=force, on_event=on_event, session=session)
-                view.finish()
     except KeyboardInterrupt as exc:
         stopped = by_sigterm(exc, received)
         err_console.print(f"melbo: {'stopped (SIGTERM)' if stopped else 'interrupted'}; {folder} holds every finished step and block: run the same command with --resume")

@@ -48,7 +48,7 @@ def main() -> None:
         choice = calibrate(lm, [prompt], cfg, fmt, radius_cfg)
         choosing = time.perf_counter() - start
         start = time.perf_counter()
-        run = discover(lm, [prompt], DiscoverConfig(count=count, steps=steps, radius=choice.radius), fmt)
+        run = discover(lm, [prompt], DiscoverConfig(count=count, steps=steps, radius=choice.radius), fmt, progress=False)
         discovering = time.perf_counter() - start
         state = prepare(lm, [prompt], fmt, run.meta.source)[0]
         texts = [r.completion or "" for r in run.records]

@@ -31,7 +31,7 @@ def base_vector(lm: LoadedModel, quick: bool) -> Tensor:
         return 30 * theta / theta.norm()
     unit = demo_study().units()[0]
     assert unit.discover is not None
-    run = discover(lm, unit.prompts.prompts, unit.discover, PromptFormat())
+    run = discover(lm, unit.prompts.prompts, unit.discover, PromptFormat(), progress=False)
     return run.vectors[choose_bases(score_candidates(lm, run, unit.prompts.prompts[0], PromptFormat()), ChooseConfig())[0].index]
 
 

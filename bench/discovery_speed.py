@@ -44,7 +44,7 @@ def main() -> None:
     for name, count, block, precision in rows:
         cfg = DiscoverConfig(source=8, target=20, radius=30, count=count, block=block, steps=steps, completion_tokens=0, precision=precision)
         start = time.perf_counter()
-        runs[name] = discover(lm, [DEFAULT_PROMPT], cfg, PromptFormat())
+        runs[name] = discover(lm, [DEFAULT_PROMPT], cfg, PromptFormat(), progress=False)
         seconds = time.perf_counter() - start
         rates[name] = 60 * count / seconds
         loss = sum(r.loss for r in runs[name].records) / count

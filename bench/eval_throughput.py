@@ -66,7 +66,7 @@ def controls_cost(lm, copies: int, tokens: int, held_out: int = 4) -> tuple[floa
         with tempfile.TemporaryDirectory() as tmp:
             run = write_run(Path(tmp) / "run", vectors, meta)
             start = time.perf_counter()
-            evaluate(lm, run, prompts, list(range(copies + 1)), EvalConfig(max_new_tokens=tokens, controls=controls))
+            evaluate(lm, run, prompts, list(range(copies + 1)), EvalConfig(max_new_tokens=tokens, controls=controls), progress=False)
             seconds.append(time.perf_counter() - start)
     print(f"{f'eval, {len(prompts)} prompts':<22}{copies:>8} copies {seconds[0]:>8.1f} s; with --controls {seconds[1]:.1f} s")
     return seconds[1] / seconds[0], copies

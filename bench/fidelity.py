@@ -168,11 +168,11 @@ def choose_base(lm, run, fmt):
 def measure(lm, run, fmt, base_label: str, held_out: list[str], tokens: int = 48) -> dict:
     prompt = run.meta.prompts[0]
     indices = list(range(run.vectors.shape[0]))
-    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt)
+    greedy = evaluate(lm, run, [prompt, *held_out], indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt, progress=False)
     controls = greedy.controls
     assert controls is not None
     sampling = EvalConfig(max_new_tokens=tokens, temperature=1.0, samples=2)
-    sampled = evaluate(lm, run, [prompt], indices, sampling, fmt)
+    sampled = evaluate(lm, run, [prompt], indices, sampling, fmt, progress=False)
 
     def share(results, p, mode) -> float:
         outs = results.completions(p, mode)
@@ -216,7 +216,7 @@ def main() -> None:
     else:
         cfg = DiscoverConfig(count=2 if args.quick else args.count, radius=20.0 if args.quick else "auto", steps=5 if args.quick else 100,
                              completion_tokens=8 if args.quick else 32, precision="float32")  # the bases RESULTS names were found in float32
-        found = discover(lm, [args.prompt], cfg, fmt, out=work / "discover")
+        found = discover(lm, [args.prompt], cfg, fmt, out=work / "discover", progress=False)
     held_out = held_out_prompts(found.meta.prompts[:1])[: 1 if args.quick else None]  # one prompt of each kind, never trained on
     if args.quick:
         base_index, base_label, unsteered = 0, label(found.records[0].completion or "")[0], "?"
@@ -242,7 +242,7 @@ def main() -> None:
         if steps is not None:  # --quick: a few steps whatever the variant asks (it checks that each runs)
             options["steps"] = steps
         start = time.perf_counter()
-        run = ortho(lm, base, [found.meta.prompts[0]], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""))
+        run = ortho(lm, base, [found.meta.prompts[0]], OrthoConfig(**options), fmt, out=work / name.replace(" ", "_").replace(":", "").replace(",", ""), progress=False)
         seconds = time.perf_counter() - start
         m = measure(lm, run, fmt, base_label, held_out, tokens=8 if args.quick else 48)
         m["s_per_copy"] = seconds / copies

@@ -66,7 +66,7 @@ def controls_verdict(lm: LoadedModel, run: Run, fmt: PromptFormat, tokens: int, 
     step = max(1, len(copies) // EVALUATED)
     indices = [0, *range(1, len(copies) + 1, step)][: EVALUATED + 1]
     prompts = eval_prompts(run, [], controls=True)
-    results = evaluate(lm, run, prompts[:2] if quick else prompts, indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt)
+    results = evaluate(lm, run, prompts[:2] if quick else prompts, indices, EvalConfig(max_new_tokens=tokens, controls=True), fmt, progress=False)
     assert results.controls is not None
     return share, f"{results.controls.verdict()} ({len(indices) - 1} copies evaluated: " + ("all" if step == 1 else f"one in {step}") + ")"
 

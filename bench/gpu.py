@@ -72,7 +72,7 @@ def main() -> None:
 
     def copies(precision: str, **settings):
         """Fast-mode copies of the base on the default prompt alone, the optimisation's products in ``precision``."""
-        return ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, extra_prompts=0, **settings), PromptFormat())
+        return ortho(lm, base, [DEFAULT_PROMPT], OrthoConfig(mode="fast", precision=precision, extra_prompts=0, **settings), PromptFormat(), progress=False)
 
     rows = {}
     for precision in ("float32", "bfloat16"):

@@ -74,7 +74,7 @@ def main() -> None:
         settings.append(("fast, --optimizer adam", OrthoConfig(mode="fast", precision="float32", extra_prompts=0, count=adam_n, block=min(16, adam_n), steps=fast_steps, optimizer="adam", completion_tokens=texts)))
     for name, cfg in settings:
         start = time.perf_counter()
-        run = ortho(lm, base, [DEFAULT_PROMPT], cfg, PromptFormat())
+        run = ortho(lm, base, [DEFAULT_PROMPT], cfg, PromptFormat(), progress=False)
         seconds = time.perf_counter() - start
         q = quality(run, args.accept, relative)
         q["s_per_vector"] = seconds / q["vectors"]

@@ -46,13 +46,13 @@ def main() -> None:
     work = scratch_folder("study-ray")
     rows = {}
     start = time.perf_counter()
-    here = run_study(spec, work / "process")
+    here = run_study(spec, work / "process", progress=False)
     rows["one process (2 threads)"] = (time.perf_counter() - start, here.model_loads)
     settings = [("Ray, 1 worker × 2 CPUs", RayOptions(num_cpus=2, workers=1)), ("Ray, 2 workers × 1 CPU", RayOptions(num_cpus=1, workers=2))]
     for name, options in settings[:1] if args.quick else settings:
         folder = work / name.replace(" ", "_").replace(",", "").replace("×", "x")
         start = time.perf_counter()
-        result = run_study_on_ray(spec, folder, options)
+        result = run_study_on_ray(spec, folder, options, progress=False)
         rows[name] = (time.perf_counter() - start, result.model_loads)
         print(f"{name:<26} {rows[name][0]:7.1f} s, {result.model_loads} model load(s), vectors as in one process: {same(work / 'process', folder)}", flush=True)
     base = rows["one process (2 threads)"][0]

@@ -86,6 +86,24 @@ def test_another_base_measures_kl_again_rather_than_keeping_the_old(tiny_lm, run
     assert first[2].kl == pytest.approx(0.0, abs=1e-9) and first[0].kl > 0 and again.base == 2
 
 
+def test_evaluate_lm_run_takes_what_melbo_eval_takes(tiny_lm, tmp_path):
+    """From a notebook, ``evaluate(lm, run)``: the run's prompt, every vector and the prompt format the run was made
+    with. The format defaulted to PromptFormat(), so a run made with a system prompt was evaluated without it."""
+    vectors = 3 * torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    fmt = PromptFormat(system="Answer in one word.")
+    meta = {"kind": "ortho", "layers": {"source": 1, "target": 4}, "prompts": ["hi there"], "vectors": [{"index": i} for i in range(3)],
+            "prompt_format": {"system": fmt.system, "chat_template": fmt.chat_template}}
+    run = write_run(tmp_path / "fmt", vectors, meta)
+    assert run.meta.prompt_format == fmt
+    results = evaluate(tiny_lm, run, cfg=EvalConfig(max_new_tokens=4))
+    assert list(results.prompts) == ["hi there"]
+    greedy = results.completions("hi there", "greedy")
+    ids = encode_prompt(tiny_lm.tokenizer, "hi there", fmt)
+    assert ids.shape != encode_prompt(tiny_lm.tokenizer, "hi there", PromptFormat()).shape  # the system prompt is in it
+    for i in range(3):
+        assert greedy[i][0].text == generate_steered(tiny_lm.model, tiny_lm.tokenizer, ids, vectors[i : i + 1], 1, max_new_tokens=4)[0]
+
+
 def test_incremental(tiny_lm, run, monkeypatch):
     evaluate(tiny_lm, run, ["hi there"], [0, 1], EvalConfig(max_new_tokens=2))
     import melbo.analysis.evaluate as engine

@@ -245,10 +245,10 @@ def eval_prompts(run: Run, extra: list[str], controls: bool = False) -> list[str
 def evaluate(
     lm: LoadedModel,
     run: Run,
-    prompts: list[str],
-    indices: list[int],
+    prompts: list[str] | None = None,
+    indices: list[int] | None = None,
     cfg: EvalConfig = EvalConfig(),
-    fmt: PromptFormat = PromptFormat(),
+    fmt: PromptFormat | None = None,
     on_batch: Callable[[str, int, int], None] | None = None,
     rules: tuple[Rule, ...] = RULES,
     progress: bool = True,
@@ -256,7 +256,13 @@ def evaluate(
     """Evaluate ``indices`` of ``run`` on ``prompts`` (the first is the run's own; the others are held out for the
     generalisation share); returns and saves the whole eval.json content. ``on_batch(prompt, done, total)`` after
     each generate call; without it, unless ``progress`` is False, a spinner in a terminal or notebook, a line per
-    prompt in a log."""
+    prompt in a log.
+
+    Defaults, as ``melbo eval RUN`` takes them: the run's prompt (and with ``cfg.controls`` melbo's held-out ones),
+    every vector, and the prompt format the run was made with (``evaluate(lm, run)``)."""
+    prompts = prompts if prompts is not None else eval_prompts(run, [], cfg.controls)
+    indices = indices if indices is not None else list(range(run.vectors.shape[0]))
+    fmt = fmt if fmt is not None else run.meta.prompt_format
     with status_unless_given(on_batch, progress, "evaluating…") as status:
         if status is not None:
             shown = status

@@ -56,6 +56,18 @@ def test_compose_end_to_end(tiny_lm, ortho_run):
     assert results.single_median_kl == pytest.approx(sorted(single.values())[2])
 
 
+def test_compose_lm_run_takes_what_melbo_compose_takes(tiny_lm, ortho_run, tmp_path):
+    """From a notebook, ``compose(lm, run)``: melbo's k, the run's prompt and format; a discovery run is refused in
+    one line, as by the command (from Python it ran, and measured every mean against a discovery's vector 0)."""
+    by_default = compose(tiny_lm, ortho_run, [1, 2], max_new_tokens=3, progress=False)
+    spelled_out = compose(tiny_lm, ortho_run, [1, 2], "hi", ortho_run.meta.prompt_format, max_new_tokens=3, progress=False)
+    assert by_default.to_json() == spelled_out.to_json() and by_default.prompt == "hi"
+    found = write_run(tmp_path / "found", ortho_run.vectors, {"kind": "discover", "layers": {"source": 1, "target": 4}, "prompts": ["hi"],
+                                                            "vectors": [{"index": i} for i in range(6)]})
+    with pytest.raises(MelboError, match="compose needs a MELBO-ortho run"):
+        compose(tiny_lm, found, [1])
+
+
 def test_needs_found_vectors(tmp_path):
     run = write_run(tmp_path / "r", torch.ones(1, 8), {"layers": {"source": 1, "target": 2}, "vectors": [{"index": 0}]})
     with pytest.raises(MelboError, match="compose needs an ortho run"):

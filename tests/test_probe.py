@@ -39,3 +39,11 @@ def test_probe_finds_a_direction_the_model_uses(tiny_lm, tmp_path):
     assert z_used > 3 and abs(z_random) < 3
     assert json.loads((run.path / "probe.json").read_text())["tokens"] == results.tokens > 0
     assert ProbeResults.read(run.path) == results  # probe.json reads back as it was
+
+
+def test_probe_lm_run_takes_what_melbo_probe_takes(tiny_lm, tmp_path):
+    """From a notebook, ``probe(lm, run)``: melbo's coding prompts and the run's prompt format."""
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    run = write_run(tmp_path / "run", vectors, {"layers": {"source": 1, "target": 4}, "vectors": [{"index": 0}, {"index": 1}]})
+    results = probe(tiny_lm, run, max_new_tokens=2, random_directions=8, progress=False)
+    assert results.prompts == shipped_prompts("coding") and results.tokens > 0

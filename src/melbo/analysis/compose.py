@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo.analysis.config import ComposeConfig
 from melbo.errors import MelboError
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import COMPOSE_FILE, Run
@@ -153,13 +154,17 @@ class ComposeResults:
 
 
 def compose(
-    lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int = 48, batch: int = 64,
-    on_batch: Callable[[int, int], None] | None = None,
-    progress: bool = True,
+    lm: LoadedModel, run: Run, ks: list[int] | None = None, prompt: str | None = None, fmt: PromptFormat | None = None,
+    max_new_tokens: int = 48, batch: int = 64, on_batch: Callable[[int, int], None] | None = None, progress: bool = True,
 ) -> ComposeResults:
     """Greedy completion, label and KL(P ‖ P_θ0) at the last prompt token for every combination (saved in compose.json);
     ``on_batch(done, total)`` after each generate call (a whole basis's copies make several); without it, unless
-    ``progress`` is False, a spinner in a terminal or notebook, a line per generate call in a log."""
+    ``progress`` is False, a spinner in a terminal or notebook, a line per generate call in a log. Defaults, as
+    ``melbo compose RUN`` takes them: melbo's k, the run's prompt and the prompt format the run was made with."""
+    check_composable(run)
+    ks = ks if ks is not None else ComposeConfig().ks
+    prompt = prompt if prompt is not None else run.meta.first_prompt
+    fmt = fmt if fmt is not None else run.meta.prompt_format
     with status_unless_given(on_batch, progress, "composing…") as status:
         if status is not None:
             shown = status

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo.analysis.config import ProbeConfig
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import PROBE_FILE, Run
 from melbo.model.forward import generate_steered
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
-from melbo.model.prompts import PromptFormat, encode_prompt
+from melbo.model.prompts import PromptFormat, encode_prompt, shipped_prompts
 from melbo.output.live import status_unless_given
 
 
@@ -86,12 +87,15 @@ class ProbeResults:
 
 
 def probe(
-    lm: LoadedModel, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int = 48, random_directions: int = 512,
-    seed: int = 0, on_prompt: Callable[[int, int], None] | None = None, progress: bool = True,
+    lm: LoadedModel, run: Run, prompts: list[str] | None = None, fmt: PromptFormat | None = None, max_new_tokens: int = 48,
+    random_directions: int = 512, seed: int = 0, on_prompt: Callable[[int, int], None] | None = None, progress: bool = True,
 ) -> ProbeResults:
     """Presence of each vector of ``run`` in the unsteered model's own residuals while it answers ``prompts``
     (``on_prompt(done, total)`` as each is answered; without it, unless ``progress`` is False, a spinner in a
-    terminal or notebook, a line per prompt in a log)."""
+    terminal or notebook, a line per prompt in a log). Defaults, as ``melbo probe RUN`` takes them: the shipped
+    prompts of ``ProbeConfig().prompt_set`` and the prompt format the run was made with."""
+    prompts = prompts if prompts is not None else shipped_prompts(ProbeConfig().prompt_set)
+    fmt = fmt if fmt is not None else run.meta.prompt_format
     with status_unless_given(on_prompt, progress, f"letting the model answer {len(prompts)} prompts…") as status:
         if status is not None:
             shown = status

@@ -165,13 +165,11 @@ def compose(
     ks = ks if ks is not None else ComposeConfig().ks
     prompt = prompt if prompt is not None else run.meta.first_prompt
     fmt = fmt if fmt is not None else run.meta.prompt_format
-    with status_unless_given(on_batch, progress, "composing…") as status:
-        if status is not None:
-            shown = status
+    def composing(done: int, total: int, /) -> tuple[str, bool]:
+        return f"composing: {done}/{total} completions", True
 
-            def on_batch(done: int, total: int) -> None:
-                shown.update(f"composing: {done}/{total} completions", milestone=True)
-        return _compose(lm, run, ks, prompt, fmt, max_new_tokens, batch, on_batch)
+    with status_unless_given(on_batch, progress, "composing…", composing) as shown:
+        return _compose(lm, run, ks, prompt, fmt, max_new_tokens, batch, shown)
 
 
 def _compose(lm: LoadedModel, run: Run, ks: list[int], prompt: str, fmt: PromptFormat, max_new_tokens: int, batch: int,

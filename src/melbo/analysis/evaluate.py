@@ -263,13 +263,11 @@ def evaluate(
     prompts = prompts if prompts is not None else eval_prompts(run, [], cfg.controls)
     indices = indices if indices is not None else list(range(run.vectors.shape[0]))
     fmt = fmt if fmt is not None else run.meta.prompt_format
-    with status_unless_given(on_batch, progress, "evaluating…") as status:
-        if status is not None:
-            shown = status
+    def evaluating(p: str, done: int, total: int, /) -> tuple[str, bool]:
+        return f"evaluating prompt {prompts.index(p) + 1}/{len(prompts)} {p[:30]!r}: {done}/{total} vectors", done == total
 
-            def on_batch(p: str, done: int, total: int) -> None:
-                shown.update(f"evaluating prompt {prompts.index(p) + 1}/{len(prompts)} {p[:30]!r}: {done}/{total} vectors", milestone=done == total)
-        return _evaluate(lm, run, prompts, indices, cfg, fmt, on_batch, rules)
+    with status_unless_given(on_batch, progress, "evaluating…", evaluating) as shown:
+        return _evaluate(lm, run, prompts, indices, cfg, fmt, shown, rules)
 
 
 def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int], cfg: EvalConfig, fmt: PromptFormat,
@@ -302,7 +300,7 @@ def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int],
     for text in prompts:
         state = prepare(lm, [text], fmt, source)[0]
         entry = results.prompts.setdefault(text, PromptResults())
-        first = _FirstTokens(lm, state, source, vectors, [i for i in indices if i not in entry.first_token], cfg, base, entry)
+        first = _FirstTokens(lm, state, source, vectors, [i for i in indices if i not in entry.first_token], cfg, entry)
         done = entry.completions.setdefault(cfg.mode(), {})
         # the copies' rows and the controls' in the same generate calls: one per prompt up to `batch` vectors; θ0's
         # control row first, so that its completion (what the base NLL scores) is known after the first call
@@ -367,8 +365,7 @@ class _FirstTokens:
     source: int
     vectors: torch.Tensor
     todo: list[int]
-    cfg: EvalConfig
-    base: int | None  # None: KL against the unsteered model
+    cfg: EvalConfig  # its base resolved: a row, or None for the unsteered model
     entry: PromptResults
     base_logits: torch.Tensor | None = None
 
@@ -378,7 +375,8 @@ class _FirstTokens:
         if not wanted:
             return
         if self.base_logits is None:
-            against = self.vectors[self.base][None] if self.base is not None else torch.zeros_like(self.vectors[:1])
+            base = self.cfg.base
+            against = self.vectors[base][None] if base is not None else torch.zeros_like(self.vectors[:1])
             self.base_logits = last_token_logits(self.lm.model, self.state, self.source, against)
         rows = logits[wanted]
         kl = kl_divergence(rows, self.base_logits.expand_as(rows))

@@ -487,13 +487,11 @@ def judge_run(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base_inde
     per-completion scores and the summary. ``save`` writes eval.json; it is called once the ratings are in (also when
     the judge fails part-way, so the complete ratings are kept for the next call). ``on_progress(done, total)`` per
     rating; without it, unless ``progress`` is False, a spinner in a terminal or notebook, a line a minute in a log."""
-    with status_unless_given(on_progress, progress, f"asking the judge at {cfg.host}…") as status:
-        if status is not None:
-            shown = status
+    def rating(done: int, total: int, /) -> tuple[str, bool]:
+        return f"judge: {done}/{total} ratings", done == total
 
-            def on_progress(done: int, total: int) -> None:
-                shown.update(f"judge: {done}/{total} ratings", milestone=done == total)
-        return _judge_run(results, cfg, run_prompt, base_index, save, on_progress)
+    with status_unless_given(on_progress, progress, f"asking the judge at {cfg.host}…", rating) as shown:
+        return _judge_run(results, cfg, run_prompt, base_index, save, shown)
 
 
 def _judge_run(results: EvalResults, cfg: JudgeConfig, run_prompt: str, base_index: int | None,

@@ -96,13 +96,11 @@ def probe(
     prompts of ``ProbeConfig().prompt_set`` and the prompt format the run was made with."""
     prompts = prompts if prompts is not None else shipped_prompts(ProbeConfig().prompt_set)
     fmt = fmt if fmt is not None else run.meta.prompt_format
-    with status_unless_given(on_prompt, progress, f"letting the model answer {len(prompts)} prompts…") as status:
-        if status is not None:
-            shown = status
+    def answering(done: int, total: int, /) -> tuple[str, bool]:
+        return f"probe: the model answered {done}/{total} prompts", True
 
-            def on_prompt(done: int, total: int) -> None:
-                shown.update(f"probe: the model answered {done}/{total} prompts", milestone=True)
-        return _probe(lm, run, prompts, fmt, max_new_tokens, random_directions, seed, on_prompt)
+    with status_unless_given(on_prompt, progress, f"letting the model answer {len(prompts)} prompts…", answering) as shown:
+        return _probe(lm, run, prompts, fmt, max_new_tokens, random_directions, seed, shown)
 
 
 def _probe(lm: LoadedModel, run: Run, prompts: list[str], fmt: PromptFormat, max_new_tokens: int, random_directions: int,

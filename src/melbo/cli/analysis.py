@@ -52,9 +52,9 @@ def eval_command(
         check_controls(record, indices)
     prompts = eval_prompts(record, extra, cfg.controls)
     rules = load_rules(labels) if labels else RULES
-    lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
+    lm = load(model, device, dtype, record)
     with interruptible(run):
-        results = evaluate(lm, record, prompts, indices, cfg, fmt, rules=rules)
+        results = evaluate(lm, record, prompts, indices, cfg, rules=rules)  # in the run's prompt format
     tables.show(tables.evaluation(results, record, prompts, indices, cfg, show))
     judged = None
     if judging is not None:
@@ -107,10 +107,9 @@ def compose(
 
     record, ks = read_run(run), ComposeConfig.parse_ks(k)
     engine.check_composable(record)  # before the model loads
-    text = prompt or record.meta.first_prompt
-    lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    results = engine.compose(lm, record, ks, text, fmt, max_new_tokens)
-    tables.show(tables.composed(results, text))
+    lm = load(model, device, dtype, record)
+    results = engine.compose(lm, record, ks, prompt or None, max_new_tokens=max_new_tokens)  # the run's prompt and format
+    tables.show(tables.composed(results, results.prompt))
     console.print(f"results: [bold]{run / COMPOSE_FILE}[/bold]")
 
 
@@ -130,8 +129,8 @@ def probe_command(
 
     record = read_run(run)
     prompts = read_prompts(prompt, prompt_file, default=shipped_prompts(cfg.prompt_set))
-    lm, fmt = load(model, device, dtype, record), record.meta.prompt_format
-    results = engine.probe(lm, record, prompts, fmt, cfg.max_new_tokens, cfg.random_directions)
+    lm = load(model, device, dtype, record)
+    results = engine.probe(lm, record, prompts, max_new_tokens=cfg.max_new_tokens, random_directions=cfg.random_directions)  # in the run's format
     tables.show(tables.presence(results, show))
     console.print(f"results: [bold]{run / PROBE_FILE}[/bold]")
 

@@ -91,7 +91,7 @@ def discover(
         with err_console.status("choosing R…"):
             tables.show_radius_choice(engine.calibrate(lm, prompts, cfg, fmt, radius_cfg, tables.log_radius_probe))
         return
-    progress, on_step = block_progress(-(-cfg.count // cfg.block), cfg.steps, "discover")
+    progress, on_step = block_progress(cfg.blocks, cfg.steps, "discover")
     if cfg.auto_radius and not resume:
         err_console.print("[dim]-R auto: trying a few R on 4 vectors each (about a quarter of the discovery's time)…[/dim]")
     with progress, interruptible(folder):

@@ -224,6 +224,11 @@ class DiscoverConfig:
             raise MelboError(f"--probe-precision {self.probe_precision!r}: use auto, float32 or bfloat16")
         Positions(self.positions)
 
+    @property
+    def blocks(self) -> int:
+        """Blocks the discovery runs (progress counts by it)."""
+        return -(-self.count // self.block)
+
     def as_in_run(self, recorded: Mapping[str, Any]) -> DiscoverConfig:
         """This config for resuming a run whose run.json records ``recorded`` (its settings): a precision left to the
         device (auto) takes the run's (:func:`precision_in_run`), so a resumed run goes on as it began, on any device

@@ -121,7 +121,7 @@ def discover(
         cfg = cfg.as_in_run(saved.config)
     choice: RadiusChoice | None = None
     if progress:
-        on_probe = on_probe or (lambda probe: log_line(f"discover: -R auto: {probe.summary()}"))
+        on_probe = on_probe or (lambda probe: log_line(f"discover: {probe.line()}"))
         on_radius = on_radius or (lambda chosen: log_line(f"discover: {chosen.line()}"))
     if cfg.auto_radius:
         if saved is not None and saved.radius_choice is not None:
@@ -137,7 +137,7 @@ def discover(
         config=dataclasses.asdict(settings), radius_choice=choice,
     )
     problem = DiscoveryProblem(lm, prepare(lm, prompts, fmt, settings.source), settings)
-    with unless_given(on_step, progress, -(-settings.count // settings.block), settings.steps, "discover") as shown:
+    with unless_given(on_step, progress, cfg.blocks, settings.steps, "discover") as shown:
         return run_blocks(
             _Engine(problem), meta, [], lm.d_model, lm.device, settings.seed, settings.radius, out, resume, shown, on_block,
         )

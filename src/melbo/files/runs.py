@@ -127,6 +127,10 @@ class RadiusProbe:
         """One plain line as the candidate is measured: "R 67.5: 3/4 fluent, median NLL 2.56, first-token KL 0.88"."""
         return f"R {self.radius:g}: {self.fluent}/{self.vectors} fluent, median NLL {self.median_nll:.2f}, first-token KL {self.median_effect:.2f}"
 
+    def line(self) -> str:
+        """The candidate as a log line: "-R auto: R 67.5: 3/4 fluent, …"."""
+        return f"-R auto: {self.summary()}"
+
     def usable(self, cfg: RadiusConfig) -> bool:
         """Whether this R passes the choice's rule (:class:`melbo.engines.config.RadiusConfig`)."""
         return self.share >= cfg.min_fluent and self.median_nll <= cfg.max_median_nll

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, ParamSpec
 
 from rich.console import Console
 from rich.live import Live
@@ -26,6 +26,8 @@ from rich.text import Text
 if TYPE_CHECKING:
     from melbo.study.outcome import Event
     from melbo.study.spec import Study
+
+P = ParamSpec("P")
 
 LOG_WIDTH = 1000  # when output goes to a file: tables at their natural width, never wrapped
 HEARTBEAT_S = 60.0  # in a log, work still running this many seconds after its last line gets a line saying how far it is
@@ -184,14 +186,20 @@ def unless_given(on_step: Callable[[int, int, float], None] | None, show: bool, 
 
 
 @contextlib.contextmanager
-def status_unless_given(given: object | None, show: bool, text: str) -> Iterator[Status | None]:
-    """A :class:`Status` for work without blocks (eval, the judge, compose, probe) where its caller gave no progress
-    callback of its own (``given``) and asked for it; None otherwise."""
+def status_unless_given(given: Callable[P, None] | None, show: bool, text: str,
+                        describe: Callable[P, tuple[str, bool]]) -> Iterator[Callable[P, None] | None]:
+    """The progress callback of work without blocks (eval, the judge, compose, probe): the caller's own (``given``),
+    or where it gave none and asked for it (``show``), one that puts ``describe(…)``, a line and whether it is a
+    milestone, on a :class:`Status` opened with ``text``."""
     if given is not None or not show:
-        yield None
+        yield given
         return
     with Status(text) as status:
-        yield status
+
+        def shown(*args: P.args, **kwargs: P.kwargs) -> None:
+            status.update(*describe(*args, **kwargs))
+
+        yield shown
 
 
 def block_progress(total_blocks: int | None, steps: int | None, what: str) -> tuple[contextlib.AbstractContextManager[object], Callable[[int, int, float], None]]:

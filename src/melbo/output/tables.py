@@ -145,13 +145,9 @@ def trained_in(run: Run) -> str:
     return ", trained with bfloat16 products" if run.meta.config.get("precision") == "bfloat16" else ""
 
 
-def radius_probe(probe: RadiusProbe) -> str:
-    """One line per candidate R as it is measured (a search below or above the range can take a while)."""
-    return f"-R auto: {probe.summary()}"
-
-
 def log_radius_probe(probe: RadiusProbe) -> None:
-    log_line(radius_probe(probe))
+    """One line per candidate R as it is measured (a search below or above the range can take a while)."""
+    log_line(probe.line())
 
 
 def show_radius_choice(choice: RadiusChoice) -> None:

@@ -208,13 +208,12 @@ def run_unit(
     state.discovery = str(discovery.relative_to(study_folder))
     if unit.discover is not None:
         cfg = unit.discover
-        blocks = -(-cfg.count // cfg.block)
         def note(text: str) -> None:
             emit(Event(unit.label, "discover", "discover", note=text))
 
         step("discover", lambda: discover(
-            lm, prompts, cfg, fmt, out=discovery, resume=True, on_step=progress("discover", "discover", blocks, cfg.steps), on_block=on_block,
-            on_probe=lambda probe: note(f"-R auto: {probe.summary()}"), on_radius=lambda choice: note(choice.line()),
+            lm, prompts, cfg, fmt, out=discovery, resume=True, on_step=progress("discover", "discover", cfg.blocks, cfg.steps), on_block=on_block,
+            on_probe=lambda probe: note(probe.line()), on_radius=lambda choice: note(choice.line()),
         ))
     else:
         spec = unit.vectors

@@ -308,7 +308,7 @@ def test_the_study_table_shows_unit_names_as_written():
     assert "radius=[bold]20" in text and "(the study)" in text
 
 
-def test_a_table_narrower_than_its_title_gets_the_title_as_one_line_above_it(monkeypatch):
+def test_a_table_narrower_than_its_title_gets_the_title_as_one_line_above_it():
     """`melbo probe`'s table is 36 columns wide and its title 85: rich centred the title over three lines; now it is
     one line above the table, and a wide table keeps its title."""
     import io
@@ -318,13 +318,12 @@ def test_a_table_narrower_than_its_title_gets_the_title_as_one_line_above_it(mon
     from melbo.output import tables
 
     out = Console(width=200, file=io.StringIO(), record=True)
-    monkeypatch.setattr(tables, "console", out)
     title = "Presence after layer 8 over 226 generated tokens (|cos|; z against random directions)"
     narrow = tables.make_table(title, (("#", "right"), ("z", "right")))
     narrow.add_row("0", "+1.6")
     wide = tables.make_table("short title", (("#", "right"), ("completion", "left")))
     wide.add_row("0", "x" * 60)
-    tables.show([narrow, wide])
+    tables.show([narrow, wide], out)
     lines = out.export_text().splitlines()
     assert lines[0] == title and lines[1].startswith("┏")
     assert "short title" in lines[6] and lines[7].startswith("┏")

@@ -137,6 +137,18 @@ class ComposeResults:
         kls = [r.kl for r in self.singles if r.kl is not None]
         return statistics.median(kls) if kls else None
 
+    def __repr__(self) -> str:
+        from melbo.output.display import compose_repr
+
+        return compose_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: what ``melbo compose`` prints."""
+        from melbo.output.display import as_html
+        from melbo.output.tables import composed
+
+        return as_html(composed(self, self.prompt))
+
     def to_json(self) -> dict[str, Any]:
         out = {"prompt": self.prompt, "base_label": self.base_label, "kl_direction": "KL(P_combination || P_base)",
                "rows": [r.to_json() for r in self.rows]}

@@ -263,7 +263,16 @@ class Controls:
         floor = smallest_p("nll_unsteered", len(values))
         return f"too few copies (p ≥ {floor:.2g} at best)" if floor > LEVEL else f"neither{_p(min(lower, higher))}"
 
+    def headline(self) -> str:
+        """The verdict's first clause ("the copies carry θ0's behaviour beyond a push of their size, …"), without the figures."""
+        return self._verdict()[0]
+
     def verdict(self) -> str:
+        """The headline and the figures it rests on, in one sentence."""
+        head, parts = self._verdict()
+        return head + (": " + "; ".join(parts) if parts else "")
+
+    def _verdict(self) -> tuple[str, list[str]]:
         """One sentence: do the copies carry θ0's behaviour beyond a push of their size, on the run's prompt and off it?
         A difference counts when a one-sided test over the vectors gives p ≤ ``LEVEL`` (:mod:`melbo.analysis.significance`):
         equal medians, or a few vectors' worth of difference, are not a finding. A comparison whose most extreme outcome
@@ -271,7 +280,7 @@ class Controls:
         as "no better": the verdict says there were too few vectors to tell, and how many more it needs."""
         copies, random, plain, base = (self.results.get(n) for n in ("copies", "random_same_norm", "unsteered", "base"))
         if copies is None or random is None or plain is None:
-            return "no verdict: the copies or a control are missing"
+            return "no verdict: the copies or a control are missing", []
         tests, floors = self.tests(), self.floors()
         by_text = "nll_prompt" in floors  # θ0's label names no behaviour: the run's prompt is judged by θ0's text, not the label
         on = "nll_prompt" if by_text else "share"
@@ -321,7 +330,7 @@ class Controls:
             parts.append(f"each p from a one-sided test over the vectors (a difference counts at p ≤ {LEVEL:g})")
         if untold:
             parts.append(self._too_few(untold, floors))
-        return head + (": " + "; ".join(parts) if parts else "")
+        return head, parts
 
     def _too_few(self, untold: set[str], floors: dict[str, float]) -> str:
         """Which comparisons could not count with the vectors measured, and what would let them."""

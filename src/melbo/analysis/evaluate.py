@@ -179,6 +179,34 @@ class EvalResults:
         base = self.settings.get("base", 0)
         return None if base is None else int(base)
 
+    @property
+    def theta0(self) -> int | None:
+        """The run's θ0 row (0 in a MELBO-ortho run), None in a discovery run (evals written before it was recorded: 0)."""
+        row = self.settings.get("theta0", 0)
+        return None if row is None else int(row)
+
+    @property
+    def config(self) -> EvalConfig:
+        """The settings the results were computed with (the EvalConfig fields of ``settings``)."""
+        known = EvalConfig.__dataclass_fields__
+        return EvalConfig(**{k: v for k, v in self.settings.items() if k in known})
+
+    @property
+    def mode(self) -> str:
+        """"greedy" or "T=0.7,seed=0": the key of the completions last computed."""
+        return self.config.mode()
+
+    def __repr__(self) -> str:
+        from melbo.output.display import eval_repr
+
+        return eval_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: what ``melbo eval`` prints."""
+        from melbo.output.display import as_html, eval_lines
+
+        return as_html(eval_lines(self))
+
     def kl_summary(self, prompt: str, indices: list[int], base: int | None) -> tuple[float, float]:
         """Median and max KL to ``base`` over ``indices`` (the base itself left out; None: the unsteered model)."""
         first = self.first_token(prompt)
@@ -286,7 +314,8 @@ def _evaluate(lm: LoadedModel, run: Run, prompts: list[str], indices: list[int],
     if results.settings and results.base != base:  # measured against another vector: the stored KL is another's
         for entry in results.prompts.values():
             entry.first_token.clear()
-    results.settings = {**asdict(cfg), "source_layer": source, "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
+    results.settings = {**asdict(cfg), "source_layer": source, "theta0": run.meta.base_row,
+                        "kl_direction": "kl = KL(P_i || P_base); kl_reverse = KL(P_base || P_i)"}
     plan = plan_controls(run, prompts, cfg, results.controls, indices) if cfg.controls else None
     if plan is not None:
         results.controls = plan.controls

@@ -72,6 +72,18 @@ class ProbeResults:
         """Vectors whose presence stands more than ``z`` standard deviations above random directions."""
         return sum(r.z > z for r in self.vectors)
 
+    def __repr__(self) -> str:
+        from melbo.output.display import probe_repr
+
+        return probe_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: what ``melbo probe`` prints."""
+        from melbo.output.display import SHOW_ROWS, as_html
+        from melbo.output.tables import presence
+
+        return as_html(presence(self, SHOW_ROWS))
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

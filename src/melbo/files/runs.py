@@ -342,6 +342,17 @@ class Run:
     def median_kl(self) -> float | None:
         return statistics.median(self.kls) if self.kls else None
 
+    def __repr__(self) -> str:
+        from melbo.output.display import run_repr
+
+        return run_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the table ``melbo discover`` or ``melbo ortho`` prints (index, loss or KL, label, completion)."""
+        from melbo.output.display import run_html
+
+        return run_html(self)
+
     def sidecar(self, name: str) -> Path | None:
         """Where a file that studies this run lives (``EVAL_FILE``, ``COMPOSE_FILE``...); None for a run only in memory
         (results stay in the returned objects: nothing lands in the working directory)."""

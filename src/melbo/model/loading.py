@@ -75,6 +75,11 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def __repr__(self) -> str:
+        from melbo.output.display import model_repr
+
+        return model_repr(self)
+
     def describe(self) -> dict[str, Any]:
         """What run.json records about the model."""
         return {

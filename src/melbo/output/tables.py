@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import JustifyMethod, RenderableType
+from rich.console import Console, JustifyMethod, RenderableType
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
@@ -35,16 +35,18 @@ if TYPE_CHECKING:
 Lines = list[RenderableType]
 
 
-def show(items: Iterable[RenderableType]) -> None:
-    """Print tables at their width, and lines whole (soft-wrapped: a log or a pipe gets each as one line). A table
-    narrower than its title gets the title as a line above it: rich would wrap it over several centred lines."""
+def show(items: Iterable[RenderableType], target: Console = console, wrap: int | None = None) -> None:
+    """Print tables at their width, and lines whole (soft-wrapped: a log or a pipe gets each as one line; ``wrap``: at
+    this many columns, as a notebook's output cell needs). A table narrower than its title gets the title as a line
+    above it: rich would wrap it over several centred lines."""
     for item in items:
         if isinstance(item, Table) and isinstance(item.title, str) and item.title:
-            width = Measurement.get(console, console.options, item).maximum
+            width = Measurement.get(target, target.options, item).maximum
             if Text.from_markup(item.title).cell_len > width:
-                console.print(Text.from_markup(item.title, style="table.title"), soft_wrap=True)
+                target.print(Text.from_markup(item.title, style="table.title"), soft_wrap=wrap is None, width=wrap)
                 item.title = None
-        console.print(item, soft_wrap=isinstance(item, (str, Text)))
+        line = isinstance(item, (str, Text))
+        target.print(item, soft_wrap=line and wrap is None, width=wrap if line else None)
 
 
 def make_table(title: str, columns: Sequence[tuple[str, JustifyMethod]], **options: Any) -> Table:
@@ -140,6 +142,17 @@ def discovered(run: Run, count: int) -> Lines:
     return [table]
 
 
+def vectors(run: Run) -> Table:
+    """Each vector's norm, label and stored completion: a run that is neither a discovery nor a MELBO-ortho run of
+    melbo's (imported from a file)."""
+    from melbo.labels import label
+
+    table = make_table(f"{len(run.records)} vectors", (("#", "right"), ("norm", "right"), ("label", "left"), ("completion", "left")))
+    for record, row in zip(run.records, run.vectors, strict=False):
+        table.add_row(str(record.index), f"{float(row.norm()):.3g}", label(record.completion)[0] if record.completion else "—", short(record.completion))
+    return table
+
+
 def trained_in(run: Run) -> str:
     """", trained with bfloat16 products" for a discovery or MELBO-ortho run that was (nothing for float32, the runs before it)."""
     return ", trained with bfloat16 products" if run.meta.config.get("precision") == "bfloat16" else ""
@@ -189,7 +202,7 @@ def ortho_run(run: Run, limit: int = 200) -> Lines:
     return out
 
 
-def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list[int], cfg: EvalConfig, show_rows: int) -> Lines:
+def evaluation(results: EvalResults, prompts: list[str], indices: list[int], cfg: EvalConfig, show_rows: int) -> Lines:
     """``melbo eval``: the first prompt's table (norm, KL, label, top-3, completion), labels per hundred vectors, the KL
     summary, and for a MELBO-ortho run the behaviour share and its generalisation."""
     base, mode, first_prompt = results.base, cfg.mode(), prompts[0]  # the base the eval resolved (None: unsteered)
@@ -207,7 +220,7 @@ def evaluation(results: EvalResults, run: Run, prompts: list[str], indices: list
         (f"KL to vector {base} (other vectors)" if base is not None else "KL to the unsteered model")
         + f": median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}",
     ]
-    if base is not None and run.records and run.records[base].base:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
+    if base is not None and base == results.theta0:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
         share = results.behaviour_share(first_prompt, mode, base)
         held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
         base_label = results.base_label(first_prompt, mode, base)

@@ -3,6 +3,7 @@ from Python and from the shell, and a study resumes where it stopped."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -68,6 +69,10 @@ def test_pipeline_reproduces_the_demo_vectors_of_release_0_1(pinned_lm, tmp_path
             torch.testing.assert_close(vectors, pin[name], atol=1e-3, rtol=1e-3)
     assert result.units[0].bases[0].index == int(header["__metadata__"]["base"])
     assert (tmp_path / "pin" / "study.html").is_file() and (tmp_path / "pin" / "ortho" / "report.html").is_file()
+    # in a notebook: one line, and the table melbo study ends with (its dataclass repr held every unit's choice)
+    assert repr(result) == f"StudyResult({str(tmp_path / 'pin')!r}: study 'pin', 1 unit, 1 MELBO-ortho run, page {str(result.page)!r})"
+    shown = html.unescape(re.sub(r"<[^>]+>", "", result._repr_html_()))
+    assert "study pin: 1 unit(s)" in shown and "ortho" in shown and f"study: {result.page}" in shown
 
 
 def test_resume_skips_finished_steps_and_the_page_shows_every_run(pinned_lm, tmp_path, monkeypatch):

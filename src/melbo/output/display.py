@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from melbo.analysis.probe import ProbeResults
     from melbo.files.runs import Run
     from melbo.model.loading import LoadedModel
+    from melbo.study.outcome import StudyResult
 
 SHOW_ROWS = 40  # vectors a table shows in a notebook (`melbo eval` shows 40 by default)
 # what rich's own Jupyter display wraps its text in (rich.jupyter): the page's monospace font, scrolling when wide
@@ -114,3 +115,16 @@ def model_repr(lm: LoadedModel) -> str:
     """``LoadedModel('smollm2': LlamaForCausalLM, 30 layers, d_model 576, cpu, float32)``; ``lm.model`` prints the modules."""
     dtype = str(lm.dtype).removeprefix("torch.")
     return f"LoadedModel({lm.name!r}: {type(lm.model).__name__}, {lm.n_layers} layers, d_model {lm.d_model}, {lm.device}, {dtype})"
+
+
+def study_repr(result: StudyResult) -> str:
+    """``StudyResult('studies/demo': study 'demo', 1 unit, 1 MELBO-ortho run, page 'studies/demo/study.html')``."""
+    units, orthos = len(result.units), sum(len(u.orthos) for u in result.units)
+    page = f", page {str(result.page)!r}" if result.page else ""
+    return (f"StudyResult({str(result.folder)!r}: study {result.study.name!r}, {units} unit{'s' * (units != 1)}, "
+            f"{orthos} MELBO-ortho run{'s' * (orthos != 1)}{page})")
+
+
+def study_html(result: StudyResult) -> str:
+    """What ``melbo study`` prints at the end: a row per run of every unit, the controls' verdicts, the page."""
+    return as_html(tables.study_units(result, None))

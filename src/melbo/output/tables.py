@@ -330,8 +330,9 @@ def presence(results: ProbeResults, show_rows: int) -> Lines:
                    f"vectors: median z {results.median_z:+.1f}, {results.above(3)}/{len(results.vectors)} with z > 3"]
 
 
-def study_units(result: StudyResult, seconds: float) -> Lines:
-    """``melbo study``: one row per run of every unit, then where the page is and what it took."""
+def study_units(result: StudyResult, seconds: float | None) -> Lines:
+    """``melbo study``: one row per run of every unit, then where the page is and what it took (``seconds``: None where
+    it is not known, as when a notebook shows a study's result)."""
     from melbo.report.study import study_rows
 
     table = make_table(f"study {result.study.name}: {len(result.units)} unit(s)",
@@ -344,7 +345,7 @@ def study_units(result: StudyResult, seconds: float) -> Lines:
     loads = f"; {result.model_loads} model load(s)" if result.model_loads is not None else ""
     verdicts = [f"{escape(r.unit)} {escape(r.folder)}: {escape(r.controls.verdict)}" for r in rows if r.controls is not None]
     return [table, *(["controls (eval with controls = true):", *verdicts] if verdicts else []),
-            f"study: [bold]{result.page}[/bold]  ({seconds:.0f} s{loads})"]
+            f"study: [bold]{escape(str(result.page))}[/bold]" + (f"  ({seconds:.0f} s{loads})" if seconds is not None else "")]
 
 
 def demo_intro(study: Study) -> str:

@@ -103,3 +103,14 @@ class StudyResult:
     units: list[UnitOutcome]
     page: Path | None = None
     model_loads: int | None = None  # models loaded to run it (in this process, or by every Ray worker)
+
+    def __repr__(self) -> str:
+        from melbo.output.display import study_repr
+
+        return study_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the table ``melbo study`` ends with."""
+        from melbo.output.display import study_html
+
+        return study_html(self)

@@ -12,6 +12,7 @@ import torch
 from melbo import DiscoverConfig, EvalConfig, OrthoConfig, discover, evaluate, ortho, write_run
 from melbo.analysis.compose import compose
 from melbo.analysis.probe import probe
+from melbo.files.runs import RadiusChoice
 
 PROMPT = "hi there"
 
@@ -45,6 +46,8 @@ def test_a_run_is_one_line_and_in_a_notebook_the_table_its_command_prints(found,
     assert "completion on the first prompt" in table and "R = 3, layer 1 → 4" in table
     for record in found.records:  # every vector's row, its completion escaped for HTML and read back whole
         assert (record.completion or "(no text)").split()[0][:6] in table
+    found.meta.radius_choice = RadiusChoice(3.0, "R 3: the largest tried at which 3/4 vectors are fluent", norm_at_source=10.0)
+    assert "R = 3: the largest tried at which 3/4 vectors are fluent" in shown(found)  # with -R auto, why this R
     assert "MELBO-ortho: 4 vectors orthogonal to θ0 (row 0)" in shown(copies) and "KL(P_i ‖ P_base)" in shown(copies)
 
     in_memory = ortho(nonlinear_lm, found.vectors[1], [PROMPT], OrthoConfig(count=2, source=1, target=4, steps=2, block=2), progress=False)

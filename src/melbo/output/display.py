@@ -33,6 +33,11 @@ PRE = ("<pre style=\"white-space:pre;overflow-x:auto;line-height:normal;"
        "font-family:Menlo,'DejaVu Sans Mono',consolas,'Courier New',monospace\">{code}</pre>")
 
 
+def counted(n: int, thing: str) -> str:
+    """"1 vector", "4 vectors"."""
+    return f"{n} {thing}{'s' * (n != 1)}"
+
+
 def as_html(lines: Lines) -> str:
     """Renderables (tables and lines with rich markup) as an HTML fragment for a notebook's output cell: lines wrap
     where rich wraps them in a notebook (115 columns), tables keep their natural width (a wide one scrolls sideways,
@@ -52,11 +57,11 @@ def run_repr(run: Run) -> str:
         what += f", median KL to θ0 {run.median_kl:.3g}" if run.median_kl is not None else ""
     else:
         radius = f" of norm {meta.R:.3g}" if meta.kind == "discover" and meta.R else ""
-        what = f"{meta.kind}, {count} vector{'s' * (count != 1)}{radius}"
+        what = f"{meta.kind}, {counted(count, 'vector')}{radius}"
     layers = f", layer {meta.source} → {meta.target}" if meta.source is not None and meta.target is not None else (
         f", layer {meta.source}" if meta.source is not None else "")
     model = f", model {meta.model_name!r}" if meta.model_name else ""
-    running = ", unfinished (resume it)" if meta.status == "running" else ""
+    running = ", unfinished" if meta.status == "running" else ""
     return f"Run({where}: {what}, d_model {d_model}{layers}{model}{running})"
 
 
@@ -67,7 +72,8 @@ def run_lines(run: Run) -> Lines:
     if run.meta.base_row is not None and all(r.kl is not None and r.norm is not None for r in run.records):
         return [head, *tables.ortho_run(run)]
     if run.meta.kind == "discover" and all(r.loss is not None for r in run.records):
-        return [head, *tables.discovered(run, len(run.records))]
+        choice = run.meta.radius_choice  # -R auto: the R chosen and why (run.meta.radius_choice holds the table)
+        return [head, *([escape(choice.line())] if choice else []), *tables.discovered(run, len(run.records))]
     return [head, tables.vectors(run)]
 
 
@@ -82,8 +88,8 @@ def eval_repr(results: EvalResults) -> str:
     against = "KL to the unsteered model" if results.base is None else f"KL to vector {results.base}"
     extra = [f"controls: {results.controls.headline()}"] if results.controls is not None and results.controls.rows() else []
     extra += [f"judged by {results.judge.model!r}"] if results.judge is not None else []
-    return f"EvalResults({len(results.prompts)} prompt{'s' * (len(results.prompts) != 1)}, {vectors} vectors, {results.mode}, {against}" + (
-        "; " + "; ".join(extra) if extra else "") + ")"
+    return (f"EvalResults({counted(len(results.prompts), 'prompt')}, {counted(vectors, 'vector')}, {results.mode}, {against}"
+            + ("; " + "; ".join(extra) if extra else "") + ")")
 
 
 def eval_lines(results: EvalResults) -> Lines:
@@ -121,8 +127,8 @@ def study_repr(result: StudyResult) -> str:
     """``StudyResult('studies/demo': study 'demo', 1 unit, 1 MELBO-ortho run, page 'studies/demo/study.html')``."""
     units, orthos = len(result.units), sum(len(u.orthos) for u in result.units)
     page = f", page {str(result.page)!r}" if result.page else ""
-    return (f"StudyResult({str(result.folder)!r}: study {result.study.name!r}, {units} unit{'s' * (units != 1)}, "
-            f"{orthos} MELBO-ortho run{'s' * (orthos != 1)}{page})")
+    return (f"StudyResult({str(result.folder)!r}: study {result.study.name!r}, {counted(units, 'unit')}, "
+            f"{counted(orthos, 'MELBO-ortho run')}{page})")
 
 
 def study_html(result: StudyResult) -> str:

@@ -24,6 +24,7 @@ from melbo.files.io import read_json, write_json
 from melbo.files.runs import COMPOSE_FILE, Run
 from melbo.labels import label
 from melbo.model.forward import prepare, steered_generation
+from melbo.model.frozen import runs_frozen
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat
 from melbo.objectives import kl_divergence
@@ -165,6 +166,7 @@ class ComposeResults:
         return cls.from_json(data) if data else None
 
 
+@runs_frozen
 def compose(
     lm: LoadedModel, run: Run, ks: list[int] | None = None, prompt: str | None = None, fmt: PromptFormat | None = None,
     max_new_tokens: int = 48, batch: int = 64, on_batch: Callable[[int, int], None] | None = None, progress: bool = True,

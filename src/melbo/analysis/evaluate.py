@@ -27,6 +27,7 @@ from melbo.files.io import read_json, write_json
 from melbo.files.runs import EVAL_FILE, Run
 from melbo.labels import LABELS, RULES, Rule, label
 from melbo.model.forward import PromptState, last_token_logits, nll_after_prompt, prepare, steered_generation
+from melbo.model.frozen import runs_frozen
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat, held_out_prompts, need_prompts
 from melbo.objectives import kl_divergence, max_abs_cosine
@@ -270,6 +271,7 @@ def eval_prompts(run: Run, extra: list[str], controls: bool = False) -> list[str
     return [run_prompt, *[p for p in dict.fromkeys(extra) if p != run_prompt]]
 
 
+@runs_frozen
 def evaluate(
     lm: LoadedModel,
     run: Run,

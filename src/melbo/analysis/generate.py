@@ -12,11 +12,13 @@ from torch import Tensor
 from melbo.analysis.config import GenerateConfig
 from melbo.errors import MelboError
 from melbo.model.forward import generate_steered
+from melbo.model.frozen import runs_frozen
 from melbo.model.layers import check_layer
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat, encode_prompt
 
 
+@runs_frozen
 def generate(
     lm: LoadedModel, vector: Tensor | None, layer: int, prompt: str, fmt: PromptFormat = PromptFormat(), cfg: GenerateConfig = GenerateConfig(),
 ) -> str:

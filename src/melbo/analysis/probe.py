@@ -23,6 +23,7 @@ from melbo.analysis.config import ProbeConfig
 from melbo.files.io import read_json, write_json
 from melbo.files.runs import PROBE_FILE, Run
 from melbo.model.forward import generate_steered
+from melbo.model.frozen import runs_frozen
 from melbo.model.layers import residual_after
 from melbo.model.loading import LoadedModel
 from melbo.model.prompts import PromptFormat, encode_prompt, shipped_prompts
@@ -98,6 +99,7 @@ class ProbeResults:
         return cls.from_json(data) if data else None
 
 
+@runs_frozen
 def probe(
     lm: LoadedModel, run: Run, prompts: list[str] | None = None, fmt: PromptFormat | None = None, max_new_tokens: int = 48,
     random_directions: int = 512, seed: int = 0, on_prompt: Callable[[int, int], None] | None = None, progress: bool = True,

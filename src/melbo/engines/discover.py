@@ -22,6 +22,7 @@ from melbo.engines.radius import RadiusChoice, RadiusProbe, choose_radius
 from melbo.files.runs import META_FILE, BlockProgress, Run, RunMeta, VectorRecord, read_meta
 from melbo.model.fastpath import bfloat16_is_fast
 from melbo.model.forward import generate_steered, prepare
+from melbo.model.frozen import runs_frozen
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.prompts import PromptFormat
 from melbo.output.live import log_line, unless_given
@@ -65,6 +66,7 @@ class _Engine:
         return f"block {block_index}: NaN/inf twice (also with a 10× smaller step); its {size} vectors were dropped"
 
 
+@runs_frozen
 def calibrate(
     lm: LoadedModel,
     prompts: list[str],
@@ -80,6 +82,7 @@ def calibrate(
     return choose_radius(DiscoveryProblem(lm, prepare(lm, prompts, fmt, source), settings), radius_cfg, on_probe)
 
 
+@runs_frozen
 def discover(
     lm: LoadedModel,
     prompts: list[str],

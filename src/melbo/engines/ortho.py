@@ -67,6 +67,7 @@ from melbo.model.forward import (
     steered_logits,
     target_residual,
 )
+from melbo.model.frozen import runs_frozen
 from melbo.model.layers import find_blocks, lm_head, residual_after
 from melbo.model.loading import LoadedModel, model_identity
 from melbo.model.packing import Packing, matches, pack
@@ -447,6 +448,7 @@ def label_shows_at(lm: LoadedModel, tokens: Tensor) -> int | None:
     return next(n for n in range(1, len(ids) + 1) if named(n) == whole)
 
 
+@runs_frozen
 def ortho(
     lm: LoadedModel,
     base: Tensor,

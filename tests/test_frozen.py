@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from melbo import DiscoverConfig, EvalConfig, LoadedModel, OrthoConfig, discover, evaluate, generate, ortho
+from melbo import DiscoverConfig, EvalConfig, LoadedModel, MelboError, OrthoConfig, discover, evaluate, generate, ortho
 from melbo.model.frozen import frozen
 
 PROMPT = "hi there"
@@ -47,3 +47,22 @@ def test_frozen_restores_each_module_and_parameter_also_on_an_exception():
         assert not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
         raise RuntimeError("a step failed")
     assert [m.training for m in model.modules()] == modes and [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_a_model_without_a_language_model_head_is_refused_in_one_line(char_tokenizer):
+    """AutoModel instead of AutoModelForCausalLM: the first completion failed with an AttributeError and a traceback."""
+    with pytest.raises(MelboError, match=r"^LlamaModel has no language-model head: melbo steers a causal LM \(AutoModelForCausalLM"):
+        LoadedModel(make_tiny_model("llama").model, char_tokenizer, "mine")
+
+    class Unknown(torch.nn.Module):  # a causal LM whose blocks live where melbo does not look
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.stack = torch.nn.Linear(4, 8), torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.head
+
+        def generate(self) -> None: ...
+
+    with pytest.raises(MelboError, match="cannot find the decoder blocks of Unknown"):
+        LoadedModel(Unknown(), char_tokenizer, "mine")  # type: ignore[arg-type]

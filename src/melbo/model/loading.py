@@ -41,12 +41,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    """A model ready for steering, with what a run file needs to know about where it came from."""
+    """A model ready for steering, with what a run file needs to know about where it came from: what
+    :func:`load_model` returns, or a causal LM you loaded yourself (``LoadedModel(model, tokenizer, "my-model")``)."""
 
     model: CausalLM
     tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for: "smollm2", an id, a path
     source: dict[str, Any] = field(default_factory=dict)  # id + revision, or file + sha256
+
+    def __post_init__(self) -> None:
+        """A model melbo cannot steer fails here in one line, not in the middle of a run with a traceback (a model
+        loaded with ``AutoModel`` has no LM head, and failed at the first completion with an AttributeError)."""
+        kind = type(self.model).__name__
+        if not callable(getattr(self.model, "generate", None)) or self.model.get_output_embeddings() is None:
+            raise MelboError(f"{kind} has no language-model head: melbo steers a causal LM (AutoModelForCausalLM.from_pretrained, "
+                             "not AutoModel)")
+        find_blocks(self.model)
 
     @property
     def n_layers(self) -> int:

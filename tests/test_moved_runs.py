@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import melbo, melbo_here
+from helpers import assert_one_line_error, melbo, melbo_here
 
 from melbo.errors import MelboError
 from melbo.files.runs import read_run, write_run
@@ -28,6 +28,24 @@ def test_a_moved_gguf_is_found_by_its_recorded_path_then_by_its_hash(tmp_path, m
     with pytest.raises(MelboError, match="pass --model PATH"):
         locate_model({**gone, "sha256": "0" * 64})
     assert locate_model({"name": "Qwen/Qwen2-0.5B"}) == "Qwen/Qwen2-0.5B" and locate_model({"name": "smollm2"}) == "smollm2"
+
+
+def test_a_run_of_a_model_loaded_in_python_asks_for_model_in_one_line(char_tokenizer, tiny_folder, tmp_path):
+    """LoadedModel(model, tokenizer, "my-model") records no file, folder or Hub id: the shell said "cannot load model
+    'my-model': it is not a local folder or file, … nor on the Hugging Face Hub", not what to do."""
+    from conftest import make_tiny_model
+
+    from melbo import DiscoverConfig, LoadedModel, discover
+
+    mine = LoadedModel(make_tiny_model("llama", initializer_range=0.3), char_tokenizer, "my-model")
+    run = discover(mine, ["hi there"], DiscoverConfig(count=2, radius=3.0, source=1, target=4, steps=2, block=2, completion_tokens=4),
+                   out=tmp_path / "mine", progress=False)
+    assert run.meta.model["name"] == "my-model" and not {"id", "path", "file", "sha256"} & run.meta.model.keys()
+    with pytest.raises(MelboError, match=r"^the model of the run was loaded in Python as 'my-model' \(LlamaForCausalLM\), and nothing "):
+        locate_model(run.meta.model)
+    assert_one_line_error(melbo("eval", str(run.path)), "pass --model FOLDER, FILE or Hub id (the same weights)")
+    assert not (run.path / "eval.json").exists()
+    assert melbo("eval", str(run.path), "--model", str(tiny_folder), "--max-new-tokens", "2").returncode == 0
 
 
 @pytest.mark.slow

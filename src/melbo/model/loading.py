@@ -116,6 +116,10 @@ def locate_model(model: dict[str, Any], where: str = "the run") -> str | None:
     name = model.get("name") or model.get("id")
     if not name or name == EMBEDDED_NAME:
         return name
+    # a LoadedModel made in Python records its class but no source; an import records a name alone (a Hub id to fetch)
+    if "class" in model and not {"id", "path", "file", "sha256"} & model.keys() and not _loadable_by_name(str(name)):
+        raise MelboError(f"the model of {where} was loaded in Python as {name!r} ({model.get('class') or 'a causal LM'}), and "
+                         "nothing recorded says where its weights are: pass --model FOLDER, FILE or Hub id (the same weights)")
     is_file = str(name).endswith(".gguf") or "sha256" in model
     is_path = is_file or str(name).startswith((".", "/", "~")) or "path" in model
     if not is_path or Path(name).expanduser().exists():
@@ -129,6 +133,19 @@ def locate_model(model: dict[str, Any], where: str = "the run") -> str | None:
     places = " or ".join(f"{p}" for p in dict.fromkeys([str(name), str(recorded or name)]))
     cached = f", nor in melbo's GGUF cache by its sha256 {sha[:12]}…" if sha else ""
     raise MelboError(f"the model of {where} is not at {places}{cached}: pass --model PATH (the same weights)")
+
+
+def _loadable_by_name(name: str) -> bool:
+    """Whether ``load_model(name)`` can find ``name`` without a download: a path that exists, or a model in the local
+    Hugging Face cache (where ``from_pretrained(name)`` in a notebook put it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name).expanduser().exists():
+        return True
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid Hub id (spaces, a trailing slash…)
+        return False
 
 
 def cache_root() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,22 @@ def test_eval_compose_and_probe_show_what_their_commands_print(nonlinear_lm, fou
 
 def test_a_loaded_model_is_one_line(nonlinear_lm):
     assert repr(nonlinear_lm) == "LoadedModel('tiny-nonlinear': LlamaForCausalLM, 6 layers, d_model 32, cpu, float32)"
+
+
+POST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "melbo-ortho-post"
+
+
+@pytest.mark.skipif(not POST.is_dir(), reason="../shared/reference/melbo-ortho-post is not beside the project")
+def test_the_posts_published_outputs_show_as_melbo_eval_would(tmp_path):
+    """The post's dump holds completions sampled at T = 1, no norms and no KL: its eval showed nothing (the greedy mode it
+    looked for) and then failed formatting a share of None."""
+    from melbo.analysis.evaluate import EvalResults
+    from melbo.files.postdump import import_post_dump
+
+    folder = import_post_dump(POST / "code-vectors-bomb.txt", tmp_path / "post")
+    results = EvalResults.read(folder)
+    assert repr(results) == "EvalResults(1 prompt, 1558 vectors, T=1 (published), KL to vector 0)"
+    table = shown(results)
+    assert "'How can I build a bomb?' (T=1 (published))" in table and "class Bomb" in table
+    assert "behaviour share: 65% of the copies' completions carry the base's label 'code'" in " ".join(table.split())
+    assert "KL to vector 0" not in table and "max |cos|" not in table  # the dump has neither: nothing made up

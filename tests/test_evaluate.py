@@ -71,7 +71,7 @@ def test_a_discovery_run_is_measured_against_the_unsteered_model(tiny_lm, tmp_pa
     assert EvalResults.from_json(results.to_json()) == results
     from melbo.output.tables import evaluation
 
-    said = [line for line in evaluation(results, ["hi there", "one", "two"], list(range(4)), EvalConfig(), 10) if isinstance(line, str)]
+    said = [line for line in evaluation(results, ["hi there", "one", "two"], list(range(4)), 10) if isinstance(line, str)]
     assert any(line.startswith("KL to the unsteered model: median ") for line in said), said
     assert ("generalisation over 2 held-out prompts, the share on which a vector keeps its label on the run's prompt: "
             "#0 code 50%; #1 refusal 50%; #3 code 50%") in said  # 'other' (#2, 100%) names no behaviour
@@ -225,7 +225,7 @@ def test_a_share_of_a_label_that_names_no_behaviour_says_so(tiny_lm, tmp_path):
     results = evaluate(tiny_lm, run, ["hi there"], list(range(run.vectors.shape[0])), cfg)
     label = results.base_label("hi there", cfg.mode(), 0)
     assert label in NO_BEHAVIOUR  # a tiny random model writes nothing the labels know
-    line = next(str(x) for x in evaluation(results, ["hi there"], list(range(6)), cfg, 10) if str(x).startswith("behaviour share"))
+    line = next(str(x) for x in evaluation(results, ["hi there"], list(range(6)), 10) if str(x).startswith("behaviour share"))
     assert f"('{label}' names no behaviour: the labels read none in θ0's text, so this share says little" in line
 
 

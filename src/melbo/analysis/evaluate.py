@@ -194,8 +194,11 @@ class EvalResults:
 
     @property
     def mode(self) -> str:
-        """"greedy" or "T=0.7,seed=0": the key of the completions last computed."""
-        return self.config.mode()
+        """The key of the completions last computed ("greedy", "T=0.7,seed=0"); for results melbo did not compute (the
+        post's dumps: "T=1 (published)") the first key the run's prompt has."""
+        wanted = self.config.mode()
+        stored = next(iter(self.prompts.values())).completions if self.prompts else {}
+        return wanted if wanted in stored or not stored else next(iter(stored))
 
     def __repr__(self) -> str:
         from melbo.output.display import eval_repr

@@ -55,7 +55,7 @@ def eval_command(
     lm = load(model, device, dtype, record)
     with interruptible(run):
         results = evaluate(lm, record, prompts, indices, cfg, rules=rules)  # in the run's prompt format
-    tables.show(tables.evaluation(results, prompts, indices, cfg, show))
+    tables.show(tables.evaluation(results, prompts, indices, show))
     judged = None
     if judging is not None:
         judged = run_judge(results, judging, prompts[0], record.meta.base_row, lambda: results.save(record))

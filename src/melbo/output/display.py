@@ -99,7 +99,7 @@ def eval_lines(results: EvalResults) -> Lines:
         return ["EvalResults: nothing evaluated yet"]
     held_out = results.generalisation.prompts if results.generalisation is not None else []
     indices = sorted(results.completions(first, results.mode))
-    out = tables.evaluation(results, [first, *held_out], indices, results.config, SHOW_ROWS)
+    out = tables.evaluation(results, [first, *held_out], indices, SHOW_ROWS)
     if results.judge is not None:
         out += tables.judged(results.judge, first, results.base, results)
     if results.controls is not None and results.controls.rows():

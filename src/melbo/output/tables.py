@@ -21,7 +21,6 @@ from melbo.output.live import console, log_line, to_log
 if TYPE_CHECKING:
     from melbo.analysis.choose import BaseChoice
     from melbo.analysis.compose import ComposeResults
-    from melbo.analysis.config import EvalConfig
     from melbo.analysis.controls import Controls
     from melbo.analysis.evaluate import EvalResults
     from melbo.analysis.judge import JudgeResults
@@ -202,26 +201,28 @@ def ortho_run(run: Run, limit: int = 200) -> Lines:
     return out
 
 
-def evaluation(results: EvalResults, prompts: list[str], indices: list[int], cfg: EvalConfig, show_rows: int) -> Lines:
+def evaluation(results: EvalResults, prompts: list[str], indices: list[int], show_rows: int) -> Lines:
     """``melbo eval``: the first prompt's table (norm, KL, label, top-3, completion), labels per hundred vectors, the KL
-    summary, and for a MELBO-ortho run the behaviour share and its generalisation."""
-    base, mode, first_prompt = results.base, cfg.mode(), prompts[0]  # the base the eval resolved (None: unsteered)
+    summary, and for a MELBO-ortho run the behaviour share and its generalisation. What the results lack (the post's
+    dumps hold neither norms nor KL) shows as "—" and its summary is left out."""
+    base, mode, first_prompt = results.base, results.mode, prompts[0]  # the base the eval resolved (None: unsteered)
     against = "P_unsteered" if base is None else f"P_{base}"
     first, completions = results.first_token(first_prompt), results.completions(first_prompt, mode)
     table = make_table(f"{quoted(first_prompt)} ({mode}); KL = KL(P_i ‖ {against}) at the last prompt token",
                        (("#", "right"), ("norm", "right"), ("KL", "right"), ("label", "left"), ("top-3", "left"), ("completion", "left")))
     for i in indices[:show_rows]:
-        out = completions[i][0]
-        table.add_row(str(i), f"{results.norms[i]:.1f}", f"{first[i].kl:.3f}", out.label, escape(" ".join(repr(t) for t, _ in first[i].top[:3])), short(out.text, 70))
-    counts = results.label_counts(first_prompt, mode)
-    median, peak = results.kl_summary(first_prompt, indices, base)
-    lines: Lines = [
-        table, labels_line(counts),
-        (f"KL to vector {base} (other vectors)" if base is not None else "KL to the unsteered model")
-        + f": median {median:.3f}, max {peak:.3f}; max |cos| over all pairs {results.max_abs_cos:.1e}",
-    ]
-    if base is not None and base == results.theta0:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
-        share = results.behaviour_share(first_prompt, mode, base)
+        out, top = completions[i][0], first.get(i)
+        table.add_row(str(i), or_dash(results.norms[i] if i < len(results.norms) else None, "{:.1f}"), or_dash(top.kl if top else None, "{:.3f}"),
+                      out.label, escape(" ".join(repr(t) for t, _ in top.top[:3])) if top else "—", short(out.text, 70))
+    lines: Lines = [table, labels_line(results.label_counts(first_prompt, mode))]
+    measured = [i for i in indices if i in first and first[i].kl is not None]
+    if measured or results.norms:
+        median, peak = results.kl_summary(first_prompt, measured, base)
+        kl = ((f"KL to vector {base} (other vectors)" if base is not None else "KL to the unsteered model")
+              + f": median {median:.3f}, max {peak:.3f}") if measured else "KL not measured"
+        lines.append(kl + (f"; max |cos| over all pairs {results.max_abs_cos:.1e}" if results.norms else ""))
+    share = results.behaviour_share(first_prompt, mode, base) if base is not None else None
+    if base is not None and base == results.theta0 and share is not None:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
         held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
         base_label = results.base_label(first_prompt, mode, base)
         lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {quoted(base_label)} "

@@ -60,6 +60,10 @@ def test_a_run_from_another_tool_shows_its_norms(tmp_path):
     assert repr(imported) == f"Run({str(imported.path)!r}: import, 3 vectors, d_model 4)"
     table = shown(imported)
     assert "3 vectors" in table and "2" in table  # ‖(1, 1, 1, 1)‖ = 2
+    from melbo.output.tables import vectors
+
+    few = vectors(imported, limit=2)  # the post's 1,558 vectors imported from a .pt: the first 200, as ortho's table
+    assert few.title == "3 vectors (the first 2)" and few.row_count == 2
 
 
 def test_eval_compose_and_probe_show_what_their_commands_print(nonlinear_lm, found, copies):

@@ -141,13 +141,14 @@ def discovered(run: Run, count: int) -> Lines:
     return [table]
 
 
-def vectors(run: Run) -> Table:
-    """Each vector's norm, label and stored completion: a run that is neither a discovery nor a MELBO-ortho run of
-    melbo's (imported from a file)."""
+def vectors(run: Run, limit: int = 200) -> Table:
+    """Each vector's norm, label and stored completion (the first ``limit``, as :func:`ortho_run` shows): a run that is
+    neither a discovery nor a MELBO-ortho run of melbo's (imported from a file)."""
     from melbo.labels import label
 
-    table = make_table(f"{len(run.records)} vectors", (("#", "right"), ("norm", "right"), ("label", "left"), ("completion", "left")))
-    for record, row in zip(run.records, run.vectors, strict=False):
+    shown = f" (the first {limit})" if len(run.records) > limit else ""
+    table = make_table(f"{len(run.records)} vectors{shown}", (("#", "right"), ("norm", "right"), ("label", "left"), ("completion", "left")))
+    for record, row in zip(run.records[:limit], run.vectors, strict=False):
         table.add_row(str(record.index), f"{float(row.norm()):.3g}", label(record.completion)[0] if record.completion else "—", short(record.completion))
     return table
 

@@ -4,7 +4,9 @@ template, and the embedded SmolLM2 (loaded once per session, for the few end-to-
 from __future__ import annotations
 
 import os
+import shutil
 import string
+import tempfile
 
 import pytest
 import torch
@@ -86,6 +88,23 @@ def make_char_tokenizer():
     tok.add_special_tokens({"additional_special_tokens": specials[1:]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir():
+    """Ray's session folders (logs, sockets, spilled objects) go under a folder of this test run's, removed after it,
+    rather than into /tmp/ray, where the suite left one per local cluster; short, as Ray's socket paths must fit 107
+    characters. A RAY_TMPDIR you set is kept."""
+    if "RAY_TMPDIR" in os.environ:
+        yield
+        return
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.environ["RAY_TMPDIR"] = temp
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_TMPDIR", None)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -193,11 +193,16 @@ class EvalResults:
         return EvalConfig(**{k: v for k, v in self.settings.items() if k in known})
 
     @property
+    def run_prompt(self) -> str | None:
+        """The run's own prompt: the first evaluated (:func:`eval_prompts` puts it first); None before any."""
+        return next(iter(self.prompts), None)
+
+    @property
     def mode(self) -> str:
         """The key of the completions last computed ("greedy", "T=0.7,seed=0"); for results melbo did not compute (the
         post's dumps: "T=1 (published)") the first key the run's prompt has."""
         wanted = self.config.mode()
-        stored = next(iter(self.prompts.values())).completions if self.prompts else {}
+        stored = self.prompts[self.run_prompt].completions if self.run_prompt is not None else {}
         return wanted if wanted in stored or not stored else next(iter(stored))
 
     def __repr__(self) -> str:

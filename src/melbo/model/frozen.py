@@ -5,9 +5,9 @@
 "name")``) usually has neither: ``from_pretrained`` leaves every parameter requiring a gradient, and a model being
 fine-tuned is in training mode. Then each optimisation step of ``discover`` or ``ortho`` also computed the gradient of
 every weight it ran through and left it in the model's ``.grad`` (SmolLM2-135M from ``from_pretrained``: 162 MiB kept
-after a small discovery, which took 1.15× as long), and dropout made every forward pass random. :func:`frozen` switches both off for the duration of a call and restores them,
-also on an exception, as melbo's hooks remove themselves; :func:`runs_frozen` applies it to an API function whose first
-argument is the model.
+after a small discovery, which took 1.15× as long), and dropout made every forward pass random. :func:`frozen`
+switches both off for the duration of a call and restores them, also on an exception, as melbo's hooks remove
+themselves; :func:`runs_frozen` applies it to an API function whose first argument is the model.
 """
 
 from __future__ import annotations

@@ -234,13 +234,13 @@ def load_model(
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than torch's
     model.eval()
     model.requires_grad_(False)
-    find_blocks(model)  # fail now, not in the middle of a run, on an unknown architecture
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)  # an unknown architecture fails here, in one line
     if torch_dtype == torch.float16 and not _finite_outputs(model, tokenizer, torch_device):
         raise MelboError(
             f"{name} overflows float16: its activations exceed float16's range (±65,504), so every output is inf or NaN; "
             "load it in bfloat16 or float32 (--dtype)"
         )
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
+    return lm
 
 
 def _finite_outputs(model: CausalLM, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> bool:

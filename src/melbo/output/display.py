@@ -83,7 +83,7 @@ def run_html(run: Run) -> str:
 
 def eval_repr(results: EvalResults) -> str:
     """``EvalResults(5 prompts, 33 vectors, greedy, KL to vector 0; controls: …)``."""
-    first = next(iter(results.prompts), None)
+    first = results.run_prompt
     vectors = len(results.completions(first, results.mode)) if first is not None else 0
     against = "KL to the unsteered model" if results.base is None else f"KL to vector {results.base}"
     extra = [f"controls: {results.controls.headline()}"] if results.controls is not None and results.controls.rows() else []
@@ -94,7 +94,7 @@ def eval_repr(results: EvalResults) -> str:
 
 def eval_lines(results: EvalResults) -> Lines:
     """What ``melbo eval`` prints: the run's prompt's table and summaries, the judge's lines and the controls' verdict."""
-    first = next(iter(results.prompts), None)
+    first = results.run_prompt
     if first is None:
         return ["EvalResults: nothing evaluated yet"]
     held_out = results.generalisation.prompts if results.generalisation is not None else []

@@ -222,8 +222,8 @@ def evaluation(results: EvalResults, prompts: list[str], indices: list[int], sho
         kl = ((f"KL to vector {base} (other vectors)" if base is not None else "KL to the unsteered model")
               + f": median {median:.3f}, max {peak:.3f}") if measured else "KL not measured"
         lines.append(kl + (f"; max |cos| over all pairs {results.max_abs_cos:.1e}" if results.norms else ""))
-    share = results.behaviour_share(first_prompt, mode, base) if base is not None else None
-    if base is not None and base == results.theta0 and share is not None:  # a MELBO-ortho run: do the copies keep θ0's behaviour?
+    # a MELBO-ortho run: do the copies keep θ0's behaviour? (None: nothing to compare, as before θ0 is evaluated)
+    if base is not None and base == results.theta0 and (share := results.behaviour_share(first_prompt, mode, base)) is not None:
         held = results.behaviour_share(prompts[1:], mode, base, label_from=first_prompt) if len(prompts) > 1 else None
         base_label = results.base_label(first_prompt, mode, base)
         lines.append(f"behaviour share: {share:.0%} of the copies' completions carry the base's label {quoted(base_label)} "
